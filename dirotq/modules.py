@@ -1,0 +1,194 @@
+"""The W4A4 linear module every method produces (docs/ARCHITECTURE.md "One quantized layer").
+
+    x_s = x / smooth;  c = x_s · down;  a = rotate(x_s);  y = c · upᵀ + Q_a(a) · Q_w(W_q)ᵀ + bias
+
+The reference path below is plain PyTorch and runs anywhere; a kernel backend (``dirotq.kernels``)
+can take over on CUDA tensors. ``DIROTQ_BACKEND=reference|triton`` forces one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bases import hadamard
+from .quantizers import QuantizedTensor, fake_quantize, pack_int4, quantize, unpack_int4
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def block_hadamard_transform(a: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """(a · signs) multiplied blockwise by a normalised ``block``×``block`` Hadamard.
+
+    a: (n, d) with d % block == 0; signs: (d,). Equals a @ diag(signs) @ block_hadamard(d, block).
+    """
+    n, d = a.shape
+    h = hadamard(block, dtype=a.dtype).to(a.device)
+    return ((a * signs).reshape(n, d // block, block) @ h).reshape(n, d)
+
+
+def selected_backend() -> str:
+    backend = os.environ.get("DIROTQ_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"DIROTQ_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+class QuantLinear(nn.Module):
+    """A quantized ``nn.Linear(in_features, out_features)``.
+
+    Buffers (all plain tensors, so a state dict is safetensors-ready):
+      weight_packed (o, d_q_pad/2) uint8 INT4 [bits 4] | weight_codes (o, d_q_pad) int8 [bits 8] |
+      weight (o, d_q) [bits 16, unquantized]
+      weight_scale  (o, d_q_pad/g) float16 group steps [exact] or (o, 1) row scale [int_ratio]
+      weight_ratio  (o, d_q_pad/g) int8 multipliers [int_ratio]
+      smooth (d,), down (d, r), up (o, r), rotation (d, d_q), hadamard_signs (d_q,), bias (o,)
+    ``meta`` holds the non-tensor recipe (method, rank, formats) and is saved as JSON.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, method: str, weight: QuantizedTensor | torch.Tensor,
+                 act_bits: int | None = 4, group_size: int = 64, act_symmetric: bool = True,
+                 scale_format: str = "exact", bias: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None, down: torch.Tensor | None = None,
+                 up: torch.Tensor | None = None, project_out: bool = False,
+                 rotation: torch.Tensor | None = None, hadamard_signs: torch.Tensor | None = None,
+                 weights_in_original_basis: bool = False, dtype: torch.dtype = torch.float32,
+                 extra_meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_bits, self.group_size = act_bits, group_size
+        self.act_symmetric, self.scale_format = act_symmetric, scale_format
+        self.project_out = project_out
+        self.weights_in_original_basis = weights_in_original_basis
+        if isinstance(weight, QuantizedTensor):
+            self.weight_bits = weight.bits
+            self.quant_in_features = weight.in_features
+            if weight.bits == 4:
+                self.register_buffer("weight_packed", pack_int4(weight.q, weight.group_size))
+            else:
+                self.register_buffer("weight_codes", weight.q.clone())
+            self.register_buffer("weight_scale", weight.scale.to(torch.float16))
+            if weight.ratio is not None:
+                self.register_buffer("weight_ratio", weight.ratio.clone())
+        else:
+            self.weight_bits = 16
+            self.quant_in_features = weight.shape[1]
+            self.register_buffer("weight", weight.to(dtype).clone())
+        for name, t in (("bias", bias), ("smooth", smooth), ("down", down), ("up", up), ("rotation", rotation),
+                        ("hadamard_signs", hadamard_signs)):
+            self.register_buffer(name, None if t is None else t.detach().to(dtype).clone())
+        self.rank = 0 if down is None else down.shape[1]
+        self.meta = {"method": method, **(extra_meta or {})}
+        self.backend = "auto"
+        self._dequantized: torch.Tensor | None = None
+        self._register_load_state_dict_pre_hook(lambda *a, **k: setattr(self, "_dequantized", None))
+
+    # --- weights ---------------------------------------------------------------------------------
+    def quantized_weight(self) -> QuantizedTensor:
+        """The stored weight as a ``QuantizedTensor`` (codes unpacked)."""
+        if self.weight_bits == 16:
+            raise ValueError("this layer keeps 16-bit weights")
+        if self.weight_bits == 4:
+            codes = unpack_int4(self.weight_packed, self.group_size, signed=True)
+        else:
+            codes = self.weight_codes
+        ratio = getattr(self, "weight_ratio", None)
+        return QuantizedTensor(codes, self.weight_scale.float(), None, ratio, self.weight_bits, self.group_size,
+                               self.quant_in_features, "int_ratio" if ratio is not None else "exact")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W_q as real numbers, (o, d_q) float32 (cached: the weights never change after creation)."""
+        if self._dequantized is None or self._dequantized.device != self._device():
+            w = self.weight.float() if self.weight_bits == 16 else self.quantized_weight().dequantize()
+            self._dequantized = w
+        return self._dequantized
+
+    def _device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
+    # --- forward ---------------------------------------------------------------------------------
+    def quantize_input(self, a: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is None:
+            return a
+        return fake_quantize(a, self.act_bits, self.group_size, self.act_symmetric, self.scale_format)
+
+    def transform_input(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x: (n, d) float32 -> (c (n, r) or None, a (n, d_q)), the two operands before quantization."""
+        x_s = x / self.smooth if self.smooth is not None else x
+        c = x_s @ self.down if self.down is not None else None
+        a = x_s
+        if self.project_out and c is not None:
+            a = a - c @ self.down.T
+        if self.rotation is not None:
+            a = a @ self.rotation
+        if self.hadamard_signs is not None:
+            a = block_hadamard_transform(a, self.hadamard_signs, self.group_size)
+        return c, a
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure-PyTorch forward in float32; x: (n, d) -> (n, o)."""
+        x = x.float()
+        c, a = self.transform_input(x)
+        a_q = self.quantize_input(a)
+        w = self.dequantized_weight()
+        if self.weights_in_original_basis:
+            # the paper's reference code: rotate the mixed-precision activations back, then W_q
+            x_mixed = a_q @ self.rotation.T.float()
+            if c is not None:
+                x_mixed = x_mixed + c @ self.down.T
+            y = x_mixed @ w.T
+        else:
+            y = a_q @ w.T
+            if c is not None:
+                y = y + c @ self.up.float().T
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        backend = self.backend if self.backend != "auto" else selected_backend()
+        if backend == "triton" or (backend == "auto" and x2.is_cuda):
+            from .kernels import kernel_forward  # imported lazily: triton is optional on CPU
+
+            y = kernel_forward(self, x2)
+        else:
+            y = self.reference_forward(x2)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def storage_bits(self) -> dict[str, float]:
+        """Bits held by this layer, by part: 4-bit codes, 16-bit scales and every 16-bit tensor
+        (branch, smoothing, rotation, bias) counted at 16 bits; compare with 16·o·d for BF16."""
+        parts: dict[str, float] = {}
+        if self.weight_bits == 16:
+            parts["weight"] = 16.0 * self.weight.numel()
+        elif self.weight_bits == 4:
+            parts["weight"] = 8.0 * self.weight_packed.numel()
+        else:
+            parts["weight"] = 8.0 * self.weight_codes.numel()
+        if self.weight_bits != 16:
+            parts["scales"] = 16.0 * self.weight_scale.numel()
+            if getattr(self, "weight_ratio", None) is not None:
+                parts["scales"] += 4.0 * self.weight_ratio.numel()
+        for name in ("smooth", "down", "up", "rotation", "hadamard_signs", "bias"):
+            t = getattr(self, name)
+            if t is not None:
+                parts[name] = (1.0 if name == "hadamard_signs" else 16.0) * t.numel()
+        return parts
+
+    def extra_repr(self) -> str:
+        a = f"a{self.act_bits}" if self.act_bits else "a16"
+        return (f"{self.in_features}->{self.out_features}, {self.meta['method']} w{self.weight_bits}{a} "
+                f"g{self.group_size} r={self.rank} {self.scale_format}")
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int, scale_format: str) -> QuantizedTensor | torch.Tensor:
+    """RTN weight quantization in the module's storage format (bits 16: the weight itself)."""
+    if bits == 16:
+        return w.float()
+    return quantize(w.float(), bits, group_size, True, scale_format)

@@ -1,0 +1,193 @@
+"""Integer group quantizers and INT4 packing (DESIGN.md §1 "Notation"; KERNELS.md "Formats").
+
+This is the reference (pure PyTorch) definition of every number format the project uses; the Triton
+kernels are tested against it bit for bit.
+
+Groups run along the last dimension (the input/reduction dimension of a linear layer): for
+activations that is per token, for weights per output row. A last dimension that is not a multiple
+of the group size is zero-padded (zeros do not change a group's abs-max or min/max, except that an
+asymmetric group then always contains 0, which is harmless).
+
+Scale formats
+- ``"exact"`` (format A): one 16-bit scale per group, scale = absmax / qmax.
+- ``"int_ratio"`` (format C): one 16-bit scale ``s`` per row and a 4-bit integer multiplier
+  ``k ∈ 1..15`` per group with the group's step ``k·s ≥ absmax/7``; codes are clipped to ±7 so the
+  int8 operand ``k·q`` of the fast kernel fits in |k·q| ≤ 105 and one int32 accumulator serves the
+  whole reduction.
+
+Rounding is half-to-even everywhere (``torch.round``), which is what the kernels' magic-number
+rounding gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_FORMATS = ("exact", "int_ratio")
+INT_RATIO_MAX_MULTIPLIER = 15  # k is stored in 4 bits (1..15)
+_TINY = 1e-12  # guards all-zero groups against 0/0
+
+
+def _check(bits: int, group_size: int, scale_format: str, symmetric: bool) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even number, got {group_size}")
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
+    if scale_format == "int_ratio" and not symmetric:
+        raise ValueError("scale_format='int_ratio' is symmetric only (the fast kernel has no zero point)")
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range: symmetric INT4 is [-8, 7], asymmetric INT4 is [0, 15]."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def pad_to_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Zero-pad the last dimension of ``x: (..., d)`` up to a multiple of ``group_size``."""
+    d = x.shape[-1]
+    pad = (-d) % group_size
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes and their scales for ``x: (..., d)`` grouped along the last dimension.
+
+    q:      (..., d_pad) int8 codes (d_pad = d rounded up to the group size)
+    scale:  exact: (..., d_pad / g) float32 group scales;
+            int_ratio: (..., 1) float32 row scale
+    zero:   (..., d_pad / g) float32 zero points (asymmetric only) or None
+    ratio:  (..., d_pad / g) int8 multipliers k ∈ 1..15 (int_ratio only) or None
+    Dequantized value: (q - zero) * scale, or q * ratio * scale for int_ratio.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    ratio: torch.Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    scale_format: str = "exact"
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    def group_scales(self) -> torch.Tensor:
+        """Effective per-group step, (..., d_pad / g) float32, for either format."""
+        if self.scale_format == "int_ratio":
+            return self.ratio.float() * self.scale
+        return self.scale
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Back to real values, ``(..., d)`` in ``dtype`` (padding removed)."""
+        shape = self.q.shape
+        g = self.group_size
+        q = self.q.float().reshape(*shape[:-1], shape[-1] // g, g)
+        if self.zero is not None:
+            q = q - self.zero.unsqueeze(-1)
+        x = (q * self.group_scales().unsqueeze(-1)).reshape(shape)
+        return x[..., : self.in_features].to(dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 64,
+    symmetric: bool = True,
+    scale_format: str = "exact",
+    clip_ratio: float = 1.0,
+) -> QuantizedTensor:
+    """Group-quantize ``x: (..., d)`` along its last dimension.
+
+    Activations use it per token (dynamic), weights per output row. ``clip_ratio`` < 1 shrinks the
+    range before rounding (values beyond it saturate), as some baselines do for weights.
+    """
+    _check(bits, group_size, scale_format, symmetric)
+    d = x.shape[-1]
+    xp = pad_to_groups(x.float(), group_size)
+    groups = xp.reshape(*xp.shape[:-1], xp.shape[-1] // group_size, group_size)
+    qmin, qmax = qrange(bits, symmetric)
+
+    if not symmetric:
+        lo = (groups.amin(-1) * clip_ratio).clamp(max=0)
+        hi = (groups.amax(-1) * clip_ratio).clamp(min=0)
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=_TINY)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
+        return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), scale, zero, None, bits, group_size, d)
+
+    absmax = groups.abs().amax(-1) * clip_ratio
+    if scale_format == "exact":
+        scale = (absmax / qmax).clamp(min=_TINY)
+        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
+        return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), scale, None, None, bits, group_size, d)
+
+    # int_ratio: the row scale makes the largest group use k = 15; smaller groups get the smallest
+    # k whose step still covers their abs-max (ceil), so no code saturates beyond ±qmax.
+    qmax_c = qmax if bits == 8 else 7
+    row_max = absmax.amax(-1, keepdim=True)
+    row_scale = (row_max / (qmax_c * INT_RATIO_MAX_MULTIPLIER)).clamp(min=_TINY)
+    ratio = torch.ceil(absmax / (qmax_c * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
+    step = (ratio * row_scale).unsqueeze(-1)
+    q = torch.clamp(torch.round(groups / step), -qmax_c, qmax_c)
+    return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), row_scale, None, ratio.to(torch.int8), bits, group_size, d, "int_ratio")
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 64,
+    symmetric: bool = True,
+    scale_format: str = "exact",
+    clip_ratio: float = 1.0,
+) -> torch.Tensor:
+    """Quantize then dequantize ``x: (..., d)``; same shape and dtype as ``x``."""
+    return quantize(x, bits, group_size, symmetric, scale_format, clip_ratio).dequantize(x.dtype)
+
+
+def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
+    """Relative MSE ‖x − x̂‖² / ‖x‖² and SQNR in dB of an approximation ``x_hat`` of ``x``."""
+    err = (x.double() - x_hat.double()).pow(2).sum()
+    ref = x.double().pow(2).sum().clamp(min=1e-30)
+    rel = float(err / ref)
+    sqnr = float(10 * torch.log10(ref / err.clamp(min=1e-30)))
+    return {"rel_mse": rel, "sqnr_db": sqnr}
+
+
+# --- INT4 packing ------------------------------------------------------------------------------
+# Layout (the kernels read it): within each group of g values, byte j (0 ≤ j < g/2) holds value j
+# in its low nibble and value j + g/2 in its high nibble, both as 4-bit two's complement (symmetric
+# codes) or unsigned (asymmetric codes). A kernel then gets each group's two halves from one byte
+# load with a mask and a shift: two K = g/2 dots, no reshape.
+
+
+def pack_int4(q: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+    """Pack codes ``q: (..., d_pad)`` int8 in [-8, 7] or [0, 15] into ``(..., d_pad / 2)`` uint8."""
+    if q.shape[-1] % group_size:
+        raise ValueError(f"last dimension {q.shape[-1]} is not a multiple of the group size {group_size}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 15):
+        raise ValueError("pack_int4 takes 4-bit codes in [-8, 7] (signed) or [0, 15] (unsigned)")
+    half = group_size // 2
+    groups = q.reshape(*q.shape[:-1], q.shape[-1] // group_size, group_size).to(torch.int16)
+    low = groups[..., :half] & 0xF
+    high = groups[..., half:] & 0xF
+    return (low | (high << 4)).to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // 2)
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int = 64, signed: bool = True) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``(..., d_pad / 2)`` uint8 -> ``(..., d_pad)`` int8."""
+    half = group_size // 2
+    p = packed.to(torch.int16).reshape(*packed.shape[:-1], packed.shape[-1] // half, half)
+    low, high = p & 0xF, (p >> 4) & 0xF
+    if signed:
+        low = torch.where(low > 7, low - 16, low)
+        high = torch.where(high > 7, high - 16, high)
+    return torch.cat([low, high], dim=-1).to(torch.int8).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
