@@ -1,0 +1,549 @@
+"""Calibration: streaming input statistics of the target linears (DESIGN.md §1 "Calibration").
+
+The BF16 pipeline runs on calibration prompts; forward pre-hooks on the target linears (one hook per
+shared-input group, q/k/v of one attention are calibrated once) accumulate, in float64:
+
+- C = Σ xᵀx (uncentered second moment, what the quantizer sees; PCA basis of DiRotQ),
+- token count, per-channel abs-max, Σx, Σx², Σx⁴ (mean, variance, kurtosis for outlier views),
+- a bounded, seeded reservoir of input tokens (held-out tokens for error measurements).
+
+Memory is O(Σ d²) over groups plus the reservoirs: raw activations are never kept. Statistics are
+saved as ``stats.safetensors`` + ``meta.json`` and cached on disk under a content hash of what
+produced them (model, prompts, steps, guidance, seed, dtype), so the same calibration never runs
+twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+Progress = Callable[[float, str], object]
+
+_CHUNK = 8192  # rows per float64 matmul: bounds the transient float64 copy of a large batch
+_FORMAT = 1  # on-disk format version (meta.json "format")
+
+
+def _reservoir_seed(seed: int, count: int) -> int:
+    """Seed of the key stream for the tokens after ``count`` seen tokens.
+
+    A pure function of (seed, count) instead of a live generator: no RNG state to save, so a loaded
+    LayerStats continues exactly as the unsaved one would have.
+    """
+    return (seed * 1_000_003 + count * 7_919 + 0x9E3779B9) % (2**63 - 1)
+
+
+@dataclass
+class LayerStats:
+    """float64 accumulators for one shared-input group of width d.
+
+    - ``second_moment``: (d, d) C = Σ xᵀx over all tokens (uncentered).
+    - ``count``: tokens seen. ``abs_max``, ``sum``, ``sum_sq``, ``sum_4th``: (d,) per channel.
+    - ``sample``: (m, d) float32, m ≤ ``sample_tokens``: a uniform sample without replacement of
+      all tokens seen (bottom-m of i.i.d. uniform keys, ``sample_keys`` (m,) float64 — the
+      vectorised equivalent of Algorithm R), deterministic for a seed and the update sequence.
+    """
+
+    second_moment: Tensor
+    count: int
+    abs_max: Tensor
+    sum: Tensor
+    sum_sq: Tensor
+    sum_4th: Tensor
+    sample: Tensor
+    sample_keys: Tensor
+    sample_tokens: int = 512
+    seed: int = 0
+
+    @classmethod
+    def empty(cls, d: int, sample_tokens: int = 512, seed: int = 0, device: torch.device | str = "cpu") -> "LayerStats":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(
+            second_moment=z(d, d), count=0, abs_max=z(d), sum=z(d), sum_sq=z(d), sum_4th=z(d),
+            sample=torch.zeros(0, d, dtype=torch.float32), sample_keys=torch.zeros(0, dtype=torch.float64),
+            sample_tokens=int(sample_tokens), seed=int(seed),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.second_moment.shape[0]
+
+    def _to(self, device: torch.device) -> None:
+        for f in ("second_moment", "abs_max", "sum", "sum_sq", "sum_4th"):
+            setattr(self, f, getattr(self, f).to(device))
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Accumulate ``x: (..., d)`` (any float dtype) as tokens of width d, in float64."""
+        d = self.dim
+        if x.shape[-1] != d:
+            raise ValueError(f"LayerStats.update: input width {x.shape[-1]} != stats width {d}")
+        x = x.detach().reshape(-1, d)
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self.second_moment.device != x.device:
+            # accumulate where the activations live (a GPU calibration stays on the GPU)
+            self._to(x.device)
+        for chunk in x.split(_CHUNK):
+            x64 = chunk.to(torch.float64)
+            self.second_moment.addmm_(x64.T, x64)
+            sq = x64 * x64
+            self.sum += x64.sum(0)
+            self.sum_sq += sq.sum(0)
+            self.sum_4th += (sq * sq).sum(0)
+            torch.maximum(self.abs_max, x64.abs().amax(0), out=self.abs_max)
+        if self.sample_tokens > 0:
+            g = torch.Generator().manual_seed(_reservoir_seed(self.seed, self.count))
+            keys = torch.rand(n, generator=g, dtype=torch.float64)
+            self._keep_smallest(keys, x)
+        self.count += n
+
+    def _keep_smallest(self, keys: Tensor, rows: Tensor) -> None:
+        """Reservoir step: keep the ``sample_tokens`` smallest keys of (old ∪ new)."""
+        k_old = self.sample_keys.numel()
+        all_keys = torch.cat([self.sample_keys, keys])
+        m = min(self.sample_tokens, all_keys.numel())
+        sel = torch.topk(all_keys, m, largest=False).indices.sort().values
+        old, new = sel[sel < k_old], sel[sel >= k_old] - k_old
+        picked = rows[new.to(rows.device)].to(torch.float32).cpu()
+        self.sample = torch.cat([self.sample[old], picked])
+        self.sample_keys = torch.cat([self.sample_keys[old], keys[new]])
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        """Statistics of the union of both token sets (a new object; inputs unchanged).
+
+        Moments are exact sums. The merged sample is the bottom-m of the union of keys; it is a
+        uniform sample of the union when the two key streams are independent (different seeds).
+        """
+        if other.dim != self.dim:
+            raise ValueError(f"LayerStats.merge: widths differ ({self.dim} vs {other.dim})")
+        dev = self.second_moment.device
+        o = {f: getattr(other, f).to(dev) for f in ("second_moment", "abs_max", "sum", "sum_sq", "sum_4th")}
+        out = LayerStats(
+            second_moment=self.second_moment + o["second_moment"], count=self.count + other.count,
+            abs_max=torch.maximum(self.abs_max, o["abs_max"]), sum=self.sum + o["sum"],
+            sum_sq=self.sum_sq + o["sum_sq"], sum_4th=self.sum_4th + o["sum_4th"],
+            sample=self.sample.clone(), sample_keys=self.sample_keys.clone(),
+            sample_tokens=max(self.sample_tokens, other.sample_tokens), seed=self.seed,
+        )
+        if other.sample_keys.numel():
+            out._keep_smallest(other.sample_keys, other.sample)
+        return out
+
+    def _require_tokens(self) -> None:
+        if self.count == 0:
+            raise ValueError("LayerStats: no tokens recorded (was the layer ever called during calibration?)")
+
+    def mean(self) -> Tensor:
+        """Per-channel mean E[x], (d,) float64."""
+        self._require_tokens()
+        return self.sum / self.count
+
+    def second_moment_mean(self) -> Tensor:
+        """C / count = E[xᵀx], (d, d) float64 (the paper preset's normalised C)."""
+        self._require_tokens()
+        return self.second_moment / self.count
+
+    def covariance(self) -> Tensor:
+        """Centered population covariance E[xᵀx] − E[x]ᵀE[x], (d, d) float64."""
+        mu = self.mean()
+        return self.second_moment_mean() - torch.outer(mu, mu)
+
+    def kurtosis(self) -> Tensor:
+        """Per-channel kurtosis about zero, E[x⁴] / E[x²]², (d,) float64.
+
+        Uncentered (what a symmetric quantizer sees: outliers measured from 0); 3 for a zero-mean
+        Gaussian, 1.8 for a uniform, large for heavy-tailed outlier channels. Dead channels
+        (E[x²] = 0) give 0.
+        """
+        self._require_tokens()
+        m2 = self.sum_sq / self.count
+        m4 = self.sum_4th / self.count
+        return torch.where(m2 > 0, m4 / m2.clamp_min(1e-300) ** 2, torch.zeros_like(m2))
+
+    def to(self, device: torch.device | str) -> "LayerStats":
+        self._to(torch.device(device))
+        return self
+
+
+_FIELDS = ("second_moment", "abs_max", "sum", "sum_sq", "sum_4th", "sample", "sample_keys")
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of every shared-input group of one model.
+
+    - ``layers``: group key -> LayerStats (the group key is the group's first target's name).
+    - ``groups``: every target layer name -> its group key.
+    - ``meta``: model id, family, prompts sha256, number of prompts, recorded step indices,
+      num_inference_steps, guidance_scale, dtype, versions (torch, diffusers, dirotq).
+    """
+
+    layers: dict[str, LayerStats]
+    groups: dict[str, str]
+    meta: dict = field(default_factory=dict)
+
+    def for_layer(self, name: str) -> LayerStats:
+        """The statistics of ``name``'s input group (``name`` a target layer or a group key)."""
+        key = self.groups.get(name, name)
+        if key in self.layers:
+            return self.layers[key]
+        close = difflib.get_close_matches(name, list(self.groups) + list(self.layers), n=5, cutoff=0.5)
+        hint = f"; close names: {close}" if close else ""
+        raise KeyError(f"no calibration statistics for layer {name!r} ({len(self.groups)} layers calibrated){hint}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/stats.safetensors`` + ``path/meta.json`` (atomically: a temp folder renamed)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            tensors: dict[str, Tensor] = {}
+            layers_meta = {}
+            for i, (key, st) in enumerate(self.layers.items()):
+                for f in _FIELDS:
+                    tensors[f"{i}.{f}"] = getattr(st, f).detach().cpu().contiguous()
+                layers_meta[key] = {"index": i, "count": st.count, "sample_tokens": st.sample_tokens, "seed": st.seed}
+            save_file(tensors, str(tmp / "stats.safetensors"))
+            doc = {"format": _FORMAT, "layers": layers_meta, "groups": self.groups, "meta": self.meta}
+            (tmp / "meta.json").write_text(json.dumps(doc, indent=1, sort_keys=False, default=str))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationStats":
+        """Read a folder written by ``save``; missing or corrupt files raise ``ValueError`` /
+        ``FileNotFoundError`` naming the file."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_p, st_p = path / "meta.json", path / "stats.safetensors"
+        for p in (meta_p, st_p):
+            if not p.is_file():
+                raise FileNotFoundError(f"calibration statistics incomplete: {p} is missing")
+        try:
+            doc = json.loads(meta_p.read_text())
+            layers_meta, groups = doc["layers"], doc["groups"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt calibration metadata {meta_p}: {e}; delete the folder to recalibrate") from e
+        if doc.get("format") != _FORMAT:
+            raise ValueError(f"{meta_p}: unsupported stats format {doc.get('format')!r} (expected {_FORMAT})")
+        try:
+            tensors = load_file(str(st_p))
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+            raise ValueError(f"corrupt calibration tensors {st_p}: {e}; delete the folder to recalibrate") from e
+        layers = {}
+        for key, lm in layers_meta.items():
+            i = lm["index"]
+            try:
+                fields = {f: tensors[f"{i}.{f}"] for f in _FIELDS}
+            except KeyError as e:
+                raise ValueError(f"corrupt calibration tensors {st_p}: missing {e} for group {key!r}") from e
+            layers[key] = LayerStats(count=int(lm["count"]), sample_tokens=int(lm["sample_tokens"]),
+                                     seed=int(lm["seed"]), **fields)
+        return cls(layers=layers, groups=dict(groups), meta=doc.get("meta", {}))
+
+
+# ------------------------------------------------------------------------------------- hooks
+@contextlib.contextmanager
+def capture_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, list[Tensor]]]:
+    """Record the inputs of the named submodules during forwards inside the ``with`` block.
+
+    Yields ``{name: [x (..., d_in), ...]}`` (detached clones, one per call). For tests and analysis
+    on small models: it keeps raw activations, unlike ``calibrate``.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"capture_inputs: no such modules {missing}")
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    handles = [
+        modules[n].register_forward_pre_hook(lambda mod, args, n=n: out[n].append(args[0].detach().clone()))
+        for n in names
+    ]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _group_seed(seed: int, key: str) -> int:
+    # a different key stream per group: reservoirs of different layers are independent samples
+    return (seed * 2_654_435_761 + zlib.crc32(key.encode())) % (2**31)
+
+
+class _Recorder:
+    """Forward pre-hooks, one per shared-input group (on the group's first member).
+
+    ``active`` gates recording, so a pipeline run can record only chosen denoising steps.
+    """
+
+    def __init__(self, model: nn.Module, adapter, sample_tokens: int, seed: int):
+        self.targets = adapter.targets(model)
+        if not self.targets:
+            raise ValueError(f"{type(model).__name__}: the {adapter.family} adapter found no target layers")
+        self.groups = {n: s.group for n, s in self.targets.items()}
+        modules = dict(model.named_modules())
+        self.layers: dict[str, LayerStats] = {}
+        self.handles = []
+        self.active = True
+        for key in dict.fromkeys(self.groups.values()):
+            lin = modules[key]
+            self.layers[key] = LayerStats.empty(lin.in_features, sample_tokens, _group_seed(seed, key))
+            self.handles.append(lin.register_forward_pre_hook(self._hook(key)))
+
+    def _hook(self, key: str):
+        def hook(mod, args):
+            if self.active:
+                self.layers[key].update(args[0])
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def result(self, meta: dict) -> CalibrationStats:
+        for st in self.layers.values():
+            st.to("cpu")
+        return CalibrationStats(layers=self.layers, groups=self.groups, meta=meta)
+
+
+def _versions() -> dict:
+    import diffusers
+
+    try:
+        from importlib.metadata import version
+
+        dirotq_v = version("dirotq")
+    except Exception:
+        import dirotq
+
+        dirotq_v = getattr(dirotq, "__version__", "unknown")
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "dirotq": dirotq_v}
+
+
+def _tqdm_progress(total_desc: str) -> tuple[Progress, Callable[[], None]]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1000, desc=total_desc, unit="‰", leave=False)
+
+    def progress(frac: float, msg: str) -> None:
+        bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
+        bar.set_postfix_str(msg, refresh=False)
+        bar.refresh()
+
+    return progress, bar.close
+
+
+@torch.no_grad()
+def calibrate_transformer(
+    transformer: nn.Module,
+    inputs: Iterable[dict],
+    *,
+    adapter=None,
+    sample_tokens: int = 512,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> CalibrationStats:
+    """Statistics of every target group over ``transformer(**kw)`` for each ``kw`` in ``inputs``.
+
+    Use when the inputs are at hand (tests, tiny models, custom loops); ``calibrate`` runs a
+    pipeline instead. ``progress(fraction, message)`` is called after each input when the
+    iterable has a length.
+    """
+    from .models import get_adapter
+
+    adapter = adapter or get_adapter(transformer)
+    rec = _Recorder(transformer, adapter, sample_tokens, seed)
+    total = len(inputs) if hasattr(inputs, "__len__") else None
+    n = 0
+    try:
+        for kw in inputs:
+            transformer(**kw)
+            n += 1
+            if progress is not None:
+                progress(n / total if total else 0.0, f"calibrating: forward {n}" + (f"/{total}" if total else ""))
+    finally:
+        rec.remove()
+    meta = {"family": adapter.family, "forwards": n, "sample_tokens": sample_tokens, "seed": seed,
+            "dtype": str(next(transformer.parameters()).dtype), "versions": _versions()}
+    return rec.result(meta)
+
+
+# --------------------------------------------------------------------------- pipeline calibration
+def _json_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stats_cache_key(
+    model_id: str,
+    prompts: list[str],
+    num_inference_steps: int,
+    steps: list[int] | None,
+    guidance_scale: float | None,
+    seed: int,
+    dtype,
+    **extra,
+) -> str:
+    """sha256 hex of everything that determines the statistics (the cache folder name).
+
+    ``extra``: further determinants (sample size, adapter family, pipeline kwargs), JSON-able.
+    """
+    return _json_hash({
+        "model": model_id, "prompts": list(prompts), "num_inference_steps": int(num_inference_steps),
+        "steps": None if steps is None else sorted(int(s) for s in steps),
+        "guidance_scale": guidance_scale, "seed": int(seed), "dtype": str(dtype), "extra": extra,
+    })
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Cheap content hash of a model: names, shapes, dtypes and a few values of every parameter.
+
+    Part of the cache key, so two different weight sets behind the same path (a retrained tiny
+    model, random inits) never share cached statistics; hashing every byte of a 12B model would
+    cost more than it saves.
+    """
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        flat = p.detach().reshape(-1)
+        if flat.numel():
+            idx = torch.linspace(0, flat.numel() - 1, steps=min(16, flat.numel())).long()
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_id(pipe) -> str:
+    name = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return f"{name or type(pipe).__name__}#{model_fingerprint(pipe.transformer)}"
+
+
+def calibrate(
+    pipe,
+    prompts: list[str],
+    *,
+    num_inference_steps: int = 20,
+    steps: list[int] | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    sample_tokens: int = 512,
+    adapter=None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    pipe_kwargs: dict | None = None,
+) -> CalibrationStats:
+    """Run the diffusers ``pipe`` on ``prompts`` and return the target groups' statistics.
+
+    - Denoising step ``i`` (0-based, the i-th call of ``pipe.scheduler.step``) is recorded when
+      ``i in steps`` (``None``: all steps). Every transformer forward during a recorded step is
+      pooled, so CFG's conditional and unconditional branches both count (PixArt batches them in
+      one forward; pipelines with separate forwards are covered the same way).
+    - Prompt ``j`` gets its own generator seeded ``seed + j``: results do not depend on
+      ``batch_size``. Latents only (``output_type="latent"``): the VAE never runs.
+    - ``guidance_scale=None`` keeps the pipeline's default. ``pipe_kwargs`` go to ``pipe(...)``
+      (e.g. ``height``, ``width``, ``max_sequence_length``).
+    - ``cache_dir``: statistics are looked up in / saved to ``cache_dir/<stats_cache_key>/``.
+    - ``progress(fraction, message)``: Gradio's ``gr.Progress`` fits; a tqdm bar when ``None``.
+    """
+    from .models import get_adapter
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("calibrate: no prompts given")
+    if steps is not None:
+        steps = sorted({int(s) for s in steps})
+        bad = [s for s in steps if not 0 <= s < num_inference_steps]
+        if bad:
+            raise ValueError(f"calibrate: steps {bad} outside [0, {num_inference_steps})")
+    transformer = pipe.transformer
+    adapter = adapter or get_adapter(transformer)
+    pipe_kwargs = dict(pipe_kwargs or {})
+    call_params = inspect.signature(pipe.__call__).parameters
+    if "use_resolution_binning" in call_params:
+        # calibration needs no aspect-ratio binning, and tiny models have no bin table
+        pipe_kwargs.setdefault("use_resolution_binning", False)
+    if guidance_scale is not None:
+        pipe_kwargs["guidance_scale"] = guidance_scale
+    dtype = next(transformer.parameters()).dtype
+    model_id = _model_id(pipe)
+    key = stats_cache_key(model_id, prompts, num_inference_steps, steps, guidance_scale, seed, dtype,
+                          sample_tokens=sample_tokens, family=adapter.family,
+                          overrides=getattr(adapter, "overrides", {}), pipe_kwargs=pipe_kwargs)
+    cache_path = Path(cache_dir) / key if cache_dir is not None else None
+    if cache_path is not None and (cache_path / "meta.json").is_file():
+        if progress is not None:
+            progress(1.0, "calibration statistics loaded from cache")
+        return CalibrationStats.load(cache_path)
+
+    close_bar = None
+    if progress is None:
+        progress, close_bar = _tqdm_progress("calibrating")
+    rec = _Recorder(transformer, adapter, sample_tokens, seed)
+    record = set(range(num_inference_steps)) if steps is None else set(steps)
+    state = {"step": 0, "batch": 0}
+    n_batches = math.ceil(len(prompts) / batch_size)
+    total = n_batches * num_inference_steps
+    done = {"n": 0}
+    sched = pipe.scheduler
+    orig_step = sched.step
+
+    def counting_step(*a, **kw):
+        # one scheduler.step per denoising step in every diffusers pipeline: the step counter
+        out = orig_step(*a, **kw)
+        state["step"] += 1
+        rec.active = state["step"] in record
+        done["n"] += 1
+        progress(min(done["n"] / total, 1.0),
+                 f"calibrating: batch {state['batch'] + 1}/{n_batches}, step {state['step']}/{num_inference_steps}")
+        return out
+
+    sched.step = counting_step  # instance attribute shadows the method; deleted below
+    try:
+        for b in range(n_batches):
+            batch = prompts[b * batch_size:(b + 1) * batch_size]
+            gens = [torch.Generator(device="cpu").manual_seed(seed + b * batch_size + j) for j in range(len(batch))]
+            state["step"], state["batch"] = 0, b
+            rec.active = 0 in record
+            pipe(prompt=batch, num_inference_steps=num_inference_steps, generator=gens,
+                 output_type="latent", **pipe_kwargs)
+    finally:
+        del sched.step
+        rec.remove()
+        if close_bar is not None:
+            close_bar()
+    meta = {
+        "model_id": model_id, "family": adapter.family, "cache_key": key,
+        "prompts_sha256": _json_hash(prompts), "num_prompts": len(prompts),
+        "steps": sorted(record), "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale, "seed": seed, "sample_tokens": sample_tokens,
+        "dtype": str(dtype), "pipe_kwargs": {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool))},
+        "versions": _versions(),
+    }
+    stats = rec.result(meta)
+    if cache_path is not None:
+        stats.save(cache_path)
+    return stats

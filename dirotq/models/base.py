@@ -1,0 +1,322 @@
+"""Model adapters: which linear layers DiRotQ quantizes (DESIGN.md §1 "Layers").
+
+The algorithm code never knows a model family. An adapter answers, for one diffusers transformer
+class, the model plumbing questions:
+
+- which ``nn.Linear`` layers are targets and in which format (``"w4a4"`` or ``"w4a16"``),
+- which linears stay 16-bit and why (embedders, adaLN modulation, final projection, …),
+- which targets read the *same* input tensor (q/k/v of one attention, …): they share one
+  calibration and one rotation T (DESIGN.md §1: "Layers whose input is shared … share one
+  calibration and one T"),
+- the block order (for grouping in the UI), and how to build a tiny random-init instance and random
+  inputs for it (tests, no downloads).
+
+The base class implements the walk over the transformer blocks once; a family adapter only lists
+its block containers and its per-layer rules (``_kind_of``), and may add extra shared-input groups.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+KINDS = ("w4a4", "w4a16")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One quantization target (an ``nn.Linear`` inside a transformer block).
+
+    - ``name``: ``named_modules()`` name, e.g. ``"transformer_blocks.3.attn1.to_q"``.
+    - ``kind``: ``"w4a4"`` (weights and activations INT4) or ``"w4a16"`` (weight-only).
+    - ``group``: shared-input key; all targets reading the same tensor carry the name of the group's
+      first member (in layer order); a layer with its own input carries its own name.
+    - ``block``: block index in execution order (FLUX: double blocks first, then single blocks).
+    - ``layer_type``: name with the block prefix stripped (``"attn1.to_q"``, ``"ff.net.2"``,
+      ``"single:proj_mlp"`` for FLUX single-stream blocks).
+    - ``in_features`` / ``out_features``: W is ``(out_features, in_features)``.
+    - ``head_dim``: for attention output projections (input = concatenated heads), the head size, so
+      the per-head rotation variant can build a block-diagonal basis; else ``None``.
+    """
+
+    name: str
+    kind: str
+    group: str
+    block: int
+    layer_type: str
+    in_features: int
+    out_features: int
+    head_dim: int | None = None
+
+    @property
+    def padded(self) -> bool:
+        """True when ``in_features`` is not a multiple of the quantizer group (64): it gets padded."""
+        return self.in_features % 64 != 0
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A transformer block as the walk sees it: execution index, module prefix, layer-type prefix."""
+
+    index: int
+    prefix: str  # e.g. "transformer_blocks.3"
+    type_prefix: str  # "" or "single:"
+    module: nn.Module
+
+
+def _attention_modules(block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Attention-like submodules of a block: anything with ``to_q``/``to_k``/``to_v`` linears."""
+    for name, mod in block.named_modules():
+        if all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("to_q", "to_k", "to_v")):
+            yield name, mod
+
+
+def _merge_groups(sets: list[tuple[str, ...]], order: list[str]) -> dict[str, str]:
+    """Union overlapping shared-input sets; map each member to the group's first member in ``order``.
+
+    Overlap happens legitimately: FLUX single blocks feed one normed tensor to attn.to_q/k/v *and*
+    proj_mlp, so the auto-detected q/k/v set and the adapter's extra set must become one group.
+    Only layers in ``order`` (the targets) take part: a 16-bit member does not name a group.
+    """
+    parent = {lt: lt for lt in order}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for members in sets:
+        present = [lt for lt in members if lt in parent]
+        for other in present[1:]:
+            parent[find(other)] = find(present[0])
+    first: dict[str, str] = {}
+    for lt in order:  # layer order: the first member seen names the group
+        first.setdefault(find(lt), lt)
+    return {lt: first[find(lt)] for lt in order}
+
+
+def _attn_heads(attn: nn.Module) -> int | None:
+    heads = getattr(attn, "heads", None)
+    return int(heads) if isinstance(heads, int) and heads > 0 else None
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set ``family``, ``model_classes``, ``block_containers`` and rules.
+
+    ``block_containers``: ``(attribute, layer-type prefix)`` pairs of ``nn.ModuleList`` s on the
+    transformer, in execution order. Every ``nn.Linear`` inside a block is a candidate; ``_kind_of``
+    maps its layer type to a kind, or to ``None`` plus a reason (kept 16-bit).
+    """
+
+    family: str = "base"
+    model_classes: tuple[str, ...] = ()
+    block_containers: tuple[tuple[str, str], ...] = (("transformer_blocks", ""),)
+    # extra shared-input groups (layer types inside one block) beyond the auto-detected attention
+    # q/k/v sets; every tuple lists layers that read the identical tensor.
+    extra_groups: tuple[tuple[str, ...], ...] = ()
+
+    def __init__(self, overrides: dict[str, str | None] | None = None):
+        """``overrides``: layer type -> kind, or ``None`` to keep it 16-bit, replacing the family
+        default, e.g. ``PixArtAdapter({"ff.net.2": "w4a4", "attn2.to_k": "w4a4"})``."""
+        self.overrides = dict(overrides or {})
+        for lt, k in self.overrides.items():
+            if k is not None and k not in KINDS:
+                raise ValueError(f"overrides[{lt!r}] = {k!r}: kind must be one of {KINDS} or None")
+
+    # ----------------------------------------------------------------------------- family rules
+    def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
+        """``(kind, "")`` for a target, ``(None, reason)`` for a linear kept 16-bit."""
+        return "w4a4", ""
+
+    def tiny_config(self) -> dict:
+        """A small random-init config (hidden a multiple of 64, 2 blocks, few tokens)."""
+        raise NotImplementedError
+
+    def model_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.model_classes[0])
+
+    def build_tiny(self, seed: int = 0) -> nn.Module:
+        """The family's transformer built from ``tiny_config``, random init, eval mode, float32."""
+        torch.manual_seed(seed)  # diffusers inits from the global RNG; seed it for reproducibility
+        model = self.model_class()(**self.tiny_config())  # float32 by default
+        return model.eval()
+
+    def example_inputs(self, model: nn.Module, batch: int, generator: torch.Generator) -> dict:
+        """Keyword arguments for ``model(**kw)``: random latents/text/timesteps of the right shapes."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------- matching
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ in self.model_classes
+
+    # ------------------------------------------------------------------------------------ walk
+    def blocks(self, model: nn.Module) -> list[_Block]:
+        out: list[_Block] = []
+        for attr, type_prefix in self.block_containers:
+            container = getattr(model, attr, None)
+            if container is None:
+                continue
+            for i, blk in enumerate(container):
+                out.append(_Block(len(out), f"{attr}.{i}", type_prefix, blk))
+        return out
+
+    def _group_sets(self, block: _Block) -> list[tuple[str, ...]]:
+        """Shared-input sets of layer types in one block (auto q/k/v detection + ``extra_groups``).
+
+        Self-attention: to_q, to_k, to_v read the normed hidden states. Cross-attention
+        (``is_cross_attention``): only to_k, to_v share (they read the text tokens). Joint attention
+        (SD3/FLUX): add_q/k/v_proj read the normed context tokens.
+        """
+        sets: list[tuple[str, ...]] = []
+        tp = block.type_prefix
+        for aname, attn in _attention_modules(block.module):
+            p = f"{tp}{aname}."
+            if getattr(attn, "is_cross_attention", False):
+                sets.append((p + "to_k", p + "to_v"))
+            else:
+                sets.append((p + "to_q", p + "to_k", p + "to_v"))
+            if all(isinstance(getattr(attn, a, None), nn.Linear) for a in ("add_q_proj", "add_k_proj", "add_v_proj")):
+                sets.append((p + "add_q_proj", p + "add_k_proj", p + "add_v_proj"))
+        sets.extend(self.extra_groups)
+        return sets
+
+    def _head_dims(self, block: _Block) -> dict[str, int]:
+        """Attention output projections -> head size (their input is the concatenated heads)."""
+        out: dict[str, int] = {}
+        for aname, attn in _attention_modules(block.module):
+            heads = _attn_heads(attn)
+            if heads is None:
+                continue
+            inner = attn.to_q.out_features
+            if inner % heads:
+                continue
+            p = f"{block.type_prefix}{aname}."
+            to_out = getattr(attn, "to_out", None)
+            if isinstance(to_out, nn.ModuleList) and len(to_out) and isinstance(to_out[0], nn.Linear):
+                out[p + "to_out.0"] = inner // heads
+            elif isinstance(to_out, nn.Linear):
+                out[p + "to_out"] = inner // heads
+            if isinstance(getattr(attn, "to_add_out", None), nn.Linear):
+                out[p + "to_add_out"] = inner // heads
+        return out
+
+    def _walk(self, model: nn.Module) -> tuple[dict[str, TargetSpec], dict[str, str]]:
+        targets: dict[str, TargetSpec] = {}
+        kept: dict[str, str] = {}
+        in_blocks: set[str] = set()
+        for block in self.blocks(model):
+            linears = [
+                (f"{block.prefix}.{n}", f"{block.type_prefix}{n}", m)
+                for n, m in block.module.named_modules()
+                if isinstance(m, nn.Linear)
+            ]
+            kinds = {}
+            for full, ltype, m in linears:
+                in_blocks.add(full)
+                if ltype in self.overrides:
+                    kind = self.overrides[ltype]
+                    reason = "kept 16-bit by adapter override"
+                else:
+                    kind, reason = self._kind_of(ltype)
+                if kind is None:
+                    kept[full] = reason
+                else:
+                    if kind not in KINDS:
+                        raise ValueError(f"{type(self).__name__}: kind {kind!r} for {full} not in {KINDS}")
+                    kinds[ltype] = kind
+            group_of = _merge_groups(self._group_sets(block), [lt for _, lt, _ in linears if lt in kinds])
+            heads = self._head_dims(block)
+            for full, ltype, m in linears:
+                if ltype not in kinds:
+                    continue
+                key = group_of.get(ltype, ltype)
+                targets[full] = TargetSpec(
+                    name=full,
+                    kind=kinds[ltype],
+                    group=f"{block.prefix}.{key[len(block.type_prefix):]}",
+                    block=block.index,
+                    layer_type=ltype,
+                    in_features=m.in_features,
+                    out_features=m.out_features,
+                    head_dim=heads.get(ltype),
+                )
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and name not in in_blocks:
+                kept[name] = self._outside_reason(name)
+        return targets, kept
+
+    def _outside_reason(self, name: str) -> str:
+        """Why a linear outside the blocks stays 16-bit (embedders, adaLN-single, final proj)."""
+        low = name.lower()
+        if low.endswith("linear") and any(k in low for k in ("adaln", "norm", "time_embed")):
+            return "adaLN modulation (16-bit by DESIGN.md §1)"
+        if any(k in low for k in ("embed", "caption", "time_text")):
+            return "embedder (conditioning, few tokens per step; 16-bit by DESIGN.md §1)"
+        if "proj_out" in low or "final" in low:
+            return "final projection (16-bit by DESIGN.md §1)"
+        return "outside the transformer blocks (only block linears are quantized)"
+
+    # ------------------------------------------------------------------------------- public API
+    def targets(self, model: nn.Module) -> dict[str, TargetSpec]:
+        """Quantization targets, ordered by block, then layer (registration) order."""
+        return self._walk(model)[0]
+
+    def kept_16bit(self, model: nn.Module) -> dict[str, str]:
+        """Every other ``nn.Linear`` of the model -> the reason it stays 16-bit."""
+        return self._walk(model)[1]
+
+    def groups(self, model: nn.Module) -> dict[str, list[str]]:
+        """Shared-input group key -> member target names (layer order)."""
+        out: dict[str, list[str]] = {}
+        for spec in self.targets(model).values():
+            out.setdefault(spec.group, []).append(spec.name)
+        return out
+
+    def __repr__(self) -> str:
+        extra = f", overrides={self.overrides!r}" if self.overrides else ""
+        return f"{type(self).__name__}(family={self.family!r}{extra})"
+
+
+def target_report(model: nn.Module, adapter: ModelAdapter | None = None) -> str:
+    """One-line summary: ``"112 W4A4 targets, 28 W4A16, 9 kept 16-bit, no unknown names"``.
+
+    "Unknown names" are linears the adapter could not explain: with a family adapter, linears
+    outside the blocks that match no embedder/adaLN/final pattern; with the generic fallback, every
+    target (its rules are a guess). Input widths that are not a multiple of 64 are listed (padded).
+    """
+    from . import get_adapter
+
+    adapter = adapter or get_adapter(model)
+    targets, kept = adapter._walk(model)
+    n44 = sum(s.kind == "w4a4" for s in targets.values())
+    n416 = sum(s.kind == "w4a16" for s in targets.values())
+    unknown = [n for n, r in kept.items() if r.startswith("outside the transformer blocks")]
+    if adapter.family == "generic":
+        unknown = list(targets) + unknown
+    parts = [f"{n44} W4A4 targets", f"{n416} W4A16", f"{len(kept)} kept 16-bit"]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        parts.append(f"{len(unknown)} unknown names ({shown})")
+    else:
+        parts.append("no unknown names")
+    padded = sorted({s.in_features for s in targets.values() if s.padded})
+    if padded:
+        parts.append(f"input widths padded to a multiple of 64: {padded}")
+    return ", ".join(parts)
+
+
+def _warn_generic(model: nn.Module) -> None:
+    warnings.warn(
+        f"dirotq: no adapter for {type(model).__name__}; falling back to GenericAdapter "
+        "(every nn.Linear inside the block lists is a W4A4 target, everything else kept 16-bit). "
+        "Check the target report before trusting the result.",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,66 @@
+"""FLUX.1 adapter (diffusers ``FluxTransformer2DModel``), DESIGN.md §1 "Layers" and KERNELS.md
+(memory budget: the adaLN modulation runs W4A16).
+
+Double-stream block ``transformer_blocks.i`` (FluxTransformerBlock): norm1.linear /
+norm1_context.linear (adaLN-Zero modulation, both read silu(temb): one shared-input group), attn
+(to_q/k/v image, add_q/k/v_proj context, to_out.0, to_add_out), ff, ff_context.
+Single-stream block ``single_transformer_blocks.j`` (FluxSingleTransformerBlock, layer types
+prefixed ``single:``): norm.linear (modulation), proj_mlp and attn.to_q/k/v (all four read the
+same normed tokens: one group), proj_out (reads concat(attention output, GELU(mlp)), width
+d + 4d, so no per-head structure). Blocks run double first, then single (block index order).
+Full-size FLUX.1-dev: 19 double + 38 single blocks, width 3072 (24 heads × 128), mlp 12288.
+
+Targets: all block linears; the modulation linears are W4A16 (they are 6·d×d / 3·d×d each, a large
+share of the weights, but act on one token per sample). Kept 16-bit: x_embedder, context_embedder,
+time_text_embed, norm_out.linear, proj_out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ModelAdapter
+
+
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    model_classes = ("FluxTransformer2DModel",)
+    block_containers = (("transformer_blocks", ""), ("single_transformer_blocks", "single:"))
+    extra_groups = (
+        ("norm1.linear", "norm1_context.linear"),
+        ("single:proj_mlp", "single:attn.to_q", "single:attn.to_k", "single:attn.to_v"),
+    )
+
+    def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
+        if layer_type in ("norm1.linear", "norm1_context.linear", "single:norm.linear"):
+            return "w4a16", ""
+        return "w4a4", ""
+
+    def tiny_config(self) -> dict:
+        return dict(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(8, 12, 12),
+        )
+
+    def example_inputs(self, model, batch: int, generator: torch.Generator) -> dict:
+        """Packed latents hidden_states (B, 16, in_channels) for a 4×4 token grid, text
+        encoder_hidden_states (B, 8, joint_attention_dim), pooled_projections (B, pooled),
+        timestep (B,) in [0, 1], img_ids (16, 3), txt_ids (8, 3), guidance (B,) when embedded."""
+        cfg = model.config
+        h = w = 4
+        L = 8
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] = torch.arange(h)[:, None]
+        ids[..., 2] = torch.arange(w)[None, :]
+        kw = dict(
+            hidden_states=torch.randn(batch, h * w, cfg.in_channels, generator=generator),
+            encoder_hidden_states=torch.randn(batch, L, cfg.joint_attention_dim, generator=generator),
+            pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=generator),
+            timestep=torch.rand(batch, generator=generator),
+            img_ids=ids.reshape(h * w, 3),
+            txt_ids=torch.zeros(L, 3),
+        )
+        if cfg.guidance_embeds:
+            kw["guidance"] = torch.full((batch,), 3.5)
+        return kw
