@@ -17,6 +17,7 @@ its block containers and its per-layer rules (``_kind_of``), and may add extra s
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -119,6 +120,9 @@ class ModelAdapter:
     # extra shared-input groups (layer types inside one block) beyond the auto-detected attention
     # q/k/v sets; every tuple lists layers that read the identical tensor.
     extra_groups: tuple[tuple[str, ...], ...] = ()
+    # layer types whose input is one tensor shared by *every* block (FLUX's adaLN linears all read
+    # silu(temb)): one model-wide group, calibrated once instead of once per block.
+    model_wide_groups: tuple[tuple[str, ...], ...] = ()
 
     def __init__(self, overrides: dict[str, str | None] | None = None):
         """``overrides``: layer type -> kind, or ``None`` to keep it 16-bit, replacing the family
@@ -247,6 +251,10 @@ class ModelAdapter:
                     out_features=m.out_features,
                     head_dim=heads.get(ltype),
                 )
+        for members in self.model_wide_groups:
+            names = [n for n, spec in targets.items() if spec.layer_type in members]
+            for n in names:
+                targets[n] = dataclasses.replace(targets[n], group=names[0])
         for name, m in model.named_modules():
             if isinstance(m, nn.Linear) and name not in in_blocks:
                 kept[name] = self._outside_reason(name)

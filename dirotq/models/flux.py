@@ -2,13 +2,14 @@
 (memory budget: the adaLN modulation runs W4A16).
 
 Double-stream block ``transformer_blocks.i`` (FluxTransformerBlock): norm1.linear /
-norm1_context.linear (adaLN-Zero modulation, both read silu(temb): one shared-input group), attn
+norm1_context.linear (adaLN-Zero modulation), attn
 (to_q/k/v image, add_q/k/v_proj context, to_out.0, to_add_out), ff, ff_context.
 Single-stream block ``single_transformer_blocks.j`` (FluxSingleTransformerBlock, layer types
 prefixed ``single:``): norm.linear (modulation), proj_mlp and attn.to_q/k/v (all four read the
 same normed tokens: one group), proj_out (reads concat(attention output, GELU(mlp)), width
 d + 4d, so no per-head structure). Blocks run double first, then single (block index order).
-Full-size FLUX.1-dev: 19 double + 38 single blocks, width 3072 (24 heads × 128), mlp 12288.
+All modulation linears of all blocks read the same silu(temb): one model-wide shared-input group
+(one 3072² statistic instead of 57 pairs). Full-size FLUX.1-dev: 19 double + 38 single blocks, width 3072 (24 heads × 128), mlp 12288.
 
 Targets: all block linears; the modulation linears are W4A16 (they are 6·d×d / 3·d×d each, a large
 share of the weights, but act on one token per sample). Kept 16-bit: x_embedder, context_embedder,
@@ -26,10 +27,8 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     model_classes = ("FluxTransformer2DModel",)
     block_containers = (("transformer_blocks", ""), ("single_transformer_blocks", "single:"))
-    extra_groups = (
-        ("norm1.linear", "norm1_context.linear"),
-        ("single:proj_mlp", "single:attn.to_q", "single:attn.to_k", "single:attn.to_v"),
-    )
+    extra_groups = (("single:proj_mlp", "single:attn.to_q", "single:attn.to_k", "single:attn.to_v"),)
+    model_wide_groups = (("norm1.linear", "norm1_context.linear", "single:norm.linear"),)
 
     def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
         if layer_type in ("norm1.linear", "norm1_context.linear", "single:norm.linear"):

@@ -24,6 +24,8 @@ class PixArtAdapter(ModelAdapter):
     family = "pixart"
     model_classes = ("PixArtTransformer2DModel",)
     block_containers = (("transformer_blocks", ""),)
+    # when overridden into targets, every block's cross-attention K/V read the same caption tokens
+    model_wide_groups = (("attn2.to_k", "attn2.to_v"),)
 
     def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
         if layer_type in ("attn2.to_k", "attn2.to_v"):

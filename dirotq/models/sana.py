@@ -10,7 +10,8 @@ Full-size SANA-1600M: 20 blocks, width 2240 (70 linear-attention heads × 32; cr
 20 heads × 112), caption 2304 (Gemma-2) → 2240, mlp ratio 2.5.
 
 Targets: the 8 attention linears per block (W4A4), cross-attention K/V included (unlike PixArt,
-no paper default says otherwise; override with ``SanaAdapter({"attn2.to_k": None, ...})``).
+no paper default says otherwise; override with ``SanaAdapter({"attn2.to_k": None, ...})``). They
+read the same caption tokens in every block: one model-wide shared-input group.
 Kept 16-bit: time_embed, caption_projection, patch_embed (conv), proj_out.
 """
 
@@ -25,6 +26,8 @@ class SanaAdapter(ModelAdapter):
     family = "sana"
     model_classes = ("SanaTransformer2DModel",)
     block_containers = (("transformer_blocks", ""),)
+    # every block's cross-attention K/V read the same projected caption tokens: one group
+    model_wide_groups = (("attn2.to_k", "attn2.to_v"),)
 
     def tiny_config(self) -> dict:
         return dict(
