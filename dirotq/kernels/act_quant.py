@@ -1,0 +1,231 @@
+"""Activation quantization kernel (KERNELS.md "Kernel shape" 1; DESIGN.md §1 kernel-friendly form).
+
+One program handles ``BT`` tokens and their whole row. Per program:
+
+1. ``c = x_s · down`` (x_s = x / smooth), a K loop over d in chunks of ``BKD``; c is rounded to the
+   output dtype *before* it is used, so the projection and the GEMM epilogue see the same c and
+   x = c·downᵀ + residual holds exactly in what the kernels run.
+2. Per group g of ``GS`` columns, the tile a_g (BT, GS) of ``rotate(x_s)``:
+   - dense rotation (full-rotation dirotq, QuaRot dense): ``a_g = Σ_k x_s[:, k] · R[k, g]`` (a GEMM
+     over d whose epilogue quantizes; the first r columns of xT are ``c``),
+   - otherwise the group's own columns of x_s (minus ``c · down[g]ᵀ`` when ``project_out``),
+   - then ``a_g ← (a_g · signs_g) · H_GS``, the group's Hadamard as one GS×GS ``tl.dot``.
+3. Scales and codes, bit-identical to ``dirotq.quantizers.quantize`` applied to the same a:
+   format A ("exact"): scale = max(absmax/7, 1e-12) per (token, group), q = rne(a/scale) ∈ [−8, 7];
+   format C ("int_ratio"): a first pass over the groups finds the row max, s = max(rowmax/105, 1e-12),
+   k = clamp(ceil(absmax/(7s) − 1e-6), 1, 15), q = clamp(rne(a/(k·s)), −7, 7) and the stored int8 is k·q.
+   All divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number trick
+   (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it).
+
+Format C's second pass recomputes a_g instead of keeping it (no scratch buffer, no barrier); for
+the dense rotation this doubles the rotation GEMM (documented in docs/KERNELS_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+RNE_MAGIC = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _rne(v):
+    """Round half to even for |v| < 2**22 (fp32): adding 1.5·2²³ leaves no fraction bits."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _fdot(a, b, DOT_DTYPE: tl.constexpr):
+    """Float dot with fp32 accumulation; fp32 operands use exact (IEEE, not TF32) products."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _load_xs(x_ptr, stride_xn, smooth_ptr, rows, cols, n, d, HAS_SMOOTH: tl.constexpr):
+    m = (rows[:, None] < n) & (cols[None, :] < d)
+    xv = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        sm = tl.load(smooth_ptr + cols, mask=cols < d, other=1.0).to(tl.float32)
+        xv = tl.div_rn(xv, sm[None, :])
+    return xv
+
+
+@triton.jit
+def _group_tile(g, rows, c, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr, stride_rd, stride_rc, signs_ptr,
+                n, d, d_q, r,
+                BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, R_PAD: tl.constexpr,
+                HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr, HAS_HAD: tl.constexpr,
+                DOT_DTYPE: tl.constexpr):
+    """The fp32 tile (BT, GS) of the transformed input for group ``g``."""
+    gcols = g * GS + tl.arange(0, GS)
+    rcols = tl.arange(0, R_PAD)
+    if HAS_ROT:
+        a = tl.zeros((BT, GS), dtype=tl.float32)
+        for k0 in range(0, d, BKD):
+            kc = k0 + tl.arange(0, BKD)
+            xs = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, kc, n, d, HAS_SMOOTH)
+            if PROJ:
+                dt = tl.load(down_ptr + kc[None, :] * stride_dd + rcols[:, None] * stride_dr,
+                             mask=(kc[None, :] < d) & (rcols[:, None] < r), other=0.0)
+                xs = xs - _fdot(c, dt, DOT_DTYPE)
+            rt = tl.load(rot_ptr + kc[:, None] * stride_rd + gcols[None, :] * stride_rc,
+                         mask=(kc[:, None] < d) & (gcols[None, :] < d_q), other=0.0)
+            a += _fdot(xs, rt, DOT_DTYPE)
+    else:
+        a = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, gcols, n, d, HAS_SMOOTH)
+        if PROJ:
+            dt = tl.load(down_ptr + gcols[None, :] * stride_dd + rcols[:, None] * stride_dr,
+                         mask=(gcols[None, :] < d) & (rcols[:, None] < r), other=0.0)
+            a = a - _fdot(c, dt, DOT_DTYPE)
+    if HAS_HAD:
+        sg = tl.load(signs_ptr + gcols, mask=gcols < d_q, other=0.0).to(tl.float32)
+        a = _fdot(a * sg[None, :], had, DOT_DTYPE)
+    return a
+
+
+@triton.jit
+def act_quant_kernel(
+    x_ptr, stride_xn,  # x (n, d), 16-bit or fp32
+    smooth_ptr,  # (d,)
+    down_ptr, stride_dd, stride_dr,  # down (d, r)
+    rot_ptr, stride_rd, stride_rc,  # rotation (d, d_q)
+    signs_ptr,  # hadamard signs (d_q,)
+    had_ptr,  # normalised Hadamard (GS, GS)
+    c_ptr, stride_cn,  # out: c (n, r) in the activation dtype
+    q_ptr, stride_qn,  # out: int8 codes (n, G*GS); format C stores k*q
+    s_ptr, stride_sn,  # out: fp32 scales, (n, G) [A] or (n,) [C]
+    k_ptr, stride_kn,  # out: int8 multipliers (n, G) [C]
+    a_ptr, stride_an,  # out (debug): fp32 transformed input (n, G*GS)
+    n, d, d_q, r, G,
+    BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_DOWN: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
+    HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, STORE_A: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < n
+    rcols = tl.arange(0, R_PAD)
+    cols = tl.arange(0, GS)
+
+    # 1. 16-bit coefficients c = x_s · down
+    c = tl.zeros((BT, R_PAD), dtype=tl.float32)
+    if HAS_DOWN:
+        for k0 in range(0, d, BKD):
+            kc = k0 + tl.arange(0, BKD)
+            xs = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, kc, n, d, HAS_SMOOTH)
+            dn = tl.load(down_ptr + kc[:, None] * stride_dd + rcols[None, :] * stride_dr,
+                         mask=(kc[:, None] < d) & (rcols[None, :] < r), other=0.0)
+            c += _fdot(xs, dn, DOT_DTYPE)
+        c16 = c.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + rows[:, None] * stride_cn + rcols[None, :], c16,
+                 mask=rmask[:, None] & (rcols[None, :] < r))
+        c = c16.to(tl.float32)
+
+    had = tl.zeros((GS, GS), dtype=tl.float32)
+    if HAS_HAD:
+        had = tl.load(had_ptr + cols[:, None] * GS + cols[None, :]).to(tl.float32)
+
+    # 2a. format C: the row max over all groups first
+    s_row = tl.zeros((BT,), dtype=tl.float32)
+    if FMT_C:
+        row_max = tl.zeros((BT,), dtype=tl.float32)
+        for g in range(0, G):
+            a = _group_tile(g, rows, c, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr, stride_rd, stride_rc,
+                            signs_ptr, n, d, d_q, r, BT, GS, BKD, R_PAD, HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD,
+                            DOT_DTYPE)
+            row_max = tl.maximum(row_max, tl.max(tl.abs(a), axis=1))
+        s_row = tl.maximum(tl.div_rn(row_max, tl.full((BT,), 105.0, tl.float32)), 1e-12)
+        tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
+    base = s_row * 7.0
+
+    # 2b. per group: transform, scale, round, store
+    for g in range(0, G):
+        a = _group_tile(g, rows, c, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr, stride_rd, stride_rc,
+                        signs_ptr, n, d, d_q, r, BT, GS, BKD, R_PAD, HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
+        gcols = g * GS + cols
+        omask = rmask[:, None] & (gcols[None, :] < G * GS)
+        if STORE_A:
+            tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
+        amax = tl.max(tl.abs(a), axis=1)
+        if FMT_C:
+            kf = tl.ceil(tl.div_rn(amax, base) - 1e-6)
+            kf = tl.minimum(tl.maximum(kf, 1.0), 15.0)
+            step = kf * s_row
+            q = _rne(tl.div_rn(a, step[:, None]))
+            q = tl.minimum(tl.maximum(q, -7.0), 7.0)
+            tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], (q * kf[:, None]).to(tl.int8), mask=omask)
+            tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)
+        else:
+            sc = tl.maximum(tl.div_rn(amax, tl.full((BT,), 7.0, tl.float32)), 1e-12)
+            q = _rne(tl.div_rn(a, sc[:, None]))
+            q = tl.minimum(tl.maximum(q, -8.0), 7.0)
+            tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], q.to(tl.int8), mask=omask)
+            tl.store(s_ptr + rows * stride_sn + g, sc, mask=rmask)
+
+
+# --- host side ---------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _dot_dtype(dtype):
+    import torch
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def _pow2_at_least(v: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(v), 1)))
+
+
+def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | None = None):
+    """Run the activation kernel on ``x: (n, d)`` (contiguous, fp32/fp16/bf16).
+
+    Returns a dict: ``codes`` (n, G·g) int8 (k·q for format C), ``scale`` fp32 (n, G) [A] or (n,) [C],
+    ``ratio`` (n, G) int8 [C] or None, ``c`` (n, r) in x's dtype or None, ``a`` (n, G·g) fp32 [store_a].
+    """
+    import torch
+
+    n = x.shape[0]
+    g, G = plan.group_size, plan.groups
+    dev = x.device
+    fmt_c = plan.fmt == "int_ratio"
+    codes = torch.empty((n, G * g), dtype=torch.int8, device=dev)
+    scale = torch.empty((n,) if fmt_c else (n, G), dtype=torch.float32, device=dev)
+    ratio = torch.empty((n, G), dtype=torch.int8, device=dev) if fmt_c else None
+    c = torch.empty((n, plan.r), dtype=x.dtype, device=dev) if plan.has_down else None
+    a = torch.empty((n, G * g), dtype=torch.float32, device=dev) if store_a else None
+    if n == 0:
+        return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a}
+    dummy = plan.dummy
+    down = module.down if plan.has_down else dummy
+    rot = module.rotation if plan.has_rotation else dummy
+    if block_t is None:
+        block_t = 16 if (_interpreting() or n <= 16) else 32
+    grid = (triton.cdiv(n, block_t),)
+    act_quant_kernel[grid](
+        x, x.stride(0),
+        module.smooth if plan.has_smooth else dummy,
+        down, down.stride(0) if plan.has_down else 0, down.stride(1) if plan.has_down else 0,
+        rot, rot.stride(0) if plan.has_rotation else 0, rot.stride(1) if plan.has_rotation else 0,
+        module.hadamard_signs if plan.has_hadamard else dummy,
+        plan.had if plan.has_hadamard else dummy,
+        c if c is not None else dummy, c.stride(0) if c is not None else 0,
+        codes, codes.stride(0),
+        scale, scale.stride(0),
+        ratio if ratio is not None else dummy, ratio.stride(0) if ratio is not None else 0,
+        a if a is not None else dummy, a.stride(0) if a is not None else 0,
+        n, plan.d, plan.d_q, plan.r, G,
+        BT=block_t, GS=g, BKD=g, R_PAD=_pow2_at_least(plan.r),
+        HAS_SMOOTH=plan.has_smooth, HAS_DOWN=plan.has_down, PROJ=plan.project_out and plan.has_down,
+        HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, STORE_A=store_a,
+        DOT_DTYPE=_dot_dtype(x.dtype),
+        num_warps=4,
+    )
+    return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a}

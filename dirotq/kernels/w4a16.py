@@ -1,0 +1,145 @@
+"""Weight-only INT4 GEMM/GEMV (KERNELS.md "Kernel shape" 3): layers whose activations stay 16-bit
+(PixArt-Σ ff.net.2, FLUX adaLN modulation; QuantLinear with ``act_bits=None``).
+
+Same swap-AB tiling and packed layout as the W4A4 GEMM; the weight halves are dequantized in
+registers, q · step with step = w_scale[o, g] (A) or k[o, g] · s[o] (C) in fp32 (the same products
+as ``QuantizedTensor.dequantize``), cast to the activation dtype and fed to a float ``tl.dot``.
+Small token counts use BT = 16 and BO = 32..64 so enough programs stream the weights (the GEMV
+regime is bound by reading 4-bit weights: 0.28 bytes per weight with scales).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from .act_quant import _dot_dtype, _fdot, _interpreting
+from .w4a4_gemm import _n_key, _unpack_halves
+
+
+@triton.jit
+def w4a16_kernel(
+    w_ptr, stride_wo, ws_ptr, stride_wso, wk_ptr, stride_wko,
+    a_ptr, stride_an,  # activations (n, d_q) in their own dtype
+    c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur, bias_ptr,
+    y_ptr, stride_yn,
+    n, o, d_q, r, G, N_KEY,
+    BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
+    FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    HALF: tl.constexpr = GS // 2
+    pid = tl.program_id(0)
+    num_o = tl.cdiv(o, BO)
+    num_t = tl.cdiv(n, BT)
+    per_group = GROUP_O * num_t
+    first_o = (pid // per_group) * GROUP_O
+    size_o = tl.minimum(num_o - first_o, GROUP_O)
+    pid_o = first_o + (pid % per_group) % size_o
+    pid_t = (pid % per_group) // size_o
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    omask = offs_o < o
+    tmask = offs_t < n
+    j = tl.arange(0, HALF)
+    if FMT_C:
+        s_row = tl.load(ws_ptr + offs_o * stride_wso, mask=omask, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BO, BT), dtype=tl.float32)
+    for g in tl.range(0, G):
+        lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
+        if FMT_C:
+            k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.float32)
+            step = k * s_row
+        else:
+            step = tl.load(ws_ptr + offs_o * stride_wso + g, mask=omask, other=0.0).to(tl.float32)
+        wlo = lo.to(tl.float32) * step[:, None]
+        whi = hi.to(tl.float32) * step[:, None]
+        clo = g * GS + j
+        chi = clo + HALF
+        alo = tl.load(a_ptr + offs_t[None, :] * stride_an + clo[:, None], mask=tmask[None, :] & (clo[:, None] < d_q),
+                      other=0.0)
+        ahi = tl.load(a_ptr + offs_t[None, :] * stride_an + chi[:, None], mask=tmask[None, :] & (chi[:, None] < d_q),
+                      other=0.0)
+        acc += _fdot(wlo, alo, DOT_DTYPE)
+        acc += _fdot(whi, ahi, DOT_DTYPE)
+
+    if HAS_LR:
+        for r0 in range(0, r, R_BLK):
+            rc = r0 + tl.arange(0, R_BLK)
+            u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
+                        mask=omask[:, None] & (rc[None, :] < r), other=0.0)
+            ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
+                         mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
+            acc += _fdot(u, ct, DOT_DTYPE)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+        acc += b[:, None]
+    tl.store(y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=omask[:, None] & tmask[None, :])
+
+
+def _configs():
+    cfgs = []
+    for bo in (32, 64, 128):
+        for bt in (16, 32, 64, 128):
+            for stages in (3, 4):
+                cfgs.append(triton.Config({"BO": bo, "BT": bt, "GROUP_O": 8},
+                                          num_warps=8 if bo * bt >= 128 * 64 else 4, num_stages=stages))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    n = named_args["N_KEY"]
+    keep = [c for c in configs if c.kwargs["BT"] <= max(16, n)]
+    return keep or configs[:1]
+
+
+_TUNED = None
+
+
+def _tuned_kernel():
+    global _TUNED
+    if _TUNED is None:
+        _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR"],
+                                 prune_configs_by={"early_config_prune": _prune})(w4a16_kernel)
+    return _TUNED
+
+
+def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None):
+    """y (n, o) = a · dequant(W_q)ᵀ + c · upᵀ + bias, a: (n, d_q) (16-bit or fp32), c: (n, r) or None."""
+    import torch
+
+    n, o = a.shape[0], plan.o
+    y = torch.empty((n, o), dtype=out_dtype, device=a.device)
+    if n == 0 or o == 0:
+        return y
+    fmt_c = plan.fmt == "int_ratio"
+    dummy = plan.dummy
+    has_lr = c is not None and plan.r > 0
+    up = module.up if has_lr else dummy
+    wr = getattr(module, "weight_ratio", None) if fmt_c else None
+    args = (
+        module.weight_packed, module.weight_packed.stride(0),
+        module.weight_scale, module.weight_scale.stride(0),
+        wr if wr is not None else dummy, wr.stride(0) if wr is not None else 0,
+        a, a.stride(0),
+        c if has_lr else dummy, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
+        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
+        module.bias if plan.has_bias else dummy,
+        y, y.stride(0),
+        n, o, plan.d_q, plan.r, plan.groups, _n_key(n),
+    )
+    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
+                FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias, DOT_DTYPE=_dot_dtype(a.dtype))
+    if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+        cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
+        warps = cfg.pop("num_warps", 4)
+        stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
+        grid = (triton.cdiv(o, cfg["BO"]) * triton.cdiv(n, cfg["BT"]),)
+        w4a16_kernel[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages)
+    else:
+        grid = lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]),)  # noqa: E731
+        _tuned_kernel()[grid](*args, **meta)
+    return y

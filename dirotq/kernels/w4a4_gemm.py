@@ -1,0 +1,229 @@
+"""W4A4 GEMM with the fused 16-bit branch (KERNELS.md "Kernel shape" 2).
+
+Swap-AB: the program computes the transposed tile acc[BO, BT] = W_tile · X_tileᵀ, so the weight
+(unpacked from INT4 in registers) is the dot's first operand (wgmma's register operand on Hopper)
+and the int8 activation codes (loaded as they are stored) are the shared-memory operand; tokens sit
+on the MMA's N dimension, which also makes ≤ 16-token calls efficient (BT = 16) without leaving
+the W4A4 numerics the quality was measured with.
+
+Per 64-group the packed byte tile (BO, 32) yields both halves: low nibble = values 0..31,
+high nibble = 32..63 (``quantizers.pack_int4``), sign-extended by (v ^ 8) − 8; the activation codes
+are read as the matching two (32, BT) halves: two K = 32 int8 dots, no reshape.
+
+- Format A body ("exact"): per group int32 partial → fp32 × (w_scale[o, g] ⊗ x_scale[t, g]) → fp32 acc.
+- Format C body ("int_ratio"): weight operand k_w·q_w (|·| ≤ 105, formed in registers from the
+  packed codes and the int8 multipliers), activation operand k_a·q_a from the activation kernel;
+  one chained int32 accumulator over all of K (|Σ| ≤ 105²·K < 2³¹ for K ≤ 19 000); the epilogue
+  scales by w_row_scale[o] ⊗ x_row_scale[t].
+- Epilogue: + up · cᵀ as a float ``tl.dot`` (K = r, in chunks of R_BLK), + bias, store yᵀ in the
+  activation dtype. ``DEBUG_INT`` stores the raw int32 sum Σ q_w q_a (format C: Σ k_w q_w k_a q_a)
+  instead, for the byte-exact tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from .act_quant import _dot_dtype, _fdot, _interpreting
+
+
+@triton.jit
+def _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF: tl.constexpr):
+    j = tl.arange(0, HALF)
+    p = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * HALF + j)[None, :], mask=omask[:, None], other=0)
+    p = p.to(tl.int32)
+    lo = ((p & 15) ^ 8) - 8
+    hi = (((p >> 4) & 15) ^ 8) - 8
+    return lo, hi
+
+
+@triton.jit
+def w4a4_gemm_kernel(
+    w_ptr, stride_wo,  # packed INT4 (o, G*GS/2) uint8
+    ws_ptr, stride_wso,  # weight scales fp16/fp32: (o, G) [A] or (o, 1) [C]
+    wk_ptr, stride_wko,  # weight multipliers int8 (o, G) [C]
+    q_ptr, stride_qn,  # activation codes int8 (n, G*GS) (k*q for C)
+    xs_ptr, stride_xsn,  # activation scales fp32: (n, G) [A] or (n,) [C]
+    c_ptr, stride_cn, stride_cr,  # 16-bit coefficients (n, r)
+    up_ptr, stride_uo, stride_ur,  # up (o, r)
+    bias_ptr,  # (o,)
+    y_ptr, stride_yn,  # out (n, o)
+    n, o, r, G, N_KEY,
+    BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
+    FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    HALF: tl.constexpr = GS // 2
+    # grouped ordering: GROUP_O weight tiles share one sweep over the token tiles (L2 reuse of x)
+    pid = tl.program_id(0)
+    num_o = tl.cdiv(o, BO)
+    num_t = tl.cdiv(n, BT)
+    per_group = GROUP_O * num_t
+    first_o = (pid // per_group) * GROUP_O
+    size_o = tl.minimum(num_o - first_o, GROUP_O)
+    pid_o = first_o + (pid % per_group) % size_o
+    pid_t = (pid % per_group) // size_o
+
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    omask = offs_o < o
+    tmask = offs_t < n
+    j = tl.arange(0, HALF)
+
+    acc_i = tl.zeros((BO, BT), dtype=tl.int32)
+    acc = tl.zeros((BO, BT), dtype=tl.float32)
+    for g in tl.range(0, G):
+        lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
+        if FMT_C:
+            k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
+            lo = lo * k[:, None]
+            hi = hi * k[:, None]
+        xlo = tl.load(q_ptr + offs_t[None, :] * stride_qn + (g * GS + j)[:, None], mask=tmask[None, :], other=0)
+        xhi = tl.load(q_ptr + offs_t[None, :] * stride_qn + (g * GS + HALF + j)[:, None], mask=tmask[None, :],
+                      other=0)
+        if FMT_C or DEBUG_INT:
+            acc_i = tl.dot(lo.to(tl.int8), xlo, acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(hi.to(tl.int8), xhi, acc_i, out_dtype=tl.int32)
+        else:
+            part = tl.dot(lo.to(tl.int8), xlo, out_dtype=tl.int32)
+            part = tl.dot(hi.to(tl.int8), xhi, part, out_dtype=tl.int32)
+            ws = tl.load(ws_ptr + offs_o * stride_wso + g, mask=omask, other=0.0).to(tl.float32)
+            xs = tl.load(xs_ptr + offs_t * stride_xsn + g, mask=tmask, other=0.0)
+            acc += part.to(tl.float32) * ws[:, None] * xs[None, :]
+
+    y_ptrs = y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None]
+    ymask = omask[:, None] & tmask[None, :]
+    if DEBUG_INT:
+        tl.store(y_ptrs, acc_i, mask=ymask)
+    else:
+        if FMT_C:
+            ws = tl.load(ws_ptr + offs_o * stride_wso, mask=omask, other=0.0).to(tl.float32)
+            xs = tl.load(xs_ptr + offs_t * stride_xsn, mask=tmask, other=0.0)
+            acc = acc_i.to(tl.float32) * ws[:, None] * xs[None, :]
+        if HAS_LR:
+            for r0 in range(0, r, R_BLK):
+                rc = r0 + tl.arange(0, R_BLK)
+                u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
+                            mask=omask[:, None] & (rc[None, :] < r), other=0.0)
+                ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
+                             mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
+                acc += _fdot(u, ct, DOT_DTYPE)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+            acc += b[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def _configs():
+    cfgs = []
+    for bo in (64, 128):
+        for bt in (16, 32, 64, 128, 256):
+            for stages in (3, 4):
+                warps = 8 if bo * bt >= 128 * 128 else 4
+                cfgs.append(triton.Config({"BO": bo, "BT": bt, "GROUP_O": 8}, num_warps=warps, num_stages=stages))
+    cfgs.append(triton.Config({"BO": 32, "BT": 16, "GROUP_O": 8}, num_warps=4, num_stages=4))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Token tiles no larger than needed (≤ 16 tokens: BT = 16 only)."""
+    n = named_args["N_KEY"]
+    keep = [c for c in configs if c.kwargs["BT"] <= max(16, n)]
+    return keep or configs[:1]
+
+
+_TUNED = None
+
+
+def _tuned_kernel():
+    global _TUNED
+    if _TUNED is None:
+        _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR"],
+                                 prune_configs_by={"early_config_prune": _prune})(w4a4_gemm_kernel)
+    return _TUNED
+
+
+def _n_key(n: int) -> int:
+    """Token-count bucket for autotuning (one tuning per power of two, ≥ 16)."""
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None):
+    """y (n, o) = dequant(codes) · dequant(W_q)ᵀ + c · upᵀ + bias; ``act`` from
+    ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias)."""
+    import torch
+
+    n = act["codes"].shape[0]
+    o = plan.o
+    dev = act["codes"].device
+    y = torch.empty((n, o), dtype=torch.int32 if debug_int else out_dtype, device=dev)
+    if n == 0 or o == 0:
+        return y
+    fmt_c = plan.fmt == "int_ratio"
+    dummy = plan.dummy
+    c = act["c"]
+    has_lr = plan.has_down and plan.r > 0 and not debug_int
+    up = module.up if has_lr else dummy
+    wr = getattr(module, "weight_ratio", None) if fmt_c else None
+    args = (
+        module.weight_packed, module.weight_packed.stride(0),
+        module.weight_scale, module.weight_scale.stride(0),
+        wr if wr is not None else dummy, wr.stride(0) if wr is not None else 0,
+        act["codes"], act["codes"].stride(0),
+        act["scale"], act["scale"].stride(0),
+        c if has_lr else dummy, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
+        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
+        module.bias if plan.has_bias else dummy,
+        y, y.stride(0),
+        n, o, plan.r, plan.groups, _n_key(n),
+    )
+    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
+                FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
+                DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32))
+    if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+        cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
+        warps = cfg.pop("num_warps", 4)
+        stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
+        grid = (triton.cdiv(o, cfg["BO"]) * triton.cdiv(n, cfg["BT"]),)
+        w4a4_gemm_kernel[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages)
+    else:
+        grid = lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]),)  # noqa: E731
+        _tuned_kernel()[grid](*args, **meta)
+    return y
+
+
+# --- test hook: what the register operand holds -------------------------------------------------
+@triton.jit
+def _unpack_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, out_ptr, stride_out, o, G,
+                   BO: tl.constexpr, GS: tl.constexpr, FMT_C: tl.constexpr):
+    HALF: tl.constexpr = GS // 2
+    offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
+    omask = offs_o < o
+    j = tl.arange(0, HALF)
+    for g in range(0, G):
+        lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
+        if FMT_C:
+            k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
+            lo = lo * k[:, None]
+            hi = hi * k[:, None]
+        base = out_ptr + offs_o[:, None] * stride_out + g * GS
+        tl.store(base + j[None, :], lo.to(tl.int8), mask=omask[:, None])
+        tl.store(base + HALF + j[None, :], hi.to(tl.int8), mask=omask[:, None])
+
+
+def unpack_weights(module):
+    """(o, d_pad) int8: q [A] or k·q [C], exactly as the GEMM forms its weight operand."""
+    import torch
+
+    wp = module.weight_packed
+    o, g = wp.shape[0], module.group_size
+    G = wp.shape[1] * 2 // g
+    out = torch.empty((o, G * g), dtype=torch.int8, device=wp.device)
+    wr = getattr(module, "weight_ratio", None)
+    _unpack_kernel[(triton.cdiv(o, 16),)](wp, wp.stride(0), wr if wr is not None else out,
+                                          wr.stride(0) if wr is not None else 0, out, out.stride(0), o, G,
+                                          BO=16, GS=g, FMT_C=wr is not None)
+    return out

@@ -1,0 +1,295 @@
+"""Triton kernels against the reference path (KERNELS.md "Triton interpreter"; issue #6 "Tests").
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (set here before triton is imported, as
+tests/conftest.py also does): fp32 inputs, tiny shapes. Integer parts are compared byte for byte
+(int8 activation codes and scales against ``quantizers.quantize`` on the kernel's own transformed
+input, the weight operand against ``unpack_int4``, the int32 sums against an integer matmul);
+float outputs within tolerance. CUDA tests (real shapes, bf16, a tiny-model generation) skip
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from dirotq.bases import hadamard  # noqa: E402
+from dirotq.modules import QuantLinear  # noqa: E402
+from dirotq.quantizers import quantize  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from dirotq import kernels  # noqa: E402
+from dirotq.kernels.act_quant import quantize_activations  # noqa: E402
+from dirotq.kernels.layout import get_plan, kernel_weight_codes  # noqa: E402
+from dirotq.kernels.w4a4_gemm import w4a4_gemm  # noqa: E402
+
+FORMATS = ("exact", "int_ratio")
+CUDA = torch.cuda.is_available()
+
+
+def _orth(d: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
+    return q.float()  # column-major strides on purpose: kernels take strides
+
+
+def make_layer(structure: str, fmt: str, d: int = 128, o: int = 48, r: int = 16, seed: int = 0,
+               bias: bool = True, act_bits: int | None = 4, dtype=torch.float32) -> QuantLinear:
+    """A QuantLinear of each method structure (docs/ARCHITECTURE.md table), random but consistent."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, d, generator=gen)
+    b = torch.randn(o, generator=gen) if bias else None
+    f: dict = {}
+    wq = w
+    if structure == "rtn":
+        pass
+    elif structure == "smoothquant":
+        s = torch.rand(d, generator=gen) * 3 + 0.25
+        f["smooth"] = s
+        wq = w * s
+    elif structure == "svdquant":
+        s = torch.rand(d, generator=gen) * 3 + 0.25
+        ws = w * s
+        u, sv, vh = torch.linalg.svd(ws.double(), full_matrices=False)
+        f.update(smooth=s, down=vh[:r].T.float(), up=(u[:, :r] * sv[:r]).float())
+        wq = ws - f["up"] @ f["down"].T
+    elif structure == "dirotq-lr":
+        v = _orth(d, r, gen) if r else None
+        signs = (torch.randint(0, 2, (d,), generator=gen) * 2 - 1).float()
+        f["hadamard_signs"] = signs
+        res = w
+        if r:
+            f.update(down=v, up=w @ v, project_out=True)
+            res = w - (w @ v) @ v.T
+        h = hadamard(64, torch.float32)
+        wq = ((res * signs).reshape(o, d // 64, 64) @ h).reshape(o, d)
+    elif structure == "dirotq":
+        t = _orth(d, d, gen)
+        f.update(down=t[:, :r].contiguous(), up=w @ t[:, :r], rotation=t[:, r:].contiguous())
+        wq = w @ t[:, r:]
+    elif structure == "quarot-dense":
+        t = _orth(d, d, gen)
+        f["rotation"] = t
+        wq = w @ t
+    else:
+        raise ValueError(structure)
+    weight = quantize(wq, 4, 64, True, fmt)
+    return QuantLinear(d, o, method=structure, weight=weight, act_bits=act_bits, scale_format=fmt, bias=b,
+                       dtype=dtype, **f)
+
+
+def make_input(n: int, d: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    x[:, 3] *= 25.0  # a planted outlier channel
+    x[: max(1, n // 3), 7] *= -40.0
+    return x
+
+
+def _weight_operand(m: QuantLinear) -> torch.Tensor:
+    qw = m.quantized_weight()
+    if qw.ratio is None:
+        return qw.q
+    return qw.q * qw.ratio.repeat_interleave(m.group_size, -1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+# --- activation kernel + GEMM, every structure, both formats ------------------------------------
+CASES = [
+    # structure, d, o, r, n
+    ("rtn", 100, 40, 0, 5),  # d not a multiple of the group, odd tokens
+    ("smoothquant", 128, 48, 0, 19),
+    ("svdquant", 128, 48, 16, 17),
+    ("dirotq-lr", 128, 48, 64, 33),  # rank 64, three token tiles
+    ("dirotq-lr", 128, 48, 0, 7),  # rank 0 = QuaRot block
+    ("dirotq", 96, 40, 16, 9),  # full rotation: d_q = 80, not a multiple of the group
+    ("quarot-dense", 64, 32, 0, 3),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("structure,d,o,r,n", CASES)
+def test_act_quant_and_gemm_match_reference(structure, d, o, r, n, fmt):
+    m = make_layer(structure, fmt, d=d, o=o, r=r)
+    x = make_input(n, d)
+    plan = get_plan(m, x)
+    assert plan.kind == "w4a4", plan.reason
+    act = quantize_activations(m, plan, x, store_a=True)
+    c_ref, a_ref = m.transform_input(x)
+    g = m.group_size
+    # transforms within float tolerance
+    a_ref_p = torch.nn.functional.pad(a_ref, (0, act["a"].shape[1] - a_ref.shape[1]))
+    assert torch.allclose(act["a"], a_ref_p, rtol=1e-5, atol=1e-4 * float(a_ref.abs().max()))
+    if r:
+        assert torch.allclose(act["c"], c_ref, rtol=1e-5, atol=1e-5 * float(c_ref.abs().max()))
+    # integer parts byte-exact against the reference quantizer on the same input
+    qt = quantize(act["a"][:, : m.quant_in_features], 4, g, True, fmt)
+    if fmt == "exact":
+        assert torch.equal(act["codes"], qt.q)
+        assert torch.equal(act["scale"], qt.scale)
+    else:
+        assert torch.equal(act["codes"], qt.q * qt.ratio.repeat_interleave(g, -1))
+        assert torch.equal(act["scale"], qt.scale[:, 0])
+        assert torch.equal(act["ratio"], qt.ratio)
+        assert int(act["codes"].abs().max()) <= 105
+    # ... and the reference's own codes differ at most by rare rounding-boundary flips
+    q_ref = quantize(a_ref, 4, g, True, fmt).q
+    assert float((q_ref != qt.q).float().mean()) <= 0.01
+    # int32 accumulators byte-exact
+    wop = _weight_operand(m)
+    acc = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
+    assert torch.equal(acc.long(), act["codes"].long() @ wop.long().T)
+    # float output: exact math on the kernel's codes (fp64), and the module's reference path
+    y = w4a4_gemm(m, plan, act, torch.float32)
+    xs = qt.dequantize(torch.float64)
+    y64 = xs @ m.dequantized_weight().double().T
+    if r:
+        y64 = y64 + act["c"].double() @ m.up.double().T
+    if m.bias is not None:
+        y64 = y64 + m.bias.double()
+    assert _rel(y, y64) < 2e-6
+    assert _rel(y, m.reference_forward(x)) < 2e-3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weight_operand_byte_exact(fmt):
+    m = make_layer("rtn", fmt, d=192, o=20)
+    wc = kernel_weight_codes(m)
+    assert wc.dtype == torch.int8
+    assert torch.equal(wc, _weight_operand(m))
+    if fmt == "int_ratio":
+        assert int(wc.abs().max()) <= 105
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_module_forward_through_triton(fmt, monkeypatch):
+    m = make_layer("dirotq-lr", fmt, r=16)
+    x = make_input(11, 128).reshape(1, 11, 128)
+    monkeypatch.setenv("DIROTQ_BACKEND", "triton")
+    y = m(x)
+    assert getattr(m, "_kernel_backend_used", None) == "triton"
+    monkeypatch.setenv("DIROTQ_BACKEND", "reference")
+    m._kernel_backend_used = None
+    y_ref = m(x)
+    assert m._kernel_backend_used is None  # the reference path never touched the kernels
+    assert y.shape == y_ref.shape == (1, 11, 48)
+    assert _rel(y, y_ref) < 2e-3
+    letter = "A" if fmt == "exact" else "C"
+    monkeypatch.setenv("DIROTQ_BACKEND", "triton")
+    assert f"triton: 1× W4A4 format {letter}" in kernels.backend_description(m)
+
+
+def test_empty_and_single_token():
+    m = make_layer("dirotq-lr", "int_ratio", r=16)
+    assert kernels.kernel_forward(m, torch.zeros(0, 128)).shape == (0, 48)
+    x = make_input(1, 128)
+    assert _rel(kernels.kernel_forward(m, x), m.reference_forward(x)) < 2e-3
+
+
+# --- W4A16 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_w4a16_matches_reference(fmt):
+    m = make_layer("rtn", fmt, d=100, o=40, act_bits=None)
+    x = make_input(3, 100)
+    plan = get_plan(m, x)
+    assert plan.kind == "w4a16"
+    y = kernels.kernel_forward(m, x)
+    y64 = x.double() @ m.dequantized_weight().double().T + m.bias.double()
+    assert _rel(y, y64) < 2e-6
+    assert "triton: 1× W4A16 format" in kernels.backend_description(m, device="cpu")
+
+
+def test_w4a16_with_branch():
+    m = make_layer("svdquant", "exact", act_bits=None)
+    x = make_input(5, 128)
+    assert _rel(kernels.kernel_forward(m, x), m.reference_forward(x)) < 1e-5
+
+
+# --- fallbacks ------------------------------------------------------------------------------------
+def test_asymmetric_activations_fall_back_with_warning():
+    m = make_layer("rtn", "exact", d=64, o=16)
+    m.act_symmetric = False
+    x = make_input(4, 64)
+    kernels._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="asymmetric"):
+        y = kernels.kernel_forward(m, x)
+    assert torch.equal(y, m.reference_forward(x))
+    backend, kind = kernels.layer_backend(m)
+    assert backend == "reference" and "asymmetric" in kind
+
+
+def test_original_basis_falls_back():
+    m = make_layer("quarot-dense", "exact", d=64, o=16)
+    m.weights_in_original_basis = True
+    kernels._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="original_basis"):
+        kernels.kernel_forward(m, make_input(2, 64))
+
+
+def test_kernels_import_lazily():
+    import subprocess
+    import sys
+
+    code = "import sys, dirotq.kernels, dirotq.modules; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False"
+
+
+# --- CUDA (real shapes) ---------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("structure,d,o,r", [("dirotq-lr", 1152, 3456, 32), ("rtn", 3072, 3072, 0),
+                                             ("svdquant", 4608, 1152, 32), ("dirotq", 1152, 1152, 64)])
+@pytest.mark.parametrize("n", [16, 1000])
+def test_cuda_real_shapes(structure, d, o, r, n, fmt):
+    m = make_layer(structure, fmt, d=d, o=o, r=r).cuda()
+    x = make_input(n, d).cuda()
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x, store_a=True)
+    qt = quantize(act["a"][:, : m.quant_in_features], 4, 64, True, fmt)
+    codes = qt.q if fmt == "exact" else qt.q * qt.ratio.repeat_interleave(64, -1)
+    assert torch.equal(act["codes"], codes)
+    acc = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
+    assert torch.equal(acc.double(), act["codes"].double() @ _weight_operand(m).double().T)
+    y = kernels.kernel_forward(m, x)
+    assert _rel(y, m.reference_forward(x)) < 5e-3
+    yb = m.to(torch.bfloat16)(x.bfloat16())  # the production dtype
+    assert _rel(yb.float(), m.reference_forward(x.bfloat16().float())) < 5e-2
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_tiny_generation_psnr(fmt):
+    tiny = pytest.importorskip("tiny_pipelines")
+    import dirotq
+
+    pipe = tiny.build_tiny_pixart_pipeline().to("cuda")
+    dirotq.quantize_(pipe.transformer, dirotq.DiRotQLRConfig(rank=16, basis="wsvd", scale_format=fmt))
+    images = {}
+    for backend in ("reference", "triton"):
+        os.environ["DIROTQ_BACKEND"] = backend
+        try:
+            g = torch.Generator("cuda").manual_seed(0)
+            out = pipe("a red circle", num_inference_steps=4, generator=g, output_type="pt",
+                       max_sequence_length=16, use_resolution_binning=False)
+            images[backend] = out.images.float()
+        finally:
+            os.environ.pop("DIROTQ_BACKEND", None)
+    mse = float((images["triton"] - images["reference"]).pow(2).mean())
+    psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12)))
+    assert psnr >= (40.0 if fmt == "exact" else 30.0)
