@@ -123,6 +123,17 @@ def test_transformer_stats_match_captured_inputs_and_groups_are_shared(pixart_st
         stats.for_layer("transformer_blocks.0.attn1.to_qq")
 
 
+def test_layer_subset_records_whole_groups():
+    adapter = ADAPTERS["pixart"]
+    model = adapter.build_tiny(0)
+    kw = adapter.example_inputs(model, 1, torch.Generator().manual_seed(0))
+    stats = calibrate_transformer(model, [kw], layers=["transformer_blocks.1.attn1.to_v", "transformer_blocks.0.ff.net.2"])
+    assert set(stats.layers) == {"transformer_blocks.1.attn1.to_q", "transformer_blocks.0.ff.net.2"}
+    assert stats.for_layer("transformer_blocks.1.attn1.to_k").count == 16
+    with pytest.raises(KeyError, match="not targets"):
+        calibrate_transformer(model, [kw], layers=["proj_out"])
+
+
 def test_save_load_roundtrip_is_exact(tmp_path, pixart_stats):
     stats = pixart_stats[2]
     stats.save(tmp_path / "s")
