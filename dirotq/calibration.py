@@ -207,6 +207,16 @@ class CalibrationStats:
         hint = f"; close names: {close}" if close else ""
         raise KeyError(f"no calibration statistics for layer {name!r} ({len(self.groups)} layers calibrated){hint}")
 
+    def merge(self, other: "CalibrationStats") -> "CalibrationStats":
+        """Combine two calibrations: groups present in both are ``LayerStats.merge`` d (more
+        prompts), the others are taken as they are (layer-subset passes). ``meta`` is this one's,
+        with the other's under ``"merged"``."""
+        layers = dict(self.layers)
+        for key, st in other.layers.items():
+            layers[key] = layers[key].merge(st) if key in layers else st
+        meta = {**self.meta, "merged": [*self.meta.get("merged", []), other.meta]}
+        return CalibrationStats(layers=layers, groups={**self.groups, **other.groups}, meta=meta)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write ``path/stats.safetensors`` + ``path/meta.json`` (atomically: a temp folder renamed)."""
         from safetensors.torch import save_file
@@ -480,7 +490,7 @@ def calibrate(
     - ``layers``: only the groups of these target names are recorded (default: all). Memory is
       Σ d² · 8 bytes over recorded groups: 5.8 GiB for PixArt-Σ, 16 GiB SD3-medium, 120 GiB for
       FLUX.1 (its 12288- and 15360-wide down-projections dominate), so FLUX calibrates in passes
-      over layer subsets, merged with ``CalibrationStats`` dict updates.
+      over layer subsets, combined with ``CalibrationStats.merge``.
     """
     from .models import get_adapter
 

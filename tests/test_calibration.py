@@ -132,6 +132,11 @@ def test_layer_subset_records_whole_groups():
     assert stats.for_layer("transformer_blocks.1.attn1.to_k").count == 16
     with pytest.raises(KeyError, match="not targets"):
         calibrate_transformer(model, [kw], layers=["proj_out"])
+    # passes over subsets combine into one; common groups add their tokens
+    more = calibrate_transformer(model, [kw, kw], layers=["transformer_blocks.1.attn1.to_q"])
+    both = stats.merge(more)
+    assert both.for_layer("transformer_blocks.1.attn1.to_v").count == 3 * 16
+    assert both.for_layer("transformer_blocks.0.ff.net.2") is stats.layers["transformer_blocks.0.ff.net.2"]
 
 
 def test_save_load_roundtrip_is_exact(tmp_path, pixart_stats):
