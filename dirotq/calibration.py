@@ -464,7 +464,7 @@ def calibrate(
     prompts: list[str],
     *,
     num_inference_steps: int = 20,
-    steps: list[int] | None = None,
+    steps: list[int] | int | None = None,
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -478,7 +478,7 @@ def calibrate(
     """Run the diffusers ``pipe`` on ``prompts`` and return the target groups' statistics.
 
     - Denoising step ``i`` (0-based, the i-th call of ``pipe.scheduler.step``) is recorded when
-      ``i in steps`` (``None``: all steps). Every transformer forward during a recorded step is
+      ``i in steps`` (``None``: all steps; an int ``n``: all steps of an ``n``-step schedule). Every transformer forward during a recorded step is
       pooled, so CFG's conditional and unconditional branches both count (PixArt batches them in
       one forward; pipelines with separate forwards are covered the same way).
     - Prompt ``j`` gets its own generator seeded ``seed + j``: results do not depend on
@@ -497,6 +497,8 @@ def calibrate(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("calibrate: no prompts given")
+    if isinstance(steps, int):  # calibrate(pipe, prompts, steps=20): every step of a 20-step schedule
+        num_inference_steps, steps = steps, None
     if steps is not None:
         steps = sorted({int(s) for s in steps})
         bad = [s for s in steps if not 0 <= s < num_inference_steps]

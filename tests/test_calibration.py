@@ -217,6 +217,9 @@ def test_calibrate_step_selection_and_batch_invariance(tiny_pipe):
     # per-prompt generators: the batch size does not change what is measured
     c1, c2 = one.for_layer(k).second_moment, per_prompt.for_layer(k).second_moment
     assert (c1 - c2).norm() / c1.norm() < 1e-5  # float32 GEMM blocking differs with the batch size
+    # steps=n (the README's calibrate(pipe, prompts, steps=20)) means every step of an n-step schedule
+    all2 = calibrate(tiny_pipe, PROMPTS[:1], steps=2, pipe_kwargs=PIPE_KW)
+    assert all2.meta["steps"] == [0, 1] and all2.meta["num_inference_steps"] == 2
     with pytest.raises(ValueError, match="outside"):
         calibrate(tiny_pipe, PROMPTS, num_inference_steps=2, steps=[2], pipe_kwargs=PIPE_KW)
 

@@ -240,7 +240,7 @@ class ModelAdapter:
             for full, ltype, m in linears:
                 if ltype not in kinds:
                     continue
-                key = group_of.get(ltype, ltype)
+                key = group_of[ltype]
                 targets[full] = TargetSpec(
                     name=full,
                     kind=kinds[ltype],
