@@ -1,0 +1,48 @@
+"""DiRotQ Explorer: W4A4 post-training quantization of diffusion transformers (arXiv 2605.16732).
+
+PCA-basis rotation of activations, top-r coefficients kept 16-bit, the rest INT4; GPTQ weights;
+the baselines (RTN, SmoothQuant, QuaRot, SVDQuant, W4A16) on the same quantizer. torchao-like API:
+
+    stats = calibrate(pipe, prompts, steps=20)
+    quantize_(pipe.transformer, DiRotQConfig(rank=64, weights="gptq"), stats=stats)
+    save_quantized(pipe.transformer, "out/dirotq-w4a4-g64-r64-tiny-pixart")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import (DiRotQConfig, DiRotQLRConfig, QuantConfig, QuaRotConfig, RankPlan, RTNConfig,
+                     SmoothQuantConfig, SVDQuantConfig, W4A16Config, config_from_dict)
+from .modules import QuantLinear
+from .quantize import layer_error, quantize_, quantize_layer, quantize_model
+from .checkpoint import load_quantized, recipe_name, save_quantized
+
+_LAZY = {  # heavier imports (diffusers via the adapters) happen on first use
+    "calibrate": ("calibration", "calibrate"),
+    "calibrate_transformer": ("calibration", "calibrate_transformer"),
+    "CalibrationStats": ("calibration", "CalibrationStats"),
+    "LayerStats": ("calibration", "LayerStats"),
+    "get_adapter": ("models", "get_adapter"),
+    "target_report": ("models", "target_report"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dirotq' has no attribute {name!r}")
+
+
+__all__ = [
+    "__version__", "DiRotQConfig", "DiRotQLRConfig", "RTNConfig", "W4A16Config", "SmoothQuantConfig",
+    "QuaRotConfig", "SVDQuantConfig", "QuantConfig", "RankPlan", "QuantLinear", "calibrate",
+    "calibrate_transformer", "CalibrationStats", "LayerStats", "quantize_", "quantize_model", "quantize_layer",
+    "layer_error", "save_quantized", "load_quantized", "recipe_name", "get_adapter", "target_report",
+    "config_from_dict",
+]

@@ -1,0 +1,100 @@
+"""DiRotQ, full rotation — the paper's form (DESIGN.md §1 "DiRotQ, as the paper states it").
+
+PCA basis V of the calibration second moment, T = V·diag(I_r, R) (R: Haar / Hadamard / identity on
+the tail). Online x̃ = x T: the first r coefficients stay 16-bit, the other d − r are INT4.
+docs/ARCHITECTURE.md table: down = T[:, :r], up = W T[:, :r], rotation = T[:, r:], W_q = W T[:, r:].
+
+Options (``DiRotQConfig``):
+- ``weight_basis="original"``: the paper's reference code. W is quantized unrotated; the module
+  rotates the mixed-precision activations back, x' = c·T_hᵀ + Q_a(x T_t)·T_tᵀ, then y = x' Q_w(W)ᵀ
+  (``weights_in_original_basis=True``; no ``up``). GPTQ uses H = C (x' ≈ x).
+- ``keep_head_weights=False``: the head columns W T[:, :r] are quantized too. The reference module
+  has one quantized operand, so they are stored in ``up`` as quantize-dequantized values: 16-bit
+  storage holding 4-bit-representable numbers (numerically what a W4 kernel with a separate head
+  GEMM computes; the memory saving is not realised in this form).
+- ``per_head_out_proj``: for attention output projections (``spec.head_dim``) a block-diagonal
+  basis, one head_dim×head_dim eigenbasis per head; the rank is split evenly over the heads and
+  any remainder goes to the largest remaining eigenvalues.
+GPTQ sees the rotated tail: H̃ = T_tᵀ C T_t.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bases import check_rank
+from ..config import DiRotQConfig
+from ..modules import QuantLinear
+from . import register
+from .common import (cached_tail_rotation, check_width, fake_quantize_weight, hessian, make_quant_linear,
+                     quantize_weight, require_stats, stats_basis, transform_hessian, weight_and_bias)
+
+
+def per_head_order(eigenvalues: torch.Tensor, head_dim: int, rank: int) -> torch.Tensor:
+    """Column order of a block-diagonal per-head basis putting the 16-bit columns first.
+
+    eigenvalues: (d,) listed head by head, each head descending. Each head contributes its top
+    ⌊r/h⌋ directions; the r mod h remaining slots go to the largest remaining eigenvalues.
+    Returns a permutation (d,) of column indices; the first ``rank`` are the 16-bit subspace.
+    """
+    d = eigenvalues.shape[0]
+    heads = d // head_dim
+    per = rank // heads
+    chosen = [h * head_dim + i for h in range(heads) for i in range(per)]
+    rest = [j for j in range(d) if j not in set(chosen)]
+    extra = rank - len(chosen)
+    if extra:
+        rest_sorted = sorted(rest, key=lambda j: -float(eigenvalues[j]))
+        chosen += sorted(rest_sorted[:extra])
+        rest = [j for j in rest if j not in set(chosen)]
+    return torch.tensor(chosen + rest, dtype=torch.long)
+
+
+def dirotq_rotation(stats: Any, rank: int, config: DiRotQConfig, spec: Any = None, cache: Any = None
+                    ) -> torch.Tensor:
+    """T = V·diag(I_r, R), (d, d) float64 orthogonal, from the statistics (cached basis)."""
+    head_dim = getattr(spec, "head_dim", None) if config.per_head_out_proj else None
+    evals, v = stats_basis(stats, head_dim=head_dim, cache=cache)
+    if head_dim:
+        v = v[:, per_head_order(evals, head_dim, rank)]
+    d = v.shape[0]
+    tail = cached_tail_rotation(d - rank, config.tail_rotation, config.seed)
+    return torch.cat([v[:, :rank], v[:, rank:] @ tail], dim=1)
+
+
+@register("dirotq", needs_stats=True)
+def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank: int, spec: Any = None,
+                    cache: Any = None) -> QuantLinear:
+    """y = (x T_h)(W T_h)ᵀ + Q_a(x T_t) Q_w(W T_t)ᵀ + b with T = [T_h | T_t], T_h (d, r)."""
+    name = getattr(spec, "name", None)
+    require_stats(stats, "dirotq", name, "statistics (the PCA basis)")
+    w, b = weight_and_bias(linear)
+    d = w.shape[1]
+    check_width(stats, d, name)
+    check_rank(rank, d)
+    t = dirotq_rotation(stats, rank, config, spec, cache)
+    t_h, t_t = t[:, :rank], t[:, rank:]
+    gptq = config.weights == "gptq"
+    h = hessian(stats) if gptq else None
+    meta = {"tail_rotation": config.tail_rotation, "seed": config.seed, "weight_basis": config.weight_basis,
+            "keep_head_weights": config.keep_head_weights,
+            "per_head": bool(config.per_head_out_proj and getattr(spec, "head_dim", None))}
+    fields: dict[str, Any] = {"rotation": t_t}
+    if config.weight_basis == "original":
+        # quantize W itself; the module rotates the mixed-precision input back before W
+        if rank:
+            fields["down"] = t_h
+        return make_quant_linear(linear, config, quantize_weight(w, h, config), method="dirotq", rank=rank,
+                                 bias=b, weights_in_original_basis=True, extra_meta=meta, **fields)
+    w_t = w @ t_t
+    h_t = transform_hessian(h, t_t) if gptq else None
+    if rank:
+        up = w @ t_h
+        if not config.keep_head_weights:
+            up = fake_quantize_weight(up, transform_hessian(h, t_h) if gptq else None, config)
+        fields.update(down=t_h, up=up)
+    return make_quant_linear(linear, config, quantize_weight(w_t, h_t, config), method="dirotq", rank=rank,
+                             bias=b, extra_meta=meta, **fields)

@@ -1,0 +1,70 @@
+"""DiRotQ low-rank + Hadamard, the kernel-friendly form (DESIGN.md §1 "kernel-friendly form").
+
+c = x V_r (16-bit, O(d·r) instead of the full d×d rotation); the residual is quantized after a
+blockwise randomized Hadamard M = diag(signs)·blockdiag(H_g), one g×g block per quantization group:
+
+    y = c (W V_r)ᵀ + Q_a((x − c V_rᵀ) M) Q_w(W (I − V_rV_rᵀ) M)ᵀ + b
+
+docs/ARCHITECTURE.md table: down = V_r, up = W V_r, project_out, hadamard_signs, W_q = W(I−V_rV_rᵀ)M.
+Bases (``DiRotQLRConfig.basis``):
+- ``pca``: top-r eigenvectors of C; ``wsvd``: the weight's right singular vectors (orthonormal,
+  same structure);
+- ``hsvd``: activation-weighted weight SVD, L = up·downᵀ (``bases.hsvd_lowrank``). Its ``down`` is
+  not orthonormal, so there is no project-out: SVDQuant's structure, W_q = (W − up·downᵀ) M on the
+  full input x M.
+GPTQ sees the inputs W_q meets: Mᵀ P C P M with P = I − V_rV_rᵀ (pca/wsvd), Mᵀ C M (hsvd).
+Rank 0 is exactly QuaRot with ``hadamard="block"`` and the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bases import check_rank, hsvd_lowrank, random_signs, weight_svd
+from ..config import DiRotQLRConfig
+from ..modules import QuantLinear
+from . import register
+from .common import (block_hadamard_matrix, check_block_hadamard, check_width, hessian, make_quant_linear,
+                     quantize_weight, require_stats, stats_basis, transform_hessian, weight_and_bias)
+
+
+@register("dirotq-lr", needs_stats=True)
+def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *, rank: int, spec: Any = None,
+                       cache: Any = None) -> QuantLinear:
+    """Low-rank 16-bit branch of rank r (basis per config) + block-Hadamard INT4 residual."""
+    name = getattr(spec, "name", None)
+    w, b = weight_and_bias(linear)
+    d = w.shape[1]
+    check_width(stats, d, name)
+    check_rank(rank, d)
+    check_block_hadamard(d, config.group_size, name)
+    basis = config.basis
+    if rank and (basis in ("pca", "hsvd") or config.weights == "gptq"):
+        require_stats(stats, "dirotq-lr", name, f"statistics (basis {basis!r})")
+    signs = random_signs(d, config.seed)
+    m = block_hadamard_matrix(signs, config.group_size)
+    gptq = config.weights == "gptq"
+    h = hessian(stats) if (stats is not None and (gptq or basis == "hsvd")) else None
+    fields: dict[str, Any] = {"hadamard_signs": signs}
+    w_res, h_res = w, h
+    if rank:
+        if basis == "hsvd":
+            down, up = hsvd_lowrank(w, h, rank, damping=config.hsvd_lambda)
+            w_res = w - up @ down.T
+        else:
+            if basis == "pca":
+                down = stats_basis(stats, cache=cache)[1][:, :rank]
+            else:
+                down = weight_svd(w, rank)[0]
+            up = w @ down
+            proj = torch.eye(d, dtype=torch.float64) - down @ down.T  # P = I − V_rV_rᵀ
+            w_res = w @ proj
+            h_res = transform_hessian(h, proj) if gptq else None
+            fields["project_out"] = True
+        fields.update(down=down, up=up)
+    h_q = transform_hessian(h_res, m) if gptq else None
+    return make_quant_linear(linear, config, quantize_weight(w_res @ m, h_q, config), method="dirotq-lr", rank=rank,
+                             bias=b, extra_meta={"basis": basis, "seed": config.seed}, **fields)
