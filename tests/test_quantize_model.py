@@ -1,0 +1,199 @@
+"""Claims about ``quantize_`` on a tiny random PixArt transformer (built from its adapter's config,
+no downloads): every method runs, stays close to float, keeps the model a diffusers model that the
+stock pipeline runs, and bad input is rejected before anything is modified."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dirotq import (DiRotQConfig, DiRotQLRConfig, QuantLinear, QuaRotConfig, RankPlan, RTNConfig, SmoothQuantConfig,
+                    SVDQuantConfig, W4A16Config, quantize_)
+from dirotq.calibration import calibrate_transformer
+from dirotq.methods import METHODS
+from dirotq.models import ADAPTERS
+
+ALL_CONFIGS = {
+    "rtn": RTNConfig(), "w4a16": W4A16Config(), "smoothquant": SmoothQuantConfig(), "quarot": QuaRotConfig(),
+    "quarot-block-gptq": QuaRotConfig(hadamard="block", weights="gptq"), "svdquant": SVDQuantConfig(rank=32),
+    "dirotq": DiRotQConfig(rank=32), "dirotq-gptq": DiRotQConfig(rank=32, weights="gptq"),
+    "dirotq-paper": DiRotQConfig.paper(), "dirotq-original": DiRotQConfig(rank=32, weight_basis="original"),
+    "dirotq-perhead": DiRotQConfig(rank=32, per_head_out_proj=True), "dirotq-lr": DiRotQLRConfig(rank=32),
+    "dirotq-lr-hsvd": DiRotQLRConfig(rank=32, basis="hsvd"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: avoid oversubscribed LAPACK
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(adapter, float model, calibration stats, test inputs, float output)."""
+    adapter = ADAPTERS["pixart"]
+    model = adapter.build_tiny(0)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate_transformer(model, [adapter.example_inputs(model, 2, g) for _ in range(3)], adapter=adapter,
+                                  sample_tokens=256)
+    test = adapter.example_inputs(model, 2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(**test).sample
+    return adapter, model, stats, test, ref
+
+
+def quiet(*_):
+    pass
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unmodified(model, before):
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not getattr(model, "_dirotq_quantization", None)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def rel(a, b):
+    return float((a - b).pow(2).sum() / b.pow(2).sum())
+
+
+def test_configs_cover_every_registered_method():
+    assert {c.method for c in ALL_CONFIGS.values()} == set(METHODS)
+
+
+@pytest.mark.parametrize("name", list(ALL_CONFIGS))
+def test_every_method_quantizes_the_tiny_model_and_stays_close(tiny, name):
+    adapter, model, stats, test, ref = tiny
+    m = copy.deepcopy(model)
+    report = quantize_(m, ALL_CONFIGS[name], stats, progress=quiet)
+    targets = adapter.targets(model)
+    assert set(report["layers"]) == set(targets)
+    for tname, spec in targets.items():
+        q = m.get_submodule(tname)
+        assert isinstance(q, QuantLinear)
+        assert (q.act_bits is None) == (spec.kind == "w4a16" or name == "w4a16")
+        assert report["layers"][tname]["rel_mse"] < 0.05
+    with torch.no_grad():
+        out = m(**test).sample
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel(out, ref) < 2e-3
+    assert m._dirotq_quantization["config"]["method"] == ALL_CONFIGS[name].method
+
+
+def test_generous_rank_dirotq_is_much_closer_than_rtn(tiny):
+    adapter, model, stats, test, ref = tiny
+    errs = {}
+    for name, cfg in {"rtn": RTNConfig(), "dirotq": DiRotQConfig(rank=48, weights="gptq")}.items():
+        m = copy.deepcopy(model)
+        rep = quantize_(m, cfg, stats, progress=quiet)
+        errs[name] = rep["summary"]["mean_rel_mse"]
+    assert errs["dirotq"] < errs["rtn"] / 10, errs
+
+
+def test_per_layer_rank_plan_and_progress(tiny):
+    adapter, model, stats, _, _ = tiny
+    m = copy.deepcopy(model)
+    calls = []
+    plan = RankPlan({"_default": 8, "transformer_blocks.0.attn1.to_q": 40})
+    rep = quantize_(m, DiRotQLRConfig(rank=plan), stats, progress=lambda f, msg: calls.append((f, msg)))
+    assert rep["layers"]["transformer_blocks.0.attn1.to_q"]["rank"] == 40
+    assert rep["layers"]["transformer_blocks.1.attn1.to_q"]["rank"] == 8
+    assert rep["layers"]["transformer_blocks.0.ff.net.2"]["rank"] == 0  # w4a16 target: weight-only
+    fracs = [f for f, _ in calls]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0 and any("attn1.to_q" in msg for _, msg in calls)
+
+
+def test_rtn_and_quarot_need_no_statistics(tiny):
+    _, model, _, test, ref = tiny
+    for cfg in (RTNConfig(), QuaRotConfig(), W4A16Config()):
+        m = copy.deepcopy(model)
+        rep = quantize_(m, cfg, progress=quiet)
+        assert "rel_mse" not in next(iter(rep["layers"].values()))
+        with torch.no_grad():
+            assert rel(m(**test).sample, ref) < 2e-3
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: (DiRotQConfig(rank=65), ValueError, "exceeds its input width"),
+    lambda: (DiRotQConfig(rank=RankPlan({"_default": 8, "transformer_blocks.7.attn1.to_q": 4})), ValueError,
+             "does not have"),
+    lambda: (DiRotQConfig(rank=8), ValueError, "needs calibration statistics"),  # stats withheld below
+    lambda: ({"method": "rtn"}, TypeError, "QuantConfig"),
+], ids=["rank>d", "unknown-layer", "missing-stats", "not-a-config"])
+def test_bad_input_is_rejected_and_the_model_is_left_unmodified(tiny, bad):
+    _, model, stats, _, _ = tiny
+    cfg, exc, match = bad()
+    m = copy.deepcopy(model)
+    before = snapshot(m)
+    with pytest.raises(exc, match=match):
+        quantize_(m, cfg, None if match.startswith("needs") else stats, progress=quiet)
+    assert_unmodified(m, before)
+
+
+def test_rank_plan_input_errors():
+    with pytest.raises(ValueError, match="≥ 0"):
+        DiRotQConfig(rank=-1)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        RankPlan.from_json('{"_default": 8,')
+    with pytest.raises(TypeError, match="int or 'paper'"):
+        RankPlan.from_json('{"_default": "eight"}')
+
+
+def test_failure_half_way_restores_the_swapped_layers(tiny, monkeypatch):
+    _, model, stats, _, _ = tiny
+    m = copy.deepcopy(model)
+    before = snapshot(m)
+    real, seen = METHODS["dirotq"], []
+
+    def flaky(*a, **k):
+        seen.append(1)
+        if len(seen) == 5:
+            raise RuntimeError("boom on the fifth layer")
+        return real(*a, **k)
+
+    monkeypatch.setitem(METHODS, "dirotq", flaky)
+    with pytest.raises(RuntimeError, match="fifth"):
+        quantize_(m, DiRotQConfig(rank=8), stats, progress=quiet)
+    assert_unmodified(m, before)
+
+
+def test_stats_of_another_model_are_rejected(tiny):
+    _, model, stats, _, _ = tiny
+    m = copy.deepcopy(model)
+    before = snapshot(m)
+    wrong = copy.deepcopy(stats)
+    key = wrong.groups["transformer_blocks.1.attn2.to_q"]
+    wrong.layers[key] = type(wrong.layers[key]).empty(32)
+    with pytest.raises(ValueError, match="width"):
+        quantize_(m, DiRotQConfig(rank=8), wrong, progress=quiet)
+    assert_unmodified(m, before)
+
+
+def test_stock_pipeline_generates_with_the_quantized_transformer(tiny):
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    adapter, model, stats, _, _ = tiny
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 32), latent_channels=4, norm_num_groups=32, sample_size=16)
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=copy.deepcopy(model),
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    emb = torch.randn(1, 8, model.config.caption_channels, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 8)
+    kw = dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt=None,
+              negative_prompt_embeds=torch.zeros_like(emb), negative_prompt_attention_mask=mask,
+              num_inference_steps=2, output_type="pt", use_resolution_binning=False)
+    ref = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    quantize_(pipe.transformer, DiRotQConfig(rank=32), stats, progress=quiet)
+    out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert float((out - ref).abs().max()) < 0.05
