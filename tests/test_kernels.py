@@ -188,6 +188,17 @@ def test_module_forward_through_triton(fmt, monkeypatch):
     assert f"triton: 1× W4A4 format {letter}" in kernels.backend_description(m)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int8_weight_mode_matches_packed(fmt):
+    m = make_layer("svdquant", fmt)
+    x = make_input(9, 128)
+    y_packed = kernels.kernel_forward(m, x)
+    m.kernel_weights = "int8"
+    plan = get_plan(m, x)
+    assert plan.w_int8 is not None and torch.equal(plan.w_int8, _weight_operand(m))
+    assert torch.equal(kernels.kernel_forward(m, x), y_packed)
+
+
 def test_empty_and_single_token():
     m = make_layer("dirotq-lr", "int_ratio", r=16)
     assert kernels.kernel_forward(m, torch.zeros(0, 128)).shape == (0, 48)
@@ -279,7 +290,8 @@ def test_cuda_tiny_generation_psnr(fmt):
     import dirotq
 
     pipe = tiny.build_tiny_pixart_pipeline().to("cuda")
-    dirotq.quantize_(pipe.transformer, dirotq.DiRotQLRConfig(rank=16, basis="wsvd", scale_format=fmt))
+    stats = dirotq.calibrate(pipe, ["a red circle", "two blue squares"], num_inference_steps=4)
+    dirotq.quantize_(pipe.transformer, dirotq.DiRotQLRConfig(rank=16, basis="pca", scale_format=fmt), stats)
     images = {}
     for backend in ("reference", "triton"):
         os.environ["DIROTQ_BACKEND"] = backend

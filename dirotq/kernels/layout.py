@@ -41,6 +41,8 @@ class KernelPlan:
     has_bias: bool = False
     had: torch.Tensor | None = None  # (g, g) normalised Hadamard, fp32
     dummy: torch.Tensor | None = None
+    w_int8: torch.Tensor | None = None  # weight_mode "int8": the unpacked operand (o, G·g) int8 (q or k·q)
+    weight_mode: str = "packed"
     key: tuple = field(default_factory=tuple)
 
     @property
@@ -81,11 +83,27 @@ def unsupported_reason(module: Any) -> str:
     return ""
 
 
+WEIGHT_MODES = ("packed", "int8")
+
+
+def weight_mode(module: Any) -> str:
+    """How the W4A4 GEMM reads weights: "packed" (default; the stored INT4 bytes, unpacked in
+    registers, ≈ 4.07/4.25 bits per weight in memory) or "int8" (an unpacked int8 copy of the
+    operand, q or k·q, cached on the module: 8 bits per weight more, no unpack in the K loop).
+    ``module.kernel_weights`` or ``DIROTQ_KERNEL_WEIGHTS`` chooses."""
+    import os
+
+    mode = getattr(module, "kernel_weights", None) or os.environ.get("DIROTQ_KERNEL_WEIGHTS", "packed")
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"kernel weight mode must be one of {WEIGHT_MODES}, got {mode!r}")
+    return mode
+
+
 def get_plan(module: Any, x: torch.Tensor) -> KernelPlan:
     """The (cached) plan for running ``module`` on activations like ``x``."""
     ref = getattr(module, "weight_packed", None)
     key = (x.device, x.dtype, None if ref is None else (ref.data_ptr(), ref.device),
-           module.act_bits, module.scale_format, module.act_symmetric)
+           module.act_bits, module.scale_format, module.act_symmetric, weight_mode(module))
     plan = getattr(module, "_kernel_plan", None)
     if plan is not None and plan.key == key:
         return plan
@@ -112,6 +130,9 @@ def build_plan(module: Any, device: torch.device) -> KernelPlan:
     if plan.has_hadamard:
         plan.had = hadamard(g, dtype=torch.float32).to(device)
     plan.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    plan.weight_mode = weight_mode(module)
+    if plan.weight_mode == "int8" and plan.kind == "w4a4":
+        plan.w_int8 = kernel_weight_codes(module)  # built once by the unpack kernel, then cached here
     return plan
 
 

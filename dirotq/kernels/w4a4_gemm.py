@@ -42,7 +42,7 @@ def _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF: tl.constexpr):
 
 @triton.jit
 def w4a4_gemm_kernel(
-    w_ptr, stride_wo,  # packed INT4 (o, G*GS/2) uint8
+    w_ptr, stride_wo,  # packed INT4 (o, G*GS/2) uint8, or [W_INT8] the unpacked operand (o, G*GS) int8
     ws_ptr, stride_wso,  # weight scales fp16/fp32: (o, G) [A] or (o, 1) [C]
     wk_ptr, stride_wko,  # weight multipliers int8 (o, G) [C]
     q_ptr, stride_qn,  # activation codes int8 (n, G*GS) (k*q for C)
@@ -54,7 +54,7 @@ def w4a4_gemm_kernel(
     n, o, r, G, N_KEY,
     BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr,
 ):
     HALF: tl.constexpr = GS // 2
     # grouped ordering: GROUP_O weight tiles share one sweep over the token tiles (L2 reuse of x)
@@ -76,11 +76,16 @@ def w4a4_gemm_kernel(
     acc_i = tl.zeros((BO, BT), dtype=tl.int32)
     acc = tl.zeros((BO, BT), dtype=tl.float32)
     for g in tl.range(0, G):
-        lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
-        if FMT_C:
-            k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
-            lo = lo * k[:, None]
-            hi = hi * k[:, None]
+        if W_INT8:  # cached unpacked operand (q, or k*q for C): plain int8 loads, no unpack
+            lo = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + j)[None, :], mask=omask[:, None], other=0)
+            hi = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + HALF + j)[None, :], mask=omask[:, None],
+                         other=0)
+        else:
+            lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
+            if FMT_C:
+                k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
+                lo = lo * k[:, None]
+                hi = hi * k[:, None]
         xlo = tl.load(q_ptr + offs_t[None, :] * stride_qn + (g * GS + j)[:, None], mask=tmask[None, :], other=0)
         xhi = tl.load(q_ptr + offs_t[None, :] * stride_qn + (g * GS + HALF + j)[:, None], mask=tmask[None, :],
                       other=0)
@@ -141,7 +146,7 @@ _TUNED = None
 def _tuned_kernel():
     global _TUNED
     if _TUNED is None:
-        _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR"],
+        _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR", "W_INT8"],
                                  prune_configs_by={"early_config_prune": _prune})(w4a4_gemm_kernel)
     return _TUNED
 
@@ -168,8 +173,10 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     has_lr = plan.has_down and plan.r > 0 and not debug_int
     up = module.up if has_lr else dummy
     wr = getattr(module, "weight_ratio", None) if fmt_c else None
+    w_int8 = plan.w_int8
+    wop = w_int8 if w_int8 is not None else module.weight_packed
     args = (
-        module.weight_packed, module.weight_packed.stride(0),
+        wop, wop.stride(0),
         module.weight_scale, module.weight_scale.stride(0),
         wr if wr is not None else dummy, wr.stride(0) if wr is not None else 0,
         act["codes"], act["codes"].stride(0),
@@ -182,7 +189,8 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     )
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
-                DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32))
+                DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
+                W_INT8=w_int8 is not None)
     if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
