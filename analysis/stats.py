@@ -1,0 +1,298 @@
+"""Per-layer quantities the explorer plots, computed from calibration statistics (DESIGN.md §1).
+
+Pure functions over ``LayerStats`` (dirotq/calibration.py) and tensors; no UI code. Everything a
+plot needs after calibration comes from the stats and the layer weights, never from running the
+model again:
+
+- ``spectrum``: eigenvalues of the layer input's second moment C/n (the PCA basis DiRotQ uses) and
+  the cumulative explained energy;
+- ``outlier_views``: per-channel abs-max and kurtosis of the layer input on the held-out token
+  sample, in the original basis and after each method's transform (DiRotQ's T = V·diag(I_r, R),
+  SmoothQuant's x/s, QuaRot's randomized Hadamard), plus the INT4 activation error of the part
+  that is quantized;
+- ``error_curves``: the layer's output error (relative MSE, SQNR in dB) on the held-out tokens as
+  a function of rank for DiRotQ and SVDQuant, with RTN, SmoothQuant and QuaRot as references;
+- ``layer_error`` / ``image_report``: the error measures themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from dirotq.bases import explained_variance, paper_rank, random_hadamard
+from dirotq.config import (DiRotQConfig, QuantConfig, QuaRotConfig, RTNConfig, SmoothQuantConfig,
+                           SVDQuantConfig)
+from dirotq.quantizers import fake_quantize
+
+VIEWS = ("original", "dirotq", "smoothquant", "hadamard")
+VIEW_LABELS = {"original": "original basis (RTN sees this)", "dirotq": "after DiRotQ rotation x·T",
+               "smoothquant": "after SmoothQuant x/s", "hadamard": "after random Hadamard x·H (QuaRot)"}
+CURVE_METHODS = ("dirotq", "svdquant")
+REFERENCE_METHODS = ("rtn", "smoothquant", "quarot")
+
+
+# ---------------------------------------------------------------------------------- spectrum
+def spectrum(stats: Any) -> dict[str, np.ndarray]:
+    """Eigen-spectrum of C/n (d, d) of one layer input.
+
+    Returns ``{"eigenvalues": (d,) descending, "explained": (d + 1,) cumulative energy fraction
+    for r = 0..d}`` as float64 numpy arrays. Uses the same (cached) decomposition as the DiRotQ
+    method, so the plotted basis is the one the quantizer uses.
+    """
+    from dirotq.methods.common import stats_basis
+
+    evals, _ = stats_basis(stats)
+    evals = evals.double().clamp(min=0)
+    return {"eigenvalues": evals.numpy(), "explained": explained_variance(evals).numpy()}
+
+
+def energy_at(explained: np.ndarray, rank: int) -> float:
+    """Fraction of the input energy carried by the top ``rank`` PCA directions."""
+    rank = int(min(max(rank, 0), len(explained) - 1))
+    return float(explained[rank])
+
+
+# ---------------------------------------------------------------------------- channel views
+def channel_profile(x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-channel ``abs_max`` and kurtosis about zero E[x⁴]/E[x²]² of ``x: (m, d)`` tokens."""
+    x = x.detach().double()
+    if x.shape[1] == 0:
+        z = np.zeros(0)
+        return {"abs_max": z, "kurtosis": z}
+    m2 = (x * x).mean(0)
+    m4 = (x ** 4).mean(0)
+    kurt = torch.where(m2 > 0, m4 / m2.clamp_min(1e-300) ** 2, torch.zeros_like(m2))
+    return {"abs_max": x.abs().amax(0).numpy(), "kurtosis": kurt.numpy()}
+
+
+def act_quant_error(a: torch.Tensor, total_energy: float, group_size: int = 64, symmetric: bool = True) -> float:
+    """‖Q₄(a) − a‖² / total_energy: the INT4 per-token group quantization error of the quantized
+    operand ``a: (m, k)``, relative to the energy of the whole (untransformed) input. 0 when k = 0."""
+    if a.shape[1] == 0 or total_energy <= 0:
+        return 0.0
+    a = a.float()
+    err = (fake_quantize(a, 4, group_size, symmetric, "exact") - a).double().pow(2).sum()
+    return float(err / total_energy)
+
+
+def dirotq_transform(stats: Any, rank: int, *, tail: str = "haar", seed: int = 42) -> torch.Tensor:
+    """T = V·diag(I_r, R) (d, d) float64 from the statistics: the rotation DiRotQ applies online."""
+    from dirotq.methods.common import cached_tail_rotation, stats_basis
+
+    _, v = stats_basis(stats)
+    d = v.shape[0]
+    rank = int(min(max(rank, 0), d))
+    r = cached_tail_rotation(d - rank, tail, seed)
+    return torch.cat([v[:, :rank], v[:, rank:] @ r], dim=1)
+
+
+def outlier_views(stats: Any, rank: int, weight: torch.Tensor | None = None, *,
+                  views: Iterable[str] = VIEWS, tail: str = "haar", seed: int = 42, alpha: float = 0.5,
+                  group_size: int = 64) -> dict[str, dict[str, Any]]:
+    """Per-channel abs-max and kurtosis of the held-out input sample in each basis.
+
+    For every view: ``{"abs_max": (d,), "kurtosis": (d,), "n16": number of leading channels kept
+    16-bit (r for DiRotQ, else 0), "act_err": INT4 error of the quantized channels relative to
+    the input energy}``. ``weight (o, d)`` is needed for the SmoothQuant view (its factors use
+    max|W_j|); without it that view is skipped.
+    """
+    x = stats.sample.double()
+    if x.shape[0] == 0:
+        raise ValueError("these statistics hold no token sample (calibrated with sample_tokens=0)")
+    energy = float((x * x).sum())
+    d = x.shape[1]
+    rank = int(min(max(rank, 0), d))
+    out: dict[str, dict[str, Any]] = {}
+    for view in views:
+        n16 = 0
+        if view == "original":
+            a = x
+        elif view == "dirotq":
+            a = x @ dirotq_transform(stats, rank, tail=tail, seed=seed)
+            n16 = rank
+        elif view == "smoothquant":
+            if weight is None:
+                continue
+            from dirotq.methods.common import smooth_factors
+
+            a = x / smooth_factors(stats.abs_max, weight.detach().double(), alpha)
+        elif view == "hadamard":
+            a = x @ random_hadamard(d, 0)
+        else:
+            raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
+        prof = channel_profile(a)
+        # SmoothQuant moves magnitude into the weights: its error is measured in its own units
+        e = float((a * a).sum()) if view == "smoothquant" else energy
+        prof.update(n16=n16, act_err=act_quant_error(a[:, n16:], e, group_size))
+        out[view] = prof
+    return out
+
+
+# ------------------------------------------------------------------------------ layer error
+def reference_output(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ + b in float64, ``x: (m, d)``."""
+    w = linear.weight.detach().double()
+    y = x.double() @ w.T
+    if linear.bias is not None:
+        y = y + linear.bias.detach().double()
+    return y
+
+
+def layer_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, y_ref: torch.Tensor | None = None
+                ) -> dict[str, float]:
+    """Output error of ``qlinear`` against ``linear`` on tokens ``x: (m, d)``.
+
+    ``rel_mse`` = ‖ŷ − y‖² / ‖y‖², ``sqnr_db`` = −10·log10(rel_mse) (∞ when exact).
+    """
+    y = reference_output(linear, x) if y_ref is None else y_ref
+    with torch.no_grad():
+        yq = qlinear(x.float()).double()
+    num = float((yq - y).pow(2).sum())
+    den = float(y.pow(2).sum())
+    rel = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+    sqnr = math.inf if rel == 0 else -10.0 * math.log10(rel)
+    return {"rel_mse": rel, "sqnr_db": sqnr}
+
+
+def quantize_one(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, spec: Any = None) -> nn.Module:
+    """One ``QuantLinear`` through the method registry (``dirotq.quantize.quantize_layer`` when present)."""
+    try:
+        from dirotq.quantize import quantize_layer
+    except ImportError:  # the library's entry point not there yet: the registry is the same thing
+        quantize_layer = None
+    if quantize_layer is not None:
+        return quantize_layer(linear, stats, config, rank=rank, spec=spec)
+    from dirotq.methods import get_handler
+
+    return get_handler(config.method)(linear, stats, config, rank=rank, spec=spec)
+
+
+def rank_grid(d: int, points: int = 12) -> list[int]:
+    """Ranks 0..d for an error-vs-rank curve: dense at small r (where the curve bends), the paper's
+    d/8 rank, and d itself (exactly the 16-bit layer for DiRotQ)."""
+    cand = {0, d, paper_rank(d) if d >= 8 else d}
+    r = 1
+    while r < d:
+        cand.add(r)
+        r *= 2
+    for f in np.linspace(0, 1, points):
+        cand.add(int(round(f * d / 8)) * 8 if d >= 8 else int(round(f * d)))
+    return sorted(c for c in cand if 0 <= c <= d)
+
+
+def method_config(method: str, base: Mapping[str, Any] | None = None, rank: int | None = None) -> QuantConfig:
+    """The config of ``method`` with the shared quantizer settings ``base`` (bits, group, weights…)."""
+    from dirotq.config import _REGISTRY
+
+    base = dict(base or {})
+    if method not in _REGISTRY or method == "base":
+        raise ValueError(f"unknown method {method!r}")
+    cls = _REGISTRY[method]
+    names = {f for f in cls.__dataclass_fields__}
+    kw = {k: v for k, v in base.items() if k in names}
+    if rank is not None and "rank" in names:
+        kw["rank"] = int(rank)
+    return cls(**kw)
+
+
+def error_curves(linear: nn.Linear, stats: Any, *, ranks: Iterable[int] | None = None, spec: Any = None,
+                 base: Mapping[str, Any] | None = None, curve_methods: Iterable[str] = CURVE_METHODS,
+                 reference_methods: Iterable[str] = REFERENCE_METHODS,
+                 progress: Callable[[float, str], Any] | None = None) -> dict[str, Any]:
+    """Output error vs rank on the held-out tokens ``stats.sample``.
+
+    Returns ``{"ranks": [r...], "curves": {method: {"rel_mse": [...], "sqnr_db": [...]}},
+    "references": {method: {"rel_mse", "sqnr_db"}}}``.
+    """
+    x = stats.sample.float()
+    d = linear.in_features
+    ranks = rank_grid(d) if ranks is None else sorted({int(r) for r in ranks if 0 <= int(r) <= d})
+    y = reference_output(linear, x)
+    curve_methods, reference_methods = list(curve_methods), list(reference_methods)
+    total = len(curve_methods) * len(ranks) + len(reference_methods)
+    done = 0
+    curves: dict[str, dict[str, list[float]]] = {}
+    for m in curve_methods:
+        cur = {"rel_mse": [], "sqnr_db": []}
+        for r in ranks:
+            q = quantize_one(linear, stats, method_config(m, base, r), r, spec)
+            e = layer_error(linear, q, x, y)
+            cur["rel_mse"].append(e["rel_mse"])
+            cur["sqnr_db"].append(e["sqnr_db"])
+            done += 1
+            if progress:
+                progress(done / total, f"{m} rank {r}")
+        curves[m] = cur
+    refs = {}
+    for m in reference_methods:
+        q = quantize_one(linear, stats, method_config(m, base), 0, spec)
+        refs[m] = layer_error(linear, q, x, y)
+        done += 1
+        if progress:
+            progress(done / total, m)
+    return {"ranks": ranks, "curves": curves, "references": refs}
+
+
+def interp_curve(ranks: list[int], values: list[float], rank: int) -> float:
+    """Linear interpolation of a curve at ``rank`` (finite values only)."""
+    v = np.asarray(values, dtype=float)
+    ok = np.isfinite(v)
+    if not ok.any():
+        return float("inf")
+    return float(np.interp(rank, np.asarray(ranks, dtype=float)[ok], v[ok]))
+
+
+# ----------------------------------------------------------------------------- image metrics
+def _to_float_image(img: Any) -> np.ndarray:
+    """PIL / uint8 / float image -> (H, W, 3) float64 in [0, 1]."""
+    a = np.asarray(img)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float64) / 255.0
+    a = a.astype(np.float64)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = np.moveaxis(a, 0, -1)
+    return a[..., :3]
+
+
+def psnr_ssim(ref: Any, img: Any) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of ``img`` against ``ref`` (analysis.metrics: torchmetrics SSIM)."""
+    from analysis.metrics import psnr, ssim
+
+    a, b = _to_float_image(ref), _to_float_image(img)
+    return float(psnr(a, b)), float(ssim(a, b))
+
+
+def difference_image(ref: Any, img: Any, gain: float = 4.0) -> np.ndarray:
+    """|img − ref| × gain as a uint8 (H, W, 3) image (amplified so small errors are visible)."""
+    a, b = _to_float_image(ref), _to_float_image(img)
+    return (np.clip(np.abs(a - b) * gain, 0, 1) * 255).round().astype(np.uint8)
+
+
+def image_report(ref: Any, img: Any, prompt: str | None = None, judge: Any = None) -> dict[str, Any]:
+    """PSNR/SSIM of a W4A4 image against the 16-bit image of the same seed; with ``judge`` (the
+    embedded model's prompt-faithfulness judge) also its reading of both images:
+    ``judge_ref`` / ``judge_w4a4`` = attribute accuracies (analysis.judge.score_images) and
+    ``judge_ref_text`` / ``judge_w4a4_text`` = what the judge sees."""
+    p, s = psnr_ssim(ref, img)
+    out: dict[str, Any] = {"psnr_db": p, "ssim": s}
+    if judge is not None and prompt:
+        from analysis.judge import describe, predict, score_images
+
+        arr = np.stack([_to_float_image(ref), _to_float_image(img)]).astype(np.float32)
+        t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+        for tag, im in (("judge_ref", t[:1]), ("judge_w4a4", t[1:])):
+            out[tag] = score_images(judge, im, [prompt])
+            out[tag + "_text"] = describe(predict(judge, im), 0)
+    return out
+
+
+__all__ = ["spectrum", "energy_at", "channel_profile", "outlier_views", "dirotq_transform", "act_quant_error",
+           "layer_error", "reference_output", "quantize_one", "rank_grid", "method_config", "error_curves",
+           "interp_curve", "psnr_ssim", "difference_image", "image_report", "VIEWS", "VIEW_LABELS"]
