@@ -54,15 +54,27 @@ def per_head_order(eigenvalues: torch.Tensor, head_dim: int, rank: int) -> torch
 
 
 def dirotq_rotation(stats: Any, rank: int, config: DiRotQConfig, spec: Any = None, cache: Any = None
-                    ) -> torch.Tensor:
-    """T = V·diag(I_r, R), (d, d) float64 orthogonal, from the statistics (cached basis)."""
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_h (d, r), T_t (d, d − r)) float64 with T = [T_h | T_t] = V·diag(I_r, R) orthogonal.
+
+    Cached per (statistics, rank, tail, seed, head_dim): V_t·R costs O(d³), and the app redraws
+    the same layer at the same ranks.
+    """
+    from .common import BASIS_CACHE
+
     head_dim = getattr(spec, "head_dim", None) if config.per_head_out_proj else None
-    evals, v = stats_basis(stats, head_dim=head_dim, cache=cache)
-    if head_dim:
-        v = v[:, per_head_order(evals, head_dim, rank)]
-    d = v.shape[0]
-    tail = cached_tail_rotation(d - rank, config.tail_rotation, config.seed)
-    return torch.cat([v[:, :rank], v[:, rank:] @ tail], dim=1)
+    store = BASIS_CACHE if cache is None else cache
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        evals, v = stats_basis(stats, head_dim=head_dim, cache=cache)
+        if head_dim:
+            v = v[:, per_head_order(evals, head_dim, rank)]
+        v_t = v[:, rank:]
+        if config.tail_rotation != "none":
+            v_t = v_t @ cached_tail_rotation(v.shape[0] - rank, config.tail_rotation, config.seed)
+        return v[:, :rank], v_t
+
+    return store.get(stats, ("T", head_dim, rank, config.tail_rotation, config.seed), compute)
 
 
 @register("dirotq", needs_stats=True)
@@ -75,8 +87,7 @@ def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank
     d = w.shape[1]
     check_width(stats, d, name)
     check_rank(rank, d)
-    t = dirotq_rotation(stats, rank, config, spec, cache)
-    t_h, t_t = t[:, :rank], t[:, rank:]
+    t_h, t_t = dirotq_rotation(stats, rank, config, spec, cache)
     gptq = config.weights == "gptq"
     h = hessian(stats) if gptq else None
     meta = {"tail_rotation": config.tail_rotation, "seed": config.seed, "weight_basis": config.weight_basis,

@@ -27,8 +27,9 @@ from ..bases import check_rank, hsvd_lowrank, random_signs, weight_svd
 from ..config import DiRotQLRConfig
 from ..modules import QuantLinear
 from . import register
-from .common import (block_hadamard_matrix, check_block_hadamard, check_width, hessian, make_quant_linear,
-                     quantize_weight, require_stats, stats_basis, transform_hessian, weight_and_bias)
+from .common import (apply_block_hadamard, block_hadamard_matrix, check_block_hadamard, check_width, hessian,
+                     make_quant_linear, quantize_weight, require_stats, stats_basis, transform_hessian,
+                     weight_and_bias)
 
 
 @register("dirotq-lr", needs_stats=True)
@@ -45,7 +46,7 @@ def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *,
     if rank and (basis in ("pca", "hsvd") or config.weights == "gptq"):
         require_stats(stats, "dirotq-lr", name, f"statistics (basis {basis!r})")
     signs = random_signs(d, config.seed)
-    m = block_hadamard_matrix(signs, config.group_size)
+    g = config.group_size
     gptq = config.weights == "gptq"
     h = hessian(stats) if (stats is not None and (gptq or basis == "hsvd")) else None
     fields: dict[str, Any] = {"hadamard_signs": signs}
@@ -60,11 +61,12 @@ def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *,
             else:
                 down = weight_svd(w, rank)[0]
             up = w @ down
-            proj = torch.eye(d, dtype=torch.float64) - down @ down.T  # P = I − V_rV_rᵀ
-            w_res = w @ proj
-            h_res = transform_hessian(h, proj) if gptq else None
+            w_res = w - up @ down.T  # W (I − V_rV_rᵀ), O(o·d·r)
+            if gptq:
+                proj = torch.eye(d, dtype=torch.float64) - down @ down.T  # P = I − V_rV_rᵀ
+                h_res = transform_hessian(h, proj)
             fields["project_out"] = True
         fields.update(down=down, up=up)
-    h_q = transform_hessian(h_res, m) if gptq else None
-    return make_quant_linear(linear, config, quantize_weight(w_res @ m, h_q, config), method="dirotq-lr", rank=rank,
+    h_q = transform_hessian(h_res, block_hadamard_matrix(signs, g)) if gptq else None
+    return make_quant_linear(linear, config, quantize_weight(apply_block_hadamard(w_res, signs, g), h_q, config), method="dirotq-lr", rank=rank,
                              bias=b, extra_meta={"basis": basis, "seed": config.seed}, **fields)
