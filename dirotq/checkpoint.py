@@ -172,6 +172,22 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _match_non_persistent(model: nn.Module) -> None:
+    """Cast non-persistent float buffers (not in the file, rebuilt from the config, e.g. PixArt's
+    pos_embed) to the dtype of the loaded parameters, as ``model.to(dtype)`` had cast them."""
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if not dtypes:
+        return
+    dtype = max(set(dtypes), key=dtypes.count)
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            continue
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            b = mod._buffers.get(name)
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                mod._buffers[name] = b.to(dtype)
+
+
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                    ) -> nn.Module:
     """The quantized transformer saved by ``save_quantized`` at ``path`` (a diffusers ModelMixin).
@@ -206,15 +222,17 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         raise ValueError(f"load_quantized: checkpoint has unexpected key {extra[0]!r}"
                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for k, v in tensors.items():
-        if tuple(v.shape) != tuple(expected[k].shape) or v.dtype != expected[k].dtype:
-            raise ValueError(f"load_quantized: key {k!r} is {v.dtype} {tuple(v.shape)}, expected "
-                             f"{expected[k].dtype} {tuple(expected[k].shape)}")
+        # dtypes may differ from the float32 skeleton (a bf16 model); the stored tensors are assigned as is
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"load_quantized: key {k!r} has shape {tuple(v.shape)}, the skeleton expects "
+                             f"{tuple(expected[k].shape)}")
     want = str(qc.get("content_hash", ""))
     got = "sha256:" + content_hash(tensors)
     if want != got:
         raise ValueError(f"load_quantized: corrupt or modified checkpoint at {folder}: content hash {got[:19]}… "
                          f"does not match the recorded {want[:19]}…")
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    _match_non_persistent(model)
     model._dirotq_quantization = {"config": qc["config"],
                                   "targets": {n: {k: info[k] for k in ("method", "rank", "kind", "in_features",
                                                                       "out_features")}

@@ -70,7 +70,8 @@ def layer_error(linear: nn.Module, qlinear: nn.Module, x: torch.Tensor) -> dict[
     if x is None or x.numel() == 0:
         raise ValueError("layer_error needs held-out input tokens (the statistics' sample is empty)")
     with torch.no_grad():
-        x = x.float()
+        w = getattr(linear, "weight", None)
+        x = x.to(w.dtype) if w is not None else x.float()  # both layers see the same (model-dtype) input
         y = linear(x)
         y_hat = qlinear(x)
     return quantization_error(y.float(), y_hat.float())

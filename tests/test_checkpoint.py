@@ -181,3 +181,19 @@ def test_loaded_checkpoint_keeps_a_recorded_quantization(saved, tiny):
     assert m._dirotq_quantization["config"]["method"] == "dirotq"
     with pytest.raises(ValueError, match="already quantized"):
         quantize_(m, RTNConfig(), progress=lambda *a: None)
+
+
+def test_bf16_model_round_trip_is_bit_exact_and_dtype_cast(tiny, tmp_path):
+    adapter, model, stats, test = tiny
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    quantize_(m, DiRotQLRConfig(rank=16), stats, progress=lambda *a: None)
+    save_quantized(m, tmp_path / "bf16")
+    loaded = load_quantized(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    kw = {k: v.to(torch.bfloat16) if k in ("hidden_states", "encoder_hidden_states") else v for k, v in test.items()}
+    with torch.no_grad():
+        assert torch.equal(m(**kw).sample, loaded(**kw).sample)  # non-persistent buffers follow the dtype too
+    f32 = load_quantized(tmp_path / "bf16", dtype=torch.float32)
+    q = f32.get_submodule("transformer_blocks.0.attn1.to_q")
+    assert {p.dtype for p in f32.parameters()} == {torch.float32} and q.weight_scale.dtype == torch.float16
+    assert q.weight_packed.dtype == torch.uint8 and q.down.dtype == torch.float32
