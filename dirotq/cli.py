@@ -1,0 +1,447 @@
+"""Command line: ``python -m dirotq calibrate|quantize|generate|evaluate|report`` (CONVENTIONS.md "CLI").
+
+Each verb parses its flags and calls one library function:
+
+    calibrate  -> dirotq.calibration.calibrate     (statistics cached under --out)
+    quantize   -> dirotq.quantize.quantize_ + dirotq.checkpoint.save_quantized (--dry-run: target report)
+    generate   -> dirotq.generate.generate_pair    (reference and W4A4 PNGs side by side + backend)
+    evaluate   -> dirotq.evaluate.evaluate         (--sweep-ranks: dirotq.evaluate.rank_sweep)
+    report     -> dirotq.evaluate.layer_error_table (per-layer error, Markdown or CSV)
+
+``--model`` is a local diffusers folder or a hub id already in the local Hugging Face cache
+(nothing is downloaded); the default is the embedded tiny PixArt-Σ in assets/tiny-pixart.
+Bad input (missing model or file, rank larger than a layer, malformed rank plan) prints one line
+``dirotq <verb>: error: …`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """User error detected by the CLI itself (printed as one line, exit 2)."""
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _rank(text: str):
+    if text == "paper":
+        return "paper"
+    try:
+        r = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be an integer ≥ 0 or 'paper', got {text!r}") from None
+    if r < 0:
+        raise argparse.ArgumentTypeError(f"rank must be ≥ 0, got {r}")
+    return r
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers ≥ 0, got {text!r}")
+    return vals
+
+
+def _rank_list(text: str) -> list:
+    return [_rank(t) for t in text.replace(" ", "").split(",") if t]
+
+
+def _methods(text: str) -> list[str]:
+    from .evaluate import METHOD_NAMES
+
+    ms = [t for t in text.replace(" ", "").split(",") if t]
+    bad = [m for m in ms if m not in METHOD_NAMES]
+    if bad or not ms:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; choose from {', '.join(METHOD_NAMES)}")
+    return ms
+
+
+def _method(text: str) -> str:
+    ms = _methods(text)
+    if len(ms) != 1:
+        raise argparse.ArgumentTypeError(f"give one method, got {text!r}")
+    return ms[0]
+
+
+def _rank_arg(args):
+    """The rank plan file (if given) wins over --rank."""
+    from .config import RankPlan
+
+    plan = getattr(args, "rank_plan", None)
+    if plan:
+        return RankPlan.load(plan)
+    return args.rank
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    from .pipelines import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local diffusers folder or a hub id already in the local HF cache (offline only); "
+                        "default: the embedded tiny PixArt-Σ (assets/tiny-pixart)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="text tokens per prompt (default: the pipeline's, capped at the tokenizer's maximum)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, steps_help: str = "denoising steps (default 20)") -> None:
+    p.add_argument("--steps", type=int, default=20, help=steps_help)
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+
+
+def _add_quant(p: argparse.ArgumentParser, *, method_default: str | None = "dirotq") -> None:
+    if method_default is not None:
+        p.add_argument("--method", type=_method, default=method_default,
+                       help="rtn | smoothquant | quarot | svdquant | dirotq | dirotq-lr | w4a16 | dirotq-paper "
+                            f"(default {method_default})")
+    p.add_argument("--rank", type=_rank, default=32,
+                   help="shared 16-bit rank of svdquant/dirotq/dirotq-lr: an integer or 'paper' (d/8) (default 32)")
+    p.add_argument("--rank-plan", metavar="PLAN.json", default=None,
+                   help='per-layer ranks as JSON {"layer name": rank, "_default": r} (the app exports it); '
+                        "overrides --rank")
+    p.add_argument("--weights", choices=("rtn", "gptq"), default="rtn", help="weight quantizer (default rtn)")
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-prompts", default=None,
+                   help="calibration prompt file (default assets/prompts/calibration.txt)")
+    p.add_argument("--calib-limit", type=int, default=None, help="use only the first N calibration prompts")
+    p.add_argument("--calib-steps", type=int, default=None, help="denoising steps while calibrating (default --steps)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m dirotq",
+        description="DiRotQ: W4A4 post-training quantization of diffusion transformers (PCA rotation, top-r "
+                    "coefficients in 16-bit). Offline; the default model is the embedded tiny PixArt-Σ.",
+        epilog="examples:\n"
+               "  python -m dirotq quantize --dry-run\n"
+               "  python -m dirotq quantize --method dirotq --rank 64\n"
+               "  python -m dirotq generate --prompt 'a large red circle in the center, on a white background'\n"
+               "  python -m dirotq evaluate --methods svdquant,dirotq --limit 4\n"
+               "  python -m dirotq evaluate --sweep-ranks 0,16,32,64\n"
+               "  python -m dirotq report --methods quarot,svdquant,dirotq --ranks 16,64",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("calibrate", help="collect activation statistics (cached on disk)",
+                       description="Run the 16-bit pipeline on calibration prompts and store the per-layer "
+                                   "input statistics (second moment, abs-max, token sample) under --out.")
+    _add_model(p)
+    p.add_argument("--prompts", default=None, help="prompt file (default assets/prompts/calibration.txt)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    _add_sampling(p, "denoising steps recorded (default 20: every step of a 20-step schedule)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample-tokens", type=int, default=512, help="held-out tokens kept per layer (default 512)")
+    p.add_argument("--out", default="out/calibration", help="cache folder (default out/calibration)")
+
+    p = sub.add_parser("quantize", help="quantize the transformer and save a checkpoint",
+                       description="Quantize the transformer's targets with one method and save a checkpoint "
+                                   "named by the recipe (e.g. out/dirotq-w4a4-g64-r32-tiny-pixart).")
+    _add_model(p)
+    _add_quant(p)
+    _add_calib(p)
+    _add_sampling(p)
+    p.add_argument("--stats", default=None, help="calibration statistics folder (default: calibrate, cached)")
+    p.add_argument("--out", default="out", help="parent folder of the checkpoint (default out)")
+    p.add_argument("--name", default=None, help="checkpoint folder name (default: the recipe name)")
+    p.add_argument("--dry-run", action="store_true", help="print the target report and the ranks, then stop")
+
+    p = sub.add_parser("generate", help="reference and W4A4 images of one prompt, side by side",
+                       description="Generate one prompt with the 16-bit transformer and with a quantized one "
+                                   "(a --checkpoint, or --method/--rank quantized on the fly) at the same seed.")
+    _add_model(p)
+    p.add_argument("--prompt", default=None, help="prompt (default: the first evaluation prompt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="quantized checkpoint folder (from `quantize`)")
+    _add_quant(p)
+    _add_calib(p)
+    _add_sampling(p)
+    p.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
+
+    p = sub.add_parser("evaluate", help="the paper's image-quality protocol over methods (or a rank sweep)",
+                       description="Reference images once, then every method's W4A4 images at the same seeds; "
+                                   "PSNR/SSIM (95%% bootstrap CI), judge accuracy and Fréchet distance, per-layer "
+                                   "errors; Markdown + JSON + contact sheet. Resumable: images are cached under "
+                                   "--out. With --sweep-ranks: quality vs rank of dirotq/dirotq-lr vs svdquant.")
+    _add_model(p)
+    p.add_argument("--prompts", default=None, help="evaluation prompt file (default assets/prompts/eval.txt)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N evaluation prompts")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (prompt i, replicate j: seed + 1000 j + i)")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="comma-separated (default rtn,smoothquant,quarot,svdquant,dirotq,dirotq-lr,w4a16)")
+    _add_quant(p, method_default=None)
+    _add_calib(p)
+    _add_sampling(p)
+    p.add_argument("--out", default="out/eval", help="working folder: images, calibration (default out/eval)")
+    p.add_argument("--report", default=None, help="output prefix of .json/.md/_contact.png (default OUT/quality)")
+    p.add_argument("--sweep-ranks", type=_int_list, default=None, metavar="R1,R2,…",
+                   help="rank-sweep mode: these ranks for --sweep-methods, plus rank-free baselines")
+    p.add_argument("--sweep-methods", type=_methods, default=None,
+                   help="methods of the sweep (default svdquant,dirotq,dirotq-lr)")
+    p.add_argument("--sweep-report", default=None, help="output prefix of the sweep .json/.md/.html "
+                                                        "(default OUT/rank_sweep)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--no-judge", action="store_true", help="skip the shapes judge")
+    p.add_argument("--contact-rows", type=int, default=16, help="prompts in the contact sheet (default 16)")
+    p.add_argument("--fid-weights", default=None, help="local InceptionV3 weights for FID (torch-fidelity format)")
+    p.add_argument("--lpips-weights", default=None, help="local AlexNet weights (torchvision) for LPIPS")
+    p.add_argument("--clip-model", default=None, help="local CLIP model folder for CLIP score")
+
+    p = sub.add_parser("report", help="per-layer error table of methods and ranks (Markdown or CSV)",
+                       description="Quantize every target layer alone with each method and rank and measure its "
+                                   "output error on held-out calibration tokens (no images).")
+    _add_model(p)
+    p.add_argument("--methods", type=_methods, default=["rtn", "quarot", "svdquant", "dirotq", "dirotq-lr"],
+                   help="comma-separated (default rtn,quarot,svdquant,dirotq,dirotq-lr)")
+    p.add_argument("--ranks", type=_rank_list, default=[32], help="comma-separated ranks (default 32)")
+    p.add_argument("--rank-plan", metavar="PLAN.json", default=None, help="per-layer ranks (JSON); replaces --ranks")
+    p.add_argument("--weights", choices=("rtn", "gptq"), default="rtn")
+    p.add_argument("--layers", default=None, help="comma-separated layer names (default all targets)")
+    p.add_argument("--format", choices=("md", "csv"), default="md")
+    p.add_argument("--stats", default=None, help="calibration statistics folder (default: calibrate, cached)")
+    _add_calib(p)
+    _add_sampling(p)
+    p.add_argument("--out", default=None, help="output file (default: print)")
+    p.add_argument("--cache", default="out/eval", help="folder of the calibration cache (default out/eval)")
+    return ap
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _pipe_kwargs(args) -> dict:
+    return {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
+
+
+def _load_pipe(args):
+    import torch  # noqa: F401
+
+    from .pipelines import load_pipeline
+
+    return load_pipeline(args.model, device=args.device)
+
+
+def _model_name(model: str) -> str:
+    return Path(str(model).rstrip("/")).name or "model"
+
+
+def _evaluator(args, pipe=None, out=None):
+    from .evaluate import Evaluator
+
+    return Evaluator(pipe if pipe is not None else _load_pipe(args), prompts=[],
+                     num_inference_steps=args.steps, guidance_scale=args.guidance,
+                     calib_prompts=args.calib_prompts, calib_limit=args.calib_limit, calib_steps=args.calib_steps,
+                     out_dir=out or getattr(args, "out", None) or "out/eval", pipe_kwargs=_pipe_kwargs(args),
+                     judge=False)
+
+
+def _stats(args, ev):
+    from .calibration import CalibrationStats
+
+    if getattr(args, "stats", None):
+        return CalibrationStats.load(args.stats)
+    return ev.stats
+
+
+# ------------------------------------------------------------------------------------ verbs
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate
+    from .evaluate import DEFAULT_CALIB_PROMPTS, default_pipe_kwargs, read_prompts
+
+    prompts = read_prompts(args.prompts or DEFAULT_CALIB_PROMPTS, args.limit)
+    pipe = _load_pipe(args)
+    stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      batch_size=args.batch_size, sample_tokens=args.sample_tokens, cache_dir=args.out,
+                      pipe_kwargs={**default_pipe_kwargs(pipe), **_pipe_kwargs(args)})
+    key = stats.meta.get("cache_key", "")
+    tokens = sum(st.count for st in stats.layers.values())
+    print(f"calibrated {len(stats.groups)} layers ({len(stats.layers)} input groups) on {len(prompts)} prompts × "
+          f"{args.steps} steps, {tokens:,} tokens in all")
+    print(f"statistics: {Path(args.out) / key}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .checkpoint import recipe_name, save_quantized
+    from .evaluate import make_config
+    from .models import get_adapter, target_report
+    from .pipelines import load_transformer
+    from .quantize import quantize_
+
+    rank = _rank_arg(args)
+    config = make_config(args.method, rank=rank, weights=args.weights)
+    name = args.name or recipe_name(config, _model_name(args.model))
+    if args.dry_run:
+        transformer = load_transformer(args.model, device=args.device)
+        adapter = get_adapter(transformer)
+        targets = adapter.targets(transformer)
+        plan = config.rank_plan()
+        plan.validate({n: s.in_features for n, s in targets.items()})
+        print(target_report(transformer, adapter))
+        ranks = sorted({plan.rank_for(n, s.in_features) for n, s in targets.items() if s.kind == "w4a4"})
+        print(f"recipe: {config.tag()} -> {Path(args.out) / name}")
+        print(f"16-bit ranks of the W4A4 targets: {ranks}")
+        return 0
+    ev = None
+    if args.stats:
+        from .calibration import CalibrationStats
+
+        stats = CalibrationStats.load(args.stats)
+        transformer = load_transformer(args.model, device=args.device)
+    else:
+        ev = _evaluator(args, out="out/eval")
+        ev.check_rank(rank)
+        stats = ev.stats  # also for RTN: the report's per-layer errors use its held-out tokens
+        transformer = ev.pipe.transformer
+    report = quantize_(transformer, config, stats)
+    path = save_quantized(transformer, Path(args.out) / name)
+    s = report["summary"]
+    err = f", mean layer rel. MSE {s['mean_rel_mse']:.4g}" if "mean_rel_mse" in s else ""
+    print(f"quantized {s['layers']} layers ({s['w4a4']} W4A4, {s['w4a16']} W4A16) with {config.tag()}{err}")
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .evaluate import DEFAULT_EVAL_PROMPTS, make_config, read_prompts
+    from .generate import generate_pair, quantized_copy, side_by_side
+
+    ev = _evaluator(args, out="out/eval")
+    prompt = args.prompt or read_prompts(DEFAULT_EVAL_PROMPTS, 1)[0]
+    if args.checkpoint:
+        from .checkpoint import load_quantized
+
+        qt = load_quantized(args.checkpoint, device=args.device)
+        label = Path(args.checkpoint).name
+    else:
+        rank = _rank_arg(args)
+        config = make_config(args.method, rank=rank, weights=args.weights)
+        ev.check_rank(rank)
+        qt = quantized_copy(ev.pipe.transformer, config, ev.stats)
+        label = config.tag()
+    ref, quant, t = generate_pair(ev.pipe, qt, prompt, args.seed, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance, **ev.pipe_kwargs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{label}-s{args.seed}"
+    ref.save(out / f"{stem}_reference.png")
+    quant.save(out / f"{stem}_w4a4.png")
+    side_by_side([ref, quant], ["reference", label]).save(out / f"{stem}_side_by_side.png")
+    from analysis.metrics import psnr, ssim
+
+    print(f"prompt: {prompt!r}, seed {args.seed}")
+    print(f"reference ({t['reference_dtype']}): {t['reference_s']:.2f} s; W4A4 ({label}): {t['quantized_s']:.2f} s")
+    print(f"backend: {t['backend']}")
+    print(f"PSNR {psnr(ref, quant):.2f} dB, SSIM {ssim(ref, quant):.3f} vs the reference")
+    print(f"images: {out / (stem + '_side_by_side.png')}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import DEFAULT_METHODS, SWEEP_METHODS, Evaluator, evaluate, rank_sweep
+
+    ev = Evaluator(_load_pipe(args), prompts=args.prompts, limit=args.limit, seeds_per_prompt=args.seeds,
+                   seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                   calib_prompts=args.calib_prompts, calib_limit=args.calib_limit, calib_steps=args.calib_steps,
+                   out_dir=args.out, batch_size=args.batch_size, pipe_kwargs=_pipe_kwargs(args),
+                   judge=False if args.no_judge else "auto", n_boot=args.n_boot)
+    command = "python -m dirotq " + " ".join(shlex.quote(a) for a in (args._argv or []))
+    if args.sweep_ranks:
+        res = rank_sweep(evaluator=ev, ranks=args.sweep_ranks, methods=args.sweep_methods or SWEEP_METHODS,
+                         weights=args.weights, report=args.sweep_report, command=command)
+        print(_sweep_summary(res))
+    else:
+        res = evaluate(evaluator=ev, methods=args.methods or DEFAULT_METHODS, rank=_rank_arg(args),
+                       weights=args.weights, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
+                       clip_model=args.clip_model, contact_rows=args.contact_rows, report=args.report,
+                       command=command)
+        print(_eval_summary(res))
+    print("wrote " + ", ".join(res["files"]))
+    return 0
+
+
+def _eval_summary(res) -> str:
+    from .evaluate import FID_NOTE, _fmt_ci
+
+    lines = [f"{res['meta']['n_images']} images, {res['meta']['images_generated']} generated now"]
+    for m, e in res["methods"].items():
+        ja = e.get("judge_image_acc")
+        lines.append(f"  {m:12s} PSNR {_fmt_ci(e['psnr'])} dB  SSIM {_fmt_ci(e['ssim'], 3)}"
+                     + (f"  judge {_fmt_ci(ja, 3)}" if isinstance(ja, dict) else ""))
+    lines.append(FID_NOTE)
+    return "\n".join(lines)
+
+
+def _sweep_summary(res) -> str:
+    from .evaluate import _fmt_ci
+
+    lines = []
+    for m, c in res["curves"].items():
+        lines.append(f"  {m:12s} " + "  ".join(f"r={r}: {_fmt_ci(v['psnr'])}" for r, v in c.items()))
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> int:
+    from .evaluate import format_layer_table, layer_error_table
+
+    ev = _evaluator(args, out=args.cache)
+    plan = None
+    if args.rank_plan:
+        from .config import RankPlan
+
+        plan = RankPlan.load(args.rank_plan)
+    layers = [t for t in args.layers.split(",") if t] if args.layers else None
+    rows = layer_error_table(evaluator=ev, methods=args.methods, ranks=args.ranks, rank_plan=plan,
+                             weights=args.weights, stats=_stats(args, ev), layers=layers)
+    text = format_layer_table(rows, args.format)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out} ({len(rows)} rows)")
+    else:
+        print(text, end="")
+    return 0
+
+
+VERBS = {"calibrate": cmd_calibrate, "quantize": cmd_quantize, "generate": cmd_generate,
+         "evaluate": cmd_evaluate, "report": cmd_report}
+
+
+def _one_line(err: BaseException) -> str:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    msg = " ".join(str(msg).split()) or type(err).__name__
+    return msg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
+    args._argv = argv
+    try:
+        return VERBS[args.verb](args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError, BadInput) as e:
+        if os.environ.get("DIROTQ_DEBUG"):
+            raise
+        print(f"dirotq {args.verb}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+__all__ = ["main", "build_parser", "VERBS", "EXIT_BAD_INPUT"]
