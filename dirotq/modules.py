@@ -117,15 +117,17 @@ class QuantLinear(nn.Module):
 
     def transform_input(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """x: (n, d) float32 -> (c (n, r) or None, a (n, d_q)), the two operands before quantization."""
-        x_s = x / self.smooth if self.smooth is not None else x
-        c = x_s @ self.down if self.down is not None else None
+        # buffers are read as float32: a model cast with .to(bfloat16) after quantization still runs
+        down = self.down.float() if self.down is not None else None
+        x_s = x / self.smooth.float() if self.smooth is not None else x
+        c = x_s @ down if down is not None else None
         a = x_s
         if self.project_out and c is not None:
-            a = a - c @ self.down.T
+            a = a - c @ down.T
         if self.rotation is not None:
-            a = a @ self.rotation
+            a = a @ self.rotation.float()
         if self.hadamard_signs is not None:
-            a = block_hadamard_transform(a, self.hadamard_signs, self.group_size)
+            a = block_hadamard_transform(a, self.hadamard_signs.float(), self.group_size)
         return c, a
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ class QuantLinear(nn.Module):
             # the paper's reference code: rotate the mixed-precision activations back, then W_q
             x_mixed = a_q @ self.rotation.T.float()
             if c is not None:
-                x_mixed = x_mixed + c @ self.down.T
+                x_mixed = x_mixed + c @ self.down.float().T
             y = x_mixed @ w.T
         else:
             y = a_q @ w.T
