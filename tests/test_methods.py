@@ -259,3 +259,13 @@ def test_error_vs_rank_sweep_reuses_one_eigendecomposition(plain_layer, monkeypa
     st.update(plain_layer.x[:10])  # updated statistics are not served from the cache
     quantize_layer(plain_layer.linear, st, DiRotQConfig(), rank=8)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("config", [DiRotQConfig(rank=8), DiRotQConfig(rank=8, weight_basis="original"),
+                                    SmoothQuantConfig(), DiRotQLRConfig(rank=8), SVDQuantConfig(rank=8)],
+                         ids=["dirotq", "dirotq-original", "smoothquant", "dirotq-lr", "svdquant"])
+def test_quantized_layer_cast_to_bf16_still_runs(plain_layer, config):
+    q = quantize_layer(plain_layer.linear, plain_layer.stats, config)
+    y32 = q(plain_layer.x[:64])
+    y16 = q.to(torch.bfloat16)(plain_layer.x[:64].bfloat16())
+    assert y16.dtype == torch.bfloat16 and float((y16.float() - y32).pow(2).sum() / y32.pow(2).sum()) < 1e-2
