@@ -197,3 +197,16 @@ def test_stock_pipeline_generates_with_the_quantized_transformer(tiny):
     out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert float((out - ref).abs().max()) < 0.05
+
+
+def test_package_exports_the_public_api():
+    import dirotq
+    from dirotq import (DiRotQConfig, DiRotQLRConfig, QuantLinear, QuaRotConfig, RankPlan, RTNConfig,  # noqa: F401
+                        SmoothQuantConfig, SVDQuantConfig, W4A16Config, calibrate, get_adapter, load_quantized,
+                        quantize_, save_quantized)
+    from dirotq.calibration import calibrate as calibrate_impl
+    from dirotq.models import get_adapter as get_adapter_impl
+
+    assert dirotq.__version__ == "0.1.0"
+    assert calibrate is calibrate_impl and get_adapter is get_adapter_impl
+    assert all(hasattr(dirotq, n) for n in dirotq.__all__)
