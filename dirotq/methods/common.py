@@ -9,6 +9,7 @@ method files stay pure functions: (linear, stats, config, rank) -> QuantLinear.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable
@@ -151,28 +152,31 @@ class BasisCache:
     def __init__(self, maxsize: int = 16) -> None:
         self.maxsize = maxsize
         self._data: OrderedDict[tuple, tuple[Any, int, Any]] = OrderedDict()
+        self._lock = threading.Lock()  # the app serves several users from one process
 
     def get(self, stats: Any, key: tuple, compute: Callable[[], Any]) -> Any:
         full = (id(stats),) + key
-        hit = self._data.get(full)
         count = int(getattr(stats, "count", 0) or 0)
-        if hit is not None:
-            ref, n, value = hit
-            if ref() is stats and n == count:
+        with self._lock:
+            hit = self._data.get(full)
+            if hit is not None and hit[0]() is stats and hit[1] == count:
                 self._data.move_to_end(full)
-                return value
-        value = compute()
+                return hit[2]
+        value = compute()  # outside the lock: two threads may both compute, never block each other
         try:
             ref = weakref.ref(stats)
         except TypeError:  # objects without weakref support: cache nothing
             return value
-        self._data[full] = (ref, count, value)
-        while len(self._data) > self.maxsize:
-            self._data.popitem(last=False)
+        with self._lock:
+            self._data[full] = (ref, count, value)
+            self._data.move_to_end(full)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
         return value
 
     def clear(self) -> None:
-        self._data.clear()
+        with self._lock:
+            self._data.clear()
 
 
 BASIS_CACHE = BasisCache()
