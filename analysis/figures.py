@@ -12,7 +12,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from .stats import VIEW_LABELS
 
@@ -21,8 +20,54 @@ COLORS = {"dirotq": "#d62728", "svdquant": "#1f77b4", "rtn": "#7f7f7f", "smoothq
 LABELS = {"dirotq": "DiRotQ (PCA rotation)", "svdquant": "SVDQuant (weight SVD)", "rtn": "RTN",
           "smoothquant": "SmoothQuant", "quarot": "QuaRot (Hadamard)", "dirotq-lr": "DiRotQ low-rank + Hadamard",
           "w4a16": "W4A16 (weight-only)"}
-_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), height=430,
+# template=None and hand-made axes: plotly's templates and make_subplots cost 40–100 ms per figure
+# (deep copies and validation), which alone would break the app's 0.3 s redraw budget.
+_AXIS = dict(gridcolor="#e5e5e5", zerolinecolor="#cccccc", linecolor="#999999", showline=True)
+_LAYOUT = dict(template=None, paper_bgcolor="white", plot_bgcolor="white", font=dict(size=12),
+               margin=dict(l=60, r=20, t=60, b=50), height=430,
                legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
+
+
+def _ax(n: int) -> str:
+    """Axis suffix of subplot n (1-based): "" for the first, else the number."""
+    return "" if n == 1 else str(n)
+
+
+def _grid(rows: int, cols: int, *, row_heights: Sequence[float] | None = None, hspace: float = 0.03,
+          vspace: float = 0.12, share_y_rows: bool = False) -> dict:
+    """Layout axes of a rows × cols grid (subplot n = (row − 1)·cols + col owns xaxis{n}/yaxis{n}).
+
+    ``share_y_rows``: every y axis in a row matches the row's first (same scale before and after).
+    """
+    heights = list(row_heights or [1.0 / rows] * rows)
+    total = sum(heights)
+    usable_h = 1.0 - vspace * (rows - 1)
+    usable_w = 1.0 - hspace * (cols - 1)
+    layout: dict = {}
+    top = 1.0
+    for r in range(rows):
+        h = usable_h * heights[r] / total
+        y0, y1 = top - h, top
+        top = y0 - vspace
+        for c in range(cols):
+            n = r * cols + c + 1
+            x0 = c * (usable_w / cols + hspace)
+            layout[f"xaxis{_ax(n)}"] = dict(domain=[x0, x0 + usable_w / cols], anchor=f"y{_ax(n)}", **_AXIS)
+            ya = dict(domain=[max(y0, 0.0), y1], anchor=f"x{_ax(n)}", **_AXIS)
+            if share_y_rows and c:
+                ya.update(matches=f"y{_ax(r * cols + 1)}", showticklabels=False)
+            layout[f"yaxis{_ax(n)}"] = ya
+    return layout
+
+
+def _title_annotation(text: str, x: float, y: float) -> dict:
+    return dict(text=text, x=x, y=y, xref="paper", yref="paper", showarrow=False, xanchor="center",
+                yanchor="bottom", font=dict(size=12))
+
+
+def _vline(x: float, xref: str = "x") -> dict:
+    return dict(type="line", x0=x, x1=x, y0=0, y1=1, xref=xref, yref="paper",
+                line=dict(color="black", dash="dash", width=1.5))
 
 
 def _short(name: str) -> str:
@@ -39,20 +84,22 @@ def spectrum_figure(eigenvalues: Sequence[float], explained: Sequence[float], ra
     ex = np.asarray(explained, dtype=float)
     d = len(ev)
     rank = int(min(max(rank, 0), d))
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
     floor = ev[ev > 0].min() * 0.5 if (ev > 0).any() else 1e-12
-    fig.add_trace(go.Scatter(x=np.arange(1, d + 1), y=ev, name="eigenvalue λᵢ of C/n", mode="lines+markers",
-                             marker=dict(size=3), line=dict(color="#1f77b4")), secondary_y=False)
-    fig.add_trace(go.Scatter(x=np.arange(0, d + 1), y=ex, name="energy kept by top r", mode="lines",
-                             line=dict(color="#d62728")), secondary_y=True)
-    fig.add_vline(x=rank + 0.5 if rank else 0.5, line=dict(color="black", dash="dash"))
-    fig.update_yaxes(type="log", title_text="eigenvalue (log)", range=[math.log10(floor), None] if d else None,
-                     secondary_y=False)
-    fig.update_yaxes(title_text="cumulative energy", range=[0, 1.02], secondary_y=True)
-    fig.update_xaxes(title_text="principal direction / rank r")
-    fig.update_layout(title=f"{_short(layer)}: r = {rank} of {d} keeps {100 * ex[rank]:.1f} % of the energy",
-                      **_LAYOUT)
-    return fig
+    data = [go.Scatter(x=np.arange(1, d + 1), y=ev, name="eigenvalue λᵢ of C/n", mode="lines+markers",
+                       marker=dict(size=3), line=dict(color="#1f77b4")),
+            go.Scatter(x=np.arange(0, d + 1), y=ex, name="energy kept by top r", mode="lines",
+                       line=dict(color="#d62728"), yaxis="y2")]
+    layout = dict(
+        _LAYOUT,
+        title=dict(text=f"{_short(layer)}: r = {rank} of {d} keeps {100 * ex[rank]:.1f} % of the energy"),
+        xaxis=dict(title=dict(text="principal direction / rank r"), **_AXIS),
+        yaxis=dict(title=dict(text="eigenvalue (log)"), type="log",
+                   range=[math.log10(floor), math.log10(max(ev.max(), floor * 10))] if d else None, **_AXIS),
+        yaxis2=dict(title=dict(text="cumulative energy"), overlaying="y", side="right", range=[0, 1.02],
+                    showgrid=False),
+        shapes=[_vline(rank + 0.5 if rank else 0.5)],
+    )
+    return go.Figure(data=data, layout=layout)
 
 
 def outliers_figure(views: Mapping[str, Mapping[str, Any]], rank: int, layer: str = "",
@@ -63,30 +110,36 @@ def outliers_figure(views: Mapping[str, Mapping[str, Any]], rank: int, layer: st
     Traces per view, in order: abs-max quantized, [abs-max 16-bit], kurtosis quantized, [kurtosis 16-bit].
     """
     names = list(views)
-    fig = make_subplots(rows=2, cols=len(names), shared_yaxes="rows", vertical_spacing=0.12,
-                        horizontal_spacing=0.03,
-                        subplot_titles=[f"{VIEW_LABELS.get(v, v)}<br>INT4 error {100 * views[v]['act_err']:.2f} %"
-                                        for v in names] + [""] * len(names))
-    for j, v in enumerate(names, start=1):
+    k = len(names)
+    layout = dict(_LAYOUT, height=560, margin=dict(l=60, r=20, t=110, b=50), bargap=0,
+                  title=dict(text=f"{_short(layer)}: where the outliers are (rank r = {rank})"),
+                  **_grid(2, k, hspace=0.03, vspace=0.1, share_y_rows=True))
+    data = []
+    annotations = []
+    for j, v in enumerate(names):
         prof = views[v]
         n16 = int(prof.get("n16", 0))
-        for row, key in ((1, "abs_max"), (2, "kurtosis")):
+        for row, key in ((0, "abs_max"), (1, "kurtosis")):
+            n = row * k + j + 1
             vals = np.asarray(prof[key], dtype=float)
             x = np.arange(len(vals))
-            fig.add_trace(go.Bar(x=x[n16:], y=vals[n16:], name="INT4 channels", marker_color="#1f77b4",
-                                 showlegend=(j == 1 and row == 1), legendgroup="q"), row=row, col=j)
+            axes = dict(xaxis=f"x{_ax(n)}", yaxis=f"y{_ax(n)}")
+            data.append(go.Bar(x=x[n16:], y=vals[n16:], name="INT4 channels", marker_color="#1f77b4",
+                               showlegend=(j == 0 and row == 0), legendgroup="q", **axes))
             if n16:
-                fig.add_trace(go.Bar(x=x[:n16], y=vals[:n16], name="16-bit channels (not quantized)",
-                                     marker_color="#bbbbbb", showlegend=(row == 1), legendgroup="h"), row=row, col=j)
-        fig.update_xaxes(title_text="channel" if v == "original" else "coefficient", row=2, col=j)
-    fig.update_yaxes(title_text="abs-max", row=1, col=1)
-    fig.update_yaxes(title_text="kurtosis", row=2, col=1, type="log" if log_kurtosis else "linear")
+                data.append(go.Bar(x=x[:n16], y=vals[:n16], name="16-bit channels (not quantized)",
+                                   marker_color="#bbbbbb", showlegend=(row == 0), legendgroup="h", **axes))
+        dom = layout[f"xaxis{_ax(j + 1)}"]["domain"]
+        annotations.append(_title_annotation(f"{VIEW_LABELS.get(v, v)}<br>INT4 error {100 * prof['act_err']:.2f} %",
+                                             (dom[0] + dom[1]) / 2, layout["yaxis"]["domain"][1] + 0.01))
+        layout[f"xaxis{_ax(k + j + 1)}"]["title"] = dict(text="channel" if v == "original" else "coefficient")
+    layout["yaxis"]["title"] = dict(text="abs-max")
+    layout[f"yaxis{_ax(k + 1)}"]["title"] = dict(text="kurtosis")
     if log_kurtosis:
-        for j in range(2, len(names) + 1):
-            fig.update_yaxes(type="log", row=2, col=j)
-    layout = dict(_LAYOUT, height=560, margin=dict(l=60, r=20, t=110, b=50))
-    fig.update_layout(title=f"{_short(layer)}: where the outliers are (rank r = {rank})", bargap=0, **layout)
-    return fig
+        for j in range(k):
+            layout[f"yaxis{_ax(k + j + 1)}"]["type"] = "log"
+    layout["annotations"] = annotations
+    return go.Figure(data=data, layout=layout)
 
 
 def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sqnr_db", layer: str = "",
@@ -97,56 +150,54 @@ def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sq
     if metric not in ("sqnr_db", "rel_mse"):
         raise ValueError(f"metric must be 'sqnr_db' or 'rel_mse', got {metric!r}")
     ranks = list(curves["ranks"])
-    fig = go.Figure()
+    data = []
     for m, cur in curves["curves"].items():
         y = [v if math.isfinite(v) else None for v in cur[metric]]
-        fig.add_trace(go.Scatter(x=ranks, y=y, name=LABELS.get(m, m), mode="lines+markers",
-                                 line=dict(color=COLORS.get(m))))
+        data.append(go.Scatter(x=ranks, y=y, name=LABELS.get(m, m), mode="lines+markers",
+                               line=dict(color=COLORS.get(m))))
     x0, x1 = (ranks[0], ranks[-1]) if ranks else (0, 1)
     for m, e in curves["references"].items():
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[e[metric]] * 2, name=LABELS.get(m, m), mode="lines",
-                                 line=dict(color=COLORS.get(m), dash="dot")))
-    fig.add_vline(x=rank, line=dict(color="black", dash="dash"))
-    if current:
-        for m, v in current.items():
-            if math.isfinite(v.get(metric, math.nan)):
-                fig.add_trace(go.Scatter(x=[rank], y=[v[metric]], mode="markers", showlegend=False,
-                                         name=f"{m} @ r", marker=dict(size=11, color=COLORS.get(m), symbol="diamond")))
+        data.append(go.Scatter(x=[x0, x1], y=[e[metric]] * 2, name=LABELS.get(m, m), mode="lines",
+                               line=dict(color=COLORS.get(m), dash="dot")))
+    for m, v in (current or {}).items():
+        if math.isfinite(v.get(metric, math.nan)):
+            data.append(go.Scatter(x=[rank], y=[v[metric]], mode="markers", showlegend=False, name=f"{m} @ r",
+                                   marker=dict(size=11, color=COLORS.get(m), symbol="diamond")))
     label = "SQNR (dB, higher is better)" if metric == "sqnr_db" else "relative MSE (lower is better)"
-    fig.update_yaxes(title_text=label, type="log" if metric == "rel_mse" else "linear")
-    fig.update_xaxes(title_text="rank r (16-bit directions)")
-    fig.update_layout(title=f"{_short(layer)}: output error on held-out calibration tokens", **_LAYOUT)
-    return fig
+    layout = dict(_LAYOUT, title=dict(text=f"{_short(layer)}: output error on held-out calibration tokens (r = {rank})"),
+                  xaxis=dict(title=dict(text="rank r (16-bit directions)"), **_AXIS),
+                  yaxis=dict(title=dict(text=label), type="log" if metric == "rel_mse" else "linear", **_AXIS),
+                  shapes=[_vline(rank)])
+    return go.Figure(data=data, layout=layout)
 
 
 def all_layers_figure(rows: Sequence[Mapping[str, Any]], metric: str = "sqnr_db", title: str = "") -> go.Figure:
-    """Every target's error: heat map (row 1: block × layer type) and bars in layer order (row 2,
-    trace per layer type). The worst layers are the darkest cells / shortest SQNR bars."""
+    """Every target's error: heat map (top: block × layer type) and bars in layer order (bottom,
+    one trace per layer type). The worst layers are the red cells / shortest SQNR bars."""
     types = list(dict.fromkeys(r["layer_type"] for r in rows))
     blocks = sorted({int(r["block"]) for r in rows})
     z = np.full((len(blocks), len(types)), np.nan)
     for r in rows:
         v = r[metric]
         z[blocks.index(int(r["block"])), types.index(r["layer_type"])] = v if math.isfinite(v) else np.nan
-    fig = make_subplots(rows=2, cols=1, row_heights=[0.55, 0.45], vertical_spacing=0.2,
-                        subplot_titles=["by block and layer type", "every layer, in order"])
+    layout = dict(_LAYOUT, height=640, title=dict(text=title or "per-layer output error"),
+                  **_grid(2, 1, row_heights=[0.55, 0.45], vspace=0.16))
     scale = "RdYlGn" if metric == "sqnr_db" else "RdYlGn_r"
-    fig.add_trace(go.Heatmap(z=z, x=types, y=[f"block {b}" for b in blocks], colorscale=scale,
-                             colorbar=dict(title="SQNR dB" if metric == "sqnr_db" else "rel MSE", len=0.5, y=0.78),
-                             hovertemplate="%{y} %{x}: %{z:.3g}<extra></extra>"), row=1, col=1)
+    data = [go.Heatmap(z=z, x=types, y=[f"block {b}" for b in blocks], colorscale=scale,
+                       colorbar=dict(title=dict(text="SQNR dB" if metric == "sqnr_db" else "rel MSE"), len=0.5, y=0.78),
+                       hovertemplate="%{y} %{x}: %{z:.3g}<extra></extra>")]
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                "#bcbd22", "#17becf"]
     for i, t in enumerate(types):
         sel = [r for r in rows if r["layer_type"] == t]
-        fig.add_trace(go.Bar(x=[_short(r["name"]) for r in sel], y=[r[metric] for r in sel], name=t,
-                             marker_color=palette[i % len(palette)]), row=2, col=1)
-    fig.update_xaxes(categoryorder="array", categoryarray=[_short(r["name"]) for r in rows], showticklabels=False,
-                     row=2, col=1)
-    fig.update_yaxes(title_text="SQNR (dB)" if metric == "sqnr_db" else "relative MSE", row=2, col=1,
-                     type="log" if metric == "rel_mse" else "linear")
-    fig.update_yaxes(autorange="reversed", row=1, col=1)
-    fig.update_layout(title=title or "per-layer output error", **dict(_LAYOUT, height=640))
-    return fig
+        data.append(go.Bar(x=[_short(r["name"]) for r in sel], y=[r[metric] for r in sel], name=t,
+                           marker_color=palette[i % len(palette)], xaxis="x2", yaxis="y2"))
+    layout["yaxis"].update(autorange="reversed")
+    layout["xaxis2"].update(categoryorder="array", categoryarray=[_short(r["name"]) for r in rows], showticklabels=False,
+                            title=dict(text="every layer, in order (hover for names)"))
+    layout["yaxis2"].update(title=dict(text="SQNR (dB)" if metric == "sqnr_db" else "relative MSE"),
+                            type="log" if metric == "rel_mse" else "linear")
+    return go.Figure(data=data, layout=layout)
 
 
 def cost_figure(layers: Sequence[Mapping[str, Any]], title: str = "") -> go.Figure:
@@ -156,25 +207,22 @@ def cost_figure(layers: Sequence[Mapping[str, Any]], title: str = "") -> go.Figu
     p = [sum(c["extra_params16"] for c in layers if int(c["block"]) == b) for b in blocks]
     f = [100 * sum(c["flops16_extra"] for c in layers if int(c["block"]) == b)
          / max(sum(c["flops_w4a4"] for c in layers if int(c["block"]) == b), 1) for b in blocks]
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Bar(x=blocks, y=p, name="extra 16-bit parameters", marker_color="#1f77b4"), secondary_y=False)
-    fig.add_trace(go.Scatter(x=blocks, y=f, name="extra 16-bit FLOPs (% of W4A4)", mode="lines+markers",
-                             line=dict(color="#d62728")), secondary_y=True)
-    fig.update_xaxes(title_text="block")
-    fig.update_yaxes(title_text="parameters", secondary_y=False)
-    fig.update_yaxes(title_text="% of W4A4 FLOPs", secondary_y=True, rangemode="tozero")
-    fig.update_layout(title=title or "cost of the rank plan against plain W4A4", **dict(_LAYOUT, height=380))
-    return fig
+    data = [go.Bar(x=blocks, y=p, name="extra 16-bit parameters", marker_color="#1f77b4"),
+            go.Scatter(x=blocks, y=f, name="extra 16-bit FLOPs (% of W4A4)", mode="lines+markers",
+                       line=dict(color="#d62728"), yaxis="y2")]
+    layout = dict(_LAYOUT, height=380, title=dict(text=title or "cost of the rank plan against plain W4A4"),
+                  xaxis=dict(title=dict(text="block"), **_AXIS), yaxis=dict(title=dict(text="parameters"), **_AXIS),
+                  yaxis2=dict(title=dict(text="% of W4A4 FLOPs"), overlaying="y", side="right", rangemode="tozero",
+                              showgrid=False))
+    return go.Figure(data=data, layout=layout)
 
 
 def empty_figure(message: str) -> go.Figure:
     """A blank figure carrying a message (before calibration, or on an error)."""
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=15))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    fig.update_layout(template="plotly_white", height=300)
-    return fig
+    return go.Figure(layout=dict(template=None, height=300, paper_bgcolor="white", plot_bgcolor="white",
+                                 xaxis=dict(visible=False), yaxis=dict(visible=False),
+                                 annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5, xref="paper",
+                                                   yref="paper", font=dict(size=15))]))
 
 
 __all__ = ["spectrum_figure", "outliers_figure", "error_vs_rank_figure", "all_layers_figure", "cost_figure",

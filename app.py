@@ -1,0 +1,621 @@
+"""DiRotQ Explorer: the Gradio app (issue #4). Thin: widgets -> dirotq.explorer / analysis.
+
+    python app.py                       # the embedded tiny PixArt-Σ model, CPU, http://127.0.0.1:7860
+    python app.py --model PATH_OR_CACHED_ID --device cuda --port 7861
+
+Controls on the left (model, calibration, layer, rank, method), one tab per view on the right, a
+short explanation beside every plot. Handlers are plain functions (tests call them directly); each
+returns a status line first and never raises into the server: errors become a readable message.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis import costs, figures  # noqa: E402
+from dirotq.explorer import METHODS, POLICIES, get_session  # noqa: E402
+
+PAPER = "arXiv:2605.16732"
+OUTLIER_EXTRA = ["smoothquant", "hadamard"]
+PLAN_COLUMNS = ["layer", "block", "type", "d_in", "d_out", "rank", "energy kept %"]
+METHOD_CHOICES = [(figures.LABELS[m], m) for m in METHODS]
+_SESSION_KW: dict = {}  # device / cache_dir / dtype, set by build_demo
+
+
+# ------------------------------------------------------------------------------------ helpers
+def session(model: str):
+    return get_session(model, **_SESSION_KW)
+
+
+def _ok(msg: str) -> str:
+    return f"✅ {msg}"
+
+
+def safe(n_outputs: int):
+    """Run a handler; on any error return a readable status first and leave other outputs as they are."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the server must survive any bad input
+                msg = str(e).strip("'\"") or type(e).__name__
+                if not isinstance(e, (ValueError, KeyError, FileNotFoundError, TypeError)):
+                    traceback.print_exc()
+                    msg = f"{type(e).__name__}: {msg}"
+                status = f"⚠️ {msg}"
+                if n_outputs == 1:
+                    return status
+                return (status,) + tuple(gr.skip() for _ in range(n_outputs - 1))
+
+        return wrapper
+
+    return deco
+
+
+def _noop_progress(*a, **k):
+    return None
+
+
+def _prog(progress):
+    """gr.Progress outside an event is inert; tests pass a plain callable or nothing."""
+    return progress if callable(progress) else _noop_progress
+
+
+def _rank(rank, d: int) -> int:
+    try:
+        r = int(round(float(rank)))
+    except (TypeError, ValueError):
+        raise ValueError(f"rank must be a whole number, got {rank!r}") from None
+    if not 0 <= r <= d:
+        raise ValueError(f"rank {r} is outside 0…{d} for this layer")
+    return r
+
+
+def _views(extra) -> tuple[str, ...]:
+    extra = [v for v in (extra or []) if v in OUTLIER_EXTRA]
+    return ("original", "dirotq", *extra)
+
+
+def _layer(s, block, ltype) -> str:
+    if block is None or ltype is None:
+        raise ValueError("pick a block and a layer type")
+    return s.layer_name(int(block), str(ltype))
+
+
+def _energy_text(s, name: str, rank: int) -> str:
+    d = s.layer_spec(name).in_features
+    return (f"**energy kept** by the top {rank} of {d} PCA directions: **{100 * s.energy(name, rank):.1f} %** "
+            f"(the INT4 part carries the other {100 * (1 - s.energy(name, rank)):.1f} %)")
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    return "∞" if not math.isfinite(v) else f"{v:.2f}{unit}"
+
+
+# ---------------------------------------------------------------------------- layer views
+def layer_figures(model: str, block, ltype, rank, extra_views, metric: str = "sqnr_db"):
+    """(energy text, spectrum, outliers, error-vs-rank) for one layer and rank, all from caches."""
+    s = session(model)
+    s.require_stats()
+    name = _layer(s, block, ltype)
+    d = s.layer_spec(name).in_features
+    r = _rank(rank, d)
+    sp = s.spectrum(name)
+    f_spec = figures.spectrum_figure(sp["eigenvalues"], sp["explained"], r, name)
+    f_out = figures.outliers_figure(s.outliers(name, r, _views(extra_views)), r, name)
+    f_err = figures.error_vs_rank_figure(s.curves(name), r, metric, name, current=s.error_at(name, r))
+    return _energy_text(s, name, r), f_spec, f_out, f_err
+
+
+@safe(6)
+def on_rank(model, block, ltype, rank, extra_views, metric):
+    """Rank slider released / views or metric switched: redraw the three layer plots."""
+    t = time.perf_counter()
+    energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
+    return _ok(f"redrawn in {time.perf_counter() - t:.2f} s"), energy, f1, f2, f3, gr.skip()
+
+
+@safe(7)
+def on_layer(model, block, ltype, rank, extra_views, metric):
+    """A new layer: clamp the rank slider to its width, then redraw."""
+    s = session(model)
+    name = _layer(s, block, ltype)
+    d = s.layer_spec(name).in_features
+    r = min(int(rank or 0), d)
+    slider = gr.update(maximum=d, value=r)
+    if not s.calibrated:
+        return "ℹ️ press “Calibrate” to see this layer", s.layer_label(name), slider, "", gr.skip(), gr.skip(), gr.skip()
+    t = time.perf_counter()
+    energy, f1, f2, f3 = layer_figures(model, block, ltype, r, extra_views, metric)
+    return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s"), s.layer_label(name), slider, energy, f1, f2, f3)
+
+
+@safe(2)
+def on_block(model, block, ltype):
+    """Block changed: offer that block's layer types (keep the type when it exists there)."""
+    s = session(model)
+    types = s.layer_types(int(block))
+    return "", gr.update(choices=types, value=ltype if ltype in types else types[0])
+
+
+# ---------------------------------------------------------------------------- calibration
+def _plan_df(s, ranks: dict) -> pd.DataFrame:
+    rows = []
+    for n, spec in s.w4a4_targets().items():
+        r = int(ranks.get(n, 0))
+        e = 100 * s.energy(n, r) if s.calibrated else float("nan")
+        rows.append([n, spec.block, spec.layer_type, spec.in_features, spec.out_features, r, round(e, 1)])
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+
+
+def _ranks_from_df(s, df) -> dict[str, int]:
+    if df is None:
+        raise ValueError("the rank plan table is empty")
+    if not isinstance(df, pd.DataFrame):
+        df = pd.DataFrame(df, columns=PLAN_COLUMNS)
+    if "layer" not in df or "rank" not in df:
+        raise ValueError("the rank plan table needs the columns 'layer' and 'rank'")
+    ranks = {}
+    for name, r in zip(df["layer"], df["rank"]):
+        try:
+            rf = float(r)
+        except (TypeError, ValueError):
+            raise ValueError(f"rank of {name} must be a whole number, got {r!r}") from None
+        if not math.isfinite(rf) or rf != int(rf):
+            raise ValueError(f"rank of {name} must be a whole number, got {r!r}")
+        ranks[str(name)] = int(rf)
+    for n, r in ranks.items():
+        if n in s.targets and not 0 <= r <= s.targets[n].in_features:
+            raise ValueError(f"rank {r} of {n} is outside 0…{s.targets[n].in_features}")
+    return s.validate_plan(ranks)
+
+
+@safe(7)
+def on_calibrate(model, block, ltype, rank, extra_views, metric, progress=gr.Progress()):
+    """Calibrate (or load cached statistics), start the background curve sweep, draw."""
+    s = session(model)
+    p = _prog(progress)
+    t = time.perf_counter()
+    was = s.calibrated or s.load_cached()
+    s.calibrate(progress=lambda f, m: p(f, desc=m))
+    dt = time.perf_counter() - t
+    name = _layer(s, block, ltype)
+    p(0.99, desc=f"error vs rank: {name}")
+    s.curves(name)
+    s.warm_up()
+    energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
+    how = "loaded from the on-disk cache" if was else f"calibrated in {dt:.1f} s"
+    c = s.calib
+    return (_ok(f"statistics {how}: {len(s.prompts)} prompts × {c.num_inference_steps} steps, "
+                f"{len(s.stats.layers)} input groups"), energy, f1, f2, f3, gr.skip(), _plan_df(s, s.default_plan()))
+
+
+@safe(7)
+def on_start(model, block, ltype, rank, extra_views, metric):
+    """Page load: draw at once when statistics are cached on disk, else ask for calibration."""
+    s = session(model)
+    if not (s.calibrated or s.load_cached()):
+        return ("ℹ️ not calibrated yet: press **Calibrate** (≈ " f"{len(s.prompts)} prompts × "
+                f"{s.calib.num_inference_steps} steps)", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+    s.warm_up()
+    energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
+    return (_ok("statistics loaded from the on-disk cache"), energy, f1, f2, f3, gr.skip(),
+            _plan_df(s, s.default_plan()))
+
+
+# ------------------------------------------------------------------------------ all layers
+@safe(3)
+def on_all_layers(model, method, plan_df, metric, progress=gr.Progress()):
+    """Quantize every target with (method, rank plan) and chart each layer's error."""
+    s = session(model)
+    s.require_stats()
+    p = _prog(progress)
+    ranks = _ranks_from_df(s, plan_df)
+    t = time.perf_counter()
+    rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m))
+    dt = time.perf_counter() - t
+    fig = figures.all_layers_figure(rows, metric, f"{figures.LABELS.get(method, method)}: per-layer output error")
+    worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
+    table = "\n".join(f"| `{r['name']}` | {r['kind']} | {r['rank']} | {_fmt(r['sqnr_db'], ' dB')} |" for r in worst)
+    md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR |\n|---|---|---|---|\n" + table)
+    return _ok(f"{len(rows)} layers quantized with {method} in {dt:.1f} s"), fig, md
+
+
+# ------------------------------------------------------------------------------- rank plan
+def _plan_outputs(s, ranks: dict, method: str):
+    pc = s.plan_cost(ranks, method)
+    return (_plan_df(s, ranks), costs.cost_summary_text(pc["total"]), figures.cost_figure(pc["layers"]),
+            json.dumps(ranks, indent=1))
+
+
+@safe(5)
+def on_fill(model, policy, value, method):
+    """Fill the plan table by a policy."""
+    s = session(model)
+    if value is None:
+        raise ValueError("enter a value for the policy")
+    ranks = s.fill_plan(policy, float(value))
+    return (_ok(f"plan filled by {policy} = {value}"),) + _plan_outputs(s, ranks, method)
+
+
+@safe(4)
+def on_plan_edit(model, plan_df, method):
+    """A cell was edited (or the method changed): recompute the cost."""
+    s = session(model)
+    ranks = _ranks_from_df(s, plan_df)
+    _, text, fig, js = _plan_outputs(s, ranks, method)
+    return "", text, fig, js
+
+
+@safe(2)
+def on_export(model, plan_df):
+    """Write the plan as RankPlan JSON ({layer: rank}) to a file for download."""
+    s = session(model)
+    ranks = _ranks_from_df(s, plan_df)
+    path = os.path.join(tempfile.mkdtemp(prefix="dirotq-plan-"), "rank_plan.json")
+    with open(path, "w") as f:
+        json.dump(ranks, f, indent=1, sort_keys=True)
+    return _ok(f"exported {len(ranks)} ranks"), path
+
+
+@safe(5)
+def on_import(model, file_or_text, method):
+    """Read a RankPlan JSON (an uploaded file or pasted text) and check it fits this model."""
+    s = session(model)
+    if file_or_text is None or (isinstance(file_or_text, str) and not file_or_text.strip()):
+        raise ValueError("nothing to import: upload a .json file or paste a plan")
+    text = file_or_text
+    path = getattr(file_or_text, "name", file_or_text)
+    if isinstance(path, str) and not path.lstrip().startswith("{") and os.path.isfile(path):
+        with open(path) as f:
+            text = f.read()
+    ranks = s.plan_from_json(text)
+    return (_ok(f"imported a plan for {len(ranks)} layers"),) + _plan_outputs(s, ranks, method)
+
+
+@safe(3)
+def on_quantize_plan(model, method, plan_df, metric, progress=gr.Progress()):
+    """'Quantize with this plan': the model the Generate tab uses; shows the per-layer errors."""
+    return on_all_layers(model, method, plan_df, metric, progress)
+
+
+# -------------------------------------------------------------------------------- generate
+def _show(img, size: int = 256):
+    from PIL import Image
+
+    if img.width >= size:
+        return img
+    return img.resize((size, size * img.height // img.width), Image.NEAREST)
+
+
+@safe(5)
+def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=gr.Progress()):
+    """16-bit and W4A4 images of one prompt and seed side by side, with metrics."""
+    from PIL import Image
+
+    s = session(model)
+    s.require_stats()
+    p = _prog(progress)
+    ranks = _ranks_from_df(s, plan_df) if plan_df is not None and len(plan_df) else None
+    if seed is None or steps is None or guidance is None:
+        raise ValueError("seed, steps and guidance need values")
+    if float(seed) != int(float(seed)) or float(steps) != int(float(steps)):
+        raise ValueError("seed and steps must be whole numbers")
+    out = s.generate(prompt, int(float(seed)), int(float(steps)), float(guidance), method, ranks,
+                     progress=lambda f, m: p(f, desc=m))
+    m, t = out["metrics"], out["timings"]
+    lines = [f"**PSNR** {_fmt(m['psnr_db'], ' dB')} · **SSIM** {m['ssim']:.4f} (W4A4 vs the 16-bit image, same seed)",
+             f"**time**: 16-bit {t['reference_s']:.2f} s, W4A4 {t['quantized_s']:.2f} s "
+             f"(reference dtype {t['reference_dtype'].replace('torch.', '')})",
+             f"**backend**: {t['backend']}"]
+    if "judge_ref" in m:
+        jr, jq = m["judge_ref"], m["judge_w4a4"]
+        lines.append(f"**judge** (prompt faithfulness, all attributes of an object right): 16-bit "
+                     f"{100 * jr['object_all']:.0f} %, W4A4 {100 * jq['object_all']:.0f} %  \n"
+                     f"16-bit reads as: *{m['judge_ref_text']}*  \nW4A4 reads as: *{m['judge_w4a4_text']}*")
+    diff = Image.fromarray(out["difference"])
+    return (_ok(f"generated with {method}"), _show(out["reference"]), _show(out["quantized"]), _show(diff),
+            "\n\n".join(lines))
+
+
+# ------------------------------------------------------------------------------ model load
+@safe(5)
+def on_load_model(path, current):
+    """Switch to another model folder / cached hub id (loaded once per process)."""
+    path = (path or "").strip()
+    if not path:
+        raise ValueError("enter a model folder or a cached hub id")
+    s = session(path)
+    blocks = s.blocks()
+    types = s.layer_types(blocks[0])
+    cached = s.load_cached()
+    status = _ok(f"loaded {s.describe()}" + ("; statistics found in the cache" if cached else "; press Calibrate"))
+    return (status, path, gr.update(choices=[(f"block {b}", b) for b in blocks], value=blocks[0]),
+            gr.update(choices=types, value=types[0]), _plan_df(s, s.default_plan()) if cached else
+            _plan_df_uncalibrated(s))
+
+
+def _plan_df_uncalibrated(s):
+    df = _plan_df(s, s.default_plan())
+    df["energy kept %"] = float("nan")
+    return df
+
+
+# ---------------------------------------------------------------------------------- layout
+TEXT = {
+    "spectrum": """**What you see.** The eigenvalues of the layer input's second moment C = E[xᵀx] (blue,
+log scale), sorted, and the fraction of the input energy the top r principal directions carry (red).
+
+**Why it matters.** DiRotQ rotates every token into this PCA basis (x·V) and keeps the first r
+coefficients in 16-bit. The dashed line is your rank: everything left of it is exact, only the
+energy right of it goes through INT4. A steep spectrum means a small r already takes the bulk
+(and the outliers) out of the 4-bit path.""",
+    "outliers": """**What you see.** Per channel: the largest |value| over held-out calibration tokens (top) and
+the kurtosis E[x⁴]/E[x²]² (bottom; 3 for a Gaussian), in the original basis and after each
+transform, on the same y scale. Gray bars are DiRotQ's 16-bit coefficients.
+
+**Why it matters.** INT4 with a per-token group scale has 16 levels: one outlier channel sets the
+scale of its group and flattens every other value to 0. RTN quantizes the original channels;
+SmoothQuant divides them by s (moving the outlier into the weights); a Hadamard (QuaRot) spreads
+each outlier over all channels; DiRotQ removes the dominant directions into 16-bit and spreads
+what remains with a random rotation. The title of each panel gives the INT4 error of the part
+that is quantized, as a fraction of the input energy.""",
+    "error": """**What you see.** The layer's output error y = xWᵀ on held-out calibration tokens when weights
+*and* activations are 4-bit, as the rank r grows: DiRotQ (16-bit PCA directions of the
+activations) vs SVDQuant (16-bit low-rank branch of the smoothed weight), with RTN, SmoothQuant and
+QuaRot (no rank) as dotted lines. Diamonds: the exact error at your rank.
+
+**Read it.** r = d is exactly the 16-bit layer for DiRotQ (∞ dB). SVDQuant's branch follows the
+weight's energy, DiRotQ's the activations' — the curve shows which one this layer needs.""",
+    "all": """**What you see.** Every quantized layer's output error for the method on the left and the
+rank plan of the *Rank plan* tab: a heat map by block and layer type, and bars in layer order.
+
+**Use it.** The worst layers (red cells, low bars) are where extra rank pays; the *error budget*
+and *16-bit budget* policies of the Rank plan tab put it there automatically.
+W4A16 layers (weight-only, e.g. PixArt's ff.net.2) are listed with rank 0.""",
+    "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *fixed* (value = rank),
+*energy* (value = fraction of energy to keep, e.g. 0.9), *error budget* (value = largest relative
+MSE per layer, e.g. 0.01), *16-bit budget* (value = thousands of extra 16-bit parameters, spent
+greedily where DiRotQ's error drops most) — then edit any cell. The cost is against plain W4A4:
+DiRotQ's full rotation costs a d×d 16-bit matrix per layer whatever r is (an online d×d GEMM);
+the low-rank form costs only O(d·r). The JSON is the `RankPlan` format the CLI and API read.""",
+    "generate": """**Generate.** The same prompt and seed through the 16-bit model and the quantized model
+(method on the left, ranks from the Rank plan tab). PSNR/SSIM compare the two images; the
+difference image is |W4A4 − 16-bit| × 4. On CPU the reference runs in float32 and the quantized
+layers run the PyTorch reference path; with CUDA the Triton kernels run (the backend line says which).""",
+}
+
+ABOUT = f"""## DiRotQ in one page
+
+**The problem.** W4A4 quantization stores weights *and* activations in 4 bits (16 levels, a scale per
+group of 64 values). Diffusion transformers' activations have a few channels with very large
+values (outliers): they set the scale and crush everything else to zero. Weights are easy
+(GPTQ/RTN work); activations are the hard part.
+
+**DiRotQ** (*{PAPER}*). Calibrate: run the model on a few prompts and timesteps and collect, per
+layer, the second moment C = Σ xᵀx of its input. Its eigenvectors V (PCA) point along the
+directions where the activation energy — and the outliers — live. Online, every token is rotated,
+x̃ = x·T with T = V·diag(I_r, R): the first r coefficients (the dominant directions) stay
+**16-bit**, the remaining d − r are quantized to **INT4** after a random rotation R spreads their
+energy evenly. T is orthogonal, so the inverse folds into the weights offline (W̃ = W·T) and the
+layer computes y = x̃'·W̃ᵀ + b. Rank r = d gives back the 16-bit layer, r = 0 with T = I is plain RTN.
+
+**The baselines** (same quantizer, same layers):
+- **RTN**: round to nearest, no transform — the floor.
+- **SmoothQuant**: divide each input channel by s = max|x|^α / max|W|^(1−α) and multiply the
+  weight column by s, moving difficulty from activations to weights (α = 0.5).
+- **QuaRot**: multiply by a random Hadamard matrix, which spreads every outlier over all channels.
+- **SVDQuant**: smoothing, then a rank-r 16-bit branch from the SVD of the smoothed *weight*; the
+  residual is 4-bit. Same structure as DiRotQ's low-rank form, but its subspace comes from the
+  weight, DiRotQ's from the activations.
+- **DiRotQ low-rank + Hadamard** (this project's kernel-friendly form): c = x·V_r in 16-bit, the
+  residual x − c·V_rᵀ quantized after a block Hadamard — O(d·r) instead of a d×d rotation.
+- **W4A16**: weight-only 4-bit, activations 16-bit — the reference point.
+
+**Cost.** The full rotation is a d×d 16-bit GEMM per layer online and a d×d matrix per layer in
+memory; the rank plan tab shows what a plan costs. **Caveats** from the authors' own audit: one
+pooled basis for all prompts and timesteps, a fixed r = d/8, per-layer error proxies that do not
+always predict image quality — which is why this app shows both layer errors and images.
+
+Reference: *DiRotQ*, {PAPER} (https://arxiv.org/abs/2605.16732). The embedded model is a 9M-parameter
+PixArt-Σ-style DiT trained on procedural shapes; its outliers are milder than real DiTs'.
+"""
+
+CSS = """
+.teach {font-size: 0.92em; line-height: 1.35;}
+#img-ref img, #img-q img, #img-diff img {image-rendering: pixelated;}
+"""
+
+
+def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str | None = None) -> gr.Blocks:
+    """The Blocks app for ``model`` (default: the embedded tiny model). Loads the model once per process."""
+    from dirotq.pipelines import DEFAULT_MODEL
+
+    model = str(model or DEFAULT_MODEL)
+    _SESSION_KW.clear()
+    _SESSION_KW["device"] = device
+    if cache_dir is not None:
+        _SESSION_KW["cache_dir"] = cache_dir
+    s = session(model)
+    blocks = s.blocks()
+    types = s.layer_types(blocks[0])
+    first = s.layer_spec(s.layer_name(blocks[0], types[0]))
+    init_plan = _plan_df_uncalibrated(s)
+    placeholder = figures.empty_figure("press “Calibrate” (left) to compute the statistics")
+
+    with gr.Blocks(title="DiRotQ Explorer") as demo:
+        model_state = gr.State(model)
+        gr.Markdown(f"# DiRotQ Explorer\nW4A4 post-training quantization of diffusion transformers — "
+                    f"why 4-bit activations are hard, and what a PCA rotation does about it ({PAPER}).")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                status = gr.Markdown("", elem_id="status")
+                model_info = gr.Markdown(s.describe(), elem_classes="teach")
+                with gr.Accordion("model", open=False):
+                    model_box = gr.Textbox(value=model, label="model folder or cached hub id", elem_id="model-box")
+                    load_btn = gr.Button("Load model", size="sm")
+                calib_btn = gr.Button("Calibrate", variant="primary", elem_id="calibrate")
+                block_dd = gr.Dropdown([(f"block {b}", b) for b in blocks], value=blocks[0], label="block",
+                                       elem_id="block")
+                type_dd = gr.Dropdown(types, value=types[0], label="layer type", elem_id="layer-type")
+                layer_md = gr.Markdown(s.layer_label(first.name), elem_classes="teach")
+                rank_sl = gr.Slider(0, first.in_features, value=min(32, first.in_features), step=1,
+                                    label="rank r (16-bit directions)", elem_id="rank")
+                energy_md = gr.Markdown("", elem_id="energy")
+                method_dd = gr.Dropdown(METHOD_CHOICES, value="dirotq", label="method (All layers, Rank plan, Generate)",
+                                        elem_id="method")
+                with gr.Accordion("view options", open=False):
+                    views_cb = gr.CheckboxGroup([("SmoothQuant", "smoothquant"), ("Hadamard (QuaRot)", "hadamard")],
+                                                value=OUTLIER_EXTRA, label="also show outliers after")
+                    metric_rd = gr.Radio([("SQNR (dB)", "sqnr_db"), ("relative MSE", "rel_mse")], value="sqnr_db",
+                                         label="error measure")
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Spectrum", id="spectrum"):
+                        with gr.Row():
+                            spec_plot = gr.Plot(placeholder, elem_id="plot-spectrum", scale=3)
+                            gr.Markdown(TEXT["spectrum"], elem_classes="teach")
+                    with gr.Tab("Outliers", id="outliers"):
+                        with gr.Row():
+                            out_plot = gr.Plot(placeholder, elem_id="plot-outliers", scale=3)
+                            gr.Markdown(TEXT["outliers"], elem_classes="teach")
+                    with gr.Tab("Error vs rank", id="error"):
+                        with gr.Row():
+                            err_plot = gr.Plot(placeholder, elem_id="plot-error", scale=3)
+                            gr.Markdown(TEXT["error"], elem_classes="teach")
+                    with gr.Tab("All layers", id="all"):
+                        with gr.Row():
+                            with gr.Column(scale=3):
+                                all_btn = gr.Button("Compute for this method and rank plan", elem_id="all-btn")
+                                all_plot = gr.Plot(figures.empty_figure("press the button above"), elem_id="plot-all")
+                            with gr.Column(scale=1):
+                                gr.Markdown(TEXT["all"], elem_classes="teach")
+                                worst_md = gr.Markdown("")
+                    with gr.Tab("Rank plan", id="plan"):
+                        with gr.Row():
+                            with gr.Column(scale=3):
+                                with gr.Row():
+                                    policy_dd = gr.Dropdown(list(POLICIES), value="fixed", label="policy")
+                                    value_nb = gr.Number(32, label="value")
+                                    fill_btn = gr.Button("Fill", elem_id="fill-btn")
+                                plan_df = gr.Dataframe(init_plan, headers=PLAN_COLUMNS, interactive=True,
+                                                       datatype=["str", "number", "str", "number", "number",
+                                                                 "number", "number"],
+                                                       label="per-layer ranks (edit the rank column)",
+                                                       elem_id="plan-table", max_height=320)
+                                cost_md = gr.Markdown("")
+                                cost_plot = gr.Plot(figures.empty_figure("cost appears after a fill or an edit"))
+                                with gr.Row():
+                                    export_btn = gr.Button("Export JSON")
+                                    quant_btn = gr.Button("Quantize with this plan", variant="primary")
+                                export_file = gr.File(label="rank_plan.json", interactive=False)
+                                with gr.Row():
+                                    import_file = gr.File(label="import a rank plan (.json)", file_types=[".json"],
+                                                          type="filepath")
+                                    plan_json = gr.Code("", language="json", label="plan JSON (edit, then Apply)")
+                                apply_btn = gr.Button("Apply JSON", size="sm")
+                            gr.Markdown(TEXT["plan"], elem_classes="teach")
+                    with gr.Tab("Generate", id="generate"):
+                        with gr.Row():
+                            with gr.Column(scale=3):
+                                with gr.Row():
+                                    prompt_tb = gr.Textbox("a large red circle in the center, on a white background",
+                                                           label="prompt", elem_id="prompt", scale=3)
+                                    seed_nb = gr.Number(0, label="seed", precision=0, minimum=0)
+                                    steps_nb = gr.Number(10, label="steps", precision=0, minimum=1, maximum=100)
+                                    guid_nb = gr.Number(4.5, label="guidance", minimum=0, maximum=30)
+                                gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
+                                with gr.Row():
+                                    img_ref = gr.Image(label="16-bit reference", type="pil", elem_id="img-ref",
+                                                       interactive=False)
+                                    img_q = gr.Image(label="W4A4", type="pil", elem_id="img-q", interactive=False)
+                                    img_d = gr.Image(label="|difference| × 4", type="pil", elem_id="img-diff",
+                                                     interactive=False)
+                                gen_md = gr.Markdown("", elem_id="gen-info")
+                            gr.Markdown(TEXT["generate"], elem_classes="teach")
+                    with gr.Tab("About", id="about"):
+                        gr.Markdown(ABOUT)
+
+        layer_in = [model_state, block_dd, type_dd, rank_sl, views_cb, metric_rd]
+        views_out = [status, energy_md, spec_plot, out_plot, err_plot, layer_md]
+        plan_out = [plan_df, cost_md, cost_plot, plan_json]
+
+        demo.load(on_start, layer_in, views_out + [plan_df])
+        calib_btn.click(on_calibrate, layer_in, views_out + [plan_df], concurrency_limit=1)
+        block_dd.change(on_block, [model_state, block_dd, type_dd], [status, type_dd])
+        type_dd.change(on_layer, layer_in, [status, layer_md, rank_sl, energy_md, spec_plot, out_plot, err_plot],
+                       trigger_mode="always_last")
+        rank_sl.release(on_rank, layer_in, views_out, trigger_mode="always_last")
+        for c in (views_cb, metric_rd):
+            c.change(on_rank, layer_in, views_out, trigger_mode="always_last")
+        all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
+        fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out)
+        plan_df.input(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
+        method_dd.change(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
+        export_btn.click(on_export, [model_state, plan_df], [status, export_file])
+        import_file.upload(on_import, [model_state, import_file, method_dd], [status] + plan_out)
+        apply_btn.click(on_import, [model_state, plan_json, method_dd], [status] + plan_out)
+        quant_btn.click(on_quantize_plan, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
+        gen_btn.click(on_generate, [model_state, prompt_tb, seed_nb, steps_nb, guid_nb, method_dd, plan_df],
+                      [status, img_ref, img_q, img_d, gen_md])
+        load_btn.click(on_load_model, [model_box, model_state], [status, model_state, block_dd, type_dd, plan_df])
+    demo.queue(default_concurrency_limit=2)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="DiRotQ Explorer (Gradio app)")
+    ap.add_argument("--model", default=None, help="diffusers pipeline folder or cached hub id (default: embedded tiny model)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--cache-dir", default=None, help="statistics/curves cache (default .cache/explorer)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: half the cores; small GEMMs on a shared box run faster on one)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
+    try:
+        demo = build_demo(args.model, device=args.device, cache_dir=args.cache_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"app.py: cannot open the model: {e}", flush=True)
+        return 2
+    _, url, _ = demo.launch(server_name=args.host, server_port=args.port, ssr_mode=False, prevent_thread_lock=True,
+                            theme=gr.themes.Soft(), css=CSS, quiet=True)
+    print(f"DiRotQ Explorer running on {url or f'http://{args.host}:{args.port}/'}", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,545 @@
+"""The explorer's UI-free session: one model, its calibration and every per-layer quantity the app
+plots, cached (DESIGN.md §3 "App": after calibration a layer or rank change redraws in < 0.3 s).
+
+``ExplorerSession(model)`` holds the pipeline, the adapter's targets and the calibration statistics;
+per-layer results (spectra, outlier views, error-vs-rank curves, quantized models) are memoised in
+the session and, for the slow ones (statistics, curves), on disk under a content hash of the model
+fingerprint, prompts and calibration settings, so a restart neither recalibrates nor re-sweeps.
+``get_session`` is the process-level cache: two browser users of the same model share one session.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+Progress = Callable[[float, str], Any]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("DIROTQ_CACHE", str(ROOT / ".cache" / "explorer")))
+# Fallback calibration prompts in the embedded model's caption grammar (analysis/shapes_grammar.py);
+# assets/prompts/calibration*.txt replaces them when present.
+BUILTIN_PROMPTS = [
+    "a large red circle in the center, on a white background",
+    "a small blue square on the left and a large yellow star on the right, on a black background",
+    "a large green diamond at the top, on a gray background",
+    "a small white triangle in the bottom left, on a blue background",
+    "a large purple star in the top right and a small orange circle at the bottom, on a white background",
+    "a small pink diamond in the center, on a gradient background from black to blue",
+    "a large cyan square on the right, on a yellow background",
+    "a small black circle in the top left, on a pink background",
+    "a large orange triangle on the left, on a gradient background from white to gray",
+    "a small red star at the top and a small blue circle in the center and a large green square at the bottom, on a white background",
+    "a large yellow diamond in the bottom right, on a green background",
+    "a small purple square at the bottom, on a gradient background from blue to black",
+    "a large white circle on the left and a small red triangle on the right, on a blue background",
+    "a small green star in the center, on a black background",
+    "a large blue triangle in the top left, on a gradient background from yellow to pink",
+    "a small orange square in the top right, on a gray background",
+]
+METHODS = ("dirotq", "dirotq-lr", "svdquant", "quarot", "smoothquant", "rtn", "w4a16")
+POLICIES = ("fixed", "energy", "error budget", "16-bit budget")
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    """How the explorer calibrates (small on purpose: seconds on 2 CPU cores for the embedded model)."""
+
+    num_prompts: int = 16
+    num_inference_steps: int = 10
+    steps: tuple[int, ...] | None = None  # None: every step of the short schedule
+    seed: int = 0
+    batch_size: int = 16
+    sample_tokens: int = 512
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_prompts() -> list[str]:
+    """assets/prompts/calibration*.txt (one prompt a line) when present, else the built-in set."""
+    folder = ROOT / "assets" / "prompts"
+    for pat in ("calibration*.txt", "calib*.txt", "train*.txt"):
+        for f in sorted(folder.glob(pat)):
+            lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            if lines:
+                return lines
+    return list(BUILTIN_PROMPTS)
+
+
+class _LRU(OrderedDict):
+    def __init__(self, maxsize: int):
+        super().__init__()
+        self.maxsize = maxsize
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+        return value
+
+
+class ExplorerSession:
+    """Everything the app shows for one model. Methods raise ``ValueError`` / ``KeyError`` /
+    ``FileNotFoundError`` with readable messages (the app shows them)."""
+
+    def __init__(self, model: str | None = None, *, pipe: Any = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
+                 prompts: list[str] | None = None, calib: CalibSettings = CalibSettings(),
+                 base: Mapping[str, Any] | None = None, model_id: str | None = None):
+        from .calibration import model_fingerprint
+        from .models import get_adapter
+        from .pipelines import DEFAULT_MODEL, load_pipeline
+
+        self.model = str(model or DEFAULT_MODEL)
+        if pipe is None:
+            pipe = load_pipeline(self.model, device=device, dtype=dtype)
+        self.pipe = pipe
+        self.device = device
+        self.transformer = pipe.transformer.eval()
+        self.adapter = get_adapter(self.transformer)
+        self.targets = self.adapter.targets(self.transformer)
+        if not self.targets:
+            raise ValueError(f"{self.model}: no quantization targets found")
+        self.modules = dict(self.transformer.named_modules())
+        self.fingerprint = model_fingerprint(self.transformer)
+        self.model_id = model_id or f"{Path(self.model).name}#{self.fingerprint}"
+        self.prompts = list(prompts or default_prompts())[: calib.num_prompts]
+        self.calib = calib
+        self.base = dict(base or {})  # shared quantizer settings (weights "rtn"/"gptq", group size…)
+        self.pipe_kwargs = self._pipe_kwargs()
+        self.key = _hash({"model": self.fingerprint, "family": self.adapter.family, "prompts": self.prompts,
+                          "calib": asdict(calib), "pipe_kwargs": self.pipe_kwargs})
+        self.cache_dir = Path(cache_dir) / self.key if cache_dir is not None else None
+        self.stats = None
+        self.lock = threading.RLock()  # pipeline runs (calibration, generation) one at a time
+        self.compute_lock = threading.RLock()  # per-layer sweeps (the basis cache is not thread-safe)
+        self._memo: dict[str, _LRU] = {k: _LRU(n) for k, n in
+                                       (("spectrum", 512), ("views", 64), ("curves", 1024), ("point", 256),
+                                        ("quantized", 2), ("judge", 1))}
+        self._curves_disk: dict[str, Any] = {}
+        self._warm: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.is_embedded = Path(self.model).resolve() == Path(DEFAULT_MODEL).resolve()
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _pipe_kwargs(self) -> dict:
+        import inspect
+
+        kw: dict[str, Any] = {}
+        params = inspect.signature(self.pipe.__call__).parameters
+        tok = getattr(self.pipe, "tokenizer", None)
+        n = getattr(tok, "model_max_length", None)
+        if "max_sequence_length" in params and isinstance(n, int) and n < 300:
+            kw["max_sequence_length"] = n  # tiny tokenizers cannot pad to PixArt's 300
+        return kw
+
+    def describe(self) -> str:
+        from .models import target_report
+
+        return f"`{self.model_id}` ({self.adapter.family}): {target_report(self.transformer, self.adapter)}"
+
+    # --------------------------------------------------------------------------- calibration
+    @property
+    def calibrated(self) -> bool:
+        return self.stats is not None
+
+    def load_cached(self) -> bool:
+        """Load statistics saved by an earlier run (no model run). True when found."""
+        from .calibration import CalibrationStats
+
+        if self.stats is not None:
+            return True
+        if self.cache_dir is not None and (self.cache_dir / "stats" / "meta.json").is_file():
+            self.stats = CalibrationStats.load(self.cache_dir / "stats")
+            self._load_curves()
+            return True
+        return False
+
+    def calibrate(self, progress: Progress | None = None) -> Any:
+        """Calibrate once (cached in memory and on disk); returns the ``CalibrationStats``."""
+        from .calibration import calibrate
+
+        with self.lock:
+            if self.load_cached():
+                if progress:
+                    progress(1.0, "statistics loaded from cache")
+                return self.stats
+            c = self.calib
+            stats = calibrate(self.pipe, self.prompts, num_inference_steps=c.num_inference_steps,
+                              steps=list(c.steps) if c.steps is not None else None, seed=c.seed,
+                              batch_size=c.batch_size, sample_tokens=c.sample_tokens, adapter=self.adapter,
+                              progress=progress or (lambda f, m: None), pipe_kwargs=self.pipe_kwargs)
+            if self.cache_dir is not None:
+                stats.save(self.cache_dir / "stats")
+            self.stats = stats
+            return stats
+
+    def require_stats(self):
+        if self.stats is None:
+            raise ValueError("not calibrated yet: press “Calibrate” first")
+        return self.stats
+
+    # -------------------------------------------------------------------------------- layers
+    def layer_spec(self, name: str):
+        if name not in self.targets:
+            raise KeyError(f"{name!r} is not a quantization target of this model")
+        return self.targets[name]
+
+    def blocks(self) -> list[int]:
+        return sorted({s.block for s in self.targets.values()})
+
+    def layer_types(self, block: int | None = None) -> list[str]:
+        return list(dict.fromkeys(s.layer_type for s in self.targets.values() if block is None or s.block == block))
+
+    def layer_name(self, block: int, layer_type: str) -> str:
+        for n, s in self.targets.items():
+            if s.block == int(block) and s.layer_type == layer_type:
+                return n
+        raise KeyError(f"block {block} has no target {layer_type!r}")
+
+    def layer_label(self, name: str) -> str:
+        s = self.layer_spec(name)
+        shared = [n.rsplit(".", 1)[-1] for n, t in self.targets.items() if t.group == s.group and n != name]
+        note = f", shares its input with {', '.join(shared)}" if shared else ""
+        kind = "W4A16 by default (weight-only)" if s.kind == "w4a16" else "W4A4"
+        return f"`{name}`: {s.in_features} → {s.out_features}, {kind}{note}"
+
+    # ------------------------------------------------------------------------- per-layer views
+    def spectrum(self, name: str) -> dict:
+        from analysis.stats import spectrum
+
+        s = self.layer_spec(name)
+        memo = self._memo["spectrum"]
+        if s.group not in memo:
+            with self.compute_lock:
+                memo.put(s.group, spectrum(self.require_stats().for_layer(name)))
+        return memo[s.group]
+
+    def energy(self, name: str, rank: int) -> float:
+        from analysis.stats import energy_at
+
+        return energy_at(self.spectrum(name)["explained"], rank)
+
+    def outliers(self, name: str, rank: int, views: tuple[str, ...]) -> dict:
+        from analysis.stats import outlier_views
+
+        key = (name, int(rank), tuple(views))
+        memo = self._memo["views"]
+        if key not in memo:
+            with self.compute_lock:
+                memo.put(key, outlier_views(self.require_stats().for_layer(name), int(rank),
+                                            self.modules[name].weight, views=views))
+        return memo[key]
+
+    def _curve_key(self, name: str) -> str:
+        return f"{name}|{_hash(self.base)}"
+
+    def curves(self, name: str, progress: Progress | None = None) -> dict:
+        """Error vs rank of layer ``name`` (computed once; memory + disk cache)."""
+        from analysis.stats import error_curves
+
+        key = self._curve_key(name)
+        memo = self._memo["curves"]
+        if key in memo:
+            return memo[key]
+        if key in self._curves_disk:
+            return memo.put(key, self._curves_disk[key])
+        with self.compute_lock:
+            if key in memo:
+                return memo[key]
+            st = self.require_stats().for_layer(name)
+            cur = error_curves(self.modules[name], st, spec=self._spec_as_w4a4(name), base=self.base, progress=progress)
+            memo.put(key, cur)
+            self._curves_disk[key] = cur
+        return cur
+
+    def _spec_as_w4a4(self, name: str):
+        """The target spec with kind "w4a4": per-layer curves show what W4A4 would do even for
+        layers the adapter runs W4A16 (ff.net.2 in PixArt), so their outliers can be studied."""
+        from dataclasses import replace
+
+        return replace(self.layer_spec(name), kind="w4a4")
+
+    def error_at(self, name: str, rank: int, methods: tuple[str, ...] = ("dirotq", "svdquant")) -> dict:
+        """Exact error of ``methods`` at ``rank`` (on-grid ranks come from the curve)."""
+        from analysis.stats import layer_error, method_config, quantize_one
+
+        cur = self.curves(name)
+        out = {}
+        for m in methods:
+            if int(rank) in cur["ranks"]:
+                i = cur["ranks"].index(int(rank))
+                out[m] = {k: cur["curves"][m][k][i] for k in ("rel_mse", "sqnr_db")}
+                continue
+            key = (name, m, int(rank), _hash(self.base))
+            memo = self._memo["point"]
+            if key not in memo:
+                st = self.require_stats().for_layer(name)
+                with self.compute_lock:
+                    q = quantize_one(self.modules[name], st, method_config(m, self.base, rank), int(rank),
+                                     self._spec_as_w4a4(name))
+                memo.put(key, layer_error(self.modules[name], q, st.sample))
+            out[m] = memo[key]
+        return out
+
+    def precompute_curves(self, progress: Progress | None = None, stop: threading.Event | None = None) -> int:
+        """Fill the error-curve cache for every target (disk-saved at the end); returns layers done."""
+        names = list(self.targets)
+        n = 0
+        for i, name in enumerate(names):
+            if stop is not None and stop.is_set():
+                break
+            if progress:
+                progress(i / len(names), f"error vs rank: {name}")
+            self.curves(name)
+            n += 1
+        self._save_curves()
+        return n
+
+    def warm_up(self) -> None:
+        """Precompute every layer's curves in a background thread (after calibration)."""
+        if self._warm is not None and self._warm.is_alive():
+            return
+        self._stop.clear()
+        self._warm = threading.Thread(target=self.precompute_curves, kwargs={"stop": self._stop},
+                                      name="dirotq-explorer-warmup", daemon=True)
+        self._warm.start()
+
+    def stop_warm_up(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._warm is not None:
+            self._warm.join(timeout)
+
+    def _save_curves(self) -> None:
+        if self.cache_dir is None or not self._curves_disk:
+            return
+        path = self.cache_dir / "curves.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps(self._curves_disk, default=lambda v: None))
+        os.replace(tmp, path)
+
+    def _load_curves(self) -> None:
+        path = self.cache_dir / "curves.json" if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                return
+            for cur in data.values():  # inf was saved as null
+                for c in cur["curves"].values():
+                    c["sqnr_db"] = [float("inf") if v is None else v for v in c["sqnr_db"]]
+            self._curves_disk.update(data)
+
+    # ---------------------------------------------------------------------------- rank plans
+    def w4a4_targets(self) -> dict:
+        return {n: s for n, s in self.targets.items() if s.kind == "w4a4"}
+
+    def default_plan(self, rank: int = 32) -> dict[str, int]:
+        return {n: min(int(rank), s.in_features) for n, s in self.w4a4_targets().items()}
+
+    def fill_plan(self, policy: str, value: float) -> dict[str, int]:
+        """Per-layer ranks by a policy: "fixed" (rank = value), "energy" (smallest rank keeping
+        ``value`` of the energy, 0..1), "error budget" (smallest grid rank with DiRotQ relative MSE ≤
+        value), "16-bit budget" (greedy allocation of ``value`` extra 16-bit parameters, in
+        thousands, where DiRotQ's error drops most per parameter)."""
+        from .bases import allocate_ranks, rank_for_energy, rank_for_error_budget
+
+        targets = self.w4a4_targets()
+        if policy == "fixed":
+            if value < 0:
+                raise ValueError(f"fixed rank must be ≥ 0, got {value}")
+            return {n: min(int(value), s.in_features) for n, s in targets.items()}
+        self.require_stats()
+        if policy == "energy":
+            if not 0 <= value <= 1:
+                raise ValueError(f"energy fraction must be in [0, 1], got {value}")
+            return {n: rank_for_energy(torch.as_tensor(self.spectrum(n)["eigenvalues"]), float(value))
+                    for n in targets}
+        if policy == "error budget":
+            if value <= 0:
+                raise ValueError(f"error budget (relative MSE) must be > 0, got {value}")
+            out = {}
+            for n in targets:
+                cur = self.curves(n)
+                errs = dict(zip(cur["ranks"], cur["curves"]["dirotq"]["rel_mse"]))
+                out[n] = rank_for_error_budget(lambda r: errs[r], float(value), cur["ranks"])
+            return out
+        if policy == "16-bit budget":
+            if value < 0:
+                raise ValueError(f"16-bit budget must be ≥ 0 (thousands of parameters), got {value}")
+            curves = {n: dict(zip(self.curves(n)["ranks"], self.curves(n)["curves"]["dirotq"]["rel_mse"]))
+                      for n in targets}
+            cost = {n: float(s.out_features) for n, s in targets.items()}  # W·T_h: o extra params per rank
+            return allocate_ranks(curves, cost, float(value) * 1e3)
+        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+
+    def validate_plan(self, ranks: Mapping[str, Any]) -> dict[str, int]:
+        """Check a ``{layer: rank}`` plan against this model; returns it with ints (w4a4 targets only)."""
+        from .config import RankPlan
+
+        plan = RankPlan(dict(ranks))
+        widths = {n: s.in_features for n, s in self.targets.items()}
+        plan.validate(widths)
+        return {n: plan.rank_for(n, s.in_features) for n, s in self.w4a4_targets().items()}
+
+    def plan_from_json(self, text: str) -> dict[str, int]:
+        from .config import RankPlan
+
+        return self.validate_plan(RankPlan.from_json(text).ranks)
+
+    def plan_cost(self, ranks: Mapping[str, int], method: str) -> dict:
+        from analysis.costs import plan_cost
+
+        return plan_cost(self.targets, ranks, method)
+
+    # ------------------------------------------------------------------------ quantized models
+    def config(self, method: str, ranks: Mapping[str, int] | None = None):
+        from analysis.stats import method_config
+
+        from .config import RankPlan
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        cfg = method_config(method, self.base)
+        if ranks is not None and hasattr(cfg, "rank"):
+            from dataclasses import replace
+
+            cfg = replace(cfg, rank=RankPlan({"_default": 0, **{k: int(v) for k, v in ranks.items()}}))
+        return cfg
+
+    def quantized(self, method: str, ranks: Mapping[str, int] | None = None,
+                  progress: Progress | None = None) -> tuple[Any, dict]:
+        """(quantized copy of the transformer, quantize_ report) for (method, plan); LRU of 2."""
+        from .quantize import quantize_
+
+        ranks = self.validate_plan(ranks) if ranks is not None else None
+        cfg = self.config(method, ranks)
+        key = _hash(cfg.to_dict())
+        memo = self._memo["quantized"]
+        if key in memo:
+            return memo[key]
+        stats = self.require_stats()
+        with self.compute_lock:
+            if key in memo:
+                return memo[key]
+            model = copy.deepcopy(self.transformer)
+            report = quantize_(model, cfg, stats, adapter=self.adapter, progress=progress or (lambda f, m: None))
+            return memo.put(key, (model.eval(), report))
+
+    def all_layer_errors(self, method: str, ranks: Mapping[str, int] | None = None,
+                         progress: Progress | None = None) -> list[dict]:
+        """Per-layer error rows (name, block, layer_type, kind, rank, rel_mse, sqnr_db)."""
+        _, report = self.quantized(method, ranks, progress)
+        rows = []
+        for name, info in report["layers"].items():
+            s = self.targets[name]
+            rows.append({"name": name, "block": s.block, "layer_type": s.layer_type, "kind": s.kind,
+                         "rank": info.get("rank", 0), "rel_mse": info.get("rel_mse", float("nan")),
+                         "sqnr_db": info.get("sqnr_db", float("nan"))})
+        return rows
+
+    # ------------------------------------------------------------------------------ generation
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words the model's tokenizer maps to its unknown token (the tiny models know few words)."""
+        tok = getattr(self.pipe, "tokenizer", None)
+        unk = getattr(tok, "unk_token_id", None)
+        if tok is None or unk is None:
+            return []
+        bad = []
+        for w in prompt.split():
+            ids = tok(w, add_special_tokens=False)["input_ids"]
+            if unk in ids and w not in bad:
+                bad.append(w)
+        return bad
+
+    def judge(self):
+        """The embedded model's prompt-faithfulness judge (None for other models or when missing)."""
+        memo = self._memo["judge"]
+        if "j" not in memo:
+            j = None
+            if self.is_embedded:
+                try:
+                    from analysis.judge import DEFAULT_JUDGE_PATH, load_judge
+
+                    if os.path.isfile(os.path.join(DEFAULT_JUDGE_PATH, "config.json")):
+                        j = load_judge()
+                except Exception:
+                    j = None
+            memo.put("j", j)
+        return memo["j"]
+
+    def generate(self, prompt: str, seed: int, steps: int, guidance: float, method: str,
+                 ranks: Mapping[str, int] | None = None, progress: Progress | None = None) -> dict:
+        """16-bit and quantized image of one prompt and seed, with metrics, timings, backend."""
+        from analysis.stats import difference_image, image_report
+
+        from .generate import generate_pair
+
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        bad = self.unknown_words(prompt)
+        if bad:
+            raise ValueError(f"this model does not know the words {bad}; it was trained on the shapes captions "
+                             "(shapes, colours, sizes, positions, backgrounds)")
+        steps, seed = int(steps), int(seed)
+        if not 1 <= steps <= 100:
+            raise ValueError(f"steps must be in [1, 100], got {steps}")
+        if not 0 <= float(guidance) <= 30:
+            raise ValueError(f"guidance must be in [0, 30], got {guidance}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        qmodel, _ = self.quantized(method, ranks, progress)
+        with self.lock:
+            ref, quant, timings = generate_pair(self.pipe, qmodel, prompt, seed, num_inference_steps=steps,
+                                                guidance_scale=float(guidance), **self.pipe_kwargs)
+        metrics = image_report(ref, quant, prompt, self.judge())
+        return {"reference": ref, "quantized": quant, "difference": difference_image(ref, quant),
+                "metrics": metrics, "timings": timings}
+
+
+# ------------------------------------------------------------------------------ process cache
+_SESSIONS: dict[str, ExplorerSession] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def get_session(model: str | None = None, **kw: Any) -> ExplorerSession:
+    """The process-wide session of ``model`` (created on first use with ``kw``, shared by every user)."""
+    from .pipelines import DEFAULT_MODEL
+
+    key = str(model or DEFAULT_MODEL)
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = ExplorerSession(key, **kw)
+        return _SESSIONS[key]
+
+
+def register_session(name: str, session: ExplorerSession) -> ExplorerSession:
+    """Put a ready session (e.g. built from an in-memory pipeline in tests) under ``name``."""
+    with _SESSIONS_LOCK:
+        _SESSIONS[str(name)] = session
+    return session
+
+
+def timed(fn: Callable, *a: Any, **kw: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+__all__ = ["ExplorerSession", "CalibSettings", "get_session", "register_session", "default_prompts", "METHODS",
+           "POLICIES", "BUILTIN_PROMPTS"]
