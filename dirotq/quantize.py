@@ -106,7 +106,7 @@ def _select_targets(all_targets: Mapping[str, Any], targets: Iterable[str] | Non
 def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapter: Any = None,
               targets: Iterable[str] | None = None, progress: ProgressFn | None = None,
               skip_validation: bool = False, measure_error: bool = True) -> dict:
-    """Quantize ``model``'s targets in place; returns a report ``{"method", "config", "layers": {name:
+    """Quantize ``model``'s targets in place (a pipeline: its ``.transformer``); returns a report ``{"method", "config", "layers": {name:
     {method, rank, kind, rel_mse, sqnr_db}}, "summary"}``.
 
     adapter: the family adapter (default ``get_adapter(model)``); targets: a subset of its target
@@ -116,6 +116,8 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
     sample when one exists. Everything is checked before the first layer is swapped, and any
     failure during the swap restores the original layers.
     """
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "transformer", None), nn.Module):
+        model = model.transformer  # a pipeline: quantize its transformer
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (e.g. DiRotQConfig()), got {type(config).__name__}")
     if getattr(model, "_dirotq_quantization", None):
