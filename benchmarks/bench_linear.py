@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-if "--dry-run" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+if "--dry-run" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import torch  # noqa: E402
 

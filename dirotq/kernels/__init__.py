@@ -96,28 +96,32 @@ _FORMAT_NAMES = {"exact": "format A (exact)", "int_ratio": "format C (int_ratio)
 
 
 def layer_backend(module: Any, device: torch.device | str | None = None) -> tuple[str, str]:
-    """``(backend, kind)`` this layer runs (or last ran) on: backend "triton" | "reference",
-    kind "W4A4 format A (exact)" | "W4A4 format C (int_ratio)" | "W4A16 format ..." | "reference: why"."""
+    """``(backend, kind)`` a forward of this layer runs now on inputs on ``device`` (default: the
+    layer's own device): backend "triton" | "reference"; kind e.g. "W4A4 format C (int_ratio)",
+    "W4A16 format A (exact)", or the reference kind plus why the kernels do not cover it.
+
+    Derived from the same inputs as the dispatch (``module.backend`` / ``DIROTQ_BACKEND``, device,
+    Triton availability, ``layout.unsupported_reason``), so it is exact for the current settings;
+    ``module._kernel_backend_used`` (what the last call ran) is kept for debugging only, since it
+    goes stale when the settings change between calls."""
+    from ..modules import selected_backend
     from .layout import unsupported_reason
 
     fmt = "int_ratio" if getattr(module, "weight_ratio", None) is not None else "exact"
-    used = getattr(module, "_kernel_backend_used", None)
     if device is None:
         device = module._device() if hasattr(module, "_device") else "cpu"
-    if used is None:
-        from ..modules import selected_backend
-
-        choice = module.backend if getattr(module, "backend", "auto") != "auto" else selected_backend()
-        wants = choice == "triton" or (choice == "auto" and torch.device(device).type == "cuda")
-        used = "triton" if wants and kernels_available(device) else "reference"
+    device = torch.device(device)
+    choice = module.backend if getattr(module, "backend", "auto") != "auto" else selected_backend()
+    wants = choice == "triton" or (choice == "auto" and device.type == "cuda")
     reason = unsupported_reason(module)
-    if used == "triton" and reason:
-        used = "reference"
+    used = "triton" if wants and kernels_available(device) and not reason else "reference"
     acts = "W4A16" if module.act_bits is None else f"W{module.weight_bits}A{module.act_bits}"
     if used == "reference":
         kind = f"{acts} {_FORMAT_NAMES.get(module.scale_format, module.scale_format)}"
-        if reason:
+        if wants and reason:
             kind += f" [not covered by kernels: {reason}]"
+        elif wants:
+            kind += " [Triton unavailable on this device]"
         return "reference", kind
     return "triton", f"{acts} {_FORMAT_NAMES[fmt]}"
 

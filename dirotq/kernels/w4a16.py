@@ -81,12 +81,9 @@ def w4a16_kernel(
 
 
 def _configs():
-    cfgs = []
-    for bo in (32, 64, 128):
-        for bt in (16, 32, 64, 128):
-            for stages in (3, 4):
-                cfgs.append(triton.Config({"BO": bo, "BT": bt, "GROUP_O": 8},
-                                          num_warps=8 if bo * bt >= 128 * 64 else 4, num_stages=stages))
+    cfgs = [triton.Config({"BO": bo, "BT": 16, "GROUP_O": 8}, num_warps=4, num_stages=4) for bo in (32, 64, 128)]
+    for bo, bt, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)):
+        cfgs.append(triton.Config({"BO": bo, "BT": bt, "GROUP_O": 8}, num_warps=warps, num_stages=stages))
     return cfgs
 
 
@@ -103,7 +100,7 @@ def _tuned_kernel():
     global _TUNED
     if _TUNED is None:
         _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR"],
-                                 prune_configs_by={"early_config_prune": _prune})(w4a16_kernel)
+                                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)(w4a16_kernel)
     return _TUNED
 
 

@@ -123,13 +123,13 @@ def w4a4_gemm_kernel(
 
 
 def _configs():
-    cfgs = []
-    for bo in (64, 128):
-        for bt in (16, 32, 64, 128, 256):
-            for stages in (3, 4):
-                warps = 8 if bo * bt >= 128 * 128 else 4
-                cfgs.append(triton.Config({"BO": bo, "BT": bt, "GROUP_O": 8}, num_warps=warps, num_stages=stages))
-    cfgs.append(triton.Config({"BO": 32, "BT": 16, "GROUP_O": 8}, num_warps=4, num_stages=4))
+    """A short list (each config is a compile per shape): swap-AB tiles, weights on the M side."""
+    cfgs = [triton.Config({"BO": 32, "BT": 16, "GROUP_O": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BO": 64, "BT": 16, "GROUP_O": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BO": 128, "BT": 16, "GROUP_O": 8}, num_warps=4, num_stages=4)]
+    for bo, bt, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4),
+                                  (128, 256, 8, 3), (256, 128, 8, 3)):
+        cfgs.append(triton.Config({"BO": bo, "BT": bt, "GROUP_O": 8}, num_warps=warps, num_stages=stages))
     return cfgs
 
 
@@ -147,7 +147,7 @@ def _tuned_kernel():
     global _TUNED
     if _TUNED is None:
         _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR", "W_INT8"],
-                                 prune_configs_by={"early_config_prune": _prune})(w4a4_gemm_kernel)
+                                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)(w4a4_gemm_kernel)
     return _TUNED
 
 
