@@ -171,6 +171,17 @@ def main() -> None:
             print(f"{model} {name} {d}->{o} n={n}", flush=True)
             row = run_shape(model, name, d, o, n, dry)
             ceiling = res["ceilings_measured"].get("int8_int_mm_8192_tops")
+            bw = res["ceilings_measured"].get("copy_gbps")
+            bf16_peak = res["ceilings_measured"].get("bf16_matmul_8192_tflops")
+            flops = 2.0 * n * d * o
+            min_bytes = n * d * 2 + o * d * 0.53 + n * o * 2  # bf16 x in, ~4.25-bit weights, bf16 y out
+            if isinstance(ceiling, float):
+                row["floor_int8_ms"] = flops / ceiling / 1e9
+            if isinstance(bf16_peak, float):
+                row["floor_bf16_ms"] = flops / bf16_peak / 1e9
+            if isinstance(bw, float):
+                row["floor_memory_w4_ms"] = min_bytes / bw / 1e6
+                row["floor_memory_bf16_ms"] = (n * d * 2 + o * d * 2 + n * o * 2) / bw / 1e6
             for k in list(row):
                 if k.endswith("_tops") and isinstance(ceiling, float):
                     row[k.replace("_tops", "_pct_int8_ceiling")] = round(100 * row[k] / ceiling, 1)

@@ -281,8 +281,11 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     assert torch.equal(acc.double(), act["codes"].double() @ _weight_operand(m).double().T)
     y = kernels.kernel_forward(m, x)
     assert _rel(y, m.reference_forward(x)) < 5e-3
-    yb = m.to(torch.bfloat16)(x.bfloat16())  # the production dtype
-    assert _rel(yb.float(), m.reference_forward(x.bfloat16().float())) < 5e-2
+    mb = make_layer(structure, fmt, d=d, o=o, r=r, dtype=torch.bfloat16).cuda()  # the production dtype
+    xb = x.bfloat16()
+    yb = mb(xb)
+    assert yb.dtype == torch.bfloat16
+    assert _rel(yb.float(), mb.reference_forward(xb.float())) < 5e-2
 
 
 @cuda
