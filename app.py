@@ -43,7 +43,7 @@ def session(model: str):
 
 
 def _ok(msg: str) -> str:
-    return f"✅ {msg}"
+    return f"✓ {msg}"
 
 
 def safe(n_outputs: int):
@@ -59,7 +59,7 @@ def safe(n_outputs: int):
                 if not isinstance(e, (ValueError, KeyError, FileNotFoundError, TypeError)):
                     traceback.print_exc()
                     msg = f"{type(e).__name__}: {msg}"
-                status = f"⚠️ {msg}"
+                status = f"⚠ {msg}"
                 if n_outputs == 1:
                     return status
                 return (status,) + tuple(gr.skip() for _ in range(n_outputs - 1))
@@ -141,7 +141,7 @@ def on_layer(model, block, ltype, rank, extra_views, metric):
     r = min(int(rank or 0), d)
     slider = gr.update(maximum=d, value=r)
     if not s.calibrated:
-        return "ℹ️ press “Calibrate” to see this layer", s.layer_label(name), slider, "", gr.skip(), gr.skip(), gr.skip()
+        return "ℹ press “Calibrate” to see this layer", s.layer_label(name), slider, "", gr.skip(), gr.skip(), gr.skip()
     t = time.perf_counter()
     energy, f1, f2, f3 = layer_figures(model, block, ltype, r, extra_views, metric)
     return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s"), s.layer_label(name), slider, energy, f1, f2, f3)
@@ -212,7 +212,7 @@ def on_start(model, block, ltype, rank, extra_views, metric):
     """Page load: draw at once when statistics are cached on disk, else ask for calibration."""
     s = session(model)
     if not (s.calibrated or s.load_cached()):
-        return ("ℹ️ not calibrated yet: press **Calibrate** (≈ " f"{len(s.prompts)} prompts × "
+        return ("ℹ not calibrated yet: press **Calibrate** (≈ " f"{len(s.prompts)} prompts × "
                 f"{s.calib.num_inference_steps} steps)", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
     s.warm_up()
     energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
@@ -525,9 +525,9 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                 with gr.Row():
                                     export_btn = gr.Button("Export JSON")
                                     quant_btn = gr.Button("Quantize with this plan", variant="primary")
-                                export_file = gr.File(label="rank_plan.json", interactive=False)
+                                export_file = gr.File(label="rank_plan.json", interactive=False, height=80)
                                 with gr.Row():
-                                    import_file = gr.File(label="import a rank plan (.json)", file_types=[".json"],
+                                    import_file = gr.File(label="import a rank plan (.json)", file_types=[".json"], height=140,
                                                           type="filepath")
                                     plan_json = gr.Code("", language="json", label="plan JSON (edit, then Apply)")
                                 apply_btn = gr.Button("Apply JSON", size="sm")
@@ -536,7 +536,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                         with gr.Row():
                             with gr.Column(scale=3):
                                 with gr.Row():
-                                    prompt_tb = gr.Textbox("a large red circle in the center, on a white background",
+                                    prompt_tb = gr.Textbox(s.default_prompt(),
                                                            label="prompt", elem_id="prompt", scale=3)
                                     seed_nb = gr.Number(0, label="seed", precision=0, minimum=0)
                                     steps_nb = gr.Number(10, label="steps", precision=0, minimum=1, maximum=100)

@@ -111,7 +111,8 @@ def outliers_figure(views: Mapping[str, Mapping[str, Any]], rank: int, layer: st
     """
     names = list(views)
     k = len(names)
-    layout = dict(_LAYOUT, height=560, margin=dict(l=60, r=20, t=110, b=50), bargap=0,
+    layout = dict(_LAYOUT, height=580, margin=dict(l=60, r=20, t=100, b=90), bargap=0,
+                  legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
                   title=dict(text=f"{_short(layer)}: where the outliers are (rank r = {rank})"),
                   **_grid(2, k, hspace=0.03, vspace=0.1, share_y_rows=True))
     data = []
@@ -211,7 +212,7 @@ def cost_figure(layers: Sequence[Mapping[str, Any]], title: str = "") -> go.Figu
             go.Scatter(x=blocks, y=f, name="extra 16-bit FLOPs (% of W4A4)", mode="lines+markers",
                        line=dict(color="#d62728"), yaxis="y2")]
     layout = dict(_LAYOUT, height=380, title=dict(text=title or "cost of the rank plan against plain W4A4"),
-                  xaxis=dict(title=dict(text="block"), **_AXIS), yaxis=dict(title=dict(text="parameters"), **_AXIS),
+                  xaxis=dict(title=dict(text="block"), dtick=1, **_AXIS), yaxis=dict(title=dict(text="parameters"), **_AXIS),
                   yaxis2=dict(title=dict(text="% of W4A4 FLOPs"), overlaying="y", side="right", rangemode="tozero",
                               showgrid=False))
     return go.Figure(data=data, layout=layout)

@@ -30,8 +30,8 @@ from dirotq.config import (DiRotQConfig, QuantConfig, QuaRotConfig, RTNConfig, S
 from dirotq.quantizers import fake_quantize
 
 VIEWS = ("original", "dirotq", "smoothquant", "hadamard")
-VIEW_LABELS = {"original": "original basis (RTN sees this)", "dirotq": "after DiRotQ rotation x·T",
-               "smoothquant": "after SmoothQuant x/s", "hadamard": "after random Hadamard x·H (QuaRot)"}
+VIEW_LABELS = {"original": "original x (RTN)", "dirotq": "DiRotQ x·T", "smoothquant": "SmoothQuant x/s",
+               "hadamard": "QuaRot x·H (Hadamard)"}
 CURVE_METHODS = ("dirotq", "svdquant")
 REFERENCE_METHODS = ("rtn", "smoothquant", "quarot")
 

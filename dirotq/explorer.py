@@ -454,17 +454,29 @@ class ExplorerSession:
 
     # ------------------------------------------------------------------------------ generation
     def unknown_words(self, prompt: str) -> list[str]:
-        """Words the model's tokenizer maps to its unknown token (the tiny models know few words)."""
+        """Words of ``prompt`` that the model's tokenizer maps to its unknown token (the tiny models
+        know a few dozen words)."""
         tok = getattr(self.pipe, "tokenizer", None)
         unk = getattr(tok, "unk_token_id", None)
         if tok is None or unk is None:
             return []
-        bad = []
-        for w in prompt.split():
-            ids = tok(w, add_special_tokens=False)["input_ids"]
-            if unk in ids and w not in bad:
+        bad: list[str] = []
+        try:
+            enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            pieces = [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        except (NotImplementedError, TypeError, ValueError, KeyError):  # slow tokenizers: word by word
+            pieces = [w for w in prompt.split() if unk in tok(w, add_special_tokens=False)["input_ids"]]
+        for w in pieces:
+            if w and w not in bad:
                 bad.append(w)
         return bad
+
+    def default_prompt(self) -> str:
+        """A prompt this model knows every word of (the embedded grammar's, else a calibration prompt)."""
+        for p in [BUILTIN_PROMPTS[0], *self.prompts, "a red circle on the left", "a photo"]:
+            if not self.unknown_words(p):
+                return p
+        return self.prompts[0]
 
     def judge(self):
         """The embedded model's prompt-faithfulness judge (None for other models or when missing)."""

@@ -1,0 +1,200 @@
+"""End-to-end: `python app.py` in a subprocess, driven by headless Debian chromium through Playwright
+(issue #4). Pick a layer, move the rank slider, see the plot change, generate, see two images.
+
+Runs on the embedded model when assets/tiny-pixart exists, else on a tiny random PixArt-Σ pipeline
+saved to a temp folder (the ``--model PATH`` path). Skips, saying why, only when chromium or the
+Playwright package is missing. ``DIROTQ_SCREENSHOTS=DIR`` also writes one screenshot per tab there
+(how docs/screenshots/ was made).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("DIROTQ_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser_or_skip():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM}: install it with `apt-get install -y chromium` "
+                    "(scripts/install.sh --test does) — Playwright cannot download browsers offline")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright Python package is not installed (pip install -r requirements.txt)")
+    pw = sync_playwright().start()
+    try:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+    except Exception as e:  # a broken chromium install is an environment problem, say so
+        pw.stop()
+        pytest.skip(f"chromium at {CHROMIUM} does not start: {e}")
+    yield browser
+    browser.close()
+    pw.stop()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from dirotq.pipelines import DEFAULT_MODEL
+
+    if (Path(DEFAULT_MODEL) / "model_index.json").is_file():
+        return DEFAULT_MODEL
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_pipelines import build_tiny_pixart_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-pipe")
+    build_tiny_pixart_pipeline().save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    port = _free_port()
+    cache = tmp_path_factory.mktemp("app-cache")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log = tmp_path_factory.mktemp("app-log") / "app.log"
+    fh = open(log, "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", model_dir, "--port", str(port),
+                             "--cache-dir", str(cache), "--threads", "1", "--device", "cpu"],
+                            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = None
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        text = log.read_text()
+        m = re.search(r"running on (http://\S+)", text)
+        if m:
+            url = m.group(1)
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    if url is None:
+        proc.kill()
+        fh.close()
+        pytest.fail(f"app.py did not start:\n{log.read_text()[-3000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    fh.close()
+
+
+def _plot_title(page, elem_id: str) -> str:
+    loc = page.locator(f"#{elem_id} .gtitle").first
+    loc.wait_for(state="attached", timeout=30_000)
+    return loc.text_content() or ""
+
+
+def _status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def _wait_status(page, pattern: str, timeout: float = 90.0) -> str:
+    t = time.time() + timeout
+    while time.time() < t:
+        text = _status(page)
+        if re.search(pattern, text):
+            return text
+        if "⚠" in text:
+            raise AssertionError(f"the app reported an error: {text}")
+        time.sleep(0.25)
+    raise AssertionError(f"status never matched {pattern!r}; last: {_status(page)!r}")
+
+
+def test_browser_end_to_end(browser_or_skip, server, tmp_path):
+    shots = os.environ.get("DIROTQ_SCREENSHOTS")
+    page = browser_or_skip.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+    page.get_by_role("button", name="Calibrate").wait_for(timeout=30_000)
+    _wait_status(page, r"Calibrate|✓", 30)
+
+    # calibrate (gr.Progress), then the spectrum is drawn
+    page.get_by_role("button", name="Calibrate").click()
+    _wait_status(page, r"✓ statistics", 120)
+    title0 = _plot_title(page, "plot-spectrum")
+    assert "keeps" in title0
+
+    # pick a layer: another layer type in the same block
+    page.locator("#layer-type input").click()
+    page.get_by_role("option", name="attn1.to_out.0").click()
+    t = time.time() + 30
+    while time.time() < t and "to_out" not in _plot_title(page, "plot-spectrum"):
+        time.sleep(0.2)
+    title1 = _plot_title(page, "plot-spectrum")
+    assert "to_out" in title1, title1
+
+    # move the rank slider (a click on the track: pointer down + up = "release")
+    track = page.locator("#rank input[type=range]")
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2)
+    t = time.time() + 30
+    while time.time() < t and _plot_title(page, "plot-spectrum") == title1:
+        time.sleep(0.2)
+    title2 = _plot_title(page, "plot-spectrum")
+    assert title2 != title1, "the spectrum did not redraw after the rank slider moved"
+    m = re.search(r"r = (\d+)", title2)
+    assert m and int(m.group(1)) > 0
+    assert f"top {m.group(1)} of" in page.locator("#energy").inner_text()
+    page.screenshot(path=str(tmp_path / "spectrum.png"))
+
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=f"{shots}/spectrum.png")
+        for tab, fname, wait_id in (("Outliers", "outliers", "plot-outliers"), ("Error vs rank", "error_vs_rank",
+                                                                                  "plot-error")):
+            page.get_by_role("tab", name=tab).click()
+            _plot_title(page, wait_id)
+            time.sleep(0.5)
+            page.screenshot(path=f"{shots}/{fname}.png")
+        page.get_by_role("tab", name="Rank plan").click()
+        page.get_by_role("button", name="Fill").click()
+        _wait_status(page, r"plan filled", 60)
+        time.sleep(0.5)
+        page.screenshot(path=f"{shots}/rank_plan.png", full_page=True)
+        page.get_by_role("tab", name="All layers").click()
+        page.get_by_role("button", name="Compute for this method and rank plan").click()
+        _wait_status(page, r"layers quantized", 120)
+        _plot_title(page, "plot-all")
+        time.sleep(0.5)
+        page.screenshot(path=f"{shots}/all_layers.png", full_page=True)
+
+    # generate: two images side by side
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_role("button", name="Generate").click()
+    _wait_status(page, r"✓ generated", 120)
+    for elem in ("img-ref", "img-q"):
+        img = page.locator(f"#{elem} img").first
+        img.wait_for(state="visible", timeout=30_000)
+        assert img.evaluate("i => i.complete && i.naturalWidth > 0")
+    assert "PSNR" in page.locator("#gen-info").inner_text()
+    out = tmp_path / "generate.png"
+    page.screenshot(path=str(out), full_page=True)
+    assert out.stat().st_size > 10_000
+    if shots:
+        page.screenshot(path=f"{shots}/generate.png", full_page=True)
+        page.get_by_role("tab", name="About").click()
+        time.sleep(0.3)
+        page.screenshot(path=f"{shots}/about.png", full_page=True)
+    page.close()
