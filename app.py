@@ -382,7 +382,7 @@ that is quantized, as a fraction of the input energy.""",
 activations) vs SVDQuant (16-bit low-rank branch of the smoothed weight), with RTN, SmoothQuant and
 QuaRot (no rank) as dotted lines. Diamonds: the exact error at your rank.
 
-**Read it.** r = d is exactly the 16-bit layer for DiRotQ (∞ dB). SVDQuant's branch follows the
+**Read it.** r = d is the 16-bit layer for DiRotQ (what is left is float32 rounding). SVDQuant's branch follows the
 weight's energy, DiRotQ's the activations' — the curve shows which one this layer needs.""",
     "all": """**What you see.** Every quantized layer's output error for the method on the left and the
 rank plan of the *Rank plan* tab: a heat map by block and layer type, and bars in layer order.
@@ -434,8 +434,9 @@ memory; the rank plan tab shows what a plan costs. **Caveats** from the authors'
 pooled basis for all prompts and timesteps, a fixed r = d/8, per-layer error proxies that do not
 always predict image quality — which is why this app shows both layer errors and images.
 
-Reference: *DiRotQ*, {PAPER} (https://arxiv.org/abs/2605.16732). The embedded model is a 9M-parameter
-PixArt-Σ-style DiT trained on procedural shapes; its outliers are milder than real DiTs'.
+Reference: *DiRotQ*, {PAPER} (https://arxiv.org/abs/2605.16732). The embedded model is a small
+PixArt-Σ-style DiT trained on procedural shapes; its outliers are milder than those of full-size DiTs,
+so differences between methods are smaller here than on PixArt-Σ or FLUX.
 """
 
 CSS = """

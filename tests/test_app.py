@@ -4,6 +4,7 @@ once through gradio_client with two users at once."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -215,3 +216,40 @@ def test_gradio_client_two_users_at_once(sess, calibrated):
         assert a[1] != b[1]
     finally:
         demo.close()
+
+
+def test_embedded_model_budget(tmp_path):
+    """DESIGN.md §3 "App": on the embedded model, calibrate + quantize + generate a pair in under a
+    minute on 2 CPU cores, and layer/rank changes redraw in < 0.3 s after calibration."""
+    from dirotq.pipelines import DEFAULT_MODEL
+
+    if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
+        pytest.skip(f"the embedded model is not built yet ({DEFAULT_MODEL})")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        s = register_session("embedded-budget", ExplorerSession(DEFAULT_MODEL, cache_dir=tmp_path))
+        t_load = time.perf_counter() - t0
+        s.calibrate()
+        t_cal = time.perf_counter() - t0
+        out = s.generate(s.default_prompt(), 0, 10, 4.5, "dirotq", s.default_plan(32))
+        total = time.perf_counter() - t0
+        print(f"embedded: load {t_load:.1f} s, calibrate {t_cal - t_load:.1f} s, quantize + pair "
+              f"{total - t_cal:.1f} s, total {total:.1f} s; PSNR {out['metrics']['psnr_db']:.1f} dB")
+        assert total < 60
+        names = list(s.targets)[:4]
+        for nm in names:
+            s.curves(nm)
+        times = []
+        for nm in names:
+            spec = s.targets[nm]
+            for r in (0, 16, 40):
+                t = time.perf_counter()
+                st = app.on_rank("embedded-budget", spec.block, spec.layer_type, r, VIEWS, "sqnr_db")[0]
+                times.append(time.perf_counter() - t)
+                assert st.startswith("✓"), st
+        print(f"embedded redraw median {statistics.median(times) * 1e3:.0f} ms, max {max(times) * 1e3:.0f} ms")
+        assert statistics.median(times) < 0.3
+    finally:
+        torch.set_num_threads(n)
