@@ -436,15 +436,16 @@ class Evaluator:
         key = {**self.base_key, "config": config.to_dict()}
         if uses_stats or config.method not in ("rtn", "w4a16", "quarot"):
             key["calibration"] = {"prompts": config_hash(self.calib_prompts), "steps": self.calib_steps}
-        folder = self.out / "images" / f"{label}-{config_hash(key)}"
+        # named by the recipe, not the caller's label: the sweep's r=32 reuses the main table's images
+        folder = self.out / "images" / f"{config.tag()}-{config_hash(key)}"
         report_path = folder / "quantize_report.json"
         state: dict[str, Any] = {}
 
         def build():
-            t0 = time.perf_counter()
             # statistics also for methods that do not need them: the per-layer error report uses
             # their held-out token sample (the images do not depend on them)
             stats = self.stats
+            t0 = time.perf_counter()
             q, report = quantized_copy(self.pipe.transformer, config, stats, adapter=self.adapter,
                                        return_report=True)
             state["quantize_s"] = time.perf_counter() - t0
