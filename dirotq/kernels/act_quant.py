@@ -2,9 +2,11 @@
 
 One program handles ``BT`` tokens and their whole row. Per program:
 
-1. ``c = x_s · down`` (x_s = x / smooth), a K loop over d in chunks of ``BKD``; c is rounded to the
-   output dtype *before* it is used, so the projection and the GEMM epilogue see the same c and
-   x = c·downᵀ + residual holds exactly in what the kernels run.
+1. ``c = x_s · down`` (x_s = x / smooth), a K loop over d in chunks of ``BKD``, ``RC`` (≤ 64)
+   columns of c at a time, stored in the activation dtype; the projection re-reads the stored c
+   (after a barrier) in RC chunks, so the residual and the GEMM epilogue use the same rounded c and
+   no (BT, r) or (r, 64) tile has to live in registers (large ranks, e.g. the paper's r = d/8, do
+   not spill).
 2. Per group g of ``GS`` columns, the tile a_g (BT, GS) of ``rotate(x_s)``:
    - dense rotation (full-rotation dirotq, QuaRot dense): ``a_g = Σ_k x_s[:, k] · R[k, g]`` (a GEMM
      over d whose epilogue quantizes; the first r columns of xT are ``c``),
@@ -22,6 +24,8 @@ the dense rotation this doubles the rotation GEMM (documented in docs/KERNELS_NO
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -55,32 +59,43 @@ def _load_xs(x_ptr, stride_xn, smooth_ptr, rows, cols, n, d, HAS_SMOOTH: tl.cons
 
 
 @triton.jit
-def _group_tile(g, rows, c, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr, stride_rd, stride_rc, signs_ptr,
+def _project(xs, rows, cols, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC: tl.constexpr,
+             DOT_DTYPE: tl.constexpr):
+    """xs − c · down[cols]ᵀ, c re-read from the output buffer in chunks of RC (it was stored by
+    this program before a barrier), so no (BT, r) tile and no (r, GS) tile is ever live at once."""
+    for r0 in range(0, r, RC):
+        rc = r0 + tl.arange(0, RC)
+        cc = tl.load(c_ptr + rows[:, None] * stride_cn + rc[None, :], mask=(rows[:, None] < n) & (rc[None, :] < r),
+                     other=0.0).to(tl.float32)
+        dt = tl.load(down_ptr + cols[None, :] * stride_dd + rc[:, None] * stride_dr,
+                     mask=(cols[None, :] < d) & (rc[:, None] < r), other=0.0)
+        xs = xs - _fdot(cc, dt, DOT_DTYPE)
+    return xs
+
+
+@triton.jit
+def _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr, stride_rd, stride_rc,
+                signs_ptr, c_ptr, stride_cn,
                 n, d, d_q, r,
-                BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, R_PAD: tl.constexpr,
+                BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, RC: tl.constexpr,
                 HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr, HAS_HAD: tl.constexpr,
                 DOT_DTYPE: tl.constexpr):
     """The fp32 tile (BT, GS) of the transformed input for group ``g``."""
     gcols = g * GS + tl.arange(0, GS)
-    rcols = tl.arange(0, R_PAD)
     if HAS_ROT:
         a = tl.zeros((BT, GS), dtype=tl.float32)
         for k0 in range(0, d, BKD):
             kc = k0 + tl.arange(0, BKD)
             xs = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, kc, n, d, HAS_SMOOTH)
             if PROJ:
-                dt = tl.load(down_ptr + kc[None, :] * stride_dd + rcols[:, None] * stride_dr,
-                             mask=(kc[None, :] < d) & (rcols[:, None] < r), other=0.0)
-                xs = xs - _fdot(c, dt, DOT_DTYPE)
+                xs = _project(xs, rows, kc, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC, DOT_DTYPE)
             rt = tl.load(rot_ptr + kc[:, None] * stride_rd + gcols[None, :] * stride_rc,
                          mask=(kc[:, None] < d) & (gcols[None, :] < d_q), other=0.0)
             a += _fdot(xs, rt, DOT_DTYPE)
     else:
         a = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, gcols, n, d, HAS_SMOOTH)
         if PROJ:
-            dt = tl.load(down_ptr + gcols[None, :] * stride_dd + rcols[:, None] * stride_dr,
-                         mask=(gcols[None, :] < d) & (rcols[:, None] < r), other=0.0)
-            a = a - _fdot(c, dt, DOT_DTYPE)
+            a = _project(a, rows, gcols, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC, DOT_DTYPE)
     if HAS_HAD:
         sg = tl.load(signs_ptr + gcols, mask=gcols < d_q, other=0.0).to(tl.float32)
         a = _fdot(a * sg[None, :], had, DOT_DTYPE)
@@ -100,30 +115,31 @@ def act_quant_kernel(
     s_ptr, stride_sn,  # out: fp32 scales, (n, G) [A] or (n,) [C]
     k_ptr, stride_kn,  # out: int8 multipliers (n, G) [C]
     a_ptr, stride_an,  # out (debug): fp32 transformed input (n, G*GS)
-    n, d, d_q, r, G,
-    BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, R_PAD: tl.constexpr,
+    n, d, d_q, r, G, N_KEY,
+    BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, RC: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_DOWN: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, STORE_A: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     rmask = rows < n
-    rcols = tl.arange(0, R_PAD)
     cols = tl.arange(0, GS)
 
-    # 1. 16-bit coefficients c = x_s · down
-    c = tl.zeros((BT, R_PAD), dtype=tl.float32)
+    # 1. 16-bit coefficients c = x_s · down, RC columns at a time, stored in the activation dtype
     if HAS_DOWN:
-        for k0 in range(0, d, BKD):
-            kc = k0 + tl.arange(0, BKD)
-            xs = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, kc, n, d, HAS_SMOOTH)
-            dn = tl.load(down_ptr + kc[:, None] * stride_dd + rcols[None, :] * stride_dr,
-                         mask=(kc[:, None] < d) & (rcols[None, :] < r), other=0.0)
-            c += _fdot(xs, dn, DOT_DTYPE)
-        c16 = c.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptr + rows[:, None] * stride_cn + rcols[None, :], c16,
-                 mask=rmask[:, None] & (rcols[None, :] < r))
-        c = c16.to(tl.float32)
+        for r0 in range(0, r, RC):
+            rc = r0 + tl.arange(0, RC)
+            c = tl.zeros((BT, RC), dtype=tl.float32)
+            for k0 in range(0, d, BKD):
+                kc = k0 + tl.arange(0, BKD)
+                xs = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, kc, n, d, HAS_SMOOTH)
+                dn = tl.load(down_ptr + kc[:, None] * stride_dd + rc[None, :] * stride_dr,
+                             mask=(kc[:, None] < d) & (rc[None, :] < r), other=0.0)
+                c += _fdot(xs, dn, DOT_DTYPE)
+            tl.store(c_ptr + rows[:, None] * stride_cn + rc[None, :], c.to(c_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & (rc[None, :] < r))
+        if PROJ:
+            tl.debug_barrier()  # the projection re-reads c (written by other threads of this program)
 
     had = tl.zeros((GS, GS), dtype=tl.float32)
     if HAS_HAD:
@@ -134,9 +150,9 @@ def act_quant_kernel(
     if FMT_C:
         row_max = tl.zeros((BT,), dtype=tl.float32)
         for g in range(0, G):
-            a = _group_tile(g, rows, c, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr, stride_rd, stride_rc,
-                            signs_ptr, n, d, d_q, r, BT, GS, BKD, R_PAD, HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD,
-                            DOT_DTYPE)
+            a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
+                            stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
+                            HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
             row_max = tl.maximum(row_max, tl.max(tl.abs(a), axis=1))
         s_row = tl.maximum(tl.div_rn(row_max, tl.full((BT,), 105.0, tl.float32)), 1e-12)
         tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
@@ -144,8 +160,9 @@ def act_quant_kernel(
 
     # 2b. per group: transform, scale, round, store
     for g in range(0, G):
-        a = _group_tile(g, rows, c, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr, stride_rd, stride_rc,
-                        signs_ptr, n, d, d_q, r, BT, GS, BKD, R_PAD, HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
+        a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
+                        stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
+                        HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
         gcols = g * GS + cols
         omask = rmask[:, None] & (gcols[None, :] < G * GS)
         if STORE_A:
@@ -169,9 +186,21 @@ def act_quant_kernel(
 
 # --- host side ---------------------------------------------------------------------------------
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_TUNED_ACT = None
+
+
+def _tuned_act_kernel():
+    """Memory-bound: few configs (token rows per program × warps); one tuning per token bucket."""
+    global _TUNED_ACT
+    if _TUNED_ACT is None:
+        cfgs = [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
+                for bt, w, s in ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2))]
+        _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "FMT_C", "PROJ", "HAS_ROT", "HAS_HAD"],
+                                     cache_results=True)(act_quant_kernel)
+    return _TUNED_ACT
 
 
 def _dot_dtype(dtype):
@@ -206,10 +235,7 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     dummy = plan.dummy
     down = module.down if plan.has_down else dummy
     rot = module.rotation if plan.has_rotation else dummy
-    if block_t is None:
-        block_t = 16 if (_interpreting() or n <= 16) else 32
-    grid = (triton.cdiv(n, block_t),)
-    act_quant_kernel[grid](
+    args = (
         x, x.stride(0),
         module.smooth if plan.has_smooth else dummy,
         down, down.stride(0) if plan.has_down else 0, down.stride(1) if plan.has_down else 0,
@@ -221,11 +247,15 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
         scale, scale.stride(0),
         ratio if ratio is not None else dummy, ratio.stride(0) if ratio is not None else 0,
         a if a is not None else dummy, a.stride(0) if a is not None else 0,
-        n, plan.d, plan.d_q, plan.r, G,
-        BT=block_t, GS=g, BKD=g, R_PAD=_pow2_at_least(plan.r),
-        HAS_SMOOTH=plan.has_smooth, HAS_DOWN=plan.has_down, PROJ=plan.project_out and plan.has_down,
-        HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, STORE_A=store_a,
-        DOT_DTYPE=_dot_dtype(x.dtype),
-        num_warps=4,
+        n, plan.d, plan.d_q, plan.r, G, max(16, triton.next_power_of_2(n)),
     )
+    meta = dict(GS=g, BKD=g, RC=min(64, _pow2_at_least(plan.r)),
+                HAS_SMOOTH=plan.has_smooth, HAS_DOWN=plan.has_down, PROJ=plan.project_out and plan.has_down,
+                HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, STORE_A=store_a,
+                DOT_DTYPE=_dot_dtype(x.dtype))
+    if block_t is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+        bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
+        act_quant_kernel[(triton.cdiv(n, bt),)](*args, BT=bt, **meta, num_warps=4)
+    else:
+        _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]),)](*args, **meta)
     return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a}

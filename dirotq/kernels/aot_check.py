@@ -1,0 +1,121 @@
+"""Compile the kernels for a GPU target without a GPU (``python -m dirotq.kernels.aot_check``).
+
+Triton lowers to PTX and the bundled ``ptxas`` assembles it for ``sm_90a`` on any machine, so a
+CPU-only session can still check that every kernel variant compiles for Hopper, that the W4A4 GEMM
+uses int8 ``wgmma`` with the weight as the register operand and cp.async pipelining, and how many
+registers / spill bytes each tile config needs. Integer arguments get the divisibility-by-16
+specialisation the JIT applies at launch for real shapes (strides d/2, G·64, o are multiples of 16).
+Must run in a process where ``TRITON_INTERPRET`` is unset (the interpreter replaces ``@triton.jit``).
+Prints one JSON line per variant; exit status 1 if any variant failed to compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+PTR_TYPES = {
+    "gemm": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "q_ptr": "*i8", "xs_ptr": "*fp32", "c_ptr": "*bf16",
+             "up_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
+    "act": {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "rot_ptr": "*bf16", "signs_ptr": "*bf16",
+            "had_ptr": "*fp32", "c_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "k_ptr": "*i8", "a_ptr": "*fp32"},
+    "w4a16": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "a_ptr": "*bf16", "c_ptr": "*bf16", "up_ptr": "*bf16",
+              "bias_ptr": "*bf16", "y_ptr": "*bf16"},
+}
+
+
+def default_variants():
+    import triton.language as tl
+
+    bf = tl.bfloat16
+    out = []
+    for fmt_c in (False, True):
+        f = "C" if fmt_c else "A"
+        for bo, bt, w, s in ((128, 128, 8, 3), (64, 16, 4, 4)):
+            out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr", "gemm",
+                        dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False), dict(num_warps=w, num_stages=s)))
+        out.append((f"gemm {f} 128x128 w8 s3 int8-weights", "gemm",
+                     dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
+                          DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True), dict(num_warps=8, num_stages=3)))
+        for rot in (False, True):
+            out.append((f"act {f} {'dense-rotation' if rot else 'lowrank+hadamard'} BT32", "act",
+                        dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, HAS_DOWN=True, PROJ=not rot, HAS_ROT=rot,
+                             HAS_HAD=not rot, FMT_C=fmt_c, STORE_A=False, DOT_DTYPE=bf), dict(num_warps=4)))
+        out.append((f"w4a16 {f} 64x16 w4 s4", "w4a16",
+                    dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,
+                         DOT_DTYPE=bf), dict(num_warps=4, num_stages=4)))
+    return out
+
+
+def _ptxas():
+    import triton.backends.nvidia as nv
+
+    base = os.path.join(os.path.dirname(nv.__file__), "bin")
+    for name in ("ptxas-blackwell", "ptxas"):  # the newer one reads the PTX version Triton emits
+        p = os.path.join(base, name)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as tcompile
+
+    from .act_quant import act_quant_kernel
+    from .w4a16 import w4a16_kernel
+    from .w4a4_gemm import w4a4_gemm_kernel
+
+    fn = {"gemm": w4a4_gemm_kernel, "act": act_quant_kernel, "w4a16": w4a16_kernel}[kind]
+    types = dict(PTR_TYPES[kind])
+    if kind == "gemm" and consts.get("W_INT8"):
+        types["w_ptr"] = "*i8"
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = k.asm["ptx"]
+    res = {"shared_bytes": k.metadata.shared, "int8_wgmma": len(re.findall(r"wgmma\.mma_async\S*s8\.s8", ptx)),
+           "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_")}
+    ptxas = _ptxas()
+    if ptxas:
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+        os.unlink(f.name)
+        regs = re.search(r"Used (\d+) registers", out)
+        spill = re.search(r"(\d+) bytes spill stores", out)
+        res["registers"] = int(regs.group(1)) if regs else None
+        res["spill_bytes"] = int(spill.group(1)) if spill else None
+    return res
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
+        return 2
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    failed = 0
+    for name, kind, consts, options in default_variants():
+        try:
+            res = compile_variant(kind, consts, options)
+            res["ok"] = True
+        except Exception as exc:  # report every failure, not only the first
+            res = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            failed += 1
+        print(json.dumps({"variant": name, **res}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
