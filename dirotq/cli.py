@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     _add_sampling(p, "denoising steps recorded (default 20: every step of a 20-step schedule)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--sample-tokens", type=int, default=512, help="held-out tokens kept per layer (default 512)")
+    p.add_argument("--sample-tokens", type=int, default=512, help="calibration tokens kept per layer for error measurements (default 512)")
     p.add_argument("--out", default="out/calibration", help="cache folder (default out/calibration)")
 
     p = sub.add_parser("quantize", help="quantize the transformer and save a checkpoint",
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="per-layer error table of methods and ranks (Markdown or CSV)",
                        description="Quantize every target layer alone with each method and rank and measure its "
-                                   "output error on held-out calibration tokens (no images).")
+                                   "output error on the calibration token sample (no images).")
     _add_model(p)
     p.add_argument("--methods", type=_methods, default=["rtn", "quarot", "svdquant", "dirotq", "dirotq-lr"],
                    help="comma-separated (default rtn,quarot,svdquant,dirotq,dirotq-lr)")

@@ -469,6 +469,15 @@ class Evaluator:
         return {"psnr": _ci(p, self.n_boot), "ssim": _ci(s, self.n_boot), "per_image": {"psnr": p, "ssim": s}}
 
     def judge_metrics(self, images, ref_feats=None, real_feats=None) -> dict:
+        import warnings
+
+        with warnings.catch_warnings():
+            # sqrtm of rank-deficient covariances (fewer images than features): the value is noisy
+            # (the table says so), the warning per call adds nothing
+            warnings.simplefilter("ignore")
+            return self._judge_metrics(images, ref_feats, real_feats)
+
+    def _judge_metrics(self, images, ref_feats=None, real_feats=None) -> dict:
         j = self.judge
         if j.model is None:
             return {"judge": j.reason, "judge_fd_real": j.reason, "judge_fd_ref": j.reason}
@@ -739,7 +748,8 @@ def format_layer_table(rows: Sequence[dict], fmt: str = "md") -> str:
         c = f"{r['method']}@r{r['rank']}" if r["method"] in RANKED else r["method"]
         cell[(r["layer"], c)] = r["sqnr_db"]
     kinds = {r["layer"]: r["kind"] for r in rows}
-    lines = ["Per-layer output SQNR in dB (higher is better) on held-out calibration tokens.", "",
+    lines = ["Per-layer output SQNR in dB (higher is better) on the calibration token sample "
+             "(the same tokens the bases and GPTQ saw: in-sample).", "",
              "| layer | kind | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for n in layers:
         vals = [cell.get((n, c)) for c in cols]
@@ -812,7 +822,7 @@ def results_markdown(results: Mapping) -> str:
             extra.insert(0, ("procedural renders", results["real_renders"]["judge"]))
         for m, j in extra + judged:
             lines.append(f"| {m} | " + " | ".join(f"{j.get(a, float('nan')):.3f}" for a in attrs) + " |")
-    lines += ["", "## Per-layer error (quantize_ report, held-out calibration tokens)", "",
+    lines += ["", "## Per-layer error (quantize_ report, on the calibration token sample: in-sample for bases and GPTQ)", "",
               "| method | layers | mean SQNR (dB) | median | worst (dB) | worst layer | quantize (s) | generate (s) |",
               "|---|---|---|---|---|---|---|---|"]
     for m, e in ms.items():
