@@ -345,10 +345,15 @@ def cmd_generate(args) -> int:
     side_by_side([ref, quant], ["reference", label]).save(out / f"{stem}_side_by_side.png")
     from analysis.metrics import psnr, ssim
 
+    p_db, s_val = psnr(ref, quant), ssim(ref, quant)
+    import json
+
+    (out / f"{stem}.json").write_text(json.dumps({"prompt": prompt, "seed": args.seed, "quantized": label,
+                                                  "psnr_db": p_db, "ssim": s_val, **t}, indent=1))
     print(f"prompt: {prompt!r}, seed {args.seed}")
     print(f"reference ({t['reference_dtype']}): {t['reference_s']:.2f} s; W4A4 ({label}): {t['quantized_s']:.2f} s")
     print(f"backend: {t['backend']}")
-    print(f"PSNR {psnr(ref, quant):.2f} dB, SSIM {ssim(ref, quant):.3f} vs the reference")
+    print(f"PSNR {p_db:.2f} dB, SSIM {s_val:.3f} vs the reference")
     print(f"images: {out / (stem + '_side_by_side.png')}")
     return 0
 

@@ -58,7 +58,9 @@ def test_generate_writes_reference_and_w4a4_side_by_side(env, capsys, monkeypatc
     out = capsys.readouterr().out
     assert "backend:" in out and "PSNR" in out
     names = sorted(p.name for p in (root / "gen").iterdir())
-    assert len(names) == 3 and any(n.endswith("_side_by_side.png") for n in names)
+    assert len(names) == 4 and any(n.endswith("_side_by_side.png") for n in names)
+    info = json.loads(next((root / "gen").glob("*.json")).read_text())
+    assert info["backend"] and info["psnr_db"] > 0 and info["seed"] == 3
 
 
 def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
