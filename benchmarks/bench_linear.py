@@ -105,11 +105,15 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool) -> dict:
         except Exception as exc:
             row["fp8_error"] = f"{type(exc).__name__}: {exc}"
 
-    variants = [(s, r, f, "packed") for s, r in STRUCTURES for f in FORMATS]
-    variants += [("dirotq-lr", 32, f, "int8") for f in FORMATS]
-    for structure, rank, fmt, wmode in variants:
-        if True:
-            tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "")
+    variants = [(s, r, f, "packed", True) for s, r in STRUCTURES for f in FORMATS]
+    variants += [("dirotq-lr", 32, f, "int8", True) for f in FORMATS]
+    variants += [("dirotq-lr", 32, "int_ratio", "packed", False)]  # pure-tl unpack (what SIMD saves)
+    for structure, rank, fmt, wmode, simd in variants:
+        tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "")
+        tag += "" if simd else "_tlunpack"
+        old_env = os.environ.get("DIROTQ_SIMD_UNPACK")
+        os.environ["DIROTQ_SIMD_UNPACK"] = "1" if simd else "0"
+        try:
             try:
                 m = make_quant_linear(w, bias, structure, fmt, rank)
                 m.kernel_weights = wmode
@@ -141,6 +145,11 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool) -> dict:
             except Exception as exc:
                 row[f"{tag}_error"] = f"{type(exc).__name__}: {exc}"
                 print(f"  {tag}: {row[f'{tag}_error']}")
+        finally:
+            if old_env is None:
+                os.environ.pop("DIROTQ_SIMD_UNPACK", None)
+            else:
+                os.environ["DIROTQ_SIMD_UNPACK"] = old_env
     if dev == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -259,6 +259,33 @@ def test_kernels_import_lazily():
     assert out.stdout.strip() == "False"
 
 
+def test_simd_unpack_arithmetic():
+    """The SIMD unpack's 32-bit arithmetic (w4a4_gemm._ASM_*), emulated on every byte value and every
+    k: four lanes per word, no carry between lanes, equals the sign-extended nibble (× k)."""
+    b = torch.arange(256, dtype=torch.int64)
+    words = b | (b.roll(1) << 8) | (b.roll(2) << 16) | (b.roll(3) << 24)  # every byte in every lane
+    m32 = 0xFFFFFFFF
+
+    def lanes(w):
+        return [((w >> (8 * i)) & 0xFF) for i in range(4)]
+
+    def s8(v):
+        return torch.where(v > 127, v - 256, v)
+
+    for hi in (False, True):
+        src = (words >> 4) if hi else words
+        nib = [((lane >> 4) if hi else lane) & 0xF for lane in lanes(words)]
+        q = [torch.where(n > 7, n - 16, n) for n in nib]
+        t = ((src & 0x0F0F0F0F) ^ 0x08080808) & m32
+        a = ((t + 0x78787878) & m32) ^ 0x80808080
+        assert all(torch.equal(s8(x), y) for x, y in zip(lanes(a), q))
+        for k in range(1, 16):
+            c = ((t * k) & m32)
+            c = (c + ((0x80808080 - ((k * 0x08080808) & m32)) & m32)) & m32
+            c = c ^ 0x80808080
+            assert all(torch.equal(s8(x), y * k) for x, y in zip(lanes(c), q))
+
+
 # --- compiled for Hopper without a GPU ----------------------------------------------------------
 def test_kernels_compile_for_sm90_without_spills():
     """Triton → PTX → ptxas for sm_90a on this (CPU) machine: every variant compiles, the GEMM runs on
@@ -280,6 +307,7 @@ def test_kernels_compile_for_sm90_without_spills():
             assert row["spill_bytes"] == 0, row
         if row["variant"].startswith("gemm"):
             assert row["int8_wgmma"] > 0 and row["cp_async"] > 0, row
+            assert row["simd_unpack_asm"] == ("simd" in row["variant"]), row
 
 
 # --- CUDA (real shapes) ---------------------------------------------------------------------------
@@ -300,8 +328,13 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     qt = quantize(act["a"][:, : m.quant_in_features], 4, 64, True, fmt)
     codes = qt.q if fmt == "exact" else qt.q * qt.ratio.repeat_interleave(64, -1)
     assert torch.equal(act["codes"], codes)
-    acc = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
+    acc = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)  # SIMD unpack (the GPU default)
     assert torch.equal(acc.double(), act["codes"].double() @ _weight_operand(m).double().T)
+    assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, debug_int=True, simd=False), acc)
+    from dirotq.kernels.w4a4_gemm import unpack_weights
+
+    assert torch.equal(unpack_weights(m, simd=True), _weight_operand(m))
+    assert torch.equal(unpack_weights(m, simd=False), _weight_operand(m))
     y = kernels.kernel_forward(m, x)
     assert _rel(y, m.reference_forward(x)) < 5e-3
     mb = make_layer(structure, fmt, d=d, o=o, r=r, dtype=torch.bfloat16).cuda()  # the production dtype

@@ -38,10 +38,13 @@ def default_variants():
         for bo, bt, w, s in ((128, 128, 8, 3), (64, 16, 4, 4)):
             out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr", "gemm",
                         dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False), dict(num_warps=w, num_stages=s)))
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=False), dict(num_warps=w, num_stages=s)))
+            out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr simd-unpack", "gemm",
+                        dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True), dict(num_warps=w, num_stages=s)))
         out.append((f"gemm {f} 128x128 w8 s3 int8-weights", "gemm",
                      dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                          DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True), dict(num_warps=8, num_stages=3)))
+                          DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False), dict(num_warps=8, num_stages=3)))
         for rot in (False, True):
             out.append((f"act {f} {'dense-rotation' if rot else 'lowrank+hadamard'} BT32", "act",
                         dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, HAS_DOWN=True, PROJ=not rot, HAS_ROT=rot,
@@ -83,7 +86,8 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
     k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = k.asm["ptx"]
     res = {"shared_bytes": k.metadata.shared, "int8_wgmma": len(re.findall(r"wgmma\.mma_async\S*s8\.s8", ptx)),
-           "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_")}
+           "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_"),
+           "simd_unpack_asm": "0x80808080" in ptx}
     ptxas = _ptxas()
     if ptxas:
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

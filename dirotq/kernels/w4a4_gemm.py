@@ -40,6 +40,39 @@ def _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF: tl.constexpr):
     return lo, hi
 
 
+# SIMD unpack (GPU only; the interpreter runs _unpack_halves, its pure-tl twin). Four packed bytes
+# per 32-bit register (pack=4); per byte, n = stored nibble, n ^ 8 = q + 8 ∈ [0, 15]:
+#   A: (q + 8) + 120 = q + 128 ∈ [120, 135], no carry between bytes; ^ 0x80 → q as int8.
+#   C: k·(q + 8) ≤ 225 < 256 (one u32 multiply, no carry); + (128 − 8k) per byte ∈ [8, 233]; ^ 0x80 → k·q.
+# Checked exhaustively on the integers (tests/test_kernels.py::test_simd_unpack_arithmetic).
+_ASM_LO_A = tl.constexpr("""{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; add.u32 t, t, 0x78787878;
+ xor.b32 $0, t, 0x80808080; }""")
+_ASM_HI_A = tl.constexpr("""{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x08080808;
+ add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }""")
+_ASM_LO_C = tl.constexpr("""{ .reg .b32 t, k, b, c; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; and.b32 k, $2, 0xFF;
+ mul.lo.u32 t, t, k; mul.lo.u32 b, k, 0x08080808; mov.b32 c, 0x80808080; sub.u32 b, c, b; add.u32 t, t, b;
+ xor.b32 $0, t, 0x80808080; }""")
+_ASM_HI_C = tl.constexpr("""{ .reg .b32 t, k, b, c; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x08080808;
+ and.b32 k, $2, 0xFF; mul.lo.u32 t, t, k; mul.lo.u32 b, k, 0x08080808; mov.b32 c, 0x80808080; sub.u32 b, c, b;
+ add.u32 t, t, b; xor.b32 $0, t, 0x80808080; }""")
+
+
+@triton.jit
+def _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF: tl.constexpr, FMT_C: tl.constexpr):
+    """(lo, hi) int8 (BO, HALF): q (A) or k·q (C), four bytes per instruction sequence."""
+    j = tl.arange(0, HALF)
+    p = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * HALF + j)[None, :], mask=omask[:, None], other=0)
+    if FMT_C:
+        k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0)
+        kb = tl.broadcast_to(k[:, None], p.shape)
+        lo = tl.inline_asm_elementwise(_ASM_LO_C, "=r,r,r", [p, kb], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(_ASM_HI_C, "=r,r,r", [p, kb], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = tl.inline_asm_elementwise(_ASM_LO_A, "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(_ASM_HI_A, "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+    return lo, hi
+
+
 @triton.jit
 def w4a4_gemm_kernel(
     w_ptr, stride_wo,  # packed INT4 (o, G*GS/2) uint8, or [W_INT8] the unpacked operand (o, G*GS) int8
@@ -54,7 +87,7 @@ def w4a4_gemm_kernel(
     n, o, r, G, N_KEY,
     BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr, SIMD: tl.constexpr,
 ):
     HALF: tl.constexpr = GS // 2
     # grouped ordering: GROUP_O weight tiles share one sweep over the token tiles (L2 reuse of x)
@@ -80,7 +113,9 @@ def w4a4_gemm_kernel(
             lo = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + j)[None, :], mask=omask[:, None], other=0)
             hi = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + HALF + j)[None, :], mask=omask[:, None],
                          other=0)
-        else:
+        elif SIMD:  # GPU: 4 values per 32-bit op (inline PTX)
+            lo, hi = _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF, FMT_C)
+        else:  # pure tl (the interpreter; the oracle of the SIMD path)
             lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
             if FMT_C:
                 k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
@@ -146,7 +181,7 @@ _TUNED = None
 def _tuned_kernel():
     global _TUNED
     if _TUNED is None:
-        _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR", "W_INT8"],
+        _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR", "W_INT8", "SIMD"],
                                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)(w4a4_gemm_kernel)
     return _TUNED
 
@@ -156,9 +191,17 @@ def _n_key(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
-def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None):
+def simd_unpack_enabled() -> bool:
+    """SIMD (inline-PTX) INT4 unpack: on by default on GPUs, never under the interpreter (which runs
+    the pure-tl twin); ``DIROTQ_SIMD_UNPACK=0`` turns it off."""
+    return not _interpreting() and os.environ.get("DIROTQ_SIMD_UNPACK", "1") != "0"
+
+
+def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None,
+              simd: bool | None = None):
     """y (n, o) = dequant(codes) · dequant(W_q)ᵀ + c · upᵀ + bias; ``act`` from
-    ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias)."""
+    ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias).
+    ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`)."""
     import torch
 
     n = act["codes"].shape[0]
@@ -190,7 +233,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
-                W_INT8=w_int8 is not None)
+                W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled() if simd is None else bool(simd))
     if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
@@ -206,24 +249,28 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
 # --- test hook: what the register operand holds -------------------------------------------------
 @triton.jit
 def _unpack_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, out_ptr, stride_out, o, G,
-                   BO: tl.constexpr, GS: tl.constexpr, FMT_C: tl.constexpr):
+                   BO: tl.constexpr, GS: tl.constexpr, FMT_C: tl.constexpr, SIMD: tl.constexpr):
     HALF: tl.constexpr = GS // 2
     offs_o = tl.program_id(0) * BO + tl.arange(0, BO)
     omask = offs_o < o
     j = tl.arange(0, HALF)
     for g in range(0, G):
-        lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
-        if FMT_C:
-            k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
-            lo = lo * k[:, None]
-            hi = hi * k[:, None]
+        if SIMD:
+            lo, hi = _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF, FMT_C)
+        else:
+            lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
+            if FMT_C:
+                k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
+                lo = lo * k[:, None]
+                hi = hi * k[:, None]
         base = out_ptr + offs_o[:, None] * stride_out + g * GS
         tl.store(base + j[None, :], lo.to(tl.int8), mask=omask[:, None])
         tl.store(base + HALF + j[None, :], hi.to(tl.int8), mask=omask[:, None])
 
 
-def unpack_weights(module):
-    """(o, d_pad) int8: q [A] or k·q [C], exactly as the GEMM forms its weight operand."""
+def unpack_weights(module, simd: bool | None = None):
+    """(o, d_pad) int8: q [A] or k·q [C], exactly as the GEMM forms its weight operand
+    (``simd``: the SIMD unpack, default on GPUs; the pure-tl twin otherwise)."""
     import torch
 
     wp = module.weight_packed
@@ -233,5 +280,6 @@ def unpack_weights(module):
     wr = getattr(module, "weight_ratio", None)
     _unpack_kernel[(triton.cdiv(o, 16),)](wp, wp.stride(0), wr if wr is not None else out,
                                           wr.stride(0) if wr is not None else 0, out, out.stride(0), o, G,
-                                          BO=16, GS=g, FMT_C=wr is not None)
+                                          BO=16, GS=g, FMT_C=wr is not None,
+                                          SIMD=simd_unpack_enabled() if simd is None else bool(simd))
     return out
