@@ -380,7 +380,8 @@ that is quantized, as a fraction of the input energy.""",
     "error": """**What you see.** The layer's output error y = xWᵀ on held-out calibration tokens when weights
 *and* activations are 4-bit, as the rank r grows: DiRotQ (16-bit PCA directions of the
 activations) vs SVDQuant (16-bit low-rank branch of the smoothed weight), with RTN, SmoothQuant and
-QuaRot (no rank) as dotted lines. Diamonds: the exact error at your rank.
+QuaRot (no rank) as dotted lines. Diamonds mark your rank (filled: measured there; open:
+interpolated between the measured ranks).
 
 **Read it.** r = d is the 16-bit layer for DiRotQ (what is left is float32 rounding). SVDQuant's branch follows the
 weight's energy, DiRotQ's the activations' — the curve shows which one this layer needs.""",

@@ -162,8 +162,11 @@ def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sq
                                line=dict(color=COLORS.get(m), dash="dot")))
     for m, v in (current or {}).items():
         if math.isfinite(v.get(metric, math.nan)):
-            data.append(go.Scatter(x=[rank], y=[v[metric]], mode="markers", showlegend=False, name=f"{m} @ r",
-                                   marker=dict(size=11, color=COLORS.get(m), symbol="diamond")))
+            how = "interpolated between measured ranks" if v.get("interpolated") else "measured"
+            data.append(go.Scatter(x=[rank], y=[v[metric]], mode="markers", showlegend=False,
+                                   name=f"{LABELS.get(m, m)} at r = {rank} ({how})",
+                                   marker=dict(size=11, color=COLORS.get(m),
+                                               symbol="diamond-open" if v.get("interpolated") else "diamond")))
     label = "SQNR (dB, higher is better)" if metric == "sqnr_db" else "relative MSE (lower is better)"
     yaxis = dict(title=dict(text=label), type="log" if metric == "rel_mse" else "linear", **_AXIS)
     title = f"{_short(layer)}: output error on held-out calibration tokens (r = {rank})"

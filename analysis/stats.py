@@ -172,16 +172,19 @@ def quantize_one(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, 
     return get_handler(config.method)(linear, stats, config, rank=rank, spec=spec)
 
 
-def rank_grid(d: int, points: int = 12) -> list[int]:
-    """Ranks 0..d for an error-vs-rank curve: dense at small r (where the curve bends), the paper's
-    d/8 rank, and d itself (exactly the 16-bit layer for DiRotQ)."""
-    cand = {0, d, paper_rank(d) if d >= 8 else d}
-    r = 1
+def rank_grid(d: int) -> list[int]:
+    """Ranks 0..d for an error-vs-rank curve: 0, powers of two from 8 (dense at small r, where the
+    curve bends), the paper's d/8 rank, d/4, d/2, 3d/4 (multiples of 8) and d itself (exactly the
+    16-bit layer for DiRotQ). 7–16 points: each costs one quantization per method."""
+    cand = {0, d}
+    if d >= 8:
+        cand.add(paper_rank(d))
+        for f in (0.25, 0.5, 0.75):
+            cand.add(int(round(f * d / 8)) * 8)
+    r = 8 if d > 16 else 1
     while r < d:
         cand.add(r)
         r *= 2
-    for f in np.linspace(0, 1, points):
-        cand.add(int(round(f * d / 8)) * 8 if d >= 8 else int(round(f * d)))
     return sorted(c for c in cand if 0 <= c <= d)
 
 

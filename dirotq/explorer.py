@@ -57,7 +57,7 @@ class CalibSettings:
 
     num_prompts: int = 16
     num_inference_steps: int = 10
-    steps: tuple[int, ...] | None = None  # None: every step of the short schedule
+    steps: tuple[int, ...] | None = (0, 3, 6, 9)  # a spread of the short schedule (None: every step)
     seed: int = 0
     batch_size: int = 16
     sample_tokens: int = 512
@@ -125,7 +125,9 @@ class ExplorerSession:
         self.cache_dir = Path(cache_dir) / self.key if cache_dir is not None else None
         self.stats = None
         self.lock = threading.RLock()  # pipeline runs (calibration, generation) one at a time
-        self.compute_lock = threading.RLock()  # per-layer sweeps (the basis cache is not thread-safe)
+        self.compute_lock = threading.RLock()  # guards the memo tables and the in-flight sweeps
+        self._inflight: dict[str, threading.Event] = {}
+        self._quant_lock = threading.Lock()  # one whole-model quantization at a time
         self._memo: dict[str, _LRU] = {k: _LRU(n) for k, n in
                                        (("spectrum", 512), ("views", 64), ("curves", 1024), ("point", 256),
                                         ("quantized", 2), ("judge", 1))}
@@ -142,8 +144,14 @@ class ExplorerSession:
         params = inspect.signature(self.pipe.__call__).parameters
         tok = getattr(self.pipe, "tokenizer", None)
         n = getattr(tok, "model_max_length", None)
-        if "max_sequence_length" in params and isinstance(n, int) and n < 300:
-            kw["max_sequence_length"] = n  # tiny tokenizers cannot pad to PixArt's 300
+        if "max_sequence_length" in params and tok is not None and isinstance(n, int):
+            if n < 300:
+                kw["max_sequence_length"] = n  # tiny tokenizers cannot pad to PixArt's 300
+            if len(tok) < 1000:
+                # a toy word-level vocabulary (the embedded model): its captions are < 48 tokens, and
+                # padding to 300 would make the 16-bit cross-attention K/V dominate CPU time; padded
+                # tokens are masked, so the images are the same
+                kw["max_sequence_length"] = min(n, 64)
         return kw
 
     def describe(self) -> str:
@@ -224,8 +232,7 @@ class ExplorerSession:
         s = self.layer_spec(name)
         memo = self._memo["spectrum"]
         if s.group not in memo:
-            with self.compute_lock:
-                memo.put(s.group, spectrum(self.require_stats().for_layer(name)))
+            memo.put(s.group, spectrum(self.require_stats().for_layer(name)))
         return memo[s.group]
 
     def energy(self, name: str, rank: int) -> float:
@@ -239,32 +246,43 @@ class ExplorerSession:
         key = (name, int(rank), tuple(views))
         memo = self._memo["views"]
         if key not in memo:
-            with self.compute_lock:
-                memo.put(key, outlier_views(self.require_stats().for_layer(name), int(rank),
-                                            self.modules[name].weight, views=views))
+            memo.put(key, outlier_views(self.require_stats().for_layer(name), int(rank), self.modules[name].weight,
+                                        views=views))
         return memo[key]
 
     def _curve_key(self, name: str) -> str:
         return f"{name}|{_hash(self.base)}"
 
     def curves(self, name: str, progress: Progress | None = None) -> dict:
-        """Error vs rank of layer ``name`` (computed once; memory + disk cache)."""
+        """Error vs rank of layer ``name`` (computed once; memory + disk cache). A layer being swept
+        by another thread (the background warm-up) is waited for, not computed twice."""
         from analysis.stats import error_curves
 
         key = self._curve_key(name)
         memo = self._memo["curves"]
-        if key in memo:
-            return memo[key]
-        if key in self._curves_disk:
-            return memo.put(key, self._curves_disk[key])
-        with self.compute_lock:
-            if key in memo:
-                return memo[key]
+        while True:
+            with self.compute_lock:
+                if key in memo:
+                    return memo[key]
+                if key in self._curves_disk:
+                    return memo.put(key, self._curves_disk[key])
+                ev = self._inflight.get(key)
+                if ev is None:
+                    ev = self._inflight[key] = threading.Event()
+                    break
+            ev.wait()
+        try:
             st = self.require_stats().for_layer(name)
-            cur = error_curves(self.modules[name], st, spec=self._spec_as_w4a4(name), base=self.base, progress=progress)
-            memo.put(key, cur)
-            self._curves_disk[key] = cur
-        return cur
+            cur = error_curves(self.modules[name], st, spec=self._spec_as_w4a4(name), base=self.base,
+                               progress=progress)
+            with self.compute_lock:
+                memo.put(key, cur)
+                self._curves_disk[key] = cur
+            return cur
+        finally:
+            with self.compute_lock:
+                self._inflight.pop(key, None)
+            ev.set()
 
     def _spec_as_w4a4(self, name: str):
         """The target spec with kind "w4a4": per-layer curves show what W4A4 would do even for
@@ -273,9 +291,12 @@ class ExplorerSession:
 
         return replace(self.layer_spec(name), kind="w4a4")
 
-    def error_at(self, name: str, rank: int, methods: tuple[str, ...] = ("dirotq", "svdquant")) -> dict:
-        """Exact error of ``methods`` at ``rank`` (on-grid ranks come from the curve)."""
-        from analysis.stats import layer_error, method_config, quantize_one
+    def error_at(self, name: str, rank: int, methods: tuple[str, ...] = ("dirotq", "svdquant"),
+                 exact: bool = False) -> dict:
+        """Error of ``methods`` at ``rank`` from the cached curve: measured at grid ranks, linearly
+        interpolated in between (``"interpolated": True``); ``exact=True`` measures off-grid ranks
+        (one quantization per method: seconds on the widest layers, so not on a slider move)."""
+        from analysis.stats import interp_curve, layer_error, method_config, quantize_one
 
         cur = self.curves(name)
         out = {}
@@ -283,15 +304,19 @@ class ExplorerSession:
             if int(rank) in cur["ranks"]:
                 i = cur["ranks"].index(int(rank))
                 out[m] = {k: cur["curves"][m][k][i] for k in ("rel_mse", "sqnr_db")}
+                out[m]["interpolated"] = False
+                continue
+            if not exact:
+                out[m] = {k: interp_curve(cur["ranks"], cur["curves"][m][k], int(rank)) for k in ("rel_mse", "sqnr_db")}
+                out[m]["interpolated"] = True
                 continue
             key = (name, m, int(rank), _hash(self.base))
             memo = self._memo["point"]
             if key not in memo:
                 st = self.require_stats().for_layer(name)
-                with self.compute_lock:
-                    q = quantize_one(self.modules[name], st, method_config(m, self.base, rank), int(rank),
-                                     self._spec_as_w4a4(name))
-                memo.put(key, layer_error(self.modules[name], q, st.sample))
+                q = quantize_one(self.modules[name], st, method_config(m, self.base, rank), int(rank),
+                                 self._spec_as_w4a4(name))
+                memo.put(key, {**layer_error(self.modules[name], q, st.sample), "interpolated": False})
             out[m] = memo[key]
         return out
 
@@ -306,6 +331,8 @@ class ExplorerSession:
                 progress(i / len(names), f"error vs rank: {name}")
             self.curves(name)
             n += 1
+            if n % 8 == 0:
+                self._save_curves()  # keep progress across restarts
         self._save_curves()
         return n
 
@@ -329,7 +356,9 @@ class ExplorerSession:
         path = self.cache_dir / "curves.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps(self._curves_disk, default=lambda v: None))
+        with self.compute_lock:
+            data = dict(self._curves_disk)
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
 
     def _load_curves(self) -> None:
@@ -433,7 +462,7 @@ class ExplorerSession:
         if key in memo:
             return memo[key]
         stats = self.require_stats()
-        with self.compute_lock:
+        with self._quant_lock:
             if key in memo:
                 return memo[key]
             model = copy.deepcopy(self.transformer)

@@ -18,7 +18,7 @@ from dirotq.explorer import CalibSettings, ExplorerSession, register_session
 from tiny_pipelines import build_tiny_pixart_pipeline
 
 MODEL = "tiny-random-app-test"
-CALIB = CalibSettings(num_prompts=4, num_inference_steps=3, batch_size=4, sample_tokens=128)
+CALIB = CalibSettings(num_prompts=4, num_inference_steps=3, steps=None, batch_size=4, sample_tokens=128)
 LAYER = (0, "attn1.to_q")
 VIEWS = ["smoothquant", "hadamard"]
 
