@@ -333,6 +333,9 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, debug_int=True, simd=False), acc)
     from dirotq.kernels.w4a4_gemm import unpack_weights
 
+    from dirotq.kernels.w4a4_gemm import _SIMD_OK
+
+    assert _SIMD_OK.get(fmt == "int_ratio", True), "the SIMD unpack self-check failed on this GPU"
     assert torch.equal(unpack_weights(m, simd=True), _weight_operand(m))
     assert torch.equal(unpack_weights(m, simd=False), _weight_operand(m))
     y = kernels.kernel_forward(m, x)

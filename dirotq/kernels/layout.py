@@ -131,6 +131,10 @@ def build_plan(module: Any, device: torch.device) -> KernelPlan:
         plan.had = hadamard(g, dtype=torch.float32).to(device)
     plan.dummy = torch.zeros(1, dtype=torch.float32, device=device)
     plan.weight_mode = weight_mode(module)
+    if plan.kind == "w4a4" and device.type == "cuda":
+        from .w4a4_gemm import simd_self_check
+
+        simd_self_check(module)
     if plan.weight_mode == "int8" and plan.kind == "w4a4":
         plan.w_int8 = kernel_weight_codes(module)  # built once by the unpack kernel, then cached here
     return plan

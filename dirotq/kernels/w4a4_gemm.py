@@ -191,10 +191,34 @@ def _n_key(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
-def simd_unpack_enabled() -> bool:
+_SIMD_OK: dict[bool, bool] = {}  # format C? -> the SIMD unpack matched its pure-tl twin on a real layer
+
+
+def simd_unpack_enabled(fmt_c: bool | None = None) -> bool:
     """SIMD (inline-PTX) INT4 unpack: on by default on GPUs, never under the interpreter (which runs
-    the pure-tl twin); ``DIROTQ_SIMD_UNPACK=0`` turns it off."""
-    return not _interpreting() and os.environ.get("DIROTQ_SIMD_UNPACK", "1") != "0"
+    the pure-tl twin); ``DIROTQ_SIMD_UNPACK=0`` turns it off, and so does a failed self-check."""
+    if _interpreting() or os.environ.get("DIROTQ_SIMD_UNPACK", "1") == "0":
+        return False
+    return _SIMD_OK.get(fmt_c, True) if fmt_c is not None else True
+
+
+def simd_self_check(module) -> bool:
+    """Once per process and format, on the first GPU layer: the SIMD unpack must reproduce the
+    pure-tl twin byte for byte on this layer's weights, else it is switched off with a warning.
+    Runs when the layer's plan is built (a host sync: do one eager call before CUDA-graph capture)."""
+    fmt_c = getattr(module, "weight_ratio", None) is not None
+    if not simd_unpack_enabled() or fmt_c in _SIMD_OK:
+        return _SIMD_OK.get(fmt_c, True)
+    import torch
+
+    ok = bool(torch.equal(unpack_weights(module, simd=True), unpack_weights(module, simd=False)))
+    _SIMD_OK[fmt_c] = ok
+    if not ok:
+        import warnings
+
+        warnings.warn(f"dirotq kernels: the SIMD INT4 unpack disagrees with its reference on this GPU "
+                      f"(format {'C' if fmt_c else 'A'}); using the pure-tl unpack", RuntimeWarning, stacklevel=2)
+    return ok
 
 
 def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None,
@@ -233,7 +257,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
-                W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled() if simd is None else bool(simd))
+                W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd))
     if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
@@ -281,5 +305,5 @@ def unpack_weights(module, simd: bool | None = None):
     _unpack_kernel[(triton.cdiv(o, 16),)](wp, wp.stride(0), wr if wr is not None else out,
                                           wr.stride(0) if wr is not None else 0, out, out.stride(0), o, G,
                                           BO=16, GS=g, FMT_C=wr is not None,
-                                          SIMD=simd_unpack_enabled() if simd is None else bool(simd))
+                                          SIMD=simd_unpack_enabled(wr is not None) if simd is None else bool(simd))
     return out
