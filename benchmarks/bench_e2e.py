@@ -138,7 +138,8 @@ def quantize_model(model, fmt: str, rank: int) -> dict:
         structure = "rtn" if (w4a16 or lin.in_features % 64) else "dirotq-lr"
         q = make_quant_linear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), structure, fmt,
                               0 if structure == "rtn" else min(rank, lin.in_features), act_bits=None if w4a16 else 4)
-        q = q.to(dtype=lin.weight.dtype)  # float buffers (branch, bias, signs) in the model dtype
+        # float buffers (branch, bias, signs) are already in the model dtype; no .to(dtype) here, which
+        # would also cast the fp16 weight scales to bf16
         setattr(parent, child, q)
         counts[spec.kind] += 1
         del lin
