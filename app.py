@@ -233,8 +233,10 @@ def on_all_layers(model, method, plan_df, metric, progress=gr.Progress()):
     dt = time.perf_counter() - t
     fig = figures.all_layers_figure(rows, metric, f"{figures.LABELS.get(method, method)}: per-layer output error")
     worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
-    table = "\n".join(f"| `{r['name']}` | {r['kind']} | {r['rank']} | {_fmt(r['sqnr_db'], ' dB')} |" for r in worst)
-    md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR |\n|---|---|---|---|\n" + table)
+    table = "\n".join(f"| `{r['name']}` | {r['kind'].upper()} | {r['rank']} | {_fmt(r['sqnr_db'], ' dB')} | "
+                      f"{r['rel_mse']:.2e} |" for r in worst)
+    md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n|---|---|---|---|---|\n"
+          + table)
     return _ok(f"{len(rows)} layers quantized with {method} in {dt:.1f} s"), fig, md
 
 
@@ -507,9 +509,8 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                             with gr.Column(scale=3):
                                 all_btn = gr.Button("Compute for this method and rank plan", elem_id="all-btn")
                                 all_plot = gr.Plot(figures.empty_figure("press the button above"), elem_id="plot-all")
-                            with gr.Column(scale=1):
-                                gr.Markdown(TEXT["all"], elem_classes="teach")
                                 worst_md = gr.Markdown("")
+                            gr.Markdown(TEXT["all"], elem_classes="teach")
                     with gr.Tab("Rank plan", id="plan"):
                         with gr.Row():
                             with gr.Column(scale=3):

@@ -195,7 +195,9 @@ def all_layers_figure(rows: Sequence[Mapping[str, Any]], metric: str = "sqnr_db"
     for r in rows:
         v = r[metric]
         z[blocks.index(int(r["block"])), types.index(r["layer_type"])] = v if math.isfinite(v) else np.nan
-    layout = dict(_LAYOUT, height=640, title=dict(text=title or "per-layer output error"),
+    layout = dict(_LAYOUT, height=680, title=dict(text=title or "per-layer output error"),
+                  margin=dict(l=70, r=20, t=60, b=110),
+                  legend=dict(orientation="h", yanchor="top", y=-0.08, xanchor="center", x=0.5),
                   **_grid(2, 1, row_heights=[0.55, 0.45], vspace=0.16))
     scale = "RdYlGn" if metric == "sqnr_db" else "RdYlGn_r"
     data = [go.Heatmap(z=z, x=types, y=[f"block {b}" for b in blocks], colorscale=scale,

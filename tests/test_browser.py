@@ -4,7 +4,7 @@
 Runs on the embedded model when assets/tiny-pixart exists, else on a tiny random PixArt-Σ pipeline
 saved to a temp folder (the ``--model PATH`` path). Skips, saying why, only when chromium or the
 Playwright package is missing. ``DIROTQ_SCREENSHOTS=DIR`` also writes one screenshot per tab there
-(how docs/screenshots/ was made).
+(how docs/screenshots/ was made); ``DIROTQ_TEST_MODEL=PATH`` runs it on another pipeline folder.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def browser_or_skip():
 def model_dir(tmp_path_factory):
     from dirotq.pipelines import DEFAULT_MODEL
 
+    if os.environ.get("DIROTQ_TEST_MODEL"):
+        return os.environ["DIROTQ_TEST_MODEL"]
     if (Path(DEFAULT_MODEL) / "model_index.json").is_file():
         return DEFAULT_MODEL
     sys.path.insert(0, str(ROOT / "tests"))
@@ -159,8 +161,25 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
     assert f"top {m.group(1)} of" in page.locator("#energy").inner_text()
     page.screenshot(path=str(tmp_path / "spectrum.png"))
 
+    # typing a rank into the slider's box redraws when the box loses focus
+    num = page.locator("#rank input[type=number]")
+    num.fill("3")
+    page.locator("#energy").click()
+    t = time.time() + 30
+    while time.time() < t and "r = 3 " not in _plot_title(page, "plot-spectrum"):
+        time.sleep(0.2)
+    assert "r = 3 " in _plot_title(page, "plot-spectrum")
+
     if shots:
         Path(shots).mkdir(parents=True, exist_ok=True)
+        layer = os.environ.get("DIROTQ_SHOT_LAYER")
+        if layer:
+            page.locator("#layer-type input").click()
+            page.get_by_role("option", name=layer, exact=True).click()
+            time.sleep(2)
+        num.fill(os.environ.get("DIROTQ_SHOT_RANK", "32"))
+        page.locator("#energy").click()
+        time.sleep(2)
         page.screenshot(path=f"{shots}/spectrum.png")
         for tab, fname, wait_id in (("Outliers", "outliers", "plot-outliers"), ("Error vs rank", "error_vs_rank",
                                                                                   "plot-error")):
