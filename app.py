@@ -257,6 +257,17 @@ def on_fill(model, policy, value, method):
     return (_ok(f"plan filled by {policy} = {value}"),) + _plan_outputs(s, ranks, method)
 
 
+POLICY_VALUE = {"fixed": ("rank of every layer", 32), "energy": ("energy to keep (0…1)", 0.9),
+                "error budget": ("largest relative MSE per layer", 0.01),
+                "16-bit budget": ("extra 16-bit parameters (thousands)", 50)}
+
+
+def on_policy(policy):
+    """The value box explains what the chosen policy's value means."""
+    label, default = POLICY_VALUE.get(policy, ("value", 0))
+    return gr.update(label=label, value=default)
+
+
 @safe(4)
 def on_plan_edit(model, plan_df, method):
     """A cell was edited (or the method changed): recompute the cost."""
@@ -516,7 +527,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                             with gr.Column(scale=3):
                                 with gr.Row():
                                     policy_dd = gr.Dropdown(list(POLICIES), value="fixed", label="policy")
-                                    value_nb = gr.Number(32, label="value")
+                                    value_nb = gr.Number(32, label=POLICY_VALUE["fixed"][0])
                                     fill_btn = gr.Button("Fill", elem_id="fill-btn")
                                 plan_df = gr.Dataframe(init_plan, headers=PLAN_COLUMNS, interactive=True,
                                                        datatype=["str", "number", "str", "number", "number",
@@ -569,6 +580,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         for c in (views_cb, metric_rd):
             c.change(on_rank, layer_in, views_out, trigger_mode="always_last")
         all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
+        policy_dd.change(on_policy, policy_dd, value_nb)
         fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out)
         plan_df.input(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
         method_dd.change(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
