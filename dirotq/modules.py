@@ -106,6 +106,16 @@ class QuantLinear(nn.Module):
             self._dequantized = w
         return self._dequantized
 
+    def _apply(self, fn, recurse: bool = True):
+        # Weight scales are a storage format (16-bit float, what the kernels read), not compute
+        # precision: a model-wide .to(bfloat16) must not re-round them to bf16's 8-bit mantissa.
+        scale = getattr(self, "weight_scale", None)
+        super()._apply(fn, recurse)
+        if scale is not None and self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        self._dequantized = None  # device or dtype may have changed
+        return self
+
     def _device(self) -> torch.device:
         return next(iter(self.buffers())).device
 
