@@ -169,7 +169,7 @@ def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sq
                                                symbol="diamond-open" if v.get("interpolated") else "diamond")))
     label = "SQNR (dB, higher is better)" if metric == "sqnr_db" else "relative MSE (lower is better)"
     yaxis = dict(title=dict(text=label), type="log" if metric == "rel_mse" else "linear", **_AXIS)
-    title = f"{_short(layer)}: output error on held-out calibration tokens (r = {rank})"
+    title = f"{_short(layer)}: output error on calibration tokens (r = {rank})"
     if metric == "sqnr_db":
         # near r = d the error is float32 rounding (> 100 dB): cap the axis 40 dB above the best
         # rank-free baseline so the region where methods differ stays readable; say so when it cuts

@@ -6,11 +6,11 @@ model again:
 
 - ``spectrum``: eigenvalues of the layer input's second moment C/n (the PCA basis DiRotQ uses) and
   the cumulative explained energy;
-- ``outlier_views``: per-channel abs-max and kurtosis of the layer input on the held-out token
+- ``outlier_views``: per-channel abs-max and kurtosis of the layer input on the stored token
   sample, in the original basis and after each method's transform (DiRotQ's T = V·diag(I_r, R),
   SmoothQuant's x/s, QuaRot's randomized Hadamard), plus the INT4 activation error of the part
   that is quantized;
-- ``error_curves``: the layer's output error (relative MSE, SQNR in dB) on the held-out tokens as
+- ``error_curves``: the layer's output error (relative MSE, SQNR in dB) on the stored token sample as
   a function of rank for DiRotQ and SVDQuant, with RTN, SmoothQuant and QuaRot as references;
 - ``layer_error`` / ``image_report``: the error measures themselves.
 """
@@ -94,7 +94,7 @@ def dirotq_transform(stats: Any, rank: int, *, tail: str = "haar", seed: int = 4
 def outlier_views(stats: Any, rank: int, weight: torch.Tensor | None = None, *,
                   views: Iterable[str] = VIEWS, tail: str = "haar", seed: int = 42, alpha: float = 0.5,
                   group_size: int = 64) -> dict[str, dict[str, Any]]:
-    """Per-channel abs-max and kurtosis of the held-out input sample in each basis.
+    """Per-channel abs-max and kurtosis of the stored input sample in each basis.
 
     For every view: ``{"abs_max": (d,), "kurtosis": (d,), "n16": number of leading channels kept
     16-bit (r for DiRotQ, else 0), "act_err": INT4 error of the quantized channels relative to
@@ -207,7 +207,10 @@ def error_curves(linear: nn.Linear, stats: Any, *, ranks: Iterable[int] | None =
                  base: Mapping[str, Any] | None = None, curve_methods: Iterable[str] = CURVE_METHODS,
                  reference_methods: Iterable[str] = REFERENCE_METHODS,
                  progress: Callable[[float, str], Any] | None = None) -> dict[str, Any]:
-    """Output error vs rank on the held-out tokens ``stats.sample``.
+    """Output error vs rank on the stored tokens ``stats.sample``.
+
+    The sample is a uniform subset of the calibration tokens, so the numbers are in-sample for the
+    PCA basis (and GPTQ): an optimistic proxy, which is why the app also compares images.
 
     Returns ``{"ranks": [r...], "curves": {method: {"rel_mse": [...], "sqnr_db": [...]}},
     "references": {method: {"rel_mse", "sqnr_db"}}}``.
