@@ -137,8 +137,8 @@ def outliers_figure(views: Mapping[str, Mapping[str, Any]], rank: int, layer: st
     layout["yaxis"]["title"] = dict(text="abs-max")
     layout[f"yaxis{_ax(k + 1)}"]["title"] = dict(text="kurtosis")
     if log_kurtosis:
-        for j in range(k):
-            layout[f"yaxis{_ax(k + j + 1)}"]["type"] = "log"
+        for j in range(k):  # 3 = Gaussian; label decades and half-decades, not plotly's bare minor digits
+            layout[f"yaxis{_ax(k + j + 1)}"].update(type="log", tickvals=[1, 3, 10, 30, 100, 300, 1000, 3000, 10000])
     layout["annotations"] = annotations
     return go.Figure(data=data, layout=layout)
 
