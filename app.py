@@ -318,6 +318,15 @@ def _show(img, size: int = 256):
     return img.resize((size, size * img.height // img.width), Image.NEAREST)
 
 
+def _judge_score(scores: dict) -> str:
+    """The judge's headline number: attributes of each named object all right, else image-level."""
+    for k in ("object_all", "image_all", "mean"):
+        if isinstance(scores.get(k), (int, float)):
+            return f"{100 * scores[k]:.0f} % ({k.replace('_', ' ')})"
+    vals = [v for k, v in scores.items() if isinstance(v, float) and not k.startswith("n_")]
+    return f"{100 * sum(vals) / len(vals):.0f} % (mean)" if vals else "n/a"
+
+
 @safe(5)
 def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=gr.Progress()):
     """16-bit and W4A4 images of one prompt and seed side by side, with metrics."""
@@ -339,10 +348,12 @@ def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=
              f"(reference dtype {t['reference_dtype'].replace('torch.', '')})",
              f"**backend**: {t['backend']}"]
     if "judge_ref" in m:
-        jr, jq = m["judge_ref"], m["judge_w4a4"]
-        lines.append(f"**judge** (prompt faithfulness, all attributes of an object right): 16-bit "
-                     f"{100 * jr['object_all']:.0f} %, W4A4 {100 * jq['object_all']:.0f} %  \n"
-                     f"16-bit reads as: *{m['judge_ref_text']}*  \nW4A4 reads as: *{m['judge_w4a4_text']}*")
+        lines.append(f"**judge** (prompt faithfulness, share of the prompt's attributes the judge sees): "
+                     f"16-bit {_judge_score(m['judge_ref'])}, W4A4 {_judge_score(m['judge_w4a4'])}"
+                     + (f"  \n16-bit reads as: *{m['judge_ref_text']}*" if m.get("judge_ref_text") else "")
+                     + (f"  \nW4A4 reads as: *{m['judge_w4a4_text']}*" if m.get("judge_w4a4_text") else ""))
+    elif "judge_error" in m:
+        lines.append(f"**judge** unavailable: {m['judge_error']}")
     diff = Image.fromarray(out["difference"])
     return (_ok(f"generated with {method}"), _show(out["reference"]), _show(out["quantized"]), _show(diff),
             "\n\n".join(lines))

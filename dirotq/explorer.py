@@ -144,6 +144,8 @@ class ExplorerSession:
         params = inspect.signature(self.pipe.__call__).parameters
         tok = getattr(self.pipe, "tokenizer", None)
         n = getattr(tok, "model_max_length", None)
+        if "clean_caption" in params:
+            kw["clean_caption"] = False  # needs bs4/ftfy; without them PixArt warns and skips it anyway
         if "max_sequence_length" in params and tok is not None and isinstance(n, int):
             if n < 300:
                 kw["max_sequence_length"] = n  # tiny tokenizers cannot pad to PixArt's 300
