@@ -128,6 +128,7 @@ class ExplorerSession:
         self.compute_lock = threading.RLock()  # guards the memo tables and the in-flight sweeps
         self._inflight: dict[str, threading.Event] = {}
         self._quant_lock = threading.Lock()  # one whole-model quantization at a time
+        self._cpu_linears: dict[str, Any] = {}
         self._memo: dict[str, _LRU] = {k: _LRU(n) for k, n in
                                        (("spectrum", 512), ("views", 64), ("curves", 1024), ("point", 256),
                                         ("quantized", 2), ("judge", 1))}
@@ -203,6 +204,17 @@ class ExplorerSession:
         return self.stats
 
     # -------------------------------------------------------------------------------- layers
+    def linear(self, name: str):
+        """The float ``nn.Linear`` of target ``name`` on the CPU, where the statistics live (a cached
+        copy when the model runs on a GPU): per-layer analysis never touches the device."""
+        mod = self.modules[name]
+        if mod.weight.device.type == "cpu":
+            return mod
+        with self.compute_lock:
+            if name not in self._cpu_linears:
+                self._cpu_linears[name] = copy.deepcopy(mod).float().cpu()
+            return self._cpu_linears[name]
+
     def layer_spec(self, name: str):
         if name not in self.targets:
             raise KeyError(f"{name!r} is not a quantization target of this model")
@@ -248,7 +260,7 @@ class ExplorerSession:
         key = (name, int(rank), tuple(views))
         memo = self._memo["views"]
         if key not in memo:
-            memo.put(key, outlier_views(self.require_stats().for_layer(name), int(rank), self.modules[name].weight,
+            memo.put(key, outlier_views(self.require_stats().for_layer(name), int(rank), self.linear(name).weight,
                                         views=views))
         return memo[key]
 
@@ -275,7 +287,7 @@ class ExplorerSession:
             ev.wait()
         try:
             st = self.require_stats().for_layer(name)
-            cur = error_curves(self.modules[name], st, spec=self._spec_as_w4a4(name), base=self.base,
+            cur = error_curves(self.linear(name), st, spec=self._spec_as_w4a4(name), base=self.base,
                                progress=progress)
             with self.compute_lock:
                 memo.put(key, cur)
@@ -316,9 +328,9 @@ class ExplorerSession:
             memo = self._memo["point"]
             if key not in memo:
                 st = self.require_stats().for_layer(name)
-                q = quantize_one(self.modules[name], st, method_config(m, self.base, rank), int(rank),
+                q = quantize_one(self.linear(name), st, method_config(m, self.base, rank), int(rank),
                                  self._spec_as_w4a4(name))
-                memo.put(key, {**layer_error(self.modules[name], q, st.sample), "interpolated": False})
+                memo.put(key, {**layer_error(self.linear(name), q, st.sample), "interpolated": False})
             out[m] = memo[key]
         return out
 
@@ -467,9 +479,11 @@ class ExplorerSession:
         with self._quant_lock:
             if key in memo:
                 return memo[key]
-            model = copy.deepcopy(self.transformer)
+            # quantize on the CPU, where the statistics live, then move the result to the model's device
+            dev = next(self.transformer.parameters()).device
+            model = copy.deepcopy(self.transformer) if dev.type == "cpu" else copy.deepcopy(self.transformer).cpu()
             report = quantize_(model, cfg, stats, adapter=self.adapter, progress=progress or (lambda f, m: None))
-            return memo.put(key, (model.eval(), report))
+            return memo.put(key, (model.to(dev).eval(), report))
 
     def all_layer_errors(self, method: str, ranks: Mapping[str, int] | None = None,
                          progress: Progress | None = None) -> list[dict]:
