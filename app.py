@@ -204,7 +204,8 @@ def on_calibrate(model, block, ltype, rank, extra_views, metric, progress=gr.Pro
     how = "loaded from the on-disk cache" if was else f"calibrated in {dt:.1f} s"
     c = s.calib
     return (_ok(f"statistics {how}: {len(s.prompts)} prompts × {c.num_inference_steps} steps, "
-                f"{len(s.stats.layers)} input groups"), energy, f1, f2, f3, gr.skip(), _plan_df(s, s.default_plan()))
+                f"{len(s.stats.layers)} input groups"), energy, f1, f2, f3, s.layer_label(name),
+            _plan_df(s, s.default_plan()))
 
 
 @safe(7)
@@ -216,8 +217,8 @@ def on_start(model, block, ltype, rank, extra_views, metric):
                 f"{s.calib.num_inference_steps} steps)", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
     s.warm_up()
     energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
-    return (_ok("statistics loaded from the on-disk cache"), energy, f1, f2, f3, gr.skip(),
-            _plan_df(s, s.default_plan()))
+    return (_ok("statistics loaded from the on-disk cache"), energy, f1, f2, f3,
+            s.layer_label(_layer(s, block, ltype)), _plan_df(s, s.default_plan()))
 
 
 # ------------------------------------------------------------------------------ all layers

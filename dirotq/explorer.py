@@ -237,7 +237,14 @@ class ExplorerSession:
         shared = [n.rsplit(".", 1)[-1] for n, t in self.targets.items() if t.group == s.group and n != name]
         note = f", shares its input with {', '.join(shared)}" if shared else ""
         kind = "W4A16 by default (weight-only)" if s.kind == "w4a16" else "W4A4"
-        return f"`{name}`: {s.in_features} → {s.out_features}, {kind}{note}"
+        text = f"`{name}`: {s.in_features} → {s.out_features}, {kind}{note}"
+        if self.stats is not None:
+            st = self.stats.for_layer(name)
+            am = st.abs_max.double()
+            ratio = float(am.max() / am.median().clamp_min(1e-12))
+            text += (f". Input outliers: largest channel abs-max {ratio:.1f}× the median channel's, "
+                     f"largest channel kurtosis {float(st.kurtosis().max()):.0f} (Gaussian: 3)")
+        return text
 
     # ------------------------------------------------------------------------- per-layer views
     def spectrum(self, name: str) -> dict:
