@@ -1,0 +1,273 @@
+"""Train the embedded tiny PixArt-Σ (DiT + T5 text encoder) on procedural shapes (issue #3, steps 3–5).
+
+Architecture (same family as PixArt-Σ, diffusers classes, loadable by PixArtSigmaPipeline):
+- transformer: PixArtTransformer2DModel, norm_type="ada_norm_single" (adaLN-single), self-attention,
+  cross-attention to the text tokens, GELU-tanh feed-forward, learned sigma (out_channels = 2 × 4),
+  sample_size 32 (32×32×4 latents of 128×128 images, f4 VAE), patch 4 → 8×8 = 64 image tokens,
+  head dim 64. Call the pipeline with use_resolution_binning=False (binning maps 128 px to 256 px).
+- text encoder: transformers T5EncoderModel from a small config, word-level tokenizer over the caption
+  vocabulary (tokenizers WordLevel, saved as a PreTrainedTokenizerFast folder; <unk> for unknown words).
+- vae: the tiny f4 AutoencoderKL from scripts/train_tiny_vae.py (frozen here).
+- scheduler: DPMSolverMultistepScheduler with PixArt-Σ's settings (linear betas 1e-4…0.02, 1000 steps,
+  epsilon prediction, dpmsolver++ order 2).
+Objective: DDPM ε-MSE + the IDDPM variational bound term for the learned variance (PixArt-Σ recipe:
+learn_sigma=True, uniform t), 10 % caption dropout for classifier-free guidance. Optimiser AdamW,
+lr 1e-3, no weight decay (the recipe that grew outlier channels fastest, DESIGN.md §5), warmup 200,
+cosine decay to 10 % over the time budget, grad clip 1, EMA of weights (the EMA is what is saved).
+
+Latents are pre-encoded once with the trained VAE (posterior means of a fixed, seeded pool of
+procedural training-split images, cached under runs/).
+
+    python scripts/train_tiny_pixart.py --vae runs/tiny_vae/vae --out runs/tiny_pixart --minutes 80
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+torch.set_flush_denormal(True)
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from analysis.shapes_grammar import vocabulary  # noqa: E402
+from scripts.shapes_data import batch  # noqa: E402
+
+POOL_SEED_BASE = 0  # training images: example(POOL_SEED_BASE + i, "train")
+TRAIN_MAX_TOKENS = 48
+
+
+# ---------------------------------------------------------------- tokenizer / text encoder
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "</s>", "<unk>"]  # T5 ids: pad 0, eos 1, unk 2
+    vocab = {w: i for i, w in enumerate(specials + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=300, padding_side="right")
+
+
+def make_text_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+    cfg = T5Config(vocab_size=vocab_size, d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=16, relative_attention_max_distance=64, dropout_rate=0.0,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False)
+    return T5EncoderModel(cfg)
+
+
+def make_transformer(hidden: int, depth: int, caption_channels: int):
+    from diffusers import PixArtTransformer2DModel
+    return PixArtTransformer2DModel(
+        num_attention_heads=hidden // 64, attention_head_dim=64, in_channels=4, out_channels=8,
+        num_layers=depth, dropout=0.0, norm_num_groups=32, cross_attention_dim=hidden, attention_bias=True,
+        sample_size=32, patch_size=4, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        upcast_attention=False, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        interpolation_scale=None, use_additional_conditions=False, caption_channels=caption_channels)
+
+
+def make_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        prediction_type="epsilon", solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+        lower_order_final=True, timestep_spacing="linspace", steps_offset=0, thresholding=False,
+        use_karras_sigmas=False, variance_type=None)
+
+
+# ---------------------------------------------------------------- latent pool
+def build_pool(vae, n: int, cache: str, dev: str, chunk: int = 32):
+    if os.path.exists(cache):
+        d = torch.load(cache)
+        if d["mean"].shape[0] >= n:
+            return d
+    means, stds, caps = [], [], []
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            x, c, _ = batch(range(POOL_SEED_BASE + i, POOL_SEED_BASE + min(n, i + chunk)), "train")
+            post = vae.encode(torch.from_numpy(x).to(dev) * 2 - 1).latent_dist
+            means.append(post.mean.half().cpu())
+            stds.append(post.std.half().cpu())
+            caps += c
+            if (i // chunk) % 20 == 0:
+                print(f"pool {i + chunk}/{n} {time.time() - t0:.0f}s", flush=True)
+    d = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": caps}
+    torch.save(d, cache)
+    return d
+
+
+# ---------------------------------------------------------------- diffusion math
+class Diffusion:
+    def __init__(self, T=1000, dev="cpu"):
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        ac = torch.cumprod(1 - betas, 0)
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        self.T = T
+        self.sqrt_ac = ac.sqrt().float().to(dev)
+        self.sqrt_1mac = (1 - ac).sqrt().float().to(dev)
+        post_var = betas * (1 - ac_prev) / (1 - ac)
+        self.post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])).float().to(dev)
+        self.log_betas = torch.log(betas).float().to(dev)
+        self.coef1 = (betas * ac_prev.sqrt() / (1 - ac)).float().to(dev)
+        self.coef2 = ((1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)).float().to(dev)
+
+    @staticmethod
+    def _b(v, t):
+        return v[t][:, None, None, None]
+
+    def loss(self, model_out, x0, xt, t, noise):
+        """ε-MSE + IDDPM L_vlb for the learned variance (mean term stop-gradient), t = 0 term dropped."""
+        eps, v = model_out.chunk(2, dim=1)
+        mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+        b = self._b
+        # true posterior q(x_{t-1} | x_t, x_0)
+        true_mean = b(self.coef1, t) * x0 + b(self.coef2, t) * xt
+        true_logvar = b(self.post_logvar, t)
+        # model: mean from the (detached) ε, log-variance interpolated between β̃_t and β_t
+        x0_pred = (xt - b(self.sqrt_1mac, t) * eps.detach()) / b(self.sqrt_ac, t)
+        mean = b(self.coef1, t) * x0_pred + b(self.coef2, t) * xt
+        frac = (v + 1) / 2
+        logvar = frac * b(self.log_betas, t) + (1 - frac) * true_logvar
+        kl = 0.5 * (-1.0 + logvar - true_logvar + torch.exp(true_logvar - logvar)
+                    + (true_mean - mean) ** 2 * torch.exp(-logvar))
+        vlb = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+        vlb = torch.where(t > 0, vlb, torch.zeros_like(vlb))
+        return mse.mean(), vlb.mean()
+
+
+# ---------------------------------------------------------------- save
+def save_pipeline(out_dir, tokenizer, text_encoder, vae, transformer):
+    from diffusers import PixArtSigmaPipeline
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=copy.deepcopy(text_encoder).half(),
+                               vae=copy.deepcopy(vae).half(), transformer=copy.deepcopy(transformer).half(),
+                               scheduler=make_scheduler())
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vae", default="runs/tiny_vae/vae")
+    ap.add_argument("--out", default="runs/tiny_pixart")
+    ap.add_argument("--minutes", type=float, default=80.0)
+    ap.add_argument("--max-steps", type=int, default=1_000_000)
+    ap.add_argument("--pool", type=int, default=10000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--wd", type=float, default=0.0)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--cfg-drop", type=float, default=0.1)
+    ap.add_argument("--save-every-min", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(a.out, exist_ok=True)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(a.vae).to(dev).eval().requires_grad_(False)
+    sf = vae.config.scaling_factor
+    pool = build_pool(vae, a.pool, os.path.join(os.path.dirname(a.out.rstrip("/")) or ".", f"latent_pool_{a.pool}.pt"), dev)
+    pmean, pstd = pool["mean"][:a.pool].to(dev), pool["std"][:a.pool].to(dev)
+    caps = pool["captions"][:a.pool]
+    tokenizer = build_tokenizer()
+    enc = tokenizer(caps, padding="max_length", max_length=TRAIN_MAX_TOKENS, truncation=True, return_tensors="pt")
+    assert int(enc.attention_mask.sum(1).max()) < TRAIN_MAX_TOKENS, "captions longer than TRAIN_MAX_TOKENS"
+    ids_all, mask_all = enc.input_ids.to(dev), enc.attention_mask.to(dev)
+    empty = tokenizer([""], padding="max_length", max_length=TRAIN_MAX_TOKENS, return_tensors="pt")
+    e_ids, e_mask = empty.input_ids.to(dev), empty.attention_mask.to(dev)
+
+    text_encoder = make_text_encoder(len(tokenizer)).to(dev).train()
+    transformer = make_transformer(a.hidden, a.depth, text_encoder.config.d_model).to(dev).train()
+    n_dit = sum(p.numel() for p in transformer.parameters())
+    n_te = sum(p.numel() for p in text_encoder.parameters())
+    n_vae = sum(p.numel() for p in vae.parameters())
+    print(json.dumps({"params_transformer": n_dit, "params_text_encoder": n_te, "params_vae": n_vae,
+                      "fp16_MB": 2 * (n_dit + n_te + n_vae) / 2**20}), flush=True)
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd, betas=(0.9, 0.999))
+    ema_t, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
+    ema_params = list(ema_t.parameters()) + list(ema_te.parameters())
+    diff = Diffusion(dev=dev)
+    g = torch.Generator(device="cpu").manual_seed(a.seed)
+    log = open(os.path.join(a.out, "log.jsonl"), "a")
+    t0 = time.time()
+    budget = a.minutes * 60
+    last_save = t0
+    step, acc = 0, []
+    while step < a.max_steps and time.time() - t0 < budget:
+        frac = min(1.0, (time.time() - t0) / budget)
+        lr = a.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        idx = torch.randint(0, a.pool, (a.batch,), generator=g).to(dev)
+        x0 = pmean[idx].float() * sf  # posterior mean: the VAE decoder was trained on means
+        ids, mask = ids_all[idx], mask_all[idx]
+        drop = (torch.rand(a.batch, generator=g) < a.cfg_drop).to(dev)
+        ids = torch.where(drop[:, None], e_ids.expand_as(ids), ids)
+        mask = torch.where(drop[:, None], e_mask.expand_as(mask), mask)
+        t = torch.randint(0, 1000, (a.batch,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        xt = diff._b(diff.sqrt_ac, t) * x0 + diff._b(diff.sqrt_1mac, t) * noise
+        emb = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        mse, vlb = diff.loss(out, x0, xt, t, noise)
+        loss = mse + vlb
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(a.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        acc.append((mse.item(), vlb.item(), gn.item()))
+        step += 1
+        if step % 25 == 0:
+            m = np.mean(acc, 0)
+            acc = []
+            rec = {"step": step, "t": round(time.time() - t0, 1), "lr": round(lr, 6), "mse": round(float(m[0]), 5),
+                   "vlb": round(float(m[1]), 5), "grad_norm": round(float(m[2]), 3)}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if time.time() - last_save > a.save_every_min * 60:
+            save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t)
+            json.dump({"steps": step, "train_seconds": round(time.time() - t0, 1)},
+                      open(os.path.join(a.out, "pipeline", "train_state.json"), "w"))
+            last_save = time.time()
+            print(f"saved checkpoint at step {step}", flush=True)
+    train_s = time.time() - t0
+    save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t)
+    info = {"steps": step, "train_seconds": round(train_s, 1), "device": dev, "threads": a.threads,
+            "batch": a.batch, "pool": a.pool, "hidden": a.hidden, "depth": a.depth, "lr": a.lr, "wd": a.wd,
+            "ema": a.ema, "seed": a.seed, "params_transformer": n_dit, "params_text_encoder": n_te,
+            "params_vae": n_vae, "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    json.dump(info, open(os.path.join(a.out, "pipeline", "train_state.json"), "w"), indent=1)
+    print(json.dumps(info), flush=True)
+
+
+if __name__ == "__main__":
+    main()
