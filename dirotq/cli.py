@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default OUT/rank_sweep)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--judge", default="auto", metavar="PATH",
+                   help="shapes judge weights folder (default assets/judge; embedded shapes model only)")
     p.add_argument("--no-judge", action="store_true", help="skip the shapes judge")
     p.add_argument("--contact-rows", type=int, default=16, help="prompts in the contact sheet (default 16)")
     p.add_argument("--fid-weights", default=None, help="local InceptionV3 weights for FID (torch-fidelity format)")
@@ -365,7 +367,7 @@ def cmd_evaluate(args) -> int:
                    seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    calib_prompts=args.calib_prompts, calib_limit=args.calib_limit, calib_steps=args.calib_steps,
                    out_dir=args.out, batch_size=args.batch_size, pipe_kwargs=_pipe_kwargs(args),
-                   judge=False if args.no_judge else "auto", n_boot=args.n_boot)
+                   judge=False if args.no_judge else args.judge, n_boot=args.n_boot)
     command = "python -m dirotq " + " ".join(shlex.quote(a) for a in (args._argv or []))
     if args.sweep_ranks:
         res = rank_sweep(evaluator=ev, ranks=args.sweep_ranks, methods=args.sweep_methods or SWEEP_METHODS,
