@@ -32,7 +32,7 @@ from dirotq.explorer import METHODS, POLICIES, get_session  # noqa: E402
 
 PAPER = "arXiv:2605.16732"
 OUTLIER_EXTRA = ["smoothquant", "hadamard"]
-PLAN_COLUMNS = ["layer", "block", "type", "d_in", "d_out", "rank", "energy kept %"]
+PLAN_COLUMNS = ["layer", "d_in", "d_out", "rank", "energy kept %"]
 METHOD_CHOICES = [(figures.LABELS[m], m) for m in METHODS]
 _SESSION_KW: dict = {}  # device / cache_dir / dtype, set by build_demo
 
@@ -161,7 +161,7 @@ def _plan_df(s, ranks: dict) -> pd.DataFrame:
     for n, spec in s.w4a4_targets().items():
         r = int(ranks.get(n, 0))
         e = 100 * s.energy(n, r) if s.calibrated else float("nan")
-        rows.append([n, spec.block, spec.layer_type, spec.in_features, spec.out_features, r, round(e, 1)])
+        rows.append([n, spec.in_features, spec.out_features, r, round(e, 1)])
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 
@@ -278,7 +278,7 @@ def on_plan_edit(model, plan_df, method):
     return "", text, fig, js
 
 
-@safe(2)
+@safe(3)
 def on_export(model, plan_df):
     """Write the plan as RankPlan JSON ({layer: rank}) to a file for download."""
     s = session(model)
@@ -286,7 +286,7 @@ def on_export(model, plan_df):
     path = os.path.join(tempfile.mkdtemp(prefix="dirotq-plan-"), "rank_plan.json")
     with open(path, "w") as f:
         json.dump(ranks, f, indent=1, sort_keys=True)
-    return _ok(f"exported {len(ranks)} ranks"), path
+    return _ok(f"exported {len(ranks)} ranks: rank_plan.json below"), path, gr.update(open=True)
 
 
 @safe(5)
@@ -544,8 +544,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                     value_nb = gr.Number(32, label=POLICY_VALUE["fixed"][0])
                                     fill_btn = gr.Button("Fill", elem_id="fill-btn")
                                 plan_df = gr.Dataframe(init_plan, headers=PLAN_COLUMNS, interactive=True,
-                                                       datatype=["str", "number", "str", "number", "number",
-                                                                 "number", "number"],
+                                                       datatype=["str", "number", "number", "number", "number"],
                                                        label="per-layer ranks (edit the rank column)",
                                                        elem_id="plan-table", max_height=320)
                                 cost_md = gr.Markdown("")
@@ -553,12 +552,15 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                 with gr.Row():
                                     export_btn = gr.Button("Export JSON")
                                     quant_btn = gr.Button("Quantize with this plan", variant="primary")
-                                export_file = gr.File(label="rank_plan.json", interactive=False, height=80)
-                                with gr.Row():
-                                    import_file = gr.File(label="import a rank plan (.json)", file_types=[".json"], height=140,
-                                                          type="filepath")
-                                    plan_json = gr.Code("", language="json", label="plan JSON (edit, then Apply)")
-                                apply_btn = gr.Button("Apply JSON", size="sm")
+                                with gr.Accordion("JSON: download, upload, edit", open=False) as json_acc:
+                                    with gr.Row():
+                                        export_file = gr.File(label="exported rank_plan.json", interactive=False,
+                                                              height=120)
+                                        import_file = gr.File(label="import a rank plan (.json)", file_types=[".json"],
+                                                              height=120, type="filepath")
+                                    plan_json = gr.Code("", language="json", label="plan JSON (edit, then Apply)",
+                                                        max_lines=12)
+                                    apply_btn = gr.Button("Apply JSON", size="sm")
                             gr.Markdown(TEXT["plan"], elem_classes="teach")
                     with gr.Tab("Generate", id="generate"):
                         with gr.Row():
@@ -567,7 +569,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                     prompt_tb = gr.Textbox(s.default_prompt(),
                                                            label="prompt", elem_id="prompt", scale=3)
                                     seed_nb = gr.Number(0, label="seed", precision=0, minimum=0)
-                                    steps_nb = gr.Number(10, label="steps", precision=0, minimum=1, maximum=100)
+                                    steps_nb = gr.Number(20, label="steps", precision=0, minimum=1, maximum=100)
                                     guid_nb = gr.Number(4.5, label="guidance", minimum=0, maximum=30)
                                 gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
                                 with gr.Row():
@@ -598,7 +600,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out)
         plan_df.input(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
         method_dd.change(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
-        export_btn.click(on_export, [model_state, plan_df], [status, export_file])
+        export_btn.click(on_export, [model_state, plan_df], [status, export_file, json_acc])
         import_file.upload(on_import, [model_state, import_file, method_dd], [status] + plan_out)
         apply_btn.click(on_import, [model_state, plan_json, method_dd], [status] + plan_out)
         quant_btn.click(on_quantize_plan, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])

@@ -94,7 +94,8 @@ def spectrum_figure(eigenvalues: Sequence[float], explained: Sequence[float], ra
         title=dict(text=f"{_short(layer)}: r = {rank} of {d} keeps {100 * ex[rank]:.1f} % of the energy"),
         xaxis=dict(title=dict(text="principal direction / rank r"), **_AXIS),
         yaxis=dict(title=dict(text="eigenvalue (log)"), type="log",
-                   range=[math.log10(floor), math.log10(max(ev.max(), floor * 10))] if d else None, **_AXIS),
+                   range=[math.log10(floor) - 0.2, math.log10(max(ev.max(), floor * 10)) + 0.3] if d else None,
+                   **_AXIS),
         yaxis2=dict(title=dict(text="cumulative energy"), overlaying="y", side="right", range=[0, 1.02],
                     showgrid=False),
         shapes=[_vline(rank + 0.5 if rank else 0.5)],
@@ -169,7 +170,8 @@ def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sq
                                                symbol="diamond-open" if v.get("interpolated") else "diamond")))
     label = "SQNR (dB, higher is better)" if metric == "sqnr_db" else "relative MSE (lower is better)"
     yaxis = dict(title=dict(text=label), type="log" if metric == "rel_mse" else "linear", **_AXIS)
-    title = f"{_short(layer)}: output error on calibration tokens (r = {rank})"
+    title = f"{_short(layer)}: output error vs rank (r = {rank})"
+    notes = []
     if metric == "sqnr_db":
         # near r = d the error is float32 rounding (> 100 dB): cap the axis 40 dB above the best
         # rank-free baseline so the region where methods differ stays readable; say so when it cuts
@@ -180,9 +182,13 @@ def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sq
             if max(vals) > top:
                 lo = min(vals + refs)
                 yaxis["range"] = [lo - 2, top]
-                title += f"; points above {top:.0f} dB off the chart"
+                notes.append(dict(text=f"axis capped at {top:.0f} dB: higher points are off the chart", x=1, y=1,
+                                  xref="paper", yref="paper", xanchor="right", yanchor="bottom", showarrow=False,
+                                  font=dict(size=11, color="#666666")))
     layout = dict(_LAYOUT, title=dict(text=title), xaxis=dict(title=dict(text="rank r (16-bit directions)"), **_AXIS),
-                  yaxis=yaxis, shapes=[_vline(rank)])
+                  yaxis=yaxis, shapes=[_vline(rank)], annotations=notes, height=470,
+                  margin=dict(l=60, r=20, t=60, b=100),
+                  legend=dict(orientation="h", yanchor="top", y=-0.16, xanchor="center", x=0.5))
     return go.Figure(data=data, layout=layout)
 
 
