@@ -134,6 +134,8 @@ def test_bad_inputs_give_messages_not_crashes(sess, calibrated):
     assert "whole number" in app.on_plan_edit(MODEL, df, "dirotq")[0]
     out = app.on_load_model("/nonexistent/model/folder", MODEL)
     assert out[0].startswith("⚠") and "does not exist" in out[0]
+    ok = app.on_load_model(MODEL, MODEL)
+    assert ok[0].startswith("✓") and "statistics found" in ok[0] and ok[1] == MODEL
 
 
 def test_fill_policies_and_cost(sess, calibrated):
