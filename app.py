@@ -260,7 +260,7 @@ def on_fill(model, policy, value, method):
 
 POLICY_VALUE = {"fixed": ("rank of every layer", 32), "energy": ("energy to keep (0…1)", 0.9),
                 "error budget": ("largest relative MSE per layer", 0.01),
-                "16-bit budget": ("extra 16-bit parameters (thousands)", 50)}
+                "16-bit budget": ("16-bit branch parameters Σ o·r (thousands)", 50)}
 
 
 def on_policy(policy):
@@ -420,8 +420,8 @@ and *16-bit budget* policies of the Rank plan tab put it there automatically.
 W4A16 layers (weight-only, e.g. PixArt's ff.net.2) are listed with rank 0.""",
     "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *fixed* (value = rank),
 *energy* (value = fraction of energy to keep, e.g. 0.9), *error budget* (value = largest relative
-MSE per layer, e.g. 0.01), *16-bit budget* (value = thousands of extra 16-bit parameters, spent
-greedily where DiRotQ's error drops most) — then edit any cell. The cost is against plain W4A4:
+MSE per layer, e.g. 0.01), *16-bit budget* (value = thousands of 16-bit branch parameters Σ o·r,
+the W·T_h columns, spent greedily where DiRotQ's error drops most) — then edit any cell. The cost is against plain W4A4:
 DiRotQ's full rotation costs a d×d 16-bit matrix per layer whatever r is (an online d×d GEMM);
 the low-rank form costs only O(d·r). The JSON is the `RankPlan` format the CLI and API read.""",
     "generate": """**Generate.** The same prompt and seed through the 16-bit model and the quantized model

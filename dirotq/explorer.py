@@ -404,8 +404,9 @@ class ExplorerSession:
     def fill_plan(self, policy: str, value: float) -> dict[str, int]:
         """Per-layer ranks by a policy: "fixed" (rank = value), "energy" (smallest rank keeping
         ``value`` of the energy, 0..1), "error budget" (smallest grid rank with DiRotQ relative MSE ≤
-        value), "16-bit budget" (greedy allocation of ``value`` extra 16-bit parameters, in
-        thousands, where DiRotQ's error drops most per parameter)."""
+        value), "16-bit budget" (greedy allocation of ``value`` thousand 16-bit branch parameters
+        Σ o·r — the W·T_h columns; the d×d rotation costs the same at every rank — where DiRotQ's
+        error drops most per parameter)."""
         from .bases import allocate_ranks, rank_for_energy, rank_for_error_budget
 
         targets = self.w4a4_targets()
