@@ -203,7 +203,9 @@ def on_calibrate(model, block, ltype, rank, extra_views, metric, progress=gr.Pro
     energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
     how = "loaded from the on-disk cache" if was else f"calibrated in {dt:.1f} s"
     c = s.calib
-    return (_ok(f"statistics {how}: {len(s.prompts)} prompts × {c.num_inference_steps} steps, "
+    steps = (f"{len(c.steps)} of {c.num_inference_steps} steps" if c.steps is not None
+             else f"{c.num_inference_steps} steps")
+    return (_ok(f"statistics {how}: {len(s.prompts)} prompts × {steps}, "
                 f"{len(s.stats.layers)} input groups"), energy, f1, f2, f3, s.layer_label(name),
             _plan_df(s, s.default_plan()))
 
@@ -213,8 +215,8 @@ def on_start(model, block, ltype, rank, extra_views, metric):
     """Page load: draw at once when statistics are cached on disk, else ask for calibration."""
     s = session(model)
     if not (s.calibrated or s.load_cached()):
-        return ("ℹ not calibrated yet: press **Calibrate** (≈ " f"{len(s.prompts)} prompts × "
-                f"{s.calib.num_inference_steps} steps)", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        return (f"ℹ not calibrated yet: press **Calibrate** ({len(s.prompts)} prompts × a "
+                f"{s.calib.num_inference_steps}-step schedule)", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
     s.warm_up()
     energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
     return (_ok("statistics loaded from the on-disk cache"), energy, f1, f2, f3,
