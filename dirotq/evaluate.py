@@ -108,11 +108,14 @@ def default_pipe_kwargs(pipe) -> dict:
         # warning per call); fix it off so calibration and generation agree on every machine
         kw["clean_caption"] = False
     tok = getattr(pipe, "tokenizer", None)
-    mml = getattr(tok, "model_max_length", None)
-    if "max_sequence_length" in params and isinstance(mml, int) and 0 < mml < 10_000:
+    # the tokenizer's own limit, or the length it was saved with (the embedded model was trained
+    # with 48 text tokens and says so in tokenizer_config.json "max_length")
+    limits = [getattr(tok, "model_max_length", None), (getattr(tok, "init_kwargs", None) or {}).get("max_length")]
+    limits = [v for v in limits if isinstance(v, int) and 0 < v < 10_000]
+    if "max_sequence_length" in params and limits:
         default = params["max_sequence_length"].default
-        if isinstance(default, int) and mml < default:
-            kw["max_sequence_length"] = mml
+        if isinstance(default, int) and min(limits) < default:
+            kw["max_sequence_length"] = min(limits)
     return kw
 
 
