@@ -54,8 +54,11 @@ class LayerStats:
     - ``second_moment``: (d, d) C = Σ xᵀx over all tokens (uncentered).
     - ``count``: tokens seen. ``abs_max``, ``sum``, ``sum_sq``, ``sum_4th``: (d,) per channel.
     - ``sample``: (m, d) float32, m ≤ ``sample_tokens``: a uniform sample without replacement of
-      all tokens seen (bottom-m of i.i.d. uniform keys, ``sample_keys`` (m,) float64 — the
+      the tokens offered to it (bottom-m of i.i.d. uniform keys, ``sample_keys`` (m,) float64 — the
       vectorised equivalent of Algorithm R), deterministic for a seed and the update sequence.
+    - ``sample_seen``: tokens offered to the sample. Equal to ``count`` unless the sample was fed
+      held-out tokens that never entered the moments (``calibrate(holdout_prompts=k)``): then the
+      error measurements on ``sample`` are out-of-sample for bases and GPTQ built from C.
     """
 
     second_moment: Tensor
@@ -68,6 +71,11 @@ class LayerStats:
     sample_keys: Tensor
     sample_tokens: int = 512
     seed: int = 0
+    sample_seen: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_seen is None:
+            self.sample_seen = self.count
 
     @classmethod
     def empty(cls, d: int, sample_tokens: int = 512, seed: int = 0, device: torch.device | str = "cpu") -> "LayerStats":
@@ -87,8 +95,12 @@ class LayerStats:
             setattr(self, f, getattr(self, f).to(device))
 
     @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        """Accumulate ``x: (..., d)`` (any float dtype) as tokens of width d, in float64."""
+    def update(self, x: Tensor, *, moments: bool = True, sample: bool = True) -> None:
+        """Accumulate ``x: (..., d)`` (any float dtype) as tokens of width d, in float64.
+
+        ``moments=False`` offers the tokens to the sample only (held-out tokens); ``sample=False``
+        adds them to the moments only.
+        """
         d = self.dim
         if x.shape[-1] != d:
             raise ValueError(f"LayerStats.update: input width {x.shape[-1]} != stats width {d}")
@@ -99,7 +111,7 @@ class LayerStats:
         if self.second_moment.device != x.device:
             # accumulate where the activations live (a GPU calibration stays on the GPU)
             self._to(x.device)
-        for chunk in x.split(_CHUNK):
+        for chunk in (x.split(_CHUNK) if moments else ()):
             x64 = chunk.to(torch.float64)
             self.second_moment.addmm_(x64.T, x64)
             sq = x64 * x64
@@ -107,11 +119,14 @@ class LayerStats:
             self.sum_sq += sq.sum(0)
             self.sum_4th += (sq * sq).sum(0)
             torch.maximum(self.abs_max, x64.abs().amax(0), out=self.abs_max)
-        if self.sample_tokens > 0:
-            g = torch.Generator().manual_seed(_reservoir_seed(self.seed, self.count))
+        if sample and self.sample_tokens > 0:
+            g = torch.Generator().manual_seed(_reservoir_seed(self.seed, self.sample_seen))
             keys = torch.rand(n, generator=g, dtype=torch.float64)
             self._keep_smallest(keys, x)
-        self.count += n
+        if sample:
+            self.sample_seen += n
+        if moments:
+            self.count += n
 
     def _keep_smallest(self, keys: Tensor, rows: Tensor) -> None:
         """Reservoir step: keep the ``sample_tokens`` smallest keys of (old ∪ new)."""
@@ -140,6 +155,7 @@ class LayerStats:
             sum_sq=self.sum_sq + o["sum_sq"], sum_4th=self.sum_4th + o["sum_4th"],
             sample=self.sample.clone(), sample_keys=self.sample_keys.clone(),
             sample_tokens=max(self.sample_tokens, other.sample_tokens), seed=self.seed,
+            sample_seen=self.sample_seen + other.sample_seen,
         )
         if other.sample_keys.numel():
             out._keep_smallest(other.sample_keys, other.sample)
@@ -230,7 +246,8 @@ class CalibrationStats:
             for i, (key, st) in enumerate(self.layers.items()):
                 for f in _FIELDS:
                     tensors[f"{i}.{f}"] = getattr(st, f).detach().cpu().contiguous()
-                layers_meta[key] = {"index": i, "count": st.count, "sample_tokens": st.sample_tokens, "seed": st.seed}
+                layers_meta[key] = {"index": i, "count": st.count, "sample_tokens": st.sample_tokens, "seed": st.seed,
+                                    "sample_seen": st.sample_seen}
             save_file(tensors, str(tmp / "stats.safetensors"))
             doc = {"format": _FORMAT, "layers": layers_meta, "groups": self.groups, "meta": self.meta}
             (tmp / "meta.json").write_text(json.dumps(doc, indent=1, sort_keys=False, default=str))
@@ -271,7 +288,8 @@ class CalibrationStats:
             except KeyError as e:
                 raise ValueError(f"corrupt calibration tensors {st_p}: missing {e} for group {key!r}") from e
             layers[key] = LayerStats(count=int(lm["count"]), sample_tokens=int(lm["sample_tokens"]),
-                                     seed=int(lm["seed"]), **fields)
+                                     seed=int(lm["seed"]), sample_seen=int(lm.get("sample_seen", lm["count"])),
+                                     **fields)
         return cls(layers=layers, groups=dict(groups), meta=doc.get("meta", {}))
 
 
@@ -326,6 +344,7 @@ class _Recorder:
         self.layers: dict[str, LayerStats] = {}
         self.handles = []
         self.active = True
+        self.moments, self.sampling = True, True  # what the current prompts feed (held-out: sample only)
         for key in dict.fromkeys(self.groups.values()):
             lin = modules[key]
             self.layers[key] = LayerStats.empty(lin.in_features, sample_tokens, _group_seed(seed, key))
@@ -334,7 +353,7 @@ class _Recorder:
     def _hook(self, key: str):
         def hook(mod, args):
             if self.active:
-                self.layers[key].update(args[0])
+                self.layers[key].update(args[0], moments=self.moments, sample=self.sampling)
         return hook
 
     def remove(self) -> None:
@@ -474,6 +493,7 @@ def calibrate(
     progress: Progress | None = None,
     pipe_kwargs: dict | None = None,
     layers: list[str] | None = None,
+    holdout_prompts: int = 0,
 ) -> CalibrationStats:
     """Run the diffusers ``pipe`` on ``prompts`` and return the target groups' statistics.
 
@@ -491,12 +511,19 @@ def calibrate(
       Σ d² · 8 bytes over recorded groups: 5.8 GiB for PixArt-Σ, 16 GiB SD3-medium, 120 GiB for
       FLUX.1 (its 12288- and 15360-wide down-projections dominate), so FLUX calibrates in passes
       over layer subsets, combined with ``CalibrationStats.merge``.
+    - ``holdout_prompts=k``: the last k prompts are held out: their tokens fill only the token
+      sample (used for error measurements), never the moments that bases and GPTQ are built from;
+      the other prompts feed only the moments. 0 (default): the sample is drawn from the same
+      tokens as the moments (in-sample).
     """
     from .models import get_adapter
 
     prompts = list(prompts)
     if not prompts:
         raise ValueError("calibrate: no prompts given")
+    if not isinstance(holdout_prompts, int) or not 0 <= holdout_prompts < len(prompts):
+        raise ValueError(f"calibrate: holdout_prompts must be an int in [0, {len(prompts) - 1}] "
+                         f"(at least one prompt must feed the statistics), got {holdout_prompts!r}")
     if isinstance(steps, int):  # calibrate(pipe, prompts, steps=20): every step of a 20-step schedule
         num_inference_steps, steps = steps, None
     if steps is not None:
@@ -518,7 +545,7 @@ def calibrate(
     key = stats_cache_key(model_id, prompts, num_inference_steps, steps, guidance_scale, seed, dtype,
                           sample_tokens=sample_tokens, family=adapter.family,
                           overrides=getattr(adapter, "overrides", {}), pipe_kwargs=pipe_kwargs,
-                          layers=None if layers is None else sorted(layers))
+                          layers=None if layers is None else sorted(layers), holdout_prompts=holdout_prompts)
     cache_path = Path(cache_dir) / key if cache_dir is not None else None
     if cache_path is not None and (cache_path / "meta.json").is_file():
         if progress is not None:
@@ -531,7 +558,11 @@ def calibrate(
     rec = _Recorder(transformer, adapter, sample_tokens, seed, layers)
     record = set(range(num_inference_steps)) if steps is None else set(steps)
     state = {"step": 0, "batch": 0}
-    n_batches = math.ceil(len(prompts) / batch_size)
+    # batches never mix calibration and held-out prompts: each batch feeds one kind of accumulator
+    n_cal = len(prompts) - holdout_prompts
+    batches = [(b, min(b + batch_size, n_cal)) for b in range(0, n_cal, batch_size)]
+    batches += [(b, min(b + batch_size, len(prompts))) for b in range(n_cal, len(prompts), batch_size)]
+    n_batches = len(batches)
     total = n_batches * num_inference_steps
     done = {"n": 0}
     sched = pipe.scheduler
@@ -549,9 +580,12 @@ def calibrate(
 
     sched.step = counting_step  # instance attribute shadows the method; deleted below
     try:
-        for b in range(n_batches):
-            batch = prompts[b * batch_size:(b + 1) * batch_size]
-            gens = [torch.Generator(device="cpu").manual_seed(seed + b * batch_size + j) for j in range(len(batch))]
+        for b, (lo, hi) in enumerate(batches):
+            batch = prompts[lo:hi]
+            gens = [torch.Generator(device="cpu").manual_seed(seed + j) for j in range(lo, hi)]
+            rec.moments = rec.sampling = True
+            if holdout_prompts:
+                rec.moments, rec.sampling = (hi <= n_cal), (lo >= n_cal)
             state["step"], state["batch"] = 0, b
             rec.active = 0 in record
             pipe(prompt=batch, num_inference_steps=num_inference_steps, generator=gens,
@@ -563,7 +597,7 @@ def calibrate(
             close_bar()
     meta = {
         "model_id": model_id, "family": adapter.family, "cache_key": key,
-        "prompts_sha256": _json_hash(prompts), "num_prompts": len(prompts),
+        "prompts_sha256": _json_hash(prompts), "num_prompts": len(prompts), "holdout_prompts": holdout_prompts,
         "steps": sorted(record), "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "seed": seed, "sample_tokens": sample_tokens,
         "dtype": str(dtype), "pipe_kwargs": {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool))},

@@ -240,3 +240,42 @@ def test_load_pipeline_roundtrip_from_folder(tiny_pipe, tmp_path):
     tr = load_transformer(str(tmp_path / "p"))
     sd, ref = tr.state_dict(), tiny_pipe.transformer.state_dict()
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_holdout_prompts_feed_only_the_sample(tiny_pipe, tmp_path):
+    prompts = PROMPTS + ["a green triangle at the top"]
+    held = calibrate(tiny_pipe, prompts, num_inference_steps=2, steps=[1], batch_size=2, holdout_prompts=1,
+                     pipe_kwargs=PIPE_KW, sample_tokens=10_000)
+    moments_only = calibrate(tiny_pipe, prompts[:2], num_inference_steps=2, steps=[1], batch_size=2,
+                             pipe_kwargs=PIPE_KW)
+    # the same prompt index gets the same generator, so the moments are those of the first two prompts
+    holdout_only = calibrate(tiny_pipe, prompts, num_inference_steps=2, steps=[1], batch_size=2,
+                             pipe_kwargs=PIPE_KW, sample_tokens=10_000)
+    assert held.meta["holdout_prompts"] == 1
+    for key, st in held.layers.items():
+        ref = moments_only.layers[key]
+        assert st.count == ref.count
+        torch.testing.assert_close(st.second_moment, ref.second_moment, rtol=1e-12, atol=1e-9)
+        # every held-out sample row is a token of the third prompt, none of the first two
+        everything = holdout_only.layers[key].sample
+        calib_rows = ref.sample
+        assert st.sample.shape[0] == st.sample_seen == everything.shape[0] - calib_rows.shape[0]
+        if "attn2.to_out" in key:
+            continue  # the unconditional branch's cross-attention output is the same for every prompt
+        assert not any(bool((calib_rows == row).all(1).any()) for row in st.sample[:20])
+        assert all(bool((everything == row).all(1).any()) for row in st.sample[:20])
+    held.save(tmp_path / "h")
+    back = CalibrationStats.load(tmp_path / "h")
+    assert all(back.layers[k].sample_seen == held.layers[k].sample_seen for k in held.layers)
+    with pytest.raises(ValueError, match="holdout_prompts"):
+        calibrate(tiny_pipe, PROMPTS, holdout_prompts=2, pipe_kwargs=PIPE_KW)
+
+
+def test_update_can_feed_moments_or_sample_alone():
+    st = LayerStats.empty(8, sample_tokens=4, seed=1)
+    x = torch.randn(6, 8)
+    st.update(x, sample=False)
+    assert st.count == 6 and st.sample.shape[0] == 0 and st.sample_seen == 0
+    st.update(x * 2, moments=False)
+    assert st.count == 6 and st.sample_seen == 6 and st.sample.shape[0] == 4
+    torch.testing.assert_close(st.second_moment, x.double().T @ x.double())
