@@ -144,7 +144,11 @@ class ExplorerSession:
         kw: dict[str, Any] = {}
         params = inspect.signature(self.pipe.__call__).parameters
         tok = getattr(self.pipe, "tokenizer", None)
-        n = getattr(tok, "model_max_length", None)
+        # the text length the model was trained with: tokenizer_config.json "max_length" when saved
+        # (the embedded model: 48), else the tokenizer's model_max_length (as dirotq.evaluate does)
+        limits = [getattr(tok, "model_max_length", None), (getattr(tok, "init_kwargs", None) or {}).get("max_length")]
+        limits = [v for v in limits if isinstance(v, int) and v > 0]
+        n = min(limits) if limits else None
         if "clean_caption" in params:
             kw["clean_caption"] = False  # needs bs4/ftfy; without them PixArt warns and skips it anyway
         if "max_sequence_length" in params and tok is not None and isinstance(n, int):
