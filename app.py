@@ -205,7 +205,8 @@ def on_calibrate(model, block, ltype, rank, extra_views, metric, progress=gr.Pro
     c = s.calib
     steps = (f"{len(c.steps)} of {c.num_inference_steps} steps" if c.steps is not None
              else f"{c.num_inference_steps} steps")
-    return (_ok(f"statistics {how}: {len(s.prompts)} prompts × {steps}, "
+    return (_ok(f"statistics {how}: {len(s.prompts) - c.holdout_prompts} prompts × {steps} "
+                f"(+ {c.holdout_prompts} held out for the error sample), "
                 f"{len(s.stats.layers)} input groups"), energy, f1, f2, f3, s.layer_label(name),
             _plan_df(s, s.default_plan()))
 
@@ -394,7 +395,7 @@ log scale), sorted, and the fraction of the input energy the top r principal dir
 coefficients in 16-bit. The dashed line is your rank: everything left of it is exact, only the
 energy right of it goes through INT4. A steep spectrum means a small r already takes the bulk
 (and the outliers) out of the 4-bit path.""",
-    "outliers": """**What you see.** Per channel: the largest |value| over a sample of the calibration tokens (top) and
+    "outliers": """**What you see.** Per channel: the largest |value| over tokens of held-out calibration prompts (top) and
 the kurtosis E[x⁴]/E[x²]² (bottom; 3 for a Gaussian), in the original basis and after each
 transform, on the same y scale. Gray bars are DiRotQ's 16-bit coefficients.
 
@@ -404,7 +405,8 @@ SmoothQuant divides them by s (moving the outlier into the weights); a Hadamard 
 each outlier over all channels; DiRotQ removes the dominant directions into 16-bit and spreads
 what remains with a random rotation. The title of each panel gives the INT4 error of the part
 that is quantized, as a fraction of the input energy.""",
-    "error": """**What you see.** The layer's output error y = xWᵀ on a sample of the calibration tokens when weights
+    "error": """**What you see.** The layer's output error y = xWᵀ on tokens of held-out calibration prompts (never used to fit the
+basis) when weights
 *and* activations are 4-bit, as the rank r grows: DiRotQ (16-bit PCA directions of the
 activations) vs SVDQuant (16-bit low-rank branch of the smoothed weight), with RTN, SmoothQuant and
 QuaRot (no rank) as dotted lines. Diamonds mark your rank (filled: measured there; open:
@@ -412,8 +414,7 @@ interpolated between the measured ranks).
 
 **Read it.** r = d is the 16-bit layer for DiRotQ (what is left is float32 rounding). SVDQuant's
 branch follows the weight's energy, DiRotQ's the activations' — the curve shows which one this
-layer needs. The tokens are part of the calibration data the PCA basis was fitted on, so these
-numbers are optimistic; the Generate tab checks images.""",
+layer needs. Layer errors do not always predict image quality: the Generate tab checks images.""",
     "all": """**What you see.** Every quantized layer's output error for the method on the left and the
 rank plan of the *Rank plan* tab: a heat map by block and layer type, and bars in layer order.
 

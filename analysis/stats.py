@@ -209,8 +209,9 @@ def error_curves(linear: nn.Linear, stats: Any, *, ranks: Iterable[int] | None =
                  progress: Callable[[float, str], Any] | None = None) -> dict[str, Any]:
     """Output error vs rank on the stored tokens ``stats.sample``.
 
-    The sample is a uniform subset of the calibration tokens, so the numbers are in-sample for the
-    PCA basis (and GPTQ): an optimistic proxy, which is why the app also compares images.
+    With ``calibrate(holdout_prompts=k)`` (the explorer's default) the sample holds only tokens of
+    held-out prompts, so the numbers are out-of-sample for the PCA basis and GPTQ; otherwise they
+    are in-sample (optimistic).
 
     Returns ``{"ranks": [r...], "curves": {method: {"rel_mse": [...], "sqnr_db": [...]}},
     "references": {method: {"rel_mse", "sqnr_db"}}}``.

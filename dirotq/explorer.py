@@ -61,6 +61,7 @@ class CalibSettings:
     seed: int = 0
     batch_size: int = 16
     sample_tokens: int = 512
+    holdout_prompts: int = 4  # their tokens fill only the error sample: per-layer errors are out-of-sample
 
 
 def _hash(obj: Any) -> str:
@@ -116,7 +117,7 @@ class ExplorerSession:
         self.modules = dict(self.transformer.named_modules())
         self.fingerprint = model_fingerprint(self.transformer)
         self.model_id = model_id or f"{Path(self.model).name}#{self.fingerprint}"
-        self.prompts = list(prompts or default_prompts())[: calib.num_prompts]
+        self.prompts = list(prompts or default_prompts())[: calib.num_prompts + calib.holdout_prompts]
         self.calib = calib
         self.base = dict(base or {})  # shared quantizer settings (weights "rtn"/"gptq", group size…)
         self.pipe_kwargs = self._pipe_kwargs()
@@ -196,6 +197,7 @@ class ExplorerSession:
             stats = calibrate(self.pipe, self.prompts, num_inference_steps=c.num_inference_steps,
                               steps=list(c.steps) if c.steps is not None else None, seed=c.seed,
                               batch_size=c.batch_size, sample_tokens=c.sample_tokens, adapter=self.adapter,
+                              holdout_prompts=min(c.holdout_prompts, len(self.prompts) - 1),
                               progress=progress or (lambda f, m: None), pipe_kwargs=self.pipe_kwargs)
             if self.cache_dir is not None:
                 stats.save(self.cache_dir / "stats")
