@@ -32,6 +32,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="runs/tiny_pixart/pipeline")
     ap.add_argument("--vae", default="", help="AutoencoderKL folder whose decoder replaces the checkpoint's")
+    ap.add_argument("--vae-full", default="", help="AutoencoderKL folder that replaces the whole VAE (its encoder "
+                    "must be the one that encoded the DiT's training latents, scaling_factor as in training)")
     ap.add_argument("--out", default="assets/tiny-pixart")
     ap.add_argument("--card", default="docs/EMBEDDED_MODEL.md", help="model card source (copied to README.md)")
     a = ap.parse_args()
@@ -45,6 +47,8 @@ def main():
         assert abs(ft.config.scaling_factor - pipe.vae.config.scaling_factor) < 1e-6
         pipe.vae.decoder.load_state_dict(ft.decoder.state_dict())
         pipe.vae.post_quant_conv.load_state_dict(ft.post_quant_conv.state_dict())
+    if a.vae_full:
+        pipe.vae = AutoencoderKL.from_pretrained(a.vae_full, torch_dtype=torch.float32)
     tmp = a.out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)

@@ -79,11 +79,11 @@ def make_transformer(hidden: int, depth: int, caption_channels: int):
         interpolation_scale=None, use_additional_conditions=False, caption_channels=caption_channels)
 
 
-def make_scheduler():
+def make_scheduler(prediction_type: str = "v_prediction"):
     from diffusers import DPMSolverMultistepScheduler
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-        prediction_type="epsilon", solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+        prediction_type=prediction_type, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
         lower_order_final=True, timestep_spacing="linspace", steps_offset=0, thresholding=False,
         use_karras_sigmas=False, variance_type=None)
 
@@ -129,11 +129,18 @@ class Diffusion:
     def _b(v, t):
         return v[t][:, None, None, None]
 
-    def loss(self, model_out, x0, xt, t, noise):
-        """ε-MSE + IDDPM L_vlb for the learned variance (mean term stop-gradient), t = 0 term dropped."""
-        eps, v = model_out.chunk(2, dim=1)
-        mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+    def loss(self, model_out, x0, xt, t, noise, prediction_type="epsilon"):
+        """Prediction MSE (ε or v) + IDDPM L_vlb for the learned variance (mean term stop-gradient,
+        t = 0 term dropped)."""
+        pred, v = model_out.chunk(2, dim=1)
         b = self._b
+        if prediction_type == "epsilon":
+            eps = pred
+            mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        else:  # v = α ε − σ x0  ⇒  ε = α v + σ x_t
+            target = b(self.sqrt_ac, t) * noise - b(self.sqrt_1mac, t) * x0
+            mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+            eps = b(self.sqrt_ac, t) * pred + b(self.sqrt_1mac, t) * xt
         # true posterior q(x_{t-1} | x_t, x_0)
         true_mean = b(self.coef1, t) * x0 + b(self.coef2, t) * xt
         true_logvar = b(self.post_logvar, t)
@@ -150,13 +157,13 @@ class Diffusion:
 
 
 # ---------------------------------------------------------------- save
-def save_pipeline(out_dir, tokenizer, text_encoder, vae, transformer):
+def save_pipeline(out_dir, tokenizer, text_encoder, vae, transformer, prediction_type="v_prediction"):
     from diffusers import PixArtSigmaPipeline
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=copy.deepcopy(text_encoder).half(),
                                vae=copy.deepcopy(vae).half(), transformer=copy.deepcopy(transformer).half(),
-                               scheduler=make_scheduler())
+                               scheduler=make_scheduler(prediction_type))
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -179,6 +186,9 @@ def main():
     ap.add_argument("--save-every-min", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prediction-type", default="v_prediction", choices=["epsilon", "v_prediction"])
+    ap.add_argument("--init", default="", help="pipeline folder to continue from (transformer + text encoder)")
+    ap.add_argument("--warmup", type=int, default=200)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -201,6 +211,13 @@ def main():
 
     text_encoder = make_text_encoder(len(tokenizer)).to(dev).train()
     transformer = make_transformer(a.hidden, a.depth, text_encoder.config.d_model).to(dev).train()
+    if a.init:
+        from diffusers import PixArtTransformer2DModel
+        from transformers import T5EncoderModel
+        transformer = PixArtTransformer2DModel.from_pretrained(os.path.join(a.init, "transformer"),
+                                                               torch_dtype=torch.float32).to(dev).train()
+        text_encoder = T5EncoderModel.from_pretrained(os.path.join(a.init, "text_encoder"),
+                                                      dtype=torch.float32).to(dev).train()
     n_dit = sum(p.numel() for p in transformer.parameters())
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_vae = sum(p.numel() for p in vae.parameters())
@@ -219,7 +236,7 @@ def main():
     step, acc = 0, []
     while step < a.max_steps and time.time() - t0 < budget:
         frac = min(1.0, (time.time() - t0) / budget)
-        lr = a.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for grp in opt.param_groups:
             grp["lr"] = lr
         idx = torch.randint(0, a.pool, (a.batch,), generator=g).to(dev)
@@ -234,7 +251,7 @@ def main():
         emb = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         out = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        mse, vlb = diff.loss(out, x0, xt, t, noise)
+        mse, vlb = diff.loss(out, x0, xt, t, noise, a.prediction_type)
         loss = mse + vlb
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,16 +271,16 @@ def main():
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if time.time() - last_save > a.save_every_min * 60:
-            save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t)
+            save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t, a.prediction_type)
             json.dump({"steps": step, "train_seconds": round(time.time() - t0, 1)},
                       open(os.path.join(a.out, "pipeline", "train_state.json"), "w"))
             last_save = time.time()
             print(f"saved checkpoint at step {step}", flush=True)
     train_s = time.time() - t0
-    save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t)
+    save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t, a.prediction_type)
     info = {"steps": step, "train_seconds": round(train_s, 1), "device": dev, "threads": a.threads,
             "batch": a.batch, "pool": a.pool, "hidden": a.hidden, "depth": a.depth, "lr": a.lr, "wd": a.wd,
-            "ema": a.ema, "seed": a.seed, "params_transformer": n_dit, "params_text_encoder": n_te,
+            "ema": a.ema, "seed": a.seed, "prediction_type": a.prediction_type, "init": a.init, "params_transformer": n_dit, "params_text_encoder": n_te,
             "params_vae": n_vae, "torch": torch.__version__, "cpu_count": os.cpu_count()}
     json.dump(info, open(os.path.join(a.out, "pipeline", "train_state.json"), "w"), indent=1)
     print(json.dumps(info), flush=True)
