@@ -199,7 +199,11 @@ def main():
 
     vae = AutoencoderKL.from_pretrained(a.vae).to(dev).eval().requires_grad_(False)
     sf = vae.config.scaling_factor
-    pool = build_pool(vae, a.pool, os.path.join(os.path.dirname(a.out.rstrip("/")) or ".", f"latent_pool_{a.pool}.pt"), dev)
+    # the cache name carries the encoder's identity: a pool from another VAE must never be reused
+    import hashlib
+    enc_id = hashlib.sha1(b"".join(p.detach().cpu().float().numpy().tobytes() for p in vae.encoder.parameters())).hexdigest()[:10]
+    pool = build_pool(vae, a.pool, os.path.join(os.path.dirname(a.out.rstrip("/")) or ".",
+                                                f"latent_pool_{a.pool}_{enc_id}.pt"), dev)
     pmean, pstd = pool["mean"][:a.pool].to(dev), pool["std"][:a.pool].to(dev)
     caps = pool["captions"][:a.pool]
     tokenizer = build_tokenizer()
