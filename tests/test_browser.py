@@ -172,6 +172,11 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
 
     if shots:
         Path(shots).mkdir(parents=True, exist_ok=True)
+        block = os.environ.get("DIROTQ_SHOT_BLOCK")
+        if block:
+            page.locator("#block input").click()
+            page.get_by_role("option", name=f"block {block}", exact=True).click()
+            time.sleep(2)
         layer = os.environ.get("DIROTQ_SHOT_LAYER")
         if layer:
             page.locator("#layer-type input").click()
