@@ -957,7 +957,8 @@ def write_sweep(results: Mapping, prefix: str | os.PathLike) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{prefix}.json").write_text(json.dumps(_jsonable(results), indent=1, default=str))
     Path(f"{prefix}.md").write_text(sweep_markdown(results))
-    sweep_figure(results).write_html(f"{prefix}.html", include_plotlyjs="cdn")
+    # plotly.js beside the HTML (written once per folder): the page must render offline
+    sweep_figure(results).write_html(f"{prefix}.html", include_plotlyjs="directory")
 
 
 __all__ = ["evaluate", "rank_sweep", "layer_error_table", "format_layer_table", "make_config", "make_items",
