@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
-from .w4a4_gemm import _n_key, _unpack_halves
+from .w4a4_gemm import _n_key, _prune, _unpack_halves
 
 
 @triton.jit
@@ -85,12 +85,6 @@ def _configs():
     for bo, bt, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)):
         cfgs.append(triton.Config({"BO": bo, "BT": bt, "GROUP_O": 8}, num_warps=warps, num_stages=stages))
     return cfgs
-
-
-def _prune(configs, named_args, **kwargs):
-    n = named_args["N_KEY"]
-    keep = [c for c in configs if c.kwargs["BT"] <= max(16, n)]
-    return keep or configs[:1]
 
 
 _TUNED = None
