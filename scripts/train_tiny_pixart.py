@@ -69,14 +69,40 @@ def make_text_encoder(vocab_size: int):
     return T5EncoderModel(cfg)
 
 
-def make_transformer(hidden: int, depth: int, caption_channels: int):
+def make_transformer(hidden: int, depth: int, caption_channels: int, latent_channels: int = 16,
+                     latent_size: int = 16, patch_size: int = 2):
+    """latent_size / patch_size = 8 gives 8×8 = 64 image tokens."""
     from diffusers import PixArtTransformer2DModel
     return PixArtTransformer2DModel(
-        num_attention_heads=hidden // 64, attention_head_dim=64, in_channels=4, out_channels=8,
+        num_attention_heads=hidden // 64, attention_head_dim=64, in_channels=latent_channels,
+        out_channels=2 * latent_channels,  # learned sigma: ε/v and the variance interpolation
         num_layers=depth, dropout=0.0, norm_num_groups=32, cross_attention_dim=hidden, attention_bias=True,
-        sample_size=32, patch_size=4, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        sample_size=latent_size, patch_size=patch_size, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         upcast_attention=False, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         interpolation_scale=None, use_additional_conditions=False, caption_channels=caption_channels)
+
+
+def pixart_init_(transformer) -> None:
+    """PixArt's initialisation (after DiT's adaLN-Zero): xavier-uniform linears with zero bias, normal(0.02)
+    timestep and caption embedders, and zero cross-attention output projections and final layer, so every
+    block starts as the identity and the model's first output is 0 (DiT reports faster convergence)."""
+    import torch.nn as nn
+    for m in transformer.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = transformer.pos_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    emb = transformer.adaln_single.emb.timestep_embedder
+    for lin in (emb.linear_1, emb.linear_2, transformer.adaln_single.linear,
+                transformer.caption_projection.linear_1, transformer.caption_projection.linear_2):
+        nn.init.normal_(lin.weight, std=0.02)
+    for block in transformer.transformer_blocks:
+        nn.init.zeros_(block.attn2.to_out[0].weight)
+        nn.init.zeros_(block.attn2.to_out[0].bias)
+    nn.init.zeros_(transformer.proj_out.weight)
+    nn.init.zeros_(transformer.proj_out.bias)
 
 
 def make_scheduler(prediction_type: str = "v_prediction"):
@@ -179,6 +205,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--patch", type=int, default=0, help="patch size (default: latent size / 8 → 64 tokens)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--wd", type=float, default=0.0)
     ap.add_argument("--ema", type=float, default=0.999)
@@ -214,7 +241,11 @@ def main():
     e_ids, e_mask = empty.input_ids.to(dev), empty.attention_mask.to(dev)
 
     text_encoder = make_text_encoder(len(tokenizer)).to(dev).train()
-    transformer = make_transformer(a.hidden, a.depth, text_encoder.config.d_model).to(dev).train()
+    lat_ch = vae.config.latent_channels
+    lat_size = 128 // 2 ** (len(vae.config.block_out_channels) - 1)
+    transformer = make_transformer(a.hidden, a.depth, text_encoder.config.d_model, lat_ch, lat_size,
+                                   a.patch or lat_size // 8).to(dev).train()
+    pixart_init_(transformer)
     if a.init:
         from diffusers import PixArtTransformer2DModel
         from transformers import T5EncoderModel
@@ -239,7 +270,8 @@ def main():
     last_save = t0
     step, acc = 0, []
     while step < a.max_steps and time.time() - t0 < budget:
-        frac = min(1.0, (time.time() - t0) / budget)
+        # schedule position: by steps when --max-steps bounds the run (reproducible), else by the time budget
+        frac = min(1.0, step / a.max_steps if a.max_steps < 1_000_000 else (time.time() - t0) / budget)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for grp in opt.param_groups:
             grp["lr"] = lr

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Rebuild the embedded model assets/tiny-pixart from nothing: one command, seeded, step-bounded.
+#
+#   bash scripts/build_tiny_pixart.sh            # VAE → latent pool → DiT + T5 → package → judge eval
+#
+# Runs on CUDA when torch sees a GPU, else on the CPU (THREADS cores). Steps are fixed (--max-steps, the
+# learning-rate schedule follows the step count), so a rerun follows the same recipe; bit-identical
+# weights need the same torch build and thread count (BLAS reduction order). The step counts are the
+# ones the shipped model was trained with (docs/EMBEDDED_MODEL.md has the times on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${THREADS:-2}
+RUNS=${RUNS:-runs/build}
+VAE_STEPS=${VAE_STEPS:-3607}
+DIT_STEPS=${DIT_STEPS:-4600}
+mkdir -p "$RUNS"
+export HF_HUB_OFFLINE=1
+
+# 1. f4 AutoencoderKL, 8 latent channels (scripts/train_tiny_vae.py explains the choices)
+python3 scripts/train_tiny_vae.py --out "$RUNS/vae" --minutes 1e9 --max-steps "$VAE_STEPS" --seed 0 \
+    --threads "$THREADS" --crop 64 --batch 16 --lr 2e-3 --channels 16,16,32 --latent-channels 8 --norm-groups 8 \
+    | tee "$RUNS/vae.log"
+
+# 2. DiT + T5 on a latent pool encoded by that VAE (the pool cache is keyed by the encoder's weights)
+python3 scripts/train_tiny_pixart.py --vae "$RUNS/vae/vae" --out "$RUNS/dit" --minutes 1e9 --max-steps "$DIT_STEPS" \
+    --seed 0 --threads "$THREADS" --hidden 256 --depth 6 --batch 32 --lr 1e-3 --pool 10000 \
+    --prediction-type v_prediction | tee "$RUNS/dit.log"
+
+# 3. fp16 safetensors + model card into assets/tiny-pixart (≤ 40 MB, loads offline)
+python3 scripts/package_tiny_pixart.py --ckpt "$RUNS/dit/pipeline" --out assets/tiny-pixart
+
+# 4. acceptance numbers: judge scores of BF16 generations on the eval prompts
+python3 scripts/eval_tiny_pixart.py --model assets/tiny-pixart --dtype bfloat16 --seeds 0 1 \
+    --threads "$THREADS" --out benchmarks/results/tiny_pipeline_quality_bf16.json \
+    --save-grid benchmarks/results/tiny_pipeline_bf16_grid.png
