@@ -2,23 +2,26 @@
 
 Architecture (same family as PixArt-Σ, diffusers classes, loadable by PixArtSigmaPipeline):
 - transformer: PixArtTransformer2DModel, norm_type="ada_norm_single" (adaLN-single), self-attention,
-  cross-attention to the text tokens, GELU-tanh feed-forward, learned sigma (out_channels = 2 × 4),
-  sample_size 32 (32×32×4 latents of 128×128 images, f4 VAE), patch 4 → 8×8 = 64 image tokens,
-  head dim 64. Call the pipeline with use_resolution_binning=False (binning maps 128 px to 256 px).
+  cross-attention to the text tokens, GELU-tanh feed-forward, learned sigma (out_channels = 2 × latent channels),
+  sample_size = latent size (32 for the shipped f4 VAE: 32×32×8 latents of 128×128 images), patch size so
+  that the image is 8×8 = 64 tokens (4 here), head dim 64, PixArt's initialisation (zero cross-attention
+  output and final layer). Call the pipeline with use_resolution_binning=False (binning maps 128 px to 256 px).
 - text encoder: transformers T5EncoderModel from a small config, word-level tokenizer over the caption
   vocabulary (tokenizers WordLevel, saved as a PreTrainedTokenizerFast folder; <unk> for unknown words).
-- vae: the tiny f4 AutoencoderKL from scripts/train_tiny_vae.py (frozen here).
+- vae: the tiny AutoencoderKL from scripts/train_tiny_vae.py (frozen here; its latent shape sets the DiT's).
 - scheduler: DPMSolverMultistepScheduler with PixArt-Σ's settings (linear betas 1e-4…0.02, 1000 steps,
-  epsilon prediction, dpmsolver++ order 2).
-Objective: DDPM ε-MSE + the IDDPM variational bound term for the learned variance (PixArt-Σ recipe:
+  dpmsolver++ order 2) with v-prediction (default; ε is available with --prediction-type epsilon).
+Objective: DDPM v- (or ε-) MSE + the IDDPM variational bound term for the learned variance (PixArt-Σ recipe:
 learn_sigma=True, uniform t), 10 % caption dropout for classifier-free guidance. Optimiser AdamW,
 lr 1e-3, no weight decay (the recipe that grew outlier channels fastest, DESIGN.md §5), warmup 200,
-cosine decay to 10 % over the time budget, grad clip 1, EMA of weights (the EMA is what is saved).
+cosine decay to 10 % over --max-steps (or the time budget), grad clip 1, EMA of weights (the EMA is what is saved).
 
 Latents are pre-encoded once with the trained VAE (posterior means of a fixed, seeded pool of
 procedural training-split images, cached under runs/).
 
-    python scripts/train_tiny_pixart.py --vae runs/tiny_vae/vae --out runs/tiny_pixart --minutes 80
+    python scripts/train_tiny_pixart.py --vae runs/vae/vae --out runs/dit --minutes 1e9 --max-steps 4600 \
+        --seed 0 --threads 2 --hidden 256 --depth 6 --batch 32 --lr 1e-3 --pool 10000
+(scripts/build_tiny_pixart.sh runs the whole recipe.)
 """
 from __future__ import annotations
 

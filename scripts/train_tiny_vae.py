@@ -7,7 +7,7 @@ random 64×64 crops). Why not the preferred f8: in 2.5-minute trials on the 2-co
 and the earlier f4 with 4 latent channels stalled at 22 dB with object colours wrong (black → green): the
 encoder ends in GroupNorm → SiLU → conv, which strips per-group means, and 4 channels left too little room
 to carry the colour of small objects. 8 channels keep the compression at 6× and the DiT's tokens at
-4×4×8 = 128 values (patch 4 → 64 tokens), below its hidden size 192.
+4×4×8 = 128 values (patch 4 → 64 tokens), below its hidden size 256.
 Loss: L1 + MSE on pixels + 1e-5·KL/pixel (SD-style weak KL). The decoder is trained on the posterior
 *mean* (a deterministic autoencoder with a KL regulariser), so use latent_dist.mode(). After training,
 ``scaling_factor`` is set to 1 / std of posterior means on 256 held-apart images, so the DiT sees
