@@ -5,8 +5,9 @@
 #
 # Runs on CUDA when torch sees a GPU, else on the CPU (THREADS cores). Steps are fixed (--max-steps, the
 # learning-rate schedule follows the step count), so a rerun follows the same recipe; bit-identical
-# weights need the same torch build and thread count (BLAS reduction order). The step counts are the
-# ones the shipped model was trained with (docs/EMBEDDED_MODEL.md has the times on 2 CPU cores).
+# weights need the same torch build and thread count (BLAS reduction order). The default step counts are
+# those of the 2026-11-25 recipe-v2 run (VAE 16 min, DiT 77 min on 2 CPU cores). The DiT was still far from
+# the acceptance (issue #3) at 4,600 steps: raise DIT_STEPS (GPU) before packaging over assets/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}

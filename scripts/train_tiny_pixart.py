@@ -72,8 +72,8 @@ def make_text_encoder(vocab_size: int):
     return T5EncoderModel(cfg)
 
 
-def make_transformer(hidden: int, depth: int, caption_channels: int, latent_channels: int = 16,
-                     latent_size: int = 16, patch_size: int = 2):
+def make_transformer(hidden: int, depth: int, caption_channels: int, latent_channels: int = 8,
+                     latent_size: int = 32, patch_size: int = 4):
     """latent_size / patch_size = 8 gives 8×8 = 64 image tokens."""
     from diffusers import PixArtTransformer2DModel
     return PixArtTransformer2DModel(
@@ -203,7 +203,8 @@ def main():
     ap.add_argument("--vae", default="runs/tiny_vae/vae")
     ap.add_argument("--out", default="runs/tiny_pixart")
     ap.add_argument("--minutes", type=float, default=80.0)
-    ap.add_argument("--max-steps", type=int, default=1_000_000)
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="stop after N steps; the lr schedule then follows the step count (reproducible)")
     ap.add_argument("--pool", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=384)
@@ -272,9 +273,8 @@ def main():
     budget = a.minutes * 60
     last_save = t0
     step, acc = 0, []
-    while step < a.max_steps and time.time() - t0 < budget:
-        # schedule position: by steps when --max-steps bounds the run (reproducible), else by the time budget
-        frac = min(1.0, step / a.max_steps if a.max_steps < 1_000_000 else (time.time() - t0) / budget)
+    while (a.max_steps is None or step < a.max_steps) and time.time() - t0 < budget:
+        frac = min(1.0, step / a.max_steps if a.max_steps else (time.time() - t0) / budget)
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for grp in opt.param_groups:
             grp["lr"] = lr
