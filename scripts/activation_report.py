@@ -76,7 +76,7 @@ def collect(pipe, prompts, steps):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i in range(0, len(prompts), 8):
-            pipe(prompts[i:i + 8], num_inference_steps=steps, generator=g, height=128, width=128,
+            pipe(prompts[i:i + 8], num_inference_steps=steps, generator=g,
                  use_resolution_binning=False, max_sequence_length=48, clean_caption=False, output_type="latent")
     for h in hooks:
         h.remove()

@@ -1,7 +1,7 @@
 """Judge the embedded tiny PixArt-Σ on the eval prompts (issue #3 acceptance).
 
 Generates one image per eval prompt and seed with PixArtSigmaPipeline (20 DPM-Solver++ steps,
-guidance 4.5, 128×128, use_resolution_binning=False), scores them with the shipped judge against their
+guidance 4.5, the pipeline's native size, use_resolution_binning=False), scores them with the shipped judge against their
 prompts (per-attribute accuracy, also split into unseen-train-distribution and held-out-pair prompts)
 and computes the judge-feature Fréchet distance against real procedural images of the same prompts.
 
@@ -29,7 +29,7 @@ def generate(pipe, prompts, seed, steps=20, guidance=4.5, batch=8):
     for i in range(0, len(prompts), batch):
         ps = prompts[i:i + batch]
         gens = [torch.Generator().manual_seed(seed * 100_000 + i + j) for j in range(len(ps))]
-        r = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=128, width=128,
+        r = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                  use_resolution_binning=False, max_sequence_length=48, clean_caption=False, output_type="pt")
         out.append(r.images.float().cpu())
     return torch.cat(out)
@@ -75,7 +75,8 @@ def main():
                                                         [p for p, h in zip(all_prompts, heldm) if not h])
     # real images of the same prompts (rendered from the parsed scenes, no jitter) for the Fréchet distance
     from scripts.shapes_data import render
-    real = np.stack([render(parse_caption(p), 128) for p in all_prompts])
+    size = x.shape[-1]
+    real = np.stack([render(parse_caption(p), size) for p in all_prompts])
     res["real_images_judge"] = score_images(judge, real, all_prompts)
     res["frechet_judge_features"] = frechet_distance(judge, x, real)
     res["frechet_note"] = (f"judge-feature Fréchet distance, {len(x)} generated vs {len(real)} real images: "
@@ -95,7 +96,7 @@ def main():
         g = Image.new("RGB", (cols * 128, rows * 128))
         for i in range(n):
             im = (x[i].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-            g.paste(Image.fromarray(im), ((i % cols) * 128, (i // cols) * 128))
+            g.paste(Image.fromarray(im).resize((128, 128), Image.NEAREST), ((i % cols) * 128, (i // cols) * 128))
         g.save(a.save_grid)
 
 

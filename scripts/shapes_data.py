@@ -113,10 +113,33 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(img)
 
 
+def object_mask(scene: Scene, size: int, margin: float = 1.0) -> np.ndarray:
+    """Bool (size, size) mask of the cells within ``margin`` cells of an object's circumscribed disc.
+
+    Cheap (geometry only, no rendering), for loss weighting on a latent grid of side ``size``.
+    """
+    meta = scene.meta or {}
+    n = len(scene.objects)
+    jit = meta.get("jitter", [[0.0, 0.0]] * n)
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    mask = np.zeros((size, size), bool)
+    for i, o in enumerate(scene.objects):
+        cx = (o.position % 3 + 0.5) / 3 + jit[i][0]
+        cy = (o.position // 3 + 0.5) / 3 + jit[i][1]
+        r = SIZE_RADIUS[o.size] + margin / size
+        mask |= (c[None, :] - cx) ** 2 + (c[:, None] - cy) ** 2 <= r * r
+    return mask
+
+
+def scene_for(seed: int, split: str = "train") -> Scene:
+    """The scene of ``example(seed, split)``, without rendering it."""
+    rng = np.random.default_rng([int(seed), {"train": 0, "heldout": 1, "any": 2}[split]])
+    return sample_scene(rng, split)
+
+
 def example(seed: int, split: str = "train", size: int = IMAGE_SIZE) -> tuple[np.ndarray, str, Scene]:
     """(uint8 image (size, size, 3), caption, scene) — a pure function of (seed, split, size)."""
-    rng = np.random.default_rng([int(seed), {"train": 0, "heldout": 1, "any": 2}[split]])
-    scene = sample_scene(rng, split)
+    scene = scene_for(seed, split)
     return render(scene, size), caption(scene), scene
 
 

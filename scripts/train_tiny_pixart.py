@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from analysis.shapes_grammar import vocabulary  # noqa: E402
-from scripts.shapes_data import batch  # noqa: E402
+from scripts.shapes_data import batch, object_mask, scene_for  # noqa: E402
 
 POOL_SEED_BASE = 0  # training images: example(POOL_SEED_BASE + i, "train")
 TRAIN_MAX_TOKENS = 48
@@ -118,7 +118,7 @@ def make_scheduler(prediction_type: str = "v_prediction"):
 
 
 # ---------------------------------------------------------------- latent pool
-def build_pool(vae, n: int, cache: str, dev: str, chunk: int = 32):
+def build_pool(vae, n: int, cache: str, dev: str, chunk: int = 32, size: int = 128):
     if os.path.exists(cache):
         d = torch.load(cache)
         if d["mean"].shape[0] >= n:
@@ -127,7 +127,7 @@ def build_pool(vae, n: int, cache: str, dev: str, chunk: int = 32):
     t0 = time.time()
     with torch.no_grad():
         for i in range(0, n, chunk):
-            x, c, _ = batch(range(POOL_SEED_BASE + i, POOL_SEED_BASE + min(n, i + chunk)), "train")
+            x, c, _ = batch(range(POOL_SEED_BASE + i, POOL_SEED_BASE + min(n, i + chunk)), "train", size)
             post = vae.encode(torch.from_numpy(x).to(dev) * 2 - 1).latent_dist
             means.append(post.mean.half().cpu())
             stds.append(post.std.half().cpu())
@@ -158,18 +158,19 @@ class Diffusion:
     def _b(v, t):
         return v[t][:, None, None, None]
 
-    def loss(self, model_out, x0, xt, t, noise, prediction_type="epsilon"):
+    def loss(self, model_out, x0, xt, t, noise, prediction_type="epsilon", weight=None):
         """Prediction MSE (ε or v) + IDDPM L_vlb for the learned variance (mean term stop-gradient,
-        t = 0 term dropped)."""
+        t = 0 term dropped). weight: optional (B, 1, h, w) per-position weight of the MSE."""
         pred, v = model_out.chunk(2, dim=1)
         b = self._b
         if prediction_type == "epsilon":
             eps = pred
-            mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+            err = (pred - noise) ** 2
         else:  # v = α ε − σ x0  ⇒  ε = α v + σ x_t
             target = b(self.sqrt_ac, t) * noise - b(self.sqrt_1mac, t) * x0
-            mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+            err = (pred - target) ** 2
             eps = b(self.sqrt_ac, t) * pred + b(self.sqrt_1mac, t) * xt
+        mse = (err if weight is None else err * weight).mean(dim=(1, 2, 3))
         # true posterior q(x_{t-1} | x_t, x_0)
         true_mean = b(self.coef1, t) * x0 + b(self.coef2, t) * xt
         true_logvar = b(self.post_logvar, t)
@@ -220,6 +221,9 @@ def main():
     ap.add_argument("--prediction-type", default="v_prediction", choices=["epsilon", "v_prediction"])
     ap.add_argument("--init", default="", help="pipeline folder to continue from (transformer + text encoder)")
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--object-weight", type=float, default=1.0,
+                    help="MSE weight on latent positions covered by an object (1 = plain MSE); objects are a few %% "
+                         "of the pixels, so a plain loss learns backgrounds long before text-to-object binding")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -233,10 +237,17 @@ def main():
     # the cache name carries the encoder's identity: a pool from another VAE must never be reused
     import hashlib
     enc_id = hashlib.sha1(b"".join(p.detach().cpu().float().numpy().tobytes() for p in vae.encoder.parameters())).hexdigest()[:10]
+    image_size = vae.config.sample_size
     pool = build_pool(vae, a.pool, os.path.join(os.path.dirname(a.out.rstrip("/")) or ".",
-                                                f"latent_pool_{a.pool}_{enc_id}.pt"), dev)
+                                                f"latent_pool_{a.pool}_{image_size}px_{enc_id}.pt"), dev, size=image_size)
     pmean, pstd = pool["mean"][:a.pool].to(dev), pool["std"][:a.pool].to(dev)
     caps = pool["captions"][:a.pool]
+    lat_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    wmap = None
+    if a.object_weight != 1.0:  # scene geometry → latent-grid masks (the pool's images are example(i, "train"))
+        masks = np.stack([object_mask(scene_for(POOL_SEED_BASE + i, "train"), lat_size) for i in range(a.pool)])
+        wmap = (1.0 + (a.object_weight - 1.0) * torch.from_numpy(masks).float())[:, None].to(dev)
+        print(f"object weight {a.object_weight}: objects cover {masks.mean() * 100:.1f} % of latent positions", flush=True)
     tokenizer = build_tokenizer()
     enc = tokenizer(caps, padding="max_length", max_length=TRAIN_MAX_TOKENS, truncation=True, return_tensors="pt")
     assert int(enc.attention_mask.sum(1).max()) < TRAIN_MAX_TOKENS, "captions longer than TRAIN_MAX_TOKENS"
@@ -246,7 +257,6 @@ def main():
 
     text_encoder = make_text_encoder(len(tokenizer)).to(dev).train()
     lat_ch = vae.config.latent_channels
-    lat_size = 128 // 2 ** (len(vae.config.block_out_channels) - 1)
     transformer = make_transformer(a.hidden, a.depth, text_encoder.config.d_model, lat_ch, lat_size,
                                    a.patch or lat_size // 8).to(dev).train()
     pixart_init_(transformer)
@@ -290,7 +300,7 @@ def main():
         emb = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         out = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        mse, vlb = diff.loss(out, x0, xt, t, noise, a.prediction_type)
+        mse, vlb = diff.loss(out, x0, xt, t, noise, a.prediction_type, None if wmap is None else wmap[idx])
         loss = mse + vlb
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -319,7 +329,7 @@ def main():
     save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t, a.prediction_type)
     info = {"steps": step, "train_seconds": round(train_s, 1), "device": dev, "threads": a.threads,
             "batch": a.batch, "pool": a.pool, "hidden": a.hidden, "depth": a.depth, "lr": a.lr, "wd": a.wd,
-            "ema": a.ema, "seed": a.seed, "prediction_type": a.prediction_type, "init": a.init, "params_transformer": n_dit, "params_text_encoder": n_te,
+            "ema": a.ema, "object_weight": a.object_weight, "warmup": a.warmup, "max_steps": a.max_steps, "seed": a.seed, "prediction_type": a.prediction_type, "init": a.init, "params_transformer": n_dit, "params_text_encoder": n_te,
             "params_vae": n_vae, "torch": torch.__version__, "cpu_count": os.cpu_count()}
     json.dump(info, open(os.path.join(a.out, "pipeline", "train_state.json"), "w"), indent=1)
     print(json.dumps(info), flush=True)

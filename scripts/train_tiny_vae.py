@@ -53,7 +53,8 @@ def main():
     ap.add_argument("--max-steps", type=int, default=None,
                     help="stop after N steps; the lr schedule then follows the step count (reproducible)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=64)  # 128 = full image
+    ap.add_argument("--image-size", type=int, default=128, help="render the procedural images at this size")
+    ap.add_argument("--crop", type=int, default=64)  # ≥ image size = full image
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -94,7 +95,7 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         seeds = seed_base + step * a.batch + np.arange(a.batch)
-        x, _, _ = batch(seeds, "any")
+        x, _, _ = batch(seeds, "any", a.image_size)
         if a.crop < x.shape[-1]:
             ox, oy = rng.integers(0, x.shape[-1] - a.crop + 1, size=2) // 8 * 8
             x = x[:, :, oy:oy + a.crop, ox:ox + a.crop]
@@ -118,12 +119,12 @@ def main():
             log.flush()
         step += 1
     train_time = time.time() - t0
-    # scaling factor from latent statistics on full 128×128 images
+    # scaling factor from latent statistics on full images
     vae.eval()
     zs, mses = [], []
     with torch.no_grad():
         for i in range(0, 256, 16):
-            x, _, _ = batch(range(20_000_000 + i, 20_000_000 + i + 16), "any")
+            x, _, _ = batch(range(20_000_000 + i, 20_000_000 + i + 16), "any", a.image_size)
             x = torch.from_numpy(x).to(dev) * 2 - 1
             post = vae.encode(x).latent_dist
             z = post.mean  # the DiT is trained on posterior means
@@ -131,12 +132,13 @@ def main():
             mses.append(((vae.decode(post.mean).sample.clamp(-1, 1) - x) ** 2).mean().item())
     z = torch.cat(zs)
     std = z.std().item()
+    vae.register_to_config(sample_size=a.image_size)  # the pipeline's default output size
     if not a.decoder_only:
         vae.register_to_config(scaling_factor=float(1.0 / std))
     stats = {"steps": step, "train_seconds": round(train_time, 1), "device": dev, "threads": a.threads,
              "latent_mean": z.mean().item(), "latent_std": std, "latent_channel_mean": z.mean((0, 2, 3)).tolist(),
              "latent_channel_std": z.std((0, 2, 3)).tolist(), "scaling_factor": vae.config.scaling_factor, "decoder_only": a.decoder_only, "init": a.init,
-             "val_psnr_128": 10 * math.log10(4 / float(np.mean(mses))),
+             "image_size": a.image_size, "val_psnr": 10 * math.log10(4 / float(np.mean(mses))),
              "params": sum(p.numel() for p in vae.parameters())}
     print(json.dumps(stats), flush=True)
     vae.save_pretrained(os.path.join(a.out, "vae"))

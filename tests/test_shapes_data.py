@@ -1,6 +1,7 @@
 """Claims about the procedural shapes data set and its caption grammar (issue #3, step 1)."""
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -9,7 +10,7 @@ sys.path.insert(0, ROOT)
 
 from analysis.shapes_grammar import (HELDOUT_PAIRS, SHAPES, caption, parse_caption,  # noqa: E402
                                      scene_labels, tokenize_words, vocabulary)
-from scripts.shapes_data import example, sample_scene  # noqa: E402
+from scripts.shapes_data import example, object_mask, render, sample_scene, scene_for  # noqa: E402
 
 
 def test_same_seed_same_image_and_caption():
@@ -65,3 +66,17 @@ def test_prompt_sets_are_disjoint_and_include_heldout():
     assert not set(calib) & set(ev)
     assert any(parse_caption(p).is_heldout() for p in ev)
     assert not any(parse_caption(p).is_heldout() for p in calib)
+
+
+def test_object_mask_covers_every_object_pixel_and_little_else():
+    """The loss-weighting mask (latent grid) contains all pixels that differ from the background."""
+    for seed in range(40):
+        img, _, scene = example(seed, "train", 64)
+        assert scene_for(seed, "train") == scene
+        empty = render(replace(scene, objects=()), 64)
+        drawn = np.abs(img.astype(int) - empty.astype(int)).max(-1) > 8  # (64, 64)
+        mask = object_mask(scene, 16)  # a 16×16 grid: 4×4 pixels per cell
+        covered = np.repeat(np.repeat(mask, 4, 0), 4, 1)
+        assert not (drawn & ~covered).any(), seed
+        assert covered.sum() <= 4 * max(drawn.sum(), 1) + 64, seed  # a disc plus a one-cell margin, not the image
+    assert not object_mask(replace(scene, objects=()), 16).any()
