@@ -91,15 +91,17 @@ def test_fixed_seed_reproduces_reference_image_and_judge_agrees(pipe):
     from analysis.judge import describe, load_judge, predict, score_images
     judge = load_judge(JUDGE)
     s = score_images(judge, img[None], [ref["prompt"]])
-    # the judge scores the image and reads it as it did when the reference was stored. NOTE: the
-    # shipped interim model does not draw this prompt's object yet (docs/EMBEDDED_MODEL.md), so the
-    # stored score is the truth to reproduce, not 100 %.
-    assert set(s) >= {"shape", "color", "position", "background"} and s["n_objects"] == 1
-    assert s["background"] == ref["judge_score"]["background"]
+    # the judge reads the image exactly as it did when the reference was stored
+    assert s["n_objects"] == 1
+    for k in ("shape", "color", "size", "position", "count", "background"):
+        assert s[k] == ref["judge_score"][k], (k, s, ref["judge_score"])
     assert describe(predict(judge, img[None]), 0) == ref["judge_reading"]
+    # NOTE: the interim v2 model draws this prompt's red circle plus extra red objects (docs/EMBEDDED_MODEL.md),
+    # so the stored reading, not a perfect score, is what the test reproduces; once the model meets the
+    # acceptance, regenerate with scripts/make_test_reference.py --search-seeds 10 and assert image_all == 1.
 
 
-@pytest.mark.parametrize("size", [64, 128])  # the shipped model's native size and the data's default
+@pytest.mark.parametrize("size", [64, 128])  # the judge resizes to 72×72: accurate from below and above
 def test_judge_is_accurate_on_real_images(size):
     from analysis.judge import load_judge, score_images
     from scripts.shapes_data import batch

@@ -1,0 +1,55 @@
+"""The VAE's ceiling for the judge: reconstruct real procedural images and score them (issue #3).
+
+No DiT can draw better than its VAE decodes, so before training a DiT on a VAE's latents check what the
+judge reads on that VAE's reconstructions (posterior mean → decode) against the real renders.
+
+    python scripts/eval_vae_judge.py --vae runs/vae/vae --size 128 --n 300 --out runs/vae/judge_ceiling.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from analysis.judge import load_judge, score_images  # noqa: E402
+from scripts.shapes_data import batch  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vae", required=True, help="AutoencoderKL folder")
+    ap.add_argument("--judge", default="assets/judge")
+    ap.add_argument("--size", type=int, default=128, help="render size of the procedural images")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--seed-base", type=int, default=900_000, help="images example(seed_base + i, 'train')")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(a.vae, torch_dtype=torch.float32).eval()
+    judge = load_judge(a.judge)
+    x, caps, _ = batch(range(a.seed_base, a.seed_base + a.n), "train", a.size)
+    x = torch.from_numpy(x)
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(vae.encode(x[i:i + 50] * 2 - 1).latent_dist.mean).sample
+                         for i in range(0, a.n, 50)])
+    rec = ((rec + 1) / 2).clamp(0, 1)
+    res = {"vae": a.vae, "image_size": a.size, "n_images": a.n,
+           "psnr_db": round(float(10 * torch.log10(1 / ((rec - x) ** 2).mean())), 2),
+           "judge_on_real": score_images(judge, x, caps), "judge_on_reconstructions": score_images(judge, rec, caps),
+           "latent_shape": list(vae.encode(x[:1] * 2 - 1).latent_dist.mean.shape[1:]),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(res, indent=1))
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        json.dump(res, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
