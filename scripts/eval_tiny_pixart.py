@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from analysis.judge import frechet_distance, load_judge, score_images  # noqa: E402
+from analysis.metrics import psnr  # noqa: E402
 from analysis.shapes_grammar import parse_caption  # noqa: E402
+from scripts.eval_vae_judge import reconstruct  # noqa: E402
 
 
 def generate(pipe, prompts, seed, steps=20, guidance=4.5, batch=8):
@@ -78,14 +80,11 @@ def main():
     size = x.shape[-1]
     real = np.stack([render(parse_caption(p), size) for p in all_prompts])
     res["real_images_judge"] = score_images(judge, real, all_prompts)
-    # the VAE's ceiling: the judge on VAE reconstructions of those renders (posterior mean → decode)
-    with torch.no_grad():
-        xr = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255
-        rec = torch.cat([pipe.vae.decode(pipe.vae.encode((xr[i:i + 16] * 2 - 1).to(dtype)).latent_dist.mean).sample
-                         for i in range(0, len(xr), 16)]).float()
-        rec = ((rec + 1) / 2).clamp(0, 1)
+    # the VAE's ceiling: the judge on VAE reconstructions of those renders
+    xr = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255
+    rec = reconstruct(pipe.vae, xr, chunk=16)
     res["vae_reconstruction_judge"] = score_images(judge, rec, all_prompts)
-    res["vae_reconstruction_psnr_db"] = round(float(10 * torch.log10(1 / ((rec - xr) ** 2).mean())), 2)
+    res["vae_reconstruction_psnr_db"] = round(psnr(rec, xr), 2)
     res["frechet_judge_features"] = frechet_distance(judge, x, real)
     res["frechet_note"] = (f"judge-feature Fréchet distance, {len(x)} generated vs {len(real)} real images: "
                            "far below the ~1000 images a stable estimate needs; compare only at equal counts")

@@ -17,7 +17,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from analysis.judge import load_judge, score_images  # noqa: E402
+from analysis.metrics import psnr  # noqa: E402
 from scripts.shapes_data import batch  # noqa: E402
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, chunk: int = 50) -> torch.Tensor:
+    """images: (N, 3, H, W) in [0, 1] → the VAE's reconstructions (posterior mean → decode), float32 in [0, 1]."""
+    dtype = next(vae.parameters()).dtype
+    rec = torch.cat([vae.decode(vae.encode((images[i:i + chunk] * 2 - 1).to(dtype)).latent_dist.mean).sample
+                     for i in range(0, len(images), chunk)]).float()
+    return ((rec + 1) / 2).clamp(0, 1)
 
 
 def main():
@@ -36,14 +46,11 @@ def main():
     judge = load_judge(a.judge)
     x, caps, _ = batch(range(a.seed_base, a.seed_base + a.n), "train", a.size)
     x = torch.from_numpy(x)
-    with torch.no_grad():
-        rec = torch.cat([vae.decode(vae.encode(x[i:i + 50] * 2 - 1).latent_dist.mean).sample
-                         for i in range(0, a.n, 50)])
-    rec = ((rec + 1) / 2).clamp(0, 1)
-    res = {"vae": a.vae, "image_size": a.size, "n_images": a.n,
-           "psnr_db": round(float(10 * torch.log10(1 / ((rec - x) ** 2).mean())), 2),
+    rec = reconstruct(vae, x)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    res = {"vae": a.vae, "image_size": a.size, "n_images": a.n, "psnr_db": round(psnr(rec, x), 2),
            "judge_on_real": score_images(judge, x, caps), "judge_on_reconstructions": score_images(judge, rec, caps),
-           "latent_shape": list(vae.encode(x[:1] * 2 - 1).latent_dist.mean.shape[1:]),
+           "latent_shape": [vae.config.latent_channels, a.size // factor, a.size // factor],
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(res, indent=1))
     if a.out:

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from tests.test_embedded_model import JUDGE, MODEL, REF, generate_reference_image  # noqa: E402
+from tests.test_embedded_model import JUDGE, MODEL, REF, REF_SETTINGS, generate_reference_image  # noqa: E402
 
 
 def main():
@@ -36,14 +36,13 @@ def main():
     torch.set_num_threads(2)
     settings = {"prompt": a.prompt, "seed": a.seed, "steps": 20, "guidance_scale": 4.5, "max_sequence_length": 48,
                 "dtype": "float32", "device": "cpu"}
-    json_path = os.path.join(os.path.dirname(REF), "tiny_pixart_ref.json")
     pipe = PixArtSigmaPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge(JUDGE)
+
     def generate(seed):
         settings["seed"] = seed
-        json.dump(settings, open(json_path, "w"), indent=1)  # generate_reference_image reads the settings here
-        img = generate_reference_image(pipe)[1]
+        img = generate_reference_image(pipe, settings)
         return img, score_images(judge, img[None], [a.prompt])
 
     found = None
@@ -62,7 +61,7 @@ def main():
         img, score = generate(a.seed)
     settings["judge_reading"] = describe(predict(judge, img[None]), 0)
     settings["judge_score"] = score
-    json.dump(settings, open(json_path, "w"), indent=1)
+    json.dump(settings, open(REF_SETTINGS, "w"), indent=1)
     np.savez_compressed(REF, image=img)
     print(json.dumps(settings, indent=1))
 

@@ -35,15 +35,17 @@ def pipe():
     return p
 
 
-def generate_reference_image(pipe):
-    """The reference generation: fixed prompt and seed, 20 steps, float32, CPU → uint8 (H, W, 3) at
-    the pipeline's native size."""
-    ref = json.load(open(os.path.join(os.path.dirname(REF), "tiny_pixart_ref.json")))
+REF_SETTINGS = os.path.join(ROOT, "tests", "data", "tiny_pixart_ref.json")
+
+
+def generate_reference_image(pipe, ref: dict) -> np.ndarray:
+    """The reference generation from its settings (prompt, seed, steps, …): float32, CPU → uint8 (H, W, 3)
+    at the pipeline's native size."""
     img = pipe(ref["prompt"], num_inference_steps=ref["steps"], guidance_scale=ref["guidance_scale"],
                generator=torch.Generator().manual_seed(ref["seed"]),
                use_resolution_binning=False, max_sequence_length=ref["max_sequence_length"],
                clean_caption=False, output_type="np").images[0]
-    return ref, (img * 255).round().clip(0, 255).astype(np.uint8)
+    return (img * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def test_shipped_folder_is_fp16_safetensors_under_40mb():
@@ -84,7 +86,8 @@ def test_tokenizer_word_level_with_unknown_words(pipe):
 
 
 def test_fixed_seed_reproduces_reference_image_and_judge_agrees(pipe):
-    ref, img = generate_reference_image(pipe)
+    ref = json.load(open(REF_SETTINGS))
+    img = generate_reference_image(pipe, ref)
     stored = np.load(REF)["image"]
     diff = np.abs(img.astype(np.float32) - stored.astype(np.float32)).mean() / 255
     assert diff < 2 / 255, f"mean abs diff {diff * 255:.2f}/255 vs stored reference"
