@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from analysis.shapes_grammar import vocabulary  # noqa: E402
+from scripts.caption_structure import StructureHeads, label_batch  # noqa: E402
 from scripts.shapes_data import batch, object_mask, scene_for  # noqa: E402
 
 POOL_SEED_BASE = 0  # training images: example(POOL_SEED_BASE + i, "train")
@@ -206,6 +207,35 @@ def sample_timesteps(n: int, power: float, generator: torch.Generator, T: int = 
     return (T * u.pow(1.0 / power)).long().clamp_(0, T - 1)
 
 
+def pretrain_text_encoder(text_encoder, heads, ids, mask, labels, steps: int, g: torch.Generator,
+                          batch: int = 128, lr: float = 1e-3, log_path: str = "") -> dict[str, float]:
+    """Train the text encoder (and the structure heads) alone on the per-token structure loss.
+
+    ids, mask: (N, L) tokenized captions; labels: (N, L, n_heads) from caption_structure.label_batch.
+    Returns the last logged per-head token accuracies."""
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    log = open(log_path, "a") if log_path else None
+    acc = {}
+    for step in range(steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr * min(1.0, (step + 1) / 100)
+        idx = torch.randint(0, ids.shape[0], (batch,), generator=g).to(ids.device)
+        hidden = text_encoder(input_ids=ids[idx], attention_mask=mask[idx]).last_hidden_state
+        loss, acc = heads.loss(hidden, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            rec = {"text_step": step + 1, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in acc.items()}}
+            print(json.dumps(rec), flush=True)
+            if log:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+    return acc
+
+
 # ---------------------------------------------------------------- save
 def save_pipeline(out_dir, tokenizer, text_encoder, vae, transformer, prediction_type="v_prediction"):
     from diffusers import PixArtSigmaPipeline
@@ -247,6 +277,11 @@ def main():
     ap.add_argument("--t-power", type=float, default=1.0,
                     help="timestep sampling t = 1000·u^(1/p): 1 = uniform; 2 = density ∝ t (more high-noise steps, "
                          "where text-to-layout binding is learned)")
+    ap.add_argument("--text-pretrain-steps", type=int, default=0,
+                    help="first train the text encoder alone for N steps to predict, at every token, the attributes "
+                         "of the entity it belongs to (scripts/caption_structure.py); 0 = off")
+    ap.add_argument("--text-aux-weight", type=float, default=0.0,
+                    help="weight of that structure loss added to the diffusion loss during DiT training (0 = off)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -267,8 +302,9 @@ def main():
     caps = pool["captions"][:a.pool]
     lat_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
     wmap = None
-    if a.object_weight != 1.0:  # scene geometry → latent-grid masks (the pool's images are example(i, "train"))
-        masks = np.stack([object_mask(scene_for(POOL_SEED_BASE + i, "train"), lat_size) for i in range(a.pool)])
+    scenes = [scene_for(POOL_SEED_BASE + i, "train") for i in range(a.pool)]  # the pool's images are example(i)
+    if a.object_weight != 1.0:  # scene geometry → latent-grid masks
+        masks = np.stack([object_mask(sc, lat_size) for sc in scenes])
         wmap = (1.0 + (a.object_weight - 1.0) * torch.from_numpy(masks).float())[:, None].to(dev)
         print(f"object weight {a.object_weight}: objects cover {masks.mean() * 100:.1f} % of latent positions", flush=True)
     tokenizer = build_tokenizer()
@@ -295,8 +331,16 @@ def main():
     n_vae = sum(p.numel() for p in vae.parameters())
     print(json.dumps({"params_transformer": n_dit, "params_text_encoder": n_te, "params_vae": n_vae,
                       "fp16_MB": 2 * (n_dit + n_te + n_vae) / 2**20}), flush=True)
+    heads, struct_labels = None, None
+    if a.text_pretrain_steps or a.text_aux_weight:
+        heads = StructureHeads(text_encoder.config.d_model).to(dev)
+        struct_labels = label_batch(scenes, TRAIN_MAX_TOKENS).to(dev)
+    if a.text_pretrain_steps:
+        pretrain_text_encoder(text_encoder, heads, ids_all, mask_all, struct_labels, a.text_pretrain_steps,
+                              torch.Generator().manual_seed(a.seed + 1000), log_path=os.path.join(a.out, "text_log.jsonl"))
     params = list(transformer.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(params + ([] if heads is None else list(heads.parameters())), lr=a.lr,
+                            weight_decay=a.wd, betas=(0.9, 0.999))
     ema_t, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_t.parameters()) + list(ema_te.parameters())
     diff = Diffusion(dev=dev)
@@ -325,6 +369,9 @@ def main():
                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
         mse, vlb = diff.loss(out, x0, xt, t, noise, a.prediction_type, None if wmap is None else wmap[idx])
         loss = mse + vlb
+        if a.text_aux_weight:  # keep the encoder's per-token structure while the diffusion loss trains it
+            aux, _ = heads.loss(emb[~drop], struct_labels[idx][~drop])
+            loss = loss + a.text_aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -352,7 +399,8 @@ def main():
     save_pipeline(os.path.join(a.out, "pipeline"), tokenizer, ema_te, vae, ema_t, a.prediction_type)
     info = {"steps": step, "train_seconds": round(train_s, 1), "device": dev, "threads": a.threads,
             "batch": a.batch, "pool": a.pool, "hidden": a.hidden, "depth": a.depth, "lr": a.lr, "wd": a.wd,
-            "ema": a.ema, "object_weight": a.object_weight, "t_power": a.t_power, "warmup": a.warmup, "max_steps": a.max_steps, "seed": a.seed, "prediction_type": a.prediction_type, "init": a.init, "params_transformer": n_dit, "params_text_encoder": n_te,
+            "ema": a.ema, "object_weight": a.object_weight, "t_power": a.t_power, "text_pretrain_steps": a.text_pretrain_steps,
+            "text_aux_weight": a.text_aux_weight, "warmup": a.warmup, "max_steps": a.max_steps, "seed": a.seed, "prediction_type": a.prediction_type, "init": a.init, "params_transformer": n_dit, "params_text_encoder": n_te,
             "params_vae": n_vae, "torch": torch.__version__, "cpu_count": os.cpu_count()}
     json.dump(info, open(os.path.join(a.out, "pipeline", "train_state.json"), "w"), indent=1)
     print(json.dumps(info), flush=True)
