@@ -280,6 +280,9 @@ def main():
     ap.add_argument("--text-pretrain-steps", type=int, default=0,
                     help="first train the text encoder alone for N steps to predict, at every token, the attributes "
                          "of the entity it belongs to (scripts/caption_structure.py); 0 = off")
+    ap.add_argument("--fresh-text-encoder", action="store_true",
+                    help="with --init: keep the transformer but start a new text encoder (the old one had learned a "
+                         "bag of words and relearned structure ~3× slower than a fresh one)")
     ap.add_argument("--text-aux-weight", type=float, default=0.0,
                     help="weight of that structure loss added to the diffusion loss during DiT training (0 = off)")
     a = ap.parse_args()
@@ -324,8 +327,9 @@ def main():
         from transformers import T5EncoderModel
         transformer = PixArtTransformer2DModel.from_pretrained(os.path.join(a.init, "transformer"),
                                                                torch_dtype=torch.float32).to(dev).train()
-        text_encoder = T5EncoderModel.from_pretrained(os.path.join(a.init, "text_encoder"),
-                                                      dtype=torch.float32).to(dev).train()
+        if not a.fresh_text_encoder:
+            text_encoder = T5EncoderModel.from_pretrained(os.path.join(a.init, "text_encoder"),
+                                                          dtype=torch.float32).to(dev).train()
     n_dit = sum(p.numel() for p in transformer.parameters())
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_vae = sum(p.numel() for p in vae.parameters())
@@ -400,7 +404,8 @@ def main():
     info = {"steps": step, "train_seconds": round(train_s, 1), "device": dev, "threads": a.threads,
             "batch": a.batch, "pool": a.pool, "hidden": a.hidden, "depth": a.depth, "lr": a.lr, "wd": a.wd,
             "ema": a.ema, "object_weight": a.object_weight, "t_power": a.t_power, "text_pretrain_steps": a.text_pretrain_steps,
-            "text_aux_weight": a.text_aux_weight, "warmup": a.warmup, "max_steps": a.max_steps, "seed": a.seed, "prediction_type": a.prediction_type, "init": a.init, "params_transformer": n_dit, "params_text_encoder": n_te,
+            "text_aux_weight": a.text_aux_weight,
+            "fresh_text_encoder": a.fresh_text_encoder, "warmup": a.warmup, "max_steps": a.max_steps, "seed": a.seed, "prediction_type": a.prediction_type, "init": a.init, "params_transformer": n_dit, "params_text_encoder": n_te,
             "params_vae": n_vae, "torch": torch.__version__, "cpu_count": os.cpu_count()}
     json.dump(info, open(os.path.join(a.out, "pipeline", "train_state.json"), "w"), indent=1)
     print(json.dumps(info), flush=True)
