@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=4.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--save-grid", default="")
@@ -64,7 +65,7 @@ def main():
     t0 = time.time()
     imgs, all_prompts = [], []
     for s in a.seeds:
-        imgs.append(generate(pipe, prompts, s, a.steps))
+        imgs.append(generate(pipe, prompts, s, a.steps, a.guidance))
         all_prompts += prompts
     gen_s = time.time() - t0
     x = torch.cat(imgs)
@@ -88,7 +89,7 @@ def main():
     res["frechet_judge_features"] = frechet_distance(judge, x, real)
     res["frechet_note"] = (f"judge-feature Fréchet distance, {len(x)} generated vs {len(real)} real images: "
                            "far below the ~1000 images a stable estimate needs; compare only at equal counts")
-    res.update({"model": a.model, "dtype": a.dtype, "seeds": a.seeds, "steps": a.steps, "guidance": 4.5,
+    res.update({"model": a.model, "dtype": a.dtype, "seeds": a.seeds, "steps": a.steps, "guidance": a.guidance,
                 "n_prompts": len(prompts), "n_heldout_prompts": int(held.sum()), "generation_seconds": round(gen_s, 1),
                 "threads": a.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     print(json.dumps(res, indent=1))
