@@ -1,0 +1,114 @@
+"""How much does the embedded model's DiT use its caption, and does its text encoder know the caption's structure?
+
+Two measurements on training-pool latents (runs/latent_pool_*.pt, from scripts/train_tiny_pixart.py):
+1. x̂0 error per timestep with the true caption, the empty caption and another image's caption. At t ≈ 950
+   the input is nearly pure noise, so the true-caption error says how much of the image the caption fixes.
+2. A linear probe on the text encoder's outputs at colour words: background colour or object colour? A
+   bag-of-words encoder can only answer from the word itself (some colours are object-only).
+
+    python scripts/diagnose_text_conditioning.py --model assets/tiny-pixart --out result.json
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from analysis.shapes_grammar import COLOR_NAMES  # noqa: E402
+from scripts.train_tiny_pixart import TRAIN_MAX_TOKENS, Diffusion, build_tokenizer  # noqa: E402
+
+
+@torch.no_grad()
+def x0_errors(transformer, text_encoder, x0, ids, mask, empty_ids, empty_mask, timesteps, seed=0):
+    """Mean squared x̂0 error per timestep for the true, empty and rolled (wrong) captions.
+    x0: (N, C, h, w) scaled latents; ids, mask: (N, L)."""
+    d = Diffusion()
+    g = torch.Generator().manual_seed(seed)
+    emb = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    emb0 = text_encoder(input_ids=empty_ids, attention_mask=empty_mask).last_hidden_state
+    wrong = torch.roll(torch.arange(len(x0)), 1)
+    out = {}
+    for tv in timesteps:
+        t = torch.full((len(x0),), tv)
+        noise = torch.randn(x0.shape, generator=g)
+        xt = d._b(d.sqrt_ac, t) * x0 + d._b(d.sqrt_1mac, t) * noise
+        row = {}
+        for name, e, m in (("true", emb, mask), ("empty", emb0, empty_mask), ("wrong", emb[wrong], mask[wrong])):
+            o = transformer(xt, encoder_hidden_states=e, encoder_attention_mask=m, timestep=t,
+                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+            v = o[:, :x0.shape[1]]
+            x0_hat = d._b(d.sqrt_ac, t) * xt - d._b(d.sqrt_1mac, t) * v  # v-prediction
+            row[name] = round(float(((x0_hat - x0) ** 2).mean()), 4)
+        out[str(tv)] = row
+    return out
+
+
+@torch.no_grad()
+def colour_role_probe(text_encoder, tokenizer, captions):
+    """Held-out accuracy of a logistic regression telling background from object colour words, on the
+    encoder outputs and on the input embeddings, and the majority-class rate."""
+    from sklearn.linear_model import LogisticRegression
+    enc = tokenizer(captions, padding="max_length", max_length=TRAIN_MAX_TOKENS, truncation=True, return_tensors="pt")
+    hidden = text_encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state.numpy()
+    table = text_encoder.get_input_embeddings().weight.numpy()
+    feats, embs, role = [], [], []
+    for i in range(len(captions)):
+        words = tokenizer.convert_ids_to_tokens(enc.input_ids[i])
+        bg = words.index("background")
+        for j, w in enumerate(words):
+            if w in COLOR_NAMES:
+                feats.append(hidden[i, j])
+                embs.append(table[enc.input_ids[i, j]])
+                role.append(int(j > bg))
+    y = np.array(role)
+    n = len(y) * 2 // 3
+    res = {"n_colour_words": int(len(y)), "majority_rate": round(float(max(y[n:].mean(), 1 - y[n:].mean())), 4)}
+    for name, f in (("encoder_output", np.array(feats)), ("input_embedding", np.array(embs))):
+        clf = LogisticRegression(max_iter=2000).fit(f[:n], y[:n])
+        res[f"{name}_accuracy"] = round(float(clf.score(f[n:], y[n:])), 4)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="assets/tiny-pixart")
+    ap.add_argument("--pool", default="", help="latent pool .pt (default: the newest runs/latent_pool_*.pt)")
+    ap.add_argument("--n", type=int, default=64, help="latents for the x̂0 errors")
+    ap.add_argument("--probe-captions", type=int, default=3000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import T5EncoderModel
+    pools = [a.pool] if a.pool else sorted(glob.glob("runs/latent_pool_*.pt"), key=os.path.getmtime)
+    if not pools or not os.path.exists(pools[-1]):
+        raise SystemExit("no latent pool: run scripts/train_tiny_pixart.py once, or pass --pool")
+    pool = torch.load(pools[-1], weights_only=False)
+    transformer = PixArtTransformer2DModel.from_pretrained(os.path.join(a.model, "transformer"),
+                                                           torch_dtype=torch.float32).eval()
+    text_encoder = T5EncoderModel.from_pretrained(os.path.join(a.model, "text_encoder"), dtype=torch.float32).eval()
+    sf = AutoencoderKL.load_config(os.path.join(a.model, "vae"))["scaling_factor"]
+    tok = build_tokenizer()
+    caps = pool["captions"][:a.n]
+    enc = tok(caps, padding="max_length", max_length=TRAIN_MAX_TOKENS, truncation=True, return_tensors="pt")
+    empty = tok([""] * a.n, padding="max_length", max_length=TRAIN_MAX_TOKENS, return_tensors="pt")
+    x0 = pool["mean"][:a.n].float() * sf
+    res = {"model": a.model, "pool": pools[-1], "n_latents": a.n, "x0_variance": round(float(x0.var()), 4),
+           "x0_error_by_t": x0_errors(transformer, text_encoder, x0, enc.input_ids, enc.attention_mask,
+                                      empty.input_ids, empty.attention_mask, (50, 200, 400, 600, 800, 950)),
+           "colour_role_probe": colour_role_probe(text_encoder, tok, pool["captions"][:a.probe_captions])}
+    print(json.dumps(res, indent=1))
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        json.dump(res, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
