@@ -99,9 +99,8 @@ def test_fixed_seed_reproduces_reference_image_and_judge_agrees(pipe):
     for k in ("shape", "color", "size", "position", "count", "background"):
         assert s[k] == ref["judge_score"][k], (k, s, ref["judge_score"])
     assert describe(predict(judge, img[None]), 0) == ref["judge_reading"]
-    # NOTE: the interim v2 model draws this prompt's red circle plus extra red objects (docs/EMBEDDED_MODEL.md),
-    # so the stored reading, not a perfect score, is what the test reproduces; once the model meets the
-    # acceptance, regenerate with scripts/make_test_reference.py --search-seeds 10 and assert image_all == 1.
+    # and that reading is the prompt, every attribute right (the reference seed was searched for one)
+    assert s["image_all"] == 1.0, s
 
 
 @pytest.mark.parametrize("size", [64, 128])  # the judge resizes to 72×72: accurate from below and above
