@@ -10,7 +10,6 @@ for 48 (our captions are < 40 tokens; padding is masked, so images are identical
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from scripts.result_io import emit_json  # noqa: E402
 
 
 def main():
@@ -62,10 +63,7 @@ def main():
            "note": "shared 2-core machine: the load average shows how busy it was; the minimum is the best "
                    "estimate of the uncontended time",
            "command": "python benchmarks/bench_tiny_pipeline.py --threads %d" % a.threads}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
-        json.dump(out, open(a.out, "w"), indent=1)
+    emit_json(out, a.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ transformer of the same config are printed as the reference point.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from scripts.result_io import emit_json  # noqa: E402
 
 LAYER_TYPES = ["attn1.to_q", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj",
                "ff.net.2", "block_output(residual)"]
@@ -124,9 +124,7 @@ def main():
                 "seconds": round(time.time() - t0, 1),
                 "definition": "ratio = max_c absmax_c / median_c absmax_c of the layer input over all tokens, steps and "
                               "CFG branches; kurtosis of all input values (Gaussian 3); median/max over blocks"})
-    print(json.dumps(res, indent=1))
-    if a.out:
-        json.dump(res, open(a.out, "w"), indent=1)
+    emit_json(res, a.out)
     # markdown table for docs/EMBEDDED_MODEL.md
     print("\n| layer input | ratio median | ratio max | kurtosis median | kurtosis max | random-init ratio max |")
     print("|---|---|---|---|---|---|")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from analysis.shapes_grammar import COLOR_NAMES  # noqa: E402
+from scripts.result_io import emit_json  # noqa: E402
 from scripts.train_tiny_pixart import TRAIN_MAX_TOKENS, Diffusion, build_tokenizer  # noqa: E402
 
 
@@ -104,10 +104,7 @@ def main():
            "x0_error_by_t": x0_errors(transformer, text_encoder, x0, enc.input_ids, enc.attention_mask,
                                       empty.input_ids, empty.attention_mask, (50, 200, 400, 600, 800, 950)),
            "colour_role_probe": colour_role_probe(text_encoder, tok, pool["captions"][:a.probe_captions])}
-    print(json.dumps(res, indent=1))
-    if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        json.dump(res, open(a.out, "w"), indent=1)
+    emit_json(res, a.out)
 
 
 if __name__ == "__main__":

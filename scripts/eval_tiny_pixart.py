@@ -11,7 +11,6 @@ and computes the judge-feature Fréchet distance against real procedural images 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from analysis.judge import frechet_distance, load_judge, score_images  # noqa: E
 from analysis.metrics import psnr  # noqa: E402
 from analysis.shapes_grammar import parse_caption  # noqa: E402
 from scripts.eval_vae_judge import reconstruct  # noqa: E402
+from scripts.result_io import emit_json  # noqa: E402
 
 
 def generate(pipe, prompts, seed, steps=20, guidance=4.5, batch=8):
@@ -92,10 +92,7 @@ def main():
     res.update({"model": a.model, "dtype": a.dtype, "seeds": a.seeds, "steps": a.steps, "guidance": a.guidance,
                 "n_prompts": len(prompts), "n_heldout_prompts": int(held.sum()), "generation_seconds": round(gen_s, 1),
                 "threads": a.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    print(json.dumps(res, indent=1))
-    if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        json.dump(res, open(a.out, "w"), indent=1)
+    emit_json(res, a.out)
     if a.save_grid:
         from PIL import Image
         n = min(len(x), 40)

@@ -8,7 +8,6 @@ judge reads on that VAE's reconstructions (posterior mean → decode) against th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from analysis.judge import load_judge, score_images  # noqa: E402
 from analysis.metrics import psnr  # noqa: E402
+from scripts.result_io import emit_json  # noqa: E402
 from scripts.shapes_data import batch  # noqa: E402
 
 
@@ -52,10 +52,7 @@ def main():
            "judge_on_real": score_images(judge, x, caps), "judge_on_reconstructions": score_images(judge, rec, caps),
            "latent_shape": [vae.config.latent_channels, a.size // factor, a.size // factor],
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    print(json.dumps(res, indent=1))
-    if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        json.dump(res, open(a.out, "w"), indent=1)
+    emit_json(res, a.out)
 
 
 if __name__ == "__main__":
