@@ -5,6 +5,10 @@ Two measurements on training-pool latents (runs/latent_pool_*.pt, from scripts/t
    the input is nearly pure noise, so the true-caption error says how much of the image the caption fixes.
 2. A linear probe on the text encoder's outputs at colour words: background colour or object colour? A
    bag-of-words encoder can only answer from the word itself (some colours are object-only).
+3. Render retention (SDEdit): real renders of the eval prompts are encoded, noised to a start timestep and
+   denoised by the pipeline's scheduler from there; the judge scores the results. Starting at t = 999 is plain
+   generation; a low start hands the model the right shapes and only asks it to keep them. If shapes are lost
+   even from t = 400, the denoiser cannot render them, and no amount of text conditioning will help.
 
     python scripts/diagnose_text_conditioning.py --model assets/tiny-pixart --out result.json
 """
@@ -75,12 +79,50 @@ def colour_role_probe(text_encoder, tokenizer, captions):
     return res
 
 
+@torch.no_grad()
+def render_retention(pipe, judge, prompts: list[str], start_steps=(0, 4, 8, 12, 15), steps: int = 20,
+                     guidance: float = 4.5, seed: int = 0) -> dict[str, dict]:
+    """Judge scores of images denoised from noised real renders, keyed by the start timestep.
+
+    start_steps: indices into the scheduler's ``steps`` timesteps (0 = from pure noise, i.e. plain generation).
+    Returns {"999": scores, "799": scores, ...} with analysis.judge.score_images dicts.
+    """
+    from analysis.judge import score_images
+    from analysis.shapes_grammar import parse_caption
+    from scripts.shapes_data import render
+    vae, sch, dit = pipe.vae, pipe.scheduler, pipe.transformer
+    sf = vae.config.scaling_factor
+    real = np.stack([render(parse_caption(p), 128) for p in prompts])
+    x = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255
+    lat0 = vae.encode(x * 2 - 1).latent_dist.mean * sf
+    pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, max_sequence_length=48,
+                                        clean_caption=False)
+    emb, mask = torch.cat([ne, pe]), torch.cat([nm, pm])
+    out = {}
+    for k in start_steps:
+        sch.set_timesteps(steps)
+        ts = sch.timesteps
+        noise = torch.randn(lat0.shape, generator=torch.Generator().manual_seed(seed))
+        lat = sch.add_noise(lat0, noise, ts[k:k + 1].repeat(len(prompts))) if k > 0 else noise * sch.init_noise_sigma
+        for t in ts[k:]:
+            o = dit(torch.cat([lat, lat]), encoder_hidden_states=emb, encoder_attention_mask=mask,
+                    timestep=t.expand(2 * len(lat)), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                    return_dict=False)[0][:, :lat.shape[1]]  # drop the learned-sigma channels
+            uncond, cond = o.chunk(2)
+            lat = sch.step(uncond + guidance * (cond - uncond), t, lat).prev_sample
+        img = ((vae.decode(lat / sf).sample + 1) / 2).clamp(0, 1)
+        out[str(int(ts[k]))] = {name: round(v, 4) for name, v in score_images(judge, img, prompts).items()}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="assets/tiny-pixart")
     ap.add_argument("--pool", default="", help="latent pool .pt (default: the newest runs/latent_pool_*.pt)")
     ap.add_argument("--n", type=int, default=64, help="latents for the x̂0 errors")
     ap.add_argument("--probe-captions", type=int, default=3000)
+    ap.add_argument("--eval-prompts", default="assets/prompts/eval.txt", help="prompts for the render retention")
+    ap.add_argument("--judge", default="assets/judge")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -104,6 +146,11 @@ def main():
            "x0_error_by_t": x0_errors(transformer, text_encoder, x0, enc.input_ids, enc.attention_mask,
                                       empty.input_ids, empty.attention_mask, (50, 200, 400, 600, 800, 950)),
            "colour_role_probe": colour_role_probe(text_encoder, tok, pool["captions"][:a.probe_captions])}
+    from diffusers import PixArtSigmaPipeline
+    from analysis.judge import load_judge
+    pipe = PixArtSigmaPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
+    prompts = [line.strip() for line in open(a.eval_prompts) if line.strip()]
+    res["render_retention_by_start_t"] = render_retention(pipe, load_judge(a.judge), prompts)
     emit_json(res, a.out)
 
 

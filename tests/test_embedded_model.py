@@ -110,3 +110,16 @@ def test_judge_is_accurate_on_real_images(size):
     x, caps, _ = batch(range(90_000_000, 90_000_200), "any", size)
     s = score_images(load_judge(JUDGE), torch.from_numpy(x), caps)
     assert s["color"] >= 0.95 and s["shape"] >= 0.95 and s["position"] >= 0.95 and s["background"] >= 0.95, s
+
+
+def test_render_retention_from_a_low_start_keeps_the_real_shapes(pipe):
+    """The SDEdit diagnostic (scripts/diagnose_text_conditioning.py): noising real renders only to t ≈ 100 and
+    denoising must hand the judge back what it reads on the real images; a wrong latent scale, a dropped
+    guidance branch or a misplaced timestep would wreck it."""
+    from analysis.judge import load_judge
+    from scripts.diagnose_text_conditioning import render_retention
+    prompts = [line.strip() for line in open(os.path.join(ROOT, "assets", "prompts", "eval.txt")) if line.strip()][:8]
+    res = render_retention(pipe, load_judge(JUDGE), prompts, start_steps=(18,))
+    (start, scores), = res.items()
+    assert int(start) <= 150
+    assert scores["n_images"] == 8 and scores["color"] >= 0.9 and scores["position"] >= 0.9 and scores["shape"] >= 0.8
