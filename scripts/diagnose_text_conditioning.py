@@ -1,6 +1,6 @@
 """How much does the embedded model's DiT use its caption, and does its text encoder know the caption's structure?
 
-Two measurements on training-pool latents (runs/latent_pool_*.pt, from scripts/train_tiny_pixart.py):
+Measurements 1–2 on training-pool latents (runs/latent_pool_*.pt, from scripts/train_tiny_pixart.py), 3 on the eval prompts:
 1. x̂0 error per timestep with the true caption, the empty caption and another image's caption. At t ≈ 950
    the input is nearly pure noise, so the true-caption error says how much of the image the caption fixes.
 2. A linear probe on the text encoder's outputs at colour words: background colour or object colour? A
@@ -92,7 +92,8 @@ def render_retention(pipe, judge, prompts: list[str], start_steps=(0, 4, 8, 12, 
     from scripts.shapes_data import render
     vae, sch, dit = pipe.vae, pipe.scheduler, pipe.transformer
     sf = vae.config.scaling_factor
-    real = np.stack([render(parse_caption(p), 128) for p in prompts])
+    size = dit.config.sample_size * pipe.vae_scale_factor  # the pipeline's native image side
+    real = np.stack([render(parse_caption(p), size) for p in prompts])
     x = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255
     lat0 = vae.encode(x * 2 - 1).latent_dist.mean * sf
     pe, pm, ne, nm = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, max_sequence_length=48,
