@@ -24,6 +24,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dirotq.evaluate import read_prompts  # noqa: E402
 from scripts.result_io import emit_json  # noqa: E402
 
 LAYER_TYPES = ["attn1.to_q", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj",
@@ -113,7 +114,7 @@ def main():
     from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
     pipe = PixArtSigmaPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [l.strip() for l in open(a.prompt_file) if l.strip()][:a.prompts]
+    prompts = read_prompts(a.prompt_file, limit=a.prompts)
     t0 = time.time()
     res = {"trained": collect(pipe, prompts, a.steps)}
     if not a.no_random_reference:

@@ -149,9 +149,9 @@ def main():
            "colour_role_probe": colour_role_probe(text_encoder, tok, pool["captions"][:a.probe_captions])}
     from diffusers import PixArtSigmaPipeline
     from analysis.judge import load_judge
+    from dirotq.evaluate import read_prompts
     pipe = PixArtSigmaPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
-    prompts = [line.strip() for line in open(a.eval_prompts) if line.strip()]
-    res["render_retention_by_start_t"] = render_retention(pipe, load_judge(a.judge), prompts)
+    res["render_retention_by_start_t"] = render_retention(pipe, load_judge(a.judge), read_prompts(a.eval_prompts))
     emit_json(res, a.out)
 
 

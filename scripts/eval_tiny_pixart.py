@@ -23,6 +23,7 @@ from analysis.judge import frechet_distance, load_judge, score_images  # noqa: E
 from analysis.metrics import psnr  # noqa: E402
 from analysis.shapes_grammar import parse_caption  # noqa: E402
 from scripts.eval_vae_judge import reconstruct  # noqa: E402
+from dirotq.evaluate import read_prompts  # noqa: E402
 from scripts.result_io import emit_json  # noqa: E402
 
 
@@ -57,9 +58,7 @@ def main():
     dtype = getattr(torch, a.dtype)
     pipe = PixArtSigmaPipeline.from_pretrained(a.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [l.strip() for l in open(a.prompts) if l.strip()]
-    if a.limit:
-        prompts = prompts[:a.limit]
+    prompts = read_prompts(a.prompts, limit=a.limit)
     judge = load_judge(a.judge)
     held = np.array([parse_caption(p).is_heldout() for p in prompts])
     t0 = time.time()

@@ -118,7 +118,8 @@ def test_render_retention_from_a_low_start_keeps_the_real_shapes(pipe):
     guidance branch or a misplaced timestep would wreck it."""
     from analysis.judge import load_judge
     from scripts.diagnose_text_conditioning import render_retention
-    prompts = [line.strip() for line in open(os.path.join(ROOT, "assets", "prompts", "eval.txt")) if line.strip()][:8]
+    from dirotq.evaluate import read_prompts
+    prompts = read_prompts(os.path.join(ROOT, "assets", "prompts", "eval.txt"), limit=8)
     res = render_retention(pipe, load_judge(JUDGE), prompts, start_steps=(18,))
     (start, scores), = res.items()
     assert int(start) <= 150
