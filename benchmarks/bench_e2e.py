@@ -195,6 +195,11 @@ def main() -> None:
     res: dict = {"benchmark": "bench_e2e", "model": args.model, "environment": env, "dry_run": dry,
                  "rank": args.rank, "variants": {}}
     t0 = time.time()
+    gpu = (env.get("gpu") or "cpu-dry-run").replace(" ", "_")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_e2e_{args.model}_{gpu}.json"
+    if dry and not args.out:
+        out = Path("/tmp") / f"bench_e2e_{args.model}_dry_run.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for variant in ["bf16", *args.formats]:
         print(f"{args.model} {variant}: building", flush=True)
         model, kw, desc = build(args.model, args, dry)
@@ -210,6 +215,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         res["variants"][variant] = entry
         print("  " + json.dumps(entry), flush=True)
+        out.write_text(json.dumps(res, indent=1))  # after every variant: a killed run keeps what it measured
         del model, kw
         gc.collect()
         if torch.cuda.is_available():
@@ -223,11 +229,6 @@ def main() -> None:
         if e.get("cuda_graph_ms") and base.get("cuda_graph_ms"):
             e["graph_speedup_vs_bf16"] = round(base["cuda_graph_ms"] / e["cuda_graph_ms"], 3)
     res["seconds"] = round(time.time() - t0, 1)
-    gpu = (env.get("gpu") or "cpu-dry-run").replace(" ", "_")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_e2e_{args.model}_{gpu}.json"
-    if dry and not args.out:
-        out = Path("/tmp") / f"bench_e2e_{args.model}_dry_run.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
 

@@ -55,7 +55,7 @@ STRUCTURES = (("rtn", 0), ("dirotq-lr", 32))
 WEIGHT_MODES = ("packed", "int8")  # int8: the unpacked weight operand cached (8 more bits/weight)
 
 
-def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool) -> dict:
+def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_variants: bool = True) -> dict:
     from dirotq import kernels
     from dirotq.kernels.act_quant import quantize_activations
     from dirotq.kernels.layout import get_plan
@@ -106,8 +106,9 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool) -> dict:
             row["fp8_error"] = f"{type(exc).__name__}: {exc}"
 
     variants = [(s, r, f, "packed", True) for s, r in STRUCTURES for f in FORMATS]
-    variants += [("dirotq-lr", 32, f, "int8", True) for f in FORMATS]
-    variants += [("dirotq-lr", 32, "int_ratio", "packed", False)]  # pure-tl unpack (what SIMD saves)
+    if extra_variants:
+        variants += [("dirotq-lr", 32, f, "int8", True) for f in FORMATS]
+        variants += [("dirotq-lr", 32, "int_ratio", "packed", False)]  # pure-tl unpack (what SIMD saves)
     for structure, rank, fmt, wmode, simd in variants:
         tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "")
         tag += "" if simd else "_tlunpack"
@@ -161,6 +162,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 1024, 4096])
     ap.add_argument("--models", nargs="+", default=["pixart-sigma", "flux"])
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes, no timing meaning")
+    ap.add_argument("--core", action="store_true",
+                    help="only the four main variants (formats A/C × rtn, dirotq-lr r32): no _w8, no _tlunpack")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new shapes after this many seconds (the JSON says which rows ran)")
     args = ap.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -175,36 +180,44 @@ def main() -> None:
     shapes = DRY_SHAPES if dry else [s for s in SHAPES if s[0] in args.models]
     tokens = [5, 16] if dry else args.tokens
     rows = []
-    for model, name, d, o in shapes:
-        for n in tokens:
-            print(f"{model} {name} {d}->{o} n={n}", flush=True)
-            row = run_shape(model, name, d, o, n, dry)
-            ceiling = res["ceilings_measured"].get("int8_int_mm_8192_tops")
-            bw = res["ceilings_measured"].get("copy_gbps")
-            bf16_peak = res["ceilings_measured"].get("bf16_matmul_8192_tflops")
-            flops = 2.0 * n * d * o
-            min_bytes = n * d * 2 + o * d * 0.53 + n * o * 2  # bf16 x in, ~4.25-bit weights, bf16 y out
-            if isinstance(ceiling, float):
-                row["floor_int8_ms"] = flops / ceiling / 1e9
-            if isinstance(bf16_peak, float):
-                row["floor_bf16_ms"] = flops / bf16_peak / 1e9
-            if isinstance(bw, float):
-                row["floor_memory_w4_ms"] = min_bytes / bw / 1e6
-                row["floor_memory_bf16_ms"] = (n * d * 2 + o * d * 2 + n * o * 2) / bw / 1e6
-            for k in list(row):
-                if k.endswith("_tops") and isinstance(ceiling, float):
-                    row[k.replace("_tops", "_pct_int8_ceiling")] = round(100 * row[k] / ceiling, 1)
-            rows.append(row)
-            brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                     if k.endswith(("_ms", "speedup_vs_bf16", "_err")) or k.endswith("error")}
-            print("  " + json.dumps(brief), flush=True)
     res["rows"] = rows
-    res["seconds"] = round(time.time() - t0, 1)
     gpu = (env.get("gpu") or "cpu-dry-run").replace(" ", "_")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_linear_{gpu}.json"
     if dry and not args.out:
         out = Path("/tmp") / "bench_linear_dry_run.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # token counts outermost: a run cut short by --budget-s still covers every shape at the first counts
+    work = [(n, shape) for n in tokens for shape in shapes]
+    res["stopped_early"] = False
+    for n, (model, name, d, o) in work:
+        if args.budget_s is not None and time.time() - t0 > args.budget_s:
+            res["stopped_early"] = True
+            print(f"--budget-s {args.budget_s} reached: stopping before {model} {name} n={n}", flush=True)
+            break
+        print(f"{model} {name} {d}->{o} n={n}", flush=True)
+        row = run_shape(model, name, d, o, n, dry, extra_variants=not args.core)
+        ceiling = res["ceilings_measured"].get("int8_int_mm_8192_tops")
+        bw = res["ceilings_measured"].get("copy_gbps")
+        bf16_peak = res["ceilings_measured"].get("bf16_matmul_8192_tflops")
+        flops = 2.0 * n * d * o
+        min_bytes = n * d * 2 + o * d * 0.53 + n * o * 2  # bf16 x in, ~4.25-bit weights, bf16 y out
+        if isinstance(ceiling, float):
+            row["floor_int8_ms"] = flops / ceiling / 1e9
+        if isinstance(bf16_peak, float):
+            row["floor_bf16_ms"] = flops / bf16_peak / 1e9
+        if isinstance(bw, float):
+            row["floor_memory_w4_ms"] = min_bytes / bw / 1e6
+            row["floor_memory_bf16_ms"] = (n * d * 2 + o * d * 2 + n * o * 2) / bw / 1e6
+        for k in list(row):
+            if k.endswith("_tops") and isinstance(ceiling, float):
+                row[k.replace("_tops", "_pct_int8_ceiling")] = round(100 * row[k] / ceiling, 1)
+        rows.append(row)
+        brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                 if k.endswith(("_ms", "speedup_vs_bf16", "_err")) or k.endswith("error")}
+        print("  " + json.dumps(brief), flush=True)
+        res["seconds"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(res, indent=1))  # after every row: a killed run keeps what it measured
+    res["seconds"] = round(time.time() - t0, 1)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #6 as one prepared script for a lent device machine (device/README.md):
+#   bash benchmarks/device_checks.sh kernels   # CUDA kernel tests + bench_linear (about 5 min on an H100)
+#   bash benchmarks/device_checks.sh e2e       # bench_e2e PixArt-Σ and FLUX (about 4 min)
+#   bash benchmarks/device_checks.sh all
+# Every step is time-boxed and writes its log and JSON under $OUT (default benchmarks/results/gpu_run),
+# so a step that runs out of time still leaves what it measured. Packages the GPU image lacks
+# (diffusers) are installed from wheels in .whl/ when that folder exists.
+set -u
+stage="${1:-all}"
+OUT="${OUT:-benchmarks/results/gpu_run}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__,
+'diffusers', diffusers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/device.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version,memory.total \
+    --format=csv >>"$OUT/device.txt" 2>&1
+
+if [[ "$stage" == kernels || "$stage" == all ]]; then
+    echo "== pytest -m cuda"
+    per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 80")
+    timeout 120 python3 -m pytest tests/test_kernels.py -m cuda -q -rA -p no:cacheprovider $per_test \
+        >"$OUT/pytest_cuda.log" 2>&1
+    echo "pytest exit $?" | tee -a "$OUT/pytest_cuda.log"
+    tail -25 "$OUT/pytest_cuda.log"
+    echo "== bench_linear"
+    timeout 210 python3 benchmarks/bench_linear.py --core --budget-s 160 --out "$OUT/bench_linear.json" \
+        >"$OUT/bench_linear.log" 2>&1
+    echo "bench_linear exit $?" | tee -a "$OUT/bench_linear.log"
+    grep -v '^  {' "$OUT/bench_linear.log" | tail -5
+    python3 - "$OUT/bench_linear.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("ceilings", r.get("ceilings_measured"))
+for row in r["rows"]:
+    cells = [f"{row['model'][:5]} {row['d_in']}->{row['d_out']} n={row['tokens']}", f"bf16 {row['bf16_ms']:.4f}"]
+    for tag in ("A_rtn_r0", "C_rtn_r0", "A_dirotq-lr_r32", "C_dirotq-lr_r32"):
+        t = row.get(f"{tag}_total_ms")
+        cells.append(f"{tag} {t:.4f} ({row[f'{tag}_speedup_vs_bf16']:.2f}x)" if t else f"{tag} ERR")
+    print(" | ".join(cells))
+EOF
+fi
+
+if [[ "$stage" == e2e || "$stage" == all ]]; then
+    for model in pixart flux; do
+        echo "== bench_e2e $model"
+        limit=$([[ $model == pixart ]] && echo 100 || echo 140)
+        timeout "$limit" python3 benchmarks/bench_e2e.py --model "$model" --out "$OUT/bench_e2e_$model.json" \
+            >>"$OUT/bench_e2e.log" 2>&1
+        echo "bench_e2e $model exit $?" | tee -a "$OUT/bench_e2e.log"
+    done
+    grep -v '^  {' "$OUT/bench_e2e.log" | tail -8
+    python3 - "$OUT" <<'EOF'
+import json, os, sys
+for model in ("pixart", "flux"):
+    p = os.path.join(sys.argv[1], f"bench_e2e_{model}.json")
+    if not os.path.exists(p):
+        print(model, "no result"); continue
+    r = json.load(open(p))
+    for v, e in r["variants"].items():
+        print(model, v, {k: e.get(k) for k in ("eager_ms", "cuda_graph_ms", "eager_speedup_vs_bf16",
+                                               "graph_speedup_vs_bf16", "memory_ratio_vs_bf16")})
+EOF
+fi
