@@ -56,6 +56,16 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
 )
 
 
+def published_config(cls, config: dict) -> tuple[dict, list[str]]:
+    """The published config minus keys the installed diffusers no longer accepts (e.g. PixArt's
+    ``double_self_attention``, dropped from ``PixArtTransformer2DModel``): (kwargs, dropped keys)."""
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    kept = {k: v for k, v in config.items() if k in accepted}
+    return kept, sorted(set(config) - set(kept))
+
+
 def build(model: str, args, dry: bool, seed: int = 0):
     """(transformer, inputs dict, description) on the benchmark device, bf16 (fp32 in the dry run)."""
     from dirotq.models import ADAPTERS
@@ -76,15 +86,16 @@ def build(model: str, args, dry: bool, seed: int = 0):
     try:
         with torch.device(dev):
             if model == "pixart":
-                cfg = dict(PIXART_SIGMA_1024)
-                m = diffusers.PixArtTransformer2DModel(**cfg)
+                cls = diffusers.PixArtTransformer2DModel
+                cfg, dropped = published_config(cls, PIXART_SIGMA_1024)
             else:
-                cfg = dict(FLUX_DEV)
+                cls = diffusers.FluxTransformer2DModel
+                cfg, dropped = published_config(cls, FLUX_DEV)
                 if args.flux_double_blocks is not None:
                     cfg["num_layers"] = args.flux_double_blocks
                 if args.flux_single_blocks is not None:
                     cfg["num_single_layers"] = args.flux_single_blocks
-                m = diffusers.FluxTransformer2DModel(**cfg)
+            m = cls(**cfg)
     finally:
         torch.set_default_dtype(prev)
     m = m.eval().to(dev, dt)
@@ -94,7 +105,8 @@ def build(model: str, args, dry: bool, seed: int = 0):
                   encoder_hidden_states=torch.randn(b, L, 4096, generator=gen),
                   timestep=torch.full((b,), 500, dtype=torch.long), encoder_attention_mask=torch.ones(b, L),
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-        desc = {"config": "PixArt-Sigma-XL-2-1024-MS", "batch": b, "image_tokens": (s // 2) ** 2, "text_tokens": L}
+        desc = {"config": "PixArt-Sigma-XL-2-1024-MS", "batch": b, "image_tokens": (s // 2) ** 2, "text_tokens": L,
+                "config_keys_dropped": dropped}
     else:
         h = w = 64
         L = 512
@@ -107,7 +119,8 @@ def build(model: str, args, dry: bool, seed: int = 0):
                   img_ids=ids.reshape(h * w, 3), txt_ids=torch.zeros(L, 3), guidance=torch.full((1,), 3.5))
         desc = {"config": "FLUX.1-dev", "batch": 1, "image_tokens": h * w, "text_tokens": L,
                 "double_blocks": cfg["num_layers"], "single_blocks": cfg["num_single_layers"],
-                "reduced_depth": cfg["num_layers"] != 19 or cfg["num_single_layers"] != 38}
+                "reduced_depth": cfg["num_layers"] != 19 or cfg["num_single_layers"] != 38,
+                "config_keys_dropped": dropped}
     return m, _to(kw, dev, dt), desc
 
 
@@ -169,7 +182,7 @@ def time_step(model, kw, graphs: bool) -> dict:
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        out["eager_ms"] = bench(step, rep_ms=2000, warmup_ms=200)
+        out["eager_ms"] = bench(step, rep_ms=1000, warmup_ms=100)
         if graphs:
             out["cuda_graph_ms"] = bench_graph(step, calls=1, replays=10)
     return out

@@ -161,6 +161,51 @@ def test_act_quant_and_gemm_match_reference(structure, d, o, r, n, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("structure,r", [("dirotq-lr", 16), ("svdquant", 8)])
+def test_act_quant_several_groups_per_program(structure, r, fmt, monkeypatch):
+    """Small ``TARGET_PROGRAMS`` forces the group-block loop (GPB > 1, G = 5 not a multiple of it):
+    codes and scales must equal those of one group per program."""
+    from dirotq.kernels import act_quant
+
+    m = make_layer(structure, fmt, d=320, o=32, r=r)
+    x = make_input(37, 320)
+    plan = get_plan(m, x)
+    one = quantize_activations(m, plan, x)
+    monkeypatch.setattr(act_quant, "TARGET_PROGRAMS", 1)
+    assert act_quant.groups_per_program(37, 5, False) == 5
+    monkeypatch.setattr(act_quant, "TARGET_PROGRAMS", 4)
+    assert act_quant.groups_per_program(37, 5, False) == 2
+    several = quantize_activations(m, plan, x)
+    for key in ("codes", "scale", "ratio", "c"):
+        if one[key] is not None:
+            assert torch.equal(one[key], several[key]), key
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("structure,r,split", [("dirotq-lr", 16, 2), ("svdquant", 8, 3), ("rtn", 0, 5)])
+def test_gemm_split_k_matches_one_split(structure, r, split, fmt):
+    """K splits (atomic fp32/int32 partials; branch and bias only in split 0) give the same int32
+    sums byte for byte and the same output up to float summation order."""
+    from dirotq.kernels.w4a4_gemm import split_k
+
+    m = make_layer(structure, fmt, d=320, o=40, r=r)
+    x = make_input(11, 320)
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    acc1 = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, split=1)
+    accs = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, split=split)
+    assert torch.equal(acc1, accs)
+    assert torch.equal(acc1.long(), act["codes"].long() @ _weight_operand(m).long().T)
+    y1 = w4a4_gemm(m, plan, act, torch.float32, split=1)
+    ys = w4a4_gemm(m, plan, act, torch.float32, split=split)
+    assert ys.dtype == torch.float32 and _rel(ys, y1) < 1e-6
+    assert w4a4_gemm(m, plan, act, torch.float16, split=split).dtype == torch.float16
+    # the default: split only at few tokens, ≥ 2 groups per split
+    assert split_k(16, 3072, 192) > 1 and split_k(4096, 3072, 192) == 1 and split_k(16, 40, 3) == 1
+    assert 192 // split_k(16, 3072, 192) >= 2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_weight_operand_byte_exact(fmt):
     m = make_layer("rtn", fmt, d=192, o=20)
     wc = kernel_weight_codes(m)

@@ -1,12 +1,12 @@
 """Activation quantization kernel (KERNELS.md "Kernel shape" 1; DESIGN.md §1 kernel-friendly form).
 
-One program handles ``BT`` tokens and their whole row. Per program:
+Grid: (token tiles of ``BT``) × (blocks of ``GPB`` groups), so small token counts still fill the
+GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row).
 
-1. ``c = x_s · down`` (x_s = x / smooth), a K loop over d in chunks of ``BKD``, ``RC`` (≤ 64)
-   columns of c at a time, stored in the activation dtype; the projection re-reads the stored c
-   (after a barrier) in RC chunks, so the residual and the GEMM epilogue use the same rounded c and
-   no (BT, r) or (r, 64) tile has to live in registers (large ranks, e.g. the paper's r = d/8, do
-   not spill).
+1. ``c = x_s · down`` (x_s = x / smooth) is one cuBLAS GEMM before the launch (split-K where n is
+   small), stored in the activation dtype; the projection reads the stored c in ``RC`` chunks, so
+   the residual and the GEMM epilogue use the same rounded c and no (BT, r) or (r, 64) tile has to
+   live in registers (large ranks, e.g. the paper's r = d/8, do not spill).
 2. Per group g of ``GS`` columns, the tile a_g (BT, GS) of ``rotate(x_s)``:
    - dense rotation (full-rotation dirotq, QuaRot dense): ``a_g = Σ_k x_s[:, k] · R[k, g]`` (a GEMM
      over d whose epilogue quantizes; the first r columns of xT are ``c``),
@@ -14,13 +14,14 @@ One program handles ``BT`` tokens and their whole row. Per program:
    - then ``a_g ← (a_g · signs_g) · H_GS``, the group's Hadamard as one GS×GS ``tl.dot``.
 3. Scales and codes, bit-identical to ``dirotq.quantizers.quantize`` applied to the same a:
    format A ("exact"): scale = max(absmax/7, 1e-12) per (token, group), q = rne(a/scale) ∈ [−8, 7];
-   format C ("int_ratio"): a first pass over the groups finds the row max, s = max(rowmax/105, 1e-12),
+   format C ("int_ratio"): a first launch (PASS 0) stores each group's absmax, a second (PASS 1)
+   takes the row max of those, s = max(rowmax/105, 1e-12),
    k = clamp(ceil(absmax/(7s) − 1e-6), 1, 15), q = clamp(rne(a/(k·s)), −7, 7) and the stored int8 is k·q.
    All divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number trick
    (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it).
 
-Format C's second pass recomputes a_g instead of keeping it (no scratch buffer, no barrier); for
-the dense rotation this doubles the rotation GEMM (documented in docs/KERNELS_NOTES.md).
+Format C's second pass recomputes a_g instead of keeping it (an (n, G) fp32 absmax scratch, not an
+(n, d) one); for the dense rotation this doubles the rotation GEMM (docs/KERNELS_NOTES.md).
 """
 
 from __future__ import annotations
@@ -110,73 +111,67 @@ def act_quant_kernel(
     rot_ptr, stride_rd, stride_rc,  # rotation (d, d_q)
     signs_ptr,  # hadamard signs (d_q,)
     had_ptr,  # normalised Hadamard (GS, GS)
-    c_ptr, stride_cn,  # out: c (n, r) in the activation dtype
+    c_ptr, stride_cn,  # in: c = x_s · down (n, r) in the activation dtype (computed before the launch)
     q_ptr, stride_qn,  # out: int8 codes (n, G*GS); format C stores k*q
     s_ptr, stride_sn,  # out: fp32 scales, (n, G) [A] or (n,) [C]
     k_ptr, stride_kn,  # out: int8 multipliers (n, G) [C]
+    m_ptr, stride_mn,  # format C: per-(token, group) absmax (n, G) fp32, written by pass 1, read by pass 2
     a_ptr, stride_an,  # out (debug): fp32 transformed input (n, G*GS)
-    n, d, d_q, r, G, N_KEY,
+    n, d, d_q, r, G, GPB, N_KEY,
     BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, RC: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, HAS_DOWN: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
-    HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, STORE_A: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
+    HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BT + tl.arange(0, BT)
+    """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
+    format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
+    (row scale from the stored absmaxes, then codes)."""
+    pid_t = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_t * BT + tl.arange(0, BT)
     rmask = rows < n
     cols = tl.arange(0, GS)
-
-    # 1. 16-bit coefficients c = x_s · down, RC columns at a time, stored in the activation dtype
-    if HAS_DOWN:
-        for r0 in range(0, r, RC):
-            rc = r0 + tl.arange(0, RC)
-            c = tl.zeros((BT, RC), dtype=tl.float32)
-            for k0 in range(0, d, BKD):
-                kc = k0 + tl.arange(0, BKD)
-                xs = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, kc, n, d, HAS_SMOOTH)
-                dn = tl.load(down_ptr + kc[:, None] * stride_dd + rc[None, :] * stride_dr,
-                             mask=(kc[:, None] < d) & (rc[None, :] < r), other=0.0)
-                c += _fdot(xs, dn, DOT_DTYPE)
-            tl.store(c_ptr + rows[:, None] * stride_cn + rc[None, :], c.to(c_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & (rc[None, :] < r))
-        if PROJ:
-            tl.debug_barrier()  # the projection re-reads c (written by other threads of this program)
+    g_lo = pid_g * GPB
+    g_hi = tl.minimum(g_lo + GPB, G)
 
     had = tl.zeros((GS, GS), dtype=tl.float32)
     if HAS_HAD:
         had = tl.load(had_ptr + cols[:, None] * GS + cols[None, :]).to(tl.float32)
 
-    # 2a. format C: the row max over all groups first
     s_row = tl.zeros((BT,), dtype=tl.float32)
-    if FMT_C:
-        row_max = tl.zeros((BT,), dtype=tl.float32)
-        for g in range(0, G):
-            a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
-                            stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
-                            HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
-            row_max = tl.maximum(row_max, tl.max(tl.abs(a), axis=1))
-        s_row = tl.maximum(tl.div_rn(row_max, tl.full((BT,), 105.0, tl.float32)), 1e-12)
-        tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
+    if FMT_C and PASS == 1:  # the row scale from every group's absmax (G ≤ GB_MAX values per row)
+        gi = tl.arange(0, GB_MAX)
+        mx = tl.load(m_ptr + rows[:, None] * stride_mn + gi[None, :], mask=rmask[:, None] & (gi[None, :] < G),
+                     other=0.0)
+        s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), 105.0, tl.float32)), 1e-12)
+        if pid_g == 0:
+            tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
     base = s_row * 7.0
 
-    # 2b. per group: transform, scale, round, store
-    for g in range(0, G):
+    for g in range(g_lo, g_hi):
         a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
                         stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
                         HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
         gcols = g * GS + cols
         omask = rmask[:, None] & (gcols[None, :] < G * GS)
-        if STORE_A:
-            tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
         amax = tl.max(tl.abs(a), axis=1)
         if FMT_C:
-            kf = tl.ceil(tl.div_rn(amax, base) - 1e-6)
-            kf = tl.minimum(tl.maximum(kf, 1.0), 15.0)
-            step = kf * s_row
-            q = _rne(tl.div_rn(a, step[:, None]))
-            q = tl.minimum(tl.maximum(q, -7.0), 7.0)
-            tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], (q * kf[:, None]).to(tl.int8), mask=omask)
-            tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)
+            if PASS == 0:
+                tl.store(m_ptr + rows * stride_mn + g, amax, mask=rmask)
+            else:
+                if STORE_A:
+                    tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
+                kf = tl.ceil(tl.div_rn(amax, base) - 1e-6)
+                kf = tl.minimum(tl.maximum(kf, 1.0), 15.0)
+                step = kf * s_row
+                q = _rne(tl.div_rn(a, step[:, None]))
+                q = tl.minimum(tl.maximum(q, -7.0), 7.0)
+                tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], (q * kf[:, None]).to(tl.int8),
+                         mask=omask)
+                tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)
         else:
+            if STORE_A:
+                tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
             sc = tl.maximum(tl.div_rn(amax, tl.full((BT,), 7.0, tl.float32)), 1e-12)
             q = _rne(tl.div_rn(a, sc[:, None]))
             q = tl.minimum(tl.maximum(q, -8.0), 7.0)
@@ -198,9 +193,23 @@ def _tuned_act_kernel():
     if _TUNED_ACT is None:
         cfgs = [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
                 for bt, w, s in ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2))]
-        _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "FMT_C", "PROJ", "HAS_ROT", "HAS_HAD"],
-                                     cache_results=True)(act_quant_kernel)
+        _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "PASS", "PROJ", "HAS_ROT",
+                                                "HAS_HAD"], cache_results=True)(act_quant_kernel)
     return _TUNED_ACT
+
+
+TARGET_PROGRAMS = 1024  # ≈ 8 per SM on a 132-SM H100: enough in flight to hide load latency
+
+
+def groups_per_program(n: int, groups: int, rotation: bool) -> int:
+    """Group-axis split of the grid: tokens alone give few programs at small n (16 tokens were one
+    program for the whole row), so each program takes ``GPB`` groups, chosen for about
+    ``TARGET_PROGRAMS`` programs at 32-token tiles. A dense rotation makes each group a GEMM over
+    d, so it always takes one group per program."""
+    if rotation:
+        return 1
+    token_tiles = -(-max(n, 1) // 32)
+    return max(1, min(groups, (groups * token_tiles) // TARGET_PROGRAMS))
 
 
 def _dot_dtype(dtype):
@@ -235,7 +244,14 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     dummy = plan.dummy
     down = module.down if plan.has_down else dummy
     rot = module.rotation if plan.has_rotation else dummy
-    args = (
+    if c is not None:
+        # c = x_s · down through cuBLAS (split-K at small n, fp32 accumulation, stored in x's dtype),
+        # so the quantization grid below needs no reduction over d before its first group
+        xs = x if not plan.has_smooth else (x.float() / module.smooth.float()).to(x.dtype)
+        torch.matmul(xs, down.to(x.dtype), out=c)
+    gpb = groups_per_program(n, G, plan.has_rotation)
+    amax = torch.empty((n, G), dtype=torch.float32, device=dev) if fmt_c else None
+    args = [
         x, x.stride(0),
         module.smooth if plan.has_smooth else dummy,
         down, down.stride(0) if plan.has_down else 0, down.stride(1) if plan.has_down else 0,
@@ -246,16 +262,19 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
         codes, codes.stride(0),
         scale, scale.stride(0),
         ratio if ratio is not None else dummy, ratio.stride(0) if ratio is not None else 0,
+        amax if amax is not None else dummy, amax.stride(0) if amax is not None else 0,
         a if a is not None else dummy, a.stride(0) if a is not None else 0,
-        n, plan.d, plan.d_q, plan.r, G, max(16, triton.next_power_of_2(n)),
-    )
+        n, plan.d, plan.d_q, plan.r, G, gpb, max(16, triton.next_power_of_2(n)),
+    ]
     meta = dict(GS=g, BKD=g, RC=min(64, _pow2_at_least(plan.r)),
-                HAS_SMOOTH=plan.has_smooth, HAS_DOWN=plan.has_down, PROJ=plan.project_out and plan.has_down,
+                HAS_SMOOTH=plan.has_smooth, PROJ=plan.project_out and plan.has_down,
                 HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, STORE_A=store_a,
-                DOT_DTYPE=_dot_dtype(x.dtype))
-    if block_t is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
-        bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
-        act_quant_kernel[(triton.cdiv(n, bt),)](*args, BT=bt, **meta, num_warps=4)
-    else:
-        _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]),)](*args, **meta)
+                DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1))
+    g_blocks = triton.cdiv(G, gpb)
+    for pass_ in ((0, 1) if fmt_c else (0,)):  # format C: absmax per group, then the row scale and codes
+        if block_t is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+            bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
+            act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4)
+        else:
+            _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta)
     return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a}

@@ -22,7 +22,8 @@ PTR_TYPES = {
     "gemm": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "q_ptr": "*i8", "xs_ptr": "*fp32", "c_ptr": "*bf16",
              "up_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
     "act": {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "rot_ptr": "*bf16", "signs_ptr": "*bf16",
-            "had_ptr": "*fp32", "c_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "k_ptr": "*i8", "a_ptr": "*fp32"},
+            "had_ptr": "*fp32", "c_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "k_ptr": "*i8", "m_ptr": "*fp32",
+            "a_ptr": "*fp32"},
     "w4a16": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "a_ptr": "*bf16", "c_ptr": "*bf16", "up_ptr": "*bf16",
               "bias_ptr": "*bf16", "y_ptr": "*bf16"},
 }
@@ -38,17 +39,21 @@ def default_variants():
         for bo, bt, w, s in ((128, 128, 8, 3), (64, 16, 4, 4)):
             out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr", "gemm",
                         dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=False), dict(num_warps=w, num_stages=s)))
-            out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr simd-unpack", "gemm",
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=False, ATOMIC=False),
+                        dict(num_warps=w, num_stages=s)))
+            out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr simd-unpack" + (" split-k" if bt == 16 else ""), "gemm",
                         dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True), dict(num_warps=w, num_stages=s)))
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ATOMIC=bt == 16),
+                        dict(num_warps=w, num_stages=s)))
         out.append((f"gemm {f} 128x128 w8 s3 int8-weights", "gemm",
                      dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                          DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False), dict(num_warps=8, num_stages=3)))
+                          DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False, ATOMIC=False),
+                     dict(num_warps=8, num_stages=3)))
         for rot in (False, True):
             out.append((f"act {f} {'dense-rotation' if rot else 'lowrank+hadamard'} BT32", "act",
-                        dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, HAS_DOWN=True, PROJ=not rot, HAS_ROT=rot,
-                             HAS_HAD=not rot, FMT_C=fmt_c, STORE_A=False, DOT_DTYPE=bf), dict(num_warps=4)))
+                        dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=not rot, HAS_ROT=rot,
+                             HAS_HAD=not rot, FMT_C=fmt_c, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf,
+                             GB_MAX=256), dict(num_warps=4)))
         out.append((f"w4a16 {f} 64x16 w4 s4", "w4a16",
                     dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,
                          DOT_DTYPE=bf), dict(num_warps=4, num_stages=4)))
@@ -78,6 +83,8 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
     types = dict(PTR_TYPES[kind])
     if kind == "gemm" and consts.get("W_INT8"):
         types["w_ptr"] = "*i8"
+    if kind == "gemm" and consts.get("ATOMIC"):
+        types["y_ptr"] = "*fp32"  # K splits add fp32 partials
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))}

@@ -84,11 +84,13 @@ def w4a4_gemm_kernel(
     up_ptr, stride_uo, stride_ur,  # up (o, r)
     bias_ptr,  # (o,)
     y_ptr, stride_yn,  # out (n, o)
-    n, o, r, G, N_KEY,
+    n, o, r, G, SPLIT, N_KEY,
     BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr, SIMD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr, SIMD: tl.constexpr, ATOMIC: tl.constexpr,
 ):
+    """Program (i, s): output tile i over the groups of K split s (``SPLIT`` splits; ``ATOMIC``: the
+    splits add fp32 (int32 for DEBUG_INT) partials into a zeroed y; split 0 adds the branch and bias)."""
     HALF: tl.constexpr = GS // 2
     # grouped ordering: GROUP_O weight tiles share one sweep over the token tiles (L2 reuse of x)
     pid = tl.program_id(0)
@@ -106,9 +108,14 @@ def w4a4_gemm_kernel(
     tmask = offs_t < n
     j = tl.arange(0, HALF)
 
+    pid_s = tl.program_id(1)
+    per_split = tl.cdiv(G, SPLIT)
+    g_lo = pid_s * per_split
+    g_hi = tl.minimum(g_lo + per_split, G)
+
     acc_i = tl.zeros((BO, BT), dtype=tl.int32)
     acc = tl.zeros((BO, BT), dtype=tl.float32)
-    for g in tl.range(0, G):
+    for g in tl.range(g_lo, g_hi):
         if W_INT8:  # cached unpacked operand (q, or k*q for C): plain int8 loads, no unpack
             lo = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + j)[None, :], mask=omask[:, None], other=0)
             hi = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + HALF + j)[None, :], mask=omask[:, None],
@@ -137,24 +144,31 @@ def w4a4_gemm_kernel(
     y_ptrs = y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None]
     ymask = omask[:, None] & tmask[None, :]
     if DEBUG_INT:
-        tl.store(y_ptrs, acc_i, mask=ymask)
+        if ATOMIC:
+            tl.atomic_add(y_ptrs, acc_i, mask=ymask)
+        else:
+            tl.store(y_ptrs, acc_i, mask=ymask)
     else:
         if FMT_C:
             ws = tl.load(ws_ptr + offs_o * stride_wso, mask=omask, other=0.0).to(tl.float32)
             xs = tl.load(xs_ptr + offs_t * stride_xsn, mask=tmask, other=0.0)
             acc = acc_i.to(tl.float32) * ws[:, None] * xs[None, :]
-        if HAS_LR:
-            for r0 in range(0, r, R_BLK):
-                rc = r0 + tl.arange(0, R_BLK)
-                u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
-                            mask=omask[:, None] & (rc[None, :] < r), other=0.0)
-                ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
-                             mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
-                acc += _fdot(u, ct, DOT_DTYPE)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
-            acc += b[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        if pid_s == 0:  # the branch and the bias once, in the first K split
+            if HAS_LR:
+                for r0 in range(0, r, R_BLK):
+                    rc = r0 + tl.arange(0, R_BLK)
+                    u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
+                                mask=omask[:, None] & (rc[None, :] < r), other=0.0)
+                    ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
+                                 mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
+                    acc += _fdot(u, ct, DOT_DTYPE)
+            if HAS_BIAS:
+                b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+                acc += b[:, None]
+        if ATOMIC:
+            tl.atomic_add(y_ptrs, acc, mask=ymask)
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 def _configs():
@@ -181,8 +195,10 @@ _TUNED = None
 def _tuned_kernel():
     global _TUNED
     if _TUNED is None:
-        _TUNED = triton.autotune(configs=_configs(), key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR", "W_INT8", "SIMD"],
-                                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)(w4a4_gemm_kernel)
+        _TUNED = triton.autotune(configs=_configs(),
+                                 key=["N_KEY", "o", "G", "r", "SPLIT", "FMT_C", "HAS_LR", "W_INT8", "SIMD", "ATOMIC"],
+                                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["y_ptr"],
+                                 cache_results=True)(w4a4_gemm_kernel)
     return _TUNED
 
 
@@ -221,19 +237,36 @@ def simd_self_check(module) -> bool:
     return ok
 
 
+SPLIT_K_MAX_TOKENS = 64  # split K only where tokens alone leave the GPU idle
+SPLIT_K_TARGET_PROGRAMS = 264  # ≈ 2 per SM on a 132-SM H100
+
+
+def split_k(n: int, o: int, groups: int) -> int:
+    """K splits for the GEMM: at ≤ 64 tokens the output has few tiles (16 tokens × 3072 outputs are
+    48 tiles of 64 × 16 for 132 SMs), so K is cut into splits that add fp32 partials atomically;
+    each split keeps ≥ 2 groups."""
+    if n > SPLIT_K_MAX_TOKENS or groups < 4:
+        return 1
+    tiles = triton.cdiv(o, 64) * triton.cdiv(n, 16)
+    return max(1, min(groups // 2, triton.cdiv(SPLIT_K_TARGET_PROGRAMS, tiles)))
+
+
 def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None,
-              simd: bool | None = None):
+              simd: bool | None = None, split: int | None = None):
     """y (n, o) = dequant(codes) · dequant(W_q)ᵀ + c · upᵀ + bias; ``act`` from
     ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias).
-    ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`)."""
+    ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
+    number of K splits (default :func:`split_k`)."""
     import torch
 
     n = act["codes"].shape[0]
     o = plan.o
     dev = act["codes"].device
-    y = torch.empty((n, o), dtype=torch.int32 if debug_int else out_dtype, device=dev)
+    split = split_k(n, o, plan.groups) if split is None else max(1, min(int(split), plan.groups))
+    acc_dtype = torch.int32 if debug_int else (out_dtype if split == 1 else torch.float32)
+    y = (torch.empty if split == 1 else torch.zeros)((n, o), dtype=acc_dtype, device=dev)
     if n == 0 or o == 0:
-        return y
+        return y if debug_int else y.to(out_dtype)
     fmt_c = plan.fmt == "int_ratio"
     dummy = plan.dummy
     c = act["c"]
@@ -252,22 +285,23 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
         module.bias if plan.has_bias else dummy,
         y, y.stride(0),
-        n, o, plan.r, plan.groups, _n_key(n),
+        n, o, plan.r, plan.groups, split, _n_key(n),
     )
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
-                W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd))
+                W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd),
+                ATOMIC=split > 1)
     if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
         stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
-        grid = (triton.cdiv(o, cfg["BO"]) * triton.cdiv(n, cfg["BT"]),)
+        grid = (triton.cdiv(o, cfg["BO"]) * triton.cdiv(n, cfg["BT"]), split)
         w4a4_gemm_kernel[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages)
     else:
-        grid = lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]),)  # noqa: E731
+        grid = lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]), split)  # noqa: E731
         _tuned_kernel()[grid](*args, **meta)
-    return y
+    return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
 
 
 # --- test hook: what the register operand holds -------------------------------------------------
