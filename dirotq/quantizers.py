@@ -97,6 +97,14 @@ class QuantizedTensor:
         return x[..., : self.in_features].to(dtype)
 
 
+def _div_scalar(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` rounded as one IEEE division on every device. On CUDA, PyTorch computes a
+    tensor divided by a Python number as ``x * (1 / divisor)``, which can differ from ``x / divisor``
+    in the last bit (1/7 is inexact); the scales must equal the kernels' ``div_rn`` bit for bit, or
+    values on a rounding tie (frequent with bf16 inputs) round the other way."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def quantize(
     x: torch.Tensor,
     bits: int = 4,
@@ -119,14 +127,14 @@ def quantize(
     if not symmetric:
         lo = (groups.amin(-1) * clip_ratio).clamp(max=0)
         hi = (groups.amax(-1) * clip_ratio).clamp(min=0)
-        scale = ((hi - lo) / (qmax - qmin)).clamp(min=_TINY)
+        scale = _div_scalar(hi - lo, qmax - qmin).clamp(min=_TINY)
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
         return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), scale, zero, None, bits, group_size, d)
 
     absmax = groups.abs().amax(-1) * clip_ratio
     if scale_format == "exact":
-        scale = (absmax / qmax).clamp(min=_TINY)
+        scale = _div_scalar(absmax, qmax).clamp(min=_TINY)
         q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
         return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), scale, None, None, bits, group_size, d)
 
@@ -134,7 +142,7 @@ def quantize(
     # k whose step still covers their abs-max (ceil), so no code saturates beyond ±qmax.
     qmax_c = qmax if bits == 8 else 7
     row_max = absmax.amax(-1, keepdim=True)
-    row_scale = (row_max / (qmax_c * INT_RATIO_MAX_MULTIPLIER)).clamp(min=_TINY)
+    row_scale = _div_scalar(row_max, qmax_c * INT_RATIO_MAX_MULTIPLIER).clamp(min=_TINY)
     ratio = torch.ceil(absmax / (qmax_c * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
     step = (ratio * row_scale).unsqueeze(-1)
     q = torch.clamp(torch.round(groups / step), -qmax_c, qmax_c)
