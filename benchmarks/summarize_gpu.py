@@ -1,0 +1,69 @@
+"""Markdown tables from bench_linear / bench_e2e JSON files (what benchmarks/README.md quotes).
+
+    python benchmarks/summarize_gpu.py benchmarks/results/gpu_h100_2026-11-26/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TAGS = ("A_rtn_r0", "C_rtn_r0", "A_dirotq-lr_r32", "C_dirotq-lr_r32")
+
+
+def _f(v, digits: int = 3) -> str:
+    return "—" if not isinstance(v, (int, float)) else f"{v:.{digits}f}"
+
+
+def linear_table(res: dict) -> str:
+    """One row per (shape, tokens): BF16 and FP8 CUDA-graph ms, then per variant the CUDA-graph total
+    (ms), its speed-up over BF16 (graph), and the eager GEMM's share of the int8 ceiling."""
+    head = ["layer", "d→o", "tokens", "bf16 ms", "fp8+quant ms"]
+    for tag in TAGS:
+        head += [f"{tag} ms", "× bf16", "GEMM % int8"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in res["rows"]:
+        cells = [f"{row['model']} {row['layer']}", f"{row['d_in']}→{row['d_out']}", str(row["tokens"]),
+                 _f(row.get("bf16_graph_ms"), 4), _f(row.get("fp8_total_graph_ms"), 4)]
+        for tag in TAGS:
+            t = row.get(f"{tag}_total_graph_ms")
+            sp = row.get(f"{tag}_graph_speedup_vs_bf16")
+            cells += [_f(t, 4), _f(sp, 2), _f(row.get(f"{tag}_gemm_pct_int8_ceiling"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def e2e_table(res: dict) -> str:
+    lines = ["| variant | eager ms | CUDA-graph ms | × bf16 (graph) | weight GB | × bf16 memory |",
+             "|---|---|---|---|---|---|"]
+    for name, e in res["variants"].items():
+        lines.append(f"| {name} | {_f(e.get('eager_ms'), 1)} | {_f(e.get('cuda_graph_ms'), 1)} | "
+                     f"{_f(e.get('graph_speedup_vs_bf16'), 3)} | {e['memory']['bytes'] / 1e9:.2f} | "
+                     f"{_f(e.get('memory_ratio_vs_bf16'), 3)} |")
+    return "\n".join(lines)
+
+
+def main(paths: list[str]) -> None:
+    for p in paths:
+        res = json.loads(Path(p).read_text())
+        env = res.get("environment", {})
+        print(f"### {Path(p).name}\n")
+        print(f"{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')}"
+              + (f"; ceilings {res['ceilings_measured']}" if res.get("ceilings_measured") else "")
+              + (f"; setup {res['setup']}" if res.get("setup") else "") + "\n")
+        if res.get("benchmark") == "bench_linear":
+            print(linear_table(res))
+        elif res.get("benchmark") == "bench_e2e":
+            base = res["variants"].get("bf16")
+            for e in res["variants"].values():  # a run killed before its end has no ratios yet
+                if base and e is not base:
+                    if e.get("cuda_graph_ms") and base.get("cuda_graph_ms"):
+                        e.setdefault("graph_speedup_vs_bf16", base["cuda_graph_ms"] / e["cuda_graph_ms"])
+                    e.setdefault("memory_ratio_vs_bf16", e["memory"]["bytes"] / base["memory"]["bytes"])
+            print(e2e_table(res))
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
