@@ -115,7 +115,7 @@ def act_quant_kernel(
     q_ptr, stride_qn,  # out: int8 codes (n, G*GS); format C stores k*q
     s_ptr, stride_sn,  # out: fp32 scales, (n, G) [A] or (n,) [C]
     k_ptr, stride_kn,  # out: int8 multipliers (n, G) [C]
-    m_ptr, stride_mn,  # format C: per-(token, group) absmax (n, G) fp32, written by pass 1, read by pass 2
+    m_ptr, stride_mn,  # format C: per-(token, group) absmax (n, G) fp32, written by PASS 0, read by PASS 1
     a_ptr, stride_an,  # out (debug): fp32 transformed input (n, G*GS)
     n, d, d_q, r, G, GPB, N_KEY,
     BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, RC: tl.constexpr,
