@@ -6,9 +6,9 @@
 # Runs on CUDA when torch sees a GPU, else on the CPU (THREADS cores). Steps are fixed (--max-steps, the
 # learning-rate schedule follows the step count), so a rerun follows the same recipe; bit-identical
 # weights need the same torch build and thread count (BLAS reduction order). The default step counts are
-# those of the shipped v4 model (2026-11-25/26, 2 CPU cores: VAE 16 min, DiT 77 + 82 + 41 + 68 + 92 min).
-# Judge on its BF16 generations: colour 92.9 % (target met), shape 46.5 % (target 80 %, not met): continue
-# training (stage 2e below with --init assets/tiny-pixart, or on a GPU).
+# those of the shipped v5 model (2026-11-25/26, 2 CPU cores: VAE 16 min, DiT 77 + 82 + 41 + 68 + 92 + 25 + 103 min).
+# Shape accuracy by the judge is still below issue #3's 80 %: continue training (stage 2g below with
+# --init assets/tiny-pixart, or on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
