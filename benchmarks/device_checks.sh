@@ -35,17 +35,7 @@ if [[ "$stage" == kernels || "$stage" == all ]]; then
         >"$OUT/bench_linear.log" 2>&1
     echo "bench_linear exit $?" | tee -a "$OUT/bench_linear.log"
     grep -v '^  {' "$OUT/bench_linear.log" | tail -5
-    python3 - "$OUT/bench_linear.json" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-print("ceilings", r.get("ceilings_measured"))
-for row in r["rows"]:
-    cells = [f"{row['model'][:5]} {row['d_in']}->{row['d_out']} n={row['tokens']}", f"bf16 {row['bf16_ms']:.4f}"]
-    for tag in ("A_rtn_r0", "C_rtn_r0", "A_dirotq-lr_r32", "C_dirotq-lr_r32"):
-        t = row.get(f"{tag}_total_ms")
-        cells.append(f"{tag} {t:.4f} ({row[f'{tag}_speedup_vs_bf16']:.2f}x)" if t else f"{tag} ERR")
-    print(" | ".join(cells))
-EOF
+    python3 benchmarks/summarize_gpu.py "$OUT/bench_linear.json"
 fi
 
 if [[ "$stage" == e2e || "$stage" == all ]]; then
@@ -57,15 +47,5 @@ if [[ "$stage" == e2e || "$stage" == all ]]; then
         echo "bench_e2e $model exit $?" | tee -a "$OUT/bench_e2e.log"
     done
     grep -v '^  {' "$OUT/bench_e2e.log" | tail -8
-    python3 - "$OUT" <<'EOF'
-import json, os, sys
-for model in ("pixart", "flux"):
-    p = os.path.join(sys.argv[1], f"bench_e2e_{model}.json")
-    if not os.path.exists(p):
-        print(model, "no result"); continue
-    r = json.load(open(p))
-    for v, e in r["variants"].items():
-        print(model, v, {k: e.get(k) for k in ("eager_ms", "cuda_graph_ms", "eager_speedup_vs_bf16",
-                                               "graph_speedup_vs_bf16", "memory_ratio_vs_bf16")})
-EOF
+    python3 benchmarks/summarize_gpu.py "$OUT"/bench_e2e_*.json
 fi
