@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
-from .w4a4_gemm import _n_key, _prune, _unpack_halves
+from .w4a4_gemm import _add_branch_and_bias, _n_key, _prune, _unpack_halves
 
 
 @triton.jit
@@ -65,17 +65,8 @@ def w4a16_kernel(
         acc += _fdot(wlo, alo, DOT_DTYPE)
         acc += _fdot(whi, ahi, DOT_DTYPE)
 
-    if HAS_LR:
-        for r0 in range(0, r, R_BLK):
-            rc = r0 + tl.arange(0, R_BLK)
-            u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
-                        mask=omask[:, None] & (rc[None, :] < r), other=0.0)
-            ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
-                         mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
-            acc += _fdot(u, ct, DOT_DTYPE)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
-        acc += b[:, None]
+    acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
+                               stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE)
     tl.store(y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=omask[:, None] & tmask[None, :])
 

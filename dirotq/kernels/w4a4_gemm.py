@@ -74,6 +74,26 @@ def _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF: t
 
 
 @triton.jit
+def _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur,
+                         bias_ptr, r, R_BLK: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr):
+    """acc (BO, BT) + up · cᵀ (the 16-bit branch, K = r in chunks of R_BLK) + bias: the epilogue shared by
+    the W4A4 and W4A16 GEMMs."""
+    if HAS_LR:
+        for r0 in range(0, r, R_BLK):
+            rc = r0 + tl.arange(0, R_BLK)
+            u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
+                        mask=omask[:, None] & (rc[None, :] < r), other=0.0)
+            ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
+                         mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
+            acc += _fdot(u, ct, DOT_DTYPE)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+        acc += b[:, None]
+    return acc
+
+
+@triton.jit
 def w4a4_gemm_kernel(
     w_ptr, stride_wo,  # packed INT4 (o, G*GS/2) uint8, or [W_INT8] the unpacked operand (o, G*GS) int8
     ws_ptr, stride_wso,  # weight scales fp16/fp32: (o, G) [A] or (o, 1) [C]
@@ -154,17 +174,8 @@ def w4a4_gemm_kernel(
             xs = tl.load(xs_ptr + offs_t * stride_xsn, mask=tmask, other=0.0)
             acc = acc_i.to(tl.float32) * ws[:, None] * xs[None, :]
         if pid_s == 0:  # the branch and the bias once, in the first K split
-            if HAS_LR:
-                for r0 in range(0, r, R_BLK):
-                    rc = r0 + tl.arange(0, R_BLK)
-                    u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
-                                mask=omask[:, None] & (rc[None, :] < r), other=0.0)
-                    ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
-                                 mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
-                    acc += _fdot(u, ct, DOT_DTYPE)
-            if HAS_BIAS:
-                b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
-                acc += b[:, None]
+            acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr,
+                                       stride_uo, stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE)
         if ATOMIC:
             tl.atomic_add(y_ptrs, acc, mask=ymask)
         else:
