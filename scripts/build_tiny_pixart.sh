@@ -61,21 +61,18 @@ python3 scripts/train_tiny_pixart.py --vae "$RUNS/vae/vae" --init "$RUNS/dit_obj
 # 2e. render the shapes: stage 2d's denoiser lost given shapes from t = 400 (render-retention test in
 #     scripts/diagnose_text_conditioning.py: 67 % kept), because density ∝ t had starved the low and middle
 #     timesteps. Uniform t again, more weight on object positions, structure loss kept on.
-python3 scripts/train_tiny_pixart.py --vae "$RUNS/vae/vae" --init "$RUNS/dit_text/pipeline" \
-    --out "$RUNS/dit_shape" --minutes 1e9 --max-steps "$DIT_SHAPE_STEPS" --seed 4 --threads "$THREADS" --hidden 256 \
-    --depth 6 --batch 32 --lr 4e-4 --pool 10000 --prediction-type v_prediction --object-weight 3 --t-power 1 \
-    --text-aux-weight 0.3 | tee "$RUNS/dit_shape.log"
+shape_stage() {  # init out steps seed lr: uniform t, object weight 3, structure loss 0.3
+    python3 scripts/train_tiny_pixart.py --vae "$RUNS/vae/vae" --init "$RUNS/$1/pipeline" --out "$RUNS/$2" \
+        --minutes 1e9 --max-steps "$3" --seed "$4" --threads "$THREADS" --hidden 256 --depth 6 --batch 32 --lr "$5" \
+        --pool 10000 --prediction-type v_prediction --object-weight 3 --t-power 1 --text-aux-weight 0.3 \
+        | tee "$RUNS/$2.log"
+}
+shape_stage dit_text dit_shape "$DIT_SHAPE_STEPS" 4 4e-4
 
 # 2f, 2g. the same recipe continued (shape accuracy rose about 7 points per 4,500 steps): 1,500 steps at
 #     lr 3e-4 (seed 5), then 5,500 more (seed 6), each with its own warmup and cosine decay.
-python3 scripts/train_tiny_pixart.py --vae "$RUNS/vae/vae" --init "$RUNS/dit_shape/pipeline" \
-    --out "$RUNS/dit_shape2" --minutes 1e9 --max-steps "$DIT_SHAPE2_STEPS" --seed 5 --threads "$THREADS" --hidden 256 \
-    --depth 6 --batch 32 --lr 3e-4 --pool 10000 --prediction-type v_prediction --object-weight 3 --t-power 1 \
-    --text-aux-weight 0.3 | tee "$RUNS/dit_shape2.log"
-python3 scripts/train_tiny_pixart.py --vae "$RUNS/vae/vae" --init "$RUNS/dit_shape2/pipeline" \
-    --out "$RUNS/dit_shape3" --minutes 1e9 --max-steps "$DIT_SHAPE3_STEPS" --seed 6 --threads "$THREADS" --hidden 256 \
-    --depth 6 --batch 32 --lr 3e-4 --pool 10000 --prediction-type v_prediction --object-weight 3 --t-power 1 \
-    --text-aux-weight 0.3 | tee "$RUNS/dit_shape3.log"
+shape_stage dit_shape dit_shape2 "$DIT_SHAPE2_STEPS" 5 3e-4
+shape_stage dit_shape2 dit_shape3 "$DIT_SHAPE3_STEPS" 6 3e-4
 
 # 3. fp16 safetensors + model card into assets/tiny-pixart (≤ 40 MB, loads offline)
 python3 scripts/package_tiny_pixart.py --ckpt "$RUNS/dit_shape3/pipeline" --out assets/tiny-pixart

@@ -207,7 +207,7 @@ def _tuned_kernel():
     global _TUNED
     if _TUNED is None:
         _TUNED = triton.autotune(configs=_configs(),
-                                 key=["N_KEY", "o", "G", "r", "SPLIT", "FMT_C", "HAS_LR", "W_INT8", "SIMD", "ATOMIC"],
+                                 key=["N_KEY", "o", "G", "r", "SPLIT", "FMT_C", "HAS_LR", "W_INT8", "SIMD"],  # ATOMIC = SPLIT > 1
                                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["y_ptr"],
                                  cache_results=True)(w4a4_gemm_kernel)
     return _TUNED
