@@ -41,7 +41,8 @@ def default_variants():
                         dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
                              DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=False, ATOMIC=False),
                         dict(num_warps=w, num_stages=s)))
-            out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr simd-unpack" + (" split-k" if bt == 16 else ""), "gemm",
+            simd_name = f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr simd-unpack" + (" split-k" if bt == 16 else "")
+            out.append((simd_name, "gemm",
                         dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
                              DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ATOMIC=bt == 16),
                         dict(num_warps=w, num_stages=s)))

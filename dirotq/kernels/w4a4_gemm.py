@@ -206,8 +206,9 @@ _TUNED = None
 def _tuned_kernel():
     global _TUNED
     if _TUNED is None:
+        # no ATOMIC in the key: it is SPLIT > 1
         _TUNED = triton.autotune(configs=_configs(),
-                                 key=["N_KEY", "o", "G", "r", "SPLIT", "FMT_C", "HAS_LR", "W_INT8", "SIMD"],  # ATOMIC = SPLIT > 1
+                                 key=["N_KEY", "o", "G", "r", "SPLIT", "FMT_C", "HAS_LR", "W_INT8", "SIMD"],
                                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["y_ptr"],
                                  cache_results=True)(w4a4_gemm_kernel)
     return _TUNED
