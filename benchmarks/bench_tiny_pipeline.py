@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from dirotq.evaluate import device_description  # noqa: E402
 from scripts.result_io import emit_json  # noqa: E402
 
 
@@ -57,12 +57,13 @@ def main():
     except OSError:
         load_avg = None
     out = {"benchmark": "tiny_pixart_20_steps_cpu", "steps": a.steps, "guidance_scale": 4.5, "resolution": size,
-           "dtype": "float32", "threads": a.threads, "cpu_count": os.cpu_count(), "cpu": platform.processor(),
+           "model": os.path.relpath(os.path.abspath(a.model), ROOT),
+           "dtype": "float32", "threads": a.threads, "cpu_count": os.cpu_count(), "cpu": device_description(),
            "torch": torch.__version__, "load_seconds": round(load_s, 2), "load_average_at_end": load_avg,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **res,
            "note": "shared 2-core machine: the load average shows how busy it was; the minimum is the best "
                    "estimate of the uncontended time",
-           "command": "python benchmarks/bench_tiny_pipeline.py --threads %d" % a.threads}
+           "command": " ".join(["python benchmarks/bench_tiny_pipeline.py"] + sys.argv[1:])}
     emit_json(out, a.out)
 
 

@@ -315,7 +315,8 @@ def _layer_summary(report: Mapping | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def _device_description() -> str:
+def device_description() -> str:
+    """CPU model name, visible cores and torch threads, for result files (e.g. "AMD EPYC, 2 cores visible, torch threads 2")."""
     name = platform.processor() or platform.machine()
     try:
         for ln in Path("/proc/cpuinfo").read_text().splitlines():
@@ -514,7 +515,7 @@ class Evaluator:
             "pipe_kwargs": {k: v for k, v in self.pipe_kwargs.items() if isinstance(v, (int, float, str, bool))},
             "calibration": {"n_prompts": len(self.calib_prompts), "num_inference_steps": self.calib_steps,
                             "cache_key": (st.meta.get("cache_key") if st is not None else None)},
-            "device": _device_description(), "versions": _versions(),
+            "device": device_description(), "versions": _versions(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "notes": [FID_NOTE], **extra,
         }

@@ -10,7 +10,8 @@
 #      with the loss logs. The VAE, tokenizer and scheduler are unchanged, so they are not sent back.
 #
 # Run it through the device tool from the repository root, e.g.
-#   run(command="TOTAL_S=500 bash scripts/device_train_stage.sh", carry=[".whl"], timeout_s=580)
+#   run(command="TOTAL_S=540 bash scripts/device_train_stage.sh", carry=[".whl"], timeout_s=595)
+# STEPS=N skips the probe and trains exactly N steps (still stopped by the budget); INIT=runs/x needs carry=[".whl", "runs/x"].
 set -euo pipefail
 : "${OUT:?OUT must name the folder that comes back}"
 INIT=${INIT:-assets/tiny-pixart}
@@ -29,23 +30,29 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 common=(--vae "$INIT/vae" --init "$INIT" --minutes 1e9 --seed "$SEED" --threads 8 --hidden 256 --depth 6
         --batch "$BATCH" --lr "$LR" --pool "$POOL" --prediction-type v_prediction --object-weight 3 --t-power 1
         --text-aux-weight 0.3 --save-every-min 1e9)
+if [[ -n "${STEPS:-}" ]]; then  # step count known (a repeat, or the speed already measured on this kind)
+  steps=$STEPS
+  minutes=$(python3 -c "print(($TOTAL_S - $(( $(date +%s) - start )) - 25) / 60)")
+else
 probe_start=$(date +%s)
 python3 scripts/train_tiny_pixart.py "${common[@]}" --out /tmp/work/probe --max-steps 80 >> "$OUT/run.log" 2>&1
 probe_end=$(date +%s)
 cp /tmp/work/probe/log.jsonl "$OUT/probe_log.jsonl"
-# seconds per step between logged steps 25 and 75 (after CUDA warm-up); setup = probe wall time − its training time
-read -r sps setup <<<"$(python3 - "$probe_start" "$probe_end" <<'EOF'
+# seconds per step between logged steps 25 and 75 (after CUDA warm-up); setup = probe wall time − its training
+# time, which includes building the pool (the stage below reads it from the cache: a safe overestimate)
+read -r sps setup <<<"$(python3 - "$probe_start" "$probe_end" <<'PY'
 import json, sys
 recs = {r["step"]: r["t"] for r in map(json.loads, open("/tmp/work/probe/log.jsonl"))}
 wall = int(sys.argv[2]) - int(sys.argv[1])
 print((recs[75] - recs[25]) / 50, wall - recs[75])
-EOF
+PY
 )"
 left=$(( TOTAL_S - ($(date +%s) - start) ))
 steps=$(python3 -c "print(max(100, int(($left - 1.0 * $setup - 40) / $sps)))")
 echo "probe: $sps s/step, setup ${setup}s; ${left}s left → $steps steps" | tee -a "$OUT/run.log"
 # hard stop a little before the budget even if the speed estimate was optimistic (lr then ends above its floor)
 minutes=$(python3 -c "print(($left - 1.0 * $setup - 25) / 60)")
+fi
 python3 scripts/train_tiny_pixart.py "${common[@]}" --out /tmp/work/stage --max-steps "$steps" \
     --minutes "$minutes" >> "$OUT/run.log" 2>&1
 cp /tmp/work/stage/log.jsonl "$OUT/log.jsonl"
