@@ -57,7 +57,7 @@ def main():
     except OSError:
         load_avg = None
     out = {"benchmark": "tiny_pixart_20_steps_cpu", "steps": a.steps, "guidance_scale": 4.5, "resolution": size,
-           "model": os.path.relpath(os.path.abspath(a.model), ROOT),
+           "model": os.path.relpath(a.model, ROOT),
            "dtype": "float32", "threads": a.threads, "cpu_count": os.cpu_count(), "cpu": device_description(),
            "torch": torch.__version__, "load_seconds": round(load_s, 2), "load_average_at_end": load_avg,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **res,
