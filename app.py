@@ -1,4 +1,4 @@
-"""DiRotQ Explorer: the Gradio app (issue #4). Thin: widgets -> dirotq.explorer / analysis.
+"""DiRotQ Explorer: the Gradio app (issue #4). Thin: widgets -> analysis (session, figures, costs) -> dirotq.
 
     python app.py                       # the embedded tiny PixArt-Σ model, CPU, http://127.0.0.1:7860
     python app.py --model PATH_OR_CACHED_ID --device cuda --port 7861
@@ -28,12 +28,12 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis import costs, figures  # noqa: E402
-from dirotq.explorer import METHODS, POLICIES, get_session  # noqa: E402
+from analysis.session import POLICIES, get_session, methods  # noqa: E402
 
 PAPER = "arXiv:2605.16732"
 OUTLIER_EXTRA = ["smoothquant", "hadamard"]
 PLAN_COLUMNS = ["layer", "d_in", "d_out", "rank", "energy kept %"]
-METHOD_CHOICES = [(figures.LABELS[m], m) for m in METHODS]
+METHOD_CHOICES = [(figures.label(m), m) for m in methods()]
 _SESSION_KW: dict = {}  # device / cache_dir / dtype, set by build_demo
 
 
@@ -235,7 +235,7 @@ def on_all_layers(model, method, plan_df, metric, progress=gr.Progress()):
     t = time.perf_counter()
     rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m))
     dt = time.perf_counter() - t
-    fig = figures.all_layers_figure(rows, metric, f"{figures.LABELS.get(method, method)}: per-layer output error")
+    fig = figures.all_layers_figure(rows, metric, f"{figures.label(method)}: per-layer output error")
     worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
     table = "\n".join(f"| `{r['name']}` | {r['kind'].upper()} | {r['rank']} | {_fmt(r['sqnr_db'], ' dB')} | "
                       f"{r['rel_mse']:.2e} |" for r in worst)

@@ -8,18 +8,27 @@ the per-layer chart are the per-layer errors in layer order.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
+from dirotq.registry import display
+
 from .stats import VIEW_LABELS
 
-COLORS = {"dirotq": "#d62728", "svdquant": "#1f77b4", "rtn": "#7f7f7f", "smoothquant": "#2ca02c",
-          "quarot": "#9467bd", "dirotq-lr": "#ff7f0e", "w4a16": "#8c564b"}
-LABELS = {"dirotq": "DiRotQ (PCA rotation)", "svdquant": "SVDQuant (weight SVD)", "rtn": "RTN",
-          "smoothquant": "SmoothQuant", "quarot": "QuaRot (Hadamard)", "dirotq-lr": "DiRotQ low-rank + Hadamard",
-          "w4a16": "W4A16 (weight-only)"}
+
+
+def label(method: str) -> str:
+    """A method's (or preset's) display name, from the registry."""
+    return display(method)[0]
+
+
+def color(method: str) -> str:
+    return display(method)[1]
+
+
 # template=None and hand-made axes: plotly's templates and make_subplots cost 40–100 ms per figure
 # (deep copies and validation), which alone would break the app's 0.3 s redraw budget.
 _AXIS = dict(gridcolor="#e5e5e5", zerolinecolor="#cccccc", linecolor="#999999", showline=True)
@@ -146,30 +155,30 @@ def outliers_figure(views: Mapping[str, Mapping[str, Any]], rank: int, layer: st
 
 def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sqnr_db", layer: str = "",
                          current: Mapping[str, float] | None = None) -> go.Figure:
-    """Output error of the layer vs rank: DiRotQ and SVDQuant curves (traces in ``curves['curves']``
-    order, x = ``curves['ranks']``), RTN/SmoothQuant/QuaRot as horizontal lines (one trace each, two
-    points spanning the rank range), a marker at the chosen rank."""
+    """Output error of the layer vs rank: one curve per ranked method (traces in ``curves['curves']``
+    order, x = ``curves['ranks']``), the rank-free references as horizontal lines (one trace each,
+    two points spanning the rank range), a marker at the chosen rank."""
     if metric not in ("sqnr_db", "rel_mse"):
         raise ValueError(f"metric must be 'sqnr_db' or 'rel_mse', got {metric!r}")
     ranks = list(curves["ranks"])
     data = []
     for m, cur in curves["curves"].items():
         y = [v if math.isfinite(v) else None for v in cur[metric]]
-        data.append(go.Scatter(x=ranks, y=y, name=LABELS.get(m, m), mode="lines+markers",
-                               line=dict(color=COLORS.get(m))))
+        data.append(go.Scatter(x=ranks, y=y, name=label(m), mode="lines+markers",
+                               line=dict(color=color(m))))
     x0, x1 = (ranks[0], ranks[-1]) if ranks else (0, 1)
     for m, e in curves["references"].items():
-        data.append(go.Scatter(x=[x0, x1], y=[e[metric]] * 2, name=LABELS.get(m, m), mode="lines",
-                               line=dict(color=COLORS.get(m), dash="dot")))
+        data.append(go.Scatter(x=[x0, x1], y=[e[metric]] * 2, name=label(m), mode="lines",
+                               line=dict(color=color(m), dash="dot")))
     for m, v in (current or {}).items():
         if math.isfinite(v.get(metric, math.nan)):
             how = "interpolated between measured ranks" if v.get("interpolated") else "measured"
             data.append(go.Scatter(x=[rank], y=[v[metric]], mode="markers", showlegend=False,
-                                   name=f"{LABELS.get(m, m)} at r = {rank} ({how})",
-                                   marker=dict(size=11, color=COLORS.get(m),
+                                   name=f"{label(m)} at r = {rank} ({how})",
+                                   marker=dict(size=11, color=color(m),
                                                symbol="diamond-open" if v.get("interpolated") else "diamond")))
-    label = "SQNR (dB, higher is better)" if metric == "sqnr_db" else "relative MSE (lower is better)"
-    yaxis = dict(title=dict(text=label), type="log" if metric == "rel_mse" else "linear", **_AXIS)
+    axis_title = "SQNR (dB, higher is better)" if metric == "sqnr_db" else "relative MSE (lower is better)"
+    yaxis = dict(title=dict(text=axis_title), type="log" if metric == "rel_mse" else "linear", **_AXIS)
     title = f"{_short(layer)}: output error vs rank (r = {rank})"
     notes = []
     if metric == "sqnr_db":
@@ -248,5 +257,41 @@ def empty_figure(message: str) -> go.Figure:
                                                    yref="paper", font=dict(size=15))]))
 
 
+def sweep_figure(results: Mapping) -> go.Figure:
+    """The evaluation's rank sweep (``dirotq.eval.rank_sweep`` results): PSNR and SSIM vs rank with
+    95 % CI error bars per ranked method; rank-free baselines as dashed lines."""
+    from plotly.subplots import make_subplots
+
+    ranks = results["ranks"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("PSNR vs reference (dB)", "SSIM vs reference"))
+    for m, c in results["curves"].items():
+        for col, key in ((1, "psnr"), (2, "ssim")):
+            ys = [c[str(r)][key]["mean"] for r in ranks]
+            hi = [c[str(r)][key]["hi"] - c[str(r)][key]["mean"] for r in ranks]
+            lo = [c[str(r)][key]["mean"] - c[str(r)][key]["lo"] for r in ranks]
+            fig.add_trace(go.Scatter(x=ranks, y=ys, name=label(m), legendgroup=m, showlegend=col == 1,
+                                     mode="lines+markers", error_y=dict(type="data", array=hi, arrayminus=lo), line=dict(color=color(m))),
+                          row=1, col=col)
+    for m, b in results.get("baselines", {}).items():
+        for col, key in ((1, "psnr"), (2, "ssim")):
+            fig.add_trace(go.Scatter(x=[ranks[0], ranks[-1]], y=[b[key]["mean"]] * 2, name=label(m), legendgroup=m,
+                                     showlegend=col == 1, mode="lines", line=dict(dash="dash", color=color(m))),
+                          row=1, col=col)
+    meta = results["meta"]
+    fig.update_layout(title=f"{meta['model']}: quality vs 16-bit rank ({meta['n_images']} images, "
+                            f"weights {meta['weights']})", template="plotly_white")
+    fig.update_xaxes(title_text="16-bit rank r (per layer)")
+    return fig
+
+
+def write_html(fig: go.Figure, path: str | Path) -> Path:
+    """``fig`` as a standalone HTML page that renders offline: plotly.min.js is written beside it
+    from the installed plotly package (never committed: the wheel ships it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs="directory")
+    return path
+
+
 __all__ = ["spectrum_figure", "outliers_figure", "error_vs_rank_figure", "all_layers_figure", "cost_figure",
-           "empty_figure", "COLORS", "LABELS"]
+           "empty_figure", "sweep_figure", "write_html", "label", "color"]

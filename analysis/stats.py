@@ -1,4 +1,4 @@
-"""Per-layer quantities the explorer plots, computed from calibration statistics (DESIGN.md §1).
+"""Per-layer quantities the explorer plots, computed from calibration statistics (docs/DESIGN.md).
 
 Pure functions over ``LayerStats`` (dirotq/calibration.py) and tensors; no UI code. Everything a
 plot needs after calibration comes from the stats and the layer weights, never from running the
@@ -10,14 +10,14 @@ model again:
   sample, in the original basis and after each method's transform (DiRotQ's T = V·diag(I_r, R),
   SmoothQuant's x/s, QuaRot's randomized Hadamard), plus the INT4 activation error of the part
   that is quantized;
-- ``error_curves``: the layer's output error (relative MSE, SQNR in dB) on the stored token sample as
-  a function of rank for DiRotQ and SVDQuant, with RTN, SmoothQuant and QuaRot as references;
-- ``layer_error`` / ``image_report``: the error measures themselves.
+- ``error_curves``: the layer's output error (relative MSE, SQNR in dB, ``dirotq.quantize.layer_error``)
+  on the stored token sample as a function of rank for every ranked method of the registry, with the
+  unranked W4A4 methods as references;
+- ``image_report``: PSNR / SSIM / the judge's reading of a generated pair.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from dirotq.bases import explained_variance, paper_rank, random_hadamard
-from dirotq.config import (DiRotQConfig, QuantConfig, QuaRotConfig, RTNConfig, SmoothQuantConfig,
-                           SVDQuantConfig)
+from dirotq.config import QuantConfig
+from dirotq.quantize import layer_error, quantize_layer, reference_output
 from dirotq.quantizers import fake_quantize
+from dirotq.registry import make_config, method_names
 
 VIEWS = ("original", "dirotq", "smoothquant", "hadamard")
 VIEW_LABELS = {"original": "original x (RTN)", "dirotq": "DiRotQ x·T", "smoothquant": "SmoothQuant x/s",
                "hadamard": "QuaRot x·H (Hadamard)"}
-CURVE_METHODS = ("dirotq", "svdquant")
-REFERENCE_METHODS = ("rtn", "smoothquant", "quarot")
 
 
 # ---------------------------------------------------------------------------------- spectrum
@@ -134,44 +133,6 @@ def outlier_views(stats: Any, rank: int, weight: torch.Tensor | None = None, *,
 
 
 # ------------------------------------------------------------------------------ layer error
-def reference_output(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """y = x Wᵀ + b in float64, ``x: (m, d)``."""
-    w = linear.weight.detach().double()
-    y = x.double() @ w.T
-    if linear.bias is not None:
-        y = y + linear.bias.detach().double()
-    return y
-
-
-def layer_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, y_ref: torch.Tensor | None = None
-                ) -> dict[str, float]:
-    """Output error of ``qlinear`` against ``linear`` on tokens ``x: (m, d)``.
-
-    ``rel_mse`` = ‖ŷ − y‖² / ‖y‖², ``sqnr_db`` = −10·log10(rel_mse) (∞ when exact).
-    """
-    y = reference_output(linear, x) if y_ref is None else y_ref
-    with torch.no_grad():
-        yq = qlinear(x.float()).double()
-    num = float((yq - y).pow(2).sum())
-    den = float(y.pow(2).sum())
-    rel = num / den if den > 0 else (0.0 if num == 0 else math.inf)
-    sqnr = math.inf if rel == 0 else -10.0 * math.log10(rel)
-    return {"rel_mse": rel, "sqnr_db": sqnr}
-
-
-def quantize_one(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, spec: Any = None) -> nn.Module:
-    """One ``QuantLinear`` through the method registry (``dirotq.quantize.quantize_layer`` when present)."""
-    try:
-        from dirotq.quantize import quantize_layer
-    except ImportError:  # the library's entry point not there yet: the registry is the same thing
-        quantize_layer = None
-    if quantize_layer is not None:
-        return quantize_layer(linear, stats, config, rank=rank, spec=spec)
-    from dirotq.methods import get_handler
-
-    return get_handler(config.method)(linear, stats, config, rank=rank, spec=spec)
-
-
 def rank_grid(d: int) -> list[int]:
     """Ranks 0..d for an error-vs-rank curve: 0, powers of two from 8 (dense at small r, where the
     curve bends), the paper's d/8 rank, d/4, d/2, 3d/4 (multiples of 8) and d itself (exactly the
@@ -189,23 +150,27 @@ def rank_grid(d: int) -> list[int]:
 
 
 def method_config(method: str, base: Mapping[str, Any] | None = None, rank: int | None = None) -> QuantConfig:
-    """The config of ``method`` with the shared quantizer settings ``base`` (bits, group, weights…)."""
-    from dirotq.config import _REGISTRY
-
+    """The config of ``method`` with the shared quantizer settings ``base`` (bits, group, weights…)
+    and, for a ranked method, the uniform ``rank``."""
     base = dict(base or {})
-    if method not in _REGISTRY or method == "base":
-        raise ValueError(f"unknown method {method!r}")
-    cls = _REGISTRY[method]
-    names = {f for f in cls.__dataclass_fields__}
-    kw = {k: v for k, v in base.items() if k in names}
-    if rank is not None and "rank" in names:
-        kw["rank"] = int(rank)
-    return cls(**kw)
+    if rank is not None:
+        base["rank"] = int(rank)
+    return make_config(method, base)
+
+
+def curve_methods() -> tuple[str, ...]:
+    """Methods drawn as error-vs-rank curves: the ranked ones."""
+    return method_names(ranked=True)
+
+
+def reference_methods() -> tuple[str, ...]:
+    """Methods drawn as rank-free reference lines: the unranked ones that quantize activations."""
+    return method_names(ranked=False, activations=True)
 
 
 def error_curves(linear: nn.Linear, stats: Any, *, ranks: Iterable[int] | None = None, spec: Any = None,
-                 base: Mapping[str, Any] | None = None, curve_methods: Iterable[str] = CURVE_METHODS,
-                 reference_methods: Iterable[str] = REFERENCE_METHODS,
+                 base: Mapping[str, Any] | None = None, curves: Iterable[str] | None = None,
+                 references: Iterable[str] | None = None,
                  progress: Callable[[float, str], Any] | None = None) -> dict[str, Any]:
     """Output error vs rank on the stored tokens ``stats.sample``.
 
@@ -220,14 +185,15 @@ def error_curves(linear: nn.Linear, stats: Any, *, ranks: Iterable[int] | None =
     d = linear.in_features
     ranks = rank_grid(d) if ranks is None else sorted({int(r) for r in ranks if 0 <= int(r) <= d})
     y = reference_output(linear, x)
-    curve_methods, reference_methods = list(curve_methods), list(reference_methods)
-    total = len(curve_methods) * len(ranks) + len(reference_methods)
+    curve_list = list(curve_methods() if curves is None else curves)
+    reference_list = list(reference_methods() if references is None else references)
+    total = len(curve_list) * len(ranks) + len(reference_list)
     done = 0
     curves: dict[str, dict[str, list[float]]] = {}
-    for m in curve_methods:
+    for m in curve_list:
         cur = {"rel_mse": [], "sqnr_db": []}
         for r in ranks:
-            q = quantize_one(linear, stats, method_config(m, base, r), r, spec)
+            q = quantize_layer(linear, stats, method_config(m, base, r), rank=r, spec=spec)
             e = layer_error(linear, q, x, y)
             cur["rel_mse"].append(e["rel_mse"])
             cur["sqnr_db"].append(e["sqnr_db"])
@@ -236,8 +202,8 @@ def error_curves(linear: nn.Linear, stats: Any, *, ranks: Iterable[int] | None =
                 progress(done / total, f"{m} rank {r}")
         curves[m] = cur
     refs = {}
-    for m in reference_methods:
-        q = quantize_one(linear, stats, method_config(m, base), 0, spec)
+    for m in reference_list:
+        q = quantize_layer(linear, stats, method_config(m, base), rank=0, spec=spec)
         refs[m] = layer_error(linear, q, x, y)
         done += 1
         if progress:
@@ -269,8 +235,8 @@ def _to_float_image(img: Any) -> np.ndarray:
 
 
 def psnr_ssim(ref: Any, img: Any) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of ``img`` against ``ref`` (analysis.metrics: torchmetrics SSIM)."""
-    from analysis.metrics import psnr, ssim
+    """PSNR (dB) and SSIM of ``img`` against ``ref`` (dirotq.eval.metrics: torchmetrics SSIM)."""
+    from dirotq.eval.metrics import psnr, ssim
 
     a, b = _to_float_image(ref), _to_float_image(img)
     return float(psnr(a, b)), float(ssim(a, b))
@@ -285,28 +251,21 @@ def difference_image(ref: Any, img: Any, gain: float = 4.0) -> np.ndarray:
 def image_report(ref: Any, img: Any, prompt: str | None = None, judge: Any = None) -> dict[str, Any]:
     """PSNR/SSIM of a W4A4 image against the 16-bit image of the same seed; with ``judge`` (the
     embedded model's prompt-faithfulness judge) also its reading of both images:
-    ``judge_ref`` / ``judge_w4a4`` = attribute accuracies (analysis.judge.score_images) and
+    ``judge_ref`` / ``judge_w4a4`` = attribute accuracies (dirotq.eval.judge.score_images) and
     ``judge_ref_text`` / ``judge_w4a4_text`` = what the judge sees."""
     p, s = psnr_ssim(ref, img)
     out: dict[str, Any] = {"psnr_db": p, "ssim": s}
     if judge is not None and prompt:
-        from analysis import judge as J
+        from dirotq.eval import judge as J
 
         arr = np.stack([_to_float_image(ref), _to_float_image(img)]).astype(np.float32)
         t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-        try:
-            for tag, im in (("judge_ref", t[:1]), ("judge_w4a4", t[1:])):
-                out[tag] = J.score_images(judge, im, [prompt])
-                try:
-                    out[tag + "_text"] = J.describe(J.predict(judge, im), 0)
-                except Exception:  # the reading is a nicety; the scores are the measurement
-                    out[tag + "_text"] = ""
-        except Exception as e:  # a judge from another version of analysis/judge.py: say so, keep the rest
-            out.pop("judge_ref", None)
-            out["judge_error"] = f"{type(e).__name__}: {e}"
+        for tag, im in (("judge_ref", t[:1]), ("judge_w4a4", t[1:])):
+            out[tag] = J.score_images(judge, im, [prompt])
+            out[tag + "_text"] = J.describe(J.predict(judge, im), 0)
     return out
 
 
 __all__ = ["spectrum", "energy_at", "channel_profile", "outlier_views", "dirotq_transform", "act_quant_error",
-           "layer_error", "reference_output", "quantize_one", "rank_grid", "method_config", "error_curves",
-           "interp_curve", "psnr_ssim", "difference_image", "image_report", "VIEWS", "VIEW_LABELS"]
+           "rank_grid", "method_config", "curve_methods", "reference_methods", "error_curves", "interp_curve",
+           "psnr_ssim", "difference_image", "image_report", "VIEWS", "VIEW_LABELS"]

@@ -6,14 +6,12 @@ import datetime as _dt
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 INT8_PEAK_SPEC_TOPS = {"H100": 1979.0, "H200": 1979.0, "A100": 624.0, "4090": 660.0}
 

@@ -38,8 +38,7 @@ if "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import ROOT, bench, bench_graph, environment, make_quant_linear  # noqa: E402
+from benchmarks._bench_common import ROOT, bench, bench_graph, environment, make_quant_linear  # noqa: E402
 
 PIXART_SIGMA_1024 = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json
     activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72, attention_type="default",

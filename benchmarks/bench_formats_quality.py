@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,11 +29,9 @@ from types import SimpleNamespace
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from dirotq.config import (DiRotQConfig, DiRotQLRConfig, QuaRotConfig, RTNConfig,  # noqa: E402
-                           SmoothQuantConfig, SVDQuantConfig)
-from dirotq.quantize import layer_error, quantize_layer  # noqa: E402
+from dirotq.methods import DiRotQConfig, DiRotQLRConfig, QuaRotConfig, RTNConfig, SmoothQuantConfig, SVDQuantConfig
+from dirotq.quantize import layer_error, quantize_layer
 from dirotq.quantizers import fake_quantize, quantization_error  # noqa: E402
 
 FORMATS = ("exact", "int_ratio")

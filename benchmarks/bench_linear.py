@@ -33,8 +33,7 @@ if "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (ROOT, bench, bench_graph, environment, make_quant_linear,  # noqa: E402
+from benchmarks._bench_common import (ROOT, bench, bench_graph, environment, make_quant_linear,  # noqa: E402
                            measure_ceilings, spec_int8_peak)
 
 SHAPES = [  # (model, name, d_in, d_out)

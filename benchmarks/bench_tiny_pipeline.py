@@ -19,9 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from dirotq.evaluate import device_description  # noqa: E402
-from scripts.result_io import emit_json  # noqa: E402
+from dirotq.eval.protocol import device_description  # noqa: E402
+from dirotq.eval.report import emit_json  # noqa: E402
 
 
 def main():

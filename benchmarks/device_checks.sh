@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #6 as one prepared script for a lent device machine (device/README.md):
+# The GPU checks of issue #6 as one prepared script for a lent GPU machine (docs/KERNELS.md, "Running the GPU checks"):
 #   bash benchmarks/device_checks.sh kernels   # CUDA kernel tests + bench_linear (about 4 min on an H100)
 #   bash benchmarks/device_checks.sh e2e       # bench_e2e PixArt-Σ and FLUX (about 3 min)
 #   bash benchmarks/device_checks.sh all
@@ -30,22 +30,22 @@ if [[ "$stage" == kernels || "$stage" == all ]]; then
     echo "pytest exit $?" | tee -a "$OUT/pytest_cuda.log"
     tail -25 "$OUT/pytest_cuda.log"
     echo "== bench_linear"
-    timeout "${LINEAR_HARD_S:-170}" python3 benchmarks/bench_linear.py --core --budget-s "${LINEAR_S:-120}" \
+    timeout "${LINEAR_HARD_S:-170}" python3 -m benchmarks.bench_linear --core --budget-s "${LINEAR_S:-120}" \
         --tokens 4096 16 1024 --out "$OUT/bench_linear.json" \
         >"$OUT/bench_linear.log" 2>&1
     echo "bench_linear exit $?" | tee -a "$OUT/bench_linear.log"
     grep -v '^  {' "$OUT/bench_linear.log" | tail -5
-    python3 benchmarks/summarize_gpu.py "$OUT/bench_linear.json"
+    python3 -m benchmarks.summarize_gpu "$OUT/bench_linear.json"
 fi
 
 if [[ "$stage" == e2e || "$stage" == all ]]; then
     for model in pixart flux; do
         echo "== bench_e2e $model"
         limit=$([[ $model == pixart ]] && echo "${PIXART_S:-70}" || echo "${FLUX_S:-110}")
-        timeout "$limit" python3 benchmarks/bench_e2e.py --model "$model" --out "$OUT/bench_e2e_$model.json" \
+        timeout "$limit" python3 -m benchmarks.bench_e2e --model "$model" --out "$OUT/bench_e2e_$model.json" \
             >>"$OUT/bench_e2e.log" 2>&1
         echo "bench_e2e $model exit $?" | tee -a "$OUT/bench_e2e.log"
     done
     grep -v '^  {' "$OUT/bench_e2e.log" | tail -8
-    python3 benchmarks/summarize_gpu.py "$OUT"/bench_e2e_*.json
+    python3 -m benchmarks.summarize_gpu "$OUT"/bench_e2e_*.json
 fi

@@ -10,11 +10,12 @@ the baselines (RTN, SmoothQuant, QuaRot, SVDQuant, W4A16) on the same quantizer.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .config import (DiRotQConfig, DiRotQLRConfig, QuantConfig, QuaRotConfig, RankPlan, RTNConfig,
-                     SmoothQuantConfig, SVDQuantConfig, W4A16Config, config_from_dict)
+from ._version import __version__
+from .config import QuantConfig, RankPlan
+from .methods import (DiRotQConfig, DiRotQLRConfig, QuaRotConfig, RTNConfig, SmoothQuantConfig, SVDQuantConfig,
+                      W4A16Config)
 from .modules import QuantLinear
+from .registry import config_from_dict, make_config
 from .quantize import layer_error, quantize_, quantize_layer, quantize_model
 from .checkpoint import load_quantized, recipe_name, save_quantized
 
@@ -44,5 +45,5 @@ __all__ = [
     "QuaRotConfig", "SVDQuantConfig", "QuantConfig", "RankPlan", "QuantLinear", "calibrate",
     "calibrate_transformer", "CalibrationStats", "LayerStats", "quantize_", "quantize_model", "quantize_layer",
     "layer_error", "save_quantized", "load_quantized", "recipe_name", "get_adapter", "target_report",
-    "config_from_dict",
+    "config_from_dict", "make_config",
 ]

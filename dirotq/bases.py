@@ -1,4 +1,4 @@
-"""Bases, rotations and rank policies (DESIGN.md §1 "DiRotQ, as the paper states it" and
+"""Bases, rotations and rank policies (docs/DESIGN.md §3 and
 "kernel-friendly form").
 
 - ``pca_basis``: eigenvectors of the calibration second moment C = Σ xᵀx, eigenvalues descending.
@@ -146,7 +146,7 @@ def hsvd_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, damping
     L = (W C_h)_r C_h⁻¹. Returns ``(down (d, r), up (o, r))`` with L = up · downᵀ; λ → ∞ recovers the
     plain weight SVD.
     """
-    check_rank(rank, weight.shape[1])
+    check_rank(rank, weight.shape[1])  # above min(o, d) every direction is kept: the branch is W itself
     h = hessian.double()
     h = h + damping * h.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
     ch = torch.linalg.cholesky(h)  # H = C_h C_hᵀ, so ‖X Eᵀ‖² = ‖E C_h‖²
@@ -159,7 +159,7 @@ def hsvd_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, damping
 
 def weight_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-r SVD of ``weight: (o, d)``: ``(down = V_r (d, r), up = U_r Σ_r (o, r))``."""
-    check_rank(rank, weight.shape[1])
+    check_rank(rank, weight.shape[1])  # above min(o, d) every direction is kept: the branch is W itself
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     return vh[:rank].T, u[:, :rank] * s[:rank]
 

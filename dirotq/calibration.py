@@ -1,4 +1,4 @@
-"""Calibration: streaming input statistics of the target linears (DESIGN.md §1 "Calibration").
+"""Calibration: streaming input statistics of the target linears (docs/DESIGN.md §2).
 
 The BF16 pipeline runs on calibration prompts; forward pre-hooks on the target linears (one hook per
 shared-input group, q/k/v of one attention are calibrated once) accumulate, in float64:
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -370,15 +369,9 @@ class _Recorder:
 def _versions() -> dict:
     import diffusers
 
-    try:
-        from importlib.metadata import version
+    from ._version import __version__
 
-        dirotq_v = version("dirotq")
-    except Exception:
-        import dirotq
-
-        dirotq_v = getattr(dirotq, "__version__", "unknown")
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "dirotq": dirotq_v}
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "dirotq": __version__}
 
 
 def _tqdm_progress(total_desc: str) -> tuple[Progress, Callable[[], None]]:
@@ -517,6 +510,7 @@ def calibrate(
       tokens as the moments (in-sample).
     """
     from .models import get_adapter
+    from .pipelines import call_kwargs
 
     prompts = list(prompts)
     if not prompts:
@@ -533,11 +527,7 @@ def calibrate(
             raise ValueError(f"calibrate: steps {bad} outside [0, {num_inference_steps})")
     transformer = pipe.transformer
     adapter = adapter or get_adapter(transformer)
-    pipe_kwargs = dict(pipe_kwargs or {})
-    call_params = inspect.signature(pipe.__call__).parameters
-    if "use_resolution_binning" in call_params:
-        # calibration needs no aspect-ratio binning, and tiny models have no bin table
-        pipe_kwargs.setdefault("use_resolution_binning", False)
+    pipe_kwargs = call_kwargs(pipe, pipe_kwargs)
     if guidance_scale is not None:
         pipe_kwargs["guidance_scale"] = guidance_scale
     dtype = next(transformer.parameters()).dtype

@@ -1,4 +1,4 @@
-"""Quantized checkpoints (CONVENTIONS.md "Checkpoints", nunchaku-lite): a folder with
+"""Quantized checkpoints (docs/DESIGN.md §8, nunchaku-lite): a folder with
 
 - ``diffusion_pytorch_model.safetensors``: the whole state dict as plain tensors (QuantLinear
   buffers included: packed INT4 codes, scales, bases, rotations, 16-bit branches);
@@ -63,7 +63,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     """Write ``model`` (quantized by ``quantize_``) to folder ``path``; returns the folder."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
 
     record = getattr(model, "_dirotq_quantization", None)
     if not record:

@@ -1,12 +1,15 @@
-"""Command line: ``python -m dirotq calibrate|quantize|generate|evaluate|report`` (CONVENTIONS.md "CLI").
+"""Command line: ``python -m dirotq calibrate|quantize|generate|evaluate|report`` (docs/DESIGN.md §8).
 
 Each verb parses its flags and calls one library function:
 
     calibrate  -> dirotq.calibration.calibrate     (statistics cached under --out)
     quantize   -> dirotq.quantize.quantize_ + dirotq.checkpoint.save_quantized (--dry-run: target report)
     generate   -> dirotq.generate.generate_pair    (reference and W4A4 PNGs side by side + backend)
-    evaluate   -> dirotq.evaluate.evaluate         (--sweep-ranks: dirotq.evaluate.rank_sweep)
-    report     -> dirotq.evaluate.layer_error_table (per-layer error, Markdown or CSV)
+    evaluate   -> dirotq.eval.evaluate             (--sweep-ranks: dirotq.eval.rank_sweep)
+    report     -> dirotq.eval.layer_error_table    (per-layer error, Markdown or CSV)
+
+Method choices come from the registry (``dirotq.registry``), so a newly registered method is a
+choice here with no edit to this file.
 
 ``--model`` is a local diffusers folder or a hub id already in the local Hugging Face cache
 (nothing is downloaded); the default is the embedded tiny PixArt-Σ in assets/tiny-pixart.
@@ -61,12 +64,12 @@ def _rank_list(text: str) -> list:
 
 
 def _methods(text: str) -> list[str]:
-    from .evaluate import METHOD_NAMES
+    from .eval.protocol import method_choices
 
     ms = [t for t in text.replace(" ", "").split(",") if t]
-    bad = [m for m in ms if m not in METHOD_NAMES]
+    bad = [m for m in ms if m not in method_choices()]
     if bad or not ms:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; choose from {', '.join(METHOD_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; choose from {', '.join(method_choices())}")
     return ms
 
 
@@ -104,12 +107,15 @@ def _add_sampling(p: argparse.ArgumentParser, steps_help: str = "denoising steps
 
 
 def _add_quant(p: argparse.ArgumentParser, *, method_default: str | None = "dirotq") -> None:
+    from .eval.protocol import method_choices
+    from .registry import method_names
+
     if method_default is not None:
         p.add_argument("--method", type=_method, default=method_default,
-                       help="rtn | smoothquant | quarot | svdquant | dirotq | dirotq-lr | w4a16 | dirotq-paper "
-                            f"(default {method_default})")
+                       help=f"{' | '.join(method_choices())} (default {method_default})")
     p.add_argument("--rank", type=_rank, default=32,
-                   help="shared 16-bit rank of svdquant/dirotq/dirotq-lr: an integer or 'paper' (d/8) (default 32)")
+                   help=f"shared 16-bit rank of {'/'.join(method_names(ranked=True))}: an integer or 'paper' "
+                        "(d/8) (default 32)")
     p.add_argument("--rank-plan", metavar="PLAN.json", default=None,
                    help='per-layer ranks as JSON {"layer name": rank, "_default": r} (the app exports it); '
                         "overrides --rank")
@@ -124,6 +130,9 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.protocol import default_methods, sweep_methods
+    from .registry import method_names, preset_names
+
     ap = argparse.ArgumentParser(
         prog="python -m dirotq",
         description="DiRotQ: W4A4 post-training quantization of diffusion transformers (PCA rotation, top-r "
@@ -185,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     p.add_argument("--seed", type=int, default=0, help="base seed (prompt i, replicate j: seed + 1000 j + i)")
     p.add_argument("--methods", type=_methods, default=None,
-                   help="comma-separated (default rtn,smoothquant,quarot,svdquant,dirotq,dirotq-lr,w4a16)")
+                   help=f"comma-separated (default {','.join(default_methods())}; also {','.join(preset_names())})")
     _add_quant(p, method_default=None)
     _add_calib(p)
     _add_sampling(p)
@@ -194,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-ranks", type=_int_list, default=None, metavar="R1,R2,…",
                    help="rank-sweep mode: these ranks for --sweep-methods, plus rank-free baselines")
     p.add_argument("--sweep-methods", type=_methods, default=None,
-                   help="methods of the sweep (default svdquant,dirotq,dirotq-lr)")
-    p.add_argument("--sweep-report", default=None, help="output prefix of the sweep .json/.md/.html "
-                                                        "(default OUT/rank_sweep)")
+                   help=f"methods of the sweep (default {','.join(sweep_methods())})")
+    p.add_argument("--sweep-report", default=None, help="output prefix of the sweep .json/.md (default OUT/rank_sweep;"
+                                                        " `python -m analysis sweep-html PREFIX.json` plots it)")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--judge", default="auto", metavar="PATH",
@@ -211,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize every target layer alone with each method and rank and measure its "
                                    "output error on the calibration token sample (no images).")
     _add_model(p)
-    p.add_argument("--methods", type=_methods, default=["rtn", "quarot", "svdquant", "dirotq", "dirotq-lr"],
-                   help="comma-separated (default rtn,quarot,svdquant,dirotq,dirotq-lr)")
+    p.add_argument("--methods", type=_methods, default=list(method_names(activations=True)),
+                   help=f"comma-separated (default {','.join(method_names(activations=True))})")
     p.add_argument("--ranks", type=_rank_list, default=[32], help="comma-separated ranks (default 32)")
     p.add_argument("--rank-plan", metavar="PLAN.json", default=None, help="per-layer ranks (JSON); replaces --ranks")
     p.add_argument("--weights", choices=("rtn", "gptq"), default="rtn")
@@ -244,7 +253,7 @@ def _model_name(model: str) -> str:
 
 
 def _evaluator(args, pipe=None, out=None):
-    from .evaluate import Evaluator
+    from .eval.protocol import Evaluator
 
     return Evaluator(pipe if pipe is not None else _load_pipe(args), prompts=[],
                      num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -264,13 +273,13 @@ def _stats(args, ev):
 # ------------------------------------------------------------------------------------ verbs
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate
-    from .evaluate import DEFAULT_CALIB_PROMPTS, default_pipe_kwargs, read_prompts
+    from .eval.protocol import DEFAULT_CALIB_PROMPTS, read_prompts
 
     prompts = read_prompts(args.prompts or DEFAULT_CALIB_PROMPTS, args.limit)
     pipe = _load_pipe(args)
     stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       batch_size=args.batch_size, sample_tokens=args.sample_tokens, cache_dir=args.out,
-                      pipe_kwargs={**default_pipe_kwargs(pipe), **_pipe_kwargs(args)})
+                      pipe_kwargs=_pipe_kwargs(args))
     key = stats.meta.get("cache_key", "")
     tokens = sum(st.count for st in stats.layers.values())
     print(f"calibrated {len(stats.groups)} layers ({len(stats.layers)} input groups) on {len(prompts)} prompts × "
@@ -281,7 +290,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_quantize(args) -> int:
     from .checkpoint import recipe_name, save_quantized
-    from .evaluate import make_config
+    from .eval.protocol import make_config
     from .models import get_adapter, target_report
     from .pipelines import load_transformer
     from .quantize import quantize_
@@ -293,10 +302,9 @@ def cmd_quantize(args) -> int:
         transformer = load_transformer(args.model, device=args.device)
         adapter = get_adapter(transformer)
         targets = adapter.targets(transformer)
-        plan = config.rank_plan()
-        plan.validate({n: s.in_features for n, s in targets.items()})
+        resolved = config.rank_plan().resolve(targets)
         print(target_report(transformer, adapter))
-        ranks = sorted({plan.rank_for(n, s.in_features) for n, s in targets.items() if s.kind == "w4a4"})
+        ranks = sorted({resolved[n] for n, s in targets.items() if s.kind == "w4a4"})
         print(f"recipe: {config.tag()} -> {Path(args.out) / name}")
         print(f"16-bit ranks of the W4A4 targets: {ranks}")
         return 0
@@ -321,7 +329,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .evaluate import DEFAULT_EVAL_PROMPTS, make_config, read_prompts
+    from .eval.protocol import DEFAULT_EVAL_PROMPTS, make_config, read_prompts
     from .generate import generate_pair, quantized_copy, side_by_side
 
     ev = _evaluator(args, out="out/eval")
@@ -345,7 +353,7 @@ def cmd_generate(args) -> int:
     ref.save(out / f"{stem}_reference.png")
     quant.save(out / f"{stem}_w4a4.png")
     side_by_side([ref, quant], ["reference", label]).save(out / f"{stem}_side_by_side.png")
-    from analysis.metrics import psnr, ssim
+    from .eval.metrics import psnr, ssim
 
     p_db, s_val = psnr(ref, quant), ssim(ref, quant)
     import json
@@ -361,7 +369,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import DEFAULT_METHODS, SWEEP_METHODS, Evaluator, evaluate, rank_sweep
+    from .eval.protocol import Evaluator, evaluate, rank_sweep
 
     ev = Evaluator(_load_pipe(args), prompts=args.prompts, limit=args.limit, seeds_per_prompt=args.seeds,
                    seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -370,11 +378,11 @@ def cmd_evaluate(args) -> int:
                    judge=False if args.no_judge else args.judge, n_boot=args.n_boot)
     command = "python -m dirotq " + " ".join(shlex.quote(a) for a in (args._argv or []))
     if args.sweep_ranks:
-        res = rank_sweep(evaluator=ev, ranks=args.sweep_ranks, methods=args.sweep_methods or SWEEP_METHODS,
+        res = rank_sweep(evaluator=ev, ranks=args.sweep_ranks, methods=args.sweep_methods,
                          weights=args.weights, report=args.sweep_report, command=command)
         print(_sweep_summary(res))
     else:
-        res = evaluate(evaluator=ev, methods=args.methods or DEFAULT_METHODS, rank=_rank_arg(args),
+        res = evaluate(evaluator=ev, methods=args.methods, rank=_rank_arg(args),
                        weights=args.weights, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
                        clip_model=args.clip_model, contact_rows=args.contact_rows, report=args.report,
                        command=command)
@@ -384,28 +392,29 @@ def cmd_evaluate(args) -> int:
 
 
 def _eval_summary(res) -> str:
-    from .evaluate import FID_NOTE, _fmt_ci
+    from .eval.report import FID_NOTE, fmt_ci
 
     lines = [f"{res['meta']['n_images']} images, {res['meta']['images_generated']} generated now"]
     for m, e in res["methods"].items():
         ja = e.get("judge_image_acc")
-        lines.append(f"  {m:12s} PSNR {_fmt_ci(e['psnr'])} dB  SSIM {_fmt_ci(e['ssim'], 3)}"
-                     + (f"  judge {_fmt_ci(ja, 3)}" if isinstance(ja, dict) else ""))
+        lines.append(f"  {m:12s} PSNR {fmt_ci(e['psnr'])} dB  SSIM {fmt_ci(e['ssim'], 3)}"
+                     + (f"  judge {fmt_ci(ja, 3)}" if isinstance(ja, dict) else ""))
     lines.append(FID_NOTE)
     return "\n".join(lines)
 
 
 def _sweep_summary(res) -> str:
-    from .evaluate import _fmt_ci
+    from .eval.report import fmt_ci
 
     lines = []
     for m, c in res["curves"].items():
-        lines.append(f"  {m:12s} " + "  ".join(f"r={r}: {_fmt_ci(v['psnr'])}" for r, v in c.items()))
+        lines.append(f"  {m:12s} " + "  ".join(f"r={r}: {fmt_ci(v['psnr'])}" for r, v in c.items()))
     return "\n".join(lines)
 
 
 def cmd_report(args) -> int:
-    from .evaluate import format_layer_table, layer_error_table
+    from .eval.protocol import layer_error_table
+    from .eval.report import format_layer_table
 
     ev = _evaluator(args, out=args.cache)
     plan = None

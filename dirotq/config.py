@@ -1,8 +1,10 @@
-"""Quantization configs and rank plans (CONVENTIONS.md "Python API").
+"""The settings every method shares (``QuantConfig``) and per-layer rank plans (``RankPlan``).
 
-Every method is one small frozen dataclass, registered by its ``method`` name; ``quantize_`` maps
-the config to the method's handler. All configs round-trip through JSON (``to_dict`` /
-``config_from_dict``) and validate on construction, naming the offending field.
+Each method's own config subclasses ``QuantConfig`` in its file under ``dirotq/methods/`` and is
+registered there (``dirotq.registry``). Configs are small frozen dataclasses that validate on
+construction, naming the offending field, and round-trip through JSON (``to_dict`` /
+``dirotq.registry.config_from_dict``). A rank plan is checked against a model exactly once, by
+``RankPlan.resolve``, where it becomes the per-layer ranks every later step uses.
 """
 
 from __future__ import annotations
@@ -51,17 +53,34 @@ class RankPlan:
             return paper_rank(width)
         return int(r)
 
-    def validate(self, widths: Mapping[str, int]) -> None:
-        """Check every named layer exists and every rank fits its layer (``widths``: name -> d_in)."""
-        unknown = [n for n in self.ranks if n != DEFAULT_KEY and n not in widths]
+    def resolve(self, targets: Mapping[str, Any]) -> dict[str, int]:
+        """The rank of every target, checked against the model: the one place a rank is validated.
+
+        targets: name -> spec with ``in_features`` and ``kind`` ("w4a4" | "w4a16"; a TargetSpec).
+        A named layer that is not a target, a layer named for a W4A16 target (it has no 16-bit
+        branch) or a rank above the layer's input width is an error naming the layer. W4A16
+        targets resolve to rank 0. Returns ``{name: rank}`` for every target.
+        """
+        unknown = [n for n in self.ranks if n != DEFAULT_KEY and n not in targets]
         if unknown:
-            sample = ", ".join(sorted(widths)[:3])
+            sample = ", ".join(sorted(targets)[:3])
             raise ValueError(f"rank plan names layers this model does not have: {unknown[:5]} "
                              f"(is it a plan for another model? this one has e.g. {sample})")
-        for name, d in widths.items():
+        weight_only = [n for n in self.ranks if n in targets and getattr(targets[n], "kind", "w4a4") == "w4a16"]
+        if weight_only:
+            raise ValueError(f"rank plan names weight-only (W4A16) layers, which have no 16-bit rank: "
+                             f"{weight_only[:5]}")
+        out = {}
+        for name, spec in targets.items():
+            if getattr(spec, "kind", "w4a4") == "w4a16":
+                out[name] = 0
+                continue
+            d = spec.in_features
             r = self.rank_for(name, d)
             if r > d:
                 raise ValueError(f"rank {r} for {name!r} exceeds its input width {d}")
+            out[name] = r
+        return out
 
     def to_dict(self) -> dict:
         return dict(self.ranks)
@@ -102,9 +121,6 @@ def as_rank_plan(rank: Union[int, str, RankPlan, Mapping[str, Any]]) -> RankPlan
     return RankPlan({DEFAULT_KEY: rank})
 
 
-_REGISTRY: dict[str, type["QuantConfig"]] = {}
-
-
 @dataclass(frozen=True)
 class QuantConfig:
     """Settings shared by every method (same quantizer everywhere, so comparisons are fair).
@@ -126,10 +142,6 @@ class QuantConfig:
     gptq_damping: float = 0.01
     gptq_block: int = 128
     gptq_act_order: bool = False
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        _REGISTRY[cls.method] = cls
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8, 16):
@@ -169,70 +181,10 @@ class QuantConfig:
         return f"{self.method}-{w}{a}-g{self.group_size}{rank}" + ("-gptq" if self.weights == "gptq" else "")
 
 
-def config_from_dict(data: Mapping[str, Any]) -> QuantConfig:
-    """Inverse of ``QuantConfig.to_dict``; unknown methods or fields are named in the error."""
-    data = dict(data)
-    method = data.pop("method", None)
-    if method not in _REGISTRY or method == "base":
-        raise ValueError(f"unknown quantization method {method!r}; known: {sorted(k for k in _REGISTRY if k != 'base')}")
-    cls = _REGISTRY[method]
-    known = {f.name for f in fields(cls)}
-    extra = set(data) - known
-    if extra:
-        raise ValueError(f"{method} config has unknown fields {sorted(extra)}")
-    if "rank" in data and isinstance(data["rank"], Mapping):
-        data["rank"] = RankPlan.from_dict(data["rank"])
-    return cls(**data)
-
-
-def registered_methods() -> list[str]:
-    return sorted(k for k in _REGISTRY if k != "base")
-
-
 @dataclass(frozen=True)
-class RTNConfig(QuantConfig):
-    """Round-to-nearest W4A4, no transform: the floor every method must beat."""
+class RankedConfig(QuantConfig):
+    """Base of the methods with a per-layer 16-bit rank (an int, "paper" or a ``RankPlan``)."""
 
-    method: ClassVar[str] = "rtn"
-
-
-@dataclass(frozen=True)
-class W4A16Config(QuantConfig):
-    """Weight-only INT4 (activations stay 16-bit): the reference point."""
-
-    method: ClassVar[str] = "w4a16"
-    act_bits: int | None = None
-
-
-@dataclass(frozen=True)
-class SmoothQuantConfig(QuantConfig):
-    """SmoothQuant: per-channel s_j = max|x_j|^α / max|W_j|^(1−α) moved from activations to weights."""
-
-    method: ClassVar[str] = "smoothquant"
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-
-
-@dataclass(frozen=True)
-class QuaRotConfig(QuantConfig):
-    """QuaRot-style randomized Hadamard on the layer input (folded into the weight)."""
-
-    method: ClassVar[str] = "quarot"
-    hadamard: str = "dense"  # "dense": full (or largest power-of-two block) Hadamard; "block": group-size blocks
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.hadamard not in ("dense", "block"):
-            raise ValueError(f"hadamard must be 'dense' or 'block', got {self.hadamard!r}")
-
-
-@dataclass(frozen=True)
-class _RankedConfig(QuantConfig):
     rank: Union[int, str, RankPlan] = 32
 
     def __post_init__(self) -> None:
@@ -243,82 +195,8 @@ class _RankedConfig(QuantConfig):
         return self.rank
 
 
-@dataclass(frozen=True)
-class SVDQuantConfig(_RankedConfig):
-    """SVDQuant: smoothing, then a rank-r 16-bit weight-SVD branch, 4-bit residual."""
-
-    method: ClassVar[str] = "svdquant"
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-
-
-BASES = ("pca", "wsvd", "hsvd")
-
-
-@dataclass(frozen=True)
-class DiRotQConfig(_RankedConfig):
-    """DiRotQ, full rotation (the paper's form): x T with T = V·diag(I_r, R); first r coefficients
-    16-bit, the rest INT4.
-
-    tail_rotation: "haar" (paper), "hadamard" or "none"; seed: of R (paper: 42).
-    weight_basis: "folded" (quantize W T, what a kernel runs) or "original" (quantize W unrotated,
-    rotate activations back after quantization: the paper's reference code).
-    keep_head_weights: the r columns of W T that meet 16-bit coefficients stay 16-bit.
-    per_head_out_proj: block-diagonal per-head basis for attention output projections.
-    """
-
-    method: ClassVar[str] = "dirotq"
-    tail_rotation: str = "haar"
-    seed: int = 42
-    weight_basis: str = "folded"
-    keep_head_weights: bool = True
-    per_head_out_proj: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.tail_rotation not in ("haar", "hadamard", "none"):
-            raise ValueError(f"tail_rotation must be 'haar', 'hadamard' or 'none', got {self.tail_rotation!r}")
-        if self.weight_basis not in ("folded", "original"):
-            raise ValueError(f"weight_basis must be 'folded' or 'original', got {self.weight_basis!r}")
-
-    @classmethod
-    def paper(cls, **overrides) -> "DiRotQConfig":
-        """The authors' reference code as read from it (DESIGN.md "The paper preset")."""
-        base = dict(rank="paper", tail_rotation="haar", seed=42, act_symmetric=False, weights="gptq",
-                    gptq_act_order=True, keep_head_weights=True, weight_basis="folded")
-        base.update(overrides)
-        return cls(**base)
-
-
-@dataclass(frozen=True)
-class DiRotQLRConfig(_RankedConfig):
-    """DiRotQ low-rank + Hadamard (kernel-friendly): c = x V_r in 16-bit, the residual
-    x − c V_rᵀ quantized after a blockwise randomized Hadamard. ``basis``: "pca" (activation PCA),
-    "wsvd" (weight SVD) or "hsvd" (activation-weighted weight SVD, ``hsvd_lambda``)."""
-
-    method: ClassVar[str] = "dirotq-lr"
-    basis: str = "pca"
-    hsvd_lambda: float = 0.01
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.basis not in BASES:
-            raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
-        if self.hsvd_lambda <= 0:
-            raise ValueError(f"hsvd_lambda must be > 0, got {self.hsvd_lambda}")
-
-
 def config_to_json(config: QuantConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
 
 
-__all__ = [
-    "RankPlan", "QuantConfig", "RTNConfig", "W4A16Config", "SmoothQuantConfig", "QuaRotConfig",
-    "SVDQuantConfig", "DiRotQConfig", "DiRotQLRConfig", "config_from_dict", "registered_methods",
-    "as_rank_plan", "DEFAULT_KEY", "asdict",
-]
+__all__ = ["RankPlan", "QuantConfig", "RankedConfig", "as_rank_plan", "config_to_json", "DEFAULT_KEY"]

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 import time
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+from .modules import backend_description
+from .pipelines import call_kwargs
 
 Progress = Callable[[float, str], object]
 DEFAULT_STEPS = 20
@@ -40,19 +42,6 @@ def swapped_transformer(pipe, transformer=None) -> Iterator[None]:
         yield
     finally:
         pipe.transformer = old
-
-
-def pipeline_kwargs(pipe, kw: dict | None = None) -> dict:
-    """``kw`` plus the defaults every evaluation call shares: no aspect-ratio binning (we ask for the
-    model's native size; tiny models have no bin table) when the pipeline has that switch."""
-    kw = dict(kw or {})
-    try:
-        params = inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic callables
-        params = {}
-    if "use_resolution_binning" in params:
-        kw.setdefault("use_resolution_binning", False)
-    return kw
 
 
 @torch.no_grad()
@@ -78,7 +67,7 @@ def generate(pipe, prompts: Sequence[str] | str, seeds: Sequence[int] | int, *,
         raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    kw = pipeline_kwargs(pipe, kw)
+    kw = call_kwargs(pipe, kw)
     images: list = []
     n_batches = math.ceil(len(prompts) / batch_size) if prompts else 0
     with swapped_transformer(pipe, transformer):
@@ -108,17 +97,6 @@ def quantized_copy(transformer, config, stats=None, *, adapter=None, targets=Non
     report = quantize_(model, config, stats, adapter=adapter, targets=targets, progress=progress)
     model.eval()
     return (model, report) if return_report else model
-
-
-def backend_description(model=None) -> str:
-    """Which code runs the quantized layers (the kernel engineer's description when available)."""
-    try:
-        from .kernels import backend_description as kernel_backend  # optional module
-
-        return str(kernel_backend(model))
-    except Exception:
-        dev = "CPU" if model is None or not any(p.is_cuda for p in model.buffers()) else "CUDA"
-        return f"reference ({dev}, PyTorch)"
 
 
 def generate_pair(pipe, qtransformer, prompt: str, seed: int, *, num_inference_steps: int = DEFAULT_STEPS,
@@ -160,5 +138,5 @@ def side_by_side(images: Sequence, labels: Sequence[str] | None = None, pad: int
     return canvas
 
 
-__all__ = ["generate", "quantized_copy", "generate_pair", "backend_description", "side_by_side",
-           "swapped_transformer", "pipeline_kwargs", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
+__all__ = ["generate", "quantized_copy", "generate_pair", "side_by_side",
+           "swapped_transformer", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]

@@ -1,4 +1,4 @@
-"""GPTQ weight quantization (Frantar et al., 2022), as used for DiRotQ's 4-bit weights (DESIGN.md §1
+"""GPTQ weight quantization (Frantar et al., 2022), as used for DiRotQ's 4-bit weights (docs/DESIGN.md §3
 "Weights": damping 0.01 × mean diag, block 128, optional act-order).
 
 Column by column, each weight column is rounded and the rounding error is pushed onto the columns

@@ -204,3 +204,62 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, scale_format: s
     if bits == 16:
         return w.float()
     return quantize(w.float(), bits, group_size, True, scale_format)
+
+
+# --- which backend runs (app / CLI) ---------------------------------------------------------------
+_FORMAT_NAMES = {"exact": "format A (exact)", "int_ratio": "format C (int_ratio)"}
+
+
+def layer_backend(module: Any, device: torch.device | str | None = None) -> tuple[str, str]:
+    """``(backend, kind)`` a forward of this layer runs now on inputs on ``device`` (default: the
+    layer's own device): backend "triton" | "reference"; kind e.g. "W4A4 format C (int_ratio)",
+    "W4A16 format A (exact)", or the reference kind plus why the kernels do not cover it.
+
+    Derived from the same inputs as the dispatch (``module.backend`` / ``DIROTQ_BACKEND``, device,
+    Triton availability, ``layout.unsupported_reason``), so it is exact for the current settings;
+    ``module._kernel_backend_used`` (what the last call ran) is kept for debugging only, since it
+    goes stale when the settings change between calls."""
+    from .kernels import kernels_available
+    from .kernels.layout import unsupported_reason
+
+    fmt = "int_ratio" if getattr(module, "weight_ratio", None) is not None else "exact"
+    if device is None:
+        device = module._device() if hasattr(module, "_device") else "cpu"
+    device = torch.device(device)
+    choice = module.backend if getattr(module, "backend", "auto") != "auto" else selected_backend()
+    wants = choice == "triton" or (choice == "auto" and device.type == "cuda")
+    reason = unsupported_reason(module)
+    used = "triton" if wants and kernels_available(device) and not reason else "reference"
+    acts = "W4A16" if module.act_bits is None else f"W{module.weight_bits}A{module.act_bits}"
+    if used == "reference":
+        kind = f"{acts} {_FORMAT_NAMES.get(module.scale_format, module.scale_format)}"
+        if wants and reason:
+            kind += f" [not covered by kernels: {reason}]"
+        elif wants:
+            kind += " [Triton unavailable on this device]"
+        return "reference", kind
+    return "triton", f"{acts} {_FORMAT_NAMES[fmt]}"
+
+
+def backend_summary(module_or_model: Any, device: torch.device | str | None = None) -> dict[str, int]:
+    """Counts of QuantLinear layers per "backend: kind"."""
+    mods = [module_or_model] if isinstance(module_or_model, QuantLinear) else [
+        m for m in module_or_model.modules() if isinstance(m, QuantLinear)]
+    out: dict[str, int] = {}
+    for m in mods:
+        b, k = layer_backend(m, device)
+        key = f"{b}: {k}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def backend_description(module_or_model: Any, device: torch.device | str | None = None) -> str:
+    """One line for the app/CLI, e.g. "triton: 96× W4A4 format C (int_ratio), 8× W4A16 format A (exact)"."""
+    summary = backend_summary(module_or_model, device)
+    if not summary:
+        return "no quantized layers (16-bit model)"
+    by_backend: dict[str, list[str]] = {}
+    for key, count in sorted(summary.items(), key=lambda kv: -kv[1]):
+        b, k = key.split(": ", 1)
+        by_backend.setdefault(b, []).append(f"{count}× {k}")
+    return "; ".join(f"{b}: {', '.join(parts)}" for b, parts in by_backend.items())

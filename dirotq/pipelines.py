@@ -1,4 +1,4 @@
-"""Loading the models that DiRotQ calibrates and quantizes (DESIGN.md §2), offline only.
+"""Loading the models that DiRotQ calibrates and quantizes (docs/DESIGN.md §6), offline only.
 
 ``load_pipeline`` / ``load_transformer`` accept a local diffusers folder or a hub repo id that is
 already in the local Hugging Face cache. Nothing is ever downloaded: repo ids resolve with
@@ -8,9 +8,11 @@ clear error naming what was looked for. ``DEFAULT_MODEL`` is the embedded tiny P
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
@@ -87,3 +89,36 @@ def load_transformer(model: str | os.PathLike = DEFAULT_MODEL, *, device: str | 
         raise ValueError(f"{cfg_path}: class {cls_name!r} not found in diffusers {diffusers.__version__}")
     model_ = cls.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
     return model_.to(device).eval()
+
+
+def call_kwargs(pipe: Any, overrides: Mapping[str, Any] | None = None) -> dict:
+    """The keyword arguments every call of ``pipe`` shares (calibration, generation, evaluation and
+    the app all start from this one rule), updated with ``overrides``:
+
+    - ``use_resolution_binning=False``: we ask for the model's native size, and tiny models have no
+      aspect-ratio bin table;
+    - ``clean_caption=False``: PixArt's caption cleaning needs bs4 + ftfy and turns itself off (with
+      a warning per call) without them, so calibration and generation would differ by machine;
+    - ``max_sequence_length``: the tokenizer's own limit when it is below the pipeline's default
+      (the embedded model was trained with 48 text tokens and says so in tokenizer_config.json
+      ``max_length``; padding it to PixArt's 300 would only make the 16-bit cross-attention K/V
+      dominate CPU time).
+    """
+    kw: dict[str, Any] = {}
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic callables
+        params = {}
+    if "use_resolution_binning" in params:
+        kw["use_resolution_binning"] = False
+    if "clean_caption" in params:
+        kw["clean_caption"] = False
+    tok = getattr(pipe, "tokenizer", None)
+    limits = [getattr(tok, "model_max_length", None), (getattr(tok, "init_kwargs", None) or {}).get("max_length")]
+    limits = [v for v in limits if isinstance(v, int) and 0 < v < 10_000]
+    if "max_sequence_length" in params and limits:
+        default = params["max_sequence_length"].default
+        if isinstance(default, int) and min(limits) < default:
+            kw["max_sequence_length"] = min(limits)
+    kw.update(overrides or {})
+    return kw

@@ -1,4 +1,4 @@
-"""Quantize a model in place (CONVENTIONS.md "Python API", torchao-like ``quantize_``), and one
+"""Quantize a model in place (docs/DESIGN.md §8, torchao-like ``quantize_``), and one
 layer at a time for the app's per-layer views (``quantize_layer`` + ``layer_error``).
 
 Every target ``nn.Linear`` named by the model's adapter is swapped for the ``QuantLinear`` its
@@ -10,32 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
+import math
+
 import torch
 from torch import nn
 
-from .config import QuantConfig
-from .methods import get_handler, needs_stats
+from .config import DEFAULT_KEY, QuantConfig, RankPlan
 from .methods.common import BasisCache
 from .methods.w4a16 import weight_only_config
 from .modules import QuantLinear
-from .quantizers import quantization_error
+from .registry import needs_stats, spec_for
 
 ProgressFn = Callable[[float, str], None]
-
-
-def resolve_rank(config: QuantConfig, name: str | None, width: int, rank: int | str | None = None) -> int:
-    """The 16-bit rank of layer ``name``: ``rank`` if given (int or "paper"), else the config's plan."""
-    if rank is None:
-        return config.rank_plan().rank_for(name or "", width)
-    if rank == "paper":
-        from .bases import paper_rank
-
-        return paper_rank(width)
-    if not isinstance(rank, int) or isinstance(rank, bool):
-        raise TypeError(f"rank must be an int or 'paper', got {rank!r}")
-    if rank < 0 or rank > width:
-        raise ValueError(f"rank must be in [0, {width}] for layer {name or '?'} of width {width}, got {rank}")
-    return rank
 
 
 def quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: int | str | None = None,
@@ -50,31 +36,58 @@ def quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: 
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"quantize_layer takes an nn.Linear, got {type(linear).__name__}")
-    name = getattr(spec, "name", None)
-    if getattr(spec, "kind", "w4a4") == "w4a16":
-        config, rank = weight_only_config(config), 0
-    r = resolve_rank(config, name, linear.in_features, rank)
+    name = getattr(spec, "name", None) or "layer"
+    kind = getattr(spec, "kind", "w4a4")
+    if kind == "w4a16":  # weight-only under any method: no 16-bit branch
+        config, r = weight_only_config(config), 0
+    else:
+        if rank is None:
+            rank = config.rank_plan().ranks.get(name, config.rank_plan().ranks.get(DEFAULT_KEY, 0))
+        r = RankPlan({DEFAULT_KEY: rank}).resolve({name: _Target(linear.in_features, kind)})[name]
     if stats is None and needs_stats(config):
         raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics"
                          f"{f' for {name!r}' if name else ''}: pass stats= (see dirotq.calibrate)")
     with torch.no_grad():
-        q = get_handler(config.method)(linear, stats, config, rank=r, spec=spec, cache=cache)
+        q = spec_for(config).handler(linear, stats, config, rank=r, spec=spec, cache=cache)
     q.meta.setdefault("rank", r)
-    q.meta["kind"] = getattr(spec, "kind", "w4a4")
+    q.meta["kind"] = kind
     return q
 
 
-def layer_error(linear: nn.Module, qlinear: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Output error of ``qlinear`` against ``linear`` on held-out tokens ``x: (m, d)``:
-    ``{"rel_mse": ‖y − ŷ‖²/‖y‖², "sqnr_db": 10·log10(‖y‖²/‖y − ŷ‖²)}`` (float64 accumulation)."""
+class _Target:
+    """The two facts ``RankPlan.resolve`` needs of a layer quantized on its own."""
+
+    def __init__(self, in_features: int, kind: str):
+        self.in_features, self.kind = in_features, kind
+
+
+def reference_output(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ + b in float64 from the float layer, ``x: (m, d)`` -> ``(m, o)``."""
+    y = x.double() @ linear.weight.detach().double().T
+    if linear.bias is not None:
+        y = y + linear.bias.detach().double()
+    return y
+
+
+def layer_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, y_ref: torch.Tensor | None = None
+                ) -> dict[str, float]:
+    """Output error of ``qlinear`` against ``linear`` on held-out tokens ``x: (m, d)``.
+
+    Both see the same input, ``x`` in the model's dtype; the reference ``y`` is computed from it in
+    float64 (pass ``y_ref = reference_output(linear, x)`` to reuse it across many ``qlinear``).
+    Returns ``{"rel_mse": ‖ŷ − y‖²/‖y‖², "sqnr_db": 10·log10(‖y‖²/‖ŷ − y‖²)}``, with
+    ``sqnr_db = inf`` when the outputs agree exactly.
+    """
     if x is None or x.numel() == 0:
         raise ValueError("layer_error needs held-out input tokens (the statistics' sample is empty)")
+    x = x.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    y = reference_output(linear, x) if y_ref is None else y_ref.double()
     with torch.no_grad():
-        w = getattr(linear, "weight", None)
-        x = x.to(w.dtype) if w is not None else x.float()  # both layers see the same (model-dtype) input
-        y = linear(x)
-        y_hat = qlinear(x)
-    return quantization_error(y.float(), y_hat.float())
+        y_hat = qlinear(x).double()
+    err = float((y_hat - y).pow(2).sum())
+    ref = float(y.pow(2).sum())
+    rel = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
+    return {"rel_mse": rel, "sqnr_db": math.inf if err == 0 else 10.0 * math.log10(ref / err) if ref > 0 else -math.inf}
 
 
 # --- whole model ---------------------------------------------------------------------------------
@@ -127,11 +140,9 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
 
         adapter = get_adapter(model)
     specs = _select_targets(adapter.targets(model), targets)
-    plan = config.rank_plan()
-    ranks: dict[str, int] = {}
+    ranks = config.rank_plan().resolve(adapter.targets(model))
     layer_stats: dict[str, Any] = {}
     if not skip_validation:
-        plan.validate({n: s.in_features for n, s in adapter.targets(model).items()})
         for name, spec in specs.items():
             mod = model.get_submodule(name)
             if not isinstance(mod, nn.Linear):
@@ -141,7 +152,6 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
             raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics: "
                              "stats = dirotq.calibrate(pipe, prompts), then quantize_(model, config, stats)")
     for name, spec in specs.items():
-        ranks[name] = 0 if spec.kind == "w4a16" else plan.rank_for(name, spec.in_features)
         layer_stats[name] = _stats_for(stats, name)
         st = layer_stats[name]
         if st is not None and tuple(st.second_moment.shape) != (spec.in_features, spec.in_features):
@@ -204,4 +214,4 @@ def quantize_model(model: nn.Module, config: QuantConfig, stats: Any = None, **k
     return model
 
 
-__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "resolve_rank"]
+__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "reference_output"]

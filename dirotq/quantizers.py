@@ -1,4 +1,4 @@
-"""Integer group quantizers and INT4 packing (DESIGN.md §1 "Notation"; KERNELS.md "Formats").
+"""Integer group quantizers and INT4 packing (docs/DESIGN.md §1; docs/KERNELS.md "Formats").
 
 This is the reference (pure PyTorch) definition of every number format the project uses; the Triton
 kernels are tested against it bit for bit.

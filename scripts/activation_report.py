@@ -1,4 +1,5 @@
-"""Activation outlier statistics of the embedded tiny PixArt-Σ (issue #3 closing report, DESIGN.md §5).
+"""Activation outlier statistics of the embedded tiny PixArt-Σ (issue #3 closing report;
+the model card: assets/tiny-pixart/README.md).
 
 Runs the pipeline on calibration prompts (float32, CFG, a short DPM-Solver++ schedule) with forward
 hooks on every nn.Linear inside the transformer blocks and on each block's output (the residual
@@ -17,15 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dirotq.evaluate import read_prompts  # noqa: E402
-from scripts.result_io import emit_json  # noqa: E402
+from dirotq.eval.protocol import read_prompts  # noqa: E402
+from dirotq.eval.report import emit_json  # noqa: E402
 
 LAYER_TYPES = ["attn1.to_q", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj",
                "ff.net.2", "block_output(residual)"]
@@ -126,7 +125,7 @@ def main():
                 "definition": "ratio = max_c absmax_c / median_c absmax_c of the layer input over all tokens, steps and "
                               "CFG branches; kurtosis of all input values (Gaussian 3); median/max over blocks"})
     emit_json(res, a.out)
-    # markdown table for docs/EMBEDDED_MODEL.md
+    # markdown table for assets/tiny-pixart/README.md
     print("\n| layer input | ratio median | ratio max | kurtosis median | kurtosis max | random-init ratio max |")
     print("|---|---|---|---|---|---|")
     for t, r in res["trained"].items():

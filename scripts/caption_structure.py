@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from analysis.shapes_grammar import (BACKGROUND_KINDS, COLOR_NAMES, POSITIONS, SHAPES, SIZES, Scene, _article,
+from dirotq.eval.shapes_grammar import (BACKGROUND_KINDS, COLOR_NAMES, POSITIONS, SHAPES, SIZES, Scene, _article,
                                      caption, object_phrase, tokenize_words)
 
 IGNORE = -100

@@ -38,7 +38,7 @@ if [[ -n "${STEPS:-}" ]]; then  # step count known (a repeat, or the speed alrea
   minutes=$(python3 -c "print(($TOTAL_S - $(( $(date +%s) - start )) - 25) / 60)")
 else
   probe_start=$(date +%s)
-  python3 scripts/train_tiny_pixart.py "${common[@]}" --out /tmp/work/probe --max-steps 80 >> "$OUT/run.log" 2>&1
+  python3 -m scripts.train_tiny_pixart "${common[@]}" --out /tmp/work/probe --max-steps 80 >> "$OUT/run.log" 2>&1
   probe_end=$(date +%s)
   cp /tmp/work/probe/log.jsonl "$OUT/probe_log.jsonl"
   # seconds per step between logged steps 25 and 75 (after CUDA warm-up); setup = probe wall time − its training
@@ -56,7 +56,7 @@ PY
   # hard stop a little before the budget even if the speed estimate was optimistic (lr then ends above its floor)
   minutes=$(python3 -c "print(($left - $setup - 25) / 60)")
 fi
-python3 scripts/train_tiny_pixart.py "${common[@]}" --out /tmp/work/stage --max-steps "$steps" \
+python3 -m scripts.train_tiny_pixart "${common[@]}" --out /tmp/work/stage --max-steps "$steps" \
     --minutes "$minutes" >> "$OUT/run.log" 2>&1
 cp /tmp/work/stage/log.jsonl "$OUT/log.jsonl"
 cp /tmp/work/stage/pipeline/train_state.json "$OUT/train_state.json"

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from analysis.shapes_grammar import COLOR_NAMES  # noqa: E402
-from scripts.result_io import emit_json  # noqa: E402
+from dirotq.eval.shapes_grammar import COLOR_NAMES  # noqa: E402
+from dirotq.eval.report import emit_json  # noqa: E402
 from scripts.train_tiny_pixart import TRAIN_MAX_TOKENS, Diffusion, build_tokenizer  # noqa: E402
 
 
@@ -87,9 +85,9 @@ def render_retention(pipe, judge, prompts: list[str], start_steps=(0, 4, 8, 12, 
     start_steps: indices into the scheduler's ``steps`` timesteps (0 = from pure noise, i.e. plain generation).
     Returns {"999": scores, "799": scores, ...} with analysis.judge.score_images dicts.
     """
-    from analysis.judge import score_images
-    from analysis.shapes_grammar import parse_caption
-    from scripts.shapes_data import render
+    from dirotq.eval.judge import score_images
+    from dirotq.eval.shapes_grammar import parse_caption
+    from dirotq.eval.shapes_render import render
     vae, sch, dit = pipe.vae, pipe.scheduler, pipe.transformer
     sf = vae.config.scaling_factor
     size = dit.config.sample_size * pipe.vae_scale_factor  # the pipeline's native image side
@@ -148,8 +146,8 @@ def main():
                                       empty.input_ids, empty.attention_mask, (50, 200, 400, 600, 800, 950)),
            "colour_role_probe": colour_role_probe(text_encoder, tok, pool["captions"][:a.probe_captions])}
     from diffusers import PixArtSigmaPipeline
-    from analysis.judge import load_judge
-    from dirotq.evaluate import read_prompts
+    from dirotq.eval.judge import load_judge
+    from dirotq.eval.protocol import read_prompts
     pipe = PixArtSigmaPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
     res["render_retention_by_start_t"] = render_retention(pipe, load_judge(a.judge), read_prompts(a.eval_prompts))
     emit_json(res, a.out)

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from analysis.judge import frechet_distance, load_judge, score_images  # noqa: E402
-from analysis.metrics import psnr  # noqa: E402
-from analysis.shapes_grammar import parse_caption  # noqa: E402
+from dirotq.eval.judge import frechet_distance, load_judge, score_images  # noqa: E402
+from dirotq.eval.metrics import psnr  # noqa: E402
+from dirotq.eval.shapes_grammar import parse_caption  # noqa: E402
 from scripts.eval_vae_judge import reconstruct  # noqa: E402
-from dirotq.evaluate import read_prompts  # noqa: E402
-from scripts.result_io import emit_json  # noqa: E402
+from dirotq.eval.protocol import read_prompts  # noqa: E402
+from dirotq.eval.report import emit_json  # noqa: E402
 
 
 def generate(pipe, prompts, seed, steps=20, guidance=4.5, batch=8):
@@ -76,7 +74,7 @@ def main():
         res["unseen_train_distribution"] = score_images(judge, x[torch.from_numpy(~heldm)],
                                                         [p for p, h in zip(all_prompts, heldm) if not h])
     # real images of the same prompts (rendered from the parsed scenes, no jitter) for the Fréchet distance
-    from scripts.shapes_data import render
+    from dirotq.eval.shapes_render import render
     size = x.shape[-1]
     real = np.stack([render(parse_caption(p), size) for p in all_prompts])
     res["real_images_judge"] = score_images(judge, real, all_prompts)

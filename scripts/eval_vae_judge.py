@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from analysis.judge import load_judge, score_images  # noqa: E402
-from analysis.metrics import psnr  # noqa: E402
-from scripts.result_io import emit_json  # noqa: E402
-from scripts.shapes_data import batch  # noqa: E402
+from dirotq.eval.judge import load_judge, score_images  # noqa: E402
+from dirotq.eval.metrics import psnr  # noqa: E402
+from dirotq.eval.report import emit_json  # noqa: E402
+from dirotq.eval.shapes_render import batch  # noqa: E402
 
 
 @torch.no_grad()

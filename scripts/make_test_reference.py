@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 from tests.test_embedded_model import JUDGE, MODEL, REF, REF_SETTINGS, generate_reference_image  # noqa: E402
 
 
@@ -32,7 +30,7 @@ def main():
     a = ap.parse_args()
     from diffusers import PixArtSigmaPipeline
 
-    from analysis.judge import describe, load_judge, predict, score_images
+    from dirotq.eval.judge import describe, load_judge, predict, score_images
     torch.set_num_threads(2)
     settings = {"prompt": a.prompt, "seed": a.seed, "steps": 20, "guidance_scale": 4.5, "max_sequence_length": 48,
                 "dtype": "float32", "device": "cpu"}

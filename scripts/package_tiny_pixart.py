@@ -15,13 +15,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
 
 def folder_mb(path):
@@ -35,7 +33,7 @@ def main():
     ap.add_argument("--vae-full", default="", help="AutoencoderKL folder that replaces the whole VAE (its encoder "
                     "must be the one that encoded the DiT's training latents, scaling_factor as in training)")
     ap.add_argument("--out", default="assets/tiny-pixart")
-    ap.add_argument("--card", default="docs/EMBEDDED_MODEL.md", help="model card source (copied to README.md)")
+    ap.add_argument("--card", default="assets/tiny-pixart/README.md", help="model card source (copied to README.md)")
     a = ap.parse_args()
     from diffusers import AutoencoderKL, PixArtSigmaPipeline
     pipe = PixArtSigmaPipeline.from_pretrained(a.ckpt, torch_dtype=torch.float32)

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -23,11 +22,10 @@ import torch
 torch.set_flush_denormal(True)
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from analysis.judge import (ShapesJudge, attribute_accuracy, cell_labels, predict, save_judge,  # noqa: E402
+from dirotq.eval.judge import (ShapesJudge, attribute_accuracy, cell_labels, predict, save_judge,  # noqa: E402
                             to_judge_input)
-from analysis.shapes_grammar import HEAD_SIZES, scene_labels  # noqa: E402
-from scripts.shapes_data import batch  # noqa: E402
+from dirotq.eval.shapes_grammar import HEAD_SIZES, scene_labels  # noqa: E402
+from dirotq.eval.shapes_render import batch  # noqa: E402
 
 JUDGE_TRAIN_SEEDS = 30_000_000_000
 JUDGE_TEST_SEEDS = 50_000_000
@@ -90,7 +88,7 @@ def main():
     g = torch.Generator().manual_seed(a.seed)
     model = ShapesJudge()
     if a.init:
-        from analysis.judge import load_judge
+        from dirotq.eval.judge import load_judge
         model = load_judge(a.init).train()
     print("params", sum(p.numel() for p in model.parameters()), flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)

@@ -13,7 +13,8 @@ Architecture (same family as PixArt-Σ, diffusers classes, loadable by PixArtSig
   dpmsolver++ order 2) with v-prediction (default; ε is available with --prediction-type epsilon).
 Objective: DDPM v- (or ε-) MSE + the IDDPM variational bound term for the learned variance (PixArt-Σ recipe:
 learn_sigma=True, uniform t; --t-power > 1 samples more high-noise steps), 10 % caption dropout for classifier-free guidance. Optimiser AdamW,
-lr 1e-3, no weight decay (the recipe that grew outlier channels fastest, DESIGN.md §5), warmup 200,
+lr 1e-3, no weight decay (the recipe that grew outlier
+channels fastest: assets/tiny-pixart/README.md), warmup 200,
 cosine decay to 10 % over --max-steps (or the time budget), grad clip 1, EMA of weights (the EMA is what is saved).
 --object-weight W multiplies the MSE on latent positions covered by an object (masks from the scene geometry,
 scripts/shapes_data.object_mask): objects are ~13 % of the positions, and with a plain MSE the model learns
@@ -37,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -46,10 +46,9 @@ import torch
 torch.set_flush_denormal(True)
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from analysis.shapes_grammar import vocabulary  # noqa: E402
+from dirotq.eval.shapes_grammar import vocabulary  # noqa: E402
 from scripts.caption_structure import StructureHeads, label_batch  # noqa: E402
-from scripts.shapes_data import batch, object_mask, scene_for  # noqa: E402
+from dirotq.eval.shapes_render import batch, object_mask, scene_for  # noqa: E402
 
 POOL_SEED_BASE = 0  # training images: example(POOL_SEED_BASE + i, "train")
 TRAIN_MAX_TOKENS = 48

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -31,8 +30,7 @@ import torch
 
 torch.set_flush_denormal(True)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from scripts.shapes_data import batch  # noqa: E402
+from dirotq.eval.shapes_render import batch  # noqa: E402
 
 
 def make_vae(channels=(16, 16, 32), latent_channels: int = 8, layers_per_block: int = 1, norm_groups: int = 8):

@@ -11,8 +11,9 @@ from torch import nn
 
 from analysis import costs, figures, stats as S
 from dirotq.calibration import LayerStats
-from dirotq.config import DiRotQConfig
-from dirotq.methods import get_handler
+from dirotq.methods import DiRotQConfig
+from dirotq.quantize import layer_error
+from dirotq.registry import get_method, method_names
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,15 +77,17 @@ def test_error_curves_claims():
     assert dq[-1] < 1e-10  # rank = d: exactly the 16-bit layer
     assert dq[1] < 0.2 * cur["references"]["rtn"]["rel_mse"]  # two outlier directions kept 16-bit
     # RTN reference equals a direct measurement
-    from dirotq.config import RTNConfig
+    from dirotq.methods import RTNConfig
 
-    q = get_handler("rtn")(lin, st, RTNConfig(), rank=0)
-    assert math.isclose(S.layer_error(lin, q, st.sample)["rel_mse"], cur["references"]["rtn"]["rel_mse"], rel_tol=1e-9)
+    q = get_method("rtn").handler(lin, st, RTNConfig(), rank=0)
+    assert math.isclose(layer_error(lin, q, st.sample)["rel_mse"], cur["references"]["rtn"]["rel_mse"], rel_tol=1e-9)
     fig = figures.error_vs_rank_figure(cur, 8, "sqnr_db", "layer")
     assert list(fig.data[0].x) == cur["ranks"]
     np.testing.assert_allclose([y for y in fig.data[0].y[:-1]], cur["curves"]["dirotq"]["sqnr_db"][:-1])
-    assert [t.name for t in fig.data][:5] == [figures.LABELS[m] for m in ("dirotq", "svdquant", "rtn",
-                                                                          "smoothquant", "quarot")]
+    # one curve per ranked method, one line per unranked W4A4 method, in registry order, with their labels
+    drawn = method_names(ranked=True) + method_names(ranked=False, activations=True)
+    assert [t.name for t in fig.data][:len(drawn)] == [figures.label(m) for m in drawn]
+    assert "dirotq-lr" in cur["curves"] and "w4a16" not in cur["references"]
     with pytest.raises(ValueError):
         figures.error_vs_rank_figure(cur, 8, "psnr")
 
@@ -110,7 +113,7 @@ def test_all_layers_figure_bars_are_the_rows():
 def test_layer_cost_matches_module_storage(method, rank):
     lin, st = planted(d=128, o=96)
     cfg = S.method_config(method, {}, rank)
-    q = get_handler(method)(lin, st, cfg, rank=rank)
+    q = get_method(method).handler(lin, st, cfg, rank=rank)
     got = costs.layer_cost(128, 96, method, rank)
     want = q.storage_bits()
     assert got["bits"] == pytest.approx(want), (got["bits"], want)
@@ -151,6 +154,6 @@ def test_dirotq_transform_is_the_method_rotation():
     lin, st = planted(d=64, o=32)
     t = S.dirotq_transform(st, 8)
     assert torch.allclose(t.T @ t, torch.eye(64, dtype=torch.float64), atol=1e-10)
-    q = get_handler("dirotq")(lin, st, DiRotQConfig(rank=8), rank=8)
+    q = get_method("dirotq").handler(lin, st, DiRotQConfig(rank=8), rank=8)
     assert torch.allclose(q.down.double(), t[:, :8].float().double(), atol=1e-6)
     assert torch.allclose(q.rotation.double(), t[:, 8:].float().double(), atol=1e-6)

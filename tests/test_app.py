@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import app
-from dirotq.explorer import CalibSettings, ExplorerSession, register_session
+from analysis.session import CalibSettings, ExplorerSession, register_session
 from tiny_pipelines import build_tiny_pixart_pipeline
 
 MODEL = "tiny-random-app-test"
@@ -221,7 +221,7 @@ def test_gradio_client_two_users_at_once(sess, calibrated):
 
 
 def test_embedded_model_budget(tmp_path):
-    """DESIGN.md §3 "App": on the embedded model, calibrate + quantize + generate a pair in under a
+    """docs/DESIGN.md §9: on the embedded model, calibrate + quantize + generate a pair in under a
     minute on 2 CPU cores, and layer/rank changes redraw in < 0.3 s after calibration."""
     from dirotq.pipelines import DEFAULT_MODEL
 

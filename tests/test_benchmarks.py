@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 @pytest.mark.parametrize("name,params_b", [("pixart", 0.61), ("flux", 11.9)])
 def test_published_configs_build_with_the_installed_diffusers(name, params_b):
     diffusers = pytest.importorskip("diffusers")
-    import bench_e2e
+    from benchmarks import bench_e2e
 
     from dirotq.models import get_adapter
 
@@ -31,7 +29,7 @@ def test_published_configs_build_with_the_installed_diffusers(name, params_b):
 
 
 def test_summarize_gpu_tables_from_committed_results(capsys):
-    import summarize_gpu
+    from benchmarks import summarize_gpu
 
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_h100_2026-11-26"
     summarize_gpu.main([str(results / "bench_linear_run3.json"), str(results / "bench_e2e_flux_run3.json")])

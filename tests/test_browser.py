@@ -61,7 +61,6 @@ def model_dir(tmp_path_factory):
         return os.environ["DIROTQ_TEST_MODEL"]
     if (Path(DEFAULT_MODEL) / "model_index.json").is_file():
         return DEFAULT_MODEL
-    sys.path.insert(0, str(ROOT / "tests"))
     from tiny_pipelines import build_tiny_pixart_pipeline
 
     out = tmp_path_factory.mktemp("tiny-pipe")

@@ -1,4 +1,4 @@
-"""Calibration statistics (DESIGN.md §1 "Calibration"): streamed float64 moments equal a direct
+"""Calibration statistics (docs/DESIGN.md §2): streamed float64 moments equal a direct
 float64 recomputation, merging equals a joint pass, the reservoir is bounded and seeded, the disk
 format round-trips exactly, and the on-disk cache means a calibration never runs twice."""
 

@@ -1,4 +1,4 @@
-"""Claims about quantized checkpoints (CONVENTIONS.md "Checkpoints"): safetensors + config.json with
+"""Claims about quantized checkpoints (docs/DESIGN.md §8): safetensors + config.json with
 a ``quantization_config`` block; loading is bit-exact for every method, and every kind of damage is
 a clear error."""
 

@@ -2,10 +2,11 @@
 
 import pytest
 
-from dirotq.config import (
-    DiRotQConfig, DiRotQLRConfig, QuaRotConfig, RankPlan, RTNConfig, SmoothQuantConfig, SVDQuantConfig,
-    W4A16Config, config_from_dict, registered_methods,
-)
+from dirotq.config import RankPlan
+from dirotq.methods import (DiRotQConfig, DiRotQLRConfig, QuaRotConfig, RTNConfig, SmoothQuantConfig, SVDQuantConfig,
+                            W4A16Config)
+from dirotq.registry import config_from_dict
+from dirotq.registry import method_names as registered_methods
 
 
 def test_every_method_round_trips_through_json():
@@ -40,13 +41,19 @@ def test_bad_rank_plans_are_named(bad, match):
         RankPlan(bad)
 
 
-def test_rank_plan_validation_against_a_model():
-    widths = {"a": 64, "b": 128}
-    RankPlan({"_default": 64}).validate(widths)
-    with pytest.raises(ValueError, match="exceeds"):
-        RankPlan({"_default": 100}).validate(widths)
+def test_rank_plan_is_resolved_against_a_model_once():
+    from dirotq.models import TargetSpec
+
+    targets = {n: TargetSpec(n, kind, n, 0, n, d, d) for n, kind, d in
+               (("a", "w4a4", 64), ("b", "w4a4", 128), ("ff", "w4a16", 256))}
+    assert RankPlan({"_default": 64, "b": 100}).resolve(targets) == {"a": 64, "b": 100, "ff": 0}
+    assert RankPlan({"_default": "paper"}).resolve(targets) == {"a": 64, "b": 64, "ff": 0}
+    with pytest.raises(ValueError, match="exceeds its input width 64"):
+        RankPlan({"_default": 100}).resolve(targets)
     with pytest.raises(ValueError, match="another model"):
-        RankPlan({"zzz": 4}).validate(widths)
+        RankPlan({"zzz": 4}).resolve(targets)
+    with pytest.raises(ValueError, match="weight-only"):  # a W4A16 layer has no 16-bit branch to size
+        RankPlan({"ff": 8}).resolve(targets)
     with pytest.raises(ValueError, match="not valid JSON"):
         RankPlan.from_json("{nope")
     with pytest.raises(FileNotFoundError):

@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 MODEL = os.path.join(ROOT, "assets", "tiny-pixart")
 JUDGE = os.path.join(ROOT, "assets", "judge")
 REF = os.path.join(ROOT, "tests", "data", "tiny_pixart_ref.npz")
@@ -91,7 +90,7 @@ def test_fixed_seed_reproduces_reference_image_and_judge_agrees(pipe):
     stored = np.load(REF)["image"]
     diff = np.abs(img.astype(np.float32) - stored.astype(np.float32)).mean() / 255
     assert diff < 2 / 255, f"mean abs diff {diff * 255:.2f}/255 vs stored reference"
-    from analysis.judge import describe, load_judge, predict, score_images
+    from dirotq.eval.judge import describe, load_judge, predict, score_images
     judge = load_judge(JUDGE)
     s = score_images(judge, img[None], [ref["prompt"]])
     # the judge reads the image exactly as it did when the reference was stored
@@ -105,8 +104,8 @@ def test_fixed_seed_reproduces_reference_image_and_judge_agrees(pipe):
 
 @pytest.mark.parametrize("size", [64, 128])  # the judge resizes to 72×72: accurate from below and above
 def test_judge_is_accurate_on_real_images(size):
-    from analysis.judge import load_judge, score_images
-    from scripts.shapes_data import batch
+    from dirotq.eval.judge import load_judge, score_images
+    from dirotq.eval.shapes_render import batch
     x, caps, _ = batch(range(90_000_000, 90_000_200), "any", size)
     s = score_images(load_judge(JUDGE), torch.from_numpy(x), caps)
     assert s["color"] >= 0.95 and s["shape"] >= 0.95 and s["position"] >= 0.95 and s["background"] >= 0.95, s
@@ -116,9 +115,9 @@ def test_render_retention_from_a_low_start_keeps_the_real_shapes(pipe):
     """The SDEdit diagnostic (scripts/diagnose_text_conditioning.py): noising real renders only to t ≈ 100 and
     denoising must hand the judge back what it reads on the real images; a wrong latent scale, a dropped
     guidance branch or a misplaced timestep would wreck it."""
-    from analysis.judge import load_judge
+    from dirotq.eval.judge import load_judge
     from scripts.diagnose_text_conditioning import render_retention
-    from dirotq.evaluate import read_prompts
+    from dirotq.eval.protocol import read_prompts
     prompts = read_prompts(os.path.join(ROOT, "assets", "prompts", "eval.txt"), limit=8)
     res = render_retention(pipe, load_judge(JUDGE), prompts, start_steps=(18,))
     (start, scores), = res.items()

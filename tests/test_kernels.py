@@ -1,4 +1,4 @@
-"""Triton kernels against the reference path (KERNELS.md "Triton interpreter"; issue #6 "Tests").
+"""Triton kernels against the reference path (docs/KERNELS.md "Testing without a GPU"; issue #6 "Tests").
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (set here before triton is imported, as
 tests/conftest.py also does): fp32 inputs, tiny shapes. Integer parts are compared byte for byte
@@ -25,7 +25,7 @@ from dirotq.quantizers import quantize  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from dirotq import kernels  # noqa: E402
+from dirotq import kernels, modules  # noqa: E402
 from dirotq.kernels.act_quant import quantize_activations  # noqa: E402
 from dirotq.kernels.layout import get_plan, kernel_weight_codes  # noqa: E402
 from dirotq.kernels.w4a4_gemm import w4a4_gemm  # noqa: E402
@@ -230,7 +230,7 @@ def test_module_forward_through_triton(fmt, monkeypatch):
     assert _rel(y, y_ref) < 2e-3
     letter = "A" if fmt == "exact" else "C"
     monkeypatch.setenv("DIROTQ_BACKEND", "triton")
-    assert f"triton: 1× W4A4 format {letter}" in kernels.backend_description(m)
+    assert f"triton: 1× W4A4 format {letter}" in modules.backend_description(m)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -262,9 +262,9 @@ def test_w4a16_matches_reference(fmt, monkeypatch):
     y64 = x.double() @ m.dequantized_weight().double().T + m.bias.double()
     assert _rel(y, y64) < 2e-6
     monkeypatch.setenv("DIROTQ_BACKEND", "triton")
-    assert "triton: 1× W4A16 format" in kernels.backend_description(m, device="cpu")
+    assert "triton: 1× W4A16 format" in modules.backend_description(m, device="cpu")
     monkeypatch.setenv("DIROTQ_BACKEND", "reference")
-    assert kernels.backend_description(m).startswith("reference: 1× W4A16")
+    assert modules.backend_description(m).startswith("reference: 1× W4A16")
 
 
 def test_w4a16_with_branch():
@@ -282,7 +282,7 @@ def test_asymmetric_activations_fall_back_with_warning():
     with pytest.warns(RuntimeWarning, match="asymmetric"):
         y = kernels.kernel_forward(m, x)
     assert torch.equal(y, m.reference_forward(x))
-    backend, kind = kernels.layer_backend(m, device="cuda")  # what a CUDA run would do
+    backend, kind = modules.layer_backend(m, device="cuda")  # what a CUDA run would do
     assert backend == "reference" and ("asymmetric" in kind or "unavailable" in kind)
 
 

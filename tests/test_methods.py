@@ -11,8 +11,9 @@ from torch import nn
 from dirotq import (DiRotQConfig, DiRotQLRConfig, QuantLinear, QuaRotConfig, RTNConfig, SmoothQuantConfig,
                     SVDQuantConfig, W4A16Config)
 from dirotq.calibration import LayerStats
-from dirotq.methods import METHODS
+from dirotq.config import QuantConfig, RankedConfig
 from dirotq.methods import common
+from dirotq.registry import spec_for
 from dirotq.methods.common import quantize_weight, smooth_factors
 from dirotq.methods.dirotq import per_head_order
 from dirotq.models import TargetSpec
@@ -66,8 +67,22 @@ def plain_layer():
     return Layer(d=128, o=96, outliers=0, seed=1)
 
 
-def test_every_registered_config_has_a_handler():
-    assert set(METHODS) == {"rtn", "w4a16", "smoothquant", "quarot", "svdquant", "dirotq", "dirotq-lr"}
+def _config_classes(cls=QuantConfig):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _config_classes(sub)
+
+
+def test_every_config_class_has_a_registered_handler_that_builds_a_layer(plain_layer):
+    """Every concrete config class in the library (not just a list of names) maps to a registered
+    method whose handler turns a layer into a QuantLinear; a config with no handler fails here."""
+    library = [c for c in _config_classes() if c.__module__.startswith("dirotq.") and c is not RankedConfig]
+    assert len(library) >= 7
+    for cls in library:
+        spec = spec_for(cls())  # raises for a config class no method registered
+        rank = 8 if spec.ranked else 0
+        q = spec.handler(plain_layer.linear, plain_layer.stats, cls(), rank=rank)
+        assert isinstance(q, QuantLinear) and q.meta["method"] == cls.method, cls
 
 
 @pytest.mark.parametrize("config", [DiRotQConfig(), DiRotQConfig(tail_rotation="none", weights="gptq"),

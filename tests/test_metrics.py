@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.metrics import (MetricUnavailable, bootstrap_ci, clip_score, fid, lpips, paired_bootstrap_diff, psnr,
+from dirotq.eval.metrics import (MetricUnavailable, bootstrap_ci, clip_score, fid, lpips, paired_bootstrap_diff, psnr,
                               psnr_batch, ssim, ssim_batch, to_tensor)
 
 

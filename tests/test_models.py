@@ -1,5 +1,5 @@
 """Model adapters: tiny models of every family build from configs, run, and expose the targets
-and 16-bit layers DESIGN.md §1 "Layers" (and the paper preset) prescribe."""
+and 16-bit layers docs/DESIGN.md §5 (and the paper preset) prescribe."""
 
 import warnings
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from dirotq.config import RTNConfig
+from dirotq.methods import RTNConfig
 from dirotq.quantize import quantize_layer
 
 

@@ -3,6 +3,7 @@ no downloads): every method runs, stays close to float, keeps the model a diffus
 stock pipeline runs, and bad input is rejected before anything is modified."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from dirotq import (DiRotQConfig, DiRotQLRConfig, QuantLinear, QuaRotConfig, RankPlan, RTNConfig, SmoothQuantConfig,
                     SVDQuantConfig, W4A16Config, quantize_)
 from dirotq.calibration import calibrate_transformer
-from dirotq.methods import METHODS
+from dirotq import registry
 from dirotq.models import ADAPTERS
 
 ALL_CONFIGS = {
@@ -66,7 +67,7 @@ def rel(a, b):
 
 
 def test_configs_cover_every_registered_method():
-    assert {c.method for c in ALL_CONFIGS.values()} == set(METHODS)
+    assert {c.method for c in ALL_CONFIGS.values()} == set(registry.method_names())
 
 
 @pytest.mark.parametrize("name", list(ALL_CONFIGS))
@@ -151,15 +152,15 @@ def test_failure_half_way_restores_the_swapped_layers(tiny, monkeypatch):
     _, model, stats, _, _ = tiny
     m = copy.deepcopy(model)
     before = snapshot(m)
-    real, seen = METHODS["dirotq"], []
+    spec, seen = registry.get_method("dirotq"), []
 
     def flaky(*a, **k):
         seen.append(1)
         if len(seen) == 5:
             raise RuntimeError("boom on the fifth layer")
-        return real(*a, **k)
+        return spec.handler(*a, **k)
 
-    monkeypatch.setitem(METHODS, "dirotq", flaky)
+    monkeypatch.setitem(registry._METHODS, "dirotq", dataclasses.replace(spec, handler=flaky))
     with pytest.raises(RuntimeError, match="fifth"):
         quantize_(m, DiRotQConfig(rank=8), stats, progress=quiet)
     assert_unmodified(m, before)

@@ -6,11 +6,10 @@ from dataclasses import replace
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from analysis.shapes_grammar import (HELDOUT_PAIRS, SHAPES, caption, parse_caption,  # noqa: E402
+from dirotq.eval.shapes_grammar import (HELDOUT_PAIRS, SHAPES, caption, parse_caption,  # noqa: E402
                                      scene_labels, tokenize_words, vocabulary)
-from scripts.shapes_data import example, object_mask, render, sample_scene, scene_for  # noqa: E402
+from dirotq.eval.shapes_render import example, object_mask, render, sample_scene, scene_for  # noqa: E402
 
 
 def test_same_seed_same_image_and_caption():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from scripts.train_tiny_pixart import sample_timesteps  # noqa: E402
 
@@ -31,7 +30,7 @@ def test_non_positive_power_is_refused():
 
 
 def test_every_word_of_the_caption_gets_the_attributes_of_its_entity():
-    from analysis.shapes_grammar import (BACKGROUND_KINDS, COLOR_NAMES, POSITIONS, SHAPES, SIZES, Scene,
+    from dirotq.eval.shapes_grammar import (BACKGROUND_KINDS, COLOR_NAMES, POSITIONS, SHAPES, SIZES, Scene,
                                          ShapeObject, caption, tokenize_words)
     from scripts.caption_structure import HEADS, IGNORE, token_labels
     scene = Scene((ShapeObject("star", "blue", "small", 1), ShapeObject("circle", "red", "large", 4)),
@@ -56,9 +55,9 @@ def test_every_word_of_the_caption_gets_the_attributes_of_its_entity():
 
 def test_labels_align_with_the_tokenizer_for_generated_scenes():
     from scripts.caption_structure import IGNORE, label_batch
-    from scripts.shapes_data import scene_for
+    from dirotq.eval.shapes_render import scene_for
     from scripts.train_tiny_pixart import TRAIN_MAX_TOKENS, build_tokenizer
-    from analysis.shapes_grammar import caption
+    from dirotq.eval.shapes_grammar import caption
     scenes = [scene_for(i) for i in range(50)]
     lab = label_batch(scenes, TRAIN_MAX_TOKENS)
     enc = build_tokenizer()([caption(s) for s in scenes], padding="max_length", max_length=TRAIN_MAX_TOKENS)
@@ -69,7 +68,7 @@ def test_labels_align_with_the_tokenizer_for_generated_scenes():
 
 def test_structure_heads_learn_a_batch_and_report_accuracy():
     from scripts.caption_structure import HEADS, StructureHeads, label_batch
-    from scripts.shapes_data import scene_for
+    from dirotq.eval.shapes_render import scene_for
     torch.manual_seed(0)
     labels = label_batch([scene_for(i) for i in range(4)], 48)
     hidden = torch.randn(4, 48, 32, requires_grad=True)
@@ -86,9 +85,9 @@ def test_structure_heads_learn_a_batch_and_report_accuracy():
 
 
 def test_text_pretraining_teaches_a_fresh_encoder_the_caption_structure(tmp_path):
-    from analysis.shapes_grammar import caption
+    from dirotq.eval.shapes_grammar import caption
     from scripts.caption_structure import StructureHeads, label_batch
-    from scripts.shapes_data import scene_for
+    from dirotq.eval.shapes_render import scene_for
     from scripts.train_tiny_pixart import (TRAIN_MAX_TOKENS, build_tokenizer, make_text_encoder,
                                            pretrain_text_encoder)
     import json

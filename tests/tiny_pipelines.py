@@ -1,4 +1,4 @@
-"""Tiny diffusers pipelines built from configs, no downloads (DESIGN.md §4: tiny random-init models).
+"""Tiny diffusers pipelines built from configs, no downloads (docs/DESIGN.md §10: tiny random-init models).
 
 ``build_tiny_pixart_pipeline``: a PixArtSigmaPipeline from a tiny PixArtTransformer2DModel, a
 tiny AutoencoderKL, a 1-layer T5EncoderModel and an in-memory WordLevel tokenizer. Call it with

@@ -1,4 +1,4 @@
-"""Activation quantization kernel (KERNELS.md "Kernel shape" 1; DESIGN.md §1 kernel-friendly form).
+"""Activation quantization kernel (docs/KERNELS.md "Design"; docs/DESIGN.md §3 kernel-friendly form).
 
 Grid: (token tiles of ``BT``) × (blocks of ``GPB`` groups), so small token counts still fill the
 GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row).
@@ -21,7 +21,7 @@ GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row)
    (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it).
 
 Format C's second pass recomputes a_g instead of keeping it (an (n, G) fp32 absmax scratch, not an
-(n, d) one); for the dense rotation this doubles the rotation GEMM (docs/KERNELS_NOTES.md).
+(n, d) one); for the dense rotation this doubles the rotation GEMM (docs/KERNELS.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Weight-only INT4 GEMM/GEMV (KERNELS.md "Kernel shape" 3): layers whose activations stay 16-bit
+"""Weight-only INT4 GEMM/GEMV (docs/KERNELS.md "Design"): layers whose activations stay 16-bit
 (PixArt-Σ ff.net.2, FLUX adaLN modulation; QuantLinear with ``act_bits=None``).
 
 Same swap-AB tiling and packed layout as the W4A4 GEMM; the weight halves are dequantized in

@@ -1,4 +1,4 @@
-"""W4A4 GEMM with the fused 16-bit branch (KERNELS.md "Kernel shape" 2).
+"""W4A4 GEMM with the fused 16-bit branch (docs/KERNELS.md "Design").
 
 Swap-AB: the program computes the transposed tile acc[BO, BT] = W_tile · X_tileᵀ, so the weight
 (unpacked from INT4 in registers) is the dot's first operand (wgmma's register operand on Hopper)

@@ -1,4 +1,4 @@
-"""Shared pieces of every method (DESIGN.md §1 "Weights", "Baselines"): how the quantized weight
+"""Shared pieces of every method (docs/DESIGN.md §3–4): how the quantized weight
 W_q is produced (RTN or GPTQ under the Hessian of the inputs it will meet), SmoothQuant factors,
 Hessian transforms H̃ = TᵀHT, and a small cache of eigendecompositions per calibration statistic.
 

@@ -1,4 +1,4 @@
-"""DiRotQ, full rotation — the paper's form (DESIGN.md §1 "DiRotQ, as the paper states it").
+"""DiRotQ, full rotation — the paper's form (docs/DESIGN.md §3).
 
 PCA basis V of the calibration second moment, T = V·diag(I_r, R) (R: Haar / Hadamard / identity on
 the tail). Online x̃ = x T: the first r coefficients stay 16-bit, the other d − r are INT4.
@@ -20,17 +20,55 @@ GPTQ sees the rotated tail: H̃ = T_tᵀ C T_t.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..bases import check_rank
-from ..config import DiRotQConfig
+from ..config import RankedConfig
 from ..modules import QuantLinear
-from . import register
+from ..registry import MethodCost, MethodSpec, Preset, register_method, register_preset
 from .common import (cached_tail_rotation, check_width, fake_quantize_weight, hessian, make_quant_linear,
                      quantize_weight, require_stats, stats_basis, transform_hessian, weight_and_bias)
+
+
+# The paper preset's choices beside its rank (asymmetric activation codes, GPTQ with act-order).
+PAPER_SETTINGS = dict(tail_rotation="haar", seed=42, act_symmetric=False, weights="gptq", gptq_act_order=True,
+                      keep_head_weights=True, weight_basis="folded")
+
+
+@dataclass(frozen=True)
+class DiRotQConfig(RankedConfig):
+    """DiRotQ, full rotation (the paper's form): x T with T = V·diag(I_r, R); first r coefficients
+    16-bit, the rest INT4.
+
+    tail_rotation: "haar" (paper), "hadamard" or "none"; seed: of R (paper: 42).
+    weight_basis: "folded" (quantize W T, what a kernel runs) or "original" (quantize W unrotated,
+    rotate activations back after quantization: the paper's reference code).
+    keep_head_weights: the r columns of W T that meet 16-bit coefficients stay 16-bit.
+    per_head_out_proj: block-diagonal per-head basis for attention output projections.
+    """
+
+    method: ClassVar[str] = "dirotq"
+    tail_rotation: str = "haar"
+    seed: int = 42
+    weight_basis: str = "folded"
+    keep_head_weights: bool = True
+    per_head_out_proj: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tail_rotation not in ("haar", "hadamard", "none"):
+            raise ValueError(f"tail_rotation must be 'haar', 'hadamard' or 'none', got {self.tail_rotation!r}")
+        if self.weight_basis not in ("folded", "original"):
+            raise ValueError(f"weight_basis must be 'folded' or 'original', got {self.weight_basis!r}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "DiRotQConfig":
+        """The authors' reference code as read from it (docs/DESIGN.md §3, "The `paper` preset"): rank
+        d/8 rounded up to a multiple of 64, plus ``PAPER_SETTINGS``."""
+        return cls(**{"rank": "paper", **PAPER_SETTINGS, **overrides})
 
 
 def per_head_order(eigenvalues: torch.Tensor, head_dim: int, rank: int) -> torch.Tensor:
@@ -77,7 +115,6 @@ def dirotq_rotation(stats: Any, rank: int, config: DiRotQConfig, spec: Any = Non
     return store.get(stats, ("T", head_dim, rank, config.tail_rotation, config.seed), compute)
 
 
-@register("dirotq", needs_stats=True)
 def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank: int, spec: Any = None,
                     cache: Any = None) -> QuantLinear:
     """y = (x T_h)(W T_h)ᵀ + Q_a(x T_t) Q_w(W T_t)ᵀ + b with T = [T_h | T_t], T_h (d, r)."""
@@ -86,7 +123,6 @@ def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank
     w, b = weight_and_bias(linear)
     d = w.shape[1]
     check_width(stats, d, name)
-    check_rank(rank, d)
     t_h, t_t = dirotq_rotation(stats, rank, config, spec, cache)
     gptq = config.weights == "gptq"
     h = hessian(stats) if gptq else None
@@ -109,3 +145,21 @@ def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank
         fields.update(down=t_h, up=up)
     return make_quant_linear(linear, config, quantize_weight(w_t, h_t, config), method="dirotq", rank=rank,
                              bias=b, extra_meta=meta, **fields)
+
+
+def cost_dirotq(d: int, o: int, rank: int, config: DiRotQConfig) -> MethodCost:
+    """T_h (d × r), W T_h (o × r) and the tail rotation T_t (d × (d − r)) in 16-bit; the 4-bit GEMM
+    is d − r wide; per token the full x T (d × d) and the rank-r head product.
+
+    ``keep_head_weights=False`` quantizes the head columns, but the reference module still stores
+    them in 16-bit ``up``, so the storage is the same."""
+    bits = {"down": 16.0 * d * rank, "up": 16.0 * o * rank} if rank else {}
+    bits["rotation"] = 16.0 * d * (d - rank)
+    return MethodCost(bits, quantized_width=d - rank, flops16=2.0 * d * d + 2.0 * rank * o)
+
+
+SPEC = register_method(MethodSpec(config_cls=DiRotQConfig, handler=quantize_dirotq, cost=cost_dirotq,
+                                   label="DiRotQ (PCA rotation)", color="#d62728", ranked=True, needs_stats=True))
+# In evaluations the preset takes the shared rank budget (pass rank="paper" for the authors' d/8).
+PAPER = register_preset(Preset("dirotq-paper", "dirotq", PAPER_SETTINGS, label="DiRotQ, the paper's recipe",
+                               color="#e377c2"))

@@ -1,4 +1,4 @@
-"""DiRotQ low-rank + Hadamard, the kernel-friendly form (DESIGN.md §1 "kernel-friendly form").
+"""DiRotQ low-rank + Hadamard, the kernel-friendly form (docs/DESIGN.md §3).
 
 c = x V_r (16-bit, O(d·r) instead of the full d×d rotation); the residual is quantized after a
 blockwise randomized Hadamard M = diag(signs)·blockdiag(H_g), one g×g block per quantization group:
@@ -18,21 +18,43 @@ Rank 0 is exactly QuaRot with ``hadamard="block"`` and the same seed.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..bases import check_rank, hsvd_lowrank, random_signs, weight_svd
-from ..config import DiRotQLRConfig
+from ..bases import hsvd_lowrank, random_signs, weight_svd
+from ..config import RankedConfig
 from ..modules import QuantLinear
-from . import register
+from ..registry import MethodCost, MethodSpec, register_method
 from .common import (apply_block_hadamard, block_hadamard_matrix, check_block_hadamard, check_width, hessian,
                      make_quant_linear, quantize_weight, require_stats, stats_basis, transform_hessian,
                      weight_and_bias)
 
 
-@register("dirotq-lr", needs_stats=True)
+BASES = ("pca", "wsvd", "hsvd")
+
+
+@dataclass(frozen=True)
+class DiRotQLRConfig(RankedConfig):
+    """DiRotQ low-rank + Hadamard (kernel-friendly): c = x V_r in 16-bit, the residual
+    x − c V_rᵀ quantized after a blockwise randomized Hadamard. ``basis``: "pca" (activation PCA),
+    "wsvd" (weight SVD) or "hsvd" (activation-weighted weight SVD, ``hsvd_lambda``)."""
+
+    method: ClassVar[str] = "dirotq-lr"
+    basis: str = "pca"
+    hsvd_lambda: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
+        if self.hsvd_lambda <= 0:
+            raise ValueError(f"hsvd_lambda must be > 0, got {self.hsvd_lambda}")
+
+
 def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *, rank: int, spec: Any = None,
                        cache: Any = None) -> QuantLinear:
     """Low-rank 16-bit branch of rank r (basis per config) + block-Hadamard INT4 residual."""
@@ -40,7 +62,6 @@ def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *,
     w, b = weight_and_bias(linear)
     d = w.shape[1]
     check_width(stats, d, name)
-    check_rank(rank, d)
     check_block_hadamard(d, config.group_size, name)
     basis = config.basis
     if rank and (basis in ("pca", "hsvd") or config.weights == "gptq"):
@@ -68,5 +89,18 @@ def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *,
             fields["project_out"] = True
         fields.update(down=down, up=up)
     h_q = transform_hessian(h_res, block_hadamard_matrix(signs, g)) if gptq else None
-    return make_quant_linear(linear, config, quantize_weight(apply_block_hadamard(w_res, signs, g), h_q, config), method="dirotq-lr", rank=rank,
-                             bias=b, extra_meta={"basis": basis, "seed": config.seed}, **fields)
+    w_q = quantize_weight(apply_block_hadamard(w_res, signs, g), h_q, config)
+    return make_quant_linear(linear, config, w_q, method="dirotq-lr", rank=rank, bias=b,
+                             extra_meta={"basis": basis, "seed": config.seed}, **fields)
+
+
+def cost_dirotq_lr(d: int, o: int, rank: int, config: DiRotQLRConfig) -> MethodCost:
+    """V_r (d × r) and W V_r (o × r) in 16-bit, 1-bit Hadamard signs; per token c = x V_r, the
+    project-out c V_rᵀ, the rank-r branch and one g × g Hadamard per group."""
+    bits = {"down": 16.0 * d * rank, "up": 16.0 * o * rank} if rank else {}
+    bits["hadamard_signs"] = 1.0 * d
+    return MethodCost(bits, flops16=4.0 * d * rank + 2.0 * rank * o + 2.0 * d * config.group_size)
+
+
+SPEC = register_method(MethodSpec(config_cls=DiRotQLRConfig, handler=quantize_dirotq_lr, cost=cost_dirotq_lr,
+                                   label="DiRotQ low-rank + Hadamard", color="#ff7f0e", ranked=True, needs_stats=True))

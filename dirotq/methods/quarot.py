@@ -1,4 +1,4 @@
-"""QuaRot-style randomized Hadamard on the layer input (DESIGN.md §1 "Baselines"): x H spreads
+"""QuaRot-style randomized Hadamard on the layer input (docs/DESIGN.md §4): x H spreads
 channel outliers over all channels before INT4; H is orthogonal, so W H folds the inverse into the
 weight (docs/ARCHITECTURE.md table: input rotation = H, W_q = W H).
 
@@ -11,20 +11,34 @@ GPTQ sees the rotated inputs: H̃ = Hᵀ C H.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import nn
 
 from ..bases import random_hadamard, random_signs
 from ..config import QuantConfig
 from ..modules import QuantLinear
-from . import register
+from ..registry import MethodCost, MethodSpec, register_method
 from .common import (block_hadamard_matrix, check_block_hadamard, check_width, hessian, make_quant_linear,
                      quantize_weight, transform_hessian, weight_and_bias)
 
 
-@register("quarot", needs_stats=False)
-def quantize_quarot(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: int = 0, spec: Any = None,
+@dataclass(frozen=True)
+class QuaRotConfig(QuantConfig):
+    """QuaRot-style randomized Hadamard on the layer input (folded into the weight)."""
+
+    method: ClassVar[str] = "quarot"
+    hadamard: str = "dense"  # "dense": full (or largest power-of-two block) Hadamard; "block": group-size blocks
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hadamard not in ("dense", "block"):
+            raise ValueError(f"hadamard must be 'dense' or 'block', got {self.hadamard!r}")
+
+
+def quantize_quarot(linear: nn.Linear, stats: Any, config: QuaRotConfig, *, rank: int = 0, spec: Any = None,
                     cache: Any = None) -> QuantLinear:
     """y = Q_a(x H) Q_w(W H)ᵀ + b, H (d, d) a randomized Hadamard (dense or group-size blocks)."""
     name = getattr(spec, "name", None)
@@ -44,3 +58,15 @@ def quantize_quarot(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank:
     h = transform_hessian(hessian(stats), rot) if (stats is not None and config.weights == "gptq") else None
     return make_quant_linear(linear, config, quantize_weight(w @ rot, h, config), method="quarot", bias=b,
                              extra_meta={"hadamard": kind, "seed": seed}, **fields)
+
+
+def cost_quarot(d: int, o: int, rank: int, config: QuaRotConfig) -> MethodCost:
+    """Dense: H (d × d, 16-bit) and a d × d product per token as stored (a fast Walsh–Hadamard
+    would be d log d); block: 1-bit signs and one g × g product per group."""
+    if config.hadamard == "block":
+        return MethodCost({"hadamard_signs": 1.0 * d}, flops16=2.0 * d * config.group_size)
+    return MethodCost({"rotation": 16.0 * d * d}, flops16=2.0 * d * d)
+
+
+SPEC = register_method(MethodSpec(config_cls=QuaRotConfig, handler=quantize_quarot, cost=cost_quarot,
+                                   label="QuaRot (Hadamard)", color="#9467bd", ranked=False, needs_stats=False))

@@ -1,22 +1,35 @@
-"""SmoothQuant (DESIGN.md §1 "Baselines", α = 0.5): per-channel factors s move activation outliers
+"""SmoothQuant (docs/DESIGN.md §4, α = 0.5): per-channel factors s move activation outliers
 into the weights, x / s and W·diag(s) (docs/ARCHITECTURE.md table: smooth = s, W_q = W·diag(s)).
 GPTQ sees the smoothed inputs: H_s = diag(1/s) H diag(1/s)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import nn
 
 from ..config import QuantConfig
 from ..modules import QuantLinear
-from . import register
+from ..registry import MethodCost, MethodSpec, register_method
 from .common import (check_width, hessian, make_quant_linear, quantize_weight, require_stats, scale_hessian,
                      smooth_factors, weight_and_bias)
 
 
-@register("smoothquant", needs_stats=True)
-def quantize_smoothquant(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: int = 0, spec: Any = None,
+@dataclass(frozen=True)
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant: per-channel s_j = max|x_j|^α / max|W_j|^(1−α) moved from activations to weights."""
+
+    method: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+def quantize_smoothquant(linear: nn.Linear, stats: Any, config: SmoothQuantConfig, *, rank: int = 0, spec: Any = None,
                          cache: Any = None) -> QuantLinear:
     """y = Q_a(x / s) Q_w(W·diag(s))ᵀ + b with s from ``stats.abs_max`` (d,) and max|W_j|."""
     name = getattr(spec, "name", None)
@@ -29,3 +42,12 @@ def quantize_smoothquant(linear: nn.Linear, stats: Any, config: QuantConfig, *, 
     h = scale_hessian(hessian(stats), s) if config.weights == "gptq" else None
     return make_quant_linear(linear, config, quantize_weight(w_s, h, config), method="smoothquant", bias=b,
                              smooth=s, extra_meta={"alpha": alpha})
+
+
+def cost_smoothquant(d: int, o: int, rank: int, config: SmoothQuantConfig) -> MethodCost:
+    """The factors s (d, 16-bit) and one division per input element."""
+    return MethodCost({"smooth": 16.0 * d}, flops16=float(d))
+
+
+SPEC = register_method(MethodSpec(config_cls=SmoothQuantConfig, handler=quantize_smoothquant, cost=cost_smoothquant,
+                                   label="SmoothQuant", color="#2ca02c", ranked=False, needs_stats=True))

@@ -1,17 +1,25 @@
-"""W4A16, weight-only (DESIGN.md §1 "Baselines": the reference point; PixArt-Σ's ff.net.2 in the
+"""W4A16, weight-only (docs/DESIGN.md §4: the reference point; PixArt-Σ's ff.net.2 in the
 paper preset). ``W_q = W``, activations stay 16-bit (``act_bits=None``)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 from torch import nn
 
-from ..config import QuantConfig, W4A16Config
+from ..config import QuantConfig
 from ..modules import QuantLinear
-from . import register
+from ..registry import MethodCost, MethodSpec, register_method
 from .common import check_width, hessian, make_quant_linear, quantize_weight, weight_and_bias
+
+
+@dataclass(frozen=True)
+class W4A16Config(QuantConfig):
+    """Weight-only INT4 (activations stay 16-bit): the reference point."""
+
+    method: ClassVar[str] = "w4a16"
+    act_bits: int | None = None
 
 
 def weight_only_config(config: QuantConfig) -> W4A16Config:
@@ -24,7 +32,6 @@ def weight_only_config(config: QuantConfig) -> W4A16Config:
                        gptq_block=config.gptq_block, gptq_act_order=config.gptq_act_order)
 
 
-@register("w4a16", needs_stats=False)
 def quantize_w4a16(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: int = 0, spec: Any = None,
                    cache: Any = None) -> QuantLinear:
     """y = x Q_w(W)ᵀ + b; GPTQ Hessian H = C/n (the float inputs are what the weight meets)."""
@@ -34,3 +41,12 @@ def quantize_w4a16(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: 
     check_width(stats, w.shape[1], getattr(spec, "name", None))
     h = hessian(stats) if (stats is not None and config.weights == "gptq") else None
     return make_quant_linear(linear, config, quantize_weight(w, h, config), method="w4a16", bias=b)
+
+
+def cost_w4a16(d: int, o: int, rank: int, config: W4A16Config) -> MethodCost:
+    """The same stored weight as W4A4; activations stay 16-bit."""
+    return MethodCost(activations_16bit=True)
+
+
+SPEC = register_method(MethodSpec(config_cls=W4A16Config, handler=quantize_w4a16, cost=cost_w4a16,
+                                   label="W4A16 (weight-only)", color="#8c564b", ranked=False, needs_stats=False))

@@ -1,4 +1,4 @@
-"""Model adapters per family (DESIGN.md §1 "Layers", §2 ``models/``): targets, 16-bit layers,
+"""Model adapters per family (docs/DESIGN.md §5, §2 ``models/``): targets, 16-bit layers,
 shared-input groups and tiny test models for PixArt-α/Σ, DiT, SD3, FLUX and SANA, plus a generic
 fallback for unknown architectures."""
 

@@ -1,4 +1,4 @@
-"""Model adapters: which linear layers DiRotQ quantizes (DESIGN.md §1 "Layers").
+"""Model adapters: which linear layers DiRotQ quantizes (docs/DESIGN.md §5).
 
 The algorithm code never knows a model family. An adapter answers, for one diffusers transformer
 class, the model plumbing questions:
@@ -6,7 +6,7 @@ class, the model plumbing questions:
 - which ``nn.Linear`` layers are targets and in which format (``"w4a4"`` or ``"w4a16"``),
 - which linears stay 16-bit and why (embedders, adaLN modulation, final projection, …),
 - which targets read the *same* input tensor (q/k/v of one attention, …): they share one
-  calibration and one rotation T (DESIGN.md §1: "Layers whose input is shared … share one
+  calibration and one rotation T (docs/DESIGN.md §5: "Layers whose input is shared … share one
   calibration and one T"),
 - the block order (for grouping in the UI), and how to build a tiny random-init instance and random
   inputs for it (tests, no downloads).
@@ -264,11 +264,11 @@ class ModelAdapter:
         """Why a linear outside the blocks stays 16-bit (embedders, adaLN-single, final proj)."""
         low = name.lower()
         if low.endswith("linear") and any(k in low for k in ("adaln", "norm", "time_embed")):
-            return "adaLN modulation (16-bit by DESIGN.md §1)"
+            return "adaLN modulation (16-bit by docs/DESIGN.md §5)"
         if any(k in low for k in ("embed", "caption", "time_text")):
-            return "embedder (conditioning, few tokens per step; 16-bit by DESIGN.md §1)"
+            return "embedder (conditioning, few tokens per step; 16-bit by docs/DESIGN.md §5)"
         if "proj_out" in low or "final" in low:
-            return "final projection (16-bit by DESIGN.md §1)"
+            return "final projection (16-bit by docs/DESIGN.md §5)"
         return "outside the transformer blocks (only block linears are quantized)"
 
     # ------------------------------------------------------------------------------- public API

@@ -1,4 +1,4 @@
-"""DiT class-conditional adapter (diffusers ``DiTTransformer2DModel``), DESIGN.md §1 "Layers".
+"""DiT class-conditional adapter (diffusers ``DiTTransformer2DModel``), docs/DESIGN.md §5.
 
 Block ``transformer_blocks.i`` (BasicTransformerBlock, ``ada_norm_zero``): norm1 is an adaLN-Zero
 module holding its own timestep + class embedder (norm1.emb.*) and the modulation linear
@@ -23,7 +23,7 @@ class DiTAdapter(ModelAdapter):
 
     def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
         if layer_type == "norm1.linear":
-            return None, "adaLN-Zero modulation (16-bit by DESIGN.md §1)"
+            return None, "adaLN-Zero modulation (16-bit by docs/DESIGN.md §5)"
         if layer_type.startswith("norm1.emb."):
             return None, "timestep/class embedder inside the block (adaLN-Zero conditioning)"
         return "w4a4", ""

@@ -1,4 +1,4 @@
-"""FLUX.1 adapter (diffusers ``FluxTransformer2DModel``), DESIGN.md §1 "Layers" and KERNELS.md
+"""FLUX.1 adapter (diffusers ``FluxTransformer2DModel``), docs/DESIGN.md §5 and docs/KERNELS.md
 (memory budget: the adaLN modulation runs W4A16).
 
 Double-stream block ``transformer_blocks.i`` (FluxTransformerBlock): norm1.linear /

@@ -1,4 +1,4 @@
-"""Generic fallback adapter (DESIGN.md §1 "Layers": quantize every nn.Linear inside the blocks).
+"""Generic fallback adapter (docs/DESIGN.md §5: quantize every nn.Linear inside the blocks).
 
 For an architecture no family adapter knows: every ``nn.ModuleList`` attribute of the model whose
 elements contain an ``nn.Linear`` is taken as a list of blocks (in attribute order, which is

@@ -1,4 +1,4 @@
-"""PixArt-α / PixArt-Σ adapter (diffusers ``PixArtTransformer2DModel``), DESIGN.md §1 "Layers" and
+"""PixArt-α / PixArt-Σ adapter (diffusers ``PixArtTransformer2DModel``), docs/DESIGN.md §5 and
 the ``paper`` preset's 16-bit list.
 
 Block ``transformer_blocks.i`` (BasicTransformerBlock, ``ada_norm_single``): attn1 (self-attention,

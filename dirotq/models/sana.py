@@ -1,4 +1,4 @@
-"""SANA adapter (diffusers ``SanaTransformer2DModel``), DESIGN.md §1 "Layers".
+"""SANA adapter (diffusers ``SanaTransformer2DModel``), docs/DESIGN.md §5.
 
 Block ``transformer_blocks.i`` (SanaTransformerBlock): attn1 is ReLU *linear* attention
 (SanaLinearAttnProcessor: to_q/k/v share the normed hidden states, to_out.0), attn2 is softmax

@@ -1,4 +1,4 @@
-"""Stable Diffusion 3 / 3.5 adapter (diffusers ``SD3Transformer2DModel``), DESIGN.md §1 "Layers".
+"""Stable Diffusion 3 / 3.5 adapter (diffusers ``SD3Transformer2DModel``), docs/DESIGN.md §5.
 
 Joint block ``transformer_blocks.i`` (JointTransformerBlock): norm1 / norm1_context (adaLN-Zero
 modulation linears), attn (joint attention: to_q/k/v on image tokens, add_q/k/v_proj on context
@@ -25,7 +25,7 @@ class SD3Adapter(ModelAdapter):
 
     def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
         if layer_type in ("norm1.linear", "norm1_context.linear"):
-            return None, "adaLN modulation (16-bit by DESIGN.md §1)"
+            return None, "adaLN modulation (16-bit by docs/DESIGN.md §5)"
         return "w4a4", ""
 
     def tiny_config(self) -> dict:

@@ -4,7 +4,7 @@ A small CNN attribute classifier trained on the procedural shapes data (scripts/
 reads a 72×72 RGB image and predicts, for each cell of the 3×3 position grid, whether it holds an
 object and that object's shape, colour and size (one cell classifier shared by the nine cells), plus the
 background (solid/gradient, top and bottom colour). Occupied cells in canonical order (left column
-first, then top to bottom, see analysis/shapes_grammar.py) give the slot predictions (count, and per
+first, then top to bottom, see dirotq/eval/shapes_grammar.py) give the slot predictions (count, and per
 slot shape, colour, size, position) that are compared with the parsed prompt.
 
 - :func:`score_images` parses each prompt with the caption grammar and reports per-attribute accuracy
@@ -20,20 +20,22 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from analysis.shapes_grammar import (BACKGROUND_KINDS, COLOR_NAMES, HEAD_SIZES, MAX_OBJECTS, SLOT_COLORS,
-                                     SLOT_POSITIONS, SLOT_SHAPES, SLOT_SIZES, parse_caption, scene_labels)
-from analysis.shapes_grammar import OBJECT_COLORS as OBJ_COLORS_
-from analysis.shapes_grammar import SHAPES as SHAPES_
-from analysis.shapes_grammar import SIZES as SIZES_
+from .shapes_grammar import (BACKGROUND_KINDS, COLOR_NAMES, HEAD_SIZES, MAX_OBJECTS, SLOT_COLORS,
+                             SLOT_POSITIONS, SLOT_SHAPES, SLOT_SIZES, parse_caption, scene_labels)
+from .shapes_grammar import OBJECT_COLORS as OBJ_COLORS_
+from .shapes_grammar import SHAPES as SHAPES_
+from .shapes_grammar import SIZES as SIZES_
 
 JUDGE_SIZE = 72  # 3 × 24: the 9×9 feature map splits exactly into the 3×3 position grid
-DEFAULT_JUDGE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "judge")
+DEFAULT_JUDGE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                  "assets", "judge")
 N_CELLS = 9
 CELL_SHAPES = SLOT_SHAPES   # shapes + "none" (empty cell)
 CELL_COLORS = SLOT_COLORS
@@ -262,3 +264,47 @@ def frechet_from_features(fa: np.ndarray, fb: np.ndarray) -> float:
         covmean = linalg.sqrtm((sa + off) @ (sb + off))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean))
+
+
+class JudgeScorer:
+    """The judge as the evaluation uses it, or the exact reason it does not apply.
+
+    judge: "auto" / True (the shipped judge in assets/judge), a folder, a loaded ``ShapesJudge``, or
+    None / False (disabled). It does not apply when disabled, when no weights are at the path, or
+    when a prompt is outside the shapes grammar (it only reads that world): then ``model`` is None
+    and ``reason`` says which. Any other failure (a broken weight file, a bug) raises.
+    """
+
+    def __init__(self, judge: Any, prompts: Sequence[str]):
+        self.model, self.reason = None, None
+        if judge is None or judge is False:
+            self.reason = "unavailable: judge disabled"
+            return
+        if judge in ("auto", True):
+            judge = DEFAULT_JUDGE_PATH
+        if isinstance(judge, (str, os.PathLike)) and not os.path.isfile(os.path.join(judge, "config.json")):
+            self.reason = f"unavailable: no judge weights at {judge}"
+            return
+        try:
+            for p in set(prompts):
+                parse_caption(p)
+        except ValueError as e:
+            self.reason = f"unavailable: prompts outside the shapes grammar ({e})"
+            return
+        self.model = load_judge(judge) if isinstance(judge, (str, os.PathLike)) else judge
+
+    def per_image(self, images, prompts: Sequence[str]) -> dict:
+        """Per-image object accuracy (fraction of named objects fully right) and all-correct flags,
+        plus the pooled per-attribute accuracies."""
+        pred = predict(self.model, images)
+        lab = labels_from_prompts(list(prompts))
+        pooled = attribute_accuracy(pred, lab)
+        obj, img = [], []
+        for i in range(len(prompts)):
+            one = attribute_accuracy({k: v[i:i + 1] for k, v in pred.items()}, {k: v[i:i + 1] for k, v in lab.items()})
+            obj.append(one["object_all"])
+            img.append(one["image_all"])
+        return {"pooled": pooled, "object_all": obj, "image_all": img}
+
+    def features(self, images) -> np.ndarray:
+        return judge_features(self.model, images)

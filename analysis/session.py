@@ -1,5 +1,5 @@
 """The explorer's UI-free session: one model, its calibration and every per-layer quantity the app
-plots, cached (DESIGN.md §3 "App": after calibration a layer or rank change redraws in < 0.3 s).
+plots, cached (docs/APP.md: after calibration a layer or rank change redraws without recomputing).
 
 ``ExplorerSession(model)`` holds the pipeline, the adapter's targets and the calibration statistics;
 per-layer results (spectra, outlier views, error-vs-rank curves, quantized models) are memoised in
@@ -17,18 +17,33 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from dirotq.bases import allocate_ranks, rank_for_energy, rank_for_error_budget
+from dirotq.calibration import CalibrationStats, calibrate, model_fingerprint
+from dirotq.config import DEFAULT_KEY, RankPlan
+from dirotq.eval.judge import DEFAULT_JUDGE_PATH, load_judge
+from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, read_prompts
+from dirotq.generate import generate_pair
+from dirotq.models import get_adapter, target_report
+from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
+from dirotq.quantize import layer_error, quantize_, quantize_layer
+from dirotq.registry import method_names
+
+from .costs import plan_cost
+from .stats import (difference_image, energy_at, error_curves, image_report, interp_curve,
+                    method_config, outlier_views, spectrum)
+
 Progress = Callable[[float, str], Any]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("DIROTQ_CACHE", str(ROOT / ".cache" / "explorer")))
-# Fallback calibration prompts in the embedded model's caption grammar (analysis/shapes_grammar.py);
-# assets/prompts/calibration*.txt replaces them when present.
+# Fallback calibration prompts in the embedded model's caption grammar (dirotq/eval/shapes_grammar.py);
+# assets/prompts/calibration.txt replaces them when present.
 BUILTIN_PROMPTS = [
     "a large red circle in the center, on a white background",
     "a small blue square on the left and a large yellow star on the right, on a black background",
@@ -47,7 +62,6 @@ BUILTIN_PROMPTS = [
     "a large blue triangle in the top left, on a gradient background from yellow to pink",
     "a small orange square in the top right, on a gray background",
 ]
-METHODS = ("dirotq", "dirotq-lr", "svdquant", "quarot", "smoothquant", "rtn", "w4a16")
 POLICIES = ("fixed", "energy", "error budget", "16-bit budget")
 
 
@@ -68,14 +82,15 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def methods() -> tuple[str, ...]:
+    """The explorer's method menu: every registered method."""
+    return method_names()
+
+
 def default_prompts() -> list[str]:
-    """assets/prompts/calibration*.txt (one prompt a line) when present, else the built-in set."""
-    folder = ROOT / "assets" / "prompts"
-    for pat in ("calibration*.txt", "calib*.txt", "train*.txt"):
-        for f in sorted(folder.glob(pat)):
-            lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-            if lines:
-                return lines
+    """assets/prompts/calibration.txt (one prompt a line) when present, else the built-in set."""
+    if DEFAULT_CALIB_PROMPTS.is_file():
+        return read_prompts(DEFAULT_CALIB_PROMPTS)
     return list(BUILTIN_PROMPTS)
 
 
@@ -100,10 +115,6 @@ class ExplorerSession:
                  dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
                  prompts: list[str] | None = None, calib: CalibSettings = CalibSettings(),
                  base: Mapping[str, Any] | None = None, model_id: str | None = None):
-        from .calibration import model_fingerprint
-        from .models import get_adapter
-        from .pipelines import DEFAULT_MODEL, load_pipeline
-
         self.model = str(model or DEFAULT_MODEL)
         if pipe is None:
             pipe = load_pipeline(self.model, device=device, dtype=dtype)
@@ -120,7 +131,7 @@ class ExplorerSession:
         self.prompts = list(prompts or default_prompts())[: calib.num_prompts + calib.holdout_prompts]
         self.calib = calib
         self.base = dict(base or {})  # shared quantizer settings (weights "rtn"/"gptq", group size…)
-        self.pipe_kwargs = self._pipe_kwargs()
+        self.pipe_kwargs = call_kwargs(self.pipe)
         self.key = _hash({"model": self.fingerprint, "family": self.adapter.family, "prompts": self.prompts,
                           "calib": asdict(calib), "pipe_kwargs": self.pipe_kwargs})
         self.cache_dir = Path(cache_dir) / self.key if cache_dir is not None else None
@@ -139,32 +150,7 @@ class ExplorerSession:
         self.is_embedded = Path(self.model).resolve() == Path(DEFAULT_MODEL).resolve()
 
     # ------------------------------------------------------------------------------ plumbing
-    def _pipe_kwargs(self) -> dict:
-        import inspect
-
-        kw: dict[str, Any] = {}
-        params = inspect.signature(self.pipe.__call__).parameters
-        tok = getattr(self.pipe, "tokenizer", None)
-        # the text length the model was trained with: tokenizer_config.json "max_length" when saved
-        # (the embedded model: 48), else the tokenizer's model_max_length (as dirotq.evaluate does)
-        limits = [getattr(tok, "model_max_length", None), (getattr(tok, "init_kwargs", None) or {}).get("max_length")]
-        limits = [v for v in limits if isinstance(v, int) and v > 0]
-        n = min(limits) if limits else None
-        if "clean_caption" in params:
-            kw["clean_caption"] = False  # needs bs4/ftfy; without them PixArt warns and skips it anyway
-        if "max_sequence_length" in params and tok is not None and isinstance(n, int):
-            if n < 300:
-                kw["max_sequence_length"] = n  # tiny tokenizers cannot pad to PixArt's 300
-            if len(tok) < 1000:
-                # a toy word-level vocabulary (the embedded model): its captions are < 48 tokens, and
-                # padding to 300 would make the 16-bit cross-attention K/V dominate CPU time; padded
-                # tokens are masked, so the images are the same
-                kw["max_sequence_length"] = min(n, 64)
-        return kw
-
     def describe(self) -> str:
-        from .models import target_report
-
         return f"`{self.model_id}` ({self.adapter.family}): {target_report(self.transformer, self.adapter)}"
 
     # --------------------------------------------------------------------------- calibration
@@ -174,7 +160,6 @@ class ExplorerSession:
 
     def load_cached(self) -> bool:
         """Load statistics saved by an earlier run (no model run). True when found."""
-        from .calibration import CalibrationStats
 
         if self.stats is not None:
             return True
@@ -186,7 +171,6 @@ class ExplorerSession:
 
     def calibrate(self, progress: Progress | None = None) -> Any:
         """Calibrate once (cached in memory and on disk); returns the ``CalibrationStats``."""
-        from .calibration import calibrate
 
         with self.lock:
             if self.load_cached():
@@ -254,8 +238,6 @@ class ExplorerSession:
 
     # ------------------------------------------------------------------------- per-layer views
     def spectrum(self, name: str) -> dict:
-        from analysis.stats import spectrum
-
         s = self.layer_spec(name)
         memo = self._memo["spectrum"]
         if s.group not in memo:
@@ -263,13 +245,9 @@ class ExplorerSession:
         return memo[s.group]
 
     def energy(self, name: str, rank: int) -> float:
-        from analysis.stats import energy_at
-
         return energy_at(self.spectrum(name)["explained"], rank)
 
     def outliers(self, name: str, rank: int, views: tuple[str, ...]) -> dict:
-        from analysis.stats import outlier_views
-
         key = (name, int(rank), tuple(views))
         memo = self._memo["views"]
         if key not in memo:
@@ -283,7 +261,6 @@ class ExplorerSession:
     def curves(self, name: str, progress: Progress | None = None) -> dict:
         """Error vs rank of layer ``name`` (computed once; memory + disk cache). A layer being swept
         by another thread (the background warm-up) is waited for, not computed twice."""
-        from analysis.stats import error_curves
 
         key = self._curve_key(name)
         memo = self._memo["curves"]
@@ -314,20 +291,17 @@ class ExplorerSession:
     def _spec_as_w4a4(self, name: str):
         """The target spec with kind "w4a4": per-layer curves show what W4A4 would do even for
         layers the adapter runs W4A16 (ff.net.2 in PixArt), so their outliers can be studied."""
-        from dataclasses import replace
 
         return replace(self.layer_spec(name), kind="w4a4")
 
-    def error_at(self, name: str, rank: int, methods: tuple[str, ...] = ("dirotq", "svdquant"),
-                 exact: bool = False) -> dict:
-        """Error of ``methods`` at ``rank`` from the cached curve: measured at grid ranks, linearly
-        interpolated in between (``"interpolated": True``); ``exact=True`` measures off-grid ranks
-        (one quantization per method: seconds on the widest layers, so not on a slider move)."""
-        from analysis.stats import interp_curve, layer_error, method_config, quantize_one
-
+    def error_at(self, name: str, rank: int, methods: tuple[str, ...] | None = None, exact: bool = False) -> dict:
+        """Error of ``methods`` (default: every curve of the layer) at ``rank`` from the cached curve:
+        measured at grid ranks, linearly interpolated in between (``"interpolated": True``);
+        ``exact=True`` measures off-grid ranks (one quantization per method: seconds on the widest
+        layers, so not on a slider move)."""
         cur = self.curves(name)
         out = {}
-        for m in methods:
+        for m in (tuple(cur["curves"]) if methods is None else methods):
             if int(rank) in cur["ranks"]:
                 i = cur["ranks"].index(int(rank))
                 out[m] = {k: cur["curves"][m][k][i] for k in ("rel_mse", "sqnr_db")}
@@ -341,8 +315,8 @@ class ExplorerSession:
             memo = self._memo["point"]
             if key not in memo:
                 st = self.require_stats().for_layer(name)
-                q = quantize_one(self.linear(name), st, method_config(m, self.base, rank), int(rank),
-                                 self._spec_as_w4a4(name))
+                q = quantize_layer(self.linear(name), st, method_config(m, self.base, rank), rank=int(rank),
+                                   spec=self._spec_as_w4a4(name))
                 memo.put(key, {**layer_error(self.linear(name), q, st.sample), "interpolated": False})
             out[m] = memo[key]
         return out
@@ -413,7 +387,6 @@ class ExplorerSession:
         value), "16-bit budget" (greedy allocation of ``value`` thousand 16-bit branch parameters
         Σ o·r — the W·T_h columns; the d×d rotation costs the same at every rank — where DiRotQ's
         error drops most per parameter)."""
-        from .bases import allocate_ranks, rank_for_energy, rank_for_error_budget
 
         targets = self.w4a4_targets()
         if policy == "fixed":
@@ -446,42 +419,28 @@ class ExplorerSession:
 
     def validate_plan(self, ranks: Mapping[str, Any]) -> dict[str, int]:
         """Check a ``{layer: rank}`` plan against this model; returns it with ints (w4a4 targets only)."""
-        from .config import RankPlan
 
-        plan = RankPlan(dict(ranks))
-        widths = {n: s.in_features for n, s in self.targets.items()}
-        plan.validate(widths)
-        return {n: plan.rank_for(n, s.in_features) for n, s in self.w4a4_targets().items()}
+        resolved = RankPlan(dict(ranks)).resolve(self.targets)
+        return {n: resolved[n] for n in self.w4a4_targets()}
 
     def plan_from_json(self, text: str) -> dict[str, int]:
-        from .config import RankPlan
-
         return self.validate_plan(RankPlan.from_json(text).ranks)
 
     def plan_cost(self, ranks: Mapping[str, int], method: str) -> dict:
-        from analysis.costs import plan_cost
-
         return plan_cost(self.targets, ranks, method)
 
     # ------------------------------------------------------------------------ quantized models
     def config(self, method: str, ranks: Mapping[str, int] | None = None):
-        from analysis.stats import method_config
-
-        from .config import RankPlan
-
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if method not in methods():
+            raise ValueError(f"unknown method {method!r}; choose one of {methods()}")
         cfg = method_config(method, self.base)
         if ranks is not None and hasattr(cfg, "rank"):
-            from dataclasses import replace
-
-            cfg = replace(cfg, rank=RankPlan({"_default": 0, **{k: int(v) for k, v in ranks.items()}}))
+            cfg = replace(cfg, rank=RankPlan({DEFAULT_KEY: 0, **{k: int(v) for k, v in ranks.items()}}))
         return cfg
 
     def quantized(self, method: str, ranks: Mapping[str, int] | None = None,
                   progress: Progress | None = None) -> tuple[Any, dict]:
         """(quantized copy of the transformer, quantize_ report) for (method, plan); LRU of 2."""
-        from .quantize import quantize_
 
         ranks = self.validate_plan(ranks) if ranks is not None else None
         cfg = self.config(method, ranks)
@@ -542,23 +501,14 @@ class ExplorerSession:
         memo = self._memo["judge"]
         if "j" not in memo:
             j = None
-            if self.is_embedded:
-                try:
-                    from analysis.judge import DEFAULT_JUDGE_PATH, load_judge
-
-                    if os.path.isfile(os.path.join(DEFAULT_JUDGE_PATH, "config.json")):
-                        j = load_judge()
-                except Exception:
-                    j = None
+            if self.is_embedded and os.path.isfile(os.path.join(DEFAULT_JUDGE_PATH, "config.json")):
+                j = load_judge()  # a broken judge file is an error to see, not a silent "no judge"
             memo.put("j", j)
         return memo["j"]
 
     def generate(self, prompt: str, seed: int, steps: int, guidance: float, method: str,
                  ranks: Mapping[str, int] | None = None, progress: Progress | None = None) -> dict:
         """16-bit and quantized image of one prompt and seed, with metrics, timings, backend."""
-        from analysis.stats import difference_image, image_report
-
-        from .generate import generate_pair
 
         prompt = (prompt or "").strip()
         if not prompt:
@@ -590,8 +540,6 @@ _SESSIONS_LOCK = threading.Lock()
 
 def get_session(model: str | None = None, **kw: Any) -> ExplorerSession:
     """The process-wide session of ``model`` (created on first use with ``kw``, shared by every user)."""
-    from .pipelines import DEFAULT_MODEL
-
     key = str(model or DEFAULT_MODEL)
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
@@ -612,5 +560,5 @@ def timed(fn: Callable, *a: Any, **kw: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-__all__ = ["ExplorerSession", "CalibSettings", "get_session", "register_session", "default_prompts", "METHODS",
+__all__ = ["ExplorerSession", "CalibSettings", "get_session", "register_session", "default_prompts", "methods",
            "POLICIES", "BUILTIN_PROMPTS"]

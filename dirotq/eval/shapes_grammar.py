@@ -1,4 +1,5 @@
-"""Caption grammar of the procedural shapes world (embedded tiny model, DESIGN.md §5).
+"""Caption grammar of the procedural shapes world (embedded tiny model;
+its card: assets/tiny-pixart/README.md).
 
 One scene = a background plus one to three objects. Each object has a shape, a colour, a size and
 a cell of a 3×3 position grid. Objects are listed in *canonical slot order*: left column first,
@@ -11,7 +12,7 @@ Caption form (English, generated from the attributes and parsed back by :func:`p
     "a small green star in the center, on a gradient background from black to blue"
 
 This module is pure Python (no torch): the library imports it at runtime to score prompts; the
-training scripts (scripts/shapes_data.py) import it to render data.
+renderer (dirotq/eval/shapes_render.py) imports it to draw data.
 """
 from __future__ import annotations
 

@@ -1,26 +1,25 @@
-"""Procedural captioned shapes data set for the embedded tiny PixArt-Σ (DESIGN.md §5, issue #3).
+"""Procedural captioned shapes data set: the world of the embedded tiny PixArt-Σ (its training data,
+and the "real" images of the evaluation's Fréchet distance and judge ceiling).
 
 Scenes of one to three shapes (circle, square, triangle, diamond, star) with colours, two sizes and a
 3×3 position grid, on solid or vertical-gradient backgrounds; captions come from the same attributes
-(analysis/shapes_grammar.py holds the grammar and its parser). Everything is generated on the fly and
+(dirotq/eval/shapes_grammar.py holds the grammar and its parser). Everything is generated on the fly and
 is deterministic from an integer seed: ``example(seed)`` always returns the same image and caption.
 
 Split rule: a scene that contains any held-out (colour, shape) pair (shapes_grammar.HELDOUT_PAIRS)
 is never produced for ``split="train"``; ``split="heldout"`` produces only such scenes.
 
-    python scripts/shapes_data.py --n 16 --out /tmp/shapes   # writes a few PNGs + captions
+    python -m dirotq.eval.shapes_render --n 16 --out /tmp/shapes   # writes a few PNGs + captions
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from analysis.shapes_grammar import (  # noqa: E402
+from .shapes_grammar import (
     BACKGROUND_COLORS, COLORS, HELDOUT_PAIRS, OBJECT_COLORS, SHAPES, SIZES, Scene, ShapeObject, caption)
 
 IMAGE_SIZE = 128
@@ -201,13 +200,13 @@ if __name__ == "__main__":
     ap.add_argument("--write-prompts", action="store_true", help="write assets/prompts/{calibration,eval}.txt")
     a = ap.parse_args()
     if a.write_prompts:
-        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "prompts")
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "assets", "prompts")
         os.makedirs(root, exist_ok=True)
         calib, ev = prompt_sets()
         open(os.path.join(root, "calibration.txt"), "w").write("\n".join(calib) + "\n")
         open(os.path.join(root, "eval.txt"), "w").write("\n".join(ev) + "\n")
         print(f"wrote {len(calib)} calibration and {len(ev)} eval prompts to {root}")
-        sys.exit(0)
+        raise SystemExit(0)
     os.makedirs(a.out, exist_ok=True)
     for s in range(a.seed, a.seed + a.n):
         im, cap, _ = example(s, a.split)

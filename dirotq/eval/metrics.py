@@ -1,4 +1,4 @@
-"""Image-quality metrics of the evaluation protocol (docs/EVALUATION.md, CONVENTIONS.md "Metrics offline").
+"""Image-quality metrics of the evaluation protocol (docs/EVALUATION.md, docs/DESIGN.md §8).
 
 Pure functions, offline only:
 
