@@ -356,8 +356,8 @@ def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=
                      f"16-bit {_judge_score(m['judge_ref'])}, W4A4 {_judge_score(m['judge_w4a4'])}"
                      + (f"  \n16-bit reads as: “{m['judge_ref_text'].strip()}”" if m.get("judge_ref_text") else "")
                      + (f"  \nW4A4 reads as: “{m['judge_w4a4_text'].strip()}”" if m.get("judge_w4a4_text") else ""))
-    elif "judge_error" in m:
-        lines.append(f"**judge** unavailable: {m['judge_error']}")
+    elif "judge_unavailable" in m:
+        lines.append(f"**judge** unavailable: {m['judge_unavailable']}")
     diff = Image.fromarray(out["difference"])
     return (_ok(f"generated with {method}"), _show(out["reference"]), _show(out["quantized"]), _show(diff),
             "\n\n".join(lines))

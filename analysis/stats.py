@@ -252,12 +252,18 @@ def image_report(ref: Any, img: Any, prompt: str | None = None, judge: Any = Non
     """PSNR/SSIM of a W4A4 image against the 16-bit image of the same seed; with ``judge`` (the
     embedded model's prompt-faithfulness judge) also its reading of both images:
     ``judge_ref`` / ``judge_w4a4`` = attribute accuracies (dirotq.eval.judge.score_images) and
-    ``judge_ref_text`` / ``judge_w4a4_text`` = what the judge sees."""
+    ``judge_ref_text`` / ``judge_w4a4_text`` = what the judge sees, or ``judge_unavailable`` saying
+    why it cannot read this prompt."""
     p, s = psnr_ssim(ref, img)
     out: dict[str, Any] = {"psnr_db": p, "ssim": s}
     if judge is not None and prompt:
         from dirotq.eval import judge as J
 
+        try:
+            J.parse_caption(prompt)
+        except ValueError as e:
+            out["judge_unavailable"] = f"the judge reads only captions of the shapes world ({e})"
+            return out
         arr = np.stack([_to_float_image(ref), _to_float_image(img)]).astype(np.float32)
         t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
         for tag, im in (("judge_ref", t[:1]), ("judge_w4a4", t[1:])):

@@ -1,4 +1,5 @@
-"""Test session setup: offline hub, Triton interpreter on machines without CUDA, small thread pool."""
+"""Test session setup: offline hub, Triton interpreter on machines without CUDA, small thread pool;
+fixtures shared by several test files."""
 
 import os
 
@@ -6,11 +7,20 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-try:
-    import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-except ImportError:  # pragma: no cover - torch is a hard requirement
-    pass
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: small linear algebra on the 2 shared CPU cores of CI is
+    up to ~100× slower with 2 LAPACK threads under contention (spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

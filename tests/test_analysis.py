@@ -16,13 +16,7 @@ from dirotq.quantize import layer_error
 from dirotq.registry import get_method, method_names
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small linear algebra on a shared 2-core box: one thread avoids spin-wait contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def planted(d: int = 128, o: int = 96, n: int = 4096, outliers=(3, 37), scale: float = 40.0, seed: int = 0):

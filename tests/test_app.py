@@ -199,6 +199,26 @@ def test_generate_pair_and_unknown_words(sess, calibrated):
     assert "steps" in app.on_generate(MODEL, "a red circle", 0, 0, 4.5, "dirotq", plan(sess), progress=None)[0]
 
 
+def test_generate_shows_the_judge_reading_and_judge_failures(sess, calibrated, monkeypatch):
+    from dirotq.eval.judge import load_judge
+
+    judge = load_judge()  # the shipped judge (assets/judge): scores any image of the shapes world
+    monkeypatch.setattr(sess, "judge", lambda: judge)
+    st, *_, info = app.on_generate(MODEL, "a red circle on the left", 3, 3, 4.5, "dirotq", plan(sess, 8),
+                                   progress=None)
+    assert st.startswith("✓"), st
+    assert "**judge**" in info and "16-bit" in info and "reads as" in info
+    _, *_, info = app.on_generate(MODEL, "red red red", 3, 3, 4.5, "dirotq", plan(sess, 8), progress=None)
+    assert "**judge** unavailable: the judge reads only captions" in info
+
+    def broken():
+        raise RuntimeError("judge weights corrupt")
+
+    monkeypatch.setattr(sess, "judge", broken)  # a broken judge is an error the user sees, not a silent gap
+    st = app.on_generate(MODEL, "a red circle on the left", 3, 3, 4.5, "dirotq", plan(sess, 8), progress=None)[0]
+    assert st.startswith("⚠") and "judge weights corrupt" in st
+
+
 def test_gradio_client_two_users_at_once(sess, calibrated):
     from concurrent.futures import ThreadPoolExecutor
 

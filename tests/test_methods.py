@@ -21,13 +21,7 @@ from dirotq.quantize import layer_error, quantize_layer
 from dirotq.quantizers import fake_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI box has 2 shared cores: LAPACK with 2 threads under contention is ~100× slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_stats(x: torch.Tensor, sample_tokens: int = 512) -> LayerStats:

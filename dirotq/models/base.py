@@ -18,7 +18,6 @@ its block containers and its per-layer rules (``_kind_of``), and may add extra s
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -290,41 +289,3 @@ class ModelAdapter:
     def __repr__(self) -> str:
         extra = f", overrides={self.overrides!r}" if self.overrides else ""
         return f"{type(self).__name__}(family={self.family!r}{extra})"
-
-
-def target_report(model: nn.Module, adapter: ModelAdapter | None = None) -> str:
-    """One-line summary: ``"112 W4A4 targets, 28 W4A16, 9 kept 16-bit, no unknown names"``.
-
-    "Unknown names" are linears the adapter could not explain: with a family adapter, linears
-    outside the blocks that match no embedder/adaLN/final pattern; with the generic fallback, every
-    target (its rules are a guess). Input widths that are not a multiple of 64 are listed (padded).
-    """
-    from . import get_adapter
-
-    adapter = adapter or get_adapter(model)
-    targets, kept = adapter._walk(model)
-    n44 = sum(s.kind == "w4a4" for s in targets.values())
-    n416 = sum(s.kind == "w4a16" for s in targets.values())
-    unknown = [n for n, r in kept.items() if r.startswith("outside the transformer blocks")]
-    if adapter.family == "generic":
-        unknown = list(targets) + unknown
-    parts = [f"{n44} W4A4 targets", f"{n416} W4A16", f"{len(kept)} kept 16-bit"]
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
-        parts.append(f"{len(unknown)} unknown names ({shown})")
-    else:
-        parts.append("no unknown names")
-    padded = sorted({s.in_features for s in targets.values() if s.padded})
-    if padded:
-        parts.append(f"input widths padded to a multiple of 64: {padded}")
-    return ", ".join(parts)
-
-
-def _warn_generic(model: nn.Module) -> None:
-    warnings.warn(
-        f"dirotq: no adapter for {type(model).__name__}; falling back to GenericAdapter "
-        "(every nn.Linear inside the block lists is a W4A4 target, everything else kept 16-bit). "
-        "Check the target report before trusting the result.",
-        UserWarning,
-        stacklevel=3,
-    )
