@@ -181,10 +181,7 @@ def _ranks_from_df(s, df) -> dict[str, int]:
         if not math.isfinite(rf) or rf != int(rf):
             raise ValueError(f"rank of {name} must be a whole number, got {r!r}")
         ranks[str(name)] = int(rf)
-    for n, r in ranks.items():
-        if n in s.targets and not 0 <= r <= s.targets[n].in_features:
-            raise ValueError(f"rank {r} of {n} is outside 0…{s.targets[n].in_features}")
-    return s.validate_plan(ranks)
+    return s.validate_plan(ranks)  # RankPlan.resolve: the one range check of a plan
 
 
 @safe(7)

@@ -23,7 +23,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from dirotq.bases import allocate_ranks, rank_for_energy, rank_for_error_budget
 from dirotq.calibration import CalibrationStats, calibrate, model_fingerprint
 from dirotq.config import DEFAULT_KEY, RankPlan
 from dirotq.eval.judge import DEFAULT_JUDGE_PATH, load_judge
@@ -34,7 +33,9 @@ from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
 from dirotq.quantize import layer_error, quantize_, quantize_layer
 from dirotq.registry import method_names
 
+from . import plans
 from .costs import plan_cost
+from .plans import POLICIES
 from .stats import (difference_image, energy_at, error_curves, image_report, interp_curve,
                     method_config, outlier_views, spectrum)
 
@@ -62,7 +63,6 @@ BUILTIN_PROMPTS = [
     "a large blue triangle in the top left, on a gradient background from yellow to pink",
     "a small orange square in the top right, on a gray background",
 ]
-POLICIES = ("fixed", "energy", "error budget", "16-bit budget")
 
 
 @dataclass(frozen=True)
@@ -379,43 +379,20 @@ class ExplorerSession:
         return {n: s for n, s in self.targets.items() if s.kind == "w4a4"}
 
     def default_plan(self, rank: int = 32) -> dict[str, int]:
-        return {n: min(int(rank), s.in_features) for n, s in self.w4a4_targets().items()}
+        return plans.fixed_plan(self.w4a4_targets(), rank)
 
     def fill_plan(self, policy: str, value: float) -> dict[str, int]:
-        """Per-layer ranks by a policy: "fixed" (rank = value), "energy" (smallest rank keeping
-        ``value`` of the energy, 0..1), "error budget" (smallest grid rank with DiRotQ relative MSE ≤
-        value), "16-bit budget" (greedy allocation of ``value`` thousand 16-bit branch parameters
-        Σ o·r — the W·T_h columns; the d×d rotation costs the same at every rank — where DiRotQ's
-        error drops most per parameter)."""
+        """Per-layer ranks of the W4A4 targets by ``policy`` (``analysis.plans.fill_plan``), from
+        this session's spectra and DiRotQ error curves."""
+        if policy != "fixed":
+            self.require_stats()
 
-        targets = self.w4a4_targets()
-        if policy == "fixed":
-            if value < 0:
-                raise ValueError(f"fixed rank must be ≥ 0, got {value}")
-            return {n: min(int(value), s.in_features) for n, s in targets.items()}
-        self.require_stats()
-        if policy == "energy":
-            if not 0 <= value <= 1:
-                raise ValueError(f"energy fraction must be in [0, 1], got {value}")
-            return {n: rank_for_energy(torch.as_tensor(self.spectrum(n)["eigenvalues"]), float(value))
-                    for n in targets}
-        if policy == "error budget":
-            if value <= 0:
-                raise ValueError(f"error budget (relative MSE) must be > 0, got {value}")
-            out = {}
-            for n in targets:
-                cur = self.curves(n)
-                errs = dict(zip(cur["ranks"], cur["curves"]["dirotq"]["rel_mse"]))
-                out[n] = rank_for_error_budget(lambda r: errs[r], float(value), cur["ranks"])
-            return out
-        if policy == "16-bit budget":
-            if value < 0:
-                raise ValueError(f"16-bit budget must be ≥ 0 (thousands of parameters), got {value}")
-            curves = {n: dict(zip(self.curves(n)["ranks"], self.curves(n)["curves"]["dirotq"]["rel_mse"]))
-                      for n in targets}
-            cost = {n: float(s.out_features) for n, s in targets.items()}  # W·T_h: o extra params per rank
-            return allocate_ranks(curves, cost, float(value) * 1e3)
-        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        def dirotq_curve(name: str):
+            cur = self.curves(name)
+            return cur["ranks"], cur["curves"]["dirotq"]["rel_mse"]
+
+        return plans.fill_plan(policy, value, self.w4a4_targets(),
+                               eigenvalues=lambda n: self.spectrum(n)["eigenvalues"], error_curve=dirotq_curve)
 
     def validate_plan(self, ranks: Mapping[str, Any]) -> dict[str, int]:
         """Check a ``{layer: rank}`` plan against this model; returns it with ints (w4a4 targets only)."""

@@ -17,9 +17,9 @@ CUDA graph (the deployment mode: no Python launch overhead). Memory: bytes of ev
 buffer the transformer holds (packed weights, scales, multipliers, 16-bit branches, bases, signs,
 bias, the unquantized layers), and the ``storage_bits`` accounting of the QuantLinear layers.
 
-    python benchmarks/bench_e2e.py --model pixart [--formats exact int_ratio] [--rank 32]
-    python benchmarks/bench_e2e.py --model flux
-    python benchmarks/bench_e2e.py --dry-run      # CPU, TRITON_INTERPRET=1, tiny configs: code path only
+    python -m benchmarks.bench_e2e --model pixart [--formats exact int_ratio] [--rank 32]
+    python -m benchmarks.bench_e2e --model flux
+    python -m benchmarks.bench_e2e --dry-run      # CPU, TRITON_INTERPRET=1, tiny configs: code path only
 """
 
 from __future__ import annotations

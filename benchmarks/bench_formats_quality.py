@@ -11,7 +11,7 @@ kernels reproduce). Two parts:
 2. the embedded model (``assets/tiny-pixart``) when present: calibration activations of every
    target layer (a few prompts × steps), layer output SQNR per method and format.
 
-    python benchmarks/bench_formats_quality.py [--out benchmarks/results/formats_quality.json] [--quick]
+    python -m benchmarks.bench_formats_quality [--out benchmarks/results/formats_quality.json] [--quick]
 """
 
 from __future__ import annotations

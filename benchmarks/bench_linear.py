@@ -15,8 +15,8 @@ launch overhead, what a whole-model CUDA-graph run pays). Reported: TOPS = 2Â·nÂ
 measured ``torch._int_mm`` INT8 ceiling and the spec), logical GB/s, speedup vs bf16, and the max
 relative error of the kernel output against the reference path on 64 tokens.
 
-    python benchmarks/bench_linear.py [--out benchmarks/results/bench_linear_<gpu>.json] [--tokens 16 1024 4096]
-    python benchmarks/bench_linear.py --dry-run     # CPU, TRITON_INTERPRET=1, tiny shapes: checks the code path only
+    python -m benchmarks.bench_linear [--out benchmarks/results/bench_linear_<gpu>.json] [--tokens 16 1024 4096]
+    python -m benchmarks.bench_linear --dry-run     # CPU, TRITON_INTERPRET=1, tiny shapes: checks the code path only
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ float32, guidance 4.5 (so every step runs the batch-2 CFG forward), and reports 
 of `--runs` generations after one warm-up, for the default max_sequence_length (300, padded text) and
 for 48 (our captions are < 40 tokens; padding is masked, so images are identical).
 
-    python benchmarks/bench_tiny_pipeline.py --threads 2 --out benchmarks/results/tiny_pipeline_cpu.json
+    python -m benchmarks.bench_tiny_pipeline --threads 2 --out benchmarks/results/tiny_pipeline_cpu.json
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def main():
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **res,
            "note": "shared 2-core machine: the load average shows how busy it was; the minimum is the best "
                    "estimate of the uncontended time",
-           "command": " ".join(["python benchmarks/bench_tiny_pipeline.py"] + sys.argv[1:])}
+           "command": " ".join(["python -m benchmarks.bench_tiny_pipeline"] + sys.argv[1:])}
     emit_json(out, a.out)
 
 

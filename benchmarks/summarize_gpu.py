@@ -1,6 +1,6 @@
 """Markdown tables from bench_linear / bench_e2e JSON files (what benchmarks/README.md quotes).
 
-    python benchmarks/summarize_gpu.py benchmarks/results/gpu_h100_2026-11-26/*.json
+    python -m benchmarks.summarize_gpu benchmarks/results/gpu_h100_2026-11-26/*.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ stream), and reports per layer type:
 Each is summarised over the blocks (median and max). The same numbers for a randomly initialised
 transformer of the same config are printed as the reference point.
 
-    python scripts/activation_report.py --model assets/tiny-pixart --prompts 16 --steps 10 \
+    python -m scripts.activation_report --model assets/tiny-pixart --prompts 16 --steps 10 \
         --out benchmarks/results/tiny_pipeline_activations.json
 """
 from __future__ import annotations

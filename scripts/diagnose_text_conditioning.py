@@ -10,7 +10,7 @@ Measurements 1–2 on training-pool latents (runs/latent_pool_*.pt, from scripts
    generation; a low start hands the model the right shapes and only asks it to keep them. If shapes are lost
    even from t = 400, the denoiser cannot render them, and no amount of text conditioning will help.
 
-    python scripts/diagnose_text_conditioning.py --model assets/tiny-pixart --out result.json
+    python -m scripts.diagnose_text_conditioning --model assets/tiny-pixart --out result.json
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def render_retention(pipe, judge, prompts: list[str], start_steps=(0, 4, 8, 12, 
     """Judge scores of images denoised from noised real renders, keyed by the start timestep.
 
     start_steps: indices into the scheduler's ``steps`` timesteps (0 = from pure noise, i.e. plain generation).
-    Returns {"999": scores, "799": scores, ...} with analysis.judge.score_images dicts.
+    Returns {"999": scores, "799": scores, ...} with dirotq.eval.judge.score_images dicts.
     """
     from dirotq.eval.judge import score_images
     from dirotq.eval.shapes_grammar import parse_caption

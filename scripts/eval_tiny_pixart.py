@@ -5,7 +5,7 @@ guidance 4.5, the pipeline's native size, use_resolution_binning=False), scores 
 prompts (per-attribute accuracy, also split into unseen-train-distribution and held-out-pair prompts)
 and computes the judge-feature Fréchet distance against real procedural images of the same prompts.
 
-    python scripts/eval_tiny_pixart.py --model assets/tiny-pixart --dtype bfloat16 --seeds 0 \
+    python -m scripts.eval_tiny_pixart --model assets/tiny-pixart --dtype bfloat16 --seeds 0 \
         --out benchmarks/results/tiny_pipeline_quality.json
 """
 from __future__ import annotations

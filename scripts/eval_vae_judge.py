@@ -3,7 +3,7 @@
 No DiT can draw better than its VAE decodes, so before training a DiT on a VAE's latents check what the
 judge reads on that VAE's reconstructions (posterior mean → decode) against the real renders.
 
-    python scripts/eval_vae_judge.py --vae runs/vae/vae --size 128 --n 300 --out runs/vae/judge_ceiling.json
+    python -m scripts.eval_vae_judge --vae runs/vae/vae --size 128 --n 300 --out runs/vae/judge_ceiling.json
 """
 from __future__ import annotations
 

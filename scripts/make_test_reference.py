@@ -4,7 +4,7 @@ Generates the reference prompt with assets/tiny-pixart (float32, CPU, fixed seed
 the test does, stores the uint8 image (tests/data/tiny_pixart_ref.npz) and the settings plus the
 judge's reading of it (tests/data/tiny_pixart_ref.json). Rerun after the shipped model changes.
 
-    python scripts/make_test_reference.py --prompt "a large red circle in the center, on a white background"
+    python -m scripts.make_test_reference --prompt "a large red circle in the center, on a white background"
 """
 from __future__ import annotations
 

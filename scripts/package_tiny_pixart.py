@@ -6,7 +6,7 @@ space and scaling_factor the DiT was trained on, is unchanged), re-saves every m
 safetensors, checks the size budget (≤ 40 MB) and that it loads offline in float32, and writes the
 model card (README.md) from the training logs and the evaluation JSON.
 
-    python scripts/package_tiny_pixart.py --ckpt runs/tiny_pixart/pipeline --vae runs/tiny_vae_dec/vae \
+    python -m scripts.package_tiny_pixart --ckpt runs/tiny_pixart/pipeline --vae runs/tiny_vae_dec/vae \
         --out assets/tiny-pixart
 """
 from __future__ import annotations

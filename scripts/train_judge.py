@@ -1,4 +1,4 @@
-"""Train the prompt-faithfulness judge (analysis/judge.py) on procedural shapes (issue #3, step 7).
+"""Train the prompt-faithfulness judge (dirotq/eval/judge.py) on procedural shapes (issue #3, step 7).
 
 The judge is a measuring instrument, so it is trained on the whole attribute space (split "any",
 held-out colour–shape pairs included: it must recognise them in eval generations); the generator never
@@ -6,7 +6,7 @@ sees those pairs. Augmentations imitate generated images: Gaussian blur, pixel n
 (VAE-like softness) and small brightness changes. Images are rendered at 144×144 and resized to the
 judge's 72×72 input with the same antialiased resize used for generated images.
 
-    python scripts/train_judge.py --out assets/judge --minutes 10 --seed 0
+    python -m scripts.train_judge --out assets/judge --minutes 10 --seed 0
 """
 from __future__ import annotations
 

@@ -17,15 +17,15 @@ lr 1e-3, no weight decay (the recipe that grew outlier
 channels fastest: assets/tiny-pixart/README.md), warmup 200,
 cosine decay to 10 % over --max-steps (or the time budget), grad clip 1, EMA of weights (the EMA is what is saved).
 --object-weight W multiplies the MSE on latent positions covered by an object (masks from the scene geometry,
-scripts/shapes_data.object_mask): objects are ~13 % of the positions, and with a plain MSE the model learns
+dirotq.eval.shapes_render.object_mask): objects are ~13 % of the positions, and with a plain MSE the model learns
 backgrounds and local denoising long before it binds the caption's objects to image positions.
 
 Latents are pre-encoded once with the trained VAE (posterior means of a fixed, seeded pool of
 procedural training-split images, cached under runs/).
 
-    python scripts/train_tiny_pixart.py --vae runs/vae/vae --out runs/dit --minutes 1e9 --max-steps 4600 \
+    python -m scripts.train_tiny_pixart --vae runs/vae/vae --out runs/dit --minutes 1e9 --max-steps 4600 \
         --seed 0 --threads 2 --hidden 256 --depth 6 --batch 32 --lr 1e-3 --pool 10000
-    python scripts/train_tiny_pixart.py --vae runs/vae/vae --init runs/dit/pipeline --out runs/dit_obj \
+    python -m scripts.train_tiny_pixart --vae runs/vae/vae --init runs/dit/pipeline --out runs/dit_obj \
         --minutes 1e9 --max-steps 4800 --seed 1 --threads 2 --hidden 256 --depth 6 --batch 32 --lr 5e-4 \
         --pool 10000 --object-weight 4
 (scripts/build_tiny_pixart.sh runs the whole recipe.)

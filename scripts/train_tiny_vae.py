@@ -13,7 +13,7 @@ Loss: L1 + MSE on pixels + 1e-5·KL/pixel (SD-style weak KL). The decoder is tra
 ``scaling_factor`` is set to 1 / std of posterior means on 256 held-apart images, so the DiT sees
 unit-variance latents.
 
-    python scripts/train_tiny_vae.py --out runs/vae --max-steps 3607 --minutes 1e9 --seed 0 --threads 2 \
+    python -m scripts.train_tiny_vae --out runs/vae --max-steps 3607 --minutes 1e9 --seed 0 --threads 2 \
         --crop 64 --batch 16 --lr 2e-3 --channels 16,16,32 --latent-channels 8 --norm-groups 8
 (scripts/build_tiny_pixart.sh runs exactly this.)
 """

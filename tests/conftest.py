@@ -24,3 +24,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def calibrated_tiny(family: str = "pixart", *, batches: int = 2, sample_tokens: int = 64):
+    """(adapter, tiny random model of ``family``, its calibration statistics over ``batches`` random
+    batches, test inputs from another seed): the starting point of the whole-model tests."""
+    from dirotq.calibration import calibrate_transformer
+    from dirotq.models import ADAPTERS
+
+    adapter = ADAPTERS[family]
+    model = adapter.build_tiny(0)
+    g = torch.Generator().manual_seed(0)
+    stats = calibrate_transformer(model, [adapter.example_inputs(model, 2, g) for _ in range(batches)],
+                                  adapter=adapter, sample_tokens=sample_tokens)
+    return adapter, model, stats, adapter.example_inputs(model, 2, torch.Generator().manual_seed(1))

@@ -128,7 +128,9 @@ def test_bad_inputs_give_messages_not_crashes(sess, calibrated):
     assert "energy fraction" in app.on_fill(MODEL, "energy", 7, "dirotq")[0]
     df = plan(sess)
     df.loc[0, "rank"] = 999
-    assert "outside" in app.on_plan_edit(MODEL, df, "dirotq")[0]
+    assert "exceeds its input width" in app.on_plan_edit(MODEL, df, "dirotq")[0]
+    df.loc[0, "rank"] = -1
+    assert "must be ≥ 0" in app.on_plan_edit(MODEL, df, "dirotq")[0]
     df = df.astype({"rank": object})
     df.loc[0, "rank"] = "abc"
     assert "whole number" in app.on_plan_edit(MODEL, df, "dirotq")[0]

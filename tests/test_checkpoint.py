@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from dirotq import (DiRotQConfig, DiRotQLRConfig, QuantLinear, QuaRotConfig, RTNConfig, SmoothQuantConfig,
                     SVDQuantConfig, W4A16Config, __version__, load_quantized, quantize_, save_quantized)
-from dirotq.calibration import calibrate_transformer
 from dirotq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, recipe_name
-from dirotq.models import ADAPTERS
+
+from conftest import calibrated_tiny
 
 CONFIGS = {
     "rtn": RTNConfig(), "w4a16": W4A16Config(), "smoothquant": SmoothQuantConfig(), "quarot": QuaRotConfig(),
@@ -31,13 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tiny():
-    adapter = ADAPTERS["pixart"]
-    model = adapter.build_tiny(0)
-    g = torch.Generator().manual_seed(0)
-    stats = calibrate_transformer(model, [adapter.example_inputs(model, 2, g) for _ in range(2)], adapter=adapter,
-                                  sample_tokens=64)
-    test = adapter.example_inputs(model, 2, torch.Generator().manual_seed(1))
-    return adapter, model, stats, test
+    return calibrated_tiny(batches=2, sample_tokens=64)
 
 
 def quantized(tiny, config):

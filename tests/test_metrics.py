@@ -1,4 +1,4 @@
-"""Claims about the image metrics (analysis/metrics.py): PSNR of a known noise level, SSIM of identical
+"""Claims about the image metrics (dirotq/eval/metrics.py): PSNR of a known noise level, SSIM of identical
 images, bootstrap intervals, and learned metrics that refuse to run without local weights."""
 
 import math

@@ -11,9 +11,9 @@ from torch import nn
 
 from dirotq import (DiRotQConfig, DiRotQLRConfig, QuantLinear, QuaRotConfig, RankPlan, RTNConfig, SmoothQuantConfig,
                     SVDQuantConfig, W4A16Config, quantize_)
-from dirotq.calibration import calibrate_transformer
 from dirotq import registry
-from dirotq.models import ADAPTERS
+
+from conftest import calibrated_tiny
 
 ALL_CONFIGS = {
     "rtn": RTNConfig(), "w4a16": W4A16Config(), "smoothquant": SmoothQuantConfig(), "quarot": QuaRotConfig(),
@@ -31,12 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def tiny():
     """(adapter, float model, calibration stats, test inputs, float output)."""
-    adapter = ADAPTERS["pixart"]
-    model = adapter.build_tiny(0)
-    g = torch.Generator().manual_seed(0)
-    stats = calibrate_transformer(model, [adapter.example_inputs(model, 2, g) for _ in range(3)], adapter=adapter,
-                                  sample_tokens=256)
-    test = adapter.example_inputs(model, 2, torch.Generator().manual_seed(1))
+    adapter, model, stats, test = calibrated_tiny(batches=3, sample_tokens=256)
     with torch.no_grad():
         ref = model(**test).sample
     return adapter, model, stats, test, ref

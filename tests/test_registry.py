@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from dirotq import quantize_, registry
-from dirotq.calibration import LayerStats, calibrate_transformer
+from dirotq.calibration import LayerStats
 from dirotq.config import RankedConfig
 from dirotq.methods.common import make_quant_linear, quantize_weight, weight_and_bias
-from dirotq.models import ADAPTERS
 from dirotq.registry import MethodCost, MethodSpec
+
+from conftest import calibrated_tiny
 
 
 @dataclass(frozen=True)
@@ -102,16 +103,11 @@ def test_a_new_method_is_one_file(toy):
 
 
 def test_a_new_method_quantizes_a_model(toy):
-    adapter = ADAPTERS["pixart"]
-    model = adapter.build_tiny(0)
-    g = torch.Generator().manual_seed(0)
-    stats = calibrate_transformer(model, [adapter.example_inputs(model, 2, g) for _ in range(2)], adapter=adapter,
-                                  sample_tokens=128)
+    _, model, stats, x = calibrated_tiny(batches=2, sample_tokens=128)
     m = copy.deepcopy(model)
     report = quantize_(m, LargestChannelsConfig(rank=4), stats, progress=lambda *a: None)
     kinds = {v["kind"]: v["method"] for v in report["layers"].values()}
     assert kinds["w4a4"] == "toy-channels" and kinds.get("w4a16", "w4a16") == "w4a16"
-    x = adapter.example_inputs(model, 2, torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.isfinite(m(**x).sample).all()
 
