@@ -1,6 +1,6 @@
 """The house rules, checked on the source itself: dependencies run one way
 (app.py -> analysis -> dirotq, kernels below modules), the import graph has no cycle, and nothing
-edits sys.path. Every import counts, including those inside functions: a lazy import is still a
+edits the interpreter's module search path. Every import counts, including those inside functions: a lazy import is still a
 dependency."""
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ def test_dependencies_run_one_way():
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")
                                         if ".git" not in p.parts and "site-packages" not in p.parts))
-def test_no_file_edits_sys_path(path):
+def test_no_file_edits_the_module_search_path(path):
     tree = ast.parse((ROOT / path).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
-            pytest.fail(f"{path}:{node.lineno} uses sys.path: install the package (pip install -e .) instead")
+            pytest.fail(f"{path}:{node.lineno} edits the module search path: install the package "
+                        "(pip install -e .) or run it as a module (python -m …) instead")
