@@ -405,8 +405,9 @@ that is quantized, as a fraction of the input energy.""",
     "error": """**What you see.** The layer's output error y = xWᵀ on tokens of held-out calibration prompts (never used to fit the
 basis) when weights
 *and* activations are 4-bit, as the rank r grows: DiRotQ (16-bit PCA directions of the
-activations) vs SVDQuant (16-bit low-rank branch of the smoothed weight), with RTN, SmoothQuant and
-QuaRot (no rank) as dotted lines. Diamonds mark your rank (filled: measured there; open:
+activations, full rotation), DiRotQ low-rank + Hadamard (the same directions, the kernel form) and
+SVDQuant (16-bit low-rank branch of the smoothed weight), with RTN, SmoothQuant and QuaRot (no
+rank) as dotted lines. Diamonds mark your rank (filled: measured there; open:
 interpolated between the measured ranks).
 
 **Read it.** r = d is the 16-bit layer for DiRotQ (what is left is float32 rounding). SVDQuant's
