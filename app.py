@@ -28,6 +28,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis import costs, figures  # noqa: E402
+from analysis import stats as astats  # noqa: E402
 from analysis.session import POLICIES, get_session, methods  # noqa: E402
 
 PAPER = "arXiv:2605.16732"
@@ -110,49 +111,192 @@ def _fmt(v: float, unit: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------- layer views
-def layer_figures(model: str, block, ltype, rank, extra_views, metric: str = "sqnr_db"):
-    """(energy text, spectrum, outliers, error-vs-rank) for one layer and rank, all from caches."""
+# The selected layer and rank live in one per-user gr.State, ``sel`` = {"model", "layer", "rank"}: every
+# handler that changes them (block, layer type, rank slider or box, Calibrate, page load, model load)
+# writes it and sets the controls to it, and every view is drawn from it. Only the visible tab's plot
+# is drawn (``tab`` state, set by the tabs' select events); a hidden tab is drawn when it is selected.
+# ``drawn`` = {tab: what its plot shows} lets a select or a control that does not change a tab's
+# plot skip it: the browser then re-renders nothing.
+LAYER_TABS = ("spectrum", "outliers", "error", "group")
+X_AXES = [("rank", "rank"), ("extra 16-bit parameters", "params16"), ("extra 16-bit FLOPs / token", "flops16")]
+
+
+def _opt_int(v) -> int | None:
+    """A "−1 or empty means automatic" number box: None for automatic, else the whole number."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    f = float(v)
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f"expected a whole number, got {v!r}")
+    return None if f < 0 else int(f)
+
+
+def _view_key(model: str, name: str, r: int, tab: str, extra_views, metric, method, xaxis, group_opts) -> str:
+    """What ``tab``'s plot shows: equal keys draw equal figures."""
+    parts = {"spectrum": (), "outliers": (_views(extra_views),), "error": (metric, method, xaxis or "rank"),
+             "group": tuple(group_opts)}[tab]
+    return json.dumps([model, name, r, tab, *parts], default=str)
+
+
+def _figure(s, name: str, r: int, tab: str, extra_views, metric, method, xaxis, group_opts):
+    if tab == "spectrum":
+        sp = s.spectrum(name)
+        return figures.spectrum_figure(sp["eigenvalues"], sp["explained"], r, name)
+    if tab == "outliers":
+        return figures.outliers_figure(s.outliers(name, r, _views(extra_views)), r, name)
+    if tab == "error":
+        spec = s.layer_spec(name)
+        return figures.error_vs_rank_figure(s.curves(name), r, metric, name, current=s.error_at(name, r),
+                                            x_axis=xaxis or "rank", shape=(spec.in_features, spec.out_features),
+                                            highlight=method)
+    token, group, plant, channel = (list(group_opts) + [None] * 4)[:4]
+    plant = float(plant or 0)
+    if not 0 <= plant <= 1e4:
+        raise ValueError(f"the planted outlier must be between 0 and 10000 × the token's RMS, got {plant}")
+    tg = astats.token_group(s.require_stats().for_layer(name), r, s.linear(name).weight, token=_opt_int(token),
+                            group=_opt_int(group), plant=plant, plant_channel=_opt_int(channel))
+    return figures.token_group_figure(tg, name)
+
+
+def _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis, group_opts):
+    """({tab: figure or gr.skip()}, new ``drawn``): ``tab``'s plot (every layer tab when None, as the
+    handler tests call them), skipped when it already shows this; the hidden tabs skipped."""
+    drawn = dict(drawn or {})
+    out = {k: gr.skip() for k in LAYER_TABS}
+    for k in (LAYER_TABS if tab is None else [t for t in LAYER_TABS if t == tab]):
+        key = _view_key(model, name, r, k, extra_views, metric, method, xaxis, group_opts)
+        if tab is not None and drawn.get(k) == key:
+            continue
+        out[k] = _figure(s, name, r, k, extra_views, metric, method, xaxis, group_opts)
+        drawn[k] = key
+    return out, drawn
+
+
+def _sel_layer(s, model, sel) -> str | None:
+    """The selected layer of ``sel`` when it belongs to this model, else None."""
+    if isinstance(sel, dict) and sel.get("model") == model and sel.get("layer") in s.targets:
+        return sel["layer"]
+    return None
+
+
+def _clamped_rank(rank, d: int, fallback: int) -> int:
+    """A layer changed under the rank: keep it, clamped to the new width (``fallback`` when unreadable)."""
+    try:
+        r = int(round(float(rank)))
+    except (TypeError, ValueError):
+        r = fallback
+    return min(max(r, 0), d)
+
+
+def _select(s, model, block, ltype, rank, sel):
+    """(layer, its types, rank, status note) for a block/type change: a type the block lacks falls back
+    to the block's first; the rank is clamped to the layer's width."""
+    if block is None:
+        raise ValueError("pick a block and a layer type")
+    types = s.layer_types(int(block))
+    if not types:
+        raise KeyError(f"block {block} has no quantization target")
+    ltype = str(ltype) if ltype in types else types[0]
+    name = s.layer_name(int(block), ltype)
+    d = s.layer_spec(name).in_features
+    prev = sel.get("rank", 0) if isinstance(sel, dict) else 0
+    r = _clamped_rank(rank, d, int(prev or 0))
+    try:
+        asked = int(round(float(rank)))
+    except (TypeError, ValueError):
+        asked = r
+    note = f" (rank {asked} clamped to this layer's width {d})" if asked != r else ""
+    return name, types, r, note
+
+
+@safe(10)
+def on_rank(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, drawn=None, method="dirotq",
+            xaxis="rank", token=-1, group=-1, plant=0, channel=-1):
+    """Rank slider released or its box left: redraw at the new rank, or refuse a rank outside the
+    layer and put the box back to the rank the plots show.
+
+    -> (status, energy, spectrum, outliers, error, layer label, rank slider, group, sel, drawn)."""
     s = session(model)
     s.require_stats()
-    name = _layer(s, block, ltype)
+    name = _sel_layer(s, model, sel) or _layer(s, block, ltype)
     d = s.layer_spec(name).in_features
-    r = _rank(rank, d)
-    sp = s.spectrum(name)
-    f_spec = figures.spectrum_figure(sp["eigenvalues"], sp["explained"], r, name)
-    f_out = figures.outliers_figure(s.outliers(name, r, _views(extra_views)), r, name)
-    f_err = figures.error_vs_rank_figure(s.curves(name), r, metric, name, current=s.error_at(name, r))
-    return _energy_text(s, name, r), f_spec, f_out, f_err
+    try:
+        r = _rank(rank, d)
+    except ValueError as e:
+        keep = sel.get("rank") if _sel_layer(s, model, sel) == name else None
+        if keep is None:
+            raise
+        return (f"⚠ {e}: kept r = {keep}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                gr.update(value=keep), gr.skip(), gr.skip(), gr.skip())
+    t = time.perf_counter()
+    plots, drawn = _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis,
+                          (token, group, plant, channel))
+    # the label names the layer, which a rank change keeps: not re-rendered (each markdown costs the browser)
+    label = gr.skip() if _sel_layer(s, model, sel) == name else s.layer_label(name)
+    return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s"), _energy_text(s, name, r), plots["spectrum"],
+            plots["outliers"], plots["error"], label, gr.skip(), plots["group"],
+            {"model": model, "layer": name, "rank": r}, drawn)
+
+
+@safe(11)
+def on_layer(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, drawn=None, method="dirotq",
+             xaxis="rank", token=-1, group=-1, plant=0, channel=-1):
+    """A block or layer type picked: select that layer (a type the block lacks becomes its first),
+    clamp the rank slider to its width, redraw.
+
+    -> (status, layer label, rank slider, energy, spectrum, outliers, error, group, sel, drawn, layer type)."""
+    s = session(model)
+    name, types, r, note = _select(s, model, block, ltype, rank, sel)
+    d = s.layer_spec(name).in_features
+    slider = gr.update(maximum=d, value=r)
+    type_dd = gr.update(choices=types, value=s.layer_spec(name).layer_type)
+    new_sel = {"model": model, "layer": name, "rank": r}
+    if not s.calibrated:
+        return ("ℹ press “Calibrate” to see this layer", s.layer_label(name), slider, "", gr.skip(), gr.skip(),
+                gr.skip(), gr.skip(), new_sel, gr.skip(), type_dd)
+    t = time.perf_counter()
+    plots, drawn = _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis,
+                          (token, group, plant, channel))
+    return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s{note}"), s.layer_label(name), slider,
+            _energy_text(s, name, r), plots["spectrum"], plots["outliers"], plots["error"], plots["group"], new_sel,
+            drawn, type_dd)
 
 
 @safe(6)
-def on_rank(model, block, ltype, rank, extra_views, metric):
-    """Rank slider released / views or metric switched: redraw the three layer plots."""
-    t = time.perf_counter()
-    energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
-    return _ok(f"redrawn in {time.perf_counter() - t:.2f} s"), energy, f1, f2, f3, gr.skip()
+def on_view(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, drawn=None, method="dirotq",
+            xaxis="rank", token=-1, group=-1, plant=0, channel=-1):
+    """A view option changed (outlier views, error measure, method, x axis, the group's token, group
+    or planted outlier): redraw the visible tab from the selection when what it shows changed.
 
-
-@safe(7)
-def on_layer(model, block, ltype, rank, extra_views, metric):
-    """A new layer: clamp the rank slider to its width, then redraw."""
+    -> (status, spectrum, outliers, error, group, drawn)."""
     s = session(model)
-    name = _layer(s, block, ltype)
-    d = s.layer_spec(name).in_features
-    r = min(int(rank or 0), d)
-    slider = gr.update(maximum=d, value=r)
     if not s.calibrated:
-        return "ℹ press “Calibrate” to see this layer", s.layer_label(name), slider, "", gr.skip(), gr.skip(), gr.skip()
+        return "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    name = _sel_layer(s, model, sel) or _layer(s, block, ltype)
+    r = sel["rank"] if _sel_layer(s, model, sel) else _rank(rank, s.layer_spec(name).in_features)
     t = time.perf_counter()
-    energy, f1, f2, f3 = layer_figures(model, block, ltype, r, extra_views, metric)
-    return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s"), s.layer_label(name), slider, energy, f1, f2, f3)
+    plots, drawn = _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis,
+                          (token, group, plant, channel))
+    return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s"), plots["spectrum"], plots["outliers"], plots["error"],
+            plots["group"], drawn)
 
 
-@safe(2)
-def on_block(model, block, ltype):
-    """Block changed: offer that block's layer types (keep the type when it exists there)."""
-    s = session(model)
-    types = s.layer_types(int(block))
-    return "", gr.update(choices=types, value=ltype if ltype in types else types[0])
+def on_tab_select(evt: gr.SelectData, model, block, ltype, rank, extra_views, metric, old_tab=None, sel=None,
+                  drawn=None, method="dirotq", xaxis="rank", token=-1, group=-1, plant=0, channel=-1):
+    """gr.Tabs.select: the selected tab's id is ``evt.id``."""
+    return on_tab(evt.id, model, block, ltype, rank, extra_views, metric, old_tab, sel, drawn, method, xaxis, token,
+                  group, plant, channel)
+
+
+def on_tab(tab, model, block, ltype, rank, extra_views, metric, old_tab=None, sel=None, drawn=None,
+           method="dirotq", xaxis="rank", token=-1, group=-1, plant=0, channel=-1):
+    """A tab was selected: remember it and draw it if it is a layer tab that is not up to date.
+
+    -> (tab, status, spectrum, outliers, error, group, drawn)."""
+    if tab not in LAYER_TABS:
+        return (tab,) + (gr.skip(),) * 6
+    return (tab,) + tuple(on_view(model, block, ltype, rank, extra_views, metric, tab, sel, drawn, method, xaxis,
+                                  token, group, plant, channel))
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -180,45 +324,69 @@ def _ranks_from_df(s, df) -> dict[str, int]:
             raise ValueError(f"rank of {name} must be a whole number, got {r!r}") from None
         if not math.isfinite(rf) or rf != int(rf):
             raise ValueError(f"rank of {name} must be a whole number, got {r!r}")
+        if str(name) in ranks:  # a row renamed to another row's layer: one of the two ranks would be lost
+            raise ValueError(f"layer {name} is in the table twice")
         ranks[str(name)] = int(rf)
-    return s.validate_plan(ranks)  # RankPlan.resolve: the one range check of a plan
+    # RankPlan.resolve: the one range check of a plan (unknown names, W4A16 layers, ranks above the width)
+    return s.validate_plan(ranks)
 
 
-@safe(7)
-def on_calibrate(model, block, ltype, rank, extra_views, metric, progress=gr.Progress()):
-    """Calibrate (or load cached statistics), start the background curve sweep, draw."""
+def _selection_outputs(s, model, block, ltype, rank, sel, tab, drawn, extra_views, metric, method, xaxis,
+                       group_opts):
+    """(energy, spectrum, outliers, error, layer label, rank slider, group, sel, drawn, layer type) after
+    calibration or a page load: the controls' layer and rank become the selection."""
+    name, types, r, _ = _select(s, model, block, ltype, rank, sel)
+    plots, drawn = _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis, group_opts)
+    return (_energy_text(s, name, r), plots["spectrum"], plots["outliers"], plots["error"], s.layer_label(name),
+            gr.update(maximum=s.layer_spec(name).in_features, value=r), plots["group"],
+            {"model": model, "layer": name, "rank": r}, drawn,
+            gr.update(choices=types, value=s.layer_spec(name).layer_type))
+
+
+@safe(12)
+def on_calibrate(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, drawn=None, method="dirotq",
+                 xaxis="rank", token=-1, group=-1, plant=0, channel=-1, progress=gr.Progress()):
+    """Calibrate (or load cached statistics), start the background curve sweep, draw.
+
+    -> (status, energy, spectrum, outliers, error, layer label, plan table, rank slider, group, sel, drawn,
+    layer type)."""
     s = session(model)
     p = _prog(progress)
     t = time.perf_counter()
     was = s.calibrated or s.load_cached()
     s.calibrate(progress=lambda f, m: p(f, desc=m))
     dt = time.perf_counter() - t
-    name = _layer(s, block, ltype)
+    name = _select(s, model, block, ltype, rank, sel)[0]
     p(0.99, desc=f"error vs rank: {name}")
     s.curves(name)
     s.warm_up()
-    energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
+    energy, f1, f2, f3, label, slider, fg, new_sel, drawn, type_dd = _selection_outputs(
+        s, model, block, ltype, rank, sel, tab, {}, extra_views, metric, method, xaxis, (token, group, plant, channel))
     how = "loaded from the on-disk cache" if was else f"calibrated in {dt:.1f} s"
     c = s.calib
     steps = (f"{len(c.steps)} of {c.num_inference_steps} steps" if c.steps is not None
              else f"{c.num_inference_steps} steps")
     return (_ok(f"statistics {how}: {len(s.prompts) - c.holdout_prompts} prompts × {steps} "
                 f"(+ {c.holdout_prompts} held out for the error sample), "
-                f"{len(s.stats.layers)} input groups"), energy, f1, f2, f3, s.layer_label(name),
-            _plan_df(s, s.default_plan()))
+                f"{len(s.stats.layers)} input groups"), energy, f1, f2, f3, label,
+            _plan_df(s, s.default_plan()), slider, fg, new_sel, drawn, type_dd)
 
 
-@safe(7)
-def on_start(model, block, ltype, rank, extra_views, metric):
-    """Page load: draw at once when statistics are cached on disk, else ask for calibration."""
+@safe(12)
+def on_start(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, drawn=None, method="dirotq",
+             xaxis="rank", token=-1, group=-1, plant=0, channel=-1):
+    """Page load: draw at once when statistics are cached on disk, else ask for calibration.
+
+    -> as ``on_calibrate``."""
     s = session(model)
     if not (s.calibrated or s.load_cached()):
-        return (f"ℹ not calibrated yet: press **Calibrate** ({len(s.prompts)} prompts × a "
-                f"{s.calib.num_inference_steps}-step schedule)", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        return ((f"ℹ not calibrated yet: press **Calibrate** ({len(s.prompts)} prompts × a "
+                 f"{s.calib.num_inference_steps}-step schedule)", "") + (gr.skip(),) * 10)
     s.warm_up()
-    energy, f1, f2, f3 = layer_figures(model, block, ltype, rank, extra_views, metric)
-    return (_ok("statistics loaded from the on-disk cache"), energy, f1, f2, f3,
-            s.layer_label(_layer(s, block, ltype)), _plan_df(s, s.default_plan()))
+    energy, f1, f2, f3, label, slider, fg, new_sel, drawn, type_dd = _selection_outputs(
+        s, model, block, ltype, rank, sel, tab, {}, extra_views, metric, method, xaxis, (token, group, plant, channel))
+    return (_ok("statistics loaded from the on-disk cache"), energy, f1, f2, f3, label, _plan_df(s, s.default_plan()),
+            slider, fg, new_sel, drawn, type_dd)
 
 
 # ------------------------------------------------------------------------------ all layers
@@ -234,11 +402,20 @@ def on_all_layers(model, method, plan_df, metric, progress=gr.Progress()):
     dt = time.perf_counter() - t
     fig = figures.all_layers_figure(rows, metric, f"{figures.label(method)}: per-layer output error")
     worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
-    table = "\n".join(f"| `{r['name']}` | {r['kind'].upper()} | {r['rank']} | {_fmt(r['sqnr_db'], ' dB')} | "
-                      f"{r['rel_mse']:.2e} |" for r in worst)
+    table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {'—' if r['kind'] == 'w4a16' else r['rank']} | "
+                      f"{_fmt(r['sqnr_db'], ' dB')} | {r['rel_mse']:.2e} |" for r in worst)
     md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n|---|---|---|---|---|\n"
           + table)
+    n16 = sum(r["kind"] == "w4a16" for r in rows)
+    if n16:
+        md += (f"\n\n{n16} W4A16 layers (weight-only: 16-bit activations, so no 16-bit rank and not in the Rank "
+               "plan): their error is the 4-bit weights' alone, and a rank plan cannot lower it")
     return _ok(f"{len(rows)} layers quantized with {method} in {dt:.1f} s"), fig, md
+
+
+def _kind_cell(kind: str) -> str:
+    """The kind column of a layer list: W4A16 layers say that no rank applies to them."""
+    return "W4A16, weight-only: not rank-able" if kind == "w4a16" else kind.upper()
 
 
 # ------------------------------------------------------------------------------- rank plan
@@ -249,18 +426,37 @@ def _plan_outputs(s, ranks: dict, method: str):
 
 
 @safe(5)
-def on_fill(model, policy, value, method):
-    """Fill the plan table by a policy."""
+def on_fill(model, policy, value, method, progress=gr.Progress()):
+    """Fill the plan table by a policy, for the chosen method (its costs and curves)."""
     s = session(model)
     if value is None:
         raise ValueError("enter a value for the policy")
-    ranks = s.fill_plan(policy, float(value))
+    p = _prog(progress)
+    ranks = s.fill_plan(policy, float(value), method, progress=lambda f, m: p(f, desc=m))
     return (_ok(f"plan filled by {policy} = {value}"),) + _plan_outputs(s, ranks, method)
 
 
-POLICY_VALUE = {"fixed": ("rank of every layer", 32), "energy": ("energy to keep (0…1)", 0.9),
-                "error budget": ("largest relative MSE per layer", 0.01),
-                "16-bit budget": ("16-bit branch parameters Σ o·r (thousands)", 50)}
+POLICY_VALUE = {"output error": ("spend the 16-bit budget of rank", 32), "fixed": ("rank of every layer", 32),
+                "energy": ("energy to keep (0…1)", 0.9), "error budget": ("largest relative MSE per layer", 0.01),
+                "16-bit budget": ("extra 16-bit parameters (thousands)", 50)}
+
+
+BUDGET_HINT = ("fill with “output error” to measure how much each layer moves the output; "
+               "then this plot compares the policies at every budget")
+
+
+def on_budget(model, method, plan_df):
+    """Predicted output error vs 16-bit budget of the policies, the table's plan as a star (once
+    the method's sensitivities are measured: an "output error" fill does it)."""
+    try:
+        s = session(model)
+        if not s.has_sensitivity(method):
+            return figures.empty_figure(BUDGET_HINT)
+        ranks = _ranks_from_df(s, plan_df) if plan_df is not None and len(plan_df) else None
+        b = s.budget_curves(method, ranks)
+        return figures.budget_figure(b["curves"], b["current"], method)
+    except (ValueError, KeyError) as e:
+        return figures.empty_figure(str(e))
 
 
 def on_policy(policy):
@@ -269,13 +465,14 @@ def on_policy(policy):
     return gr.update(label=label, value=default)
 
 
-@safe(4)
+@safe(5)
 def on_plan_edit(model, plan_df, method):
-    """A cell was edited (or the method changed): recompute the cost."""
+    """A cell was edited (or the method changed): recompute the cost, and the table's "energy kept %"
+    column for the edited ranks (5th output; the method's change event leaves the table alone)."""
     s = session(model)
     ranks = _ranks_from_df(s, plan_df)
-    _, text, fig, js = _plan_outputs(s, ranks, method)
-    return "", text, fig, js
+    df, text, fig, js = _plan_outputs(s, ranks, method)
+    return "", text, fig, js, df
 
 
 @safe(3)
@@ -300,8 +497,8 @@ def on_import(model, file_or_text, method):
     if isinstance(path, str) and not path.lstrip().startswith("{") and os.path.isfile(path):
         with open(path) as f:
             text = f.read()
-    ranks = s.plan_from_json(text)
-    return (_ok(f"imported a plan for {len(ranks)} layers"),) + _plan_outputs(s, ranks, method)
+    rep = s.plan_from_json(text)  # what it set, what it ignored; refuses a plan that sets nothing
+    return (_ok(rep["message"]),) + _plan_outputs(s, rep["ranks"], method)
 
 
 @safe(3)
@@ -334,17 +531,14 @@ def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=
     from PIL import Image
 
     s = session(model)
+    # every input is checked before anything runs; on an error `safe` leaves the images on screen
+    prompt, seed, steps, guidance = s.check_inputs(prompt, seed, steps, guidance)
     s.require_stats()
     p = _prog(progress)
     ranks = _ranks_from_df(s, plan_df) if plan_df is not None and len(plan_df) else None
-    if seed is None or steps is None or guidance is None:
-        raise ValueError("seed, steps and guidance need values")
-    if float(seed) != int(float(seed)) or float(steps) != int(float(steps)):
-        raise ValueError("seed and steps must be whole numbers")
-    out = s.generate(prompt, int(float(seed)), int(float(steps)), float(guidance), method, ranks,
-                     progress=lambda f, m: p(f, desc=m))
+    out = s.generate(prompt, seed, steps, guidance, method, ranks, progress=lambda f, m: p(f, desc=m))
     m, t = out["metrics"], out["timings"]
-    lines = [f"**PSNR** {_fmt(m['psnr_db'], ' dB')} · **SSIM** {m['ssim']:.4f} (W4A4 vs the 16-bit image, same seed)",
+    lines = [f"⚠ {w}" for w in out["warnings"]] + [f"**PSNR** {_fmt(m['psnr_db'], ' dB')} · **SSIM** {m['ssim']:.4f} (W4A4 vs the 16-bit image, same seed)",
              f"**time**: 16-bit {t['reference_s']:.2f} s, W4A4 {t['quantized_s']:.2f} s "
              f"(reference dtype {t['reference_dtype'].replace('torch.', '')})",
              f"**backend**: {t['backend']}"]
@@ -356,8 +550,8 @@ def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=
     elif "judge_unavailable" in m:
         lines.append(f"**judge** unavailable: {m['judge_unavailable']}")
     diff = Image.fromarray(out["difference"])
-    return (_ok(f"generated with {method}"), _show(out["reference"]), _show(out["quantized"]), _show(diff),
-            "\n\n".join(lines))
+    status = " · ".join([_ok(f"generated with {method}")] + [f"⚠ {w}" for w in out["warnings"]])
+    return status, _show(out["reference"]), _show(out["quantized"]), _show(diff), "\n\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ model load
@@ -412,7 +606,26 @@ interpolated between the measured ranks).
 
 **Read it.** r = d is the 16-bit layer for DiRotQ (what is left is float32 rounding). SVDQuant's
 branch follows the weight's energy, DiRotQ's the activations' — the curve shows which one this
-layer needs. Layer errors do not always predict image quality: the Generate tab checks images.""",
+layer needs. A ★ "exact" at the top edge is a point with no error at all; ▲ are points above a
+capped axis. Layer errors do not always predict image quality: the Generate tab checks images.
+
+**Compare at equal cost.** Switch the x axis to the extra 16-bit parameters or FLOPs per token a
+rank costs (the Rank plan tab's cost model): DiRotQ's full rotation starts at a d×d matrix and a
+d×d GEMM whatever r is, the low-rank forms at almost nothing, and the dashed line is the chosen
+method's cost at your rank — read the other curves along it.""",
+    "group": """**What you see.** One held-out token (by default the one whose largest value is the most
+times its own RMS) and one group of 64 of its values, the unit INT4 gives one scale: in the
+original basis (RTN), after SmoothQuant, after QuaRot's Hadamard and after DiRotQ's rotation with
+its r 16-bit coefficients removed. Gray lines are the 16 levels the group can take (scale = the
+group's largest |value| / 7), black dashes where each value lands, bars the rounding error; red
+dots are non-zero values that round to 0.
+
+**Try it.** Plant an outlier (say 50 × the token's RMS): in the original basis it sets the
+group's scale and rounds every other value to 0 — the scale collapse. SmoothQuant divides only
+the channels that were large during calibration; the Hadamard spreads the outlier over the whole
+token, so each group's scale grows a little; DiRotQ keeps the part of it in its top-r directions
+16-bit and spreads the rest with its random rotation. The panel titles give the group's error and
+the whole token's (its INT4 error relative to its energy).""",
     "all": """**What you see.** Every quantized layer's output error for the method on the left and the
 rank plan of the *Rank plan* tab: a heat map by block and layer type, and bars in layer order.
 
@@ -505,36 +718,54 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                 block_dd = gr.Dropdown([(f"block {b}", b) for b in blocks], value=blocks[0], label="block",
                                        elem_id="block")
                 type_dd = gr.Dropdown(types, value=types[0], label="layer type", elem_id="layer-type")
-                layer_md = gr.Markdown(s.layer_label(first.name), elem_classes="teach")
+                layer_md = gr.Markdown(s.layer_label(first.name), elem_classes="teach", elem_id="layer-label")
                 rank_sl = gr.Slider(0, first.in_features, value=min(32, first.in_features), step=1,
                                     label="rank r (16-bit directions)", elem_id="rank")
                 energy_md = gr.Markdown("", elem_id="energy")
-                method_dd = gr.Dropdown(METHOD_CHOICES, value="dirotq", label="method (All layers, Rank plan, Generate)",
-                                        elem_id="method")
+                method_dd = gr.Dropdown(METHOD_CHOICES, value="dirotq", elem_id="method",
+                                        label="method (Error vs rank, All layers, Rank plan, Generate)")
                 with gr.Accordion("view options", open=False):
                     views_cb = gr.CheckboxGroup([("SmoothQuant", "smoothquant"), ("Hadamard (QuaRot)", "hadamard")],
                                                 value=OUTLIER_EXTRA, label="also show outliers after")
                     metric_rd = gr.Radio([("SQNR (dB)", "sqnr_db"), ("relative MSE", "rel_mse")], value="sqnr_db",
                                          label="error measure")
             with gr.Column(scale=3):
-                with gr.Tabs():
+                with gr.Tabs() as tabs:
                     with gr.Tab("Spectrum", id="spectrum"):
                         with gr.Row():
-                            spec_plot = gr.Plot(placeholder, elem_id="plot-spectrum", scale=3)
+                            spec_plot = gr.Plot(placeholder, elem_id="plot-spectrum", scale=3, show_label=False)
                             gr.Markdown(TEXT["spectrum"], elem_classes="teach")
                     with gr.Tab("Outliers", id="outliers"):
                         with gr.Row():
-                            out_plot = gr.Plot(placeholder, elem_id="plot-outliers", scale=3)
+                            out_plot = gr.Plot(placeholder, elem_id="plot-outliers", scale=3, show_label=False)
                             gr.Markdown(TEXT["outliers"], elem_classes="teach")
                     with gr.Tab("Error vs rank", id="error"):
                         with gr.Row():
-                            err_plot = gr.Plot(placeholder, elem_id="plot-error", scale=3)
+                            with gr.Column(scale=3):
+                                xaxis_rd = gr.Radio(X_AXES, value="rank", label="x axis: what the 16-bit part costs",
+                                                    elem_id="x-axis")
+                                err_plot = gr.Plot(placeholder, elem_id="plot-error", show_label=False)
                             gr.Markdown(TEXT["error"], elem_classes="teach")
+                    with gr.Tab("One group", id="group"):
+                        with gr.Row():
+                            with gr.Column(scale=3):
+                                with gr.Row():
+                                    tok_nb = gr.Number(-1, label="token (−1: auto)", precision=0, min_width=120,
+                                                       elem_id="group-token")
+                                    grp_nb = gr.Number(-1, label="group (−1: auto)", precision=0, min_width=120,
+                                                       elem_id="group-index")
+                                    plant_sl = gr.Slider(0, 100, value=0, step=1, elem_id="group-plant", scale=2,
+                                                         label="plant: × token RMS")
+                                    chan_nb = gr.Number(-1, label="at channel (−1: auto)", precision=0, min_width=120,
+                                                        elem_id="group-channel")
+                                group_plot = gr.Plot(placeholder, elem_id="plot-group", show_label=False)
+                            gr.Markdown(TEXT["group"], elem_classes="teach")
                     with gr.Tab("All layers", id="all"):
                         with gr.Row():
                             with gr.Column(scale=3):
                                 all_btn = gr.Button("Compute for this method and rank plan", elem_id="all-btn")
-                                all_plot = gr.Plot(figures.empty_figure("press the button above"), elem_id="plot-all")
+                                all_plot = gr.Plot(figures.empty_figure("press the button above"), elem_id="plot-all",
+                                                   show_label=False)
                                 worst_md = gr.Markdown("")
                             gr.Markdown(TEXT["all"], elem_classes="teach")
                     with gr.Tab("Rank plan", id="plan"):
@@ -550,6 +781,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                                        elem_id="plan-table", max_height=320)
                                 cost_md = gr.Markdown("")
                                 cost_plot = gr.Plot(figures.empty_figure("cost appears after a fill or an edit"))
+                                budget_plot = gr.Plot(figures.empty_figure(BUDGET_HINT), elem_id="plot-budget")
                                 with gr.Row():
                                     export_btn = gr.Button("Export JSON")
                                     quant_btn = gr.Button("Quantize with this plan", variant="primary")
@@ -569,9 +801,11 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                 with gr.Row():
                                     prompt_tb = gr.Textbox(s.default_prompt(),
                                                            label="prompt", elem_id="prompt", scale=3)
-                                    seed_nb = gr.Number(0, label="seed", precision=0, minimum=0)
-                                    steps_nb = gr.Number(20, label="steps", precision=0, minimum=1, maximum=100)
-                                    guid_nb = gr.Number(4.5, label="guidance", minimum=0, maximum=30)
+                                    # no minimum/maximum: gradio would refuse out-of-range values before
+                                    # on_generate runs, blanking the images; on_generate checks and says why
+                                    seed_nb = gr.Number(0, label="seed", precision=0)
+                                    steps_nb = gr.Number(20, label="steps (1–100)", precision=0)
+                                    guid_nb = gr.Number(4.5, label="guidance (0–30)")
                                 gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
                                 with gr.Row():
                                     img_ref = gr.Image(label="16-bit reference", type="pil", elem_id="img-ref",
@@ -584,30 +818,49 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                     with gr.Tab("About", id="about"):
                         gr.Markdown(ABOUT)
 
-        layer_in = [model_state, block_dd, type_dd, rank_sl, views_cb, metric_rd]
-        views_out = [status, energy_md, spec_plot, out_plot, err_plot, layer_md]
+        tab_state = gr.State("spectrum")  # the visible tab: only its plot is drawn
+        sel_state = gr.State(None)  # the selected layer and rank, {"model", "layer", "rank"}: what every view shows
+        drawn_state = gr.State({})  # tab -> what its plot shows (skip redraws that would change nothing)
+        sink = gr.State(None)  # an output nobody reads (the method's change does not rewrite the plan table)
+        view_in = [model_state, block_dd, type_dd, rank_sl, views_cb, metric_rd, tab_state, sel_state, drawn_state,
+                   method_dd, xaxis_rd, tok_nb, grp_nb, plant_sl, chan_nb]
+        plots = [spec_plot, out_plot, err_plot]
         plan_out = [plan_df, cost_md, cost_plot, plan_json]
+        start_out = [status, energy_md, *plots, layer_md, plan_df, rank_sl, group_plot, sel_state, drawn_state, type_dd]
+        layer_out = [status, layer_md, rank_sl, energy_md, *plots, group_plot, sel_state, drawn_state, type_dd]
+        rank_out = [status, energy_md, *plots, layer_md, rank_sl, group_plot, sel_state, drawn_state]
+        view_out = [status, *plots, group_plot, drawn_state]
+        # one queue of limit 1 for every redraw: a user's events run in order, so the last control
+        # touched is what the plots show; preprocess=False lets on_rank see (and refuse) a rank
+        # typed beyond the slider's range, which gradio would otherwise reject with a bare toast
+        views = dict(concurrency_id="layer-views", concurrency_limit=1, preprocess=False, show_progress="hidden")
 
-        demo.load(on_start, layer_in, views_out + [plan_df])
-        calib_btn.click(on_calibrate, layer_in, views_out + [plan_df], concurrency_limit=1)
-        block_dd.change(on_block, [model_state, block_dd, type_dd], [status, type_dd])
-        type_dd.change(on_layer, layer_in, [status, layer_md, rank_sl, energy_md, spec_plot, out_plot, err_plot],
-                       trigger_mode="always_last")
-        rank_sl.release(on_rank, layer_in, views_out, trigger_mode="always_last")
-        for c in (views_cb, metric_rd):
-            c.change(on_rank, layer_in, views_out, trigger_mode="always_last")
+        demo.load(on_start, view_in, start_out, **views)
+        calib_btn.click(on_calibrate, view_in, start_out, concurrency_limit=1, preprocess=False)
+        # .input, not .change: programmatic updates (on_layer setting the type, a model load) fire no
+        # second redraw, and picking a block whose type stays the same still redraws
+        for c in (block_dd, type_dd):
+            c.input(on_layer, view_in, layer_out, trigger_mode="always_last", **views)
+        rank_sl.release(on_rank, view_in, rank_out, trigger_mode="always_last", **views)
+        for c in (views_cb, metric_rd, method_dd, xaxis_rd, tok_nb, grp_nb, chan_nb):
+            c.change(on_view, view_in, view_out, trigger_mode="always_last", **views)
+        plant_sl.release(on_view, view_in, view_out, trigger_mode="always_last", **views)
+        tabs.select(on_tab_select, view_in, [tab_state, *view_out], trigger_mode="always_last", **views)
         all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
         policy_dd.change(on_policy, policy_dd, value_nb)
-        fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out)
-        plan_df.input(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
-        method_dd.change(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json])
+        fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out).then(
+            on_budget, [model_state, method_dd, plan_df], budget_plot)
+        plan_df.input(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json, plan_df]
+                      ).then(on_budget, [model_state, method_dd, plan_df], budget_plot)
+        method_dd.change(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json, sink])
         export_btn.click(on_export, [model_state, plan_df], [status, export_file, json_acc])
         import_file.upload(on_import, [model_state, import_file, method_dd], [status] + plan_out)
         apply_btn.click(on_import, [model_state, plan_json, method_dd], [status] + plan_out)
         quant_btn.click(on_quantize_plan, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
         gen_btn.click(on_generate, [model_state, prompt_tb, seed_nb, steps_nb, guid_nb, method_dd, plan_df],
                       [status, img_ref, img_q, img_d, gen_md])
-        load_btn.click(on_load_model, [model_box, model_state], [status, model_state, block_dd, type_dd, plan_df])
+        load_btn.click(on_load_model, [model_box, model_state], [status, model_state, block_dd, type_dd, plan_df]
+                       ).then(on_layer, view_in, layer_out, **views)
     demo.queue(default_concurrency_limit=2)
     return demo
 
@@ -634,10 +887,14 @@ def main(argv: list[str] | None = None) -> int:
                             theme=gr.themes.Soft(), css=CSS, quiet=True)
     print(f"DiRotQ Explorer running on {url or f'http://{args.host}:{args.port}/'}", flush=True)
     try:
-        demo.block_thread()
+        demo.block_thread()  # returns on Ctrl-C, once gradio has closed the server
     except KeyboardInterrupt:
         pass
-    return 0
+    # a handler thread may still be inside torch (a calibration, the curve warm-up): finalizing the
+    # interpreter under it aborts with "terminate called without an active exception", so leave now
+    # (caches are written under a temporary name, then renamed: an interrupted write is never read back)
+    print("DiRotQ Explorer stopped (Ctrl-C)", flush=True)
+    os._exit(130)
 
 
 def _cuda() -> bool:

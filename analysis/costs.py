@@ -54,7 +54,7 @@ def layer_cost(d: int, o: int, method: str, rank: int = 0, *, config: QuantConfi
     base = _w4(o, d, g)
     base_bits = base["weight"] + base["scales"] + (16.0 * o if bias else 0.0)
     total = sum(bits.values())
-    extra16 = sum(v for k, v in bits.items() if k not in ("weight", "scales", "bias", "hadamard_signs")) / 16.0
+    extra16 = extra.params16
     return {
         "method": method, "rank": r, "d": d, "o": o, "bits": bits, "total_bits": total,
         "w4a4_bits": base_bits, "bf16_bits": 16.0 * o * d + (16.0 * o if bias else 0.0),

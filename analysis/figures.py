@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 
 from dirotq.registry import display
 
-from .stats import VIEW_LABELS
+from .stats import COST_AXES, VIEW_LABELS, cost_axis
 
 
 
@@ -79,6 +79,17 @@ def _vline(x: float, xref: str = "x") -> dict:
                 line=dict(color="black", dash="dash", width=1.5))
 
 
+def _revision(*arrays: Any) -> str:
+    """A short content hash of the figure's data (``layout.datarevision``): Plotly.react in the browser
+    skips recalculating traces whose revision is unchanged."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a, dtype=float)).tobytes())
+    return h.hexdigest()
+
+
 def _short(name: str) -> str:
     return name.replace("transformer_blocks.", "b").replace("single_transformer_blocks.", "s")
 
@@ -108,6 +119,9 @@ def spectrum_figure(eigenvalues: Sequence[float], explained: Sequence[float], ra
         yaxis2=dict(title=dict(text="cumulative energy"), overlaying="y", side="right", range=[0, 1.02],
                     showgrid=False),
         shapes=[_vline(rank + 0.5 if rank else 0.5)],
+        # the traces depend on the layer only: a rank change is a relayout for Plotly.react in the browser
+        # (no trace recalculation), when the data's revision is unchanged
+        datarevision=_revision(ev, ex),
     )
     return go.Figure(data=data, layout=layout)
 
@@ -153,51 +167,211 @@ def outliers_figure(views: Mapping[str, Mapping[str, Any]], rank: int, layer: st
     return go.Figure(data=data, layout=layout)
 
 
+_X_SHORT = {"rank": "rank", "params16": "16-bit parameters", "flops16": "16-bit FLOPs/token"}
+
+
 def error_vs_rank_figure(curves: Mapping[str, Any], rank: int, metric: str = "sqnr_db", layer: str = "",
-                         current: Mapping[str, float] | None = None) -> go.Figure:
-    """Output error of the layer vs rank: one curve per ranked method (traces in ``curves['curves']``
-    order, x = ``curves['ranks']``), the rank-free references as horizontal lines (one trace each,
-    two points spanning the rank range), a marker at the chosen rank."""
+                         current: Mapping[str, float] | None = None, *, x_axis: str = "rank",
+                         shape: tuple[int, int] | None = None, highlight: str | None = None) -> go.Figure:
+    """Output error of the layer vs rank, or vs what each rank costs.
+
+    ``x_axis``: ``"rank"``, or ``"params16"`` / ``"flops16"``: the extra 16-bit parameters / FLOPs per
+    token of each point against plain W4A4 (``stats.cost_axis``; needs ``shape = (d, o)``), so methods
+    with different 16-bit costs compare at equal cost. ``highlight``: the method drawn thicker; on a
+    cost axis the dashed line is its cost at ``rank``. A point with zero error (SQNR = ∞) is drawn as
+    a star labelled "exact" at the top edge (the bottom edge for relative MSE), finite points above a
+    capped SQNR axis as ▲ at the same edge: nothing is off the chart.
+
+    Traces, in order: one curve per ranked method (``curves['curves']`` order; x = ``curves['ranks']``
+    or their cost, y = the measured errors with None where exact), one line per rank-free reference
+    (two points: the rank range, or from its own cost to the largest cost), the markers at the chosen
+    rank, then the edge markers (one trace per method that has any).
+    """
     if metric not in ("sqnr_db", "rel_mse"):
         raise ValueError(f"metric must be 'sqnr_db' or 'rel_mse', got {metric!r}")
+    if x_axis not in COST_AXES:
+        raise ValueError(f"x_axis must be one of {tuple(COST_AXES)}, got {x_axis!r}")
+    if x_axis != "rank" and shape is None:
+        raise ValueError(f"x_axis={x_axis!r} needs the layer's shape (d, o) for its cost")
     ranks = list(curves["ranks"])
+
+    def xs_of(m: str, rs: Sequence[int]) -> list:
+        return list(rs) if x_axis == "rank" else cost_axis(m, rs, shape[0], shape[1], x_axis)
+
+    def exact(v: Mapping[str, Any], i: int | None = None) -> bool:
+        s = v["sqnr_db"][i] if i is not None else v.get("sqnr_db", 0.0)
+        return s is not None and math.isinf(s) and s > 0
+
+    def shown(v: float) -> bool:
+        return v is not None and math.isfinite(v) and (metric == "sqnr_db" or v > 0)
+
+    # the y range: finite values only; an SQNR axis is capped 40 dB above the best rank-free baseline
+    # (near r = d the error is float32 rounding, > 100 dB) so the region where methods differ stays readable
+    vals = [v for c in curves["curves"].values() for v in c[metric] if shown(v)]
+    refs = [e[metric] for e in curves["references"].values() if shown(e[metric])]
+    has_exact = any(exact(c, i) for c in curves["curves"].values() for i in range(len(ranks)))
+    top = edge = None
+    capped = False
+    yaxis_range = None
+    if vals or refs:
+        lo, hi = min(vals + refs), max(vals + refs)
+        if metric == "sqnr_db":
+            top = hi
+            if refs and hi > max(refs) + 40:
+                top, capped = max(refs) + 40, True
+            if capped or has_exact:
+                edge = top + 5
+                yaxis_range = [lo - 2, top + 12]
+        elif has_exact:
+            edge = lo / 10 ** 0.6
+            yaxis_range = [math.log10(lo) - 1.0, math.log10(hi) + 0.2]
+
     data = []
+    x_all: list[float] = []
     for m, cur in curves["curves"].items():
-        y = [v if math.isfinite(v) else None for v in cur[metric]]
-        data.append(go.Scatter(x=ranks, y=y, name=label(m), mode="lines+markers",
-                               line=dict(color=color(m))))
-    x0, x1 = (ranks[0], ranks[-1]) if ranks else (0, 1)
+        x = xs_of(m, ranks)
+        x_all += [float(v) for v in x]
+        y = [v if shown(v) and not exact(cur, i) else None for i, v in enumerate(cur[metric])]
+        width = 3.5 if m == highlight else 2
+        hover = (None if x_axis == "rank" else
+                 f"{label(m)}, r = %{{customdata}}<br>%{{x:.3s}} {_X_SHORT[x_axis]}<br>%{{y:.3g}}<extra></extra>")
+        data.append(go.Scatter(x=x, y=y, name=label(m), mode="lines+markers", line=dict(color=color(m), width=width),
+                               customdata=ranks, hovertemplate=hover))
+    x0, x1 = (min(x_all), max(x_all)) if x_all else (0, 1)
     for m, e in curves["references"].items():
-        data.append(go.Scatter(x=[x0, x1], y=[e[metric]] * 2, name=label(m), mode="lines",
-                               line=dict(color=color(m), dash="dot")))
+        if x_axis == "rank":
+            data.append(go.Scatter(x=[x0, x1], y=[e[metric]] * 2, name=label(m), mode="lines",
+                                   line=dict(color=color(m), dash="dot")))
+        else:  # a marker at its own cost, the dotted line on to the right: "this error from this cost on"
+            c0 = xs_of(m, [0])[0]
+            data.append(go.Scatter(x=[c0, max(x1, c0)], y=[e[metric]] * 2, name=label(m), mode="lines+markers",
+                                   marker=dict(size=[9, 0], symbol="square"), line=dict(color=color(m), dash="dot")))
     for m, v in (current or {}).items():
-        if math.isfinite(v.get(metric, math.nan)):
-            how = "interpolated between measured ranks" if v.get("interpolated") else "measured"
-            data.append(go.Scatter(x=[rank], y=[v[metric]], mode="markers", showlegend=False,
-                                   name=f"{label(m)} at r = {rank} ({how})",
-                                   marker=dict(size=11, color=color(m),
-                                               symbol="diamond-open" if v.get("interpolated") else "diamond")))
+        yv = v.get(metric, math.nan)
+        if not shown(yv) or m not in curves["curves"]:
+            continue
+        if capped and metric == "sqnr_db" and yv > top:
+            yv = edge
+        how = "interpolated between measured ranks" if v.get("interpolated") else "measured"
+        data.append(go.Scatter(x=xs_of(m, [rank]), y=[yv], mode="markers", showlegend=False,
+                               name=f"{label(m)} at r = {rank} ({how})",
+                               marker=dict(size=11, color=color(m),
+                                           symbol="diamond-open" if v.get("interpolated") else "diamond")))
+    for m, cur in curves["curves"].items():
+        if edge is None:
+            break
+        x = xs_of(m, ranks)
+        pts = [(x[i], "exact") for i in range(len(ranks)) if exact(cur, i)]
+        if capped:
+            pts += [(x[i], "") for i, v in enumerate(cur[metric]) if shown(v) and v > top]
+        if not pts:
+            continue
+        data.append(go.Scatter(
+            x=[p[0] for p in pts], y=[edge] * len(pts), mode="markers+text", showlegend=False, cliponaxis=False,
+            name=f"{label(m)}: exact (zero error) or above the axis", text=[p[1] for p in pts],
+            textposition="top center" if metric == "sqnr_db" else "bottom center",
+            textfont=dict(size=11, color=color(m)),
+            marker=dict(size=12, color=color(m), line=dict(width=1, color="black"),
+                        symbol=["star" if p[1] else "triangle-up-open" for p in pts])))
+
     axis_title = "SQNR (dB, higher is better)" if metric == "sqnr_db" else "relative MSE (lower is better)"
     yaxis = dict(title=dict(text=axis_title), type="log" if metric == "rel_mse" else "linear", **_AXIS)
-    title = f"{_short(layer)}: output error vs rank (r = {rank})"
+    if metric == "rel_mse":
+        yaxis["exponentformat"] = "power"
+    if yaxis_range is not None:
+        yaxis["range"] = yaxis_range
     notes = []
-    if metric == "sqnr_db":
-        # near r = d the error is float32 rounding (> 100 dB): cap the axis 40 dB above the best
-        # rank-free baseline so the region where methods differ stays readable; say so when it cuts
-        vals = [v for c in curves["curves"].values() for v in c["sqnr_db"] if math.isfinite(v)]
-        refs = [e["sqnr_db"] for e in curves["references"].values() if math.isfinite(e["sqnr_db"])]
-        if vals and refs:
-            top = max(refs) + 40
-            if max(vals) > top:
-                lo = min(vals + refs)
-                yaxis["range"] = [lo - 2, top]
-                notes.append(dict(text=f"axis capped at {top:.0f} dB: higher points are off the chart", x=1, y=1,
-                                  xref="paper", yref="paper", xanchor="right", yanchor="bottom", showarrow=False,
-                                  font=dict(size=11, color="#666666")))
-    layout = dict(_LAYOUT, title=dict(text=title), xaxis=dict(title=dict(text="rank r (16-bit directions)"), **_AXIS),
-                  yaxis=yaxis, shapes=[_vline(rank)], annotations=notes, height=470,
-                  margin=dict(l=60, r=20, t=60, b=100),
+    if capped:
+        notes.append(f"axis capped at {top:.0f} dB: ▲ higher")
+    if has_exact:
+        notes.append("★ exact: zero error")
+    title = f"{_short(layer)}: output error vs {_X_SHORT[x_axis]} (r = {rank})"
+    if notes:
+        title += "<br><sup>" + " · ".join(notes) + "</sup>"
+    xaxis = dict(title=dict(text=COST_AXES[x_axis]), **_AXIS)
+    if x_axis == "rank":
+        cut = rank
+    else:
+        xaxis["tickformat"] = "~s"
+        h = highlight if highlight in curves["curves"] else next(iter(curves["curves"]), None)
+        cut = xs_of(h, [rank])[0] if h else None
+    layout = dict(_LAYOUT, title=dict(text=title), xaxis=xaxis, yaxis=yaxis,
+                  shapes=[_vline(cut)] if cut is not None else [], height=470,
+                  margin=dict(l=60, r=20, t=80 if notes else 60, b=100),
                   legend=dict(orientation="h", yanchor="top", y=-0.16, xanchor="center", x=0.5))
+    return go.Figure(data=data, layout=layout)
+
+
+GROUP_LABELS = {"original": "original x (RTN)", "smoothquant": "SmoothQuant x/s", "hadamard": "QuaRot x·H",
+                "dirotq": "DiRotQ x·T (INT4 part)"}
+
+
+def token_group_figure(tg: Mapping[str, Any], layer: str = "") -> go.Figure:
+    """One quantization group of one token in each view (``stats.token_group``), one column per view:
+    top, the values (red: non-zero values that round to 0) against the group's 16 INT4 levels (gray
+    lines) and where each value lands (black dash); bottom, the rounding error per value. Each
+    column has its own y scale: the point is how the levels sit against the values.
+
+    Traces per view, in order: values (x = index in the group, y = ``values``), INT4 levels (one
+    line per level, separated by None), dequantized values, rounding error (bars), the non-zero
+    values that round to 0 (red, drawn over the first trace).
+    """
+    names = list(tg["views"])
+    k = max(len(names), 1)
+    layout = dict(_LAYOUT, height=600, margin=dict(l=60, r=20, t=128, b=90), bargap=0.15,
+                  legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
+                  **_grid(2, k, row_heights=[0.68, 0.32], hspace=0.045, vspace=0.08))
+    planted = tg.get("planted")
+    head = f"{_short(layer)}: token {tg['token']} of {tg['n_tokens']}, group {tg['group']} (r = {tg['rank']})"
+    head += "<br><sup>" + (f"planted: channel {planted['channel']} set to {planted['value']:.3g} "
+                           f"= {planted['value'] / max(tg['rms'], 1e-30):.0f}× the token's RMS" if planted else
+                           "no planted outlier") + "</sup>"
+    layout["title"] = dict(text=head, y=0.98, yanchor="top")
+    data, annotations = [], []
+    for j, v in enumerate(names):
+        g = tg["views"][v]
+        vals = np.asarray(g["values"], dtype=float)
+        n = len(vals)
+        x = np.arange(n)
+        top, bot = dict(xaxis=f"x{_ax(j + 1)}", yaxis=f"y{_ax(j + 1)}"), dict(xaxis=f"x{_ax(k + j + 1)}",
+                                                                                yaxis=f"y{_ax(k + j + 1)}")
+        zero = (np.asarray(g["codes"]) == 0) & (np.abs(vals) > 0)
+        data.append(go.Scatter(x=x, y=vals, mode="markers", name="value", legendgroup="v", showlegend=j == 0,
+                               marker=dict(size=6, color="#1f77b4"), hovertemplate="value %{y:.4g}<extra></extra>",
+                               **top))
+        lx, ly = [], []
+        for lv in g["levels"]:
+            lx += [-0.5, max(n, 1) - 0.5, None]
+            ly += [float(lv), float(lv), None]
+        data.append(go.Scatter(x=lx, y=ly, mode="lines", name="the 16 INT4 levels", legendgroup="l",
+                               showlegend=j == 0, line=dict(color="#bbbbbb", width=1), hoverinfo="skip", **top))
+        data.append(go.Scatter(x=x, y=np.asarray(g["dequant"], dtype=float), mode="markers", name="after INT4",
+                               legendgroup="q", showlegend=j == 0,
+                               marker=dict(symbol="line-ew-open", size=10, color="black", line=dict(width=2)),
+                               hovertemplate="rounds to %{y:.4g}<extra></extra>", **top))
+        data.append(go.Bar(x=x, y=np.asarray(g["error"], dtype=float), name="rounding error", legendgroup="e",
+                           showlegend=j == 0, marker_color="#7f7f7f", **bot))
+        data.append(go.Scatter(x=x[zero], y=vals[zero], mode="markers", name="non-zero value that rounds to 0",
+                               legendgroup="z", showlegend=j == 0, marker=dict(size=7, color="#d62728"),
+                               hovertemplate="value %{y:.4g} → 0<extra></extra>", **top))
+        dom = layout[f"xaxis{_ax(j + 1)}"]["domain"]
+        if n:  # three short lines: a quarter of a 650 px plot holds ~26 characters
+            sub = (f"scale {g['scale']:.3g} · <b>{g['zeroed']} of {n} → 0</b><br>"
+                   f"error: group {100 * g['group_err']:.1f} %,<br>token {100 * g['token_err']:.2f} %")
+        else:
+            sub = "nothing quantized<br>(every coefficient<br>is 16-bit)"
+        annotations.append(_title_annotation(f"<b>{GROUP_LABELS.get(v, v)}</b><br>{sub}", (dom[0] + dom[1]) / 2,
+                                             layout["yaxis"]["domain"][1] + 0.01))
+        layout[f"xaxis{_ax(j + 1)}"].update(showticklabels=False, range=[-1, max(n, 1)])
+        layout[f"xaxis{_ax(k + j + 1)}"].update(range=[-1, max(n, 1)], matches=f"x{_ax(j + 1)}")
+        if n:  # the levels, not the data, set the range: the outermost level is ±8 steps
+            s = max(g["scale"], 1e-30)
+            layout[f"yaxis{_ax(j + 1)}"]["range"] = [-8.6 * s, 8.6 * s]
+            layout[f"yaxis{_ax(k + j + 1)}"]["range"] = [-0.6 * s, 0.6 * s]
+    layout["yaxis"]["title"] = dict(text="value")
+    layout[f"yaxis{_ax(k + 1)}"]["title"] = dict(text="error")
+    layout[f"xaxis{_ax(k + 1)}"]["title"] = dict(text="position in the group")
+    layout["annotations"] = annotations
     return go.Figure(data=data, layout=layout)
 
 
@@ -284,6 +458,62 @@ def sweep_figure(results: Mapping) -> go.Figure:
     return fig
 
 
+def rank_plans_figure(result: Mapping) -> go.Figure:
+    """``benchmarks/bench_rank_plans`` results: image PSNR (95 % CI bars) against the plan's extra
+    16-bit parameters, one panel per method, one trace per policy (x = the plan's cost, so plans of
+    one budget stand side by side at or below it)."""
+    rows = [r for r in result["rows"] if "params16" in r and r["policy"] in POLICY_STYLE]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    layout = dict(_LAYOUT, height=430, margin=dict(l=60, r=20, t=90, b=60),
+                  title=dict(text=f"{result['meta']['model']}: image PSNR vs 16-bit budget, by rank-plan policy "
+                                  f"({result['meta']['n_images']} images)"),
+                  **_grid(1, max(len(methods), 1), hspace=0.06))
+    data, notes = [], []
+    for i, m in enumerate(methods, start=1):
+        ax = _ax(i)
+        notes.append(_title_annotation(label(m), (i - 0.5) / len(methods), 1.0))
+        layout[f"xaxis{ax}"]["title"] = dict(text="extra 16-bit parameters")
+        for policy, (colour, symbol) in POLICY_STYLE.items():
+            pts = sorted((r["params16"], r["psnr"]) for r in rows if r["method"] == m and r["policy"] == policy)
+            if not pts:
+                continue
+            data.append(go.Scatter(x=[p for p, _ in pts], y=[q["mean"] for _, q in pts], name=policy,
+                                   legendgroup=policy, showlegend=i == 1, mode="lines+markers", xaxis=f"x{ax}",
+                                   yaxis=f"y{ax}", marker=dict(symbol=symbol, size=9), line=dict(color=colour),
+                                   error_y=dict(type="data", array=[q["hi"] - q["mean"] for _, q in pts],
+                                                arrayminus=[q["mean"] - q["lo"] for _, q in pts])))
+    layout["yaxis"]["title"] = dict(text="PSNR vs 16-bit image (dB)")
+    layout["annotations"] = notes
+    return go.Figure(data=data, layout=layout)
+
+
+def budget_figure(curves: Mapping[str, Sequence[tuple[float, float]]], current: tuple[float, float] | None = None,
+                  method: str = "") -> go.Figure:
+    """Predicted model-output error (``analysis.plans.predicted_output_error``) against the extra
+    16-bit parameters of a plan: one trace per policy (points at several budgets, in ``curves``
+    order), a star for the current plan. Lower-left is better."""
+    data = []
+    for policy, pts in curves.items():
+        colour, symbol = POLICY_STYLE.get(policy, ("#7f7f7f", "circle"))
+        pts = sorted(pts)
+        data.append(go.Scatter(x=[p for p, _ in pts], y=[e for _, e in pts], name=policy, mode="lines+markers",
+                               marker=dict(symbol=symbol, size=8), line=dict(color=colour)))
+    if current is not None:
+        data.append(go.Scatter(x=[current[0]], y=[current[1]], name="this plan", mode="markers",
+                               marker=dict(symbol="star", size=16, color="black")))
+    layout = dict(_LAYOUT, height=360, margin=dict(l=70, r=20, t=60, b=50),
+                  title=dict(text=f"{label(method)}: predicted output error vs 16-bit budget" if method else
+                             "predicted output error vs 16-bit budget"),
+                  xaxis=dict(title=dict(text="extra 16-bit parameters"), **_AXIS),
+                  yaxis=dict(title=dict(text="Σ per-layer output error (lower is better)"), type="log", **_AXIS))
+    return go.Figure(data=data, layout=layout)
+
+
+POLICY_STYLE = {"fixed": ("#7f7f7f", "circle"), "output error": ("#d62728", "diamond"),
+                "energy": ("#2ca02c", "square"), "error budget": ("#9467bd", "triangle-up"),
+                "16-bit budget": ("#1f77b4", "x")}
+
+
 def write_html(fig: go.Figure, path: str | Path) -> Path:
     """``fig`` as a standalone HTML page that renders offline: plotly.min.js is written beside it
     from the installed plotly package (never committed: the wheel ships it)."""
@@ -293,5 +523,6 @@ def write_html(fig: go.Figure, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["spectrum_figure", "outliers_figure", "error_vs_rank_figure", "all_layers_figure", "cost_figure",
-           "empty_figure", "sweep_figure", "write_html", "label", "color"]
+__all__ = ["spectrum_figure", "outliers_figure", "error_vs_rank_figure", "token_group_figure", "GROUP_LABELS",
+           "all_layers_figure", "cost_figure", "empty_figure", "sweep_figure", "rank_plans_figure", "budget_figure", "write_html", "label",
+           "color"]

@@ -27,11 +27,12 @@ from dirotq.calibration import CalibrationStats, calibrate, model_fingerprint
 from dirotq.config import DEFAULT_KEY, RankPlan
 from dirotq.eval.judge import DEFAULT_JUDGE_PATH, load_judge
 from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, read_prompts
-from dirotq.generate import generate_pair
+from dirotq.generate import check_sampling, generate_pair, truncation_warning, unknown_words
 from dirotq.models import get_adapter, target_report
 from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
 from dirotq.quantize import layer_error, quantize_, quantize_layer
-from dirotq.registry import method_names
+from dirotq.allocate import layer_params16, layer_sensitivity, record_transformer_calls, sensitivity_curves
+from dirotq.registry import get_method, method_names
 
 from . import plans
 from .costs import plan_cost
@@ -40,6 +41,7 @@ from .stats import (difference_image, energy_at, error_curves, image_report, int
                     method_config, outlier_views, spectrum)
 
 Progress = Callable[[float, str], Any]
+MAX_STEPS = 100  # Generate's step limit: an interactive view, where a longer schedule only makes users wait
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("DIROTQ_CACHE", str(ROOT / ".cache" / "explorer")))
@@ -144,7 +146,8 @@ class ExplorerSession:
         self._memo: dict[str, _LRU] = {k: _LRU(n) for k, n in
                                        (("spectrum", 512), ("views", 64), ("curves", 1024), ("point", 256),
                                         ("quantized", 2), ("judge", 1))}
-        self._curves_disk: dict[str, Any] = {}
+        self._curves_disk: dict[str, Any] = {}  # layer-error curves by layer, sensitivities by method
+        self._calls = None  # transformer inputs of the held-out prompts (the output-error policy)
         self._warm: threading.Thread | None = None
         self._stop = threading.Event()
         self.is_embedded = Path(self.model).resolve() == Path(DEFAULT_MODEL).resolve()
@@ -369,8 +372,10 @@ class ExplorerSession:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError:
                 return
-            for cur in data.values():  # inf was saved as null
-                for c in cur["curves"].values():
+            for key, cur in list(data.items()):
+                if key.startswith("sensitivity|"):
+                    continue
+                for c in cur["curves"].values():  # inf was saved as null
                     c["sqnr_db"] = [float("inf") if v is None else v for v in c["sqnr_db"]]
             self._curves_disk.update(data)
 
@@ -381,18 +386,93 @@ class ExplorerSession:
     def default_plan(self, rank: int = 32) -> dict[str, int]:
         return plans.fixed_plan(self.w4a4_targets(), rank)
 
-    def fill_plan(self, policy: str, value: float) -> dict[str, int]:
-        """Per-layer ranks of the W4A4 targets by ``policy`` (``analysis.plans.fill_plan``), from
-        this session's spectra and DiRotQ error curves."""
+    def plan_cost_fn(self, method: str):
+        """(layer, rank) -> extra 16-bit parameters of ``method`` (its own cost function)."""
+        cfg = self.config(method)
+        return lambda name, r: layer_params16(self.targets[name], cfg, int(r))
+
+    def fill_plan(self, policy: str, value: float, method: str = "dirotq",
+                  progress: Progress | None = None) -> dict[str, int]:
+        """Per-layer ranks of the W4A4 targets by ``policy`` (``analysis.plans.fill_plan``) for
+        ``method``: its costs, its held-out layer-error curves, its output-error curves."""
         if policy != "fixed":
             self.require_stats()
 
-        def dirotq_curve(name: str):
+        def layer_curve(name: str) -> dict[int, float]:
             cur = self.curves(name)
-            return cur["ranks"], cur["curves"]["dirotq"]["rel_mse"]
+            m = method if method in cur["curves"] else "dirotq"  # unranked methods: the DiRotQ curve
+            return dict(zip(cur["ranks"], cur["curves"][m]["rel_mse"]))
 
-        return plans.fill_plan(policy, value, self.w4a4_targets(),
-                               eigenvalues=lambda n: self.spectrum(n)["eigenvalues"], error_curve=dirotq_curve)
+        return plans.fill_plan(policy, value, self.w4a4_targets(), cost=self.plan_cost_fn(method),
+                               eigenvalues=lambda n: self.spectrum(n)["eigenvalues"], layer_curve=layer_curve,
+                               output_curves=lambda: self.output_curves(method, progress), config=self.config(method))
+
+    def sensitivity(self, method: str, progress: Progress | None = None) -> dict[str, dict[str, float]]:
+        """How much of each W4A4 layer's error reaches the model output under ``method`` at rank 0
+        (``dirotq.allocate.layer_sensitivity``), on the transformer inputs of the held-out
+        calibration prompts at every other denoising step; once per method (memory and disk cache)."""
+        key = f"sensitivity|{method}|{_hash(self.base)}"
+        with self.compute_lock:
+            if key in self._curves_disk:
+                return self._curves_disk[key]
+        stats = self.require_stats()
+        with self.lock:  # the pipeline runs one thing at a time
+            if self._calls is None:
+                c = self.calib
+                held_out = self.prompts[-c.holdout_prompts:] if c.holdout_prompts else self.prompts[:4]
+                self._calls = record_transformer_calls(self.pipe, held_out, seed=c.seed,
+                                                       num_inference_steps=c.num_inference_steps,
+                                                       steps=range(0, c.num_inference_steps, 2),
+                                                       pipe_kwargs=self.pipe_kwargs)
+            sens = layer_sensitivity(self.transformer, self._calls, stats, self.config(method),
+                                     targets=self.w4a4_targets(), progress=progress)
+        with self.compute_lock:
+            self._curves_disk[key] = sens
+        self._save_curves()
+        return sens
+
+    def has_sensitivity(self, method: str) -> bool:
+        """Whether ``sensitivity(method)`` is measured already (it runs the model: ~1 min on CPU)."""
+        with self.compute_lock:
+            return f"sensitivity|{method}|{_hash(self.base)}" in self._curves_disk
+
+    def output_curves(self, method: str, progress: Progress | None = None) -> dict[str, dict[int, float]]:
+        """``{layer: {rank: predicted model-output error}}`` of a ranked ``method``: each layer's
+        held-out error curve times its sensitivity (``dirotq.allocate.sensitivity_curves``)."""
+        if not get_method(method).ranked:
+            raise ValueError(f"{method} has no 16-bit rank to allocate")
+        sens = self.sensitivity(method, progress)
+        layer = {}
+        for n in self.w4a4_targets():
+            cur = self.curves(n)
+            layer[n] = dict(zip(cur["ranks"], cur["curves"][method]["rel_mse"]))
+        return sensitivity_curves(layer, sens)
+
+    def budget_curves(self, method: str, ranks: Mapping[str, int] | None = None,
+                      budgets: tuple[int, ...] = (0, 8, 16, 32, 64, 128)) -> dict:
+        """Predicted output error against the extra 16-bit parameters of plans by "fixed", "output
+        error" and "energy" at the budgets of uniform ranks ``budgets`` (and of ``ranks``, the plan in
+        the table). Needs the method's sensitivities (``sensitivity``): call after an "output error" fill.
+        Returns ``{"curves": {policy: [(params, error), ...]}, "current": (params, error) | None}``."""
+        out_curves = self.output_curves(method)
+        targets, cost, cfg = self.w4a4_targets(), self.plan_cost_fn(method), self.config(method)
+
+        def point(plan):
+            return plans.plan_params16(plan, cost), plans.predicted_output_error(plan, out_curves)
+
+        curves: dict[str, list] = {"fixed": [], "output error": [], "energy": []}
+        for r in budgets:
+            fixed = plans.fixed_plan(targets, r)
+            curves["fixed"].append(point(fixed))
+            curves["output error"].append(point(plans.fill_plan("output error", r, targets, config=cfg,
+                                                                output_curves=lambda: out_curves)))
+            limit = plans.plan_params16(fixed, cost)
+            energy = plans.match_budget(
+                lambda f: plans.fill_plan("energy", f, targets, eigenvalues=lambda n: self.spectrum(n)["eigenvalues"]),
+                cost, limit, 0.0, 1.0, increasing=True)
+            curves["energy"].append(point(energy))
+        current = point({n: int(ranks.get(n, 0)) for n in targets}) if ranks is not None else None
+        return {"curves": curves, "current": current}
 
     def validate_plan(self, ranks: Mapping[str, Any]) -> dict[str, int]:
         """Check a ``{layer: rank}`` plan against this model; returns it with ints (w4a4 targets only)."""
@@ -400,8 +480,46 @@ class ExplorerSession:
         resolved = RankPlan(dict(ranks)).resolve(self.targets)
         return {n: resolved[n] for n in self.w4a4_targets()}
 
-    def plan_from_json(self, text: str) -> dict[str, int]:
-        return self.validate_plan(RankPlan.from_json(text).ranks)
+    def import_plan(self, ranks: Mapping[str, Any]) -> dict:
+        """What an imported ``{layer: rank}`` plan does to this model, checked by ``RankPlan.resolve``.
+
+        Returns ``{"ranks": {W4A4 target: rank}, "named": [...], "from_default": [...], "zero": [...],
+        "unknown": [...], "message": one line}``: the W4A4 targets the plan names, those that take its
+        ``"_default"``, those left at rank 0 (no ``"_default"``), and the names this model does not
+        have (left out, so a plan from a sibling model still sets the layers both share). A plan that
+        sets no layer (``{}``, or only unknown names) is a ``ValueError``; so are W4A16 names and
+        ranks above a layer's width (resolve's messages).
+        """
+        plan = RankPlan(dict(ranks))  # types: names are strings, ranks ints ≥ 0 or "paper"
+        unknown = [n for n in plan.ranks if n != DEFAULT_KEY and n not in self.targets]
+        known = {n: r for n, r in plan.ranks.items() if n not in unknown}
+        if not known:
+            if unknown:
+                try:
+                    plan.resolve(self.targets)
+                except ValueError as err:  # resolve's message names the unknown layers
+                    raise ValueError(f"nothing imported: {err}") from None
+            raise ValueError('nothing imported: the plan sets no layer (it is empty); a plan is '
+                             '{"layer name": rank, …} with "_default": rank for the layers it does not name')
+        resolved = self.validate_plan(known)
+        named = [n for n in resolved if n in known]
+        rest = [n for n in resolved if n not in known]
+        default = known.get(DEFAULT_KEY)
+        parts = [f"{len(named)} of {len(resolved)} W4A4 layers set by name"]
+        if rest:
+            parts.append(f"the other {len(rest)} from _default = {default}" if default is not None
+                         else f"the other {len(rest)} at rank 0 (the plan has no _default)")
+        msg = "imported a plan: " + ", ".join(parts)
+        if unknown:
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            msg += (f"; ignored {len(unknown)} name{'s' if len(unknown) > 1 else ''} this model does not have: "
+                    f"{unknown[:3]}{more}")
+        return {"ranks": resolved, "named": named, "from_default": rest if default is not None else [],
+                "zero": rest if default is None else [], "unknown": unknown, "message": msg}
+
+    def plan_from_json(self, text: str) -> dict:
+        """``import_plan`` of a ``RankPlan`` JSON text (ValueError when it is not one)."""
+        return self.import_plan(RankPlan.from_json(text).ranks)
 
     def plan_cost(self, ranks: Mapping[str, int], method: str) -> dict:
         return plan_cost(self.targets, ranks, method)
@@ -451,20 +569,12 @@ class ExplorerSession:
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of ``prompt`` that the model's tokenizer maps to its unknown token (the tiny models
         know a few dozen words)."""
-        tok = getattr(self.pipe, "tokenizer", None)
-        unk = getattr(tok, "unk_token_id", None)
-        if tok is None or unk is None:
-            return []
-        bad: list[str] = []
-        try:
-            enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
-            pieces = [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
-        except (NotImplementedError, TypeError, ValueError, KeyError):  # slow tokenizers: word by word
-            pieces = [w for w in prompt.split() if unk in tok(w, add_special_tokens=False)["input_ids"]]
-        for w in pieces:
-            if w and w not in bad:
-                bad.append(w)
-        return bad
+        return unknown_words(getattr(self.pipe, "tokenizer", None), prompt)
+
+    def truncation_warning(self, prompt: str) -> str | None:
+        """One line when ``prompt`` is longer than the text the model reads (48 tokens on the
+        embedded model), else None."""
+        return truncation_warning(self.pipe, prompt, self.pipe_kwargs)
 
     def default_prompt(self) -> str:
         """A prompt this model knows every word of (the embedded grammar's, else a calibration prompt)."""
@@ -483,10 +593,11 @@ class ExplorerSession:
             memo.put("j", j)
         return memo["j"]
 
-    def generate(self, prompt: str, seed: int, steps: int, guidance: float, method: str,
-                 ranks: Mapping[str, int] | None = None, progress: Progress | None = None) -> dict:
-        """16-bit and quantized image of one prompt and seed, with metrics, timings, backend."""
-
+    def check_inputs(self, prompt: str, seed: Any, steps: Any, guidance: Any) -> tuple[str, int, int, float]:
+        """``(prompt, seed, steps, guidance)`` checked before anything runs (``ValueError`` naming
+        the first bad one): a non-empty prompt of known words, ``dirotq.generate.check_sampling``
+        ranges with at most ``MAX_STEPS`` steps (an interactive tool, not a batch job)."""
+        steps, seed, guidance = check_sampling(steps, seed, guidance, max_steps=MAX_STEPS)
         prompt = (prompt or "").strip()
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -494,20 +605,22 @@ class ExplorerSession:
         if bad:
             raise ValueError(f"this model does not know the words {bad}; it was trained on the shapes captions "
                              "(shapes, colours, sizes, positions, backgrounds)")
-        steps, seed = int(steps), int(seed)
-        if not 1 <= steps <= 100:
-            raise ValueError(f"steps must be in [1, 100], got {steps}")
-        if not 0 <= float(guidance) <= 30:
-            raise ValueError(f"guidance must be in [0, 30], got {guidance}")
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        return prompt, seed, steps, guidance
+
+    def generate(self, prompt: str, seed: int, steps: int, guidance: float, method: str,
+                 ranks: Mapping[str, int] | None = None, progress: Progress | None = None) -> dict:
+        """16-bit and quantized image of one prompt and seed, with metrics, timings, backend and
+        ``warnings`` (lines to show: a truncated prompt)."""
+
+        prompt, seed, steps, guidance = self.check_inputs(prompt, seed, steps, guidance)
         qmodel, _ = self.quantized(method, ranks, progress)
         with self.lock:
             ref, quant, timings = generate_pair(self.pipe, qmodel, prompt, seed, num_inference_steps=steps,
                                                 guidance_scale=float(guidance), **self.pipe_kwargs)
         metrics = image_report(ref, quant, prompt, self.judge())
+        warn = self.truncation_warning(prompt)
         return {"reference": ref, "quantized": quant, "difference": difference_image(ref, quant),
-                "metrics": metrics, "timings": timings}
+                "metrics": metrics, "timings": timings, "warnings": [warn] if warn else []}
 
 
 # ------------------------------------------------------------------------------ process cache

@@ -10,9 +10,13 @@ model again:
   sample, in the original basis and after each method's transform (DiRotQ's T = V·diag(I_r, R),
   SmoothQuant's x/s, QuaRot's randomized Hadamard), plus the INT4 activation error of the part
   that is quantized;
+- ``token_group``: the 64 values of one quantization group of one held-out token (optionally with
+  a planted outlier) before any transform and after SmoothQuant, Hadamard and DiRotQ, each against
+  its 16 INT4 levels, with the rounding error per value;
 - ``error_curves``: the layer's output error (relative MSE, SQNR in dB, ``dirotq.quantize.layer_error``)
   on the stored token sample as a function of rank for every ranked method of the registry, with the
-  unranked W4A4 methods as references;
+  unranked W4A4 methods as references; ``cost_axis`` puts a curve on the extra 16-bit parameters or
+  FLOPs each rank costs (``analysis.costs``), so methods compare at equal cost;
 - ``image_report``: PSNR / SSIM / the judge's reading of a generated pair.
 """
 
@@ -130,6 +134,155 @@ def outlier_views(stats: Any, rank: int, weight: torch.Tensor | None = None, *,
         prof.update(n16=n16, act_err=act_quant_error(a[:, n16:], e, group_size))
         out[view] = prof
     return out
+
+
+# --------------------------------------------------------------------------- one token group
+GROUP_VIEWS = ("original", "smoothquant", "hadamard", "dirotq")
+
+
+def outlier_token(sample: torch.Tensor) -> int:
+    """Row of ``sample: (m, d)`` whose largest |value| is the most times its own RMS: the token with
+    the largest outlier relative to the rest of it (a token that is large everywhere is not one)."""
+    x = sample.detach().double()
+    if x.shape[0] == 0:
+        raise ValueError("these statistics hold no token sample (calibrated with sample_tokens=0)")
+    rms = x.pow(2).mean(1).sqrt().clamp_min(1e-30)
+    return int((x.abs().amax(1) / rms).argmax())
+
+
+def _group_of(a: torch.Tensor, group: int, group_size: int, bits: int, total_energy: float) -> dict[str, Any]:
+    """INT4 symmetric per-group quantization of the quantized operand ``a: (k,)`` of one token
+    (dirotq.quantizers.quantize, format A), reported for group ``group`` (clamped to the last one).
+
+    Values are float32 (what the quantizer sees), reported as float64 numpy arrays of length ≤ group_size.
+    """
+    k = a.shape[0]
+    if k == 0:
+        z = np.zeros(0)
+        return {"group": 0, "n_groups": 0, "offset": 0, "values": z, "dequant": z, "codes": z.astype(np.int64),
+                "error": z, "scale": 0.0, "levels": z, "zeroed": 0, "group_err": 0.0, "token_err": 0.0,
+                "absmax_over_median": float("nan")}
+    from dirotq.quantizers import qrange, quantize
+
+    a32 = a.float().unsqueeze(0)
+    qt = quantize(a32, bits, group_size, True, "exact")
+    deq = qt.dequantize(torch.float32)[0].double()
+    a64 = a32[0].double()
+    n_groups = qt.scale.shape[-1]
+    gi = int(min(max(group, 0), n_groups - 1))
+    lo, hi = gi * group_size, min((gi + 1) * group_size, k)
+    vals, dq = a64[lo:hi], deq[lo:hi]
+    codes = qt.q[0, lo:hi].long()
+    err = dq - vals
+    scale = float(qt.scale[0, gi])
+    qmin, qmax = qrange(bits, True)
+    mags = vals.abs()
+    med = float(mags.median()) if len(mags) else 0.0
+    return {
+        "group": gi, "n_groups": n_groups, "offset": lo,
+        "values": vals.numpy(), "dequant": dq.numpy(), "codes": codes.numpy(), "error": err.numpy(),
+        "scale": scale, "levels": (scale * torch.arange(qmin, qmax + 1, dtype=torch.float64)).numpy(),
+        "zeroed": int(((codes == 0) & (mags > 0)).sum()),
+        "group_err": float(err.pow(2).sum() / vals.pow(2).sum().clamp_min(1e-30)),
+        "token_err": float((deq - a64).pow(2).sum() / max(total_energy, 1e-30)),
+        "absmax_over_median": float(mags.max() / med) if med > 0 else float("inf"),
+    }
+
+
+def token_group(stats: Any, rank: int, weight: torch.Tensor | None = None, *, token: int | None = None,
+                group: int | None = None, plant: float = 0.0, plant_channel: int | None = None,
+                views: Iterable[str] = GROUP_VIEWS, tail: str = "haar", seed: int = 42, alpha: float = 0.5,
+                group_size: int = 64, bits: int = 4) -> dict[str, Any]:
+    """The values of one quantization group of one held-out token before and after each transform.
+
+    ``token``: row of ``stats.sample`` (None or < 0: ``outlier_token``). ``group``: index of the group
+    of ``group_size`` values along the input (None or < 0: the group holding the token's largest
+    |value|, or the planted channel's group). ``plant`` > 0 sets channel ``plant_channel`` of the token
+    (None or < 0: the quietest channel of the group) to ``plant`` × the token's RMS before any
+    transform, to watch one large value set the group's scale. The transforms are those of
+    ``outlier_views``: SmoothQuant's x/s (s from the calibration abs-max, so it only knows the
+    outliers it saw; needs ``weight (o, d)``, else skipped), QuaRot's randomized Hadamard and DiRotQ's
+    x·T with its first ``rank`` coefficients removed (they stay 16-bit). Each view quantizes what it
+    sends to INT4 (symmetric, scale = group abs-max / 7) and reports group ``group`` of it (the last
+    group when it has fewer).
+
+    Returns ``{"token", "n_tokens", "group", "group_size", "d", "rank", "rms", "planted": None or
+    {"channel", "value"}, "views": {view: {"values", "dequant", "codes", "error": (≤ group_size,),
+    "levels": (16,), "scale", "group", "n_groups", "offset" (first index of the group in the quantized
+    part), "n16" (coefficients kept 16-bit), "zeroed" (non-zero values rounded to 0), "group_err"
+    (‖error‖² / ‖values‖² of the group), "token_err" (INT4 error of the whole token relative to its
+    energy in that view), "absmax_over_median"}}}``.
+    """
+    sample = stats.sample
+    m, d = sample.shape
+    t = outlier_token(sample) if token is None or int(token) < 0 else int(token)
+    if not 0 <= t < m:
+        raise ValueError(f"token {t} is outside 0…{m - 1} (the sample holds {m} held-out tokens)")
+    x = sample[t].detach().double().clone()
+    rms = float(x.pow(2).mean().sqrt())
+    n_groups = -(-d // group_size)
+    planted = None
+    if group is None or int(group) < 0:
+        if plant and plant_channel is not None and int(plant_channel) >= 0:
+            gi = int(plant_channel) // group_size
+        else:
+            gi = int(x.abs().argmax()) // group_size
+    else:
+        gi = int(group)
+    if not 0 <= gi < n_groups:
+        raise ValueError(f"group {gi} is outside 0…{n_groups - 1} ({d} inputs in groups of {group_size})")
+    if plant:
+        lo, hi = gi * group_size, min((gi + 1) * group_size, d)
+        c = lo + int(x[lo:hi].abs().argmin()) if plant_channel is None or int(plant_channel) < 0 else int(plant_channel)
+        if not 0 <= c < d:
+            raise ValueError(f"channel {c} is outside 0…{d - 1}")
+        x[c] = float(plant) * rms
+        planted = {"channel": c, "value": float(plant) * rms}
+    rank = int(min(max(rank, 0), d))
+    out: dict[str, Any] = {}
+    for view in views:
+        n16 = 0
+        if view == "original":
+            a = x
+        elif view == "smoothquant":
+            if weight is None:
+                continue
+            from dirotq.methods.common import smooth_factors
+
+            a = x / smooth_factors(stats.abs_max, weight.detach().double(), alpha)
+        elif view == "hadamard":
+            a = x @ random_hadamard(d, 0)
+        elif view == "dirotq":
+            a = x @ dirotq_transform(stats, rank, tail=tail, seed=seed)
+            n16 = rank
+        else:
+            raise ValueError(f"unknown view {view!r}; known: {GROUP_VIEWS}")
+        # the 16-bit coefficients carry no error but count in the token's energy (as in outlier_views)
+        g = _group_of(a[n16:], gi, group_size, bits, float(a.float().double().pow(2).sum()))
+        g["n16"] = n16
+        out[view] = g
+    return {"token": t, "n_tokens": m, "group": gi, "group_size": group_size, "d": d, "rank": rank, "rms": rms,
+            "planted": planted, "views": out}
+
+
+# ------------------------------------------------------------------------------- error vs cost
+COST_AXES = {"rank": "rank r (16-bit directions)",
+             "params16": "extra 16-bit parameters (against plain W4A4)",
+             "flops16": "extra 16-bit FLOPs per token (against plain W4A4)"}
+
+
+def cost_axis(method: str, ranks: Iterable[int], d: int, o: int, axis: str = "rank") -> list[float]:
+    """x of each rank on ``axis`` for ``method`` on a (d → o) layer: the rank itself, or the extra
+    16-bit parameters / FLOPs per token against plain W4A4 (``analysis.costs.layer_cost``, the Rank
+    plan tab's cost model; the layer counted as W4A4, as its error curve is)."""
+    if axis == "rank":
+        return [float(r) for r in ranks]
+    key = {"params16": "extra_params16", "flops16": "flops16_extra"}.get(axis)
+    if key is None:
+        raise ValueError(f"unknown x axis {axis!r}; known: {tuple(COST_AXES)}")
+    from .costs import layer_cost
+
+    return [float(layer_cost(d, o, method, int(r))[key]) for r in ranks]
 
 
 # ------------------------------------------------------------------------------ layer error
@@ -274,4 +427,5 @@ def image_report(ref: Any, img: Any, prompt: str | None = None, judge: Any = Non
 
 __all__ = ["spectrum", "energy_at", "channel_profile", "outlier_views", "dirotq_transform", "act_quant_error",
            "rank_grid", "method_config", "curve_methods", "reference_methods", "error_curves", "interp_curve",
-           "psnr_ssim", "difference_image", "image_report", "VIEWS", "VIEW_LABELS"]
+           "psnr_ssim", "difference_image", "image_report", "VIEWS", "VIEW_LABELS", "GROUP_VIEWS", "outlier_token",
+           "token_group", "COST_AXES", "cost_axis"]

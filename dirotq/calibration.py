@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ._files import default_mode
+
 Progress = Callable[[float, str], object]
 
 _CHUNK = 8192  # rows per float64 matmul: bounds the transient float64 copy of a large batch
@@ -250,6 +252,8 @@ class CalibrationStats:
             save_file(tensors, str(tmp / "stats.safetensors"))
             doc = {"format": _FORMAT, "layers": layers_meta, "groups": self.groups, "meta": self.meta}
             (tmp / "meta.json").write_text(json.dumps(doc, indent=1, sort_keys=False, default=str))
+            # mkdtemp makes the folder 0700 and save_file the tensors 0600: the user's umask modes instead
+            default_mode(tmp, tmp / "stats.safetensors")
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -374,13 +378,15 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "dirotq": __version__}
 
 
-def _tqdm_progress(total_desc: str) -> tuple[Progress, Callable[[], None]]:
+def _tqdm_progress(desc: str, total: int, unit: str) -> tuple[Progress, Callable[[], None]]:
+    """A ``progress(fraction, message)`` drawing a tqdm bar of ``total`` ``unit``s: with a real
+    total (denoising steps, not per mille) the bar's rate and ETA read in those units."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=1000, desc=total_desc, unit="‰", leave=False)
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
 
     def progress(frac: float, msg: str) -> None:
-        bar.n = int(round(1000 * min(max(frac, 0.0), 1.0)))
+        bar.n = int(round(total * min(max(frac, 0.0), 1.0)))
         bar.set_postfix_str(msg, refresh=False)
         bar.refresh()
 
@@ -542,9 +548,6 @@ def calibrate(
             progress(1.0, "calibration statistics loaded from cache")
         return CalibrationStats.load(cache_path)
 
-    close_bar = None
-    if progress is None:
-        progress, close_bar = _tqdm_progress("calibrating")
     rec = _Recorder(transformer, adapter, sample_tokens, seed, layers)
     record = set(range(num_inference_steps)) if steps is None else set(steps)
     state = {"step": 0, "batch": 0}
@@ -555,6 +558,9 @@ def calibrate(
     n_batches = len(batches)
     total = n_batches * num_inference_steps
     done = {"n": 0}
+    close_bar = None
+    if progress is None:
+        progress, close_bar = _tqdm_progress("calibrating", total, "step")
     sched = pipe.scheduler
     orig_step = sched.step
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._files import default_mode
 from .modules import QuantLinear
 from .quantizers import QuantizedTensor
 
@@ -96,6 +97,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": "dirotq"})
+    default_mode(out / WEIGHTS_NAME)  # save_file writes 0600: give it the user's umask mode, as config.json has
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return out
 

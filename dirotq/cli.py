@@ -13,8 +13,10 @@ choice here with no edit to this file.
 
 ``--model`` is a local diffusers folder or a hub id already in the local Hugging Face cache
 (nothing is downloaded); the default is the embedded tiny PixArt-Σ in assets/tiny-pixart.
-Bad input (missing model or file, rank larger than a layer, malformed rank plan) prints one line
-``dirotq <verb>: error: …`` and exits with status 2.
+Bad input (missing model or file, a truncated or corrupt weight file, rank larger than a layer,
+malformed rank plan) prints one line ``dirotq <verb>: error: …`` and exits with status 2; Ctrl-C
+prints one line and exits with status 130. Long verbs show tqdm bars with a total, so an ETA;
+``--quick`` calibrates on 8 prompts × a 4-step schedule for a first try.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
+# --quick: 8 prompts × a 4-step schedule instead of 96 × 20, for a first try (measured times: README, CLI)
+QUICK = {"calib_limit": 8, "calib_steps": 4}
 
 
 class BadInput(Exception):
@@ -47,6 +52,16 @@ def _rank(text: str):
     if r < 0:
         raise argparse.ArgumentTypeError(f"rank must be ≥ 0, got {r}")
     return r
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {v}")
+    return v
 
 
 def _int_list(text: str) -> list[int]:
@@ -102,7 +117,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser, steps_help: str = "denoising steps (default 20)") -> None:
-    p.add_argument("--steps", type=int, default=20, help=steps_help)
+    p.add_argument("--steps", type=_positive, default=20, help=steps_help)
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
 
 
@@ -125,8 +140,13 @@ def _add_quant(p: argparse.ArgumentParser, *, method_default: str | None = "diro
 def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-prompts", default=None,
                    help="calibration prompt file (default assets/prompts/calibration.txt)")
-    p.add_argument("--calib-limit", type=int, default=None, help="use only the first N calibration prompts")
-    p.add_argument("--calib-steps", type=int, default=None, help="denoising steps while calibrating (default --steps)")
+    p.add_argument("--calib-limit", type=_positive, default=None, help="use only the first N calibration prompts")
+    p.add_argument("--calib-steps", type=_positive, default=None,
+                   help="denoising steps while calibrating (default --steps)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first try: calibrate on {QUICK['calib_limit']} prompts × a {QUICK['calib_steps']}-step "
+                        f"schedule (--calib-limit {QUICK['calib_limit']} --calib-steps {QUICK['calib_steps']}; flags "
+                        "given explicitly win); the default calibration is 96 prompts × 20 steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "coefficients in 16-bit). Offline; the default model is the embedded tiny PixArt-Σ.",
         epilog="examples:\n"
                "  python -m dirotq quantize --dry-run\n"
+               "  python -m dirotq quantize --method dirotq --rank 64 --quick   # a first try: 8 prompts × 4 steps\n"
                "  python -m dirotq quantize --method dirotq --rank 64\n"
                "  python -m dirotq generate --prompt 'a large red circle in the center, on a white background'\n"
                "  python -m dirotq evaluate --methods svdquant,dirotq --limit 4\n"
@@ -153,11 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "input statistics (second moment, abs-max, token sample) under --out.")
     _add_model(p)
     p.add_argument("--prompts", default=None, help="prompt file (default assets/prompts/calibration.txt)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts")
     _add_sampling(p, "denoising steps recorded (default 20: every step of a 20-step schedule)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first try: --limit {QUICK['calib_limit']} --steps {QUICK['calib_steps']} "
+                        "(flags given explicitly win)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sample-tokens", type=int, default=512, help="calibration tokens kept per layer for error measurements (default 512)")
-    p.add_argument("--out", default="out/calibration", help="cache folder (default out/calibration)")
+    p.add_argument("--out", default="out/eval/calibration",
+                   help="cache folder (default out/eval/calibration: where quantize, generate, evaluate and report "
+                        "look, so they reuse these statistics when prompts and steps match)")
 
     p = sub.add_parser("quantize", help="quantize the transformer and save a checkpoint",
                        description="Quantize the transformer's targets with one method and save a checkpoint "
@@ -176,12 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(a --checkpoint, or --method/--rank quantized on the fly) at the same seed.")
     _add_model(p)
     p.add_argument("--prompt", default=None, help="prompt (default: the first evaluation prompt)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of both images, 0 … 2^63 − 1 (default 0)")
     p.add_argument("--checkpoint", default=None, help="quantized checkpoint folder (from `quantize`)")
     _add_quant(p)
     _add_calib(p)
     _add_sampling(p)
-    p.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
+    p.add_argument("--out", default="out/generate",
+                   help="output folder (default out/generate); a rerun writes new files (-2, -3, … suffix), "
+                        "never over an earlier run's")
 
     p = sub.add_parser("evaluate", help="the paper's image-quality protocol over methods (or a rank sweep)",
                        description="Reference images once, then every method's W4A4 images at the same seeds; "
@@ -328,12 +356,35 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _warn(verb: str, message: str) -> None:
+    print(f"dirotq {verb}: warning: {message}", file=sys.stderr)
+
+
+def _free_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
+    """``stem``, else ``stem-2``, ``stem-3``, …: the first with none of its files in ``folder`` yet,
+    so a rerun never overwrites an earlier run's images."""
+    k, cand = 1, stem
+    while any((folder / f"{cand}{suf}").exists() for suf in suffixes):
+        k += 1
+        cand = f"{stem}-{k}"
+    return cand
+
+
 def cmd_generate(args) -> int:
     from .eval.protocol import DEFAULT_EVAL_PROMPTS, make_config, read_prompts
-    from .generate import generate_pair, quantized_copy, side_by_side
+    from .generate import (check_sampling, generate_pair, quantized_copy, side_by_side, truncation_warning,
+                           unknown_words)
 
+    check_sampling(args.steps, args.seed, args.guidance)  # before minutes of loading and calibrating
     ev = _evaluator(args, out="out/eval")
     prompt = args.prompt or read_prompts(DEFAULT_EVAL_PROMPTS, 1)[0]
+    bad = unknown_words(getattr(ev.pipe, "tokenizer", None), prompt)
+    if bad:
+        _warn("generate", f"the tokenizer does not know the words {bad}: they reach the model as its unknown "
+                          "token, so the images cannot follow them")
+    cut = truncation_warning(ev.pipe, prompt, ev.pipe_kwargs)
+    if cut:
+        _warn("generate", cut)
     if args.checkpoint:
         from .checkpoint import load_quantized
 
@@ -349,7 +400,7 @@ def cmd_generate(args) -> int:
                                   guidance_scale=args.guidance, **ev.pipe_kwargs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{label}-s{args.seed}"
+    stem = _free_stem(out, f"{label}-s{args.seed}", ("_reference.png", "_w4a4.png", "_side_by_side.png", ".json"))
     ref.save(out / f"{stem}_reference.png")
     quant.save(out / f"{stem}_w4a4.png")
     side_by_side([ref, quant], ["reference", label]).save(out / f"{stem}_side_by_side.png")
@@ -359,7 +410,9 @@ def cmd_generate(args) -> int:
     import json
 
     (out / f"{stem}.json").write_text(json.dumps({"prompt": prompt, "seed": args.seed, "quantized": label,
-                                                  "psnr_db": p_db, "ssim": s_val, **t}, indent=1))
+                                                  "psnr_db": p_db, "ssim": s_val, **t,
+                                                  "warnings": [*([f"unknown words {bad}"] if bad else []),
+                                                               *([cut] if cut else [])]}, indent=1))
     print(f"prompt: {prompt!r}, seed {args.seed}")
     print(f"reference ({t['reference_dtype']}): {t['reference_s']:.2f} s; W4A4 ({label}): {t['quantized_s']:.2f} s")
     print(f"backend: {t['backend']}")
@@ -445,19 +498,44 @@ def _one_line(err: BaseException) -> str:
     return msg
 
 
+def _apply_quick(args, argv: Sequence[str]) -> None:
+    """``--quick``: the calibration flags of ``QUICK`` that the command line does not give itself."""
+    if not getattr(args, "quick", False):
+        return
+    flags = ({"--limit": "calib_limit", "--steps": "calib_steps"} if args.verb == "calibrate" else
+             {"--calib-limit": "calib_limit", "--calib-steps": "calib_steps"})
+    for flag, key in flags.items():
+        if not any(a == flag or a.startswith(flag + "=") for a in argv):
+            setattr(args, flag.lstrip("-").replace("-", "_"), QUICK[key])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad input)."""
+    """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted by Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        # one line, not a 40-frame traceback through torch; statistics and checkpoints written
+        # before the interrupt stay valid (the calibration cache is renamed into place only when complete)
+        verb = next((a for a in argv if a in VERBS), "")
+        fresh_line = "\n" if sys.stderr.isatty() else ""  # below a progress bar cut mid-line
+        print(f"{fresh_line}dirotq{' ' + verb if verb else ''}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
     args._argv = argv
+    _apply_quick(args, argv)
     try:
         return VERBS[args.verb](args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError, BadInput) as e:
+    except (OSError, ValueError, KeyError, TypeError, BadInput) as e:
+        # OSError: FileNotFoundError / NotADirectoryError, and a disk or permission problem
         if os.environ.get("DIROTQ_DEBUG"):
             raise
         print(f"dirotq {args.verb}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
-__all__ = ["main", "build_parser", "VERBS", "EXIT_BAD_INPUT"]
+__all__ = ["main", "build_parser", "VERBS", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "QUICK"]

@@ -7,6 +7,8 @@ protocol's sampling step, docs/EVALUATION.md; the app reuses these functions).
 - :func:`quantized_copy`: a deep copy of a transformer, quantized in place with ``quantize_``.
 - :func:`generate_pair`: the reference image and the quantized image of one prompt and seed, with
   timings and the backend that ran the quantized layers.
+- :func:`check_sampling`, :func:`unknown_words`, :func:`truncation_warning`: the checks the app and
+  the CLI run on their inputs before any model runs (one rule for both).
 
 Pipelines are diffusers text-to-image pipelines (PixArt-α/Σ, SD3, FLUX, SANA, …); ``**kw`` go to
 ``pipe(...)`` (``height``, ``width``, ``max_sequence_length``, ``negative_prompt``, …).
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -28,6 +31,93 @@ from .pipelines import call_kwargs
 Progress = Callable[[float, str], object]
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.5  # PixArt-Σ's default
+MAX_GUIDANCE = 30.0  # far past any useful CFG scale: larger values only saturate the image
+MAX_SEED = 2**63 - 1  # int64-safe (JSON, numpy); torch maps a negative seed onto a large one: no aliases
+
+
+# ------------------------------------------------------------------------------ input checks
+def _whole(value: Any, what: str) -> int:
+    if value is None:  # an emptied number box
+        raise ValueError(f"{what} is empty: enter a whole number")
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a whole number, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(f)
+
+
+def check_sampling(steps: Any, seed: Any, guidance: Any, *, max_steps: int | None = None) -> tuple[int, int, float]:
+    """``(steps, seed, guidance)`` as ``(int, int, float)``, or ``ValueError`` naming the bad value.
+
+    steps: 1 … ``max_steps`` (no upper bound when None); seed: 0 … 2⁶³ − 1; guidance: a finite
+    number in [0, 30]. Whole-valued floats (a UI's number box) are accepted for steps and seed.
+    """
+    steps, seed = _whole(steps, "steps"), _whole(seed, "seed")
+    if steps < 1 or (max_steps is not None and steps > max_steps):
+        raise ValueError(f"steps must be in [1, {max_steps}], got {steps}" if max_steps is not None
+                         else f"steps must be ≥ 1, got {steps}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2^63 − 1], got {seed}")
+    try:
+        g = float(guidance)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance must be a number, got {guidance!r}") from None
+    if not (math.isfinite(g) and 0 <= g <= MAX_GUIDANCE):
+        raise ValueError(f"guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
+    return steps, seed, g
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """Words of ``prompt`` that ``tokenizer`` maps to its unknown token, each once, in order ([]
+    for a tokenizer without one: byte-level tokenizers know every string)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tokenizer is None or unk is None:
+        return []
+    try:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # slow tokenizers: word by word
+        pieces = [w for w in prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    return list(dict.fromkeys(w for w in pieces if w))
+
+
+def text_length(pipe, pipe_kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """Text tokens per prompt that ``pipe`` reads with ``pipe_kwargs`` (``max_sequence_length``:
+    48 on the embedded model), or None for a pipeline without that argument."""
+    kw = call_kwargs(pipe, pipe_kwargs)
+    if isinstance(kw.get("max_sequence_length"), int):
+        return kw["max_sequence_length"]
+    try:
+        p = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    except (TypeError, ValueError):  # pragma: no cover - exotic callables
+        return None
+    return p.default if p is not None and isinstance(p.default, int) else None
+
+
+def truncation_warning(pipe, prompt: str, pipe_kwargs: Mapping[str, Any] | None = None) -> str | None:
+    """One line saying where ``prompt`` is cut when it has more text tokens (end token included)
+    than ``pipe`` reads, else None. The pipeline truncates silently: the words past the cut never
+    reach the model."""
+    tok, limit = getattr(pipe, "tokenizer", None), text_length(pipe, pipe_kwargs)
+    if tok is None or limit is None:
+        return None
+    n = len(tok(prompt)["input_ids"])
+    if n <= limit:
+        return None
+    kept = ""
+    try:
+        spans = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        special = n - len(spans)  # the end token the pipeline appends inside the limit
+        kept = prompt[: spans[max(limit - special, 1) - 1][1]]
+    except (NotImplementedError, TypeError, ValueError, KeyError, IndexError):
+        pass
+    upto = f", up to “…{kept[-40:].lstrip()}”" if kept else ""
+    return (f"prompt truncated: {len(prompt.split())} words are {n} text tokens and the model reads only the "
+            f"first {limit}{upto}; the rest is ignored")
 
 
 @contextlib.contextmanager
@@ -138,5 +228,6 @@ def side_by_side(images: Sequence, labels: Sequence[str] | None = None, pad: int
     return canvas
 
 
-__all__ = ["generate", "quantized_copy", "generate_pair", "side_by_side",
-           "swapped_transformer", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
+__all__ = ["generate", "quantized_copy", "generate_pair", "side_by_side", "swapped_transformer",
+           "check_sampling", "unknown_words", "text_length", "truncation_warning",
+           "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]

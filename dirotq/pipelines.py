@@ -3,20 +3,82 @@
 ``load_pipeline`` / ``load_transformer`` accept a local diffusers folder or a hub repo id that is
 already in the local Hugging Face cache. Nothing is ever downloaded: repo ids resolve with
 ``local_files_only=True`` (and ``HF_HUB_OFFLINE=1`` is set for this process if unset), and a miss is a
-clear error naming what was looked for. ``DEFAULT_MODEL`` is the embedded tiny PixArt-Σ pipeline.
+clear error naming what was looked for. A weight file that cannot be read (truncated, corrupted) is a
+``ValueError`` naming the folder and the reason, not a traceback through diffusers' loaders.
+``DEFAULT_MODEL`` is the embedded tiny PixArt-Σ pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "tiny-pixart")
+
+
+def _unreadable(folder: Path, err: BaseException) -> ValueError:
+    """The one-line error for weights that do not load, naming the file and, for safetensors, the
+    reader's reason. diffusers wraps the reader's error in ``OSError("Unable to load weights from
+    checkpoint file …")`` and loses it (its fallback re-reads the file as text)."""
+    m = re.search(r"'([^']+\.(?:safetensors|bin|pt|pth|ckpt))'", str(err))
+    file = Path(m.group(1)) if m else None
+    if file is None:  # transformers' loaders raise the reader's error without the file name: find it
+        file = next((f for f in sorted(folder.rglob("*.safetensors")) if _safetensors_problem(f)), None)
+    why = _safetensors_problem(file) if file is not None and file.suffix == ".safetensors" else None
+    why = why or " ".join(str(err).split())
+    if file is None:
+        return ValueError(f"cannot load the model in {folder}: {why}")
+    name = file.relative_to(folder) if file.is_relative_to(folder) else file
+    return ValueError(f"cannot load the model in {folder}: {name} is truncated or corrupted ({why})")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why safetensors cannot read ``file``'s header (None when it can): a truncated file or a
+    damaged header. The header check reads no tensor, so it is cheap on any model size."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001 - any reader error is the answer we want
+        return " ".join(str(err).split())
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading bars off while loading (restored after): they tick per
+    component or per tensor, not per byte, so they time little, and they would stand above a one-line
+    error as a second line."""
+    from diffusers.utils import logging as d_log
+    from transformers.utils import logging as t_log
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (d_log, t_log)]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in was:
+            if on:
+                m.enable_progress_bar()
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a bad weight file raises: OSError from diffusers / transformers, safetensors' own
+    error, and RuntimeError from torch (a tensor of the wrong size)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return (OSError, RuntimeError)
+    return (OSError, RuntimeError, SafetensorError)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -62,7 +124,11 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, *, device: str | tor
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline folder "
                                 "(for a transformer alone use load_transformer)")
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **kwargs)
+    try:
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **kwargs)
+    except _load_errors() as err:
+        raise _unreadable(folder, err) from err
     pipe.set_progress_bar_config(disable=True)  # calibrate() shows its own progress
     return pipe.to(device)
 
@@ -87,7 +153,11 @@ def load_transformer(model: str | os.PathLike = DEFAULT_MODEL, *, device: str | 
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise ValueError(f"{cfg_path}: class {cls_name!r} not found in diffusers {diffusers.__version__}")
-    model_ = cls.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True)
+    try:
+        with _quiet_loading():
+            model_ = cls.from_pretrained(str(sub), dtype=dtype, local_files_only=True)
+    except _load_errors() as err:
+        raise _unreadable(sub, err) from err
     return model_.to(device).eval()
 
 

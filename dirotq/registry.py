@@ -42,6 +42,11 @@ class MethodCost:
     flops16: float = 0.0
     activations_16bit: bool = False
 
+    @property
+    def params16(self) -> float:
+        """Extra 16-bit parameters: every extra tensor but the 1-bit Hadamard signs, in 16-bit units."""
+        return sum(v for k, v in self.extra_bits.items() if k != "hadamard_signs") / 16.0
+
 
 @dataclass(frozen=True)
 class MethodSpec:

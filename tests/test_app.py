@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 
@@ -64,7 +65,7 @@ def test_before_calibration_says_what_to_do(sess):
 
 
 def test_calibrate_draws_figures_holding_the_statistics(sess, calibrated):
-    status, energy, f_spec, f_out, f_err, _, df = calibrated
+    status, energy, f_spec, f_out, f_err, _, df, *_ = calibrated  # then: slider, group, sel, drawn, type
     name = sess.layer_name(*LAYER)
     sp = sess.spectrum(name)
     np.testing.assert_array_equal(np.asarray(f_spec.data[0].y), sp["eigenvalues"])
@@ -161,6 +162,27 @@ def test_fill_policies_and_cost(sess, calibrated):
     assert c0 != c1
 
 
+def test_output_error_policy_spends_the_budget_of_a_uniform_rank(sess, calibrated):
+    for method in ("dirotq-lr", "dirotq"):
+        st, df, cost_md, *_ = app.on_fill(MODEL, "output error", 8, method)
+        assert st.startswith("✓"), st
+        ranks = dict(zip(df["layer"], df["rank"]))
+        cost = sess.plan_cost_fn(method)
+        spent = sum(cost(n, r) - cost(n, 0) for n, r in ranks.items())
+        uniform = sum(cost(n, min(8, s.in_features)) - cost(n, 0) for n, s in sess.w4a4_targets().items())
+        assert 0 < spent <= uniform and len(set(ranks.values())) > 1  # same budget, spent unevenly
+        sens = sess.sensitivity(method)
+        assert set(sens) == set(sess.w4a4_targets()) and all(v["gain"] >= 0 for v in sens.values())
+        fig = app.on_budget(MODEL, method, df)
+        names = [t.name for t in fig.data]
+        assert names == ["fixed", "output error", "energy", "this plan"]
+        # the allocation's own objective: at every budget it predicts no more output error than fixed
+        fixed, alloc = fig.data[0], fig.data[1]
+        assert all(a <= f * (1 + 1e-9) for a, f in zip(alloc.y, fixed.y))
+    with pytest.raises(ValueError, match="no 16-bit rank"):
+        sess.output_curves("rtn")
+
+
 def test_export_import_round_trip_and_foreign_plan(sess, calibrated, tmp_path):
     df = plan(sess, 4)
     df.loc[2, "rank"] = 12
@@ -219,6 +241,139 @@ def test_generate_shows_the_judge_reading_and_judge_failures(sess, calibrated, m
     monkeypatch.setattr(sess, "judge", broken)  # a broken judge is an error the user sees, not a silent gap
     st = app.on_generate(MODEL, "a red circle on the left", 3, 3, 4.5, "dirotq", plan(sess, 8), progress=None)[0]
     assert st.startswith("⚠") and "judge weights corrupt" in st
+
+
+def _w4a16(sess) -> list[str]:
+    return [n for n, s in sess.targets.items() if s.kind == "w4a16"]
+
+
+def test_import_says_what_it_set_and_refuses_a_plan_that_sets_nothing(sess, calibrated):
+    n = len(sess.w4a4_targets())
+    q, foreign = "transformer_blocks.0.attn1.to_q", "single_transformer_blocks.0.proj_mlp"
+    for nothing in ("{}", json.dumps({foreign: 32})):  # once imported as "a plan for 14 layers", all at rank 0
+        st = app.on_import(MODEL, nothing, "dirotq")[0]
+        assert st.startswith("⚠ nothing imported"), st
+    assert "another model" in app.on_import(MODEL, json.dumps({foreign: 32}), "dirotq")[0]
+    st, df, *_ = app.on_import(MODEL, json.dumps({"_default": 4, q: 12, foreign: 8}), "dirotq")
+    assert st.startswith("✓"), st
+    assert f"1 of {n} W4A4 layers set by name, the other {n - 1} from _default = 4" in st
+    assert f"ignored 1 name this model does not have: ['{foreign}']" in st
+    assert dict(zip(df["layer"], df["rank"]))[q] == 12 and set(df["rank"]) == {4, 12}
+    st = app.on_import(MODEL, json.dumps({q: 12}), "dirotq")[0]
+    assert f"the other {n - 1} at rank 0 (the plan has no _default)" in st
+    # a W4A16 layer has no 16-bit branch: RankPlan.resolve's message, the plan is refused
+    st = app.on_import(MODEL, json.dumps({"_default": 8, _w4a16(sess)[0]: 8}), "dirotq")[0]
+    assert st.startswith("⚠") and "weight-only (W4A16) layers, which have no 16-bit rank" in st
+
+
+def test_plan_table_refuses_a_row_renamed_to_a_w4a16_or_a_listed_layer(sess, calibrated):
+    df = plan(sess, 8)
+    df.loc[0, "layer"] = _w4a16(sess)[0]
+    st = app.on_plan_edit(MODEL, df, "dirotq")[0]
+    assert st.startswith("⚠") and "weight-only (W4A16) layers, which have no 16-bit rank" in st
+    df = plan(sess, 8)
+    df.loc[0, "layer"] = df.loc[1, "layer"]  # the first layer would silently lose its rank
+    st = app.on_plan_edit(MODEL, df, "dirotq")[0]
+    assert st.startswith("⚠") and f"{df.loc[1, 'layer']} is in the table twice" in st
+
+
+def test_all_layers_marks_w4a16_layers_as_weight_only(sess, calibrated):
+    # r = d makes every W4A4 layer its 16-bit self, so the W4A16 layers are the worst five's first rows
+    full = {n: s.in_features for n, s in sess.w4a4_targets().items()}
+    st, _, md = app.on_all_layers(MODEL, "dirotq", app._plan_df(sess, full), "sqnr_db", progress=None)
+    assert st.startswith("✓"), st
+    lines = md.splitlines()
+    for name in _w4a16(sess):
+        row = next(line for line in lines if f"`{name}`" in line)
+        assert "| W4A16, weight-only: not rank-able | — |" in row, row
+    assert f"{len(_w4a16(sess))} W4A16 layers (weight-only" in md
+
+
+def test_generate_checks_its_numbers_first_and_keeps_the_images(sess, calibrated, monkeypatch):
+    import gradio as gr
+
+    demo = app.build_demo(MODEL)
+    boxes = {b.label.split()[0]: b for b in demo.blocks.values() if isinstance(b, gr.Number)}
+    # gradio must not refuse these itself: its error blanked the three images before on_generate ran
+    for label, value in (("steps", 0), ("steps", 1000), ("seed", -1), ("guidance", 99)):
+        boxes[label].preprocess(value)
+
+    def boom(*a, **k):
+        raise AssertionError("something ran before the inputs were checked")
+
+    monkeypatch.setattr(sess, "quantized", boom)
+    monkeypatch.setattr(app, "_ranks_from_df", boom)
+    for (seed, steps, guidance), message in (((0, 0, 4.5), "steps must be in [1, 100], got 0"),
+                                             ((0, 1000, 4.5), "steps must be in [1, 100], got 1000"),
+                                             ((-1, 20, 4.5), "seed must be in [0, 2^63 − 1], got -1"),
+                                             ((0, 20, 99), "guidance must be in [0, 30], got 99"),
+                                             ((0, None, 4.5), "steps is empty: enter a whole number")):
+        out = app.on_generate(MODEL, "a red circle", seed, steps, guidance, "dirotq", "no table", progress=None)
+        assert out[0] == f"⚠ {message}", out[0]
+        assert all(o == gr.skip() for o in out[1:])  # the images on screen and their metrics stay
+
+
+def test_generate_says_when_the_prompt_was_truncated(sess, calibrated):
+    st, *_, info = app.on_generate(MODEL, "a red circle on the left", 3, 2, 4.5, "dirotq", plan(sess, 8),
+                                   progress=None)
+    assert st.startswith("✓") and "truncated" not in st + info
+    long = "a red circle on the left " * 10  # 60 words; the tiny tokenizer reads 16 tokens
+    st, *_, info = app.on_generate(MODEL, long, 3, 2, 4.5, "dirotq", plan(sess, 8), progress=None)
+    assert st.startswith("✓ generated") and "⚠ prompt truncated" in st and "reads only the first 16" in st, st
+    assert info.startswith("⚠ prompt truncated")
+
+
+def test_a_corrupt_weight_file_is_one_line(tmp_path, capsys):
+    from dirotq.pipelines import DEFAULT_MODEL
+
+    model = tmp_path / "tiny-pixart"
+    shutil.copytree(DEFAULT_MODEL, model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    assert app.main(["--model", str(model), "--threads", str(torch.get_num_threads())]) == 2
+    out = capsys.readouterr()
+    assert out.out.strip() == (f"app.py: cannot open the model: cannot load the model in {model}: "
+                               "transformer/diffusion_pytorch_model.safetensors is truncated or corrupted "
+                               "(Error while deserializing header: incomplete metadata, file not fully covered)")
+    assert "Traceback" not in out.err
+
+
+def test_ctrl_c_while_calibrating_stops_the_app_cleanly(tmp_path):
+    """SIGINT while a handler thread runs torch once ended in "terminate called without an active
+    exception" (SIGABRT) as the interpreter finalized under it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from gradio_client import Client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cache-dir", str(tmp_path)], cwd=root,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # pytest may run with it ignored
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True).start()
+    try:
+        t0 = time.time()
+        while not any("running on" in line for line in lines):
+            assert p.poll() is None and time.time() - t0 < 120, "".join(lines)
+            time.sleep(0.2)
+        Client(f"http://127.0.0.1:{port}/", verbose=False).submit(*LAYER, 16, [], "sqnr_db", api_name="/on_calibrate")
+        time.sleep(3)  # inside the calibration, or the curve warm-up that follows it: torch is running
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+    time.sleep(0.2)
+    out = "".join(lines)
+    assert "terminate called" not in out and "Traceback" not in out, out
+    assert out.rstrip().endswith("DiRotQ Explorer stopped (Ctrl-C)"), out[-500:]
 
 
 def test_gradio_client_two_users_at_once(sess, calibrated):

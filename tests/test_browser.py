@@ -221,3 +221,89 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
         time.sleep(0.3)
         page.screenshot(path=f"{shots}/about.png", full_page=True)
     page.close()
+
+
+def _wait_for(cond, what: str, timeout: float = 30.0):
+    """Poll ``cond()`` until it returns something truthy; fail saying ``what`` was awaited."""
+    t = time.time() + timeout
+    last = None
+    while time.time() < t:
+        last = cond()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def _rank_in_title(title: str) -> int:
+    m = re.search(r"r = (\d+)", title)
+    assert m, title
+    return int(m.group(1))
+
+
+def test_browser_every_control_redraws_the_selected_layer(browser_or_skip, server):
+    """Issue #21 item 1: the block switch (keeping the layer type), a rank typed into the box (in and out of
+    range), a tab opened later and a plan-table edit each leave every view showing the same layer and rank."""
+    page = browser_or_skip.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+    page.get_by_role("button", name="Calibrate").wait_for(timeout=30_000)
+    _wait_status(page, r"Calibrate|✓", 30)
+    page.get_by_role("button", name="Calibrate").click()
+    _wait_status(page, r"✓ statistics .*prompts ×", 120)
+    spectrum = lambda: _plot_title(page, "plot-spectrum")  # noqa: E731
+    label = lambda: page.locator("#layer-label").inner_text()  # noqa: E731
+    num = page.locator("#rank input[type=number]")
+    assert spectrum().startswith("b0.attn1.to_q:"), spectrum()
+
+    # block 0 -> block 3, the layer type stays attn1.to_q: title and label follow the block
+    page.locator("#block input").click()
+    page.get_by_role("option", name="block 3", exact=True).click()
+    _wait_for(lambda: spectrum().startswith("b3.attn1.to_q:"), "the spectrum of b3.attn1.to_q")
+    assert "transformer_blocks.3.attn1.to_q" in label(), label()
+    r0 = _rank_in_title(spectrum())
+    assert num.input_value() == str(r0)
+
+    # 300 is beyond this layer's 256 inputs: refused, and the box shows the rank the plot shows
+    num.fill("300")
+    page.locator("#energy").click()
+    _wait_for(lambda: "outside" in _status(page), "a status saying 300 is out of range")
+    _wait_for(lambda: num.input_value() == str(_rank_in_title(spectrum())), "the rank box to agree with the plot")
+    assert _rank_in_title(spectrum()) == r0 and num.input_value() == str(r0)
+
+    # an in-range rank typed into the box redraws when the box loses focus
+    num.fill("100")
+    page.locator("#energy").click()
+    _wait_for(lambda: _rank_in_title(spectrum()) == 100, "the spectrum at r = 100")
+    assert "top 100 of 256" in page.locator("#energy").inner_text()
+
+    # tabs opened now show the same layer and rank
+    page.get_by_role("tab", name="Outliers").click()
+    _wait_for(lambda: _plot_title(page, "plot-outliers").startswith("b3.attn1.to_q:")
+              and "r = 100" in _plot_title(page, "plot-outliers"), "the outliers of b3.attn1.to_q at r = 100")
+    page.get_by_role("tab", name="Error vs rank").click()
+    _wait_for(lambda: _plot_title(page, "plot-error").startswith("b3.attn1.to_q:")
+              and "r = 100" in _plot_title(page, "plot-error"), "the error curve of b3.attn1.to_q at r = 100")
+
+    # a wider layer accepts 300 (ff.net.2 reads the 1024-wide hidden layer)
+    page.get_by_role("tab", name="Spectrum").click()
+    page.locator("#layer-type input").click()
+    page.get_by_role("option", name="ff.net.2", exact=True).click()
+    _wait_for(lambda: spectrum().startswith("b3.ff.net.2:"), "the spectrum of b3.ff.net.2")
+    num.fill("300")
+    page.locator("#energy").click()
+    _wait_for(lambda: _rank_in_title(spectrum()) == 300, "the spectrum of ff.net.2 at r = 300")
+    assert num.input_value() == "300"
+
+    # a rank edited in the plan table recomputes that row's "energy kept %"
+    page.get_by_role("tab", name="Rank plan").click()
+    rank_cell = page.locator("#plan-table [data-testid='cell-0-3']")
+    energy_cell = page.locator("#plan-table [data-testid='cell-0-4']")
+    rank_cell.wait_for(timeout=10_000)
+    before = float(energy_cell.inner_text().split()[0])
+    assert int(rank_cell.inner_text().split()[0]) < 100
+    rank_cell.dblclick()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("100")
+    page.keyboard.press("Enter")
+    _wait_for(lambda: float(energy_cell.inner_text().split()[0]) > before, "the energy column to follow the edit")
+    page.close()

@@ -158,6 +158,20 @@ def test_save_load_roundtrip_is_exact(tmp_path, pixart_stats):
     assert torch.equal(a2.sample, b2.sample) and torch.equal(a2.second_moment, b2.second_moment)
 
 
+def test_saved_statistics_get_the_users_file_mode(tmp_path, pixart_stats):
+    """The cache folder comes from tempfile.mkdtemp (0700) and the tensors from safetensors (0600)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        pixart_stats[2].save(tmp_path / "s")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "s", *(tmp_path / "s").iterdir()]}
+    assert modes == {"s": 0o755, "stats.safetensors": 0o644, "meta.json": 0o644}
+
+
 def test_corrupt_or_missing_files_give_clear_errors(tmp_path, pixart_stats):
     stats = pixart_stats[2]
     stats.save(tmp_path / "s")

@@ -88,6 +88,20 @@ def test_config_json_carries_the_quantization_block(tiny, saved):
     assert set(load_file(str(saved / WEIGHTS_NAME))) == set(quantized(tiny, DiRotQConfig(rank=16)).state_dict())
 
 
+def test_checkpoint_files_get_the_users_file_mode(tiny, tmp_path):
+    """safetensors writes 0600 whatever the umask: a checkpoint nobody else could read."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = save_quantized(quantized(tiny, RTNConfig()), tmp_path / "q")
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert modes == {WEIGHTS_NAME: 0o644, CONFIG_NAME: 0o644}
+
+
 def test_recipe_name():
     assert recipe_name(DiRotQConfig(rank=64), "tiny-pixart") == "dirotq-w4a4-g64-r64-tiny-pixart"
     assert recipe_name(RTNConfig(), "my model/v2") == "rtn-w4a4-g64-my-model-v2"

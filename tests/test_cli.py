@@ -2,6 +2,7 @@
 folder, and bad input answered with one line and exit status 2 (no traceback)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,157 @@ def test_missing_model_in_a_subprocess_is_one_line_no_traceback(env):
                        capture_output=True, text=True, cwd=repo, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+
+
+def test_generate_warns_on_unknown_words_and_truncation_and_never_overwrites(env, capsys, monkeypatch):
+    root, model, common = env
+    monkeypatch.chdir(root)
+    # "zebra" is not in the tiny vocabulary; 17 words and the end token: 18 tokens, the pipeline reads 16
+    prompt = "a big red circle on the left and a small blue zebra on the right of a white background"
+    args = ["generate", *common, "--prompt", prompt, "--seed", "5", "--out", str(root / "gen-twice")]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    warnings = [line for line in first.err.splitlines() if line.startswith("dirotq generate: warning:")]
+    assert len(warnings) == 2, first.err
+    assert "does not know the words ['zebra']" in warnings[0]
+    assert "prompt truncated" in warnings[1] and "reads only the first 16" in warnings[1]
+    assert main(args) == 0  # the same run again: new files beside the first run's
+    second = capsys.readouterr().out
+    names = sorted(p.name for p in (root / "gen-twice").iterdir())
+    assert len(names) == 8 and sum(n.endswith("-s5-2_side_by_side.png") for n in names) == 1
+    assert "-s5-2_side_by_side.png" in second and "-s5-2" not in first.out
+    info = json.loads(next((root / "gen-twice").glob("*-s5-2.json")).read_text())
+    assert len(info["warnings"]) == 2
+
+
+def test_generate_checks_its_numbers_before_loading_anything(capsys):
+    assert main(["generate", "--model", "/no/such/model", "--seed", "-1"]) == 2
+    assert "seed must be in [0, 2^63 − 1], got -1" in capsys.readouterr().err  # not "does not exist"
+    assert main(["generate", "--model", "/no/such/model", "--guidance", "99"]) == 2
+    assert "guidance must be in [0, 30], got 99" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--steps", "0"])
+    assert e.value.code == 2 and "expected a whole number ≥ 1, got 0" in capsys.readouterr().err
+
+
+def test_quick_preset_fills_only_the_calibration_flags_not_given(capsys):
+    from dirotq.cli import QUICK, _apply_quick, build_parser
+
+    def parsed(*argv):
+        args = build_parser().parse_args(list(argv))
+        _apply_quick(args, argv)
+        return args
+
+    a = parsed("quantize", "--quick")
+    assert (a.calib_limit, a.calib_steps) == (QUICK["calib_limit"], QUICK["calib_steps"]) == (8, 4)
+    a = parsed("quantize", "--quick", "--calib-limit", "16")
+    assert (a.calib_limit, a.calib_steps) == (16, 4)
+    a = parsed("quantize")
+    assert (a.calib_limit, a.calib_steps) == (None, None)
+    a = parsed("calibrate", "--quick", "--steps=10")
+    assert (a.limit, a.steps) == (8, 10)
+    for verb in ("calibrate", "quantize", "generate", "evaluate", "report"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "--quick" in capsys.readouterr().out
+
+
+def test_long_verbs_show_bars_with_a_total_so_an_eta(env, capsys, monkeypatch):
+    import re
+
+    root, model, common = env
+    monkeypatch.chdir(root)
+    assert main(["calibrate", "--model", str(model), "--steps", "2", "--prompts", str(root / "calib.txt"),
+                 "--out", str(root / "calib-bars")]) == 0
+    err = capsys.readouterr().err
+    # 3 prompts in one batch × 2 denoising steps, counted in steps (it was per mille)
+    assert re.search(r"calibrating: +100%\|[^|]*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert main(["quantize", *common, "--method", "rtn", "--out", str(root / "ckpt-bars")]) == 0
+    # the layers' bar has its total (the ETA needs a rate: on 16 tiny layers tqdm may not redraw before the end)
+    assert re.search(r"quantize rtn: .*\d+/16 \[", capsys.readouterr().err)
+
+
+def _copy_of_the_embedded_model(tmp_path) -> Path:
+    import shutil
+
+    from dirotq.pipelines import DEFAULT_MODEL
+
+    if not (Path(DEFAULT_MODEL) / "model_index.json").is_file():
+        pytest.skip(f"the embedded model is not built yet ({DEFAULT_MODEL})")
+    model = tmp_path / "tiny-pixart"
+    shutil.copytree(DEFAULT_MODEL, model)
+    return model
+
+
+@pytest.mark.parametrize("damage, argv", [
+    ("truncate", ["calibrate", "--limit", "1", "--steps", "1"]),  # the whole pipeline (load_pipeline)
+    ("flip", ["quantize", "--dry-run"]),  # the transformer alone (load_transformer)
+])
+def test_a_corrupt_weight_file_is_one_line_and_exit_2(tmp_path, damage, argv):
+    model = _copy_of_the_embedded_model(tmp_path)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncate":
+        os.truncate(weights, weights.stat().st_size // 2)
+    else:  # one byte of the JSON header: a quote becomes garbage
+        data = bytearray(weights.read_bytes())
+        data[20] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "dirotq", *argv, "--model", str(model), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=repo, timeout=300)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and err.count("\n") == 0, err
+    assert err.startswith(f"dirotq {argv[0]}: error: cannot load the model in {model}")
+    assert "diffusion_pytorch_model.safetensors is truncated or corrupted" in err
+
+
+def test_ctrl_c_during_calibration_is_one_line_and_exit_130(tmp_path):
+    import signal
+    import threading
+    import time
+
+    from dirotq.pipelines import DEFAULT_MODEL
+
+    if not (Path(DEFAULT_MODEL) / "model_index.json").is_file():
+        pytest.skip(f"the embedded model is not built yet ({DEFAULT_MODEL})")
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.Popen([sys.executable, "-m", "dirotq", "calibrate", "--out", str(tmp_path / "cal")], cwd=repo,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # pytest may ignore it
+    err = bytearray()
+    reader = threading.Thread(target=lambda: [err.extend(c) for c in iter(lambda: p.stderr.read1(4096), b"")],
+                              daemon=True)
+    reader.start()
+    try:
+        t0 = time.time()
+        while b"calibrating: batch" not in err:  # 96 prompts × 20 steps: minutes to go
+            assert p.poll() is None and time.time() - t0 < 120, err.decode()
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+    reader.join(10)
+    text = err.decode()
+    last = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert last == "dirotq calibrate: interrupted (Ctrl-C)", text[-500:]
+    assert "Traceback" not in text and "terminate called" not in text
+    assert not any((tmp_path / "cal").glob("*/meta.json"))  # no statistics from a cut-short run
+
+
+def test_calibrate_fills_the_cache_the_other_verbs_read(env, capsys, monkeypatch):
+    """`calibrate` then `quantize` with the same prompts and steps: the second reads the first's
+    statistics (the calibrate verb's cache was out/calibration, nobody else's: it calibrated twice)."""
+    root, model, common = env
+    work = root / "shared-cache"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["calibrate", "--model", str(model), "--steps", "2", "--prompts", str(root / "calib.txt")]) == 0
+    capsys.readouterr()
+
+    def no_second_calibration(*a, **k):
+        raise AssertionError("quantize calibrated again")
+
+    monkeypatch.setattr("dirotq.calibration._Recorder", no_second_calibration)
+    assert main(["quantize", *common, "--method", "dirotq", "--rank", "8", "--out", str(work / "ckpt")]) == 0

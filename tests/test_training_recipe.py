@@ -84,6 +84,7 @@ def test_structure_heads_learn_a_batch_and_report_accuracy():
     assert set(acc) == set(HEADS) and float(loss) < 0.1 * first and min(acc.values()) == 1.0
 
 
+@pytest.mark.slow  # 104 s alone on 2 CPU cores (issue #21); run with python3 -m pytest -m slow
 def test_text_pretraining_teaches_a_fresh_encoder_the_caption_structure(tmp_path):
     from dirotq.eval.shapes_grammar import caption
     from scripts.caption_structure import StructureHeads, label_batch

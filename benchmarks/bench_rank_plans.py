@@ -1,0 +1,175 @@
+"""Rank plans judged on images: PSNR vs the 16-bit budget for every plan policy, at equal cost.
+
+For each ranked method and each budget (the 16-bit parameters of a uniform rank R, by the method's
+own cost function), plans from every policy of the explorer's Rank plan tab (analysis/plans.py),
+each spending at most that budget, are evaluated with the image protocol of dirotq/eval (PSNR
+against the 16-bit image of the same prompt and seed, paired bootstrap CI against the fixed plan).
+The evaluation prompts and seeds are disjoint from everything the plans were fitted on: the
+statistics use the first ``--calib-limit`` calibration prompts, the layer sensitivities the next
+four, and the evaluation items get seeds from ``--seed`` (default 5000) on.
+
+Extra rows at R = 32 quantify what the fast kernel format and asymmetric activation codes change
+(format C "int_ratio" vs format A "exact"; asymmetric codes, which only format A and the reference
+path support).
+
+    python -m benchmarks.bench_rank_plans --out benchmarks/results/rank_plans_tiny_pixart
+
+Writes OUT.json after every row, then OUT.md; ``--html`` also draws OUT.html (analysis.figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from analysis import plans
+from analysis.stats import spectrum
+from dirotq.allocate import (layer_error_curves, layer_params16, layer_sensitivity, record_transformer_calls,
+                             sensitivity_curves)
+from dirotq.eval.metrics import paired_bootstrap_diff
+from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, Evaluator, make_config, read_prompts
+from dirotq.eval.report import device_description, versions
+
+POLICIES = ("fixed", "output error", "energy", "error budget", "16-bit budget")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded tiny PixArt-Σ)")
+    ap.add_argument("--methods", default="dirotq-lr,dirotq,svdquant")
+    ap.add_argument("--budgets", default="16,32", help="uniform ranks whose 16-bit cost each plan may spend")
+    ap.add_argument("--limit", type=int, default=40, help="evaluation prompts")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per evaluation prompt")
+    ap.add_argument("--seed", type=int, default=5000, help="base seed of the evaluation items")
+    ap.add_argument("--calib-limit", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="out/rank_plans", help="image and statistics cache")
+    ap.add_argument("--out", default="benchmarks/results/rank_plans_tiny_pixart")
+    ap.add_argument("--no-extras", action="store_true", help="skip the format / asymmetric rows")
+    ap.add_argument("--html", action="store_true", help="also draw OUT.html")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t_start = time.time()
+    methods = [m for m in a.methods.split(",") if m]
+    budgets = [int(b) for b in a.budgets.split(",") if b]
+    ev = Evaluator(a.model, limit=a.limit, seeds_per_prompt=a.seeds, seed=a.seed, num_inference_steps=a.steps,
+                   calib_limit=a.calib_limit, out_dir=a.work, judge=False, n_boot=2000)
+    stats = ev.stats
+    sens_prompts = read_prompts(DEFAULT_CALIB_PROMPTS)[a.calib_limit:a.calib_limit + 4]
+    calls = record_transformer_calls(ev.pipe, sens_prompts, num_inference_steps=10, steps=range(0, 10, 2), seed=1,
+                                     pipe_kwargs=ev.pipe_kwargs)
+    targets = {n: s for n, s in ev.targets.items() if s.kind == "w4a4"}
+    spectra = {}
+    out = Path(a.out)
+    result = {"meta": {"model": ev.model_name, "n_images": len(ev.items), "eval_seed_base": a.seed,
+                       "num_inference_steps": a.steps, "calibration_prompts": a.calib_limit,
+                       "sensitivity_prompts": len(sens_prompts), "sensitivity_steps": "0, 2, 4, 6, 8 of 10",
+                       "budgets": budgets, "methods": methods, "weights": "rtn",
+                       "device": device_description(), "versions": versions(),
+                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "command": " ".join(["python -m benchmarks.bench_rank_plans",
+                                            *(sys.argv[1:] if argv is None else argv)])},
+              "rows": []}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+
+    def evaluate(label: str, method: str, budget: int, policy: str, config, plan=None, cost=None, fixed=None):
+        imgs, report = ev.method_images(label, config)
+        fid = ev.fidelity(imgs)
+        row = {"method": method, "budget_rank": budget, "policy": policy, "tag": config.tag(),
+               "psnr": fid["psnr"], "ssim": fid["ssim"], "per_image_psnr": fid["per_image"]["psnr"]}
+        if plan is not None:
+            row["params16"] = plans.plan_params16(plan, cost)
+            row["plan"] = plan
+        if fixed is not None:
+            row["vs_fixed"] = paired_bootstrap_diff(fid["per_image"]["psnr"], fixed["per_image_psnr"], 2000)
+        result["rows"].append(row)
+        save()
+        d = row.get("vs_fixed")
+        print(f"{method:10s} R={budget:3d} {policy:14s} PSNR {fid['psnr']['mean']:.2f}"
+              + (f"  Δ {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else ""), flush=True)
+        return row
+
+    ev.reference_images()
+    for method in methods:
+        t0 = time.time()
+        model = ev.pipe.transformer
+        sens = layer_sensitivity(model, calls, stats, make_config(method, rank=0), targets=targets)
+        layer_curves = layer_error_curves(model, stats, lambda r: make_config(method, rank=r), targets=targets)
+        out_curves = sensitivity_curves(layer_curves, sens)
+        result.setdefault("curves_seconds", {})[method] = round(time.time() - t0, 1)
+        result.setdefault("sensitivity", {})[method] = sens
+        cfg0 = make_config(method, rank=0)
+
+        def cost(name, r, cfg0=cfg0):
+            return layer_params16(targets[name], cfg0, int(r))
+
+        for budget in budgets:
+            fixed_plan = plans.fixed_plan(targets, budget)
+            limit = plans.plan_params16(fixed_plan, cost)
+            fixed = evaluate(f"{method}-fixed{budget}", method, budget, "fixed", make_config(method, rank=budget),
+                             fixed_plan, cost)
+            for policy in POLICIES[1:]:
+                if policy == "output error":
+                    plan = plans.fill_plan(policy, budget, targets, output_curves=lambda: out_curves, config=cfg0)
+                elif policy == "16-bit budget":
+                    plan = plans.fill_plan(policy, limit / 1e3, targets, cost=cost, layer_curve=layer_curves.get)
+                elif policy == "energy":
+                    if not spectra:
+                        spectra.update({n: spectrum(stats.for_layer(n))["eigenvalues"] for n in targets})
+                    plan = plans.match_budget(lambda f: plans.fill_plan("energy", f, targets, eigenvalues=spectra.get),
+                                              cost, limit, 0.0, 1.0, increasing=True)
+                else:  # error budget: a larger threshold is cheaper
+                    plan = plans.match_budget(
+                        lambda e: plans.fill_plan("error budget", e, targets, layer_curve=layer_curves.get),
+                        cost, limit, 1e-6, 1.0, increasing=False)
+                cfg = make_config(method, rank={"_default": 0, **plan})
+                evaluate(f"{method}-{policy}{budget}", method, budget, policy, cfg, plan, cost, fixed)
+            if budget == 32 and not a.no_extras and method in ("dirotq-lr", "dirotq"):
+                evaluate(f"{method}-C{budget}", method, budget, "fixed, format C",
+                         make_config(method, rank=budget, scale_format="int_ratio"), fixed_plan, cost, fixed)
+                if method == "dirotq-lr":
+                    evaluate(f"{method}-asym{budget}", method, budget, "fixed, asymmetric activations",
+                             make_config(method, rank=budget, act_symmetric=False), fixed_plan, cost, fixed)
+    result["meta"]["seconds"] = round(time.time() - t_start)
+    save()
+    Path(f"{out}.md").write_text(markdown(result))
+    if a.html:
+        from analysis.figures import rank_plans_figure, write_html
+
+        write_html(rank_plans_figure(result), f"{out}.html")
+    print(f"wrote {out}.json, {out}.md")
+    return 0
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"# Rank plans judged on images: {meta['model']}", "",
+             f"{meta['n_images']} images (evaluation prompts, seeds from {meta['eval_seed_base']}), "
+             f"{meta['num_inference_steps']} steps, RTN weights. PSNR (dB) against the 16-bit image of the same "
+             f"prompt and seed, mean [95 % bootstrap CI]; Δ = paired difference against the fixed plan of the same "
+             f"method and budget. Each plan spends at most the extra 16-bit parameters of a uniform rank R (the "
+             f"method's own cost). Statistics: {meta['calibration_prompts']} calibration prompts; layer "
+             f"sensitivities: {meta['sensitivity_prompts']} other calibration prompts, steps {meta['sensitivity_steps']}.",
+             f"Device: {meta['device']}. Date: {meta['date']}. Command: `{meta['command']}`.", "",
+             "| method | R | policy | extra 16-bit params | PSNR (dB) | Δ vs fixed (dB) |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        d = r.get("vs_fixed")
+        delta = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else "–"
+        p = r["psnr"]
+        params = f"{r['params16'] / 1e3:,.1f} k" if "params16" in r else "–"
+        lines.append(f"| {r['method']} | {r['budget_rank']} | {r['policy']} | {params} | "
+                     f"{p['mean']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,370 @@
+"""Per-layer ranks by what the model output sees (docs/DESIGN.md §9, "Judge rank plans by images").
+
+A layer's own quantization error does not say how much it moves the image: on the embedded model
+the feed-forward input projections carry 20–40× more of the model-output error than the attention
+projections whose layer SQNR is worst, so policies that spend rank where the layer error is worst
+make images worse than a fixed rank. This module measures each layer's effect on the output
+directly and spends a 16-bit budget where the output gains most:
+
+1. ``record_transformer_calls``: the transformer's inputs while the 16-bit pipeline denoises a few
+   calibration prompts (kept in memory: a few MB for the embedded model);
+2. ``layer_sensitivity``: for every W4A4 target, the transformer output's relative error when only
+   that layer is quantized (rank 0; the other layers 16-bit), divided by that layer's own relative
+   output error on its held-out tokens: how much of a layer's error reaches the model output. One
+   quantized forward pass per layer; ``output_error_curves`` measures the output error at every
+   rank instead (a forward pass per layer and rank: for checks and small models);
+3. ``sensitivity_curves``: a layer's error-vs-rank curve (held-out tokens, cheap) times its
+   sensitivity: the predicted output error at every rank;
+4. ``allocate``: a greedy on output-error reduction per extra 16-bit parameter, the method's own cost
+   (``MethodSpec.cost``), under the budget of a uniform rank, taking the steepest jump to any larger
+   candidate rank (so a flat stretch of a curve does not stop a layer that gains later).
+
+Per-layer output errors are treated as additive and proportional to the layer's own error, which
+holds to first order for small perturbations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_KEY, QuantConfig, RankPlan
+from .quantize import quantize_layer
+from .registry import spec_for
+
+Progress = Callable[[float, str], Any]
+Call = tuple[tuple, dict]
+
+
+# ------------------------------------------------------------------------------------ inputs
+def record_transformer_calls(pipe: Any, prompts: Sequence[str], *, num_inference_steps: int = 10,
+                             steps: Iterable[int] | None = None, seed: int = 0,
+                             pipe_kwargs: Mapping[str, Any] | None = None) -> list[Call]:
+    """(args, kwargs) of every transformer forward while ``pipe`` denoises ``prompts`` (one batch,
+    prompt j with generator seed ``seed + j``), at denoising steps ``steps`` (default: all), with
+    tensors detached and cloned. Classifier-free guidance doubles the batch inside each call."""
+    from .pipelines import call_kwargs
+
+    if not prompts:
+        raise ValueError("record_transformer_calls needs at least one prompt")
+    keep = set(range(num_inference_steps)) if steps is None else {int(s) for s in steps}
+    calls: list[Call] = []
+    state = {"step": 0}
+
+    def grab(module, args, kwargs):
+        if state["step"] in keep:
+            calls.append((_detached(args), _detached(kwargs)))
+
+    sched = pipe.scheduler
+    orig_step = sched.step
+
+    def counting_step(*a, **kw):
+        out = orig_step(*a, **kw)
+        state["step"] += 1
+        return out
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    sched.step = counting_step  # an instance attribute shadows the method; deleted below
+    try:
+        gens = [torch.Generator(device="cpu").manual_seed(seed + j) for j in range(len(prompts))]
+        with torch.no_grad():
+            pipe(prompt=list(prompts), num_inference_steps=num_inference_steps, generator=gens,
+                 output_type="latent", **call_kwargs(pipe, pipe_kwargs))
+    finally:
+        handle.remove()
+        del sched.step
+    return calls
+
+
+def _detached(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(v) for v in obj)
+    return obj
+
+
+def merge_calls(calls: Sequence[Call], max_batch: int = 256) -> list[Call]:
+    """The same forwards in fewer, larger batches: consecutive calls whose tensors agree in all but
+    the batch dimension (and whose other arguments are equal) are concatenated along it, up to
+    ``max_batch`` samples. Outputs are the same per sample (every sample is independent); a tiny
+    model runs far faster in one large batch than in many small ones."""
+    merged: list[Call] = []
+    group: list[Call] = []
+
+    def flush():
+        if group:
+            merged.append(group[0] if len(group) == 1 else _cat(group))
+            group.clear()
+
+    for call in calls:
+        if group and (not _compatible(group[0], call) or _batch(group) + _batch([call]) > max_batch):
+            flush()
+        group.append(call)
+    flush()
+    return merged
+
+
+def _leaves(obj: Any) -> list:
+    if isinstance(obj, dict):
+        return [x for k in sorted(obj) for x in ([k] + _leaves(obj[k]))]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _leaves(v)]
+    return [obj]
+
+
+def _compatible(a: Any, b: Any) -> bool:
+    la, lb = _leaves(a), _leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.dim() == 0 or x.shape[1:] != y.shape[1:] or x.dtype != y.dtype:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _batch(group: Sequence[Call]) -> int:
+    return sum(next(t.shape[0] for t in _leaves(c) if isinstance(t, torch.Tensor)) for c in group)
+
+
+def _cat(objs: Sequence[Any]) -> Any:
+    first = objs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(objs), dim=0)
+    if isinstance(first, dict):
+        return {k: _cat([o[k] for o in objs]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat([o[i] for o in objs]) for i in range(len(first)))
+    return first
+
+
+def _output(transformer: nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in calls:
+            out = transformer(*args, **{**kwargs, "return_dict": False})
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out).double())
+    return outs
+
+
+def output_error(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> float:
+    """Σ‖ŷ − y‖² / Σ‖y‖² over all recorded calls."""
+    num = sum(float((o - r).pow(2).sum()) for r, o in zip(reference, outputs))
+    den = sum(float(r.pow(2).sum()) for r in reference)
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+# ------------------------------------------------------------------------------------ curves
+def candidate_ranks(d: int) -> list[int]:
+    """Ranks an allocation may choose for a layer of input width ``d``: fine steps where curves
+    bend (multiples of 8 up to 32), then coarser; capped at d."""
+    grid = [0, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    return [r for r in grid if r <= d]
+
+
+def output_error_curves(transformer: nn.Module, calls: Sequence[Call], stats: Any,
+                        config_for_rank: Callable[[int], QuantConfig], *, targets: Mapping[str, Any],
+                        ranks: Callable[[int], Sequence[int]] = candidate_ranks,
+                        progress: Progress | None = None) -> dict[str, dict[int, float]]:
+    """``{layer: {rank: output relative error}}`` with only that layer quantized (the rest 16-bit).
+
+    transformer: the float model (left unchanged); calls: ``record_transformer_calls``; stats:
+    calibration statistics (``for_layer``); config_for_rank(r): the method's config at rank r;
+    targets: name -> TargetSpec (W4A4 targets only are measured); ranks(d): the candidate ranks.
+    """
+    calls = merge_calls(calls)
+    reference = _output(transformer, calls)
+    names = [n for n, s in targets.items() if getattr(s, "kind", "w4a4") == "w4a4"]
+    jobs = sum(len(ranks(targets[n].in_features)) for n in names)
+    done = 0
+    curves: dict[str, dict[int, float]] = {}
+    for name in names:
+        spec = targets[name]
+        parent_name, _, attr = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name) if parent_name else transformer
+        linear = getattr(parent, attr)
+        curve: dict[int, float] = {}
+        for r in ranks(spec.in_features):
+            q = quantize_layer(linear, stats.for_layer(name), config_for_rank(r), rank=r, spec=spec)
+            q.to(device=linear.weight.device)
+            setattr(parent, attr, q)
+            try:
+                curve[r] = output_error(reference, _output(transformer, calls))
+            finally:
+                setattr(parent, attr, linear)
+            done += 1
+            if progress is not None:
+                progress(done / max(jobs, 1), f"output error: {name} at rank {r}")
+        curves[name] = curve
+    return curves
+
+
+def layer_sensitivity(transformer: nn.Module, calls: Sequence[Call], stats: Any, config: QuantConfig, *,
+                      targets: Mapping[str, Any], rank: int = 0,
+                      progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """How much of each W4A4 target's error reaches the model output.
+
+    For every target: ``output`` = the transformer output's relative error on ``calls`` with only
+    that layer quantized by ``config`` at ``rank``; ``layer`` = the layer's own relative output error
+    on its held-out tokens (``stats.for_layer(name).sample``); ``gain`` = output / layer. The model
+    is left unchanged. Returns ``{layer: {"output", "layer", "gain"}}``.
+    """
+    from .quantize import layer_error
+
+    calls = merge_calls(calls)
+    reference = _output(transformer, calls)
+    names = [n for n, s in targets.items() if getattr(s, "kind", "w4a4") == "w4a4"]
+    out: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(names):
+        spec = targets[name]
+        parent_name, _, attr = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name) if parent_name else transformer
+        linear = getattr(parent, attr)
+        st = stats.for_layer(name)
+        q = quantize_layer(linear, st, config, rank=rank, spec=spec)
+        q.to(device=linear.weight.device)
+        own = layer_error(linear, q, st.sample)["rel_mse"]
+        setattr(parent, attr, q)
+        try:
+            seen = output_error(reference, _output(transformer, calls))
+        finally:
+            setattr(parent, attr, linear)
+        out[name] = {"output": seen, "layer": own, "gain": seen / own if own > 0 else 0.0}
+        if progress is not None:
+            progress((i + 1) / len(names), f"sensitivity: {name}")
+    return out
+
+
+def sensitivity_curves(layer_curves: Mapping[str, Mapping[int, float]],
+                       sensitivity: Mapping[str, Mapping[str, float]]) -> dict[str, dict[int, float]]:
+    """Predicted output error per layer and rank: the layer's error curve times its gain."""
+    return {n: {int(r): sensitivity[n]["gain"] * e for r, e in curve.items()}
+            for n, curve in layer_curves.items() if n in sensitivity}
+
+
+# -------------------------------------------------------------------------------- allocation
+def layer_params16(spec: Any, config: QuantConfig, rank: int) -> float:
+    """Extra 16-bit parameters of target ``spec`` at ``rank`` under ``config``'s method (its cost
+    function; 1-bit Hadamard signs are not 16-bit parameters)."""
+    return spec_for(config).cost(spec.in_features, spec.out_features, rank, config).params16
+
+
+def allocate(curves: Mapping[str, Mapping[int, float]], cost: Callable[[str, int], float],
+             budget: float) -> dict[str, int]:
+    """Ranks that spend ``budget`` where the summed error drops most per unit of cost.
+
+    curves: layer -> {rank: error} (each with rank 0); cost(layer, rank): the layer's cost at that
+    rank; budget: what may be spent beyond rank 0 everywhere (Σ cost(layer, r) − cost(layer, 0)).
+    Greedy from rank 0 everywhere: each step moves one layer to the larger candidate rank with the
+    best error drop per cost (the steepest jump, not just the next rank) that still fits.
+    Returns layer -> rank.
+    """
+    plan = {name: 0 for name in curves}
+    spent = 0.0
+    while True:
+        best = None
+        for name, curve in curves.items():
+            r0 = plan[name]
+            for r in sorted(x for x in curve if x > r0):
+                step = cost(name, r) - cost(name, r0)
+                if spent + step > budget + 1e-9:
+                    break  # costs grow with rank: larger jumps do not fit either
+                gain = (curve[r0] - curve[r]) / max(step, 1e-12)
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, name, r, step)
+        if best is None:
+            return plan
+        _, name, r, step = best
+        plan[name] = r
+        spent += step
+
+
+def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Mapping[str, Any],
+                          config: QuantConfig, rank: int) -> dict[str, int]:
+    """``allocate`` under the 16-bit parameter budget of a uniform ``rank`` (each layer capped at its
+    width), with the method's own cost. W4A4 targets only."""
+    names = [n for n in curves if n in targets]
+
+    def cost(name: str, r: int) -> float:
+        return layer_params16(targets[name], config, r)
+
+    budget = sum(cost(n, min(rank, targets[n].in_features)) - cost(n, 0) for n in names)
+    return allocate({n: curves[n] for n in names}, cost, budget)
+
+
+def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Callable[[int], QuantConfig], *,
+                       targets: Mapping[str, Any], ranks: Callable[[int], Sequence[int]] = candidate_ranks,
+                       progress: Progress | None = None) -> dict[str, dict[int, float]]:
+    """``{layer: {rank: the layer's own relative output error}}`` on its held-out tokens
+    (``stats.for_layer(name).sample``), W4A4 targets only: one quantization per layer and rank."""
+    from .quantize import layer_error, reference_output
+
+    names = [n for n, s in targets.items() if getattr(s, "kind", "w4a4") == "w4a4"]
+    curves: dict[str, dict[int, float]] = {}
+    for i, name in enumerate(names):
+        spec, st = targets[name], stats.for_layer(name)
+        linear = transformer.get_submodule(name)
+        x = st.sample.to(dtype=linear.weight.dtype)
+        y = reference_output(linear, x)
+        curves[name] = {r: layer_error(linear, quantize_layer(linear, st, config_for_rank(r), rank=r, spec=spec), x,
+                                       y)["rel_mse"] for r in ranks(spec.in_features)}
+        if progress is not None:
+            progress((i + 1) / len(names), f"layer error vs rank: {name}")
+    return curves
+
+
+def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, prompts: Sequence[str], *,
+                      adapter: Any = None, num_inference_steps: int = 10, seed: int = 0,
+                      pipe_kwargs: Mapping[str, Any] | None = None,
+                      progress: Progress | None = None) -> tuple[RankPlan, dict]:
+    """The rank plan that spends the 16-bit budget of a uniform ``rank`` where the model output
+    gains most, for ``config``'s method, from sensitivities measured on ``prompts`` (use prompts
+    the evaluation will not: e.g. calibration prompts). Returns ``(plan, report)`` with the report
+    holding the per-layer gains, the ranks and the budget."""
+    from .models import get_adapter
+
+    transformer = pipe.transformer
+    adapter = adapter or get_adapter(transformer)
+    targets = {n: s for n, s in adapter.targets(transformer).items() if s.kind == "w4a4"}
+
+    def config_at(r: int) -> QuantConfig:
+        return dataclasses.replace(config, rank=RankPlan({DEFAULT_KEY: r}))
+
+    say = progress or (lambda f, m: None)
+    say(0.0, "recording the transformer inputs of the sensitivity prompts")
+    calls = record_transformer_calls(pipe, prompts, num_inference_steps=num_inference_steps,
+                                     steps=range(0, num_inference_steps, 2), seed=seed, pipe_kwargs=pipe_kwargs)
+    sens = layer_sensitivity(transformer, calls, stats, config_at(0), targets=targets,
+                             progress=lambda f, m: say(0.05 + 0.6 * f, m))
+    layer = layer_error_curves(transformer, stats, config_at, targets=targets,
+                               progress=lambda f, m: say(0.65 + 0.35 * f, m))
+    ranks = allocate_like_uniform(sensitivity_curves(layer, sens), targets, config, rank)
+    cost = {n: layer_params16(targets[n], config, r) - layer_params16(targets[n], config, 0) for n, r in ranks.items()}
+    budget = sum(layer_params16(s, config, min(rank, s.in_features)) - layer_params16(s, config, 0)
+                 for s in targets.values())
+    say(1.0, "rank plan by output error")
+    report = {"policy": "output error", "uniform_rank": rank, "budget_params16": budget,
+              "spent_params16": sum(cost.values()), "ranks": ranks,
+              "gain": {n: v["gain"] for n, v in sens.items()}, "sensitivity_prompts": len(prompts)}
+    return as_plan(ranks), report
+
+
+def as_plan(ranks: Mapping[str, int]) -> RankPlan:
+    """The ``RankPlan`` of explicit per-layer ranks (``_default`` 0 for anything not listed)."""
+    return RankPlan({DEFAULT_KEY: 0, **{n: int(r) for n, r in ranks.items()}})
+
+
+__all__ = ["record_transformer_calls", "merge_calls", "output_error", "candidate_ranks", "output_error_curves",
+           "layer_sensitivity", "sensitivity_curves", "layer_params16", "allocate", "allocate_like_uniform", "as_plan",
+           "layer_error_curves", "output_error_plan"]

@@ -1,0 +1,121 @@
+"""Claims about rank allocation by model-output error (dirotq/allocate.py) and the plan policies
+built on it (analysis/plans.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis import plans
+from dirotq.allocate import (allocate, allocate_like_uniform, candidate_ranks, layer_params16, output_error,
+                             output_error_curves, record_transformer_calls)
+from dirotq.calibration import calibrate
+from dirotq.eval.protocol import make_config
+from dirotq.models import TargetSpec, get_adapter
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def test_allocate_spends_where_the_error_drops_most_per_cost():
+    curves = {"cheap_flat": {0: 1.0, 8: 0.99, 16: 0.98},
+              "steep": {0: 1.0, 8: 0.5, 16: 0.4},
+              "late": {0: 1.0, 8: 1.0, 16: 0.1}}  # flat, then a big drop: the steepest jump reaches it
+    cost = lambda name, r: float(r)  # noqa: E731
+    plan = allocate(curves, cost, budget=24)
+    assert plan == {"cheap_flat": 0, "steep": 8, "late": 16}
+    assert sum(cost(n, r) for n, r in plan.items()) <= 24
+    assert allocate(curves, cost, budget=0) == {"cheap_flat": 0, "steep": 0, "late": 0}
+
+
+def test_allocation_spends_at_most_the_budget_of_a_uniform_rank():
+    targets = {n: TargetSpec(n, "w4a4", n, 0, n, d, o) for n, d, o in (("a", 64, 64), ("b", 64, 256), ("c", 128, 64))}
+    # only "b" moves the output much: rank elsewhere buys almost nothing
+    curves = {n: {r: 10.0 / (1 + r) if n == "b" else 1.0 - 1e-4 * r for r in candidate_ranks(s.in_features)}
+              for n, s in targets.items()}
+    for method in ("dirotq-lr", "dirotq", "svdquant"):
+        cfg = make_config(method, rank=0)
+        plan = allocate_like_uniform(curves, targets, cfg, 16)
+
+        def cost(name, r, cfg=cfg):
+            return layer_params16(targets[name], cfg, r)
+
+        assert plans.plan_params16(plan, cost) <= plans.plan_params16(plans.fixed_plan(targets, 16), cost) + 1e-9
+        assert plan["b"] > 16 and plan["b"] > max(plan["a"], plan["c"])  # the sensitive layer gets more
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from tiny_pipelines import build_tiny_pixart_pipeline
+
+    pipe = build_tiny_pixart_pipeline(seed=0)
+    stats = calibrate(pipe, ["a red circle", "a blue square on the left", "a green star"], num_inference_steps=3,
+                      sample_tokens=64, progress=lambda *a: None)
+    return pipe, stats
+
+
+def test_recorded_calls_reproduce_the_transformer_outputs(tiny_pipe):
+    pipe, _ = tiny_pipe
+    step = type(pipe.scheduler).step
+    calls = record_transformer_calls(pipe, ["a red circle", "a green star"], num_inference_steps=3, steps=[0, 2])
+    assert len(calls) == 2 and pipe.scheduler.step.__func__ is step  # the scheduler is restored
+    args, kwargs = calls[0]
+    latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    assert latents.shape[0] == 4  # 2 prompts × classifier-free guidance
+    with torch.no_grad():
+        again = pipe.transformer(*args, **{**kwargs, "return_dict": False})[0]
+    assert output_error([again.double()], [again.double()]) == 0.0
+
+
+def test_output_error_curves_fall_with_rank_and_leave_the_model_unchanged(tiny_pipe):
+    pipe, stats = tiny_pipe
+    model = pipe.transformer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = {n: s for n, s in get_adapter(model).targets(model).items() if s.kind == "w4a4"}
+    some = dict(list(targets.items())[:3])
+    calls = record_transformer_calls(pipe, ["a red circle"], num_inference_steps=3)
+    curves = output_error_curves(model, calls, stats, lambda r: make_config("dirotq", rank=r), targets=some)
+    assert set(curves) == set(some)
+    for name, curve in curves.items():
+        d = some[name].in_features
+        assert set(curve) == set(candidate_ranks(d)) and curve[0] > 0
+        assert curve[d] < 1e-6 * curve[0]  # rank d: that layer is exactly its 16-bit self
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_budget_matched_policies_stay_within_the_budget():
+    targets = {f"l{i}": TargetSpec(f"l{i}", "w4a4", f"l{i}", i, "x", 64, 64) for i in range(4)}
+    cfg = make_config("dirotq-lr", rank=0)
+
+    def cost(name, r):
+        return layer_params16(targets[name], cfg, r)
+
+    curves = {n: {r: (i + 1) / (1 + r) for r in candidate_ranks(64)} for i, n in enumerate(targets)}
+    limit = plans.plan_params16(plans.fixed_plan(targets, 16), cost)
+    plan = plans.match_budget(lambda e: plans.fill_plan("error budget", e, targets, layer_curve=curves.get),
+                              cost, limit, 1e-6, 1.0, increasing=False)
+    assert 0 < plans.plan_params16(plan, cost) <= limit
+    with pytest.raises(ValueError, match="unknown policy"):
+        plans.fill_plan("magic", 1, targets)
+
+
+def test_output_error_plan_spends_the_uniform_budget_on_the_sensitive_layers(tiny_pipe):
+    from dirotq.allocate import layer_error_curves, output_error_plan
+
+    pipe, stats = tiny_pipe
+    cfg = make_config("dirotq-lr", rank=8)
+    plan, report = output_error_plan(pipe, stats, cfg, 8, ["a red circle", "a green star"], num_inference_steps=4)
+    targets = {n: s for n, s in get_adapter(pipe.transformer).targets(pipe.transformer).items() if s.kind == "w4a4"}
+    resolved = plan.resolve(get_adapter(pipe.transformer).targets(pipe.transformer))
+    assert {n: resolved[n] for n in targets} == report["ranks"]
+    assert 0 < report["spent_params16"] <= report["budget_params16"]
+    # the layers that move the output most per parameter hold more rank than the least sensitive ones
+    gain = report["gain"]
+    top = max(targets, key=lambda n: gain[n] / (targets[n].in_features + targets[n].out_features))
+    low = min(targets, key=lambda n: gain[n])
+    assert report["ranks"][top] >= report["ranks"][low]
+    curves = layer_error_curves(pipe.transformer, stats, lambda r: make_config("dirotq-lr", rank=r),
+                                targets=dict(list(targets.items())[:2]))
+    for curve in curves.values():
+        ranks = sorted(curve)
+        assert curve[ranks[-1]] < 1e-6 and curve[0] > curve[ranks[1]]  # rank d is exact; rank lowers the error
