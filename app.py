@@ -26,6 +26,7 @@ import traceback  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
 
 from analysis import costs, figures  # noqa: E402
 from analysis import stats as astats  # noqa: E402
@@ -220,17 +221,18 @@ def on_rank(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, 
     s.require_stats()
     name = _sel_layer(s, model, sel) or _layer(s, block, ltype)
     d = s.layer_spec(name).in_features
+    keep = sel.get("rank") if _sel_layer(s, model, sel) == name else None
+    t = time.perf_counter()
     try:
         r = _rank(rank, d)
-    except ValueError as e:
-        keep = sel.get("rank") if _sel_layer(s, model, sel) == name else None
+        plots, drawn = _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis,
+                              (token, group, plant, channel))
+    except (ValueError, KeyError) as e:  # refused: the box goes back to the rank the plots show
         if keep is None:
             raise
-        return (f"⚠ {e}: kept r = {keep}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+        msg = str(e).strip("'\"")
+        return (f"⚠ {msg}: kept r = {keep}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
                 gr.update(value=keep), gr.skip(), gr.skip(), gr.skip())
-    t = time.perf_counter()
-    plots, drawn = _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis,
-                          (token, group, plant, channel))
     # the label names the layer, which a rank change keeps: not re-rendered (each markdown costs the browser)
     label = gr.skip() if _sel_layer(s, model, sel) == name else s.layer_label(name)
     return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s"), _energy_text(s, name, r), plots["spectrum"],
@@ -271,14 +273,25 @@ def on_view(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, 
     -> (status, spectrum, outliers, error, group, drawn)."""
     s = session(model)
     if not s.calibrated:
-        return "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (gr.skip(),) * 6
     name = _sel_layer(s, model, sel) or _layer(s, block, ltype)
     r = sel["rank"] if _sel_layer(s, model, sel) else _rank(rank, s.layer_spec(name).in_features)
     t = time.perf_counter()
     plots, drawn = _plots(s, model, name, r, tab, drawn, extra_views, metric, method, xaxis,
                           (token, group, plant, channel))
-    return (_ok(f"redrawn in {time.perf_counter() - t:.2f} s"), plots["spectrum"], plots["outliers"], plots["error"],
-            plots["group"], drawn)
+    # nothing redrawn (the option does not change the visible plot): the status keeps what it says
+    status = (_ok(f"redrawn in {time.perf_counter() - t:.2f} s")
+              if any(isinstance(f, go.Figure) for f in plots.values()) else gr.skip())
+    return status, plots["spectrum"], plots["outliers"], plots["error"], plots["group"], drawn
+
+
+def on_model_loaded(model, block, ltype, rank, extra_views, metric, tab=None, sel=None, drawn=None, method="dirotq",
+                    xaxis="rank", token=-1, group=-1, plant=0, channel=-1):
+    """After "Load model": select the new model's first layer and draw it (``on_layer``), leaving the
+    status line to the load's own message (or error)."""
+    out = on_layer(model, block, ltype, rank, extra_views, metric, tab, sel, drawn, method, xaxis, token, group,
+                   plant, channel)
+    return (gr.skip(),) + tuple(out[1:])
 
 
 def on_tab_select(evt: gr.SelectData, model, block, ltype, rank, extra_views, metric, old_tab=None, sel=None,
@@ -588,7 +601,7 @@ energy right of it goes through INT4. A steep spectrum means a small r already t
 (and the outliers) out of the 4-bit path.""",
     "outliers": """**What you see.** Per channel: the largest |value| over tokens of held-out calibration prompts (top) and
 the kurtosis E[x⁴]/E[x²]² (bottom; 3 for a Gaussian), in the original basis and after each
-transform, on the same y scale. Gray bars are DiRotQ's 16-bit coefficients.
+transform, on the same y scale. Gray: DiRotQ's 16-bit coefficients.
 
 **Why it matters.** INT4 with a per-token group scale has 16 levels: one outlier channel sets the
 scale of its group and flattens every other value to 0. RTN quantizes the original channels;
@@ -632,10 +645,15 @@ rank plan of the *Rank plan* tab: a heat map by block and layer type, and bars i
 **Use it.** The worst layers (red cells, low bars) are where extra rank pays; the *error budget*
 and *16-bit budget* policies of the Rank plan tab put it there automatically.
 W4A16 layers (weight-only, e.g. PixArt's ff.net.2) are listed with rank 0.""",
-    "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *fixed* (value = rank),
-*energy* (value = fraction of energy to keep, e.g. 0.9), *error budget* (value = largest relative
-MSE per layer, e.g. 0.01), *16-bit budget* (value = thousands of 16-bit branch parameters Σ o·r,
-the W·T_h columns, spent greedily where DiRotQ's error drops most) — then edit any cell. The cost is against plain W4A4:
+    "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *output error* (the
+default; value = a rank r: its 16-bit budget is spent where the *model output* gains most per extra
+parameter, from each layer's measured sensitivity — how much of its error reaches the output; the
+first fill per method runs the model, about a minute on CPU), *fixed* (value = rank), *energy*
+(fraction of energy to keep, e.g. 0.9), *error budget* (largest layer relative MSE, e.g. 0.01),
+*16-bit budget* (thousands of extra 16-bit parameters, spent where the *layer* error drops most) —
+then edit any cell. On images, only *output error* beats a fixed rank at the same cost (DiRotQ-LR:
++0.6 dB at r = 16, +1.2 dB at r = 32; full DiRotQ: +0.9 dB at r = 32, a tie at r = 16): a layer's own error does not say how
+much it moves the image. The plot below predicts each policy's output error at every budget. The cost is against plain W4A4:
 DiRotQ's full rotation costs a d×d 16-bit matrix per layer whatever r is (an online d×d GEMM);
 the low-rank form costs only O(d·r). The JSON is the `RankPlan` format the CLI and API read.""",
     "generate": """**Generate.** The same prompt and seed through the 16-bit model and the quantized model
@@ -772,8 +790,8 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                         with gr.Row():
                             with gr.Column(scale=3):
                                 with gr.Row():
-                                    policy_dd = gr.Dropdown(list(POLICIES), value="fixed", label="policy")
-                                    value_nb = gr.Number(32, label=POLICY_VALUE["fixed"][0])
+                                    policy_dd = gr.Dropdown(list(POLICIES), value="output error", label="policy")
+                                    value_nb = gr.Number(32, label=POLICY_VALUE["output error"][0])
                                     fill_btn = gr.Button("Fill", elem_id="fill-btn")
                                 plan_df = gr.Dataframe(init_plan, headers=PLAN_COLUMNS, interactive=True,
                                                        datatype=["str", "number", "number", "number", "number"],
@@ -808,11 +826,14 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                     guid_nb = gr.Number(4.5, label="guidance (0–30)")
                                 gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
                                 with gr.Row():
+                                    # one toolbar button: the label and three icons do not fit side by side
+                                    # in a third of a 1280 px window (the label was cut under the icons)
                                     img_ref = gr.Image(label="16-bit reference", type="pil", elem_id="img-ref",
-                                                       interactive=False)
-                                    img_q = gr.Image(label="W4A4", type="pil", elem_id="img-q", interactive=False)
+                                                       interactive=False, buttons=["download"])
+                                    img_q = gr.Image(label="W4A4", type="pil", elem_id="img-q", interactive=False,
+                                                     buttons=["download"])
                                     img_d = gr.Image(label="|difference| × 4", type="pil", elem_id="img-diff",
-                                                     interactive=False)
+                                                     interactive=False, buttons=["download"])
                                 gen_md = gr.Markdown("", elem_id="gen-info")
                             gr.Markdown(TEXT["generate"], elem_classes="teach")
                     with gr.Tab("About", id="about"):
@@ -836,7 +857,9 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         views = dict(concurrency_id="layer-views", concurrency_limit=1, preprocess=False, show_progress="hidden")
 
         demo.load(on_start, view_in, start_out, **views)
-        calib_btn.click(on_calibrate, view_in, start_out, concurrency_limit=1, preprocess=False)
+        # then: a tab selected while calibrating (drawn before statistics existed) is drawn now
+        calib_btn.click(on_calibrate, view_in, start_out, concurrency_limit=1, preprocess=False).then(
+            on_view, view_in, view_out, **views)
         # .input, not .change: programmatic updates (on_layer setting the type, a model load) fire no
         # second redraw, and picking a block whose type stays the same still redraws
         for c in (block_dd, type_dd):
@@ -860,7 +883,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         gen_btn.click(on_generate, [model_state, prompt_tb, seed_nb, steps_nb, guid_nb, method_dd, plan_df],
                       [status, img_ref, img_q, img_d, gen_md])
         load_btn.click(on_load_model, [model_box, model_state], [status, model_state, block_dd, type_dd, plan_df]
-                       ).then(on_layer, view_in, layer_out, **views)
+                       ).then(on_model_loaded, view_in, layer_out, **views)
     demo.queue(default_concurrency_limit=2)
     return demo
 
@@ -883,8 +906,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"app.py: cannot open the model: {e}", flush=True)
         return 2
+    # run_history=False: gradio 6 otherwise re-serialises its last 100 runs, figures included, into
+    # localStorage after every event: the slider's redraw grew from 0.2 s to over 1 s within 40 changes
     _, url, _ = demo.launch(server_name=args.host, server_port=args.port, ssr_mode=False, prevent_thread_lock=True,
-                            theme=gr.themes.Soft(), css=CSS, quiet=True)
+                            theme=gr.themes.Soft(), css=CSS, quiet=True, run_history=False)
     print(f"DiRotQ Explorer running on {url or f'http://{args.host}:{args.port}/'}", flush=True)
     try:
         demo.block_thread()  # returns on Ctrl-C, once gradio has closed the server

@@ -35,8 +35,6 @@ from dirotq.eval.metrics import paired_bootstrap_diff
 from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, Evaluator, make_config, read_prompts
 from dirotq.eval.report import device_description, versions
 
-POLICIES = ("fixed", "output error", "energy", "error budget", "16-bit budget")
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -93,52 +91,74 @@ def main(argv=None) -> int:
             row["vs_fixed"] = paired_bootstrap_diff(fid["per_image"]["psnr"], fixed["per_image_psnr"], 2000)
         result["rows"].append(row)
         save()
+        Path(f"{out}.md").write_text(markdown(result))
         d = row.get("vs_fixed")
         print(f"{method:10s} R={budget:3d} {policy:14s} PSNR {fid['psnr']['mean']:.2f}"
               + (f"  Δ {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else ""), flush=True)
         return row
 
     ev.reference_images()
+    prepared: dict[str, dict] = {}
+
+    def prepare(method: str) -> dict:
+        """Sensitivities, curves and the cost function of ``method`` (once)."""
+        if method not in prepared:
+            t0 = time.time()
+            model = ev.pipe.transformer
+            sens = layer_sensitivity(model, calls, stats, make_config(method, rank=0), targets=targets)
+            layer_curves = layer_error_curves(model, stats, lambda r: make_config(method, rank=r), targets=targets)
+            cfg0 = make_config(method, rank=0)
+            result.setdefault("curves_seconds", {})[method] = round(time.time() - t0, 1)
+            result.setdefault("sensitivity", {})[method] = sens
+            prepared[method] = {"out": sensitivity_curves(layer_curves, sens), "layer": layer_curves, "cfg0": cfg0,
+                                "cost": lambda name, r, cfg0=cfg0: layer_params16(targets[name], cfg0, int(r)),
+                                "fixed": {}}
+        return prepared[method]
+
+    def fixed_row(method: str, budget: int) -> dict:
+        p = prepare(method)
+        if budget not in p["fixed"]:
+            p["fixed"][budget] = evaluate(f"{method}-fixed{budget}", method, budget, "fixed",
+                                          make_config(method, rank=budget), plans.fixed_plan(targets, budget), p["cost"])
+        return p["fixed"][budget]
+
+    def policy_row(method: str, budget: int, policy: str) -> None:
+        p = prepare(method)
+        fixed, cost = fixed_row(method, budget), p["cost"]
+        limit = plans.plan_params16(plans.fixed_plan(targets, budget), cost)
+        if policy == "output error":
+            plan = plans.fill_plan(policy, budget, targets, output_curves=lambda: p["out"], config=p["cfg0"])
+        elif policy == "16-bit budget":
+            plan = plans.fill_plan(policy, limit / 1e3, targets, cost=cost, layer_curve=p["layer"].get)
+        elif policy == "energy":
+            if not spectra:
+                spectra.update({n: spectrum(stats.for_layer(n))["eigenvalues"] for n in targets})
+            plan = plans.match_budget(lambda f: plans.fill_plan("energy", f, targets, eigenvalues=spectra.get),
+                                      cost, limit, 0.0, 1.0, increasing=True)
+        else:  # error budget: a larger threshold is cheaper
+            plan = plans.match_budget(lambda e: plans.fill_plan("error budget", e, targets, layer_curve=p["layer"].get),
+                                      cost, limit, 1e-6, 1.0, increasing=False)
+        cfg = make_config(method, rank={"_default": 0, **plan})
+        evaluate(f"{method}-{policy}{budget}", method, budget, policy, cfg, plan, cost, fixed)
+
+    # most important first, so an interrupted run still answers the main question: the default
+    # allocator against a fixed rank, then the other policies, then the format rows
     for method in methods:
-        t0 = time.time()
-        model = ev.pipe.transformer
-        sens = layer_sensitivity(model, calls, stats, make_config(method, rank=0), targets=targets)
-        layer_curves = layer_error_curves(model, stats, lambda r: make_config(method, rank=r), targets=targets)
-        out_curves = sensitivity_curves(layer_curves, sens)
-        result.setdefault("curves_seconds", {})[method] = round(time.time() - t0, 1)
-        result.setdefault("sensitivity", {})[method] = sens
-        cfg0 = make_config(method, rank=0)
-
-        def cost(name, r, cfg0=cfg0):
-            return layer_params16(targets[name], cfg0, int(r))
-
         for budget in budgets:
-            fixed_plan = plans.fixed_plan(targets, budget)
-            limit = plans.plan_params16(fixed_plan, cost)
-            fixed = evaluate(f"{method}-fixed{budget}", method, budget, "fixed", make_config(method, rank=budget),
-                             fixed_plan, cost)
-            for policy in POLICIES[1:]:
-                if policy == "output error":
-                    plan = plans.fill_plan(policy, budget, targets, output_curves=lambda: out_curves, config=cfg0)
-                elif policy == "16-bit budget":
-                    plan = plans.fill_plan(policy, limit / 1e3, targets, cost=cost, layer_curve=layer_curves.get)
-                elif policy == "energy":
-                    if not spectra:
-                        spectra.update({n: spectrum(stats.for_layer(n))["eigenvalues"] for n in targets})
-                    plan = plans.match_budget(lambda f: plans.fill_plan("energy", f, targets, eigenvalues=spectra.get),
-                                              cost, limit, 0.0, 1.0, increasing=True)
-                else:  # error budget: a larger threshold is cheaper
-                    plan = plans.match_budget(
-                        lambda e: plans.fill_plan("error budget", e, targets, layer_curve=layer_curves.get),
-                        cost, limit, 1e-6, 1.0, increasing=False)
-                cfg = make_config(method, rank={"_default": 0, **plan})
-                evaluate(f"{method}-{policy}{budget}", method, budget, policy, cfg, plan, cost, fixed)
-            if budget == 32 and not a.no_extras and method in ("dirotq-lr", "dirotq"):
-                evaluate(f"{method}-C{budget}", method, budget, "fixed, format C",
-                         make_config(method, rank=budget, scale_format="int_ratio"), fixed_plan, cost, fixed)
-                if method == "dirotq-lr":
-                    evaluate(f"{method}-asym{budget}", method, budget, "fixed, asymmetric activations",
-                             make_config(method, rank=budget, act_symmetric=False), fixed_plan, cost, fixed)
+            policy_row(method, budget, "output error")
+    for budget in sorted(budgets, reverse=True):
+        for method in methods:
+            for policy in ("energy", "16-bit budget", "error budget"):
+                policy_row(method, budget, policy)
+    if not a.no_extras and 32 in budgets:
+        for method in [m for m in methods if m in ("dirotq-lr", "dirotq")]:
+            fixed = fixed_row(method, 32)
+            cost = prepare(method)["cost"]
+            evaluate(f"{method}-C32", method, 32, "fixed, format C", make_config(method, rank=32,
+                     scale_format="int_ratio"), plans.fixed_plan(targets, 32), cost, fixed)
+            if method == "dirotq-lr":
+                evaluate(f"{method}-asym32", method, 32, "fixed, asymmetric activations",
+                         make_config(method, rank=32, act_symmetric=False), plans.fixed_plan(targets, 32), cost, fixed)
     result["meta"]["seconds"] = round(time.time() - t_start)
     save()
     Path(f"{out}.md").write_text(markdown(result))

@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="parent folder of the checkpoint (default out)")
     p.add_argument("--name", default=None, help="checkpoint folder name (default: the recipe name)")
     p.add_argument("--dry-run", action="store_true", help="print the target report and the ranks, then stop")
+    p.add_argument("--allocate", choices=("output", "fixed"), default="output",
+                   help="ranked methods: 'output' (default) spends the 16-bit budget of --rank where the model "
+                        "output gains most (each layer's measured sensitivity, on 4 calibration prompts the "
+                        "statistics do not use); 'fixed' gives every layer --rank. A --rank-plan is used as is")
 
     p = sub.add_parser("generate", help="reference and W4A4 images of one prompt, side by side",
                        description="Generate one prompt with the 16-bit transformer and with a quantized one "
@@ -317,9 +321,12 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    import dataclasses
+
     from .checkpoint import recipe_name, save_quantized
-    from .eval.protocol import make_config
+    from .eval.protocol import DEFAULT_CALIB_PROMPTS, make_config, read_prompts
     from .models import get_adapter, target_report
+    from .registry import get_method
     from .pipelines import load_transformer
     from .quantize import quantize_
 
@@ -347,13 +354,46 @@ def cmd_quantize(args) -> int:
         ev.check_rank(rank)
         stats = ev.stats  # also for RTN: the report's per-layer errors use its held-out tokens
         transformer = ev.pipe.transformer
+    allocation = None
+    if args.allocate == "output" and get_method(config.method).ranked and isinstance(rank, int) and rank > 0:
+        if ev is None:
+            raise BadInput("--allocate output needs the pipeline to measure sensitivities: drop --stats, or pass "
+                           "--allocate fixed")
+        from .allocate import output_error_plan
+
+        sens_prompts = read_prompts(args.calib_prompts or DEFAULT_CALIB_PROMPTS)[len(ev.calib_prompts):][:4]
+        if not sens_prompts:  # every calibration prompt feeds the statistics: reuse the last four
+            sens_prompts = ev.calib_prompts[-4:]
+        plan, allocation = output_error_plan(ev.pipe, stats, config, rank, sens_prompts, seed=1,
+                                             pipe_kwargs=ev.pipe_kwargs, progress=_bar_progress("allocate ranks"))
+        config = dataclasses.replace(config, rank=plan)
     report = quantize_(transformer, config, stats)
     path = save_quantized(transformer, Path(args.out) / name)
+    if allocation is not None:
+        print(f"ranks by model-output sensitivity at the 16-bit budget of rank {rank}: "
+              f"{allocation['spent_params16'] / 1e3:,.1f} k of {allocation['budget_params16'] / 1e3:,.1f} k extra "
+              f"16-bit parameters; ranks {min(allocation['ranks'].values())}–{max(allocation['ranks'].values())}")
     s = report["summary"]
     err = f", mean layer rel. MSE {s['mean_rel_mse']:.4g}" if "mean_rel_mse" in s else ""
     print(f"quantized {s['layers']} layers ({s['w4a4']} W4A4, {s['w4a16']} W4A16) with {config.tag()}{err}")
     print(f"checkpoint: {path}")
     return 0
+
+
+def _bar_progress(desc: str):
+    """A ``progress(fraction, message)`` callback drawing a tqdm bar (percent, so it has an ETA)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=100, desc=desc, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = min(100.0, 100.0 * fraction)
+        bar.set_postfix_str(message[-60:], refresh=False)
+        bar.refresh()
+        if fraction >= 1.0:
+            bar.close()
+
+    return progress
 
 
 def _warn(verb: str, message: str) -> None:

@@ -185,12 +185,30 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
         page.locator("#energy").click()
         time.sleep(2)
         page.screenshot(path=f"{shots}/spectrum.png")
+        short = _plot_title(page, "plot-spectrum").split(":")[0]
         for tab, fname, wait_id in (("Outliers", "outliers", "plot-outliers"), ("Error vs rank", "error_vs_rank",
                                                                                   "plot-error")):
-            page.get_by_role("tab", name=tab).click()
-            _plot_title(page, wait_id)
+            page.get_by_role("tab", name=tab).click()  # a hidden tab is drawn when it is selected
+            _wait_for(lambda: _plot_title(page, wait_id).startswith(short), f"the {tab} tab of {short}")
+            if tab == "Error vs rank":  # the teaching view: methods compared at equal 16-bit cost
+                page.get_by_label("extra 16-bit parameters").check()
+                _wait_for(lambda: "16-bit parameters" in _plot_title(page, wait_id), "the cost axis")
             time.sleep(0.5)
             page.screenshot(path=f"{shots}/{fname}.png")
+            if tab == "Outliers":  # the same tab at 1920 px: the plots take the width they have
+                page.set_viewport_size({"width": 1920, "height": 1080})
+                time.sleep(1.5)
+                page.screenshot(path=f"{shots}/outliers_1920.png")
+                page.set_viewport_size({"width": 1500, "height": 1000})
+                time.sleep(1.0)
+        # one token group, with an outlier planted: the scale collapse in the original basis
+        page.get_by_role("tab", name="One group").click()
+        _wait_for(lambda: _plot_title(page, "plot-group").startswith(short), "the One group tab")
+        page.locator("#group-plant input[type=number]").fill(os.environ.get("DIROTQ_SHOT_PLANT", "40"))
+        page.locator("#group-token input").click()
+        _wait_for(lambda: "planted" in _plot_title(page, "plot-group"), "the planted outlier")
+        time.sleep(0.5)
+        page.screenshot(path=f"{shots}/one_group.png", full_page=True)
         page.get_by_role("tab", name="Rank plan").click()
         page.get_by_role("button", name="Fill").click()
         _wait_status(page, r"plan filled", 60)
@@ -212,6 +230,16 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
         img.wait_for(state="visible", timeout=30_000)
         assert img.evaluate("i => i.complete && i.naturalWidth > 0")
     assert "PSNR" in page.locator("#gen-info").inner_text()
+    # at 1280×800 each image's label stays clear of its toolbar icons (issue #21: they covered it)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    time.sleep(1.0)
+    for elem in ("img-ref", "img-q", "img-diff"):
+        label = page.locator(f"#{elem} [data-testid=block-label]").bounding_box()
+        icons = page.locator(f"#{elem} .icon-button-wrapper").bounding_box()
+        assert label["x"] + label["width"] <= icons["x"], (elem, label, icons)
+    page.set_viewport_size({"width": 1500, "height": 1000})
+    # the app keeps no run history: gradio 6 would re-serialise it, figures included, after every event
+    assert not page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('gradio:run-history'))")
     out = tmp_path / "generate.png"
     page.screenshot(path=str(out), full_page=True)
     assert out.stat().st_size > 10_000
@@ -242,8 +270,9 @@ def _rank_in_title(title: str) -> int:
 
 
 def test_browser_every_control_redraws_the_selected_layer(browser_or_skip, server):
-    """Issue #21 item 1: the block switch (keeping the layer type), a rank typed into the box (in and out of
-    range), a tab opened later and a plan-table edit each leave every view showing the same layer and rank."""
+    """Issue #21 items 1–3: the block switch (keeping the layer type), a rank typed into the box (in and out
+    of range), a tab opened later and a plan-table edit each leave every view showing the same layer and
+    rank; the error plot's cost axis and the One group tab's planted outlier redraw their tab."""
     page = browser_or_skip.new_page(viewport={"width": 1280, "height": 800})
     page.goto(server, wait_until="domcontentloaded", timeout=60_000)
     page.get_by_role("button", name="Calibrate").wait_for(timeout=30_000)
@@ -283,6 +312,14 @@ def test_browser_every_control_redraws_the_selected_layer(browser_or_skip, serve
     page.get_by_role("tab", name="Error vs rank").click()
     _wait_for(lambda: _plot_title(page, "plot-error").startswith("b3.attn1.to_q:")
               and "r = 100" in _plot_title(page, "plot-error"), "the error curve of b3.attn1.to_q at r = 100")
+    page.get_by_label("extra 16-bit FLOPs / token").check()
+    _wait_for(lambda: "16-bit FLOPs/token (r = 100)" in _plot_title(page, "plot-error"), "the error against FLOPs")
+    page.get_by_role("tab", name="One group").click()
+    _wait_for(lambda: _plot_title(page, "plot-group").startswith("b3.attn1.to_q: token"), "one token group")
+    assert "no planted outlier" in _plot_title(page, "plot-group")
+    page.locator("#group-plant input[type=number]").fill("50")
+    page.locator("#group-token input").click()  # the box loses focus: the slider's release
+    _wait_for(lambda: "50× the token's RMS" in _plot_title(page, "plot-group"), "the planted outlier")
 
     # a wider layer accepts 300 (ff.net.2 reads the 1024-wide hidden layer)
     page.get_by_role("tab", name="Spectrum").click()

@@ -44,8 +44,17 @@ def test_quantize_writes_a_checkpoint_named_by_the_recipe(env, capsys, monkeypat
     assert main(["quantize", *common, "--method", "dirotq", "--rank", "16", "--out", str(root / "ckpt")]) == 0
     path = root / "ckpt" / "dirotq-w4a4-g64-r16-tiny-pixart"
     assert (path / "config.json").is_file()
-    assert "quantization_config" in json.loads((path / "config.json").read_text())
-    assert f"checkpoint: {path}" in capsys.readouterr().out
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    out = capsys.readouterr().out
+    assert f"checkpoint: {path}" in out
+    # the default spends rank 16's 16-bit budget by model-output sensitivity: ranks differ per layer
+    assert "ranks by model-output sensitivity at the 16-bit budget of rank 16" in out
+    ranks = {t["rank"] for t in qc["targets"].values() if t.get("kind", "w4a4") == "w4a4"}
+    assert len(ranks) > 1
+    assert main(["quantize", *common, "--method", "dirotq", "--rank", "16", "--allocate", "fixed",
+                 "--out", str(root / "fixed")]) == 0
+    qc = json.loads((root / "fixed" / "dirotq-w4a4-g64-r16-tiny-pixart" / "config.json").read_text())
+    assert {t["rank"] for t in qc["quantization_config"]["targets"].values() if t.get("kind", "w4a4") == "w4a4"} == {16}
 
 
 def test_generate_writes_reference_and_w4a4_side_by_side(env, capsys, monkeypatch):

@@ -134,7 +134,8 @@ def _curves(exact_at_d: bool = True) -> dict:
     inf = math.inf if exact_at_d else 150.0
     return {"ranks": ranks,
             "curves": {"dirotq": {"sqnr_db": [20.0, 30.0, 140.0], "rel_mse": [1e-2, 1e-3, 1e-14]},
-                       "svdquant": {"sqnr_db": [19.0, 25.0, inf], "rel_mse": [1.2e-2, 3e-3, 0.0 if exact_at_d else 1e-15]}},
+                       "svdquant": {"sqnr_db": [19.0, 25.0, inf],
+                                    "rel_mse": [1.2e-2, 3e-3, 0.0 if exact_at_d else 1e-15]}},
             "references": {"rtn": {"sqnr_db": 18.0, "rel_mse": 1.6e-2}}}
 
 
@@ -275,3 +276,18 @@ def test_plan_edit_recomputes_the_energy_column(sess):
     out = app.on_plan_edit(MODEL, df, "dirotq")
     assert out[4].loc[0, "energy kept %"] == round(100 * sess.energy(name, 40), 1)
     assert out[4].loc[0, "energy kept %"] > df.loc[0, "energy kept %"]
+
+
+def test_a_view_that_cannot_be_drawn_refuses_the_rank_too(sess):
+    """The One group tab with a token the sample does not hold: a rank change is refused (the box goes
+    back) rather than leaving the box at a rank the plot does not show."""
+    sel = {"model": MODEL, "layer": "transformer_blocks.0.attn1.to_q", "rank": 8}
+    out = app.on_rank(MODEL, 0, "attn1.to_q", 12, VIEWS, "sqnr_db", "group", sel, {}, "dirotq", "rank", 10**6)
+    assert out[0].startswith("⚠ token 1000000 is outside") and out[0].endswith("kept r = 8")
+    assert out[6] == {"__type__": "update", "value": 8}
+
+
+def test_model_load_redraws_without_hiding_the_load_message(sess):
+    out = app.on_model_loaded(MODEL, 1, "attn1.to_q", 16, VIEWS, "sqnr_db", "spectrum", None, {})
+    assert out[0] == gr_skip()  # the status line keeps on_load_model's message
+    assert out[8]["layer"] == "transformer_blocks.1.attn1.to_q" and isinstance(out[4], go.Figure)
