@@ -9,6 +9,10 @@ before and after each command, versions, git commit and date.
 
     python -m benchmarks.bench_cli --out benchmarks/results/cli_durations_cpu.json
     python -m benchmarks.bench_cli --only 0,1            # the first two commands (a check of the script)
+    python -m benchmarks.bench_cli --only 0,1,2,3 --update --out benchmarks/results/cli_durations_cpu.json
+
+``--update`` remeasures some commands after a change to them (in a fresh folder too, so run the
+commands before them that fill their caches) and keeps the file's other rows; each row has its date.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON result file (default: print only)")
     ap.add_argument("--workdir", default=None, help="working folder (default: a fresh temporary one)")
     ap.add_argument("--only", default=None, help="comma-separated indices of the README commands to run")
+    ap.add_argument("--update", action="store_true", help="replace only these commands' rows of the --out file")
     a = ap.parse_args(argv)
     import torch
 
@@ -105,17 +110,26 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t0
         last = (p.stdout.strip().splitlines() or [""])[-1][:200]
         rows.append({"command": cmd, "seconds": round(dt, 1), "exit_status": p.returncode, "last_stdout_line": last,
-                     "load_average_before": load_before, "load_average_after": _load()})
+                     "load_average_before": load_before, "load_average_after": _load(),
+                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "commit": _git("rev-parse", "--short", "HEAD")})
         print(f"{dt:8.1f} s  rc={p.returncode}  {cmd}", flush=True)
         if p.returncode:
             print(p.stderr[-2000:], file=sys.stderr)
+    if a.update and a.out and Path(a.out).is_file():
+        prev = json.loads(Path(a.out).read_text())
+        new = {r["command"]: r for r in rows}
+        old = {r["command"]: {"date": prev.get("started"), "commit": prev.get("commit"), **r}
+               for r in prev["commands"]}
+        rows = [new.get(c) or old[c] for c in readme_commands() if c in new or c in old]
     result = {
         "benchmark": "readme_cli_commands", "model": "assets/tiny-pixart (embedded)",
         "how": "README.md's CLI block in order, one fresh working folder, each command a subprocess "
                "(cold caches: the first command needing statistics computes them, later ones reuse them)",
         "cpu": device_description(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "versions": _versions(), "commit": _git("rev-parse", "--short", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")), "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "total_seconds": round(sum(r["seconds"] for r in rows), 1), "commands": rows,
     }
     print("\n".join(["| command | wall time |", "|---|---|", *markdown_rows(result)]))
