@@ -90,16 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated indices of the README commands to run")
     ap.add_argument("--update", action="store_true", help="replace only these commands' rows of the --out file")
     a = ap.parse_args(argv)
-    import torch
-
-    from dirotq.eval.protocol import device_description
-
     commands = readme_commands()
     if a.only:
         commands = [commands[int(i)] for i in a.only.split(",")]
     work = Path(a.workdir or tempfile.mkdtemp(prefix="dirotq-bench-cli-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    # the commands import this checkout's dirotq and analysis whatever the working folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     rows = []
     started = datetime.datetime.now(datetime.timezone.utc)
     for cmd in commands:
@@ -116,14 +113,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dt:8.1f} s  rc={p.returncode}  {cmd}", flush=True)
         if p.returncode:
             print(p.stderr[-2000:], file=sys.stderr)
+        if a.out and not a.update:  # after every command: an interrupted run keeps what it measured
+            _write(a.out, _result(rows, started, complete=len(rows) == len(commands)))
     if a.update and a.out and Path(a.out).is_file():
         prev = json.loads(Path(a.out).read_text())
         new = {r["command"]: r for r in rows}
         old = {r["command"]: {"date": prev.get("started"), "commit": prev.get("commit"), **r}
                for r in prev["commands"]}
         rows = [new.get(c) or old[c] for c in readme_commands() if c in new or c in old]
-    result = {
-        "benchmark": "readme_cli_commands", "model": "assets/tiny-pixart (embedded)",
+    result = _result(rows, started, complete=True)
+    print("\n".join(["| command | wall time |", "|---|---|", *markdown_rows(result)]))
+    if a.out:
+        _write(a.out, result)
+        print(f"wrote {a.out}")
+    return 0 if all(r["exit_status"] == 0 for r in rows) else 1
+
+
+def _write(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _result(rows: list[dict], started: datetime.datetime, complete: bool) -> dict:
+    import torch
+
+    from dirotq.eval.protocol import device_description
+
+    return {
+        "benchmark": "readme_cli_commands", "complete": complete, "model": "assets/tiny-pixart (embedded)",
         "how": "README.md's CLI block in order, one fresh working folder, each command a subprocess "
                "(cold caches: the first command needing statistics computes them, later ones reuse them)",
         "cpu": device_description(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -132,12 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "total_seconds": round(sum(r["seconds"] for r in rows), 1), "commands": rows,
     }
-    print("\n".join(["| command | wall time |", "|---|---|", *markdown_rows(result)]))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {a.out}")
-    return 0 if all(r["exit_status"] == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":
