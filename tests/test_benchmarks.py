@@ -37,3 +37,19 @@ def test_summarize_gpu_tables_from_committed_results(capsys):
     assert "| pixart-sigma ff.net.0.proj | 1152→4608 | 4096 |" in out
     # the FLUX run was stopped before format C: its ratio is computed from what it has
     assert "| exact | 376.0 | 370.2 | 0.483 |" in out
+
+
+def test_the_readme_quotes_a_measured_duration_for_every_cli_command():
+    """README.md's CLI durations come from benchmarks/results/cli_durations_cpu.json, written by
+    python -m benchmarks.bench_cli running that README block's commands: same commands, same numbers."""
+    import json
+
+    from benchmarks.bench_cli import markdown_rows, readme_commands
+
+    root = Path(__file__).resolve().parent.parent
+    result = json.loads((root / "benchmarks" / "results" / "cli_durations_cpu.json").read_text())
+    assert result["complete"] and [r["command"] for r in result["commands"]] == readme_commands()
+    assert all(r["exit_status"] == 0 for r in result["commands"])
+    readme = (root / "README.md").read_text()
+    missing = [row for row in markdown_rows(result) if row not in readme]
+    assert not missing, missing
