@@ -94,6 +94,26 @@ def dirotq_transform(stats: Any, rank: int, *, tail: str = "haar", seed: int = 4
     return torch.cat([v[:, :rank], v[:, rank:] @ r], dim=1)
 
 
+def view_input(view: str, x: torch.Tensor, stats: Any, rank: int, weight: torch.Tensor | None, *,
+               tail: str = "haar", seed: int = 42, alpha: float = 0.5) -> tuple[torch.Tensor, int] | None:
+    """``x`` (tokens, d) or one token (d,) as ``view`` quantizes it, and how many leading channels
+    stay 16-bit: "original" x; "dirotq" x·T (the first ``rank`` 16-bit); "smoothquant" x/s (None
+    without ``weight``: its factors use max|W_j|); "hadamard" x·H (QuaRot)."""
+    if view == "original":
+        return x, 0
+    if view == "dirotq":
+        return x @ dirotq_transform(stats, rank, tail=tail, seed=seed), rank
+    if view == "smoothquant":
+        if weight is None:
+            return None
+        from dirotq.methods.common import smooth_factors
+
+        return x / smooth_factors(stats.abs_max, weight.detach().double(), alpha), 0
+    if view == "hadamard":
+        return x @ random_hadamard(x.shape[-1], 0), 0
+    raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
+
+
 def outlier_views(stats: Any, rank: int, weight: torch.Tensor | None = None, *,
                   views: Iterable[str] = VIEWS, tail: str = "haar", seed: int = 42, alpha: float = 0.5,
                   group_size: int = 64) -> dict[str, dict[str, Any]]:
@@ -112,22 +132,12 @@ def outlier_views(stats: Any, rank: int, weight: torch.Tensor | None = None, *,
     rank = int(min(max(rank, 0), d))
     out: dict[str, dict[str, Any]] = {}
     for view in views:
-        n16 = 0
-        if view == "original":
-            a = x
-        elif view == "dirotq":
-            a = x @ dirotq_transform(stats, rank, tail=tail, seed=seed)
-            n16 = rank
-        elif view == "smoothquant":
-            if weight is None:
-                continue
-            from dirotq.methods.common import smooth_factors
-
-            a = x / smooth_factors(stats.abs_max, weight.detach().double(), alpha)
-        elif view == "hadamard":
-            a = x @ random_hadamard(d, 0)
-        else:
+        if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
+        viewed = view_input(view, x, stats, rank, weight, tail=tail, seed=seed, alpha=alpha)
+        if viewed is None:
+            continue
+        a, n16 = viewed
         prof = channel_profile(a)
         # SmoothQuant moves magnitude into the weights: its error is measured in its own units
         e = float((a * a).sum()) if view == "smoothquant" else energy
@@ -241,22 +251,12 @@ def token_group(stats: Any, rank: int, weight: torch.Tensor | None = None, *, to
     rank = int(min(max(rank, 0), d))
     out: dict[str, Any] = {}
     for view in views:
-        n16 = 0
-        if view == "original":
-            a = x
-        elif view == "smoothquant":
-            if weight is None:
-                continue
-            from dirotq.methods.common import smooth_factors
-
-            a = x / smooth_factors(stats.abs_max, weight.detach().double(), alpha)
-        elif view == "hadamard":
-            a = x @ random_hadamard(d, 0)
-        elif view == "dirotq":
-            a = x @ dirotq_transform(stats, rank, tail=tail, seed=seed)
-            n16 = rank
-        else:
+        if view not in GROUP_VIEWS:
             raise ValueError(f"unknown view {view!r}; known: {GROUP_VIEWS}")
+        viewed = view_input(view, x, stats, rank, weight, tail=tail, seed=seed, alpha=alpha)
+        if viewed is None:
+            continue
+        a, n16 = viewed
         # the 16-bit coefficients carry no error but count in the token's energy (as in outlier_views)
         g = _group_of(a[n16:], gi, group_size, bits, float(a.float().double().pow(2).sum()))
         g["n16"] = n16
