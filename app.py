@@ -31,6 +31,7 @@ import plotly.graph_objects as go  # noqa: E402
 from analysis import costs, figures  # noqa: E402
 from analysis import stats as astats  # noqa: E402
 from analysis.session import POLICIES, get_session, methods  # noqa: E402
+from dirotq.registry import DEFAULT_METHOD  # noqa: E402
 
 PAPER = "arXiv:2605.16732"
 OUTLIER_EXTRA = ["smoothquant", "hadamard"]
@@ -740,7 +741,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                 rank_sl = gr.Slider(0, first.in_features, value=min(32, first.in_features), step=1,
                                     label="rank r (16-bit directions)", elem_id="rank")
                 energy_md = gr.Markdown("", elem_id="energy")
-                method_dd = gr.Dropdown(METHOD_CHOICES, value="dirotq", elem_id="method",
+                method_dd = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, elem_id="method",
                                         label="method (Error vs rank, All layers, Rank plan, Generate)")
                 with gr.Accordion("view options", open=False):
                     views_cb = gr.CheckboxGroup([("SmoothQuant", "smoothquant"), ("Hadamard (QuaRot)", "hadamard")],

@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .registry import DEFAULT_METHOD
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -121,7 +123,7 @@ def _add_sampling(p: argparse.ArgumentParser, steps_help: str = "denoising steps
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
 
 
-def _add_quant(p: argparse.ArgumentParser, *, method_default: str | None = "dirotq") -> None:
+def _add_quant(p: argparse.ArgumentParser, *, method_default: str | None = DEFAULT_METHOD) -> None:
     from .eval.protocol import method_choices
     from .registry import method_names
 
@@ -159,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "coefficients in 16-bit). Offline; the default model is the embedded tiny PixArt-Σ.",
         epilog="examples:\n"
                "  python -m dirotq quantize --dry-run\n"
-               "  python -m dirotq quantize --method dirotq --rank 64 --quick   # a first try: 8 prompts × 4 steps\n"
-               "  python -m dirotq quantize --method dirotq --rank 64\n"
+               "  python -m dirotq quantize --rank 64 --quick   # a first try: 8 prompts × 4 steps\n"
+               "  python -m dirotq quantize --rank 64             # dirotq-lr, the deployable form (default)\n"
+               "  python -m dirotq quantize --method dirotq --rank 64   # the paper's full rotation\n"
                "  python -m dirotq generate --prompt 'a large red circle in the center, on a white background'\n"
                "  python -m dirotq evaluate --methods svdquant,dirotq --limit 4\n"
                "  python -m dirotq evaluate --sweep-ranks 0,16,32,64\n"

@@ -28,6 +28,13 @@ from typing import Any, Callable, Mapping
 
 from .config import QuantConfig, RankPlan
 
+# The method a user gets without asking (CLI ``quantize``/``generate``, the explorer): DiRotQ's
+# deployable form. Low-rank PCA + block Hadamard stores O(d·r) per layer where the paper's full
+# rotation stores a d×d matrix per input group (72 GiB of rotations for FLUX.1-dev), is what the
+# kernels run, and matches or beats the full rotation on images (docs/RESULTS.md). The full rotation
+# stays registered as "dirotq".
+DEFAULT_METHOD = "dirotq-lr"
+
 
 @dataclass(frozen=True)
 class MethodCost:

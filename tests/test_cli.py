@@ -34,7 +34,7 @@ def test_quantize_dry_run_prints_the_target_report(env, capsys):
     assert main(["quantize", "--model", str(model), "--dry-run", "--out", str(root / "out")]) == 0
     out = capsys.readouterr().out
     assert "14 W4A4 targets, 2 W4A16" in out and "no unknown names" in out
-    assert "dirotq-w4a4-g64-r32-tiny-pixart" in out
+    assert "dirotq-lr-w4a4-g64-r32-tiny-pixart" in out  # the default method is the deployable dirotq-lr
     assert not (root / "out").exists()  # a dry run writes nothing
 
 

@@ -159,7 +159,7 @@ def cost_dirotq(d: int, o: int, rank: int, config: DiRotQConfig) -> MethodCost:
 
 
 SPEC = register_method(MethodSpec(config_cls=DiRotQConfig, handler=quantize_dirotq, cost=cost_dirotq,
-                                   label="DiRotQ (PCA rotation)", color="#d62728", ranked=True, needs_stats=True))
+                                   label="DiRotQ full rotation (paper form)", color="#d62728", ranked=True, needs_stats=True))
 # In evaluations the preset takes the shared rank budget (pass rank="paper" for the authors' d/8).
 PAPER = register_preset(Preset("dirotq-paper", "dirotq", PAPER_SETTINGS, label="DiRotQ, the paper's recipe",
                                color="#e377c2"))
