@@ -17,7 +17,14 @@ from .methods import (DiRotQConfig, DiRotQLRConfig, QuaRotConfig, RTNConfig, Smo
 from .modules import QuantLinear
 from .registry import config_from_dict, make_config
 from .quantize import layer_error, quantize_, quantize_layer, quantize_model
-from .checkpoint import load_quantized, recipe_name, save_quantized
+from .checkpoint import finalize_checkpoint, load_quantized, recipe_name, save_quantized, save_quantized_part
+from . import diffusers_integration as _diffusers_integration
+from . import lora as _lora
+
+# ModelClass.from_pretrained(dirotq checkpoint) and PEFT LoRA on QuantLinear: registered when diffusers'
+# quantizer registry / PEFT's LoRA module are first imported (post-import hooks: import dirotq stays light)
+_diffusers_integration.install()
+_lora.install()
 
 _LAZY = {  # heavier imports (diffusers via the adapters) happen on first use
     "calibrate": ("calibration", "calibrate"),
@@ -44,6 +51,6 @@ __all__ = [
     "__version__", "DiRotQConfig", "DiRotQLRConfig", "RTNConfig", "W4A16Config", "SmoothQuantConfig",
     "QuaRotConfig", "SVDQuantConfig", "QuantConfig", "RankPlan", "QuantLinear", "calibrate",
     "calibrate_transformer", "CalibrationStats", "LayerStats", "quantize_", "quantize_model", "quantize_layer",
-    "layer_error", "save_quantized", "load_quantized", "recipe_name", "get_adapter", "target_report",
-    "config_from_dict", "make_config",
+    "layer_error", "save_quantized", "save_quantized_part", "finalize_checkpoint", "load_quantized", "recipe_name",
+    "get_adapter", "target_report", "config_from_dict", "make_config",
 ]

@@ -1,0 +1,160 @@
+"""LoRA on quantized transformers (PEFT): a LoRA on a ``QuantLinear`` target computes
+
+    y = QuantLinear(x) + scale · B(A(dropout(x)))        A: (r, d), B: (o, r), scale = alpha / r
+
+with the quantized layer frozen and A, B trainable (in the dtype of the layer's 16-bit tensors).
+Merging is refused: B·A cannot be folded into INT4 codes without re-quantizing (a new error), and
+the 16-bit branch of the low-rank methods sees only its own subspace.
+
+PEFT's extension point for layer types it does not know is
+``LoraConfig._register_custom_module({QuantLinear: QuantLoraLinear})`` (peft 0.21: the dispatcher
+built in ``LoraModel._create_new_module``). diffusers' ``load_lora_adapter`` / ``pipe.load_lora_weights``
+build their own LoraConfig, so once ``dirotq`` is imported every new ``LoraConfig`` gets that
+mapping (its ``__post_init__`` is wrapped, when PEFT is first imported). A QuantLinear holds buffers
+only, while PEFT's ``LoraModel._replace_module`` takes the adapter's device from the base layer's
+first parameter; the wrapped ``_replace_module`` lets ``QuantLoraLinear`` place itself instead.
+Both wraps live here, are idempotent, and fail with a clear message if PEFT's internals change.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ._import_hooks import when_imported
+from .modules import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+_PEFT_LORA = "peft.tuners.lora.model"
+_CLASSES: dict[str, type] = {}
+MERGE_ERROR = ("cannot merge a LoRA into a QuantLinear ({name}): its weight is INT4 codes, and B·A cannot be folded "
+               "into them without re-quantizing. Keep the adapter unmerged, or merge into the float model and "
+               "quantize the result")
+
+
+def _device_and_dtype(layer: QuantLinear) -> tuple[torch.device, torch.dtype]:
+    """Where a LoRA on ``layer`` lives: its buffers' device, its 16-bit tensors' dtype (float32 if none)."""
+    device = next(iter(layer.buffers())).device
+    for name in ("up", "down", "bias", "weight", "smooth"):
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return device, t.dtype
+    return device, torch.float32
+
+
+def _build() -> dict[str, type]:
+    """The PEFT layer class (built on first use: it subclasses PEFT's LoRA ``Linear``)."""
+    if _CLASSES:
+        return _CLASSES
+    from peft.tuners.lora.layer import Linear
+
+    class QuantLoraLinear(Linear):
+        """A LoRA adapter around a ``QuantLinear`` (PEFT custom module): plain LoRA only (no DoRA or
+        other variants, which need the float weight), no merging."""
+
+        def _get_in_out_features(self, module: Any) -> tuple[int, int]:
+            return module.in_features, module.out_features  # PEFT's lookup warns on layer types it does not know
+
+        def _get_base_layer_device_and_dtype(self, base_layer: Any) -> tuple[torch.device, torch.dtype]:
+            # PEFT places adapters by the base layer's `weight`, which a QuantLinear (buffers only) lacks
+            return _device_and_dtype(base_layer)
+
+        @property
+        def lora_variants(self) -> dict:
+            return {(): None}
+
+        def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Any:
+            try:
+                return super().resolve_lora_variant(config=config, **kwargs)
+            except ValueError:
+                raise ValueError("only plain LoRA runs on a QuantLinear: DoRA and the other LoRA variants need the "
+                                 "layer's float weight, which a quantized layer no longer has") from None
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            raise ValueError(MERGE_ERROR.format(name=self.kwargs.get("target_name") or "this layer"))
+
+        def unmerge(self) -> None:
+            if self.merged:  # never true: merge refuses
+                raise ValueError(MERGE_ERROR.format(name=self.kwargs.get("target_name") or "this layer"))
+            super().unmerge()  # PEFT's "Already unmerged" warning
+
+        def __repr__(self) -> str:
+            return "dirotq." + super().__repr__()
+
+    _CLASSES["QuantLoraLinear"] = QuantLoraLinear
+    return _CLASSES
+
+
+def register_custom_module(config: Any) -> Any:
+    """Add ``{QuantLinear: QuantLoraLinear}`` to a ``peft.LoraConfig`` (what every LoraConfig gets
+    once dirotq is imported); returns the config."""
+    if not hasattr(config, "_register_custom_module"):
+        raise RuntimeError(f"dirotq: {type(config).__name__} has no _register_custom_module (peft too old or changed): "
+                           "LoRA on QuantLinear needs peft's custom-module API (peft ≥ 0.14)")
+    known = getattr(config, "_custom_modules", None) or {}
+    if QuantLinear not in known:
+        config._register_custom_module({QuantLinear: _build()["QuantLoraLinear"]})
+    return config
+
+
+def _patch(model_module: Any) -> None:
+    """Wrap ``LoraConfig.__post_init__`` and ``LoraModel._replace_module`` (see the module docstring)."""
+    from peft.tuners.lora.config import LoraConfig
+
+    lora_model = getattr(model_module, "LoraModel", None)
+    needed = (("LoraConfig._register_custom_module", LoraConfig, "_register_custom_module"),
+              ("LoraConfig.__post_init__", LoraConfig, "__post_init__"),
+              ("LoraModel._replace_module", lora_model, "_replace_module"))
+    missing = [what for what, owner, attr in needed if not hasattr(owner, attr)]
+    if missing:
+        raise RuntimeError(f"dirotq: this peft has no {', '.join(missing)}: LoRA on QuantLinear is unavailable "
+                           "(dirotq was tested with the peft version pinned in pyproject.toml)")
+    if getattr(LoraConfig, "_dirotq_patched", False):
+        return
+    post_init = LoraConfig.__post_init__
+    replace_module = lora_model._replace_module
+    quant_lora = _build()["QuantLoraLinear"]
+
+    def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        post_init(self, *args, **kwargs)
+        register_custom_module(self)
+
+    def _replace_module(self: Any, parent: Any, child_name: str, new_module: Any, child: Any) -> None:
+        if isinstance(new_module, quant_lora):
+            setattr(parent, child_name, new_module)  # it placed its adapters on the QuantLinear's device itself
+            return
+        replace_module(self, parent, child_name, new_module, child)
+
+    LoraConfig.__post_init__ = __post_init__
+    lora_model._replace_module = _replace_module
+    LoraConfig._dirotq_patched = True
+
+
+def enable() -> None:
+    """Install the PEFT integration now (imports peft); raises a clear error if it cannot."""
+    import importlib
+
+    try:
+        module = importlib.import_module(_PEFT_LORA)
+    except ImportError as err:
+        raise ImportError(f"LoRA on quantized layers needs peft ({err}): pip install 'dirotq-explorer[lora]'") from None
+    _patch(module)
+
+
+def install() -> None:
+    """Install the PEFT integration as soon as PEFT's LoRA model module is imported (now, if it is)."""
+    when_imported(_PEFT_LORA, _patch)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QuantLoraLinear":
+        enable()
+        return _build()["QuantLoraLinear"]
+    raise AttributeError(f"module 'dirotq.lora' has no attribute {name!r}")
+
+
+# QuantLoraLinear is resolved lazily (module __getattr__: it subclasses a PEFT class)
+__all__ = ["MERGE_ERROR", "enable", "install", "register_custom_module"]
