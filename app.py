@@ -870,6 +870,10 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
             c.change(on_view, view_in, view_out, trigger_mode="always_last", **views)
         plant_sl.release(on_view, view_in, view_out, trigger_mode="always_last", **views)
         tabs.select(on_tab_select, view_in, [tab_state, *view_out], trigger_mode="always_last", **views)
+        # Plotly resizes only visible plots on a window resize: one drawn in a tab hidden meanwhile keeps its
+        # old width (overflowing at 1280 px after 1920) unless it is redrawn. A resize event once the tab
+        # shows fits its plots to the width they have, also when the handler above skips the redraw.
+        tabs.select(None, js="() => { requestAnimationFrame(() => window.dispatchEvent(new Event('resize'))); }")
         all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
         policy_dd.change(on_policy, policy_dd, value_nb)
         fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out).then(

@@ -312,20 +312,35 @@ GROUP_LABELS = {"original": "original x (RTN)", "smoothquant": "SmoothQuant x/s"
                 "dirotq": "DiRotQ x·T (INT4 part)"}
 
 
+def _strokes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One line segment per element, a[i] → b[i], separated by NaN gaps: n segments as one trace (one SVG
+    path in the browser) instead of n markers or bars."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return np.stack([a, b, np.full(a.shape, np.nan)], 1).ravel()
+
+
 def token_group_figure(tg: Mapping[str, Any], layer: str = "") -> go.Figure:
     """One quantization group of one token in each view (``stats.token_group``), one column per view:
     top, the values (red: non-zero values that round to 0) against the group's 16 INT4 levels (gray
     lines) and where each value lands (black dash); bottom, the rounding error per value. Each
     column has its own y scale: the point is how the levels sit against the values.
 
-    Traces per view, in order: values (x = index in the group, y = ``values``), INT4 levels (one
-    line per level, separated by None), dequantized values, rounding error (bars), the non-zero
-    values that round to 0 (red, drawn over the first trace).
+    Traces per view, in order: values (x = index in the group, y = ``values``; hover shows where it
+    lands and its error), INT4 levels (one line per level, separated by None), dequantized values
+    (x = index, y = ``dequant``), rounding error (one vertical stroke per value: x = i, i, gap;
+    y = 0, error, gap; gaps are NaN), the non-zero values that round to 0 (red, drawn over the first
+    trace).
+
+    Drawn for speed in the browser (issue #21: 0.6 s per redraw at p90 before): the error strokes are
+    one SVG path per view where bars are one element each, and the axes do not auto-expand the
+    margins, which made Plotly draw the whole figure twice on every update (measured: half the time).
     """
     names = list(tg["views"])
     k = max(len(names), 1)
-    layout = dict(_LAYOUT, height=600, margin=dict(l=60, r=20, t=128, b=90), bargap=0.15,
-                  legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
+    # the legend below the axis title, inside the bottom margin even on two rows (a legend pushing the margin
+    # out also makes Plotly draw twice)
+    layout = dict(_LAYOUT, height=640, margin=dict(l=60, r=20, t=128, b=130),
+                  legend=dict(orientation="h", yanchor="top", y=-0.17, xanchor="center", x=0.5),
                   **_grid(2, k, row_heights=[0.68, 0.32], hspace=0.045, vspace=0.08))
     planted = tg.get("planted")
     head = f"{_short(layer)}: token {tg['token']} of {tg['n_tokens']}, group {tg['group']} (r = {tg['rank']})"
@@ -342,21 +357,23 @@ def token_group_figure(tg: Mapping[str, Any], layer: str = "") -> go.Figure:
         top, bot = dict(xaxis=f"x{_ax(j + 1)}", yaxis=f"y{_ax(j + 1)}"), dict(xaxis=f"x{_ax(k + j + 1)}",
                                                                                 yaxis=f"y{_ax(k + j + 1)}")
         zero = (np.asarray(g["codes"]) == 0) & (np.abs(vals) > 0)
+        deq, err = np.asarray(g["dequant"], dtype=float), np.asarray(g["error"], dtype=float)
         data.append(go.Scatter(x=x, y=vals, mode="markers", name="value", legendgroup="v", showlegend=j == 0,
-                               marker=dict(size=6, color="#1f77b4"), hovertemplate="value %{y:.4g}<extra></extra>",
-                               **top))
+                               marker=dict(size=6, color="#1f77b4"), customdata=np.stack([deq, err], 1),
+                               hovertemplate="value %{y:.4g} → %{customdata[0]:.4g}<br>error %{customdata[1]:.3g}"
+                                             "<extra></extra>", **top))
         lx, ly = [], []
         for lv in g["levels"]:
             lx += [-0.5, max(n, 1) - 0.5, None]
             ly += [float(lv), float(lv), None]
         data.append(go.Scatter(x=lx, y=ly, mode="lines", name="the 16 INT4 levels", legendgroup="l",
                                showlegend=j == 0, line=dict(color="#bbbbbb", width=1), hoverinfo="skip", **top))
-        data.append(go.Scatter(x=x, y=np.asarray(g["dequant"], dtype=float), mode="markers", name="after INT4",
-                               legendgroup="q", showlegend=j == 0,
+        data.append(go.Scatter(x=x, y=deq, mode="markers", name="after INT4", legendgroup="q", showlegend=j == 0,
                                marker=dict(symbol="line-ew-open", size=10, color="black", line=dict(width=2)),
-                               hovertemplate="rounds to %{y:.4g}<extra></extra>", **top))
-        data.append(go.Bar(x=x, y=np.asarray(g["error"], dtype=float), name="rounding error", legendgroup="e",
-                           showlegend=j == 0, marker_color="#7f7f7f", **bot))
+                               hoverinfo="skip", **top))
+        data.append(go.Scatter(x=_strokes(x, x), y=_strokes(np.zeros(n), err), mode="lines", name="rounding error",
+                               legendgroup="e", showlegend=j == 0, line=dict(color="#7f7f7f", width=3),
+                               hoverinfo="skip", **bot))
         data.append(go.Scatter(x=x[zero], y=vals[zero], mode="markers", name="non-zero value that rounds to 0",
                                legendgroup="z", showlegend=j == 0, marker=dict(size=7, color="#d62728"),
                                hovertemplate="value %{y:.4g} → 0<extra></extra>", **top))
@@ -374,6 +391,9 @@ def token_group_figure(tg: Mapping[str, Any], layer: str = "") -> go.Figure:
             s = max(g["scale"], 1e-30)
             layout[f"yaxis{_ax(j + 1)}"]["range"] = [-8.6 * s, 8.6 * s]
             layout[f"yaxis{_ax(k + j + 1)}"]["range"] = [-0.6 * s, 0.6 * s]
+    for key in layout:  # see the docstring: an auto-margin update redraws the figure a second time
+        if key.startswith(("xaxis", "yaxis")):
+            layout[key]["automargin"] = False
     layout["yaxis"]["title"] = dict(text="value")
     layout[f"yaxis{_ax(k + 1)}"]["title"] = dict(text="error")
     layout[f"xaxis{_ax(k + 1)}"]["title"] = dict(text="position in the group")

@@ -94,6 +94,19 @@ def dirotq_transform(stats: Any, rank: int, *, tail: str = "haar", seed: int = 4
     return torch.cat([v[:, :rank], v[:, rank:] @ r], dim=1)
 
 
+def dirotq_rotate(x: torch.Tensor, stats: Any, rank: int, *, tail: str = "haar", seed: int = 42) -> torch.Tensor:
+    """x·T (x: (d,) or (tokens, d)) without forming T = V·diag(I_r, R): (x·V)[:r] as is, (x·V)[r:]·R.
+    Two products the size of x instead of a d×d×d one: on a 1024-wide layer that was 60–120 ms of each
+    redraw of the One group and Outliers tabs (the QR that makes R is cached per width)."""
+    from dirotq.methods.common import cached_tail_rotation, stats_basis
+
+    _, v = stats_basis(stats)
+    d = v.shape[0]
+    rank = int(min(max(rank, 0), d))
+    z = x @ v
+    return torch.cat([z[..., :rank], z[..., rank:] @ cached_tail_rotation(d - rank, tail, seed)], dim=-1)
+
+
 def view_input(view: str, x: torch.Tensor, stats: Any, rank: int, weight: torch.Tensor | None, *,
                tail: str = "haar", seed: int = 42, alpha: float = 0.5) -> tuple[torch.Tensor, int] | None:
     """``x`` (tokens, d) or one token (d,) as ``view`` quantizes it, and how many leading channels
@@ -102,7 +115,7 @@ def view_input(view: str, x: torch.Tensor, stats: Any, rank: int, weight: torch.
     if view == "original":
         return x, 0
     if view == "dirotq":
-        return x @ dirotq_transform(stats, rank, tail=tail, seed=seed), rank
+        return dirotq_rotate(x, stats, rank, tail=tail, seed=seed), rank
     if view == "smoothquant":
         if weight is None:
             return None
@@ -425,7 +438,7 @@ def image_report(ref: Any, img: Any, prompt: str | None = None, judge: Any = Non
     return out
 
 
-__all__ = ["spectrum", "energy_at", "channel_profile", "outlier_views", "dirotq_transform", "act_quant_error",
-           "rank_grid", "method_config", "curve_methods", "reference_methods", "error_curves", "interp_curve",
-           "psnr_ssim", "difference_image", "image_report", "VIEWS", "VIEW_LABELS", "GROUP_VIEWS", "outlier_token",
-           "token_group", "COST_AXES", "cost_axis"]
+__all__ = ["spectrum", "energy_at", "channel_profile", "outlier_views", "dirotq_transform", "dirotq_rotate",
+           "act_quant_error", "rank_grid", "method_config", "curve_methods", "reference_methods", "error_curves",
+           "interp_curve", "psnr_ssim", "difference_image", "image_report", "VIEWS", "VIEW_LABELS", "GROUP_VIEWS",
+           "outlier_token", "token_group", "COST_AXES", "cost_axis"]

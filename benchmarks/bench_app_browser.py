@@ -12,20 +12,22 @@ are not timed. ``--per-tab N`` then times N changes on each of the other layer t
     python -m benchmarks.bench_app_browser --out benchmarks/results/app_browser_cpu.json
 
 Reports p50 / p90 / max per tab and per layer type, and the handler's own time (the "redrawn in"
-status) beside the browser's, with the environment. Needs chromium (``apt-get install chromium``)
-and the playwright package; nothing is downloaded.
+status) beside the browser's, with the environment and the load average at the start and the end;
+``--out`` is rewritten after each tab ("complete": false until the last). Needs chromium
+(``apt-get install chromium``) and the playwright package; nothing is downloaded. The app and the
+browser are set up by benchmarks/_browser.py, shared with tests/test_browser.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,36 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._browser import ROOT, chromium_path, launch_chromium, start_app, stop_app
+
 TAB_PLOTS = {"Spectrum": "plot-spectrum", "Outliers": "plot-outliers", "Error vs rank": "plot-error",
              "One group": "plot-group"}
 LAYER_TYPES = ("attn1.to_q", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(model: str, cache_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """``python app.py`` in a subprocess; returns (process, url) once it listens."""
-    port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    fh = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", model, "--port", str(port),
-                             "--cache-dir", cache_dir, "--threads", "1", "--device", "cpu"],
-                            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = re.search(r"running on (http://\S+)", log_path.read_text())
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"app.py did not start:\n{log_path.read_text()[-3000:]}")
 
 
 def _title(page, elem_id: str) -> str:
@@ -91,8 +68,6 @@ def _pick(page, dropdown: str, option: str) -> None:
 def wait_for_sweep(cache_dir: str, n_targets: int, timeout: float = 600.0) -> float:
     """Seconds until the app's background sweep has written every target's error curve to disk: the
     timings must not share the 2 cores with it."""
-    import json
-
     t0 = time.time()
     while time.time() - t0 < timeout:
         for p in Path(cache_dir).glob("*/curves.json"):
@@ -230,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--viewport", default="1280x800")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=None, help="the app's cache (default: a fresh temp dir: calibrates)")
-    ap.add_argument("--chromium", default=os.environ.get("DIROTQ_CHROMIUM") or shutil.which("chromium")
-                    or "/usr/bin/chromium")
+    ap.add_argument("--chromium", default=chromium_path())
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
@@ -246,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     proc, url = start_app(a.model, cache, tmp / "app.log")
     pw = sync_playwright().start()
     try:
-        browser = pw.chromium.launch(executable_path=a.chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = launch_chromium(pw, a.chromium)
         page = browser.new_page(viewport={"width": w, "height": h})
         page.goto(url, wait_until="domcontentloaded", timeout=60_000)
         page.get_by_role("button", name="Calibrate").wait_for(timeout=60_000)
@@ -269,34 +242,39 @@ def main(argv: list[str] | None = None) -> int:
             page.get_by_role("tab", name=tab).click()
             _wait(lambda: _title(page, TAB_PLOTS[tab]).startswith("b"), f"the {tab} tab")
         time_slider_changes(page, "plot-spectrum", 3, rng, layers[:1])  # warm-up: not reported
+
+        def report(results: dict, complete: bool) -> dict:
+            res = {
+                "benchmark": "app_browser", "what": "rank slider release → the visible tab's plot shows the new "
+                "rank (headless chromium, python app.py --threads 1 on the embedded model)",
+                "command": "python -m benchmarks.bench_app_browser "
+                + " ".join(argv if argv is not None else sys.argv[1:]), "complete": complete,
+                "environment": {**environment(a.chromium), "load_average_start": load_start}, "viewport": [w, h],
+                "model": os.path.relpath(a.model, ROOT) if Path(a.model).resolve().is_relative_to(ROOT) else a.model,
+                "calibrate_s": round(calib_s, 1), "curve_sweep_wait_s": round(sweep_s, 1), "target_p90_s": 0.5,
+                "tabs": {t: summary(r) for t, r in results.items()}, "changes": results,
+            }
+            res["target_met"] = {t: v["browser"]["p90_s"] <= 0.5 for t, v in res["tabs"].items()}
+            res["target_met_spectrum"] = res["target_met"]["Spectrum"]
+            return res
+
         results = {"Spectrum": time_slider_changes(page, "plot-spectrum", a.changes, rng, layers)}
         # the other tabs: 3 changes per layer, the widest layer type (ff.net.2, 1024 inputs) first
         wide = sorted(layers, key=lambda bl: bl[1] != "ff.net.2")
         for tab in ("Outliers", "Error vs rank", "One group"):
             if a.per_tab:
+                if a.out:  # each finished tab is on disk: a run stopped later (load, a crash) keeps it
+                    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(a.out).write_text(json.dumps(report(results, complete=False), indent=1))
                 page.get_by_role("tab", name=tab).click()
                 time.sleep(1.0)
                 results[tab] = time_slider_changes(page, TAB_PLOTS[tab], a.per_tab, rng, wide, per_layer=3)
         browser.close()
     finally:
         pw.stop()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_app(proc)
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {
-        "benchmark": "app_browser", "what": "rank slider release → the visible tab's plot shows the new rank "
-        "(headless chromium, python app.py --threads 1 on the embedded model)",
-        "command": "python -m benchmarks.bench_app_browser " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": {**environment(a.chromium), "load_average_start": load_start}, "viewport": [w, h],
-        "model": os.path.relpath(a.model, ROOT) if Path(a.model).resolve().is_relative_to(ROOT) else a.model,
-        "calibrate_s": round(calib_s, 1), "curve_sweep_wait_s": round(sweep_s, 1), "target_p90_s": 0.5,
-        "tabs": {t: summary(r) for t, r in results.items()}, "changes": results,
-    }
-    res["target_met_spectrum"] = res["tabs"]["Spectrum"]["browser"]["p90_s"] <= 0.5
-    emit_json(res, a.out)
+    emit_json(report(results, complete=True), a.out)
     return 0
 
 

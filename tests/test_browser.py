@@ -3,33 +3,26 @@
 
 Runs on the embedded model when assets/tiny-pixart exists, else on a tiny random PixArt-Σ pipeline
 saved to a temp folder (the ``--model PATH`` path). Skips, saying why, only when chromium or the
-Playwright package is missing. ``DIROTQ_SCREENSHOTS=DIR`` also writes one screenshot per tab there
-(how docs/screenshots/ was made); ``DIROTQ_TEST_MODEL=PATH`` runs it on another pipeline folder.
+Playwright package is missing. ``DIROTQ_SCREENSHOTS=DIR`` also writes two screenshots per tab there, at
+1500 and 1920 px wide, as 256-colour PNGs (how docs/screenshots/ was made); ``DIROTQ_TEST_MODEL=PATH`` runs it
+on another pipeline folder. The app and chromium are set up by benchmarks/_browser.py, which the browser
+benchmark shares.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("DIROTQ_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+from benchmarks._browser import chromium_path, launch_chromium, plot_fits, save_small_png, start_app, stop_app
+
+CHROMIUM = chromium_path()
 
 pytestmark = pytest.mark.browser
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +36,7 @@ def browser_or_skip():
         pytest.skip("the playwright Python package is not installed (pip install -r requirements.txt)")
     pw = sync_playwright().start()
     try:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = launch_chromium(pw, CHROMIUM)
     except Exception as e:  # a broken chromium install is an environment problem, say so
         pw.stop()
         pytest.skip(f"chromium at {CHROMIUM} does not start: {e}")
@@ -70,36 +62,14 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = _free_port()
     cache = tmp_path_factory.mktemp("app-cache")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = tmp_path_factory.mktemp("app-log") / "app.log"
-    fh = open(log, "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", model_dir, "--port", str(port),
-                             "--cache-dir", str(cache), "--threads", "1", "--device", "cpu"],
-                            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = None
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        text = log.read_text()
-        m = re.search(r"running on (http://\S+)", text)
-        if m:
-            url = m.group(1)
-            break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    if url is None:
-        proc.kill()
-        fh.close()
-        pytest.fail(f"app.py did not start:\n{log.read_text()[-3000:]}")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    fh.close()
+        proc, url = start_app(model_dir, str(cache), log, timeout=90)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield url
+    stop_app(proc)
 
 
 def _plot_title(page, elem_id: str) -> str:
@@ -184,7 +154,7 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
         num.fill(os.environ.get("DIROTQ_SHOT_RANK", "32"))
         page.locator("#energy").click()
         time.sleep(2)
-        page.screenshot(path=f"{shots}/spectrum.png")
+        _shot(page, f"{shots}/spectrum.png")
         short = _plot_title(page, "plot-spectrum").split(":")[0]
         for tab, fname, wait_id in (("Outliers", "outliers", "plot-outliers"), ("Error vs rank", "error_vs_rank",
                                                                                   "plot-error")):
@@ -194,13 +164,7 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
                 page.get_by_label("extra 16-bit parameters").check()
                 _wait_for(lambda: "16-bit parameters" in _plot_title(page, wait_id), "the cost axis")
             time.sleep(0.5)
-            page.screenshot(path=f"{shots}/{fname}.png")
-            if tab == "Outliers":  # the same tab at 1920 px: the plots take the width they have
-                page.set_viewport_size({"width": 1920, "height": 1080})
-                time.sleep(1.5)
-                page.screenshot(path=f"{shots}/outliers_1920.png")
-                page.set_viewport_size({"width": 1500, "height": 1000})
-                time.sleep(1.0)
+            _shot(page, f"{shots}/{fname}.png")
         # one token group, with an outlier planted: the scale collapse in the original basis
         page.get_by_role("tab", name="One group").click()
         _wait_for(lambda: _plot_title(page, "plot-group").startswith(short), "the One group tab")
@@ -208,18 +172,18 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
         page.locator("#group-token input").click()
         _wait_for(lambda: "planted" in _plot_title(page, "plot-group"), "the planted outlier")
         time.sleep(0.5)
-        page.screenshot(path=f"{shots}/one_group.png", full_page=True)
+        _shot(page, f"{shots}/one_group.png", full_page=True)
         page.get_by_role("tab", name="Rank plan").click()
         page.get_by_role("button", name="Fill").click()
         _wait_status(page, r"plan filled", 60)
         time.sleep(0.5)
-        page.screenshot(path=f"{shots}/rank_plan.png", full_page=True)
+        _shot(page, f"{shots}/rank_plan.png", full_page=True)
         page.get_by_role("tab", name="All layers").click()
         page.get_by_role("button", name="Compute for this method and rank plan").click()
         _wait_status(page, r"layers quantized", 120)
         _plot_title(page, "plot-all")
         time.sleep(0.5)
-        page.screenshot(path=f"{shots}/all_layers.png", full_page=True)
+        _shot(page, f"{shots}/all_layers.png", full_page=True)
 
     # generate: two images side by side
     page.get_by_role("tab", name="Generate").click()
@@ -244,11 +208,32 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
     page.screenshot(path=str(out), full_page=True)
     assert out.stat().st_size > 10_000
     if shots:
-        page.screenshot(path=f"{shots}/generate.png", full_page=True)
+        _shot(page, f"{shots}/generate.png", full_page=True)
         page.get_by_role("tab", name="About").click()
         time.sleep(0.3)
-        page.screenshot(path=f"{shots}/about.png", full_page=True)
+        _shot(page, f"{shots}/about.png", full_page=True)
+        # every tab again at 1920×1080, resized while most were hidden: each plot takes the width it has
+        page.set_viewport_size({"width": 1920, "height": 1080})
+        time.sleep(1.5)
+        for tab, fname, plot_id in SHOT_TABS:
+            page.get_by_role("tab", name=tab).click()
+            if plot_id:
+                _wait_for(lambda: plot_fits(page, plot_id), f"the {tab} plot at the full width")
+            time.sleep(1.0)
+            _shot(page, f"{shots}/{fname}_1920.png", full_page=True)
     page.close()
+
+
+# (tab, screenshot name, its plot's elem_id or None) in the order of the app's tabs
+SHOT_TABS = (("Spectrum", "spectrum", "plot-spectrum"), ("Outliers", "outliers", "plot-outliers"),
+             ("Error vs rank", "error_vs_rank", "plot-error"), ("One group", "one_group", "plot-group"),
+             ("All layers", "all_layers", "plot-all"), ("Rank plan", "rank_plan", "plot-budget"),
+             ("Generate", "generate", None), ("About", "about", None))
+
+
+def _shot(page, path: str, full_page: bool = False) -> None:
+    """A screenshot for docs/screenshots/, as a small PNG (256 colours)."""
+    save_small_png(page.screenshot(full_page=full_page), path)
 
 
 def _wait_for(cond, what: str, timeout: float = 30.0):
@@ -343,4 +328,13 @@ def test_browser_every_control_redraws_the_selected_layer(browser_or_skip, serve
     page.keyboard.type("100")
     page.keyboard.press("Enter")
     _wait_for(lambda: float(energy_cell.inner_text().split()[0]) > before, "the energy column to follow the edit")
+
+    # the window resized while the Spectrum tab was hidden (and its plot up to date, so not redrawn): shown
+    # again, the plot takes the width it has at 1920 px, and again at 1280 px
+    for width, height in ((1920, 1080), (1280, 800)):
+        page.get_by_role("tab", name="Rank plan").click()
+        page.set_viewport_size({"width": width, "height": height})
+        time.sleep(1.0)
+        page.get_by_role("tab", name="Spectrum").click()
+        _wait_for(lambda: plot_fits(page, "plot-spectrum"), f"the spectrum as wide as its place at {width} px")
     page.close()

@@ -57,6 +57,18 @@ def test_token_group_original_view_is_the_int4_quantizer():
     assert dq["n16"] == 8 and dq["n_groups"] == 4 and dq["offset"] == 64
 
 
+@pytest.mark.parametrize("rank", [0, 8, 100, 256])
+def test_dirotq_view_is_x_times_the_method_rotation(rank):
+    """The One group and Outliers views rotate without forming T; the result is x·T all the same."""
+    _, st = gaussian_layer(outliers=(70,))
+    x = st.sample.double()
+    t = S.dirotq_transform(st, rank)
+    np.testing.assert_allclose(S.dirotq_rotate(x, st, rank).numpy(), (x @ t).numpy(), atol=1e-10)
+    np.testing.assert_allclose(S.dirotq_rotate(x[5], st, rank).numpy(), (x[5] @ t).numpy(), atol=1e-10)
+    a, n16 = S.view_input("dirotq", x[5], st, rank, None)
+    assert n16 == rank and a.shape == (256,)
+
+
 def test_token_group_defaults_pick_the_largest_outlier_and_its_group():
     _, st = gaussian_layer(d=128)
     st.sample[17, 100] = 60.0  # one token with one huge value
@@ -103,7 +115,13 @@ def test_token_group_figure_holds_the_group():
         np.testing.assert_array_equal(np.asarray(values.y), g["values"])
         np.testing.assert_allclose(sorted({v for v in levels.y if v is not None}), g["levels"])
         np.testing.assert_array_equal(np.asarray(deq.y), g["dequant"])
-        np.testing.assert_array_equal(np.asarray(err.y), g["error"])
+        # the error: one vertical stroke per value, from 0 to the error at x = its index, NaN between
+        strokes_x, strokes_y = (np.asarray(a, dtype=float).reshape(-1, 3) for a in (err.x, err.y))
+        np.testing.assert_array_equal(strokes_y[:, 1], g["error"])
+        assert (strokes_y[:, 0] == 0).all() and np.isnan(strokes_y[:, 2]).all()
+        np.testing.assert_array_equal(strokes_x[:, 0], np.arange(len(g["error"])))
+        np.testing.assert_array_equal(strokes_x[:, 1], strokes_x[:, 0])
+        np.testing.assert_array_equal(np.asarray(values.customdata), np.stack([g["dequant"], g["error"]], 1))
         assert len(zero.x) == g["zeroed"]
     assert "token 3" in fig.layout.title.text and "group 2" in fig.layout.title.text
     assert "100× the token's RMS" in fig.layout.title.text
