@@ -21,22 +21,15 @@ from pathlib import Path
 import torch
 
 from analysis.costs import plan_cost
+from benchmarks.bench_e2e import FLUX_DEV, PIXART_SIGMA_1024, published_config
 from dirotq.models import get_adapter
 from dirotq.registry import DEFAULT_METHOD, method_names
 
 OUT = Path(__file__).resolve().parent / "results" / "checkpoint_size.json"
 
-# Published configs (the transformer/config.json of each model id), widths and depths only matter here.
-MODELS = {
-    "FLUX.1-dev": ("FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56))),
-    "PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", dict(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-        cross_attention_dim=1152, norm_type="ada_norm_single", caption_channels=4096, sample_size=128,
-        patch_size=2, interpolation_scale=2, use_additional_conditions=False)),
-}
+# the published configs (their transformer/config.json), shared with the GPU benchmarks
+MODELS = {"FLUX.1-dev": ("FluxTransformer2DModel", FLUX_DEV),
+          "PixArt-Sigma-XL-2-1024-MS": ("PixArtTransformer2DModel", PIXART_SIGMA_1024)}
 RANK = 32
 
 
@@ -45,8 +38,9 @@ def meta_model(class_name: str, config: dict) -> torch.nn.Module:
     import diffusers
     from accelerate import init_empty_weights
 
+    cls = getattr(diffusers, class_name)
     with init_empty_weights():
-        return getattr(diffusers, class_name).from_config(config)
+        return cls(**published_config(cls, config)[0])
 
 
 def checkpoint_bytes(model: torch.nn.Module, method: str, rank: int) -> dict:

@@ -10,7 +10,32 @@ the baselines (RTN, SmoothQuant, QuaRot, SVDQuant, W4A16) on the same quantizer.
 
 from __future__ import annotations
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:
+    # `python -m dirotq …` is starting (argv[0] is "-m" while the package imports): torch takes ~2 s to
+    # import, and a Ctrl-C then would print a traceback through it. One line and status 130 instead,
+    # as inside a verb; dirotq.cli.main puts Python's own handler back.
+    import signal as _signal
+
+    def _interrupted_while_starting(signum, frame):  # noqa: ARG001
+        _sys.stderr.write(("\n" if _sys.stderr.isatty() else "") + "dirotq: interrupted (Ctrl-C)\n")
+        _sys.stderr.flush()
+        # nothing is written yet, so nothing to clean up; an exception here could be swallowed by
+        # whichever import is running (some catch BaseException), os._exit cannot
+        import os as _os
+
+        _os._exit(130)
+
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not when started with SIGINT ignored
+        _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+
+import logging as _logging
+
 from ._version import __version__
+
+# the library logs through dirotq.* loggers and leaves output to the application (the CLI's -v shows it)
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 from .config import QuantConfig, RankPlan
 from .methods import (DiRotQConfig, DiRotQLRConfig, QuaRotConfig, RTNConfig, SmoothQuantConfig, SVDQuantConfig,
                       W4A16Config)

@@ -1,7 +1,10 @@
 """Bases, rotations and rank policies (docs/DESIGN.md §3 and
 "kernel-friendly form").
 
-- ``pca_basis``: eigenvectors of the calibration second moment C = Σ xᵀx, eigenvalues descending.
+- ``pca_basis``: eigenvectors of the calibration second moment C = Σ xᵀx, eigenvalues descending;
+  ``pca_top_basis``: only the top r of them, by block subspace iteration (O(d²·r) per iteration
+  instead of eigh's O(d³): what a rank-r branch needs at FLUX widths, docs/DESIGN.md "Memory and
+  devices").
 - ``haar_orthogonal`` / ``hadamard`` / ``random_hadamard`` / ``block_hadamard``: the rotations that
   spread the quantized tail's energy before INT4 (Hadamard matrices are built by Sylvester's
   construction, not pasted).
@@ -13,27 +16,81 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Mapping, Sequence
 
 import torch
 
+log = logging.getLogger(__name__)
 
-def pca_basis(second_moment: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def pca_basis(second_moment: torch.Tensor, damping: float = 0.0, dtype: torch.dtype = torch.float64
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of ``second_moment: (d, d)`` (symmetric PSD), descending order.
 
     ``damping`` adds ``damping · mean(diag C) · I`` first (the paper preset uses 0.01; it only
-    shifts eigenvalues). Returns ``(eigenvalues (d,), V (d, d))`` in float64, columns of V are the
-    principal directions.
+    shifts eigenvalues). Returns ``(eigenvalues (d,), V (d, d))`` in ``dtype`` (float64 by default)
+    on the input's device, columns of V are the principal directions.
     """
-    c = second_moment.double()
+    c = second_moment.to(dtype)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise ValueError(f"second moment must be square, got shape {tuple(c.shape)}")
-    c = 0.5 * (c + c.T)
+    if not torch.equal(c, c.mT):  # an exactly symmetric input (hessian()) skips two d×d copies
+        c = 0.5 * (c + c.T)
     if damping:
-        c = c + damping * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+        c = c + damping * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     evals, evecs = torch.linalg.eigh(c)
     return evals.flip(0).clamp(min=0), evecs.flip(1)
+
+
+def pca_top_basis(second_moment: torch.Tensor, rank: int, *, dtype: torch.dtype = torch.float64,
+                  tol: float | None = None, max_iter: int = 300, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``rank`` eigenpairs of ``second_moment: (d, d)`` (symmetric PSD) without a full eigh.
+
+    Block subspace iteration with Rayleigh–Ritz on ``rank + max(16, rank/2)`` vectors, run until
+    every kept pair has ‖C v − λ v‖ ≤ tol·λ + 1e3·eps·λ₁ (tol: 1e-6 in float64, 1e-4 in float32;
+    the second term is rounding, and lets the null space of a rank-deficient C converge) or
+    ``max_iter`` iterations (then a warning is logged). Convergence takes a spectral gap after
+    ``rank``: fast on decaying activation spectra, slow on a flat one. Each iteration is one (d, d) × (d, k)
+    product, so the cost is O(d²·k) per iteration and the memory O(d·k) beside C, against eigh's
+    O(d³) time and several d×d work arrays. Small or nearly full-rank requests use ``pca_basis``.
+    Returns ``(eigenvalues (rank,) descending, V (d, rank))`` in ``dtype`` on the input's device;
+    V spans the same subspace as ``pca_basis(C)[1][:, :rank]`` up to the tolerance (signs and the
+    basis inside a repeated eigenvalue may differ).
+    """
+    d = second_moment.shape[0]
+    check_rank(rank, d)
+    k = min(d, rank + max(16, rank // 2))
+    if rank == 0:
+        return second_moment.new_zeros(0, dtype=dtype), second_moment.new_zeros(d, 0, dtype=dtype)
+    if d <= 512 or 2 * k >= d:
+        ev, v = pca_basis(second_moment, dtype=dtype)
+        return ev[:rank], v[:, :rank].contiguous()
+    c = second_moment if second_moment.dtype == dtype else second_moment.to(dtype)
+    tol = (1e-6 if dtype == torch.float64 else 1e-4) if tol is None else tol
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=dtype).to(c.device)).Q
+    res = float("inf")
+    for it in range(max_iter):
+        z = c @ q  # (d, k)
+        t = q.T @ z
+        ev, u = torch.linalg.eigh(0.5 * (t + t.T))
+        ev, u = ev.flip(0), u.flip(1)
+        v = q @ u[:, :rank]
+        resid = z @ u[:, :rank] - v * ev[:rank]  # C V − V Λ, since C V = C Q U = Z U
+        floor = 1e3 * torch.finfo(dtype).eps * ev[0].abs()
+        bound = tol * ev[:rank].abs() + floor
+        res = float((resid.norm(dim=0) / bound).max()) * tol  # the worst residual in units of λ
+        if res <= tol:
+            break
+        q = torch.linalg.qr(z).Q
+    else:
+        log.warning(
+            "pca_top_basis: rank %d of width %d not converged after %d iterations (relative residual %.2e > "
+            "%.1e): the spectrum has no gap after rank %d", rank, d, max_iter, res, tol, rank)
+    return ev[:rank].clamp(min=0), v
 
 
 def explained_variance(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -122,7 +179,8 @@ def full_rotation(basis: torch.Tensor, rank: int, tail: str = "haar", seed: int 
     return torch.cat([v[:, :rank], v[:, rank:] @ tail_rotation(d - rank, tail, seed)], dim=1)
 
 
-def per_head_basis(second_moment: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def per_head_basis(second_moment: torch.Tensor, head_dim: int, dtype: torch.dtype = torch.float64
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-diagonal PCA basis: one (head_dim × head_dim) eigenbasis per head (paper variant for
     the attention output projection). Returns ``(eigenvalues (d,), V (d, d))``, each head's block
     sorted descending; eigenvalues are listed head by head."""
@@ -132,35 +190,36 @@ def per_head_basis(second_moment: torch.Tensor, head_dim: int) -> tuple[torch.Te
     vals, blocks = [], []
     for h in range(d // head_dim):
         s = slice(h * head_dim, (h + 1) * head_dim)
-        ev, v = pca_basis(second_moment[s, s])
+        ev, v = pca_basis(second_moment[s, s], dtype=dtype)
         vals.append(ev)
         blocks.append(v)
     return torch.cat(vals), torch.block_diag(*blocks)
 
 
-def hsvd_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, damping: float = 0.01
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def hsvd_lowrank(weight: torch.Tensor, hessian: torch.Tensor, rank: int, damping: float = 0.01,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation-weighted low-rank approximation of ``weight: (o, d)`` under ``hessian H: (d, d)``.
 
     Minimises ‖X(W − L)ᵀ‖_F over rank-r L via C_h = chol(H + λ·mean(diag H)·I):
-    L = (W C_h)_r C_h⁻¹. Returns ``(down (d, r), up (o, r))`` with L = up · downᵀ; λ → ∞ recovers the
-    plain weight SVD.
+    L = (W C_h)_r C_h⁻¹. Returns ``(down (d, r), up (o, r))`` in ``dtype`` on the inputs' device with
+    L = up · downᵀ; λ → ∞ recovers the plain weight SVD.
     """
     check_rank(rank, weight.shape[1])  # above min(o, d) every direction is kept: the branch is W itself
-    h = hessian.double()
-    h = h + damping * h.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    h = hessian.to(dtype)
+    h = h + damping * h.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     ch = torch.linalg.cholesky(h)  # H = C_h C_hᵀ, so ‖X Eᵀ‖² = ‖E C_h‖²
-    u, s, vh = torch.linalg.svd(weight.double() @ ch, full_matrices=False)
+    u, s, vh = torch.linalg.svd(weight.to(dtype) @ ch, full_matrices=False)
     up = u[:, :rank] * s[:rank]
     # (W C_h)_r C_h⁻¹ = up · vh_r · C_h⁻¹, so down = (vh_r C_h⁻¹)ᵀ = C_h⁻ᵀ vh_rᵀ
     down = torch.linalg.solve_triangular(ch.T, vh[:rank].T, upper=True)
     return down, up
 
 
-def weight_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-r SVD of ``weight: (o, d)``: ``(down = V_r (d, r), up = U_r Σ_r (o, r))``."""
+def weight_svd(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float64
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r SVD of ``weight: (o, d)``: ``(down = V_r (d, r), up = U_r Σ_r (o, r))`` in ``dtype``."""
     check_rank(rank, weight.shape[1])  # above min(o, d) every direction is kept: the branch is W itself
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(weight.to(dtype), full_matrices=False)
     return vh[:rank].T, u[:, :rank] * s[:rank]
 
 

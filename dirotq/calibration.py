@@ -10,7 +10,11 @@ shared-input group, q/k/v of one attention are calibrated once) accumulate, in f
 Memory is O(Σ d²) over groups plus the reservoirs: raw activations are never kept. Statistics are
 saved as ``stats.safetensors`` + ``meta.json`` and cached on disk under a content hash of what
 produced them (model, prompts, steps, guidance, seed, dtype), so the same calibration never runs
-twice.
+twice. ``CalibrationStats.load`` reads only the index: a group's tensors are memory-mapped when
+that group is first used (``LazyGroups``), so FLUX's 120 GiB of float64 statistics never need to be
+resident at once. Statistics calibrated in separate processes (one part per rank, each a disjoint
+set of groups) become one loadable folder with ``combine_calibration_parts``, without copying a
+tensor.
 """
 
 from __future__ import annotations
@@ -19,24 +23,31 @@ import contextlib
 import difflib
 import hashlib
 import json
-import math
+import logging
 import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._files import default_mode
 
+if TYPE_CHECKING:  # the process-group helpers import nothing of this module: no cycle at run time
+    from .distributed import DistInfo
+
 Progress = Callable[[float, str], object]
+log = logging.getLogger(__name__)
 
 _CHUNK = 8192  # rows per float64 matmul: bounds the transient float64 copy of a large batch
-_FORMAT = 1  # on-disk format version (meta.json "format")
+_FORMAT = 1  # on-disk format version (meta.json "format") of a folder written by CalibrationStats.save
+_INDEX_FORMAT = 2  # a folder whose meta.json indexes groups stored in part subfolders (combine_calibration_parts)
+_FILE = "stats.safetensors"
 
 
 def _reservoir_seed(seed: int, count: int) -> int:
@@ -201,36 +212,188 @@ class LayerStats:
 _FIELDS = ("second_moment", "abs_max", "sum", "sum_sq", "sum_4th", "sample", "sample_keys")
 
 
+@dataclass(frozen=True)
+class _GroupSource:
+    """Where one group's tensors live on disk: ``file`` holds ``{prefix}{field}`` for every field."""
+
+    file: Path
+    prefix: str
+    count: int
+    sample_tokens: int
+    seed: int
+    sample_seen: int
+    width: int
+
+
+def _read_group(src: _GroupSource, key: str) -> LayerStats:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(src.file), framework="pt") as f:  # memory-mapped: pages are read when used
+            fields = {name: f.get_tensor(f"{src.prefix}{name}") for name in _FIELDS}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"calibration statistics incomplete: {src.file} (group {key!r}) is missing") from None
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"corrupt calibration tensors {src.file} (group {key!r}): {e}; "
+                         "delete the folder to recalibrate") from e
+    return LayerStats(count=src.count, sample_tokens=src.sample_tokens, seed=src.seed, sample_seen=src.sample_seen,
+                      **fields)
+
+
+class LazyGroups(MutableMapping):
+    """group key -> ``LayerStats``, as ``CalibrationStats.layers`` of loaded statistics.
+
+    A group read from disk is materialised (memory-mapped with safetensors ``safe_open``) the first
+    time it is accessed and kept until ``release(key)``, after which the next access reads it
+    again; groups set in memory (``layers[key] = st``) behave as in a dict and are never released.
+    ``in``, ``len``, iteration over keys and ``width(key)`` never read tensors; ``values()`` and
+    ``items()`` read every group, as they would have to."""
+
+    def __init__(self, sources: Mapping[str, _GroupSource] | None = None) -> None:
+        self._sources: dict[str, _GroupSource] = dict(sources or {})
+        self._loaded: dict[str, LayerStats] = {}
+        self._keys: dict[str, None] = dict.fromkeys(self._sources)
+
+    def __getitem__(self, key: str) -> LayerStats:
+        st = self._loaded.get(key)
+        if st is None:
+            src = self._sources.get(key)
+            if src is None:
+                raise KeyError(key)
+            st = self._loaded[key] = _read_group(src, key)
+        return st
+
+    def __setitem__(self, key: str, value: LayerStats) -> None:
+        self._loaded[key] = value
+        self._sources.pop(key, None)
+        self._keys[key] = None
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._keys:
+            raise KeyError(key)
+        del self._keys[key]
+        self._loaded.pop(key, None)
+        self._sources.pop(key, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __repr__(self) -> str:
+        return f"LazyGroups({len(self._keys)} groups, {len(self._loaded)} in memory)"
+
+    def is_loaded(self, key: str) -> bool:
+        """True when the group's tensors are in memory (set in memory, or read and not released)."""
+        return key in self._loaded
+
+    def release(self, key: str) -> bool:
+        """Drop a disk-backed group's tensors (the next access reads them again); True if dropped.
+        Groups that exist only in memory are kept: dropping them would lose them."""
+        if key in self._sources and key in self._loaded:
+            del self._loaded[key]
+            return True
+        return False
+
+    def count(self, key: str) -> int:
+        """Tokens the group's moments saw, from the metadata when not loaded."""
+        if key in self._loaded:
+            return self._loaded[key].count
+        if key not in self._sources:
+            raise KeyError(key)
+        return self._sources[key].count
+
+    def width(self, key: str) -> int:
+        """The group's input width d, from the file header when not loaded."""
+        if key in self._loaded:
+            return self._loaded[key].dim
+        if key not in self._sources:
+            raise KeyError(key)
+        return self._sources[key].width
+
+    def copy(self) -> "LazyGroups":
+        """A shallow copy: the same disk sources and the same in-memory LayerStats objects."""
+        out = LazyGroups()
+        out._sources, out._loaded, out._keys = dict(self._sources), dict(self._loaded), dict(self._keys)
+        return out
+
+    def adopt(self, key: str, other: Mapping[str, LayerStats]) -> None:
+        """Take ``other[key]`` without reading it when ``other`` is a LazyGroups that has not."""
+        if isinstance(other, LazyGroups) and key in other._sources and key not in other._loaded:
+            self._loaded.pop(key, None)
+            self._sources[key] = other._sources[key]
+            self._keys[key] = None
+        else:
+            self[key] = other[key]
+
+
 @dataclass
 class CalibrationStats:
     """Statistics of every shared-input group of one model.
 
-    - ``layers``: group key -> LayerStats (the group key is the group's first target's name).
+    - ``layers``: group key -> LayerStats (the group key is the group's first target's name): a dict,
+      or for loaded statistics a ``LazyGroups`` that reads a group from disk when it is first used.
     - ``groups``: every target layer name -> its group key.
     - ``meta``: model id, family, prompts sha256, number of prompts, recorded step indices,
       num_inference_steps, guidance_scale, dtype, versions (torch, diffusers, dirotq).
     """
 
-    layers: dict[str, LayerStats]
+    layers: MutableMapping[str, LayerStats]
     groups: dict[str, str]
     meta: dict = field(default_factory=dict)
 
-    def for_layer(self, name: str) -> LayerStats:
-        """The statistics of ``name``'s input group (``name`` a target layer or a group key)."""
+    def group_key(self, name: str) -> str:
+        """The key of ``name``'s input group (``name`` a target layer or a group key), without
+        reading any tensor; ``KeyError`` (with close names) when there is none."""
         key = self.groups.get(name, name)
         if key in self.layers:
-            return self.layers[key]
+            return key
         close = difflib.get_close_matches(name, list(self.groups) + list(self.layers), n=5, cutoff=0.5)
         hint = f"; close names: {close}" if close else ""
         raise KeyError(f"no calibration statistics for layer {name!r} ({len(self.groups)} layers calibrated){hint}")
 
+    def for_layer(self, name: str) -> LayerStats:
+        """The statistics of ``name``'s input group (``name`` a target layer or a group key)."""
+        return self.layers[self.group_key(name)]
+
+    def group_width(self, key: str) -> int:
+        """Input width d of group ``key``, without reading its tensors when they are on disk."""
+        if isinstance(self.layers, LazyGroups):
+            return self.layers.width(key)
+        return self.layers[key].dim
+
+    def is_loaded(self, key: str) -> bool:
+        """True when group ``key``'s tensors are in memory."""
+        return self.layers.is_loaded(key) if isinstance(self.layers, LazyGroups) else key in self.layers
+
+    def release(self, key: str) -> bool:
+        """Drop group ``key``'s tensors when they can be read again from disk (``quantize_`` does
+        once the group is quantized); True if dropped. In-memory statistics are never dropped."""
+        return self.layers.release(key) if isinstance(self.layers, LazyGroups) else False
+
     def merge(self, other: "CalibrationStats") -> "CalibrationStats":
         """Combine two calibrations: groups present in both are ``LayerStats.merge`` d (more
-        prompts), the others are taken as they are (layer-subset passes). ``meta`` is this one's,
-        with the other's under ``"merged"``."""
-        layers = dict(self.layers)
-        for key, st in other.layers.items():
-            layers[key] = layers[key].merge(st) if key in layers else st
+        prompts), the others are taken as they are (layer-subset passes; groups still on disk are
+        not read). ``meta`` is this one's, with the other's under ``"merged"``."""
+        if isinstance(self.layers, LazyGroups):
+            layers: MutableMapping[str, LayerStats] = self.layers.copy()
+        elif isinstance(other.layers, LazyGroups):
+            layers = LazyGroups()
+            for key, st in self.layers.items():
+                layers[key] = st
+        else:
+            layers = dict(self.layers)
+        for key in other.layers:
+            if key in layers:
+                layers[key] = layers[key].merge(other.layers[key])
+            elif isinstance(layers, LazyGroups):
+                layers.adopt(key, other.layers)
+            else:
+                layers[key] = other.layers[key]
         meta = {**self.meta, "merged": [*self.meta.get("merged", []), other.meta]}
         return CalibrationStats(layers=layers, groups={**self.groups, **other.groups}, meta=meta)
 
@@ -244,11 +407,15 @@ class CalibrationStats:
         try:
             tensors: dict[str, Tensor] = {}
             layers_meta = {}
-            for i, (key, st) in enumerate(self.layers.items()):
+            for i, key in enumerate(self.layers):
+                was_loaded = self.is_loaded(key)
+                st = self.layers[key]
                 for f in _FIELDS:
                     tensors[f"{i}.{f}"] = getattr(st, f).detach().cpu().contiguous()
                 layers_meta[key] = {"index": i, "count": st.count, "sample_tokens": st.sample_tokens, "seed": st.seed,
                                     "sample_seen": st.sample_seen}
+                if not was_loaded:  # saving loaded statistics does not leave every group in memory
+                    self.release(key)
             save_file(tensors, str(tmp / "stats.safetensors"))
             doc = {"format": _FORMAT, "layers": layers_meta, "groups": self.groups, "meta": self.meta}
             (tmp / "meta.json").write_text(json.dumps(doc, indent=1, sort_keys=False, default=str))
@@ -263,37 +430,125 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationStats":
-        """Read a folder written by ``save``; missing or corrupt files raise ``ValueError`` /
-        ``FileNotFoundError`` naming the file."""
-        from safetensors.torch import load_file
+        """Open a folder written by ``save`` or indexed by ``combine_calibration_parts``.
 
+        Only ``meta.json`` and the safetensors headers are read here (every file, key and shape is
+        checked); a group's tensors are memory-mapped when the group is first used (``layers`` is
+        a ``LazyGroups``). Missing or corrupt files raise ``FileNotFoundError`` / ``ValueError``
+        naming the file."""
         path = Path(path)
-        meta_p, st_p = path / "meta.json", path / "stats.safetensors"
-        for p in (meta_p, st_p):
-            if not p.is_file():
-                raise FileNotFoundError(f"calibration statistics incomplete: {p} is missing")
+        doc, meta_p = _read_index(path)
+        sources = _group_sources(path, doc, meta_p)
+        return cls(layers=LazyGroups(sources), groups=dict(doc["groups"]), meta=doc.get("meta", {}))
+
+
+def _read_index(path: Path) -> tuple[dict, Path]:
+    """``(meta.json document, its path)`` of a stats folder (format 1 or 2), checked."""
+    meta_p = path / "meta.json"
+    if not meta_p.is_file():
+        raise FileNotFoundError(f"calibration statistics incomplete: {meta_p} is missing")
+    try:
+        doc = json.loads(meta_p.read_text())
+        if not isinstance(doc["layers"], dict) or not isinstance(doc["groups"], dict):
+            raise TypeError("'layers' and 'groups' must be objects")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt calibration metadata {meta_p}: {e}; delete the folder to recalibrate") from e
+    if doc.get("format") not in (_FORMAT, _INDEX_FORMAT):
+        raise ValueError(f"{meta_p}: unsupported stats format {doc.get('format')!r} "
+                         f"(expected {_FORMAT}, or {_INDEX_FORMAT} for combined parts)")
+    return doc, meta_p
+
+
+def _group_sources(path: Path, doc: dict, meta_p: Path) -> dict[str, _GroupSource]:
+    """Every group's file, key prefix and metadata, checked against the safetensors headers."""
+    from safetensors import safe_open
+
+    headers: dict[Path, dict[str, list[int]]] = {}
+    sources = {}
+    for key, lm in doc["layers"].items():
         try:
-            doc = json.loads(meta_p.read_text())
-            layers_meta, groups = doc["layers"], doc["groups"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"corrupt calibration metadata {meta_p}: {e}; delete the folder to recalibrate") from e
-        if doc.get("format") != _FORMAT:
-            raise ValueError(f"{meta_p}: unsupported stats format {doc.get('format')!r} (expected {_FORMAT})")
-        try:
-            tensors = load_file(str(st_p))
-        except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
-            raise ValueError(f"corrupt calibration tensors {st_p}: {e}; delete the folder to recalibrate") from e
-        layers = {}
-        for key, lm in layers_meta.items():
-            i = lm["index"]
+            rel = lm.get("file", _FILE) if doc["format"] == _INDEX_FORMAT else _FILE
+            file = (path / rel).resolve() if doc["format"] == _INDEX_FORMAT else path / _FILE
+            prefix = f"{int(lm['index'])}."
+            info = dict(count=int(lm["count"]), sample_tokens=int(lm["sample_tokens"]), seed=int(lm["seed"]),
+                        sample_seen=int(lm.get("sample_seen", lm["count"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupt calibration metadata {meta_p}: group {key!r}: {e}") from e
+        if file not in headers:
+            if not file.is_file():
+                raise FileNotFoundError(f"calibration statistics incomplete: {file} is missing")
             try:
-                fields = {f: tensors[f"{i}.{f}"] for f in _FIELDS}
-            except KeyError as e:
-                raise ValueError(f"corrupt calibration tensors {st_p}: missing {e} for group {key!r}") from e
-            layers[key] = LayerStats(count=int(lm["count"]), sample_tokens=int(lm["sample_tokens"]),
-                                     seed=int(lm["seed"]), sample_seen=int(lm.get("sample_seen", lm["count"])),
-                                     **fields)
-        return cls(layers=layers, groups=dict(groups), meta=doc.get("meta", {}))
+                with safe_open(str(file), framework="pt") as f:
+                    headers[file] = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+                raise ValueError(f"corrupt calibration tensors {file}: {e}; delete the folder to recalibrate") from e
+        shapes = headers[file]
+        missing = [f for f in _FIELDS if f"{prefix}{f}" not in shapes]
+        if missing:
+            raise ValueError(f"corrupt calibration tensors {file}: missing {missing} for group {key!r}")
+        sources[key] = _GroupSource(file=file, prefix=prefix, width=shapes[f"{prefix}second_moment"][0], **info)
+    return sources
+
+
+def part_folder(folder: str | os.PathLike, rank: int) -> Path:
+    """Where process ``rank`` of a split calibration saves its part: ``folder/part-<rank:05d>``
+    (``stats.save(part_folder(out, rank))`` on every rank, then ``combine_calibration_parts(out)``
+    on rank 0)."""
+    return Path(folder) / f"part-{int(rank):05d}"
+
+
+def combine_calibration_parts(folder: str | os.PathLike, parts: Sequence[str | os.PathLike] | None = None
+                              ) -> Path:
+    """Make ``folder`` one loadable statistics folder out of parts saved in its subfolders.
+
+    Each part is a folder written by ``CalibrationStats.save`` (or itself combined) holding a
+    disjoint set of groups, e.g. one per rank of a distributed calibration (``part_folder``).
+    ``parts`` default: every ``folder/part-*``. Writes ``folder/meta.json`` (format 2) whose groups
+    point to the parts' safetensors files; no tensor is copied or read. ``meta`` is the first
+    part's, with every part's under ``"parts"``. A group in two parts, a layer mapped to two
+    groups, a part outside ``folder`` or an existing single-file statistics folder at ``folder``
+    is a ``ValueError``; ``CalibrationStats.merge`` is the tool for overlapping calibrations.
+    Returns ``folder``."""
+    folder = Path(folder)
+    if (folder / _FILE).exists():
+        raise ValueError(f"{folder} holds single-file statistics ({_FILE}); combine parts into a new folder")
+    if parts is None:
+        parts = sorted(p for p in folder.glob("part-*") if p.is_dir())
+    parts = [Path(p) if Path(p).is_absolute() else folder / p for p in parts]
+    if not parts:
+        raise ValueError(f"no parts to combine in {folder} (expected part-* subfolders, see part_folder)")
+    root = folder.resolve()
+    layers: dict[str, dict] = {}
+    groups: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    metas = []
+    for part in parts:
+        try:
+            rel = part.resolve().relative_to(root)
+        except ValueError:
+            raise ValueError(f"part {part} is not inside {folder}: save each part to a subfolder "
+                             "(part_folder(folder, rank))") from None
+        doc, meta_p = _read_index(part)
+        _group_sources(part, doc, meta_p)  # every file and key is there before anything is written
+        for key, lm in doc["layers"].items():
+            if key in layers:
+                raise ValueError(f"group {key!r} is in both {owner[key]} and {rel}: parts must hold disjoint "
+                                 "groups (CalibrationStats.merge combines overlapping calibrations)")
+            file = lm.get("file", _FILE) if doc["format"] == _INDEX_FORMAT else _FILE
+            layers[key] = {**lm, "file": (rel / file).as_posix()}
+            owner[key] = rel.as_posix()
+        for name, key in doc["groups"].items():
+            if groups.setdefault(name, key) != key:
+                raise ValueError(f"layer {name!r} belongs to group {groups[name]!r} in one part and {key!r} in "
+                                 f"{rel}: the parts come from different adapters")
+        metas.append({"folder": rel.as_posix(), "groups": len(doc["layers"]), "meta": doc.get("meta", {})})
+    doc = {"format": _INDEX_FORMAT, "layers": layers, "groups": groups,
+           "meta": {**metas[0]["meta"], "parts": metas}}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".meta.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, folder / "meta.json")
+    return folder
 
 
 # ------------------------------------------------------------------------------------- hooks
@@ -493,6 +748,9 @@ def calibrate(
     pipe_kwargs: dict | None = None,
     layers: list[str] | None = None,
     holdout_prompts: int = 0,
+    max_stats_bytes: int | None = None,
+    dist=None,
+    data_parallel: bool = False,
 ) -> CalibrationStats:
     """Run the diffusers ``pipe`` on ``prompts`` and return the target groups' statistics.
 
@@ -508,8 +766,17 @@ def calibrate(
     - ``progress(fraction, message)``: Gradio's ``gr.Progress`` fits; a tqdm bar when ``None``.
     - ``layers``: only the groups of these target names are recorded (default: all). Memory is
       Σ d² · 8 bytes over recorded groups: 5.8 GiB for PixArt-Σ, 16 GiB SD3-medium, 120 GiB for
-      FLUX.1 (its 12288- and 15360-wide down-projections dominate), so FLUX calibrates in passes
-      over layer subsets, combined with ``CalibrationStats.merge``.
+      FLUX.1 (its 12288- and 15360-wide down-projections dominate), so FLUX calibrates in passes:
+    - ``max_stats_bytes``: run the pipeline once per pass, each pass recording groups whose
+      statistics fit this many bytes; each pass is saved as a part of the cache folder as it ends
+      (so ``cache_dir`` is required) and the result loads group by group from disk. The numbers
+      equal a single pass bit for bit.
+    - ``dist`` (a ``dirotq.distributed.DistInfo``, under torchrun): every process runs the same
+      prompts but records only its cost-balanced share of the groups (in passes if
+      ``max_stats_bytes``), into parts of the same cache folder (``cache_dir`` on a file system every
+      process sees); bit for bit the single-process result. With ``data_parallel=True`` the
+      prompts are split instead (prompt j keeps seed ``seed + j``) and the moments all-reduced:
+      equal up to float64 summation order, with a token sample drawn from every process's tokens.
     - ``holdout_prompts=k``: the last k prompts are held out: their tokens fill only the token
       sample (used for error measurements), never the moments that bases and GPTQ are built from;
       the other prompts feed only the moments. 0 (default): the sample is drawn from the same
@@ -541,15 +808,34 @@ def calibrate(
     key = stats_cache_key(model_id, prompts, num_inference_steps, steps, guidance_scale, seed, dtype,
                           sample_tokens=sample_tokens, family=adapter.family,
                           overrides=getattr(adapter, "overrides", {}), pipe_kwargs=pipe_kwargs,
-                          layers=None if layers is None else sorted(layers), holdout_prompts=holdout_prompts)
+                          layers=None if layers is None else sorted(layers), holdout_prompts=holdout_prompts,
+                          # data-parallel sums in another order and samples other tokens: its own entry
+                          **({"data_parallel": dist.world_size} if data_parallel and dist is not None
+                             and dist.distributed else {}))
     cache_path = Path(cache_dir) / key if cache_dir is not None else None
     if cache_path is not None and (cache_path / "meta.json").is_file():
+        log.info("calibration statistics from the cache: %s", cache_path)
         if progress is not None:
             progress(1.0, "calibration statistics loaded from cache")
         return CalibrationStats.load(cache_path)
 
-    rec = _Recorder(transformer, adapter, sample_tokens, seed, layers)
     record = set(range(num_inference_steps)) if steps is None else set(steps)
+    meta = {
+        "model_id": model_id, "family": adapter.family, "cache_key": key,
+        "prompts_sha256": _json_hash(prompts), "num_prompts": len(prompts), "holdout_prompts": holdout_prompts,
+        "steps": sorted(record), "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale, "seed": seed, "sample_tokens": sample_tokens,
+        "dtype": str(dtype), "pipe_kwargs": {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool))},
+        "versions": _versions(),
+    }
+    if max_stats_bytes is not None or data_parallel or (dist is not None and dist.distributed):
+        again = dict(num_inference_steps=num_inference_steps, steps=steps, guidance_scale=guidance_scale,
+                     batch_size=batch_size, sample_tokens=sample_tokens, adapter=adapter, progress=progress,
+                     pipe_kwargs=pipe_kwargs, holdout_prompts=holdout_prompts)
+        return _calibrate_split(pipe, prompts, seed, layers, cache_path, meta, again, max_stats_bytes, dist,
+                                data_parallel)
+
+    rec = _Recorder(transformer, adapter, sample_tokens, seed, layers)
     state = {"step": 0, "batch": 0}
     # batches never mix calibration and held-out prompts: each batch feeds one kind of accumulator
     n_cal = len(prompts) - holdout_prompts
@@ -591,15 +877,88 @@ def calibrate(
         rec.remove()
         if close_bar is not None:
             close_bar()
-    meta = {
-        "model_id": model_id, "family": adapter.family, "cache_key": key,
-        "prompts_sha256": _json_hash(prompts), "num_prompts": len(prompts), "holdout_prompts": holdout_prompts,
-        "steps": sorted(record), "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale, "seed": seed, "sample_tokens": sample_tokens,
-        "dtype": str(dtype), "pipe_kwargs": {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str, bool))},
-        "versions": _versions(),
-    }
     stats = rec.result(meta)
     if cache_path is not None:
         stats.save(cache_path)
     return stats
+
+
+def calibrate_in_parts(run_pass, targets: Mapping[str, Any], folder: str | os.PathLike, info: DistInfo, *,
+                       max_stats_bytes: float | None = None, layers: Sequence[str] | None = None,
+                       sample_tokens: int = 512, meta: Mapping[str, Any] | None = None,
+                       data_parallel: bool = False) -> Path:
+    """Calibrate in passes (and over ranks) into one statistics folder; returns ``folder``.
+
+    run_pass(group_keys) -> CalibrationStats: one full run of the pipeline recording only these
+    groups. This rank runs ``plan_calibration``'s passes, saves each as a part under ``folder``,
+    and rank 0 combines the parts (no tensor copied) once every rank is done. ``meta`` replaces
+    the combined folder's ``meta`` (the parts' own stay under ``meta["parts"]``). Peak memory per
+    process: one pass's statistics (≤ ``max_stats_bytes``). ``data_parallel``: every rank runs
+    every pass (``run_pass`` all-reduces across ranks), rank 0 alone saves.
+    """
+    from .distributed import DistInfo, barrier, gather_objects, plan_calibration
+
+    folder = Path(folder)
+    passes = plan_calibration(targets, DistInfo() if data_parallel else info, max_stats_bytes=max_stats_bytes,
+                              layers=layers, sample_tokens=sample_tokens)
+    if info.is_main and folder.exists():
+        shutil.rmtree(folder)  # a cut-short earlier run: its parts would mix with these
+    barrier(info)
+    names = []
+    for k, groups in enumerate(passes):
+        log.info("calibration pass %d/%d on rank %d: %d groups", k + 1, len(passes), info.rank, len(groups))
+        stats = run_pass(groups)
+        if info.is_main or not data_parallel:
+            name = f"part-{info.rank:05d}-{k:03d}"
+            stats.save(folder / name)
+            names.append(name)
+        del stats
+    everyone = gather_objects(names, info)
+    if info.is_main:
+        combine_calibration_parts(folder, [n for ns in everyone for n in ns])
+        if meta is not None:
+            doc = json.loads((folder / "meta.json").read_text())
+            doc["meta"] = {**meta, "parts": doc["meta"].get("parts", [])}
+            tmp = folder / ".meta.json.tmp"
+            tmp.write_text(json.dumps(doc, indent=1, default=str))
+            os.replace(tmp, folder / "meta.json")
+    barrier(info)
+    return folder
+
+
+def _calibrate_split(pipe, prompts: list[str], seed: int, layers, cache_path: Path | None, meta: dict, again: dict,
+                     max_stats_bytes: int | None, dist, data_parallel: bool) -> CalibrationStats:
+    """``calibrate`` in passes and/or over torchrun processes (see its docstring): parts saved
+    under ``<cache_path>.partial``, combined by rank 0 and renamed into place when complete."""
+    from .distributed import DistInfo, allreduce_stats, barrier, prompt_slice
+
+    info = dist if dist is not None else DistInfo()
+    if cache_path is None:
+        raise ValueError("calibrate: max_stats_bytes / dist / data_parallel save each pass as it ends: pass "
+                         "cache_dir (under torchrun a folder every process can reach)")
+    data_parallel = data_parallel and info.distributed
+    if data_parallel:
+        if meta["holdout_prompts"]:
+            raise ValueError("calibrate: data_parallel does not split held-out prompts: use holdout_prompts=0")
+        if len(prompts) < info.world_size:
+            raise ValueError(f"calibrate: data_parallel needs at least one prompt per process, got {len(prompts)} "
+                             f"prompts for {info.world_size} processes")
+        lo, hi = prompt_slice(len(prompts), info)
+
+    def run_pass(groups: list[str]) -> CalibrationStats:
+        if data_parallel:
+            st = calibrate(pipe, prompts[lo:hi], seed=seed + lo, layers=groups, **again)
+            return allreduce_stats(st, info)
+        return calibrate(pipe, prompts, seed=seed, layers=groups, **again)
+
+    adapter = again["adapter"]
+    targets = adapter.targets(pipe.transformer)
+    partial = cache_path.with_name(cache_path.name + ".partial")
+    calibrate_in_parts(run_pass, targets, partial, info, max_stats_bytes=max_stats_bytes, layers=layers,
+                       sample_tokens=again["sample_tokens"], meta=meta, data_parallel=data_parallel)
+    if info.is_main:
+        if cache_path.exists():
+            shutil.rmtree(cache_path)
+        os.replace(partial, cache_path)  # complete: only now does the cache hold it
+    barrier(info)
+    return CalibrationStats.load(cache_path)

@@ -48,7 +48,8 @@ MANIFEST_VERSION = 1
 DEFAULT_MAX_SHARD_SIZE = "10GB"
 _SHARD_RE = re.compile(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors")
 _PART_RE = re.compile(r"dirotq-part-\d{5}-of-\d{5}-\d{5}\.safetensors")
-_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as diffusers' max_shard_size
+# decimal, as diffusers' max_shard_size, and binary
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 _BUFFERS = ("weight_packed", "weight_codes", "weight", "weight_scale", "weight_ratio", "bias", "smooth", "down",
             "up", "rotation", "hadamard_signs")
 
@@ -61,18 +62,18 @@ def recipe_name(config: Any, model_name: str) -> str:
 
 def parse_size(size: int | str) -> int:
     """Bytes in ``size``: a positive int, or a string like ``"5GB"`` / ``"500MB"`` (units KB, MB, GB, TB,
-    decimal, as diffusers' ``max_shard_size``)."""
+    decimal, as diffusers' ``max_shard_size``; KiB, MiB, GiB, TiB binary; digits alone are bytes)."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    if isinstance(size, str) and size.strip()[-2:].upper() in _SIZE_UNITS:
-        try:
-            value = float(size.strip()[:-2])
-        except ValueError:
-            value = 0.0
-        if value > 0:
-            return int(value * _SIZE_UNITS[size.strip()[-2:].upper()])
-    raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB' "
-                     f"(units KB, MB, GB, TB), got {size!r}")
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B)?\s*", size, flags=re.IGNORECASE)
+        if m:
+            unit = (m.group(2) or "").upper().replace("IB", "iB")
+            value = float(m.group(1)) * (_SIZE_UNITS.get(unit, 1) if unit else 1)
+            if value >= 1:
+                return int(value)
+    raise ValueError(f"a size must be a positive number of bytes or a string like '5GB' or '40GiB' "
+                     f"(units KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {size!r}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

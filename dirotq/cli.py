@@ -56,6 +56,18 @@ def _rank(text: str):
     return r
 
 
+def _size(text: str) -> int:
+    from .checkpoint import parse_size
+
+    try:
+        n = parse_size(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return n
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -114,6 +126,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="local diffusers folder or a hub id already in the local HF cache (offline only); "
                         "default: the embedded tiny PixArt-Σ (assets/tiny-pixart)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
+                   help="dtype of the 16-bit model (default auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="text tokens per prompt (default: the pipeline's, capped at the tokenizer's maximum)")
 
@@ -151,6 +165,17 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "given explicitly win); the default calibration is 96 prompts × 20 steps")
 
 
+def _add_scale(p: argparse.ArgumentParser) -> None:
+    """Flags for models too large for one pass or one process (docs/REAL_MODELS.md)."""
+    p.add_argument("--layers", default=None,
+                   help="only these targets (and their input groups): comma-separated names, layer types "
+                        "(attn1.to_q) or globs (transformer_blocks.1*.ff.*); default all")
+    p.add_argument("--max-stats-memory", type=_size, default=None, metavar="SIZE",
+                   help="calibrate in passes whose float64 statistics fit SIZE (e.g. 40GiB) each, one pipeline run "
+                        "per pass; needed when the statistics of every group exceed the device's memory "
+                        "(FLUX.1: 120 GiB). Default: one pass")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .eval.protocol import default_methods, sweep_methods
     from .registry import method_names, preset_names
@@ -169,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m dirotq evaluate --sweep-ranks 0,16,32,64\n"
                "  python -m dirotq report --methods quarot,svdquant,dirotq --ranks 16,64",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="library log messages: -v info (passes, ranks, cache hits, timings), -vv debug")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
@@ -184,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(flags given explicitly win)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sample-tokens", type=int, default=512, help="calibration tokens kept per layer for error measurements (default 512)")
+    _add_scale(p)
+    p.add_argument("--data-parallel", action="store_true",
+                   help="under torchrun: split the prompts over the processes and all-reduce the moments (every "
+                        "process records every group; equal to one process up to float64 summation order) instead "
+                        "of splitting the groups")
     p.add_argument("--out", default="out/eval/calibration",
                    help="cache folder (default out/eval/calibration: where quantize, generate, evaluate and report "
                         "look, so they reuse these statistics when prompts and steps match)")
@@ -199,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="parent folder of the checkpoint (default out)")
     p.add_argument("--name", default=None, help="checkpoint folder name (default: the recipe name)")
     p.add_argument("--dry-run", action="store_true", help="print the target report and the ranks, then stop")
+    _add_scale(p)
+    p.add_argument("--max-shard-size", default="10GB",
+                   help="largest checkpoint file, bytes or e.g. 5GB (default 10GB); bigger checkpoints are sharded "
+                        "with an index, as diffusers writes them")
     p.add_argument("--allocate", choices=("output", "fixed"), default="output",
                    help="ranked methods: 'output' (default) spends the 16-bit budget of --rank where the model "
                         "output gains most (each layer's measured sensitivity, on 4 calibration prompts the "
@@ -275,12 +311,24 @@ def _pipe_kwargs(args) -> dict:
     return {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
 
 
-def _load_pipe(args):
-    import torch  # noqa: F401
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
+
+def _dtype(args):
+    """The torch dtype of ``--dtype``: auto is bfloat16 on a CUDA device (what real models ship in,
+    half the memory of float32), float32 on the CPU (bf16 matmuls are slow there)."""
+    import torch
+
+    name = DTYPES[getattr(args, "dtype", "auto")]
+    if name is None:
+        name = "bfloat16" if str(args.device).startswith("cuda") else "float32"
+    return getattr(torch, name)
+
+
+def _load_pipe(args):
     from .pipelines import load_pipeline
 
-    return load_pipeline(args.model, device=args.device)
+    return load_pipeline(args.model, device=args.device, dtype=_dtype(args))
 
 
 def _model_name(model: str) -> str:
@@ -306,20 +354,47 @@ def _stats(args, ev):
 
 
 # ------------------------------------------------------------------------------------ verbs
+def _dist(args):
+    """This process's place under torchrun (``DistInfo()`` when run alone); ``--device cuda``
+    becomes ``cuda:LOCAL_RANK`` so each process drives its own GPU."""
+    from .distributed import DistInfo, init_distributed, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return DistInfo(device=str(args.device))
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if str(args.device).startswith("cuda") else str(args.device)
+    info = init_distributed(device=device)
+    args.device = info.device
+    return info
+
+
+def _scale_kwargs(args, transformer, info) -> dict:
+    """calibrate()'s keywords for --layers / --max-stats-memory / --data-parallel / torchrun."""
+    from .distributed import select_layers
+    from .models import get_adapter
+
+    layers = select_layers(get_adapter(transformer).targets(transformer), getattr(args, "layers", None))
+    return {"layers": layers, "max_stats_bytes": getattr(args, "max_stats_memory", None), "dist": info,
+            "data_parallel": bool(getattr(args, "data_parallel", False))}
+
+
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate
     from .eval.protocol import DEFAULT_CALIB_PROMPTS, read_prompts
 
+    info = _dist(args)
     prompts = read_prompts(args.prompts or DEFAULT_CALIB_PROMPTS, args.limit)
     pipe = _load_pipe(args)
     stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       batch_size=args.batch_size, sample_tokens=args.sample_tokens, cache_dir=args.out,
-                      pipe_kwargs=_pipe_kwargs(args))
-    key = stats.meta.get("cache_key", "")
-    tokens = sum(st.count for st in stats.layers.values())
-    print(f"calibrated {len(stats.groups)} layers ({len(stats.layers)} input groups) on {len(prompts)} prompts × "
-          f"{args.steps} steps, {tokens:,} tokens in all")
-    print(f"statistics: {Path(args.out) / key}")
+                      pipe_kwargs=_pipe_kwargs(args), **_scale_kwargs(args, pipe.transformer, info))
+    if info.is_main:
+        key = stats.meta.get("cache_key", "")
+        layers = stats.layers  # loaded statistics read tensors lazily: count tokens from the metadata
+        tokens = sum(layers.count(k) if hasattr(layers, "count") else layers[k].count for k in layers)
+        print(f"calibrated {len(stats.groups)} layers ({len(stats.layers)} input groups) on {len(prompts)} prompts × "
+              f"{args.steps} steps, {tokens:,} tokens in all"
+              + (f", {info.world_size} processes" if info.distributed else ""))
+        print(f"statistics: {Path(args.out) / key}")
     return 0
 
 
@@ -337,7 +412,7 @@ def cmd_quantize(args) -> int:
     config = make_config(args.method, rank=rank, weights=args.weights)
     name = args.name or recipe_name(config, _model_name(args.model))
     if args.dry_run:
-        transformer = load_transformer(args.model, device=args.device)
+        transformer = load_transformer(args.model, device=args.device, dtype=_dtype(args))
         adapter = get_adapter(transformer)
         targets = adapter.targets(transformer)
         resolved = config.rank_plan().resolve(targets)
@@ -346,19 +421,30 @@ def cmd_quantize(args) -> int:
         print(f"recipe: {config.tag()} -> {Path(args.out) / name}")
         print(f"16-bit ranks of the W4A4 targets: {ranks}")
         return 0
+    info = _dist(args)
+    output_allocation = (args.allocate == "output" and get_method(config.method).ranked and isinstance(rank, int)
+                         and rank > 0)
+    if info.distributed and output_allocation:
+        raise BadInput("--allocate output is not sharded over processes: under torchrun pass --allocate fixed, or "
+                       "a --rank-plan computed beforehand (python -m dirotq quantize --allocate output on one "
+                       "process, or the explorer's Rank plan tab)")
     ev = None
     if args.stats:
         from .calibration import CalibrationStats
 
         stats = CalibrationStats.load(args.stats)
-        transformer = load_transformer(args.model, device=args.device)
+        transformer = load_transformer(args.model, device=args.device, dtype=_dtype(args))
     else:
         ev = _evaluator(args, out="out/eval")
         ev.check_rank(rank)
+        ev.calibrate_kwargs.update(_scale_kwargs(args, ev.pipe.transformer, info))
         stats = ev.stats  # also for RTN: the report's per-layer errors use its held-out tokens
         transformer = ev.pipe.transformer
+    from .distributed import select_layers
+
+    layers = select_layers(get_adapter(transformer).targets(transformer), args.layers)
     allocation = None
-    if args.allocate == "output" and get_method(config.method).ranked and isinstance(rank, int) and rank > 0:
+    if output_allocation:
         if ev is None:
             raise BadInput("--allocate output needs the pipeline to measure sensitivities: drop --stats, or pass "
                            "--allocate fixed")
@@ -370,8 +456,19 @@ def cmd_quantize(args) -> int:
         plan, allocation = output_error_plan(ev.pipe, stats, config, rank, sens_prompts, seed=1,
                                              pipe_kwargs=ev.pipe_kwargs, progress=_bar_progress("allocate ranks"))
         config = dataclasses.replace(config, rank=plan)
-    report = quantize_(transformer, config, stats)
-    path = save_quantized(transformer, Path(args.out) / name)
+    path = Path(args.out) / name
+    if info.distributed:
+        from .distributed import quantize_sharded
+
+        report = quantize_sharded(transformer, config, stats, path, info, layers=layers,
+                                  max_shard_size=args.max_shard_size)
+        reports = _gather_reports(report, info)
+        if not info.is_main:
+            return 0
+        report = {"summary": {k: sum(r["summary"].get(k, 0) for r in reports) for k in ("layers", "w4a4", "w4a16")}}
+    else:
+        report = quantize_(transformer, config, stats, targets=layers)
+        save_quantized(transformer, path, max_shard_size=args.max_shard_size)
     if allocation is not None:
         print(f"ranks by model-output sensitivity at the 16-bit budget of rank {rank}: "
               f"{allocation['spent_params16'] / 1e3:,.1f} k of {allocation['budget_params16'] / 1e3:,.1f} k extra "
@@ -381,6 +478,12 @@ def cmd_quantize(args) -> int:
     print(f"quantized {s['layers']} layers ({s['w4a4']} W4A4, {s['w4a16']} W4A16) with {config.tag()}{err}")
     print(f"checkpoint: {path}")
     return 0
+
+
+def _gather_reports(report: dict, info) -> list[dict]:
+    from .distributed import gather_objects
+
+    return gather_objects({"summary": report.get("summary", {})}, info)
 
 
 def _bar_progress(desc: str):
@@ -552,12 +655,29 @@ def _apply_quick(args, argv: Sequence[str]) -> None:
             setattr(args, flag.lstrip("-").replace("-", "_"), QUICK[key])
 
 
+_INTERRUPTED = {"by_user": False}
+
+
+def _on_sigint(signum, frame):  # noqa: ARG001
+    # remembered: a Ctrl-C inside a library's import machinery can surface as another exception
+    # (diffusers wraps failed lazy imports in RuntimeError), and it must still read as a Ctrl-C
+    _INTERRUPTED["by_user"] = True
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted by Ctrl-C)."""
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    _INTERRUPTED["by_user"] = False
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _on_sigint)  # replaces dirotq's start-up handler
     try:
         return _run(argv)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not (isinstance(e, KeyboardInterrupt) or _INTERRUPTED["by_user"] and not isinstance(e, SystemExit)):
+            raise
         # one line, not a 40-frame traceback through torch; statistics and checkpoints written
         # before the interrupt stay valid (the calibration cache is renamed into place only when complete)
         verb = next((a for a in argv if a in VERBS), "")
@@ -566,16 +686,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _configure_logging(verbose: int) -> None:
+    """The library logs through ``logging`` (``dirotq.*`` loggers); the CLI shows warnings, and
+    info / debug with -v / -vv. Under torchrun every line names its rank."""
+    import logging
+
+    level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    fmt = f"[rank {rank}] %(name)s: %(message)s" if rank is not None else "%(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    logger = logging.getLogger("dirotq")
+    logger.handlers[:] = [h for h in logger.handlers if isinstance(h, logging.NullHandler)] + [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on malformed flags
     args._argv = argv
+    _configure_logging(args.verbose)
     _apply_quick(args, argv)
     try:
         return VERBS[args.verb](args)
     except (OSError, ValueError, KeyError, TypeError, BadInput) as e:
         # OSError: FileNotFoundError / NotADirectoryError, and a disk or permission problem
-        if os.environ.get("DIROTQ_DEBUG"):
+        if os.environ.get("DIROTQ_DEBUG") or _INTERRUPTED["by_user"]:
             raise
         print(f"dirotq {args.verb}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT

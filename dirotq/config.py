@@ -10,7 +10,7 @@ construction, naming the offending field, and round-trip through JSON (``to_dict
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Union
 

@@ -99,6 +99,25 @@ class QuantLinear(nn.Module):
         return QuantizedTensor(codes, self.weight_scale.float(), None, ratio, self.weight_bits, self.group_size,
                                self.quant_in_features, "int_ratio" if ratio is not None else "exact")
 
+    def set_quantized_weight(self, weight: QuantizedTensor) -> None:
+        """Replace the stored codes and scales by ``weight`` of the same bits, format and shapes
+        (a deferred GPTQ filling the placeholder this layer was built with)."""
+        if self.weight_bits == 16 or weight.bits != self.weight_bits or weight.in_features != self.quant_in_features:
+            raise ValueError(f"set_quantized_weight: a {weight.bits}-bit weight of width {weight.in_features} does "
+                             f"not fit this {self.weight_bits}-bit layer of width {self.quant_in_features}")
+        ratio = getattr(self, "weight_ratio", None)
+        if (weight.ratio is None) != (ratio is None) or tuple(weight.scale.shape) != tuple(self.weight_scale.shape):
+            raise ValueError("set_quantized_weight: scale format or scale shape differs from the layer's")
+        dev = self.weight_scale.device
+        if self.weight_bits == 4:
+            self.weight_packed = pack_int4(weight.q, weight.group_size).to(dev)
+        else:
+            self.weight_codes = weight.q.clone().to(dev)
+        self.weight_scale = weight.scale.to(device=dev, dtype=self.weight_scale.dtype)
+        if ratio is not None:
+            self.weight_ratio = weight.ratio.clone().to(dev)
+        self._dequantized = None
+
     def dequantized_weight(self) -> torch.Tensor:
         """W_q as real numbers, (o, d_q) float32 (cached: the weights never change after creation)."""
         if self._dequantized is None or self._dequantized.device != self._device():

@@ -4,35 +4,53 @@ layer at a time for the app's per-layer views (``quantize_layer`` + ``layer_erro
 Every target ``nn.Linear`` named by the model's adapter is swapped for the ``QuantLinear`` its
 method's handler builds (dirotq/methods). Validation runs before anything is modified, and a failure
 half-way restores the layers already swapped: bad input loses nothing.
+
+Memory (docs/DESIGN.md "Memory and devices"): targets are quantized one shared-input group at a
+time; a group's statistics are read when the group starts and dropped when it ends, its layers'
+GPTQ runs as one batch when they meet the same Hessian, and each float layer is freed as soon as
+its ``QuantLinear`` replaces it (its tensors spilled to a temporary safetensors file so a failure can
+still restore it), so the peak is about the model plus one group's working set.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
-
+import contextlib
+import logging
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .config import DEFAULT_KEY, QuantConfig, RankPlan
-from .methods.common import BasisCache
+from .methods.common import BasisCache, GPTQBatcher, LinalgSettings, deferred_gptq, use_linalg
 from .methods.w4a16 import weight_only_config
 from .modules import QuantLinear
 from .registry import needs_stats, spec_for
 
 ProgressFn = Callable[[float, str], None]
+log = logging.getLogger(__name__)
+
+ROLLBACKS = ("auto", "memory", "disk")
+_MEMORY_ROLLBACK_BYTES = 1 << 30  # "auto": keep originals in memory up to 1 GiB of target weights
+_GPTQ_BATCH_ELEMENTS = 1 << 27  # deferred GPTQ weights (1 GiB in float64) before a batch is run
 
 
 def quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: int | str | None = None,
-                   spec: Any = None, cache: BasisCache | None = None) -> QuantLinear:
+                   spec: Any = None, cache: BasisCache | None = None,
+                   linalg: LinalgSettings | None = None) -> QuantLinear:
     """One ``nn.Linear(d, o)`` -> its ``QuantLinear`` under ``config`` (the float layer is untouched).
 
     stats: the layer's ``LayerStats`` (second moment (d, d), abs_max (d,), …) or None for methods
     that need none; rank: 16-bit rank (default: the config's rank plan for ``spec.name``);
     spec: the ``TargetSpec`` (name for messages, kind "w4a16" -> weight-only, head_dim);
     cache: eigendecomposition cache (default: a module-level LRU keyed by the stats object, so
-    error-vs-rank sweeps over one layer pay for eigh once).
+    error-vs-rank sweeps over one layer pay for eigh once); linalg: where and in which precision
+    the linear algebra runs (default: the layer's device, float64; ``LinalgSettings``).
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"quantize_layer takes an nn.Linear, got {type(linear).__name__}")
@@ -47,7 +65,7 @@ def quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: 
     if stats is None and needs_stats(config):
         raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics"
                          f"{f' for {name!r}' if name else ''}: pass stats= (see dirotq.calibrate)")
-    with torch.no_grad():
+    with torch.no_grad(), (use_linalg(linalg) if linalg is not None else contextlib.nullcontext()):
         q = spec_for(config).handler(linear, stats, config, rank=r, spec=spec, cache=cache)
     q.meta.setdefault("rank", r)
     q.meta["kind"] = kind
@@ -116,9 +134,68 @@ def _select_targets(all_targets: Mapping[str, Any], targets: Iterable[str] | Non
     return {n: all_targets[n] for n in names}
 
 
+def _target_bytes(model: nn.Module, names: Iterable[str]) -> int:
+    total = 0
+    for n in names:
+        for p in model.get_submodule(n).parameters(recurse=False):
+            total += p.numel() * p.element_size()
+    return total
+
+
+class _Rollback:
+    """What restores the float layers if ``quantize_`` fails after swapping some.
+
+    ``"memory"`` keeps each replaced ``nn.Linear`` as it is. ``"disk"`` writes its parameters to a
+    temporary safetensors file (one per layer) and frees their storage, keeping only the module
+    object (hooks, subclass and parameter objects stay the same); ``restore`` reads them back bit
+    for bit. The folder is deleted on success and after a restore."""
+
+    def __init__(self, mode: str, spill_dir: str | os.PathLike | None) -> None:
+        self.mode, self.spill_dir = mode, spill_dir
+        self.records: list[tuple[nn.Module, str, nn.Module, Path | None]] = []
+        self.folder: Path | None = None
+
+    def replace(self, parent: nn.Module, attr: str, linear: nn.Module, new: nn.Module) -> None:
+        self.records.append((parent, attr, linear, None))
+        setattr(parent, attr, new)
+        if self.mode == "disk":
+            from safetensors.torch import save_file
+
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="dirotq-rollback-", dir=self.spill_dir))
+            file = self.folder / f"{len(self.records)}.safetensors"
+            params = dict(linear.named_parameters(recurse=False))
+            save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(file))
+            self.records[-1] = (parent, attr, linear, file)
+            for p in params.values():  # the module keeps its Parameter objects, now empty
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def restore(self) -> None:
+        from safetensors.torch import load_file
+
+        for parent, attr, linear, file in reversed(self.records):
+            if file is not None:
+                try:
+                    saved = load_file(str(file))
+                except Exception as e:
+                    raise RuntimeError(f"quantize_ failed and the original of {attr!r} could not be read back from "
+                                       f"{file}: {e}") from e
+                for k, p in linear.named_parameters(recurse=False):
+                    p.data = saved[k].to(device=p.device)
+            setattr(parent, attr, linear)
+        self.records.clear()
+
+    def close(self) -> None:
+        self.records.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
 def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapter: Any = None,
               targets: Iterable[str] | None = None, progress: ProgressFn | None = None,
-              skip_validation: bool = False, measure_error: bool = True) -> dict:
+              skip_validation: bool = False, measure_error: bool = True, linalg: LinalgSettings | None = None,
+              rollback: str = "auto", spill_dir: str | os.PathLike | None = None) -> dict:
     """Quantize ``model``'s targets in place (a pipeline: its ``.transformer``); returns a report ``{"method", "config", "layers": {name:
     {method, rank, kind, rel_mse, sqnr_db}}, "summary"}``.
 
@@ -128,6 +205,15 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
     quantization with the config's weight settings. Errors are measured on each layer's stats
     sample when one exists. Everything is checked before the first layer is swapped, and any
     failure during the swap restores the original layers.
+
+    Memory: targets are quantized one shared-input group at a time (statistics loaded with
+    ``CalibrationStats.load`` are read for the group and released after it; GPTQ runs once for
+    the group's layers that meet the same Hessian), and each float layer is freed when replaced.
+    linalg: where and in which precision the linear algebra runs (``LinalgSettings``; default the
+    layers' own device, float64, full eigh). rollback: how a failure restores the float model:
+    ``"disk"`` spills each replaced layer to a temporary safetensors file under ``spill_dir``
+    (default: the system temp folder) and frees it, ``"memory"`` keeps them all until the end,
+    ``"auto"`` (default) takes memory when the targets' weights fit in 1 GiB.
     """
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "transformer", None), nn.Module):
         model = model.transformer  # a pipeline: quantize its transformer
@@ -135,13 +221,16 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
         raise TypeError(f"config must be a QuantConfig (e.g. DiRotQConfig()), got {type(config).__name__}")
     if getattr(model, "_dirotq_quantization", None):
         raise ValueError("this model is already quantized (it has _dirotq_quantization); start from the float model")
+    if rollback not in ROLLBACKS:
+        raise ValueError(f"rollback must be one of {ROLLBACKS}, got {rollback!r}")
+    if linalg is not None and not isinstance(linalg, LinalgSettings):
+        raise TypeError(f"linalg must be a LinalgSettings, got {type(linalg).__name__}")
     if adapter is None:
         from .models import get_adapter
 
         adapter = get_adapter(model)
     specs = _select_targets(adapter.targets(model), targets)
     ranks = config.rank_plan().resolve(adapter.targets(model))
-    layer_stats: dict[str, Any] = {}
     if not skip_validation:
         for name, spec in specs.items():
             mod = model.get_submodule(name)
@@ -151,52 +240,82 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
                                  for s in specs.values()):
             raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics: "
                              "stats = dirotq.calibrate(pipe, prompts), then quantize_(model, config, stats)")
+    # one entry per input group, in order of the group's first target: its statistics are read once
+    order: dict[Any, list[str]] = {}
     for name, spec in specs.items():
-        layer_stats[name] = _stats_for(stats, name)
-        st = layer_stats[name]
-        if st is not None and tuple(st.second_moment.shape) != (spec.in_features, spec.in_features):
-            raise ValueError(f"statistics for {name!r} have width {st.second_moment.shape[0]}, "
-                             f"the layer has {spec.in_features}")
+        key, width = _group_and_width(stats, name, spec)
+        if width is not None and width != spec.in_features:
+            raise ValueError(f"statistics for {name!r} have width {width}, the layer has {spec.in_features}")
+        order.setdefault(key, []).append(name)
+    if rollback == "auto":
+        rollback = "memory" if _target_bytes(model, specs) <= _MEMORY_ROLLBACK_BYTES else "disk"
 
     bar = None
     if progress is None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(specs), desc=f"quantize {config.method}", unit="layer", leave=False)
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    undo = _Rollback(rollback, spill_dir)
     layers: dict[str, dict] = {}
-    cache = BasisCache(maxsize=4)  # shared-input groups reuse one basis; not the app's global LRU
-    try:
-        for i, (name, spec) in enumerate(specs.items()):
-            msg = f"{name} ({spec.kind}, rank {ranks[name]})"
-            if progress is not None:
-                progress(i / max(len(specs), 1), f"quantizing {msg}")
-            elif bar is not None:
-                bar.set_postfix_str(name, refresh=False)
-            parent, attr = _split(model, name)
-            linear = getattr(parent, attr)
-            st = layer_stats[name]
-            q = quantize_layer(linear, st, config, rank=ranks[name], spec=spec, cache=cache)
-            q.to(device=linear.weight.device)
+    cache = BasisCache(maxsize=8)  # shared-input groups reuse one basis and Hessian; dropped per group
+    batcher = GPTQBatcher()
+    pending: list[tuple[str, Any, nn.Module, str, nn.Module, QuantLinear, torch.Tensor | None]] = []
+    step = 0
+
+    def finish_pending(consume: bool) -> None:
+        """Run the deferred GPTQ, measure each pending layer's error and swap it in."""
+        batcher.run(consume=consume)
+        for name, spec, parent, attr, linear, q, sample in pending:
             info = {"method": q.meta["method"], "rank": q.rank, "kind": spec.kind,
                     "in_features": spec.in_features, "out_features": spec.out_features}
-            sample = getattr(st, "sample", None) if st is not None else None
             if measure_error and sample is not None and sample.numel():
                 info.update(layer_error(linear, q, sample.to(linear.weight.device)))
-            setattr(parent, attr, q)
-            swapped.append((parent, attr, linear))
+                q._dequantized = None  # the forward cached W_q in float32: 2× the bf16 layer, for every layer
+            undo.replace(parent, attr, linear, q)
             layers[name] = info
             if bar is not None:
                 bar.update(1)
+        pending.clear()
+
+    try:
+        with use_linalg(linalg), deferred_gptq(batcher):
+            for key, members in order.items():
+                st = _stats_for(stats, members[0])
+                for name in members:
+                    spec = specs[name]
+                    msg = f"{name} ({spec.kind}, rank {ranks[name]})"
+                    if progress is not None:
+                        progress(step / max(len(specs), 1), f"quantizing {msg}")
+                    elif bar is not None:
+                        bar.set_postfix_str(name, refresh=False)
+                    step += 1
+                    parent, attr = _split(model, name)
+                    linear = getattr(parent, attr)
+                    q = quantize_layer(linear, st, config, rank=ranks[name], spec=spec, cache=cache)
+                    if batcher.discard_unattached():  # a handler that builds its QuantLinear itself
+                        with deferred_gptq(None):
+                            q = quantize_layer(linear, st, config, rank=ranks[name], spec=spec, cache=cache)
+                    q.to(device=linear.weight.device)
+                    pending.append((name, spec, parent, attr, linear, q, _sample_copy(st)))
+                    if batcher.pending_elements > _GPTQ_BATCH_ELEMENTS:
+                        finish_pending(consume=False)  # the group's cached Hessians are still in use
+                if st is not None:  # the group's handlers are done: free its d×d tensors before its GPTQ
+                    cache.drop(st)
+                    if hasattr(stats, "release") and not isinstance(key, tuple):
+                        stats.release(key)
+                del st
+                finish_pending(consume=True)
     except BaseException:
-        for parent, attr, linear in reversed(swapped):
-            setattr(parent, attr, linear)
+        pending.clear()
+        undo.restore()
         raise
     finally:
+        undo.close()
         if bar is not None:
             bar.close()
     if progress is not None:
         progress(1.0, f"quantized {len(specs)} layers with {config.method}")
+    layers = {n: layers[n] for n in specs}  # report in the model's layer order
     model._dirotq_quantization = {"config": config.to_dict(),
                                   "targets": {n: dict(v) for n, v in layers.items()}}
     errs = [v["rel_mse"] for v in layers.values() if "rel_mse" in v]
@@ -205,7 +324,34 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
     if errs:
         summary["mean_rel_mse"] = sum(errs) / len(errs)
         summary["max_rel_mse"] = max(errs)
-    return {"method": config.method, "config": config.to_dict(), "layers": layers, "summary": summary}
+    settings = linalg or LinalgSettings()
+    return {"method": config.method, "config": config.to_dict(), "layers": layers, "summary": summary,
+            "linalg": {"device": None if settings.device is None else str(settings.device),
+                       "dtype": str(settings.dtype).replace("torch.", ""), "eigensolver": settings.eigensolver},
+            "rollback": rollback}
+
+
+def _sample_copy(st: Any) -> torch.Tensor | None:
+    """The group's held-out tokens (m, d), copied: a tensor read from a statistics file keeps the
+    whole memory-mapped group (its d×d C included) resident while it lives."""
+    sample = getattr(st, "sample", None) if st is not None else None
+    return None if sample is None else sample.clone()
+
+
+def _group_and_width(stats: Any, name: str, spec: Any) -> tuple[Any, int | None]:
+    """``(group key, statistics width or None)`` of target ``name`` without reading tensors that
+    are still on disk; the key orders and batches the work (the adapter's group without stats)."""
+    if stats is None:
+        return ("adapter", spec.group), None
+    if hasattr(stats, "group_key") and hasattr(stats, "group_width"):
+        try:
+            key = stats.group_key(name)
+        except KeyError:
+            raise KeyError(f"the calibration statistics have no entry for target {name!r} "
+                           "(were they collected on another model or with another adapter?)") from None
+        return key, stats.group_width(key)
+    st = _stats_for(stats, name)
+    return ("object", id(st)), (None if st is None else st.second_moment.shape[0])
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, stats: Any = None, **kw: Any) -> nn.Module:
@@ -214,4 +360,5 @@ def quantize_model(model: nn.Module, config: QuantConfig, stats: Any = None, **k
     return model
 
 
-__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "reference_output"]
+__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "reference_output", "LinalgSettings",
+           "ROLLBACKS"]

@@ -53,3 +53,23 @@ def test_the_readme_quotes_a_measured_duration_for_every_cli_command():
     readme = (root / "README.md").read_text()
     missing = [row for row in markdown_rows(result) if row not in readme]
     assert not missing, missing
+
+
+def test_gpu_flux_scale_script_runs_end_to_end_on_a_small_cpu_shape(tmp_path):
+    """The prepared GPU script (a GPU session has 15 minutes: it must not fail on a typo), at 2 heads
+    and 1 + 1 blocks on the CPU; its checkpoint loads."""
+    import json
+
+    from benchmarks import gpu_flux_scale
+    from dirotq.checkpoint import load_quantized
+    from dirotq.modules import QuantLinear
+
+    out = tmp_path / "flux_scale.json"
+    assert gpu_flux_scale.main(["--device", "cpu", "--double", "1", "--single", "1", "--heads", "2", "--tokens", "16",
+                                "--text-tokens", "8", "--prompts", "1", "--steps", "2", "--budget-gib", "0.02",
+                                "--work", str(tmp_path), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and doc["passes"] > 1 and all(s["ok"] for s in doc["stages"])
+    model = load_quantized(doc["stages"][-1]["path"])
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == sum(
+        s.get("layers", 0) for s in doc["stages"] if s["stage"].startswith("quantize"))

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from dirotq.calibration import (CalibrationStats, LayerStats, calibrate, calibrate_transformer, capture_inputs,
-                                stats_cache_key)
+from dirotq import calibration
+from dirotq.calibration import (CalibrationStats, LayerStats, LazyGroups, calibrate, calibrate_transformer,
+                                capture_inputs, combine_calibration_parts, part_folder, stats_cache_key)
 from dirotq.models import ADAPTERS
 from dirotq.pipelines import DEFAULT_MODEL, load_pipeline, load_transformer
 from tiny_pipelines import build_tiny_pixart_pipeline
@@ -156,6 +157,85 @@ def test_save_load_roundtrip_is_exact(tmp_path, pixart_stats):
     a2.update(x)
     b2.update(x)
     assert torch.equal(a2.sample, b2.sample) and torch.equal(a2.second_moment, b2.second_moment)
+
+
+def _equal(a, b):
+    return (a.count, a.sample_seen, a.seed) == (b.count, b.sample_seen, b.seed) and all(
+        torch.equal(getattr(a, f), getattr(b, f)) for f in calibration._FIELDS)
+
+
+def test_load_reads_a_group_only_when_it_is_used(tmp_path, pixart_stats, monkeypatch):
+    stats = pixart_stats[2]
+    stats.save(tmp_path / "s")
+    reads = []
+    real = calibration._read_group
+    monkeypatch.setattr(calibration, "_read_group", lambda src, key: reads.append(key) or real(src, key))
+    back = CalibrationStats.load(tmp_path / "s")
+    assert isinstance(back.layers, LazyGroups) and list(back.layers) == list(stats.layers)
+    key = "transformer_blocks.0.attn1.to_q"
+    # keys, membership, length and widths come from the index and the file header
+    assert key in back.layers and len(back.layers) == len(stats.layers) and back.group_width(key) == 64
+    assert back.group_key("transformer_blocks.0.attn1.to_v") == key and not reads
+    st = back.for_layer("transformer_blocks.0.attn1.to_k")
+    assert reads == [key] and back.is_loaded(key) and _equal(st, stats.layers[key])
+    assert back.for_layer(key) is st and reads == [key]  # read once, then kept
+    assert back.release(key) and not back.is_loaded(key)
+    assert _equal(back.layers[key], st) and reads == [key, key]  # read again after a release
+    assert not stats.release(key)  # in-memory statistics are never dropped
+    with pytest.raises(KeyError, match="close names"):
+        back.group_key("transformer_blocks.0.attn1.to_qq")
+    merged = back.merge(CalibrationStats(layers={}, groups={}, meta={}))
+    assert isinstance(merged.layers, LazyGroups) and len(reads) == 2  # merging reads nothing it does not combine
+
+
+def test_parts_saved_by_separate_calibrations_combine_into_one_folder(tmp_path):
+    """Two passes over disjoint group sets (two ranks of a distributed calibration) saved as parts
+    and indexed by combine_calibration_parts load as the statistics of one joint pass, bit for bit,
+    and no tensor file is copied."""
+    adapter = ADAPTERS["pixart"]
+    model = adapter.build_tiny(0)
+    g = torch.Generator().manual_seed(0)
+    inputs = [adapter.example_inputs(model, 2, g) for _ in range(2)]
+    joint = calibrate_transformer(model, inputs, adapter=adapter, sample_tokens=32)
+    keys = list(joint.layers)
+    out = tmp_path / "combined"
+    for rank, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        part_stats = calibrate_transformer(model, inputs, adapter=adapter, sample_tokens=32, layers=part)
+        part_stats.save(part_folder(out, rank))
+    assert combine_calibration_parts(out) == out
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors")) == [
+        "part-00000/stats.safetensors", "part-00001/stats.safetensors"]
+    back = CalibrationStats.load(out)
+    assert list(back.layers) == keys and back.groups == joint.groups
+    assert [p["folder"] for p in back.meta["parts"]] == ["part-00000", "part-00001"]
+    assert all(_equal(back.layers[k], joint.layers[k]) for k in keys)
+    # a combined folder is itself a part of a larger one
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    out.rename(outer / "part-00000")
+    combine_calibration_parts(outer)
+    assert all(_equal(CalibrationStats.load(outer).layers[k], joint.layers[k]) for k in keys)
+
+
+def test_combining_bad_parts_is_a_clear_error_and_writes_nothing(tmp_path, pixart_stats):
+    stats = pixart_stats[2]
+    out = tmp_path / "c"
+    stats.save(part_folder(out, 0))
+    stats.save(part_folder(out, 1))
+    with pytest.raises(ValueError, match="in both part-00000 and part-00001.*merge"):
+        combine_calibration_parts(out)
+    assert not (out / "meta.json").exists()
+    stats.save(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="not inside"):
+        combine_calibration_parts(out, [part_folder(out, 0), tmp_path / "elsewhere"])
+    with pytest.raises(ValueError, match="single-file statistics"):
+        combine_calibration_parts(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="no parts"):
+        combine_calibration_parts(tmp_path / "empty")
+    combine_calibration_parts(out, ["part-00000"])
+    (out / "part-00000" / "stats.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="part-00000/stats.safetensors"):
+        CalibrationStats.load(out)
 
 
 def test_saved_statistics_get_the_users_file_mode(tmp_path, pixart_stats):

@@ -227,10 +227,11 @@ def lr_model(tiny):
     return quantized(tiny, DiRotQLRConfig(rank=16))
 
 
-def test_parse_size_reads_diffusers_units():
+def test_parse_size_reads_diffusers_and_binary_units():
     assert parse_size(123) == 123 and parse_size("5GB") == 5 * 10**9 and parse_size("1.5 mb") == 1_500_000
-    for bad in ("5 parsecs", "-1GB", 0, "GB", True):
-        with pytest.raises(ValueError, match="max_shard_size"):
+    assert parse_size("40GiB") == 40 * 2**30 and parse_size("2 kib") == 2048 and parse_size("4096") == 4096
+    for bad in ("5 parsecs", "-1GB", 0, "GB", True, "", "0.5"):
+        with pytest.raises(ValueError, match="a size must be"):
             parse_size(bad)
 
 

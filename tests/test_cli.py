@@ -264,6 +264,25 @@ def test_ctrl_c_during_calibration_is_one_line_and_exit_130(tmp_path):
     assert not any((tmp_path / "cal").glob("*/meta.json"))  # no statistics from a cut-short run
 
 
+@pytest.mark.parametrize("after_s", [0.2, 0.4, 0.8, 1.2, 2.0])
+def test_ctrl_c_while_torch_imports_is_one_line(after_s):
+    """Ctrl-C in the first seconds of `python -m dirotq`, while the package imports torch."""
+    import signal
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.Popen([sys.executable, "-m", "dirotq", "quantize", "--dry-run"], cwd=repo,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(after_s)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    text = err.decode()
+    assert p.returncode == 130, text[-800:]
+    # while the package imports: "dirotq: …"; once the verb runs: "dirotq quantize: …"
+    assert text.strip() in ("dirotq: interrupted (Ctrl-C)", "dirotq quantize: interrupted (Ctrl-C)"), text[-800:]
+
+
 def test_calibrate_fills_the_cache_the_other_verbs_read(env, capsys, monkeypatch):
     """`calibrate` then `quantize` with the same prompts and steps: the second reads the first's
     statistics (the calibrate verb's cache was out/calibration, nobody else's: it calibrated twice)."""

@@ -5,10 +5,11 @@ import torch
 
 from dirotq.bases import (
     allocate_ranks, explained_variance, full_rotation, haar_orthogonal, hadamard, hsvd_lowrank,
-    paper_rank, pca_basis, per_head_basis, random_hadamard, rank_for_energy, rank_for_error_budget,
-    weight_svd,
+    paper_rank, pca_basis, pca_top_basis, per_head_basis, random_hadamard, random_signs, rank_for_energy,
+    rank_for_error_budget, weight_svd,
 )
-from dirotq.gptq import gptq_quantize
+from dirotq.gptq import gptq_quantize, gptq_quantize_batch
+from dirotq.methods import common
 from dirotq.quantizers import quantize
 
 
@@ -138,3 +139,91 @@ def test_rank_policies():
     assert rank_for_error_budget(errors.__getitem__, 0.01, errors) == 32
     plan = allocate_ranks({"a": {0: 1.0, 8: 0.1}, "b": {0: 1.0, 8: 0.9}}, {"a": 1.0, "b": 1.0}, budget=8)
     assert plan == {"a": 8, "b": 0}
+
+
+def _same(a, b):
+    return (torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+            and (a.ratio is None) == (b.ratio is None) and (a.ratio is None or torch.equal(a.ratio, b.ratio)))
+
+
+@pytest.mark.parametrize("fmt", ["exact", "int_ratio"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_batch_equals_one_layer_at_a_time_exactly(fmt, act_order):
+    """Layers of one width, different output sizes (q/k/v and an MLP of one group): one shared
+    Hessian (rows concatenated) and distinct Hessians (a batch dimension; the same object twice is
+    factorised once) give the codes, scales and multipliers of gptq_quantize bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    d = 192
+    h1 = correlated_inputs(n=600, d=d, seed=1)
+    h1 = h1.T @ h1
+    h1[7, :] = 0  # a dead input channel
+    h1[:, 7] = 0
+    h2 = correlated_inputs(n=600, d=d, seed=2)
+    h2 = h2.T @ h2
+    ws = [torch.randn(o, d, generator=g) for o in (48, 48, 20, 96)]
+    kw = dict(scale_format=fmt, act_order=act_order)
+    shared = gptq_quantize_batch(ws, h1, **kw)
+    assert all(_same(b, gptq_quantize(w, h1, **kw)) for w, b in zip(ws, shared))
+    hs = [h1, h2, h1, h2]
+    distinct = gptq_quantize_batch(ws, hs, **kw)
+    assert all(_same(b, gptq_quantize(w, h, **kw)) for w, h, b in zip(ws, hs, distinct))
+    stacked = gptq_quantize_batch(ws, torch.stack(hs), **kw)
+    assert all(_same(a, b) for a, b in zip(distinct, stacked))
+    with pytest.raises(ValueError, match="one width"):
+        gptq_quantize_batch([ws[0], torch.randn(4, 64)], h1)
+    with pytest.raises(ValueError, match="4 weights"):
+        gptq_quantize_batch(ws, [h1, h2])
+
+
+def test_gptq_in_float32_stays_close_to_float64():
+    x = correlated_inputs(n=800, d=128, seed=3)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4))
+    h = x.T @ x
+    e64 = output_error(x, w, gptq_quantize(w, h).dequantize())
+    e32 = output_error(x, w, gptq_quantize(w, h, dtype=torch.float32).dequantize())
+    assert abs(e32 - e64) < 0.05 * e64
+
+
+def test_top_basis_spans_the_top_eigenvectors():
+    """Subspace iteration (used when only V_r is needed, at FLUX widths) finds eigh's top-r
+    subspace and eigenvalues; small widths go to eigh itself."""
+    g = torch.Generator().manual_seed(5)
+    d, r = 640, 24
+    q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+    ev = torch.logspace(4, -2, d, dtype=torch.float64)  # a decaying spectrum, as activations have
+    c = (q * ev) @ q.T
+    vals, v = pca_top_basis(c, r)
+    ref_vals, ref_v = pca_basis(c)
+    assert v.shape == (d, r) and torch.allclose(vals, ref_vals[:r], rtol=1e-8)
+    assert (v @ v.T - ref_v[:, :r] @ ref_v[:, :r].T).norm() < 1e-4
+    energy = lambda basis: float(torch.trace(basis.T @ c @ basis))  # noqa: E731  what the 16-bit branch keeps
+    assert abs(energy(v) / float(ref_vals[:r].sum()) - 1) < 1e-10
+    v32 = pca_top_basis(c.float(), r, dtype=torch.float32)[1].double()
+    assert (v32 @ v32.T - ref_v[:, :r] @ ref_v[:, :r].T).norm() < 1e-2
+    assert abs(energy(v32) / float(ref_vals[:r].sum()) - 1) < 1e-5
+    small_vals, small_v = pca_top_basis(c[:256, :256], 8)
+    assert torch.allclose(small_v.abs(), pca_basis(c[:256, :256])[1][:, :8].abs())
+
+
+def test_structured_hessian_transforms_equal_the_dense_products(monkeypatch):
+    """P H P and Mᵀ H M (block Hadamard) without d×d factors equal transform_hessian with the dense
+    matrices; the chunked float64 Hessian and the tiled symmetrisation equal the one-shot formulas
+    bit for bit."""
+    from dirotq.calibration import LayerStats
+
+    x = correlated_inputs(n=500, d=256, seed=6).double()
+    h = x.T @ x
+    v = torch.linalg.qr(torch.randn(256, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(7))).Q
+    p = torch.eye(256, dtype=torch.float64) - v @ v.T
+    tol = dict(rtol=0, atol=1e-12 * float(h.abs().max()))
+    torch.testing.assert_close(common.project_out_hessian(h, v), common.transform_hessian(h, p), **tol)
+    signs = random_signs(256, 3)
+    m = common.block_hadamard_matrix(signs, 64)
+    torch.testing.assert_close(common.block_hadamard_hessian(h, signs, 64), common.transform_hessian(h, m), **tol)
+    a = torch.randn(300, 300, dtype=torch.float64)
+    assert torch.equal(common.symmetrize_(a.clone(), block=64), 0.5 * (a + a.T))
+    st = LayerStats.empty(256)
+    st.update(x.float())
+    monkeypatch.setattr(common, "_CHUNK_ELEMENTS", 256 * 5)  # 5 rows per chunk
+    c = st.second_moment / st.count
+    assert torch.equal(common.hessian(st), 0.5 * (c + c.T))

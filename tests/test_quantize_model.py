@@ -156,6 +156,63 @@ def test_failure_half_way_restores_the_swapped_layers(tiny, monkeypatch):
     assert_unmodified(m, before)
 
 
+@pytest.mark.parametrize("rollback", ["disk", "memory"])
+def test_failure_half_way_restores_the_model_bit_for_bit(tiny, monkeypatch, tmp_path, rollback):
+    """With "disk" each replaced float layer is spilled to a temporary safetensors file and its
+    storage freed at once; a failure reads every one back into the same module objects."""
+    _, model, stats, test, _ = tiny
+    m = copy.deepcopy(model)
+    before = snapshot(m)
+    modules = {n: mod for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
+    spec, seen = registry.get_method("dirotq-lr"), []
+
+    def flaky(linear, *a, **k):
+        seen.append(linear)
+        if len(seen) == 9:
+            if rollback == "disk":  # the layers already swapped hold no weights any more
+                swapped = [mod for n, mod in modules.items() if m.get_submodule(n) is not mod]
+                assert swapped and all(lin.weight.numel() == 0 for lin in swapped)
+                assert len(list(tmp_path.glob("dirotq-rollback-*/*.safetensors"))) == len(swapped)
+            raise RuntimeError("boom on the ninth layer")
+        return spec.handler(linear, *a, **k)
+
+    monkeypatch.setitem(registry._METHODS, "dirotq-lr", dataclasses.replace(spec, handler=flaky))
+    with pytest.raises(RuntimeError, match="ninth"):
+        quantize_(m, DiRotQLRConfig(rank=8, weights="gptq"), stats, progress=quiet, rollback=rollback,
+                  spill_dir=tmp_path)
+    assert_unmodified(m, before)
+    assert all(m.get_submodule(n) is mod for n, mod in modules.items())  # the same objects, hooks and all
+    assert not list(tmp_path.iterdir())  # the spill folder is gone
+    with pytest.raises(ValueError, match="rollback"):
+        quantize_(m, RTNConfig(), progress=quiet, rollback="never")
+
+
+@pytest.mark.parametrize("config", [DiRotQLRConfig(rank=16, weights="gptq"),
+                                    RTNConfig(weights="gptq", scale_format="int_ratio", gptq_act_order=True),
+                                    QuaRotConfig(hadamard="block", weights="gptq"),
+                                    DiRotQConfig(rank=16, weights="gptq")],
+                         ids=["dirotq-lr", "rtn-int-ratio-act-order", "quarot-block", "dirotq"])
+def test_gptq_batched_per_group_equals_layer_by_layer(tiny, monkeypatch, config):
+    """quantize_ runs GPTQ once for the layers of an input group that meet the same Hessian (q/k/v
+    of one attention); every layer's codes and scales equal quantize_layer on that layer alone."""
+    from dirotq.methods import common
+    from dirotq.quantize import quantize_layer
+
+    adapter, model, stats, _, _ = tiny
+    calls = []
+    real = common.gptq_quantize_batch
+    monkeypatch.setattr(common, "gptq_quantize_batch", lambda ws, *a, **k: calls.append(len(ws)) or real(ws, *a, **k))
+    m = copy.deepcopy(model)
+    quantize_(m, config, stats, progress=quiet)
+    targets = adapter.targets(model)
+    assert max(calls) >= 3 and sum(calls) == len(targets) and len(calls) < len(targets)
+    for name, spec in targets.items():
+        alone = quantize_layer(model.get_submodule(name), stats.for_layer(name), config, spec=spec)
+        q = m.get_submodule(name)
+        for buf, t in alone.state_dict().items():
+            assert torch.equal(t, q.state_dict()[buf]), (name, buf)
+
+
 def test_stats_of_another_model_are_rejected(tiny):
     _, model, stats, _, _ = tiny
     m = copy.deepcopy(model)

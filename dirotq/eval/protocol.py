@@ -158,6 +158,8 @@ class Evaluator:
                          "gen": {k: v for k, v in self.gen_kw.items()}}
         self.progress = progress
         self._stats = None
+        # extra calibrate() keywords (layers, max_stats_bytes, dist, data_parallel: large models, torchrun)
+        self.calibrate_kwargs: dict[str, Any] = {}
         self._judge_arg = judge
         self._judge = None
         self.reference: ImageSet | None = None
@@ -178,7 +180,7 @@ class Evaluator:
             self._stats = calibrate(self.pipe, self.calib_prompts, num_inference_steps=self.calib_steps,
                                     guidance_scale=self.guidance_scale, batch_size=self.batch_size,
                                     cache_dir=self.out / "calibration", pipe_kwargs=self.pipe_kwargs,
-                                    progress=self.progress)
+                                    progress=self.progress, **self.calibrate_kwargs)
             self.timings["calibration_s"] = time.perf_counter() - t0
         return self._stats
 

@@ -15,7 +15,8 @@ Options (``DiRotQConfig``):
 - ``per_head_out_proj``: for attention output projections (``spec.head_dim``) a block-diagonal
   basis, one head_dim×head_dim eigenbasis per head; the rank is split evenly over the heads and
   any remainder goes to the largest remaining eigenvalues.
-GPTQ sees the rotated tail: H̃ = T_tᵀ C T_t.
+GPTQ sees the rotated tail: H̃ = T_tᵀ C T_t, computed once per (input group, rank), so the group's
+layers at one rank share one GPTQ batch.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from torch import nn
 from ..config import RankedConfig
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, Preset, register_method, register_preset
-from .common import (cached_tail_rotation, check_width, fake_quantize_weight, hessian, make_quant_linear,
-                     quantize_weight, require_stats, stats_basis, transform_hessian, weight_and_bias)
+from .common import (cached, cached_tail_rotation, check_width, device_key, fake_quantize_weight, linalg_settings,
+                     make_quant_linear, quantize_weight, require_stats, stats_basis, stats_hessian,
+                     transform_hessian, weight_and_bias)
 
 
 # The paper preset's choices beside its rank (asymmetric activation codes, GPTQ with act-order).
@@ -91,9 +93,11 @@ def per_head_order(eigenvalues: torch.Tensor, head_dim: int, rank: int) -> torch
     return torch.tensor(chosen + rest, dtype=torch.long)
 
 
-def dirotq_rotation(stats: Any, rank: int, config: DiRotQConfig, spec: Any = None, cache: Any = None
+def dirotq_rotation(stats: Any, rank: int, config: DiRotQConfig, spec: Any = None, cache: Any = None,
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T_h (d, r), T_t (d, d − r)) float64 with T = [T_h | T_t] = V·diag(I_r, R) orthogonal.
+    """(T_h (d, r), T_t (d, d − r)) with T = [T_h | T_t] = V·diag(I_r, R) orthogonal, in the
+    compute dtype (float64 by default) on ``device`` (default: the settings', else where C is).
 
     Cached per (statistics, rank, tail, seed, head_dim): V_t·R costs O(d³), and the app redraws
     the same layer at the same ranks.
@@ -102,17 +106,21 @@ def dirotq_rotation(stats: Any, rank: int, config: DiRotQConfig, spec: Any = Non
 
     head_dim = getattr(spec, "head_dim", None) if config.per_head_out_proj else None
     store = BASIS_CACHE if cache is None else cache
+    s = linalg_settings()
+    device = torch.device(device) if device is not None else (s.device or stats.second_moment.device)
+    dtype = dtype or s.dtype
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
-        evals, v = stats_basis(stats, head_dim=head_dim, cache=cache)
+        evals, v = stats_basis(stats, head_dim=head_dim, cache=cache, device=device, dtype=dtype)
         if head_dim:
-            v = v[:, per_head_order(evals, head_dim, rank)]
+            v = v[:, per_head_order(evals, head_dim, rank).to(v.device)]
         v_t = v[:, rank:]
         if config.tail_rotation != "none":
-            v_t = v_t @ cached_tail_rotation(v.shape[0] - rank, config.tail_rotation, config.seed)
+            v_t = v_t @ cached_tail_rotation(v.shape[0] - rank, config.tail_rotation, config.seed).to(v)
         return v[:, :rank], v_t
 
-    return store.get(stats, ("T", head_dim, rank, config.tail_rotation, config.seed), compute)
+    return store.get(stats, ("T", head_dim, rank, config.tail_rotation, config.seed, device_key(device), dtype),
+                     compute)
 
 
 def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank: int, spec: Any = None,
@@ -123,9 +131,9 @@ def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank
     w, b = weight_and_bias(linear)
     d = w.shape[1]
     check_width(stats, d, name)
-    t_h, t_t = dirotq_rotation(stats, rank, config, spec, cache)
+    t_h, t_t = dirotq_rotation(stats, rank, config, spec, cache, w.device, w.dtype)
     gptq = config.weights == "gptq"
-    h = hessian(stats) if gptq else None
+    h = stats_hessian(stats, cache, w.device) if gptq else None  # float64 (common.HESSIAN_DTYPE)
     meta = {"tail_rotation": config.tail_rotation, "seed": config.seed, "weight_basis": config.weight_basis,
             "keep_head_weights": config.keep_head_weights,
             "per_head": bool(config.per_head_out_proj and getattr(spec, "head_dim", None))}
@@ -137,11 +145,13 @@ def quantize_dirotq(linear: nn.Linear, stats: Any, config: DiRotQConfig, *, rank
         return make_quant_linear(linear, config, quantize_weight(w, h, config), method="dirotq", rank=rank,
                                  bias=b, weights_in_original_basis=True, extra_meta=meta, **fields)
     w_t = w @ t_t
-    h_t = transform_hessian(h, t_t) if gptq else None
+    head_dim = getattr(spec, "head_dim", None) if config.per_head_out_proj else None
+    h_t = cached(stats, ("dirotq-tail", head_dim, rank, config.tail_rotation, config.seed, device_key(w.device)),
+                 lambda: transform_hessian(h, t_t.to(h.dtype)), cache) if gptq else None
     if rank:
         up = w @ t_h
         if not config.keep_head_weights:
-            up = fake_quantize_weight(up, transform_hessian(h, t_h) if gptq else None, config)
+            up = fake_quantize_weight(up, transform_hessian(h, t_h.to(h.dtype)) if gptq else None, config)
         fields.update(down=t_h, up=up)
     return make_quant_linear(linear, config, quantize_weight(w_t, h_t, config), method="dirotq", rank=rank,
                              bias=b, extra_meta=meta, **fields)

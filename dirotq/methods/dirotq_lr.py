@@ -12,7 +12,10 @@ Bases (``DiRotQLRConfig.basis``):
 - ``hsvd``: activation-weighted weight SVD, L = up·downᵀ (``bases.hsvd_lowrank``). Its ``down`` is
   not orthonormal, so there is no project-out: SVDQuant's structure, W_q = (W − up·downᵀ) M on the
   full input x M.
-GPTQ sees the inputs W_q meets: Mᵀ P C P M with P = I − V_rV_rᵀ (pca/wsvd), Mᵀ C M (hsvd).
+GPTQ sees the inputs W_q meets: Mᵀ P C P M with P = I − V_rV_rᵀ (pca/wsvd), Mᵀ C M (hsvd), formed
+without P or M as d×d matrices (``project_out_hessian``, ``block_hadamard_hessian``). With the pca
+or hsvd basis it depends only on the input group and the rank, so it is computed once per group
+(``cache``) and the group's layers share one GPTQ batch (``GPTQBatcher``).
 Rank 0 is exactly QuaRot with ``hadamard="block"`` and the same seed.
 """
 
@@ -28,9 +31,9 @@ from ..bases import hsvd_lowrank, random_signs, weight_svd
 from ..config import RankedConfig
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
-from .common import (apply_block_hadamard, block_hadamard_matrix, check_block_hadamard, check_width, hessian,
-                     make_quant_linear, quantize_weight, require_stats, stats_basis, transform_hessian,
-                     weight_and_bias)
+from .common import (HESSIAN_DTYPE, apply_block_hadamard, block_hadamard_hessian, cached, check_block_hadamard,
+                     check_width, device_key, hessian, make_quant_linear, project_out_hessian, quantize_weight,
+                     require_stats, stats_hessian, stats_top_basis, weight_and_bias)
 
 
 BASES = ("pca", "wsvd", "hsvd")
@@ -66,29 +69,45 @@ def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *,
     basis = config.basis
     if rank and (basis in ("pca", "hsvd") or config.weights == "gptq"):
         require_stats(stats, "dirotq-lr", name, f"statistics (basis {basis!r})")
-    signs = random_signs(d, config.seed)
+    dev, dt = w.device, w.dtype
+    signs = random_signs(d, config.seed).to(device=dev, dtype=dt)
     g = config.group_size
     gptq = config.weights == "gptq"
-    h = hessian(stats) if (stats is not None and (gptq or basis == "hsvd")) else None
+    # the plain Hessian is shared through the cache only where the hsvd basis needs it as well;
+    # for GPTQ alone it is a temporary turned into the residual Hessian in place
+    h = stats_hessian(stats, cache, dev) if (stats is not None and basis == "hsvd" and rank) else None
     fields: dict[str, Any] = {"hadamard_signs": signs}
-    w_res, h_res = w, h
+    w_res, down = w, None
     if rank:
         if basis == "hsvd":
-            down, up = hsvd_lowrank(w, h, rank, damping=config.hsvd_lambda)
+            down, up = hsvd_lowrank(w, h, rank, damping=config.hsvd_lambda, dtype=dt)
             w_res = w - up @ down.T
         else:
             if basis == "pca":
-                down = stats_basis(stats, cache=cache)[1][:, :rank]
+                down = stats_top_basis(stats, rank, cache=cache, device=dev, dtype=dt)
             else:
-                down = weight_svd(w, rank)[0]
+                down = weight_svd(w, rank, dtype=dt)[0]
             up = w @ down
             w_res = w - up @ down.T  # W (I − V_rV_rᵀ), O(o·d·r)
-            if gptq:
-                proj = torch.eye(d, dtype=torch.float64) - down @ down.T  # P = I − V_rV_rᵀ
-                h_res = transform_hessian(h, proj)
             fields["project_out"] = True
         fields.update(down=down, up=up)
-    h_q = transform_hessian(h_res, block_hadamard_matrix(signs, g)) if gptq else None
+    h_q = None
+    if gptq and stats is not None:  # without statistics quantize_weight names what is missing
+        projected = bool(rank) and basis != "hsvd"  # the residual input x − x V_rV_rᵀ: P H P
+
+        def residual_hessian() -> torch.Tensor:
+            if h is not None:  # hsvd: the cached Hessian stays as it is
+                return block_hadamard_hessian(h, signs, g)
+            h_res = hessian(stats, dev, HESSIAN_DTYPE)
+            if projected:
+                h_res = project_out_hessian(h_res, down.to(HESSIAN_DTYPE), inplace=True)
+            return block_hadamard_hessian(h_res, signs, g, inplace=True)
+
+        if projected and basis == "wsvd":  # V_r from this layer's weight: its own Hessian
+            h_q = residual_hessian()
+        else:
+            h_q = cached(stats, ("dirotq-lr", rank if projected else 0, config.seed, g, device_key(dev)),
+                         residual_hessian, cache)
     w_q = quantize_weight(apply_block_hadamard(w_res, signs, g), h_q, config)
     return make_quant_linear(linear, config, w_q, method="dirotq-lr", rank=rank, bias=b,
                              extra_meta={"basis": basis, "seed": config.seed}, **fields)

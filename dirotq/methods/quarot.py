@@ -6,7 +6,8 @@ weight (docs/ARCHITECTURE.md table: input rotation = H, W_q = W H).
   stored as the dense ``rotation``.
 - ``hadamard="block"``: the kernel form, one group-size Hadamard per group, stored as
   ``hadamard_signs`` (d,).
-GPTQ sees the rotated inputs: H̃ = Hᵀ C H.
+GPTQ sees the rotated inputs: H̃ = Hᵀ C H (block form: without forming the d×d matrix), once per
+input group (it depends on nothing else), so the group's layers share one GPTQ batch.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..bases import random_hadamard, random_signs
 from ..config import QuantConfig
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
-from .common import (block_hadamard_matrix, check_block_hadamard, check_width, hessian, make_quant_linear,
-                     quantize_weight, transform_hessian, weight_and_bias)
+from .common import (block_hadamard_hessian, block_hadamard_matrix, cached, check_block_hadamard, check_width,
+                     device_key, make_quant_linear, quantize_weight, stats_hessian, transform_hessian,
+                     weight_and_bias)
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,24 @@ def quantize_quarot(linear: nn.Linear, stats: Any, config: QuaRotConfig, *, rank
     check_width(stats, d, name)
     kind = getattr(config, "hadamard", "dense")
     seed = getattr(config, "seed", 0)
+    dev, dt = w.device, w.dtype
+    g = config.group_size
     if kind == "block":
-        check_block_hadamard(d, config.group_size, name)
-        signs = random_signs(d, seed)
-        rot = block_hadamard_matrix(signs, config.group_size)
+        check_block_hadamard(d, g, name)
+        signs = random_signs(d, seed).to(device=dev, dtype=dt)
+        rot = block_hadamard_matrix(signs, g)
         fields = {"hadamard_signs": signs}
     else:
-        rot = random_hadamard(d, seed)
+        rot = random_hadamard(d, seed).to(device=dev, dtype=dt)
         fields = {"rotation": rot}
-    h = transform_hessian(hessian(stats), rot) if (stats is not None and config.weights == "gptq") else None
+    h = None
+    if stats is not None and config.weights == "gptq":
+        def rotated() -> torch.Tensor:
+            base = stats_hessian(stats, cache, dev)
+            return (block_hadamard_hessian(base, signs, g) if kind == "block"
+                    else transform_hessian(base, rot.to(base.dtype)))
+
+        h = cached(stats, ("quarot", kind, seed, g, device_key(dev)), rotated, cache)
     return make_quant_linear(linear, config, quantize_weight(w @ rot, h, config), method="quarot", bias=b,
                              extra_meta={"hadamard": kind, "seed": seed}, **fields)
 

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
-from .common import check_width, hessian, make_quant_linear, quantize_weight, weight_and_bias
+from .common import check_width, make_quant_linear, quantize_weight, stats_hessian, weight_and_bias
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ def quantize_rtn(linear: nn.Linear, stats: Any, config: RTNConfig, *, rank: int 
     """y = Q_a(x) Q_w(W)ᵀ + b. ``stats`` only feeds GPTQ's Hessian H = C/n (d, d)."""
     w, b = weight_and_bias(linear)
     check_width(stats, w.shape[1], getattr(spec, "name", None))
-    h = hessian(stats) if (stats is not None and config.weights == "gptq") else None
+    h = stats_hessian(stats, cache, w.device) if (stats is not None and config.weights == "gptq") else None
     return make_quant_linear(linear, config, quantize_weight(w, h, config), method="rtn", bias=b)
 
 

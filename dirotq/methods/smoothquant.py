@@ -12,8 +12,8 @@ from torch import nn
 from ..config import QuantConfig
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
-from .common import (check_width, hessian, make_quant_linear, quantize_weight, require_stats, scale_hessian,
-                     smooth_factors, weight_and_bias)
+from .common import (check_width, make_quant_linear, quantize_weight, require_stats, scale_hessian,
+                     smooth_factors, stats_hessian, weight_and_bias)
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def quantize_smoothquant(linear: nn.Linear, stats: Any, config: SmoothQuantConfi
     alpha = getattr(config, "alpha", 0.5)
     s = smooth_factors(stats.abs_max, w, alpha)
     w_s = w * s.unsqueeze(0)
-    h = scale_hessian(hessian(stats), s) if config.weights == "gptq" else None
+    h = scale_hessian(stats_hessian(stats, cache, w.device), s) if config.weights == "gptq" else None
     return make_quant_linear(linear, config, quantize_weight(w_s, h, config), method="smoothquant", bias=b,
                              smooth=s, extra_meta={"alpha": alpha})
 

@@ -14,8 +14,8 @@ from ..bases import weight_svd
 from ..config import RankedConfig
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
-from .common import (check_width, hessian, make_quant_linear, quantize_weight, require_stats, scale_hessian,
-                     smooth_factors, weight_and_bias)
+from .common import (check_width, make_quant_linear, quantize_weight, require_stats, scale_hessian,
+                     smooth_factors, stats_hessian, weight_and_bias)
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,10 @@ def quantize_svdquant(linear: nn.Linear, stats: Any, config: SVDQuantConfig, *, 
     fields: dict[str, Any] = {"smooth": s}
     w_res = w_s
     if rank:
-        down, up = weight_svd(w_s, rank)  # V_r (d, r), U_rΣ_r (o, r)
+        down, up = weight_svd(w_s, rank, dtype=w_s.dtype)  # V_r (d, r), U_rΣ_r (o, r)
         w_res = w_s - up @ down.T
         fields.update(down=down, up=up)
-    h = scale_hessian(hessian(stats), s) if config.weights == "gptq" else None
+    h = scale_hessian(stats_hessian(stats, cache, w.device), s) if config.weights == "gptq" else None
     return make_quant_linear(linear, config, quantize_weight(w_res, h, config), method="svdquant", rank=rank,
                              bias=b, extra_meta={"alpha": alpha}, **fields)
 

@@ -11,7 +11,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
-from .common import check_width, hessian, make_quant_linear, quantize_weight, weight_and_bias
+from .common import check_width, make_quant_linear, quantize_weight, stats_hessian, weight_and_bias
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def quantize_w4a16(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: 
     config = replace(config, act_bits=None) if config.act_bits is not None else config
     w, b = weight_and_bias(linear)
     check_width(stats, w.shape[1], getattr(spec, "name", None))
-    h = hessian(stats) if (stats is not None and config.weights == "gptq") else None
+    h = stats_hessian(stats, cache, w.device) if (stats is not None and config.weights == "gptq") else None
     return make_quant_linear(linear, config, quantize_weight(w, h, config), method="w4a16", bias=b)
 
 
