@@ -497,15 +497,16 @@ def part_folder(folder: str | os.PathLike, rank: int) -> Path:
     return Path(folder) / f"part-{int(rank):05d}"
 
 
-def combine_calibration_parts(folder: str | os.PathLike, parts: Sequence[str | os.PathLike] | None = None
-                              ) -> Path:
+def combine_calibration_parts(folder: str | os.PathLike, parts: Sequence[str | os.PathLike] | None = None,
+                              meta: Mapping[str, Any] | None = None) -> Path:
     """Make ``folder`` one loadable statistics folder out of parts saved in its subfolders.
 
     Each part is a folder written by ``CalibrationStats.save`` (or itself combined) holding a
     disjoint set of groups, e.g. one per rank of a distributed calibration (``part_folder``).
     ``parts`` default: every ``folder/part-*``. Writes ``folder/meta.json`` (format 2) whose groups
-    point to the parts' safetensors files; no tensor is copied or read. ``meta`` is the first
-    part's, with every part's under ``"parts"``. A group in two parts, a layer mapped to two
+    point to the parts' safetensors files; no tensor is copied or read. The folder's ``meta`` is
+    ``meta`` when given (the whole calibration's), else the first part's, with every part's under
+    ``"parts"``. A group in two parts, a layer mapped to two
     groups, a part outside ``folder`` or an existing single-file statistics folder at ``folder``
     is a ``ValueError``; ``CalibrationStats.merge`` is the tool for overlapping calibrations.
     Returns ``folder``."""
@@ -543,7 +544,7 @@ def combine_calibration_parts(folder: str | os.PathLike, parts: Sequence[str | o
                                  f"{rel}: the parts come from different adapters")
         metas.append({"folder": rel.as_posix(), "groups": len(doc["layers"]), "meta": doc.get("meta", {})})
     doc = {"format": _INDEX_FORMAT, "layers": layers, "groups": groups,
-           "meta": {**metas[0]["meta"], "parts": metas}}
+           "meta": {**(metas[0]["meta"] if meta is None else meta), "parts": metas}}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".meta.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(doc, indent=1, default=str))
@@ -915,13 +916,7 @@ def calibrate_in_parts(run_pass, targets: Mapping[str, Any], folder: str | os.Pa
         del stats
     everyone = gather_objects(names, info)
     if info.is_main:
-        combine_calibration_parts(folder, [n for ns in everyone for n in ns])
-        if meta is not None:
-            doc = json.loads((folder / "meta.json").read_text())
-            doc["meta"] = {**meta, "parts": doc["meta"].get("parts", [])}
-            tmp = folder / ".meta.json.tmp"
-            tmp.write_text(json.dumps(doc, indent=1, default=str))
-            os.replace(tmp, folder / "meta.json")
+        combine_calibration_parts(folder, [n for ns in everyone for n in ns], meta=meta)
     barrier(info)
     return folder
 

@@ -228,6 +228,14 @@ def split_by_memory(widths: Mapping[str, int], budget_bytes: float, sample_token
     return [sorted(p, key=order.get) for p in passes]
 
 
+def _restrict(targets: Mapping[str, Any], layers: Sequence[str] | None) -> Mapping[str, Any]:
+    """``targets`` limited to the names in ``layers`` (all when None), in the targets' order."""
+    if layers is None:
+        return targets
+    keep = set(layers)
+    return {n: s for n, s in targets.items() if n in keep}
+
+
 def plan_calibration(targets: Mapping[str, Any], info: DistInfo, *, max_stats_bytes: float | None = None,
                      layers: Sequence[str] | None = None, sample_tokens: int = 512) -> list[list[str]]:
     """The passes this rank runs: lists of group keys, each recorded by one run of the pipeline.
@@ -236,9 +244,7 @@ def plan_calibration(targets: Mapping[str, Any], info: DistInfo, *, max_stats_by
     this rank's share into passes of at most ``max_stats_bytes`` of statistics (one pass when
     None). A rank that owns nothing runs no pass.
     """
-    if layers is not None:
-        keep = set(layers)
-        targets = {n: s for n, s in targets.items() if n in keep}
+    targets = _restrict(targets, layers)
     widths = {s.group: int(s.in_features) for s in targets.values()}
     mine = assign_groups(group_costs(targets), info.world_size)[info.rank] if info.distributed else list(widths)
     if not mine:
@@ -253,9 +259,7 @@ def owned_targets(targets: Mapping[str, Any], info: DistInfo, layers: Sequence[s
 
     layers: restrict to these target names first (``--layers``).
     """
-    if layers is not None:
-        keep = set(layers)
-        targets = {n: s for n, s in targets.items() if n in keep}
+    targets = _restrict(targets, layers)
     if not info.distributed:
         return list(targets)
     mine = set(assign_groups(group_costs(targets), info.world_size)[info.rank])
