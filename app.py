@@ -405,21 +405,33 @@ def on_start(model, block, ltype, rank, extra_views, metric, tab=None, sel=None,
 
 # ------------------------------------------------------------------------------ all layers
 @safe(3)
-def on_all_layers(model, method, plan_df, metric, progress=gr.Progress()):
-    """Quantize every target with (method, rank plan) and chart each layer's error."""
+def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, progress=gr.Progress()):
+    """Quantize every target with (method, rank plan) and chart each layer's error; with
+    ``with_sensitivity``, also what each layer's error does to the model output."""
     s = session(model)
     s.require_stats()
     p = _prog(progress)
     ranks = _ranks_from_df(s, plan_df)
     t = time.perf_counter()
-    rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m))
+    rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m), sensitivity=bool(with_sensitivity))
     dt = time.perf_counter() - t
     fig = figures.all_layers_figure(rows, metric, f"{figures.label(method)}: per-layer output error")
-    worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
-    table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {'—' if r['kind'] == 'w4a16' else r['rank']} | "
-                      f"{_fmt(r['sqnr_db'], ' dB')} | {r['rel_mse']:.2e} |" for r in worst)
-    md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n|---|---|---|---|---|\n"
-          + table)
+    if with_sensitivity:
+        w4a4 = [r for r in rows if r["kind"] == "w4a4"]
+        worst = sorted(w4a4, key=lambda r: -r["output_error"])[:5]
+        total = sum(r["output_error"] for r in w4a4) or 1.0
+        table = "\n".join(f"| `{r['name']}` | {r['rank']} | {_fmt(r['sqnr_db'], ' dB')} | {r['gain']:.3g} | "
+                          f"{r['output_error']:.2e} ({100 * r['output_error'] / total:.0f} %) |" for r in worst)
+        md = ("**the 5 layers that move the model output most** (predicted: sensitivity × layer error; the "
+              "sensitivity is the output error with only that layer quantized over its own error)\n\n"
+              "| layer | rank | layer SQNR | sensitivity | predicted output error (share) |\n|---|---|---|---|---|\n"
+              + table)
+    else:
+        worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
+        table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {'—' if r['kind'] == 'w4a16' else r['rank']} | "
+                          f"{_fmt(r['sqnr_db'], ' dB')} | {r['rel_mse']:.2e} |" for r in worst)
+        md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n|---|---|---|---|---|\n"
+              + table)
     n16 = sum(r["kind"] == "w4a16" for r in rows)
     if n16:
         md += (f"\n\n{n16} W4A16 layers (weight-only: 16-bit activations, so no 16-bit rank and not in the Rank "
@@ -516,9 +528,9 @@ def on_import(model, file_or_text, method):
 
 
 @safe(3)
-def on_quantize_plan(model, method, plan_df, metric, progress=gr.Progress()):
+def on_quantize_plan(model, method, plan_df, metric, with_sensitivity=False, progress=gr.Progress()):
     """'Quantize with this plan': the model the Generate tab uses; shows the per-layer errors."""
-    return on_all_layers(model, method, plan_df, metric, progress)
+    return on_all_layers(model, method, plan_df, metric, with_sensitivity, progress)
 
 
 # -------------------------------------------------------------------------------- generate
@@ -642,10 +654,15 @@ token, so each group's scale grows a little; DiRotQ keeps the part of it in its 
 the whole token's (its INT4 error relative to its energy).""",
     "all": """**What you see.** Every quantized layer's output error for the method on the left and the
 rank plan of the *Rank plan* tab: a heat map by block and layer type, and bars in layer order.
+With *sensitivity* ticked, the bars show instead each layer's predicted share of the **model-output**
+error: its sensitivity (the output error with only that layer quantized, over the layer's own
+error) times its error at its rank.
 
-**Use it.** The worst layers (red cells, low bars) are where extra rank pays; the *error budget*
-and *16-bit budget* policies of the Rank plan tab put it there automatically.
-W4A16 layers (weight-only, e.g. PixArt's ff.net.2) are listed with rank 0.""",
+**Use it.** A layer's own error is not what the image sees: on the embedded model the attention
+q/k/v have the worst layer SQNR, yet the feed-forward input projections move the output 20–40×
+more. Tick *sensitivity* to see which layers matter; the *output error* policy of the Rank plan tab
+spends rank by exactly that product. W4A16 layers (weight-only, e.g. PixArt's ff.net.2) are
+listed with rank 0.""",
     "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *output error* (the
 default; value = a rank r: its 16-bit budget is spent where the *model output* gains most per extra
 parameter, from each layer's measured sensitivity — how much of its error reaches the output; the
@@ -782,7 +799,11 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                     with gr.Tab("All layers", id="all"):
                         with gr.Row():
                             with gr.Column(scale=3):
-                                all_btn = gr.Button("Compute for this method and rank plan", elem_id="all-btn")
+                                with gr.Row():
+                                    all_btn = gr.Button("Compute for this method and rank plan", elem_id="all-btn")
+                                    sens_cb = gr.Checkbox(False, label="with each layer's sensitivity (what reaches the "
+                                                          "model output; measured once per method, ~1 min on CPU)",
+                                                          elem_id="all-sens")
                                 all_plot = gr.Plot(figures.empty_figure("press the button above"), elem_id="plot-all",
                                                    show_label=False)
                                 worst_md = gr.Markdown("")
@@ -874,7 +895,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         # old width (overflowing at 1280 px after 1920) unless it is redrawn. A resize event once the tab
         # shows fits its plots to the width they have, also when the handler above skips the redraw.
         tabs.select(None, js="() => { requestAnimationFrame(() => window.dispatchEvent(new Event('resize'))); }")
-        all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
+        all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd, sens_cb], [status, all_plot, worst_md])
         policy_dd.change(on_policy, policy_dd, value_nb)
         fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out).then(
             on_budget, [model_state, method_dd, plan_df], budget_plot)
@@ -884,7 +905,8 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         export_btn.click(on_export, [model_state, plan_df], [status, export_file, json_acc])
         import_file.upload(on_import, [model_state, import_file, method_dd], [status] + plan_out)
         apply_btn.click(on_import, [model_state, plan_json, method_dd], [status] + plan_out)
-        quant_btn.click(on_quantize_plan, [model_state, method_dd, plan_df, metric_rd], [status, all_plot, worst_md])
+        quant_btn.click(on_quantize_plan, [model_state, method_dd, plan_df, metric_rd, sens_cb],
+                        [status, all_plot, worst_md])
         gen_btn.click(on_generate, [model_state, prompt_tb, seed_nb, steps_nb, guid_nb, method_dd, plan_df],
                       [status, img_ref, img_q, img_d, gen_md])
         load_btn.click(on_load_model, [model_box, model_state], [status, model_state, block_dd, type_dd, plan_df]

@@ -403,13 +403,17 @@ def token_group_figure(tg: Mapping[str, Any], layer: str = "") -> go.Figure:
 
 def all_layers_figure(rows: Sequence[Mapping[str, Any]], metric: str = "sqnr_db", title: str = "") -> go.Figure:
     """Every target's error: heat map (top: block × layer type) and bars in layer order (bottom,
-    one trace per layer type). The worst layers are the red cells / shortest SQNR bars."""
+    one trace per layer type). The worst layers are the red cells / shortest SQNR bars. Rows with
+    ``output_error`` (sensitivity measured: ``AnalysisSession.all_layer_errors``) put the layer's
+    predicted share of the model-output error in the bars instead, beside the layer error of the
+    heat map: what a layer's error does to the image, not how large it is."""
     types = list(dict.fromkeys(r["layer_type"] for r in rows))
     blocks = sorted({int(r["block"]) for r in rows})
     z = np.full((len(blocks), len(types)), np.nan)
     for r in rows:
         v = r[metric]
         z[blocks.index(int(r["block"])), types.index(r["layer_type"])] = v if math.isfinite(v) else np.nan
+    with_output = any(math.isfinite(r.get("output_error", float("nan"))) for r in rows)
     layout = dict(_LAYOUT, height=680, title=dict(text=title or "per-layer output error"),
                   margin=dict(l=70, r=20, t=60, b=110),
                   legend=dict(orientation="h", yanchor="top", y=-0.08, xanchor="center", x=0.5),
@@ -420,15 +424,25 @@ def all_layers_figure(rows: Sequence[Mapping[str, Any]], metric: str = "sqnr_db"
                        hovertemplate="%{y} %{x}: %{z:.3g}<extra></extra>")]
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                "#bcbd22", "#17becf"]
+    bar_key = "output_error" if with_output else metric
     for i, t in enumerate(types):
         sel = [r for r in rows if r["layer_type"] == t]
-        data.append(go.Bar(x=[_short(r["name"]) for r in sel], y=[r[metric] for r in sel], name=t,
-                           marker_color=palette[i % len(palette)], xaxis="x2", yaxis="y2"))
+        extra = {}
+        if with_output:
+            extra = dict(customdata=[[r.get("gain", float("nan")), r["sqnr_db"]] for r in sel],
+                         hovertemplate="%{x}: predicted output error %{y:.3g}<br>sensitivity %{customdata[0]:.3g}, "
+                                       "layer SQNR %{customdata[1]:.1f} dB<extra></extra>")
+        data.append(go.Bar(x=[_short(r["name"]) for r in sel], y=[r.get(bar_key, float("nan")) for r in sel], name=t,
+                           marker_color=palette[i % len(palette)], xaxis="x2", yaxis="y2", **extra))
     layout["yaxis"].update(autorange="reversed")
     layout["xaxis2"].update(categoryorder="array", categoryarray=[_short(r["name"]) for r in rows], showticklabels=False,
                             title=dict(text="every layer, in order (hover for names)"))
-    layout["yaxis2"].update(title=dict(text="SQNR (dB)" if metric == "sqnr_db" else "relative MSE"),
-                            type="log" if metric == "rel_mse" else "linear")
+    if with_output:
+        layout["yaxis2"].update(title=dict(text="predicted model-output error<br>(sensitivity × layer error)"),
+                                type="log")
+    else:
+        layout["yaxis2"].update(title=dict(text="SQNR (dB)" if metric == "sqnr_db" else "relative MSE"),
+                                type="log" if metric == "rel_mse" else "linear")
     return go.Figure(data=data, layout=layout)
 
 

@@ -554,15 +554,25 @@ class ExplorerSession:
             return memo.put(key, (model.to(dev).eval(), report))
 
     def all_layer_errors(self, method: str, ranks: Mapping[str, int] | None = None,
-                         progress: Progress | None = None) -> list[dict]:
-        """Per-layer error rows (name, block, layer_type, kind, rank, rel_mse, sqnr_db)."""
+                         progress: Progress | None = None, sensitivity: bool = False) -> list[dict]:
+        """Per-layer error rows (name, block, layer_type, kind, rank, rel_mse, sqnr_db). With
+        ``sensitivity`` (measured once per method, ``self.sensitivity``) the W4A4 rows also get
+        ``gain`` (how much of the layer's error reaches the model output) and ``output_error``
+        (gain × the layer's relative error at its rank: its predicted share of the model-output error);
+        W4A16 rows get NaN there (they are not rank-able)."""
         _, report = self.quantized(method, ranks, progress)
+        sens = self.sensitivity(method, progress) if sensitivity else {}
         rows = []
         for name, info in report["layers"].items():
             s = self.targets[name]
-            rows.append({"name": name, "block": s.block, "layer_type": s.layer_type, "kind": s.kind,
-                         "rank": info.get("rank", 0), "rel_mse": info.get("rel_mse", float("nan")),
-                         "sqnr_db": info.get("sqnr_db", float("nan"))})
+            row = {"name": name, "block": s.block, "layer_type": s.layer_type, "kind": s.kind,
+                   "rank": info.get("rank", 0), "rel_mse": info.get("rel_mse", float("nan")),
+                   "sqnr_db": info.get("sqnr_db", float("nan"))}
+            if sensitivity:
+                gain = sens.get(name, {}).get("gain", float("nan"))
+                row["gain"] = gain
+                row["output_error"] = gain * row["rel_mse"]
+            rows.append(row)
         return rows
 
     # ------------------------------------------------------------------------------ generation

@@ -9,7 +9,11 @@ kernels reproduce). Two parts:
    weights, and DiRotQ-LR/QuaRot with GPTQ weights, in both formats; output SQNR on held-out tokens;
    also the bare quantizer SQNR of both formats on Gaussian / Laplace / outlier tensors.
 2. the embedded model (``assets/tiny-pixart``) when present: calibration activations of every
-   target layer (a few prompts × steps), layer output SQNR per method and format.
+   target layer (a few prompts × steps), layer output SQNR per method and format; and where format
+   C's loss went: DiRotQ-LR r32's rotated tail (activations, then weights, the other side 16-bit)
+   under each encoding: format A, format C's first rule (the covering multiplier, codes ±7), the
+   current rule (the better of two multipliers, codes [−8, 7]), its offline row-scale search, and
+   asymmetric codes in both formats.
 
     python -m benchmarks.bench_formats_quality [--out benchmarks/results/formats_quality.json] [--quick]
 """
@@ -164,7 +168,60 @@ def embedded(model_dir: Path, quick: bool) -> dict:
         s = summary.get(mname, {})
         if len(s) == 2:
             s["delta_db_C_minus_A"] = round(s["mean_sqnr_db_int_ratio"] - s["mean_sqnr_db_exact"], 3)
-    return {"model": str(model_dir), "prompts": prompts, "layers": rows, "summary_by_method": summary}
+    enc = encodings(pipe, stats, specs)
+    for k, v in enc.items():
+        print(f"  {k:48s} activations {v['activations']:6.2f} dB  weights {v['weights']:6.2f} dB")
+    return {"model": str(model_dir), "prompts": prompts, "layers": rows, "summary_by_method": summary,
+            "encodings_dirotq_lr_r32_tail_sqnr_db": enc}
+
+
+def _int_ratio_first_rule(x: torch.Tensor) -> torch.Tensor:
+    """Format C as first shipped (revision 1), for the decomposition only: the smallest multiplier
+    whose step covers the group's abs-max, codes clipped to ±7."""
+    from dirotq.quantizers import pad_to_groups
+
+    g = pad_to_groups(x.float(), 64)
+    g = g.reshape(*g.shape[:-1], -1, 64)
+    amax = g.abs().amax(-1)
+    s = (amax.amax(-1, keepdim=True) / 105).clamp(min=1e-12)
+    k = torch.ceil(amax / (7 * s) - 1e-6).clamp(1, 15)
+    step = (k * s).unsqueeze(-1)
+    return (torch.clamp(torch.round(g / step), -7, 7) * step).reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
+
+
+ENCODINGS = {
+    "A: one scale per group": lambda t, w: fake_quantize(t, 4, 64, True, "exact"),
+    "C, first rule: covering multiplier, codes ±7": lambda t, w: _int_ratio_first_rule(t),
+    "C: better of two multipliers, codes [-8, 7]": lambda t, w: fake_quantize(t, 4, 64, True, "int_ratio"),
+    "C + row-scale search (weights, offline)": lambda t, w: fake_quantize(t, 4, 64, True, "int_ratio", row_search=True),
+    "A, asymmetric": lambda t, w: fake_quantize(t, 4, 64, False, "exact"),
+    "C, asymmetric": lambda t, w: fake_quantize(t, 4, 64, False, "int_ratio"),
+}
+
+
+def encodings(pipe, stats, specs) -> dict:
+    """Where format C's loss goes: the tail output a·Wᵀ of DiRotQ-LR r32 (a: rotated residual
+    activations, W: the weight in the same basis), one side quantized by each encoding, the other in
+    float; mean SQNR (dB) over the W4A4 targets."""
+    from dirotq.quantize import quantize_layer
+    from dirotq.modules import QuantLinear
+
+    cfg = DiRotQLRConfig(rank=32, weight_bits=16)
+    modules = dict(pipe.transformer.named_modules())
+    acc = {k: {"activations": [], "weights": []} for k in ENCODINGS}
+    for name, spec in specs.items():
+        if spec.kind != "w4a4" or modules[name].in_features % 64:
+            continue
+        st = stats.for_layer(name)
+        q = quantize_layer(modules[name], st, cfg, spec=spec)
+        assert isinstance(q, QuantLinear)
+        _, a = q.transform_input(st.sample.float())
+        w = q.dequantized_weight()
+        y = a @ w.T
+        for enc, fn in ENCODINGS.items():
+            acc[enc]["activations"].append(quantization_error(y, fn(a, False) @ w.T)["sqnr_db"])
+            acc[enc]["weights"].append(quantization_error(y, a @ fn(w, True).T)["sqnr_db"])
+    return {enc: {side: round(sum(v) / len(v), 3) for side, v in sides.items()} for enc, sides in acc.items()}
 
 
 def main() -> None:

@@ -8,9 +8,13 @@ The evaluation prompts and seeds are disjoint from everything the plans were fit
 statistics use the first ``--calib-limit`` calibration prompts, the layer sensitivities the next
 four, and the evaluation items get seeds from ``--seed`` (default 5000) on.
 
-Extra rows at R = 32 quantify what the fast kernel format and asymmetric activation codes change
-(format C "int_ratio" vs format A "exact"; asymmetric codes, which only format A and the reference
-path support).
+The reference policies (energy, 16-bit budget, error budget) read the activation spectrum and the
+layer error curves of the PCA methods; they run for ``--policy-methods`` (DiRotQ-LR and DiRotQ by
+default). SVDQuant is compared with its fixed rank and the output-error allocator on its own curves.
+
+Extra rows at R = 32 quantify what the fast kernel format and asymmetric activation codes change:
+format C ("int_ratio") against format A ("exact"), and asymmetric activation codes (a zero point
+per group) in both formats, fake quantization on the reference path.
 
     python -m benchmarks.bench_rank_plans --out benchmarks/results/rank_plans_tiny_pixart
 
@@ -40,6 +44,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded tiny PixArt-Σ)")
     ap.add_argument("--methods", default="dirotq-lr,dirotq,svdquant")
+    ap.add_argument("--policy-methods", default="dirotq-lr,dirotq",
+                    help="methods that also get the energy / 16-bit budget / error budget rows")
     ap.add_argument("--budgets", default="16,32", help="uniform ranks whose 16-bit cost each plan may spend")
     ap.add_argument("--limit", type=int, default=40, help="evaluation prompts")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per evaluation prompt")
@@ -146,19 +152,22 @@ def main(argv=None) -> int:
     for method in methods:
         for budget in budgets:
             policy_row(method, budget, "output error")
-    for budget in sorted(budgets, reverse=True):
-        for method in methods:
-            for policy in ("energy", "16-bit budget", "error budget"):
-                policy_row(method, budget, policy)
     if not a.no_extras and 32 in budgets:
         for method in [m for m in methods if m in ("dirotq-lr", "dirotq")]:
             fixed = fixed_row(method, 32)
             cost = prepare(method)["cost"]
-            evaluate(f"{method}-C32", method, 32, "fixed, format C", make_config(method, rank=32,
-                     scale_format="int_ratio"), plans.fixed_plan(targets, 32), cost, fixed)
+            variants = [("format C", dict(scale_format="int_ratio"))]
             if method == "dirotq-lr":
-                evaluate(f"{method}-asym32", method, 32, "fixed, asymmetric activations",
-                         make_config(method, rank=32, act_symmetric=False), plans.fixed_plan(targets, 32), cost, fixed)
+                variants += [("asymmetric activations", dict(act_symmetric=False)),
+                             ("format C, asymmetric activations", dict(scale_format="int_ratio", act_symmetric=False))]
+            for what, overrides in variants:
+                evaluate(f"{method}-{what}32", method, 32, f"fixed, {what}", make_config(method, rank=32, **overrides),
+                         plans.fixed_plan(targets, 32), cost, fixed)
+    policy_methods = [m for m in a.policy_methods.split(",") if m in methods]
+    for budget in sorted(budgets, reverse=True):
+        for method in policy_methods:
+            for policy in ("energy", "16-bit budget", "error budget"):
+                policy_row(method, budget, policy)
     result["meta"]["seconds"] = round(time.time() - t_start)
     save()
     Path(f"{out}.md").write_text(markdown(result))

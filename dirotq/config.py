@@ -152,8 +152,6 @@ class QuantConfig:
             raise ValueError(f"group_size must be a positive even number, got {self.group_size}")
         if self.scale_format not in SCALE_FORMATS:
             raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {self.scale_format!r}")
-        if self.scale_format == "int_ratio" and not self.act_symmetric and self.act_bits is not None:
-            raise ValueError("scale_format='int_ratio' needs act_symmetric=True (the fast format has no zero point)")
         if self.weights not in ("rtn", "gptq"):
             raise ValueError(f"weights must be 'rtn' or 'gptq', got {self.weights!r}")
         if not 0 <= self.gptq_damping < 1:

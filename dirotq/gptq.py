@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .quantizers import INT_RATIO_MAX_MULTIPLIER, QuantizedTensor, qrange
+from .quantizers import QuantizedTensor, int_ratio_codes, qrange, quantize
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 def _group_step(w: torch.Tensor, qmax: int, scale_format: str, row_scale: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step for one group of columns ``w: (..., rows, g)``; returns (step (..., rows), int multiplier or None)."""
-    absmax = w.abs().amax(-1)
     if scale_format == "exact":
-        return (absmax / qmax).clamp(min=1e-12), None
-    ratio = torch.ceil(absmax / (qmax * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
+        return (w.abs().amax(-1) / qmax).clamp(min=1e-12), None
+    # the multiplier rule of the format (quantizers.int_ratio_codes) on the group's current values
+    ratio = int_ratio_codes(w.unsqueeze(-2), row_scale.unsqueeze(-1), 4 if qmax == 7 else 8)[1].squeeze(-1)
     return ratio * row_scale, ratio
 
 
@@ -47,7 +47,7 @@ def gptq_quantize(
 ) -> QuantizedTensor:
     """Quantize ``weight: (o, d)`` with GPTQ under ``hessian: (d, d)`` (Σ xᵀx, any positive scale).
 
-    Symmetric codes in [-8, 7] (int_ratio: [-7, 7]), groups of ``group_size`` along d, d padded to
+    Symmetric codes in [-8, 7], groups of ``group_size`` along d, d padded to
     a multiple of the group size. ``static_groups`` fixes every group's step from the unquantized
     weight up front (required with ``act_order``, which quantizes columns by decreasing diag(H)).
     With H = I no error is propagated and the result is plain RTN. Runs on ``weight``'s device in
@@ -164,8 +164,7 @@ def gptq_quantize_batch(
         hessians.clear()  # the caller's references go: each Hessian is freed once factorised
     device = weights[0].device
     static_groups = static_groups or act_order
-    qmax = qrange(bits, True)[1] if scale_format == "exact" else (7 if bits == 4 else 127)
-    qmin = -qmax - 1 if scale_format == "exact" else -qmax
+    qmin, qmax = qrange(bits, True)
     d = d_in + (-d_in) % group_size
     n_groups = d // group_size
 
@@ -194,8 +193,8 @@ def gptq_quantize_batch(
 
     row_scale = None
     if scale_format == "int_ratio":
-        row_max = w.abs().amax(-1).clamp(min=1e-12)
-        row_scale = row_max / (qmax * INT_RATIO_MAX_MULTIPLIER)
+        # the row scale RTN would choose (with its offline search) on the unquantized weights
+        row_scale = quantize(w.float(), bits, group_size, True, "int_ratio", row_search=True).scale.squeeze(-1).to(dtype)
     steps = torch.zeros(n_h, rows, n_groups, dtype=dtype, device=device)
     ratios = torch.zeros(n_h, rows, n_groups, dtype=dtype, device=device) if scale_format == "int_ratio" else None
     if static_groups:

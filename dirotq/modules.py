@@ -222,7 +222,7 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, scale_format: s
     """RTN weight quantization in the module's storage format (bits 16: the weight itself)."""
     if bits == 16:
         return w.float()
-    return quantize(w.float(), bits, group_size, True, scale_format)
+    return quantize(w.float(), bits, group_size, True, scale_format, row_search=scale_format == "int_ratio")
 
 
 # --- which backend runs (app / CLI) ---------------------------------------------------------------

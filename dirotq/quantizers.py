@@ -11,9 +11,19 @@ asymmetric group then always contains 0, which is harmless).
 Scale formats
 - ``"exact"`` (format A): one 16-bit scale per group, scale = absmax / qmax.
 - ``"int_ratio"`` (format C): one 16-bit scale ``s`` per row and a 4-bit integer multiplier
-  ``k ∈ 1..15`` per group with the group's step ``k·s ≥ absmax/7``; codes are clipped to ±7 so the
-  int8 operand ``k·q`` of the fast kernel fits in |k·q| ≤ 105 and one int32 accumulator serves the
-  whole reduction.
+  ``k ∈ 1..15`` per group; the group's step is ``k·s``. The row scale makes the row's largest group
+  need k = 15 (``s = rowmax / 105``). Each group takes whichever of two multipliers quantizes it with
+  the smaller squared error: the smallest k whose step covers the group's abs-max (no code saturates)
+  or that k − 1 (a finer step; the largest values may saturate). Codes are in [−8, 7], so the int8
+  operand ``k·q`` of the fast kernel has |k·q| ≤ 120 and one int32 accumulator serves the whole
+  reduction. Asymmetric codes (reference only): the same with the group's range (max − min) in place
+  of 2·abs-max, codes in [0, 15] and a zero point per group.
+  Offline (weights), ``row_search=True`` also tries a few smaller row scales per row and keeps the
+  one with the least squared error; activations are quantized online with ``s = rowmax / 105``.
+
+The choice between the two multipliers compares float64 sums of squared errors of float32 values,
+which the activation kernel computes the same way: a tie within float64 rounding (summation order)
+is the only place the kernel and this reference could differ.
 
 Rounding is half-to-even everywhere (``torch.round``), which is what the kernels' magic-number
 rounding gives.
@@ -27,18 +37,20 @@ import torch
 
 SCALE_FORMATS = ("exact", "int_ratio")
 INT_RATIO_MAX_MULTIPLIER = 15  # k is stored in 4 bits (1..15)
+# revision of format C's encoding rule (cache keys of images made with it): 1 = covering multiplier,
+# codes ±7; 2 = the better of k₀ and k₀ − 1, codes [−8, 7], offline row-scale search
+INT_RATIO_REVISION = 2
+INT_RATIO_ROW_SEARCH = (1.0, 0.97, 0.94, 0.91, 0.88)  # row-scale factors tried offline (row_search)
 _TINY = 1e-12  # guards all-zero groups against 0/0
 
 
-def _check(bits: int, group_size: int, scale_format: str, symmetric: bool) -> None:
+def _check(bits: int, group_size: int, scale_format: str) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if group_size <= 0 or group_size % 2:
         raise ValueError(f"group_size must be a positive even number, got {group_size}")
     if scale_format not in SCALE_FORMATS:
         raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
-    if scale_format == "int_ratio" and not symmetric:
-        raise ValueError("scale_format='int_ratio' is symmetric only (the fast kernel has no zero point)")
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -112,17 +124,25 @@ def quantize(
     symmetric: bool = True,
     scale_format: str = "exact",
     clip_ratio: float = 1.0,
+    row_search: bool = False,
 ) -> QuantizedTensor:
     """Group-quantize ``x: (..., d)`` along its last dimension.
 
     Activations use it per token (dynamic), weights per output row. ``clip_ratio`` < 1 shrinks the
     range before rounding (values beyond it saturate), as some baselines do for weights.
+    ``row_search`` (int_ratio only, for offline weights): try the row scales of
+    ``INT_RATIO_ROW_SEARCH`` and keep, per row, the one with the least squared error.
     """
-    _check(bits, group_size, scale_format, symmetric)
+    _check(bits, group_size, scale_format)
+    if row_search and scale_format != "int_ratio":
+        raise ValueError("row_search applies to scale_format='int_ratio' only (format A has one scale per group)")
     d = x.shape[-1]
     xp = pad_to_groups(x.float(), group_size)
     groups = xp.reshape(*xp.shape[:-1], xp.shape[-1] // group_size, group_size)
     qmin, qmax = qrange(bits, symmetric)
+
+    if scale_format == "int_ratio":
+        return _quantize_int_ratio(groups, xp.shape, bits, group_size, d, symmetric, clip_ratio, row_search)
 
     if not symmetric:
         lo = (groups.amin(-1) * clip_ratio).clamp(max=0)
@@ -133,20 +153,85 @@ def quantize(
         return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), scale, zero, None, bits, group_size, d)
 
     absmax = groups.abs().amax(-1) * clip_ratio
-    if scale_format == "exact":
-        scale = _div_scalar(absmax, qmax).clamp(min=_TINY)
-        q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
-        return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), scale, None, None, bits, group_size, d)
+    scale = _div_scalar(absmax, qmax).clamp(min=_TINY)
+    q = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
+    return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), scale, None, None, bits, group_size, d)
 
-    # int_ratio: the row scale makes the largest group use k = 15; smaller groups get the smallest
-    # k whose step still covers their abs-max (ceil), so no code saturates beyond ±qmax.
-    qmax_c = qmax if bits == 8 else 7
-    row_max = absmax.amax(-1, keepdim=True)
-    row_scale = _div_scalar(row_max, qmax_c * INT_RATIO_MAX_MULTIPLIER).clamp(min=_TINY)
-    ratio = torch.ceil(absmax / (qmax_c * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
-    step = (ratio * row_scale).unsqueeze(-1)
-    q = torch.clamp(torch.round(groups / step), -qmax_c, qmax_c)
-    return QuantizedTensor(q.reshape(xp.shape).to(torch.int8), row_scale, None, ratio.to(torch.int8), bits, group_size, d, "int_ratio")
+
+def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4, symmetric: bool = True,
+                    spread: torch.Tensor | None = None, lo: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Format C codes of ``groups: (..., G, g)`` float32 under ``row_scale: (..., 1)``.
+
+    Per group, of the multipliers k₀ = clamp(ceil(spread / (levels·s) − 1e-6), 1, 15) (spread =
+    abs-max and levels = 7 when symmetric, max − min and 15 otherwise) and max(k₀ − 1, 1), the one
+    with the smaller float64 sum of squared errors of the float32 dequantized values (k₀ on a tie).
+    Returns ``(q (..., G, g) float, k (..., G) float, zero (..., G) or None, sse (..., G) float64)``.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        qmax_c = qmax if bits == 8 else 7
+        if spread is None:
+            spread = groups.abs().amax(-1)
+        levels = qmax_c
+    else:
+        if spread is None or lo is None:
+            lo = groups.amin(-1).clamp(max=0)
+            spread = groups.amax(-1).clamp(min=0) - lo
+        levels = qmax - qmin
+    k0 = torch.ceil(spread / (levels * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
+    best = None
+    for k in (k0, (k0 - 1).clamp(min=1)):
+        step = k * row_scale
+        if symmetric:
+            zero = None
+            q = torch.clamp(torch.round(groups / step.unsqueeze(-1)), qmin, qmax)
+            v = q * step.unsqueeze(-1)
+        else:
+            zero = torch.round(-lo / step)
+            q = torch.clamp(torch.round(groups / step.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
+            v = (q - zero.unsqueeze(-1)) * step.unsqueeze(-1)
+        sse = (v.double() - groups.double()).pow(2).sum(-1)
+        if best is None:
+            best = [q, k, zero, sse]
+            continue
+        finer = sse < best[3]
+        best[0] = torch.where(finer.unsqueeze(-1), q, best[0])
+        best[1] = torch.where(finer, k, best[1])
+        if zero is not None:
+            best[2] = torch.where(finer, zero, best[2])
+        best[3] = torch.where(finer, sse, best[3])
+    return best[0], best[1], best[2], best[3]
+
+
+def _quantize_int_ratio(groups: torch.Tensor, shape: torch.Size, bits: int, group_size: int, d: int,
+                        symmetric: bool, clip_ratio: float, row_search: bool) -> QuantizedTensor:
+    """Format C (see the module docstring); ``groups: (..., G, g)`` float32."""
+    if symmetric:
+        spread, lo = groups.abs().amax(-1) * clip_ratio, None
+        levels = (2 ** (bits - 1) - 1 if bits == 8 else 7) * INT_RATIO_MAX_MULTIPLIER
+    else:
+        lo = (groups.amin(-1) * clip_ratio).clamp(max=0)
+        spread = (groups.amax(-1) * clip_ratio).clamp(min=0) - lo
+        levels = (2**bits - 1) * INT_RATIO_MAX_MULTIPLIER
+    row_max = spread.amax(-1, keepdim=True)
+    row_scale = _div_scalar(row_max, levels).clamp(min=_TINY)
+    q, k, zero, sse = int_ratio_codes(groups, row_scale, bits, symmetric, spread, lo)
+    if row_search:
+        total = sse.sum(-1, keepdim=True)
+        for factor in INT_RATIO_ROW_SEARCH[1:]:
+            s_try = (row_scale * factor).clamp(min=_TINY)
+            q2, k2, z2, sse2 = int_ratio_codes(groups, s_try, bits, symmetric, spread, lo)
+            t2 = sse2.sum(-1, keepdim=True)
+            better = t2 < total
+            q = torch.where(better.unsqueeze(-1), q2, q)
+            k = torch.where(better, k2, k)
+            if zero is not None:
+                zero = torch.where(better, z2, zero)
+            row_scale = torch.where(better, s_try, row_scale)
+            total = torch.where(better, t2, total)
+    return QuantizedTensor(q.reshape(shape).to(torch.int8), row_scale, zero, k.to(torch.int8), bits, group_size, d,
+                           "int_ratio")
 
 
 def fake_quantize(
@@ -156,9 +241,10 @@ def fake_quantize(
     symmetric: bool = True,
     scale_format: str = "exact",
     clip_ratio: float = 1.0,
+    row_search: bool = False,
 ) -> torch.Tensor:
     """Quantize then dequantize ``x: (..., d)``; same shape and dtype as ``x``."""
-    return quantize(x, bits, group_size, symmetric, scale_format, clip_ratio).dequantize(x.dtype)
+    return quantize(x, bits, group_size, symmetric, scale_format, clip_ratio, row_search).dequantize(x.dtype)
 
 
 def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:

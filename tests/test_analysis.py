@@ -100,6 +100,14 @@ def test_all_layers_figure_bars_are_the_rows():
     assert heat.z[2][1] == 13.0  # block 2, ff.net.0.proj
     bars = {t.name: list(t.y) for t in fig.data[1:]}
     assert bars["attn1.to_q"] == [10.0, 11.0, 12.0]
+    # with sensitivities the bars are the predicted model-output error, the heat map stays the layer error
+    for r in rows:
+        r["gain"] = 0.1 if r["layer_type"] == "ff.net.0.proj" else 0.002
+        r["output_error"] = r["gain"] * r["rel_mse"]
+    fig = figures.all_layers_figure(rows)
+    assert fig.data[0].z[2][1] == 13.0
+    bars = {t.name: list(t.y) for t in fig.data[1:]}
+    assert bars["ff.net.0.proj"] == [0.1 * 0.1] * 3 and fig.layout.yaxis2.type == "log"
 
 
 @pytest.mark.parametrize("method,rank", [("rtn", 0), ("smoothquant", 0), ("quarot", 0), ("svdquant", 16),

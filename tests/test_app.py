@@ -209,6 +209,24 @@ def test_all_layers_chart_holds_the_errors(sess, calibrated):
     assert worst["name"] in md
 
 
+def test_all_layers_with_sensitivity_ranks_layers_by_what_reaches_the_output(sess, calibrated):
+    st, fig, md = app.on_all_layers(MODEL, "dirotq-lr", plan(sess, 8), "sqnr_db", True, progress=None)
+    assert st.startswith("✓"), st
+    rows = sess.all_layer_errors("dirotq-lr", sess.default_plan(8), sensitivity=True)
+    w4a4 = [r for r in rows if r["kind"] == "w4a4"]
+    sens = sess.sensitivity("dirotq-lr")
+    for r in w4a4:
+        assert r["gain"] == sens[r["name"]]["gain"] and r["output_error"] == r["gain"] * r["rel_mse"]
+    top = max(w4a4, key=lambda r: r["output_error"])
+    assert md.index(top["name"]) < min(md.index(r["name"]) for r in w4a4 if r["name"] in md and r is not top)
+    assert "sensitivity" in md
+    bars = {}
+    for tr in fig.data[1:]:
+        bars.update(dict(zip(tr.x, tr.y)))
+    assert sorted(v for v in bars.values() if v == v) == sorted(r["output_error"] for r in w4a4)
+    assert fig.layout.yaxis2.type == "log"
+
+
 def test_generate_pair_and_unknown_words(sess, calibrated):
     st, ref, q, diff, info = app.on_generate(MODEL, "a red circle on the left", 3, 3, 4.5, "dirotq",
                                              plan(sess, 8), progress=None)

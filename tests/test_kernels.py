@@ -140,7 +140,7 @@ def test_act_quant_and_gemm_match_reference(structure, d, o, r, n, fmt):
         assert torch.equal(act["codes"], qt.q * qt.ratio.repeat_interleave(g, -1))
         assert torch.equal(act["scale"], qt.scale[:, 0])
         assert torch.equal(act["ratio"], qt.ratio)
-        assert int(act["codes"].abs().max()) <= 105
+        assert int(act["codes"].abs().max()) <= 120
     # ... and the reference's own codes differ at most by rare rounding-boundary flips
     q_ref = quantize(a_ref, 4, g, True, fmt).q
     assert float((q_ref != qt.q).float().mean()) <= 0.01
@@ -212,7 +212,7 @@ def test_weight_operand_byte_exact(fmt):
     assert wc.dtype == torch.int8
     assert torch.equal(wc, _weight_operand(m))
     if fmt == "int_ratio":
-        assert int(wc.abs().max()) <= 105
+        assert int(wc.abs().max()) <= 120
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

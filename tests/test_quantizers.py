@@ -48,16 +48,84 @@ def test_gaussian_int4_sqnr_is_in_the_textbook_range():
     assert 17.0 < sqnr < 21.0
 
 
+def _covering_sse(x: torch.Tensor, qt) -> torch.Tensor:
+    """Per-group squared error of format C's covering multiplier k₀ (nothing saturates), brute force."""
+    g = x.shape[-1] + (-x.shape[-1]) % 64
+    groups = torch.nn.functional.pad(x, (0, g - x.shape[-1])).reshape(x.shape[0], -1, 64)
+    s = qt.scale
+    k0 = torch.ceil(groups.abs().amax(-1) / (7 * s) - 1e-6).clamp(1, 15)
+    step = (k0 * s).unsqueeze(-1)
+    v = torch.clamp(torch.round(groups / step), -8, 7) * step
+    return (v.double() - groups.double()).pow(2).sum(-1)
+
+
 def test_int_ratio_format_invariants(x):
     qt = quantize(x, 4, 64, scale_format="int_ratio")
     assert qt.ratio.min() >= 1 and qt.ratio.max() <= 15
-    assert qt.q.abs().max() <= 7
-    assert (qt.ratio.to(torch.int32) * qt.q.reshape(37, 4, 64).abs().amax(-1).to(torch.int32)).max() <= 105
-    # the row's largest group uses the top multiplier
-    assert (qt.ratio.amax(-1) == 15).all()
-    # step covers each group's abs-max: nothing saturates beyond rounding
-    step = qt.group_scales().repeat_interleave(64, dim=-1)[:, :200]
-    assert (x - qt.dequantize()).abs().le(step / 2 + 1e-6).all()
+    assert qt.q.min() >= -8 and qt.q.max() <= 7
+    # the fast kernel's int8 operand k·q
+    assert (qt.ratio.to(torch.int32).unsqueeze(-1) * qt.q.reshape(37, 4, 64).to(torch.int32)).abs().max() <= 120
+    assert torch.allclose(qt.scale, x.abs().amax(-1, keepdim=True) / 105)
+    # the row's largest group uses the top multiplier or the one below it
+    assert (qt.ratio.amax(-1) >= 14).all()
+    # each group takes the better of k₀ and k₀ − 1: never worse than the covering multiplier, and
+    # strictly better in a good share of the groups
+    groups = torch.nn.functional.pad(x, (0, 56)).reshape(37, 4, 64)
+    sse = (qt.dequantize().double() - x.double()).pow(2)
+    sse = torch.nn.functional.pad(sse, (0, 56)).reshape(37, 4, 64).sum(-1)
+    cover = _covering_sse(x, qt)
+    assert (sse <= cover * (1 + 1e-12)).all()
+    assert float((sse < cover * 0.999).float().mean()) > 0.2
+    assert groups.shape == (37, 4, 64)
+
+
+def test_int_ratio_multiplier_is_the_better_of_two_by_brute_force():
+    torch.manual_seed(5)
+    x = torch.randn(50, 256) * torch.rand(50, 4).repeat_interleave(64, -1)
+    qt = quantize(x, 4, 64, scale_format="int_ratio")
+    groups = x.reshape(50, 4, 64)
+    k0 = torch.ceil(groups.abs().amax(-1) / (7 * qt.scale) - 1e-6).clamp(1, 15)
+    for j in range(50):
+        for g in range(4):
+            errs = {}
+            for k in {float(k0[j, g]), max(float(k0[j, g]) - 1, 1.0)}:
+                step = torch.tensor(k, dtype=torch.float32) * qt.scale[j, 0]
+                v = torch.clamp(torch.round(groups[j, g] / step), -8, 7) * step
+                errs[k] = float((v.double() - groups[j, g].double()).pow(2).sum())
+            best = min(errs, key=lambda k: (errs[k], -k))  # k₀ on a tie
+            assert float(qt.ratio[j, g]) == best
+
+
+def test_int_ratio_now_matches_or_beats_format_a_on_gaussian_rows():
+    torch.manual_seed(6)
+    g = torch.randn(256, 1024)
+    a = quantization_error(g, fake_quantize(g))["sqnr_db"]
+    c = quantization_error(g, fake_quantize(g, scale_format="int_ratio"))["sqnr_db"]
+    c_search = quantization_error(g, fake_quantize(g, scale_format="int_ratio", row_search=True))["sqnr_db"]
+    assert c > a - 0.05
+    assert c_search >= c
+
+
+def test_int_ratio_row_search_is_never_worse_per_row(x):
+    plain = quantize(x, 4, 64, scale_format="int_ratio")
+    searched = quantize(x, 4, 64, scale_format="int_ratio", row_search=True)
+    e_plain = (plain.dequantize() - x).double().pow(2).sum(-1)
+    e_search = (searched.dequantize() - x).double().pow(2).sum(-1)
+    assert (e_search <= e_plain * (1 + 1e-12)).all()
+    assert (e_search < e_plain).any()
+    assert (searched.scale <= plain.scale).all() and searched.ratio.max() <= 15
+
+
+def test_asymmetric_int_ratio_codes_and_gain_on_shifted_rows(x):
+    shifted = x + 1.5
+    qt = quantize(shifted, 4, 64, symmetric=False, scale_format="int_ratio")
+    assert qt.zero is not None and qt.ratio is not None
+    assert qt.q.min() >= 0 and qt.q.max() <= 15
+    assert qt.zero.min() >= 0 and qt.zero.max() <= 15
+    assert qt.ratio.min() >= 1 and qt.ratio.max() <= 15
+    sym = quantization_error(shifted, fake_quantize(shifted, scale_format="int_ratio"))["rel_mse"]
+    asym = quantization_error(shifted, qt.dequantize())["rel_mse"]
+    assert asym < 0.7 * sym
 
 
 def test_int_ratio_costs_little_on_smooth_rows_and_more_on_outlier_rows():
@@ -105,8 +173,8 @@ def test_bad_arguments_are_named():
         quantize(torch.zeros(2, 64), bits=3)
     with pytest.raises(ValueError, match="scale_format"):
         quantize(torch.zeros(2, 64), scale_format="fp8")
-    with pytest.raises(ValueError, match="symmetric"):
-        quantize(torch.zeros(2, 64), symmetric=False, scale_format="int_ratio")
+    with pytest.raises(ValueError, match="row_search"):
+        quantize(torch.zeros(2, 64), scale_format="exact", row_search=True)
     with pytest.raises(ValueError, match="4-bit codes"):
         pack_int4(torch.full((1, 64), 20, dtype=torch.int8))
     with pytest.raises(ValueError, match="multiple of the group"):

@@ -16,7 +16,8 @@ GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row)
    format A ("exact"): scale = max(absmax/7, 1e-12) per (token, group), q = rne(a/scale) ∈ [−8, 7];
    format C ("int_ratio"): a first launch (PASS 0) stores each group's absmax, a second (PASS 1)
    takes the row max of those, s = max(rowmax/105, 1e-12),
-   k = clamp(ceil(absmax/(7s) − 1e-6), 1, 15), q = clamp(rne(a/(k·s)), −7, 7) and the stored int8 is k·q.
+   k₀ = clamp(ceil(absmax/(7s) − 1e-6), 1, 15) or k₀ − 1, whichever gives the smaller float64 sum of
+   squared errors (k₀ on a tie), q = clamp(rne(a/(k·s)), −8, 7) and the stored int8 is k·q (|k·q| ≤ 120).
    All divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number trick
    (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it).
 
@@ -38,6 +39,14 @@ RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 def _rne(v):
     """Round half to even for |v| < 2**22 (fp32): adding 1.5·2²³ leaves no fraction bits."""
     return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _sse_fp64(a, step):
+    """Per row, the float64 sum of squared errors of the float32 values ``clamp(rne(a/step), −8, 7)·step``."""
+    q = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])), -8.0), 7.0)
+    e = (q * step[:, None]).to(tl.float64) - a.to(tl.float64)
+    return tl.sum(e * e, axis=1)
 
 
 @triton.jit
@@ -161,11 +170,17 @@ def act_quant_kernel(
             else:
                 if STORE_A:
                     tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
-                kf = tl.ceil(tl.div_rn(amax, base) - 1e-6)
-                kf = tl.minimum(tl.maximum(kf, 1.0), 15.0)
+                # of k₀ (the covering multiplier) and k₀ − 1, the one with the smaller float64 sum of
+                # squared errors (dirotq.quantizers.int_ratio_codes); codes recomputed after the
+                # choice so only one code tile is live (no register spills)
+                k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
+                k1 = tl.maximum(k0 - 1.0, 1.0)
+                sse0 = _sse_fp64(a, k0 * s_row)
+                sse1 = _sse_fp64(a, k1 * s_row)
+                kf = tl.where(sse1 < sse0, k1, k0)
                 step = kf * s_row
                 q = _rne(tl.div_rn(a, step[:, None]))
-                q = tl.minimum(tl.maximum(q, -7.0), 7.0)
+                q = tl.minimum(tl.maximum(q, -8.0), 7.0)
                 tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], (q * kf[:, None]).to(tl.int8),
                          mask=omask)
                 tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)

@@ -11,9 +11,9 @@ high nibble = 32..63 (``quantizers.pack_int4``), sign-extended by (v ^ 8) − 8;
 are read as the matching two (32, BT) halves: two K = 32 int8 dots, no reshape.
 
 - Format A body ("exact"): per group int32 partial → fp32 × (w_scale[o, g] ⊗ x_scale[t, g]) → fp32 acc.
-- Format C body ("int_ratio"): weight operand k_w·q_w (|·| ≤ 105, formed in registers from the
+- Format C body ("int_ratio"): weight operand k_w·q_w (|·| ≤ 120, formed in registers from the
   packed codes and the int8 multipliers), activation operand k_a·q_a from the activation kernel;
-  one chained int32 accumulator over all of K (|Σ| ≤ 105²·K < 2³¹ for K ≤ 19 000); the epilogue
+  one chained int32 accumulator over all of K (|Σ| ≤ 120²·K < 2³¹ for K ≤ 149 000); the epilogue
   scales by w_row_scale[o] ⊗ x_row_scale[t].
 - Epilogue: + up · cᵀ as a float ``tl.dot`` (K = r, in chunks of R_BLK), + bias, store yᵀ in the
   activation dtype. ``DEBUG_INT`` stores the raw int32 sum Σ q_w q_a (format C: Σ k_w q_w k_a q_a)

@@ -259,7 +259,8 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor | None, config: QuantConfig
             return batcher.request(w, h, config)
         return gptq_quantize(w, h, config.weight_bits, config.group_size, config.scale_format, config.gptq_damping,
                              config.gptq_block, config.gptq_act_order, dtype=_LINALG.get().dtype)
-    return quantize(w.float(), config.weight_bits, config.group_size, True, config.scale_format)
+    return quantize(w.float(), config.weight_bits, config.group_size, True, config.scale_format,
+                    row_search=config.scale_format == "int_ratio")
 
 
 def fake_quantize_weight(w: torch.Tensor, h: torch.Tensor | None, config: QuantConfig) -> torch.Tensor:
