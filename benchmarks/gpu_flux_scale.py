@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from dirotq.checkpoint import save_quantized
     from dirotq.distributed import split_by_memory
     from dirotq.models import get_adapter
-    from dirotq.quantize import quantize_layer
+    from dirotq.quantize import layer_record, quantize_layer, set_quantization_record
     from dirotq.registry import make_config
 
     device = torch.device(a.device)
@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, q in aside.items():
             parent_name, _, attr = n.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
-        model._dirotq_quantization = {"config": config.to_dict(),
-                                      "targets": {n: {"method": q.meta.get("method"), "rank": q.rank,
-                                                      "kind": targets[n].kind, "in_features": q.in_features,
-                                                      "out_features": q.out_features} for n, q in aside.items()}}
+        set_quantization_record(model, config, {n: layer_record(q, targets[n]) for n, q in aside.items()})
         aside.clear()
     with rec.stage("save", device) as row:
         path = save_quantized(model, a.work / f"{config.tag()}-flux-random", max_shard_size="5GB")

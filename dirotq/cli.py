@@ -367,12 +367,17 @@ def _dist(args):
     return info
 
 
-def _scale_kwargs(args, transformer, info) -> dict:
-    """calibrate()'s keywords for --layers / --max-stats-memory / --data-parallel / torchrun."""
+def _selected_layers(args, transformer) -> list[str] | None:
+    """The targets --layers names (None: all), resolved once per command."""
     from .distributed import select_layers
     from .models import get_adapter
 
-    layers = select_layers(get_adapter(transformer).targets(transformer), getattr(args, "layers", None))
+    return select_layers(get_adapter(transformer).targets(transformer), getattr(args, "layers", None))
+
+
+def _scale_kwargs(args, layers: list[str] | None, info) -> dict:
+    """calibrate()'s keywords for --layers (resolved: ``_selected_layers``) / --max-stats-memory /
+    --data-parallel / torchrun."""
     return {"layers": layers, "max_stats_bytes": getattr(args, "max_stats_memory", None), "dist": info,
             "data_parallel": bool(getattr(args, "data_parallel", False))}
 
@@ -386,7 +391,8 @@ def cmd_calibrate(args) -> int:
     pipe = _load_pipe(args)
     stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       batch_size=args.batch_size, sample_tokens=args.sample_tokens, cache_dir=args.out,
-                      pipe_kwargs=_pipe_kwargs(args), **_scale_kwargs(args, pipe.transformer, info))
+                      pipe_kwargs=_pipe_kwargs(args),
+                      **_scale_kwargs(args, _selected_layers(args, pipe.transformer), info))
     if info.is_main:
         key = stats.meta.get("cache_key", "")
         layers = stats.layers  # loaded statistics read tensors lazily: count tokens from the metadata
@@ -434,15 +440,14 @@ def cmd_quantize(args) -> int:
 
         stats = CalibrationStats.load(args.stats)
         transformer = load_transformer(args.model, device=args.device, dtype=_dtype(args))
+        layers = _selected_layers(args, transformer)
     else:
         ev = _evaluator(args, out="out/eval")
         ev.check_rank(rank)
-        ev.calibrate_kwargs.update(_scale_kwargs(args, ev.pipe.transformer, info))
-        stats = ev.stats  # also for RTN: the report's per-layer errors use its held-out tokens
         transformer = ev.pipe.transformer
-    from .distributed import select_layers
-
-    layers = select_layers(get_adapter(transformer).targets(transformer), args.layers)
+        layers = _selected_layers(args, transformer)
+        ev.calibrate_kwargs.update(_scale_kwargs(args, layers, info))
+        stats = ev.stats  # also for RTN: the report's per-layer errors use its held-out tokens
     allocation = None
     if output_allocation:
         if ev is None:

@@ -192,6 +192,19 @@ class _Rollback:
             self.folder = None
 
 
+def layer_record(module: nn.Module, spec: Any) -> dict:
+    """What a checkpoint records of one replaced target (method, rank, kind, widths)."""
+    return {"method": module.meta["method"], "rank": module.rank, "kind": spec.kind,
+            "in_features": spec.in_features, "out_features": spec.out_features}
+
+
+def set_quantization_record(model: nn.Module, config: QuantConfig, layers: Mapping[str, Mapping]) -> None:
+    """Mark ``model`` as quantized by ``config`` with the per-target ``layers`` records
+    (``layer_record``, extra keys kept): what ``save_quantized`` reads. Callers that replace the
+    layers themselves (streaming scripts that quantize in passes) call it once at the end."""
+    model._dirotq_quantization = {"config": config.to_dict(), "targets": {n: dict(v) for n, v in layers.items()}}
+
+
 def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapter: Any = None,
               targets: Iterable[str] | None = None, progress: ProgressFn | None = None,
               skip_validation: bool = False, measure_error: bool = True, linalg: LinalgSettings | None = None,
@@ -266,8 +279,7 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
         """Run the deferred GPTQ, measure each pending layer's error and swap it in."""
         batcher.run(consume=consume)
         for name, spec, parent, attr, linear, q, sample in pending:
-            info = {"method": q.meta["method"], "rank": q.rank, "kind": spec.kind,
-                    "in_features": spec.in_features, "out_features": spec.out_features}
+            info = layer_record(q, spec)
             if measure_error and sample is not None and sample.numel():
                 info.update(layer_error(linear, q, sample.to(linear.weight.device)))
                 q._dequantized = None  # the forward cached W_q in float32: 2× the bf16 layer, for every layer
@@ -316,8 +328,7 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
     if progress is not None:
         progress(1.0, f"quantized {len(specs)} layers with {config.method}")
     layers = {n: layers[n] for n in specs}  # report in the model's layer order
-    model._dirotq_quantization = {"config": config.to_dict(),
-                                  "targets": {n: dict(v) for n, v in layers.items()}}
+    set_quantization_record(model, config, layers)
     errs = [v["rel_mse"] for v in layers.values() if "rel_mse" in v]
     summary = {"layers": len(layers), "w4a4": sum(v["kind"] == "w4a4" for v in layers.values()),
                "w4a16": sum(v["kind"] == "w4a16" for v in layers.values())}
@@ -361,4 +372,4 @@ def quantize_model(model: nn.Module, config: QuantConfig, stats: Any = None, **k
 
 
 __all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "reference_output", "LinalgSettings",
-           "ROLLBACKS"]
+           "ROLLBACKS", "layer_record", "set_quantization_record"]
