@@ -23,12 +23,13 @@ import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
-from analysis import costs, figures  # noqa: E402
+from analysis import costs, figures, plans  # noqa: E402
 from analysis import stats as astats  # noqa: E402
 from analysis.session import POLICIES, get_session, methods  # noqa: E402
 from dirotq.registry import DEFAULT_METHOD  # noqa: E402
@@ -485,6 +486,30 @@ def on_budget(model, method, plan_df):
         return figures.empty_figure(str(e))
 
 
+MEASURED_PLANS = Path(__file__).resolve().parent / "benchmarks" / "results" / "rank_plans_tiny_pixart.json"
+MEASURED_HINT = ("image PSNR of each policy at equal 16-bit cost is measured for the embedded model "
+                 "(python -m benchmarks.bench_rank_plans measures it for any model)")
+
+
+def on_measured(model, method, plan_df=None):
+    """The committed image study of the policies (embedded model only) for ``method``, with the
+    table's plan cost as a vertical line: what the budget plot predicts, measured on 40 images."""
+    try:
+        s = session(model)
+        if not s.is_embedded or not MEASURED_PLANS.is_file():
+            return figures.empty_figure(MEASURED_HINT)
+        result = json.loads(MEASURED_PLANS.read_text())
+        if not any(r["method"] == method and "params16" in r for r in result["rows"]):
+            return figures.empty_figure(f"{method}: no rank plans in the image study (it has "
+                                        f"{', '.join(result['meta']['methods'])})")
+        current = None
+        if plan_df is not None and len(plan_df):
+            current = plans.plan_params16(_ranks_from_df(s, plan_df), s.plan_cost_fn(method))
+        return figures.rank_plans_figure(result, [method], current)
+    except (ValueError, KeyError, OSError) as e:
+        return figures.empty_figure(str(e))
+
+
 def on_policy(policy):
     """The value box explains what the chosen policy's value means."""
     label, default = POLICY_VALUE.get(policy, ("value", 0))
@@ -822,6 +847,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                 cost_md = gr.Markdown("")
                                 cost_plot = gr.Plot(figures.empty_figure("cost appears after a fill or an edit"))
                                 budget_plot = gr.Plot(figures.empty_figure(BUDGET_HINT), elem_id="plot-budget")
+                                measured_plot = gr.Plot(on_measured(model, DEFAULT_METHOD), elem_id="plot-measured")
                                 with gr.Row():
                                     export_btn = gr.Button("Export JSON")
                                     quant_btn = gr.Button("Quantize with this plan", variant="primary")
@@ -898,10 +924,13 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd, sens_cb], [status, all_plot, worst_md])
         policy_dd.change(on_policy, policy_dd, value_nb)
         fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out).then(
-            on_budget, [model_state, method_dd, plan_df], budget_plot)
+            on_budget, [model_state, method_dd, plan_df], budget_plot).then(
+            on_measured, [model_state, method_dd, plan_df], measured_plot)
         plan_df.input(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json, plan_df]
-                      ).then(on_budget, [model_state, method_dd, plan_df], budget_plot)
+                      ).then(on_budget, [model_state, method_dd, plan_df], budget_plot).then(
+            on_measured, [model_state, method_dd, plan_df], measured_plot)
         method_dd.change(on_plan_edit, [model_state, plan_df, method_dd], [status, cost_md, cost_plot, plan_json, sink])
+        method_dd.change(on_measured, [model_state, method_dd, plan_df], measured_plot)
         export_btn.click(on_export, [model_state, plan_df], [status, export_file, json_acc])
         import_file.upload(on_import, [model_state, import_file, method_dd], [status] + plan_out)
         apply_btn.click(on_import, [model_state, plan_json, method_dd], [status] + plan_out)

@@ -498,11 +498,14 @@ def sweep_figure(results: Mapping) -> go.Figure:
     return fig
 
 
-def rank_plans_figure(result: Mapping) -> go.Figure:
+def rank_plans_figure(result: Mapping, methods: Sequence[str] | None = None,
+                      current: float | None = None) -> go.Figure:
     """``benchmarks/bench_rank_plans`` results: image PSNR (95 % CI bars) against the plan's extra
-    16-bit parameters, one panel per method, one trace per policy (x = the plan's cost, so plans of
-    one budget stand side by side at or below it)."""
-    rows = [r for r in result["rows"] if "params16" in r and r["policy"] in POLICY_STYLE]
+    16-bit parameters, one panel per method (``methods``: a subset), one trace per policy (x = the
+    plan's cost, so plans of one budget stand side by side at or below it); ``current``: the extra
+    16-bit parameters of a plan to mark with a vertical line."""
+    rows = [r for r in result["rows"] if "params16" in r and r["policy"] in POLICY_STYLE
+            and (methods is None or r["method"] in methods)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     layout = dict(_LAYOUT, height=430, margin=dict(l=60, r=20, t=90, b=60),
                   title=dict(text=f"{result['meta']['model']}: image PSNR vs 16-bit budget, by rank-plan policy "
@@ -524,6 +527,11 @@ def rank_plans_figure(result: Mapping) -> go.Figure:
                                                 arrayminus=[q["mean"] - q["lo"] for _, q in pts])))
     layout["yaxis"]["title"] = dict(text="PSNR vs 16-bit image (dB)")
     layout["annotations"] = notes
+    if current is not None and methods:
+        layout["shapes"] = [dict(type="line", xref="x", yref="paper", x0=current, x1=current, y0=0, y1=1,
+                                 line=dict(color="#444", dash="dash", width=1.5))]
+        notes.append(dict(x=current, y=0.02, xref="x", yref="paper", text="this plan's cost", showarrow=False,
+                          xanchor="left", font=dict(size=11)))
     return go.Figure(data=data, layout=layout)
 
 

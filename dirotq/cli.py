@@ -151,6 +151,16 @@ def _add_quant(p: argparse.ArgumentParser, *, method_default: str | None = DEFAU
                    help='per-layer ranks as JSON {"layer name": rank, "_default": r} (the app exports it); '
                         "overrides --rank")
     p.add_argument("--weights", choices=("rtn", "gptq"), default="rtn", help="weight quantizer (default rtn)")
+    p.add_argument("--scale-format", choices=("exact", "int_ratio"), default="exact",
+                   help="INT4 scale format: exact (format A, one 16-bit scale per group: the reference) or "
+                        "int_ratio (format C, a row scale × a 4-bit multiplier per group: what the fast GPU "
+                        "kernel runs at full speed) (default exact)")
+
+
+def _scale_overrides(args, methods) -> dict | None:
+    """evaluate()'s config_overrides for a non-default --scale-format (None: the default)."""
+    fmt = getattr(args, "scale_format", "exact")
+    return None if fmt == "exact" else {m: {"scale_format": fmt} for m in methods}
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
@@ -415,7 +425,7 @@ def cmd_quantize(args) -> int:
     from .quantize import quantize_
 
     rank = _rank_arg(args)
-    config = make_config(args.method, rank=rank, weights=args.weights)
+    config = make_config(args.method, rank=rank, weights=args.weights, scale_format=args.scale_format)
     name = args.name or recipe_name(config, _model_name(args.model))
     if args.dry_run:
         transformer = load_transformer(args.model, device=args.device, dtype=_dtype(args))
@@ -543,7 +553,7 @@ def cmd_generate(args) -> int:
         label = Path(args.checkpoint).name
     else:
         rank = _rank_arg(args)
-        config = make_config(args.method, rank=rank, weights=args.weights)
+        config = make_config(args.method, rank=rank, weights=args.weights, scale_format=args.scale_format)
         ev.check_rank(rank)
         qt = quantized_copy(ev.pipe.transformer, config, ev.stats)
         label = config.tag()
@@ -582,12 +592,19 @@ def cmd_evaluate(args) -> int:
                    judge=False if args.no_judge else args.judge, n_boot=args.n_boot)
     command = "python -m dirotq " + " ".join(shlex.quote(a) for a in (args._argv or []))
     if args.sweep_ranks:
+        from .eval.protocol import sweep_methods
+        from .registry import method_names
+
         res = rank_sweep(evaluator=ev, ranks=args.sweep_ranks, methods=args.sweep_methods,
-                         weights=args.weights, report=args.sweep_report, command=command)
+                         weights=args.weights, report=args.sweep_report, command=command,
+                         config_overrides=_scale_overrides(args, [*(args.sweep_methods or sweep_methods()),
+                                                                  *method_names(activations=True)]))
         print(_sweep_summary(res))
     else:
-        res = evaluate(evaluator=ev, methods=args.methods, rank=_rank_arg(args),
-                       weights=args.weights, fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
+        from .eval.protocol import default_methods
+
+        res = evaluate(evaluator=ev, methods=args.methods, rank=_rank_arg(args), weights=args.weights,
+                       config_overrides=_scale_overrides(args, args.methods or default_methods()), fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
                        clip_model=args.clip_model, contact_rows=args.contact_rows, report=args.report,
                        command=command)
         print(_eval_summary(res))

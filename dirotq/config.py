@@ -171,12 +171,13 @@ class QuantConfig:
         return data
 
     def tag(self) -> str:
-        """Short recipe name, e.g. ``dirotq-w4a4-g64-r32``."""
+        """Short recipe name, e.g. ``dirotq-w4a4-g64-r32`` (``-gptq`` / ``-int_ratio`` when not the default)."""
         a = f"a{self.act_bits}" if self.act_bits else "a16"
         w = f"w{self.weight_bits}"
         r = self.rank_plan().ranks.get(DEFAULT_KEY, 0)
         rank = f"-r{r}" if r else ""
-        return f"{self.method}-{w}{a}-g{self.group_size}{rank}" + ("-gptq" if self.weights == "gptq" else "")
+        return (f"{self.method}-{w}{a}-g{self.group_size}{rank}" + ("-gptq" if self.weights == "gptq" else "")
+                + ("-int_ratio" if self.scale_format == "int_ratio" else ""))
 
 
 @dataclass(frozen=True)

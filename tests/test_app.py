@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import app
+from analysis import plans
 from analysis.session import CalibSettings, ExplorerSession, register_session
 from tiny_pipelines import build_tiny_pixart_pipeline
 
@@ -450,3 +451,23 @@ def test_embedded_model_budget(tmp_path):
         assert statistics.median(times) < 0.3
     finally:
         torch.set_num_threads(n)
+
+
+def test_measured_plan_study_shows_for_the_embedded_model_only(sess, monkeypatch, tmp_path):
+    # the test model is not the embedded one: a hint, not someone else's measurements
+    fig = app.on_measured(MODEL, "dirotq-lr")
+    assert not fig.data and "embedded model" in fig.layout.annotations[0].text
+    study = {"meta": {"model": "tiny-pixart", "n_images": 40, "methods": ["dirotq-lr"]},
+             "rows": [{"method": "dirotq-lr", "budget_rank": 16, "policy": p, "params16": c,
+                       "psnr": {"mean": m, "lo": m - 0.5, "hi": m + 0.5}}
+                      for p, c, m in (("fixed", 400.0, 34.1), ("output error", 399.0, 34.7))]}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study))
+    monkeypatch.setattr(app, "MEASURED_PLANS", path)
+    monkeypatch.setattr(sess, "is_embedded", True)
+    fig = app.on_measured(MODEL, "dirotq-lr", plan(sess, 8))
+    by_name = {t.name: list(t.y) for t in fig.data}
+    assert by_name == {"fixed": [34.1], "output error": [34.7]}
+    line = fig.layout.shapes[0]
+    assert line.x0 == plans.plan_params16(app._ranks_from_df(sess, plan(sess, 8)), sess.plan_cost_fn("dirotq-lr"))
+    assert "no rank plans" in app.on_measured(MODEL, "rtn").layout.annotations[0].text

@@ -55,6 +55,17 @@ def test_quantize_writes_a_checkpoint_named_by_the_recipe(env, capsys, monkeypat
                  "--out", str(root / "fixed")]) == 0
     qc = json.loads((root / "fixed" / "dirotq-w4a4-g64-r16-tiny-pixart" / "config.json").read_text())
     assert {t["rank"] for t in qc["quantization_config"]["targets"].values() if t.get("kind", "w4a4") == "w4a4"} == {16}
+    # the fast kernel's format from the command line, named apart from format A
+    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--allocate", "fixed",
+                 "--scale-format", "int_ratio", "--out", str(root / "fmtc")]) == 0
+    path = root / "fmtc" / "dirotq-lr-w4a4-g64-r16-int_ratio-tiny-pixart"
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["config"]["scale_format"] == "int_ratio"
+    from dirotq.checkpoint import load_quantized
+    from dirotq.modules import QuantLinear
+
+    mods = [m for m in load_quantized(path).modules() if isinstance(m, QuantLinear)]
+    assert mods and all(m.scale_format == "int_ratio" and m.weight_ratio is not None for m in mods)
 
 
 def test_generate_writes_reference_and_w4a4_side_by_side(env, capsys, monkeypatch):

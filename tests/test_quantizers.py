@@ -185,3 +185,26 @@ def test_sqnr_matches_rel_mse():
     x = torch.randn(10, 64)
     e = quantization_error(x, fake_quantize(x))
     assert math.isclose(e["sqnr_db"], -10 * math.log10(e["rel_mse"]), rel_tol=1e-9)
+
+
+def test_asymmetric_format_c_is_an_int8_gemm_plus_a_group_correction():
+    """The integer form a format C kernel computes for asymmetric activations (docs/KERNELS.md):
+    y = s_t·s_o·(Σ_K (k_t·(u − 8))·(k_w·q_w) − Σ_g (k_t,g·(z_g − 8))·S_g[o]), S_g[o] = Σ_{i∈g} k_w·q_w,i."""
+    torch.manual_seed(7)
+    a = torch.randn(9, 256) + 0.8 * torch.rand(9, 1)
+    w = torch.randn(5, 256)
+    qa = quantize(a, 4, 64, symmetric=False, scale_format="int_ratio")
+    qw = quantize(w, 4, 64, symmetric=True, scale_format="int_ratio", row_search=True)
+    ka = qa.ratio.long().repeat_interleave(64, -1)
+    kw = qw.ratio.long().repeat_interleave(64, -1)
+    a_op = ka * (qa.q.long() - 8)
+    w_op = kw * qw.q.long()
+    assert a_op.abs().max() <= 120 and w_op.abs().max() <= 120
+    zero_op = qa.ratio.long() * (qa.zero.long() - 8)  # (tokens, groups), int8 range
+    assert zero_op.abs().max() <= 120
+    s_g = w_op.reshape(5, 4, 64).sum(-1)  # (outputs, groups)
+    acc = a_op @ w_op.T - zero_op @ s_g.T  # int32 in a kernel
+    y_int = acc.double() * qa.scale.double() * qw.scale.double().T
+    y_ref = qa.dequantize(torch.float64) @ qw.dequantize(torch.float64).T
+    # equal up to the float32 rounding of the reference's per-group step k·s
+    assert torch.allclose(y_int, y_ref, rtol=1e-6, atol=1e-5)
