@@ -695,8 +695,10 @@ first fill per method runs the model, about a minute on CPU), *fixed* (value = r
 (fraction of energy to keep, e.g. 0.9), *error budget* (largest layer relative MSE, e.g. 0.01),
 *16-bit budget* (thousands of extra 16-bit parameters, spent where the *layer* error drops most) —
 then edit any cell. On images, only *output error* beats a fixed rank at the same cost (DiRotQ-LR:
-+0.6 dB at r = 16, +1.2 dB at r = 32; full DiRotQ: +0.9 dB at r = 32, a tie at r = 16): a layer's own error does not say how
-much it moves the image. The plot below predicts each policy's output error at every budget. The cost is against plain W4A4:
++0.6 dB at r = 16, +1.2 dB at r = 32; full DiRotQ: +0.9 dB at r = 32, a tie at r = 16); the three
+layer-error policies lose 0.2–1.3 dB: a layer's own error does not say how much it moves the image.
+The first plot below predicts each policy's output error at every budget; the second (embedded
+model) shows the image PSNR measured for each policy, with this plan's cost as a dashed line. The cost is against plain W4A4:
 DiRotQ's full rotation costs a d×d 16-bit matrix per layer whatever r is (an online d×d GEMM);
 the low-rank form costs only O(d·r). The JSON is the `RankPlan` format the CLI and API read.""",
     "generate": """**Generate.** The same prompt and seed through the 16-bit model and the quantized model

@@ -14,6 +14,11 @@ mapping (its ``__post_init__`` is wrapped, when PEFT is first imported). A Quant
 only, while PEFT's ``LoraModel._replace_module`` takes the adapter's device from the base layer's
 first parameter; the wrapped ``_replace_module`` lets ``QuantLoraLinear`` place itself instead.
 Both wraps live here, are idempotent, and fail with a clear message if PEFT's internals change.
+
+FLUX's ``pipe.load_lora_weights`` first checks each LoRA against the base layer's float ``weight``
+(to expand Control LoRAs), which a QuantLinear does not have; a third wrap
+(``FluxLoraLoaderMixin._maybe_expand_lora_state_dict``) passes the entries of QuantLinear targets
+around that check, after checking their input width itself.
 """
 
 from __future__ import annotations
@@ -133,6 +138,54 @@ def _patch(model_module: Any) -> None:
     LoraConfig._dirotq_patched = True
 
 
+_DIFFUSERS_LORA = "diffusers.loaders.lora_pipeline"
+
+
+def _quant_targets(transformer: Any) -> dict[str, QuantLinear]:
+    """QuantLinear modules by the name a LoRA state dict uses (a PEFT-wrapped one sits at ``….base_layer``)."""
+    out = {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, QuantLinear):
+            out[name[: -len(".base_layer")] if name.endswith(".base_layer") else name] = m
+    return out
+
+
+def _patch_flux_loader(module: Any) -> None:
+    """Wrap ``FluxLoraLoaderMixin._maybe_expand_lora_state_dict`` (see the module docstring)."""
+    mixin = getattr(module, "FluxLoraLoaderMixin", None)
+    if mixin is None or getattr(mixin, "_dirotq_patched", False):
+        return
+    original = mixin.__dict__.get("_maybe_expand_lora_state_dict")
+    if not isinstance(original, classmethod):
+        raise RuntimeError("dirotq: diffusers' FluxLoraLoaderMixin changed (no _maybe_expand_lora_state_dict "
+                           "classmethod): pipe.load_lora_weights on a quantized FLUX transformer is unavailable; "
+                           "use pipe.transformer.load_lora_adapter")
+    expand = original.__func__
+
+    def _maybe_expand_lora_state_dict(cls: Any, transformer: Any, lora_state_dict: dict) -> dict:
+        quant = _quant_targets(transformer)
+        if not quant:
+            return expand(cls, transformer, lora_state_dict)
+        prefix = f"{cls.transformer_name}."
+        ours, rest = {}, {}
+        for key, value in lora_state_dict.items():
+            bare = key[len(prefix):] if key.startswith(prefix) else key
+            target = bare.split(".lora_", 1)[0]
+            if target in quant:
+                if key.endswith(".lora_A.weight") and value.shape[1] != quant[target].in_features:
+                    raise ValueError(f"LoRA {key}: input width {value.shape[1]} does not match the quantized layer "
+                                     f"{target} ({quant[target].in_features} inputs); a quantized layer cannot be "
+                                     "expanded like a float one")
+                ours[key] = value
+            else:
+                rest[key] = value
+        out = expand(cls, transformer, rest) if rest else {}
+        return {**out, **ours}
+
+    mixin._maybe_expand_lora_state_dict = classmethod(_maybe_expand_lora_state_dict)
+    mixin._dirotq_patched = True
+
+
 def enable() -> None:
     """Install the PEFT integration now (imports peft); raises a clear error if it cannot."""
     import importlib
@@ -145,8 +198,10 @@ def enable() -> None:
 
 
 def install() -> None:
-    """Install the PEFT integration as soon as PEFT's LoRA model module is imported (now, if it is)."""
+    """Install the PEFT integration as soon as PEFT's LoRA model module is imported (now, if it is),
+    and the FLUX LoRA loader's as soon as diffusers' LoRA pipelines module is."""
     when_imported(_PEFT_LORA, _patch)
+    when_imported(_DIFFUSERS_LORA, _patch_flux_loader)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """Claims about LoRA on quantized transformers (dirotq/lora.py): PEFT puts a LoRA on QuantLinear
-targets through get_peft_model, diffusers' load_lora_adapter and pipe.load_lora_weights, and the
+targets through get_peft_model, diffusers' load_lora_adapter and pipe.load_lora_weights (SANA, FLUX), and the
 layer computes y = QuantLinear(x) + scale · B(A(x)); merging into INT4 is refused; training updates
 the LoRA parameters only."""
 
@@ -173,3 +173,33 @@ def test_diffusers_load_lora_adapter_on_a_quantized_flux_transformer():
     sd = lora_state_dict(model, names, seed=5)
     model.load_lora_adapter(dict(sd), prefix="transformer", adapter_name="x")
     check_loaded(model, sd, names)
+
+
+def test_flux_pipe_load_lora_weights_on_a_quantized_transformer():
+    """FLUX's loader checks each LoRA against the float weight to expand Control LoRAs: the entries
+    of quantized targets go around that check (after their width is checked), the rest through it."""
+    from diffusers import FluxPipeline
+
+    model = ADAPTERS["flux"].build_tiny(0)
+    quantize_(model, RTNConfig(), progress=lambda *a: None)
+    example = ADAPTERS["flux"].example_inputs(model, 1, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(**example).sample
+    names = [n for n in quant_names(model) if ".attn." in n][:3]
+    sd = lora_state_dict(model, names, seed=5)
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=model)
+    pipe.load_lora_weights(dict(sd), adapter_name="x")
+    check_loaded(model, sd, names)
+    with torch.no_grad():
+        assert not torch.equal(model(**example).sample, before)
+    pipe.unload_lora_weights()
+    assert set(quant_names(model)) >= set(names) and not lora_layers(model)
+    with torch.no_grad():
+        assert torch.equal(model(**example).sample, before)
+    # a LoRA whose input width does not match the quantized layer is refused, naming it
+    bad = dict(sd)
+    key = next(k for k in bad if k.endswith("lora_A.weight"))
+    bad[key] = torch.zeros(bad[key].shape[0], bad[key].shape[1] + 8)
+    with pytest.raises(ValueError, match="does not match the quantized layer"):
+        pipe.load_lora_weights(bad, adapter_name="y")
