@@ -278,3 +278,18 @@ def test_quantized_layer_cast_to_bf16_still_runs(plain_layer, config):
     y32 = q(plain_layer.x[:64])
     y16 = q.to(torch.bfloat16)(plain_layer.x[:64].bfloat16())
     assert y16.dtype == torch.bfloat16 and float((y16.float() - y32).pow(2).sum() / y32.pow(2).sum()) < 1e-2
+
+
+def test_smoothquant_in_format_c_warns_once(caplog):
+    import logging
+
+    from dirotq.methods import SmoothQuantConfig
+    from dirotq.methods import smoothquant as sq
+
+    sq._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="dirotq.methods.smoothquant"):
+        SmoothQuantConfig(scale_format="int_ratio")
+        SmoothQuantConfig(scale_format="int_ratio")
+        SmoothQuantConfig()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "dirotq.methods.smoothquant"]
+    assert len(msgs) == 1 and "format A" in msgs[0]
