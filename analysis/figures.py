@@ -507,9 +507,10 @@ def rank_plans_figure(result: Mapping, methods: Sequence[str] | None = None,
     rows = [r for r in result["rows"] if "params16" in r and r["policy"] in POLICY_STYLE
             and (methods is None or r["method"] in methods)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    layout = dict(_LAYOUT, height=430, margin=dict(l=60, r=20, t=90, b=60),
+    layout = dict(_LAYOUT, height=470, margin=dict(l=60, r=20, t=90, b=120),
                   title=dict(text=f"{result['meta']['model']}: image PSNR vs 16-bit budget, by rank-plan policy "
                                   f"({result['meta']['n_images']} images)"),
+                  legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="center", x=0.5),
                   **_grid(1, max(len(methods), 1), hspace=0.06))
     data, notes = [], []
     for i, m in enumerate(methods, start=1):

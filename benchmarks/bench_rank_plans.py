@@ -163,6 +163,14 @@ def main(argv=None) -> int:
             for what, overrides in variants:
                 evaluate(f"{method}-{what}32", method, 32, f"fixed, {what}", make_config(method, rank=32, **overrides),
                          plans.fixed_plan(targets, 32), cost, fixed)
+            if method == "dirotq-lr":  # what a GPU deployment would run: the default plan in the kernel format
+                plan = plans.fill_plan("output error", 32, targets, output_curves=lambda: prepare(method)["out"],
+                                       config=prepare(method)["cfg0"])
+                for what, overrides in (("format C", dict(scale_format="int_ratio")),
+                                        ("format C, asymmetric activations",
+                                         dict(scale_format="int_ratio", act_symmetric=False))):
+                    evaluate(f"{method}-oe-{what}32", method, 32, f"output error, {what}",
+                             make_config(method, rank={"_default": 0, **plan}, **overrides), plan, cost, fixed)
     policy_methods = [m for m in a.policy_methods.split(",") if m in methods]
     for budget in sorted(budgets, reverse=True):
         for method in policy_methods:

@@ -176,9 +176,15 @@ def test_browser_end_to_end(browser_or_skip, server, tmp_path):
         page.get_by_role("tab", name="Rank plan").click()
         page.get_by_role("button", name="Fill").click()
         _wait_status(page, r"plan filled", 60)
+        # the budget and measured plots are drawn after the fill (chained events)
+        _wait_for(lambda: "predicted" in _plot_title(page, "plot-budget").lower()
+                  or "output error" in _plot_title(page, "plot-budget").lower(), "the budget plot")
+        _wait_for(lambda: page.locator("#plot-measured .shapelayer path").count() > 0
+                  or "embedded" in page.locator("#plot-measured").inner_text(), "the measured plot")
         time.sleep(0.5)
         _shot(page, f"{shots}/rank_plan.png", full_page=True)
         page.get_by_role("tab", name="All layers").click()
+        page.locator("#all-sens input").check()  # measured by the output-error fill above
         page.get_by_role("button", name="Compute for this method and rank plan").click()
         _wait_status(page, r"layers quantized", 120)
         _plot_title(page, "plot-all")
