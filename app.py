@@ -50,6 +50,20 @@ def _ok(msg: str) -> str:
     return f"✓ {msg}"
 
 
+FORMAT_LABELS = {"exact": "format A", "int_ratio": "format C"}
+FORMAT_CHOICES = [("A: one 16-bit scale per group (reference)", "exact"),
+                  ("C: row scale × 4-bit multiplier (fast GPU kernel)", "int_ratio")]
+
+
+def _scale_format(value) -> str:
+    """The format radio's value, checked (a stale or empty value means format A)."""
+    if value in (None, ""):
+        return "exact"
+    if value not in FORMAT_LABELS:
+        raise ValueError(f"unknown scale format {value!r}: choose exact (format A) or int_ratio (format C)")
+    return value
+
+
 def safe(n_outputs: int):
     """Run a handler; on any error return a readable status first and leave other outputs as they are."""
 
@@ -406,17 +420,20 @@ def on_start(model, block, ltype, rank, extra_views, metric, tab=None, sel=None,
 
 # ------------------------------------------------------------------------------ all layers
 @safe(3)
-def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, progress=gr.Progress()):
-    """Quantize every target with (method, rank plan) and chart each layer's error; with
-    ``with_sensitivity``, also what each layer's error does to the model output."""
+def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, scale_format="exact",
+                  progress=gr.Progress()):
+    """Quantize every target with (method, rank plan, scale format) and chart each layer's error;
+    with ``with_sensitivity``, also what each layer's error does to the model output."""
     s = session(model)
     s.require_stats()
     p = _prog(progress)
     ranks = _ranks_from_df(s, plan_df)
     t = time.perf_counter()
-    rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m), sensitivity=bool(with_sensitivity))
+    fmt = _scale_format(scale_format)
+    rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m), sensitivity=bool(with_sensitivity),
+                              scale_format=fmt)
     dt = time.perf_counter() - t
-    fig = figures.all_layers_figure(rows, metric, f"{figures.label(method)}: per-layer output error")
+    fig = figures.all_layers_figure(rows, metric, f"{figures.label(method)}, {FORMAT_LABELS[fmt]}: per-layer output error")
     if with_sensitivity:
         w4a4 = [r for r in rows if r["kind"] == "w4a4"]
         worst = sorted(w4a4, key=lambda r: -r["output_error"])[:5]
@@ -437,7 +454,7 @@ def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, progre
     if n16:
         md += (f"\n\n{n16} W4A16 layers (weight-only: 16-bit activations, so no 16-bit rank and not in the Rank "
                "plan): their error is the 4-bit weights' alone, and a rank plan cannot lower it")
-    return _ok(f"{len(rows)} layers quantized with {method} in {dt:.1f} s"), fig, md
+    return _ok(f"{len(rows)} layers quantized with {method} ({FORMAT_LABELS[fmt]}) in {dt:.1f} s"), fig, md
 
 
 def _kind_cell(kind: str) -> str:
@@ -553,9 +570,10 @@ def on_import(model, file_or_text, method):
 
 
 @safe(3)
-def on_quantize_plan(model, method, plan_df, metric, with_sensitivity=False, progress=gr.Progress()):
+def on_quantize_plan(model, method, plan_df, metric, with_sensitivity=False, scale_format="exact",
+                     progress=gr.Progress()):
     """'Quantize with this plan': the model the Generate tab uses; shows the per-layer errors."""
-    return on_all_layers(model, method, plan_df, metric, with_sensitivity, progress)
+    return on_all_layers(model, method, plan_df, metric, with_sensitivity, scale_format, progress)
 
 
 # -------------------------------------------------------------------------------- generate
@@ -577,7 +595,7 @@ def _judge_score(scores: dict) -> str:
 
 
 @safe(5)
-def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=gr.Progress()):
+def on_generate(model, prompt, seed, steps, guidance, method, plan_df, scale_format="exact", progress=gr.Progress()):
     """16-bit and W4A4 images of one prompt and seed side by side, with metrics."""
     from PIL import Image
 
@@ -587,7 +605,8 @@ def on_generate(model, prompt, seed, steps, guidance, method, plan_df, progress=
     s.require_stats()
     p = _prog(progress)
     ranks = _ranks_from_df(s, plan_df) if plan_df is not None and len(plan_df) else None
-    out = s.generate(prompt, seed, steps, guidance, method, ranks, progress=lambda f, m: p(f, desc=m))
+    out = s.generate(prompt, seed, steps, guidance, method, ranks, progress=lambda f, m: p(f, desc=m),
+                     scale_format=_scale_format(scale_format))
     m, t = out["metrics"], out["timings"]
     lines = [f"⚠ {w}" for w in out["warnings"]] + [f"**PSNR** {_fmt(m['psnr_db'], ' dB')} · **SSIM** {m['ssim']:.4f} (W4A4 vs the 16-bit image, same seed)",
              f"**time**: 16-bit {t['reference_s']:.2f} s, W4A4 {t['quantized_s']:.2f} s "
@@ -702,7 +721,9 @@ model) shows the image PSNR measured for each policy, with this plan's cost as a
 DiRotQ's full rotation costs a d×d 16-bit matrix per layer whatever r is (an online d×d GEMM);
 the low-rank form costs only O(d·r). The JSON is the `RankPlan` format the CLI and API read.""",
     "generate": """**Generate.** The same prompt and seed through the 16-bit model and the quantized model
-(method on the left, ranks from the Rank plan tab). PSNR/SSIM compare the two images; the
+(method and INT4 scale format on the left, ranks from the Rank plan tab). Format A keeps one 16-bit
+scale per group of 64; format C one per row and a 4-bit multiplier per group, what the fast GPU
+kernel runs (on the embedded model's images the two are within noise). PSNR/SSIM compare the two images; the
 difference image is |W4A4 − 16-bit| × 4. On CPU the reference runs in float32 and the quantized
 layers run the PyTorch reference path; with CUDA the Triton kernels run (the backend line says which).""",
 }
@@ -787,6 +808,8 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                 energy_md = gr.Markdown("", elem_id="energy")
                 method_dd = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, elem_id="method",
                                         label="method (Error vs rank, All layers, Rank plan, Generate)")
+                format_rd = gr.Radio(FORMAT_CHOICES, value="exact", elem_id="scale-format",
+                                     label="INT4 scale format (All layers, Generate)")
                 with gr.Accordion("view options", open=False):
                     views_cb = gr.CheckboxGroup([("SmoothQuant", "smoothquant"), ("Hadamard (QuaRot)", "hadamard")],
                                                 value=OUTLIER_EXTRA, label="also show outliers after")
@@ -923,7 +946,8 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         # old width (overflowing at 1280 px after 1920) unless it is redrawn. A resize event once the tab
         # shows fits its plots to the width they have, also when the handler above skips the redraw.
         tabs.select(None, js="() => { requestAnimationFrame(() => window.dispatchEvent(new Event('resize'))); }")
-        all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd, sens_cb], [status, all_plot, worst_md])
+        all_btn.click(on_all_layers, [model_state, method_dd, plan_df, metric_rd, sens_cb, format_rd],
+                      [status, all_plot, worst_md])
         policy_dd.change(on_policy, policy_dd, value_nb)
         fill_btn.click(on_fill, [model_state, policy_dd, value_nb, method_dd], [status] + plan_out).then(
             on_budget, [model_state, method_dd, plan_df], budget_plot).then(
@@ -936,9 +960,9 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
         export_btn.click(on_export, [model_state, plan_df], [status, export_file, json_acc])
         import_file.upload(on_import, [model_state, import_file, method_dd], [status] + plan_out)
         apply_btn.click(on_import, [model_state, plan_json, method_dd], [status] + plan_out)
-        quant_btn.click(on_quantize_plan, [model_state, method_dd, plan_df, metric_rd, sens_cb],
+        quant_btn.click(on_quantize_plan, [model_state, method_dd, plan_df, metric_rd, sens_cb, format_rd],
                         [status, all_plot, worst_md])
-        gen_btn.click(on_generate, [model_state, prompt_tb, seed_nb, steps_nb, guid_nb, method_dd, plan_df],
+        gen_btn.click(on_generate, [model_state, prompt_tb, seed_nb, steps_nb, guid_nb, method_dd, plan_df, format_rd],
                       [status, img_ref, img_q, img_d, gen_md])
         load_btn.click(on_load_model, [model_box, model_state], [status, model_state, block_dd, type_dd, plan_df]
                        ).then(on_model_loaded, view_in, layer_out, **views)

@@ -525,20 +525,23 @@ class ExplorerSession:
         return plan_cost(self.targets, ranks, method)
 
     # ------------------------------------------------------------------------ quantized models
-    def config(self, method: str, ranks: Mapping[str, int] | None = None):
+    def config(self, method: str, ranks: Mapping[str, int] | None = None, scale_format: str | None = None):
+        """``method``'s config with the session's shared settings, the plan ``ranks`` and, if given,
+        the INT4 ``scale_format`` ("exact" = format A, "int_ratio" = format C) instead of the shared one."""
         if method not in methods():
             raise ValueError(f"unknown method {method!r}; choose one of {methods()}")
-        cfg = method_config(method, self.base)
+        base = self.base if scale_format is None else {**self.base, "scale_format": scale_format}
+        cfg = method_config(method, base)
         if ranks is not None and hasattr(cfg, "rank"):
             cfg = replace(cfg, rank=RankPlan({DEFAULT_KEY: 0, **{k: int(v) for k, v in ranks.items()}}))
         return cfg
 
     def quantized(self, method: str, ranks: Mapping[str, int] | None = None,
-                  progress: Progress | None = None) -> tuple[Any, dict]:
-        """(quantized copy of the transformer, quantize_ report) for (method, plan); LRU of 2."""
+                  progress: Progress | None = None, scale_format: str | None = None) -> tuple[Any, dict]:
+        """(quantized copy of the transformer, quantize_ report) for (method, plan, format); LRU of 2."""
 
         ranks = self.validate_plan(ranks) if ranks is not None else None
-        cfg = self.config(method, ranks)
+        cfg = self.config(method, ranks, scale_format)
         key = _hash(cfg.to_dict())
         memo = self._memo["quantized"]
         if key in memo:
@@ -554,13 +557,15 @@ class ExplorerSession:
             return memo.put(key, (model.to(dev).eval(), report))
 
     def all_layer_errors(self, method: str, ranks: Mapping[str, int] | None = None,
-                         progress: Progress | None = None, sensitivity: bool = False) -> list[dict]:
+                         progress: Progress | None = None, sensitivity: bool = False,
+                         scale_format: str | None = None) -> list[dict]:
         """Per-layer error rows (name, block, layer_type, kind, rank, rel_mse, sqnr_db). With
         ``sensitivity`` (measured once per method, ``self.sensitivity``) the W4A4 rows also get
         ``gain`` (how much of the layer's error reaches the model output) and ``output_error``
         (gain × the layer's relative error at its rank: its predicted share of the model-output error);
-        W4A16 rows get NaN there (they are not rank-able)."""
-        _, report = self.quantized(method, ranks, progress)
+        W4A16 rows get NaN there (they are not rank-able). ``scale_format`` as in ``config``; the
+        sensitivities are the shared format's (a ratio of output to layer error, alike in both)."""
+        _, report = self.quantized(method, ranks, progress, scale_format)
         sens = self.sensitivity(method, progress) if sensitivity else {}
         rows = []
         for name, info in report["layers"].items():
@@ -618,12 +623,13 @@ class ExplorerSession:
         return prompt, seed, steps, guidance
 
     def generate(self, prompt: str, seed: int, steps: int, guidance: float, method: str,
-                 ranks: Mapping[str, int] | None = None, progress: Progress | None = None) -> dict:
+                 ranks: Mapping[str, int] | None = None, progress: Progress | None = None,
+                 scale_format: str | None = None) -> dict:
         """16-bit and quantized image of one prompt and seed, with metrics, timings, backend and
         ``warnings`` (lines to show: a truncated prompt)."""
 
         prompt, seed, steps, guidance = self.check_inputs(prompt, seed, steps, guidance)
-        qmodel, _ = self.quantized(method, ranks, progress)
+        qmodel, _ = self.quantized(method, ranks, progress, scale_format)
         with self.lock:
             ref, quant, timings = generate_pair(self.pipe, qmodel, prompt, seed, num_inference_steps=steps,
                                                 guidance_scale=float(guidance), **self.pipe_kwargs)

@@ -471,3 +471,22 @@ def test_measured_plan_study_shows_for_the_embedded_model_only(sess, monkeypatch
     line = fig.layout.shapes[0]
     assert line.x0 == plans.plan_params16(app._ranks_from_df(sess, plan(sess, 8)), sess.plan_cost_fn("dirotq-lr"))
     assert "no rank plans" in app.on_measured(MODEL, "rtn").layout.annotations[0].text
+
+
+def test_scale_format_reaches_all_layers_and_generate(sess, calibrated):
+    from dirotq.modules import QuantLinear
+
+    st, _, _ = app.on_all_layers(MODEL, "dirotq-lr", plan(sess, 8), "sqnr_db", False, "int_ratio", progress=None)
+    assert st.startswith("✓") and "format C" in st, st
+    qmodel, _ = sess.quantized("dirotq-lr", sess.default_plan(8), scale_format="int_ratio")
+    mods = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+    assert mods and all(m.scale_format == "int_ratio" for m in mods)
+    a = {r["name"]: r["rel_mse"] for r in sess.all_layer_errors("dirotq-lr", sess.default_plan(8))}
+    c = {r["name"]: r["rel_mse"] for r in sess.all_layer_errors("dirotq-lr", sess.default_plan(8), scale_format="int_ratio")}
+    assert a.keys() == c.keys() and a != c  # a different quantizer, measured
+    st, ref, q, diff, info = app.on_generate(MODEL, "a red circle on the left", 3, 3, 4.5, "dirotq-lr", plan(sess, 8),
+                                             "int_ratio", progress=None)
+    assert st.startswith("✓"), st
+    assert "format C" in info or "int_ratio" in info
+    bad = app.on_all_layers(MODEL, "dirotq-lr", plan(sess, 8), "sqnr_db", False, "fp8", progress=None)[0]
+    assert bad.startswith("⚠") and "scale format" in bad
