@@ -1,4 +1,4 @@
-"""The GPU benchmarks' model builders, checked on CPU without allocating weights (meta device)."""
+"""The benchmark scripts on CPU: GPU model builders on the meta device, result summaries, README durations, and small end-to-end runs."""
 
 from __future__ import annotations
 
@@ -73,3 +73,30 @@ def test_gpu_flux_scale_script_runs_end_to_end_on_a_small_cpu_shape(tmp_path):
     model = load_quantized(doc["stages"][-1]["path"])
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == sum(
         s.get("layers", 0) for s in doc["stages"] if s["stage"].startswith("quantize"))
+
+
+def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
+    """bench_rank_plans on a tiny random PixArt pipeline: every policy row at each budget, the format
+    and asymmetric rows, plans within the budget of the uniform rank, paired differences, files."""
+    import json
+
+    from benchmarks.bench_rank_plans import main
+    from tests.tiny_pipelines import build_tiny_pixart_pipeline
+
+    build_tiny_pixart_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out" / "rp"
+    assert main(["--model", str(tmp_path / "pipe"), "--limit", "2", "--steps", "2", "--calib-limit", "4",
+                 "--budgets", "8,32", "--methods", "dirotq-lr,svdquant", "--policy-methods", "dirotq-lr",
+                 "--work", str(tmp_path / "work"), "--out", str(out), "--html"]) == 0
+    res = json.loads(Path(f"{out}.json").read_text())
+    rows = {(r["method"], r["budget_rank"], r["policy"]): r for r in res["rows"]}
+    for budget in (8, 32):
+        fixed = rows[("dirotq-lr", budget, "fixed")]
+        for policy in ("output error", "energy", "16-bit budget", "error budget"):
+            r = rows[("dirotq-lr", budget, policy)]
+            assert r["params16"] <= fixed["params16"] + 1e-6 and "vs_fixed" in r
+        assert ("svdquant", budget, "output error") in rows and ("svdquant", budget, "energy") not in rows
+    for policy in ("fixed, format C", "fixed, asymmetric activations", "fixed, format C, asymmetric activations",
+                   "output error, format C", "output error, format C, asymmetric activations"):
+        assert ("dirotq-lr", 32, policy) in rows
+    assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
