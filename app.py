@@ -433,7 +433,8 @@ def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, scale_
     rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m), sensitivity=bool(with_sensitivity),
                               scale_format=fmt)
     dt = time.perf_counter() - t
-    fig = figures.all_layers_figure(rows, metric, f"{figures.label(method)}, {FORMAT_LABELS[fmt]}: per-layer output error")
+    fig = figures.all_layers_figure(rows, metric,
+                                    f"{figures.label(method)}, {FORMAT_LABELS[fmt]}: per-layer output error")
     if with_sensitivity:
         w4a4 = [r for r in rows if r["kind"] == "w4a4"]
         worst = sorted(w4a4, key=lambda r: -r["output_error"])[:5]
@@ -448,8 +449,8 @@ def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, scale_
         worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
         table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {'—' if r['kind'] == 'w4a16' else r['rank']} | "
                           f"{_fmt(r['sqnr_db'], ' dB')} | {r['rel_mse']:.2e} |" for r in worst)
-        md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n|---|---|---|---|---|\n"
-              + table)
+        md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n"
+              "|---|---|---|---|---|\n" + table)
     n16 = sum(r["kind"] == "w4a16" for r in rows)
     if n16:
         md += (f"\n\n{n16} W4A16 layers (weight-only: 16-bit activations, so no 16-bit rank and not in the Rank "

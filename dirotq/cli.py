@@ -604,7 +604,8 @@ def cmd_evaluate(args) -> int:
         from .eval.protocol import default_methods
 
         res = evaluate(evaluator=ev, methods=args.methods, rank=_rank_arg(args), weights=args.weights,
-                       config_overrides=_scale_overrides(args, args.methods or default_methods()), fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
+                       config_overrides=_scale_overrides(args, args.methods or default_methods()),
+                       fid_weights=args.fid_weights, lpips_weights=args.lpips_weights,
                        clip_model=args.clip_model, contact_rows=args.contact_rows, report=args.report,
                        command=command)
         print(_eval_summary(res))

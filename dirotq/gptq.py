@@ -194,7 +194,8 @@ def gptq_quantize_batch(
     row_scale = None
     if scale_format == "int_ratio":
         # the row scale RTN would choose (with its offline search) on the unquantized weights
-        row_scale = quantize(w.float(), bits, group_size, True, "int_ratio", row_search=True).scale.squeeze(-1).to(dtype)
+        row_scale = quantize(w.float(), bits, group_size, True, "int_ratio", row_search=True).scale
+        row_scale = row_scale.squeeze(-1).to(dtype)
     steps = torch.zeros(n_h, rows, n_groups, dtype=dtype, device=device)
     ratios = torch.zeros(n_h, rows, n_groups, dtype=dtype, device=device) if scale_format == "int_ratio" else None
     if static_groups:

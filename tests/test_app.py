@@ -482,7 +482,8 @@ def test_scale_format_reaches_all_layers_and_generate(sess, calibrated):
     mods = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
     assert mods and all(m.scale_format == "int_ratio" for m in mods)
     a = {r["name"]: r["rel_mse"] for r in sess.all_layer_errors("dirotq-lr", sess.default_plan(8))}
-    c = {r["name"]: r["rel_mse"] for r in sess.all_layer_errors("dirotq-lr", sess.default_plan(8), scale_format="int_ratio")}
+    c = {r["name"]: r["rel_mse"]
+         for r in sess.all_layer_errors("dirotq-lr", sess.default_plan(8), scale_format="int_ratio")}
     assert a.keys() == c.keys() and a != c  # a different quantizer, measured
     st, ref, q, diff, info = app.on_generate(MODEL, "a red circle on the left", 3, 3, 4.5, "dirotq-lr", plan(sess, 8),
                                              "int_ratio", progress=None)

@@ -1,4 +1,5 @@
-"""The benchmark scripts on CPU: GPU model builders on the meta device, result summaries, README durations, and small end-to-end runs."""
+"""The benchmark scripts on CPU: GPU model builders on the meta device, result summaries, README
+durations, and small end-to-end runs."""
 
 from __future__ import annotations
 

@@ -95,6 +95,13 @@ def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "dirotq" in out and "noise" in out
     assert (root / "ev" / "quality.md").is_file() and (root / "ev" / "quality_contact.png").is_file()
+    # --scale-format reaches every evaluated method's config
+    assert main(["evaluate", *common, "--prompts", str(root / "eval.txt"), "--methods", "dirotq-lr", "--rank", "8",
+                 "--seeds", "1", "--no-judge", "--n-boot", "100", "--scale-format", "int_ratio",
+                 "--out", str(root / "evc")]) == 0
+    capsys.readouterr()
+    res = json.loads((root / "evc" / "quality.json").read_text())
+    assert res["methods"]["dirotq-lr"]["config"]["scale_format"] == "int_ratio"
     plan = root / "plan.json"
     plan.write_text(json.dumps({"_default": 8, "transformer_blocks.0.attn1.to_q": 32}))
     assert main(["report", *common, "--methods", "rtn,dirotq", "--rank-plan", str(plan), "--format", "csv",
