@@ -326,17 +326,29 @@ def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Call
 
 def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, prompts: Sequence[str], *,
                       adapter: Any = None, num_inference_steps: int = 10, seed: int = 0,
-                      pipe_kwargs: Mapping[str, Any] | None = None,
-                      progress: Progress | None = None) -> tuple[RankPlan, dict]:
+                      pipe_kwargs: Mapping[str, Any] | None = None, layers: Sequence[str] | None = None,
+                      dist: Any = None, progress: Progress | None = None) -> tuple[RankPlan, dict]:
     """The rank plan that spends the 16-bit budget of a uniform ``rank`` where the model output
     gains most, for ``config``'s method, from sensitivities measured on ``prompts`` (use prompts
     the evaluation will not: e.g. calibration prompts). Returns ``(plan, report)`` with the report
-    holding the per-layer gains, the ranks and the budget."""
+    holding the per-layer gains, the ranks and the budget.
+
+    layers: only these targets (``--layers``; default all W4A4 targets). dist: a
+    ``dirotq.distributed.DistInfo`` under torchrun: each process measures the layers whose input
+    groups it owns (the calibration's sharding, so it holds their statistics), the measurements are
+    all-gathered, and every process runs the same greedy on all of them: the plan of one process.
+    """
+    from .distributed import DistInfo, gather_objects, owned_targets
     from .models import get_adapter
 
     transformer = pipe.transformer
     adapter = adapter or get_adapter(transformer)
-    targets = {n: s for n, s in adapter.targets(transformer).items() if s.kind == "w4a4"}
+    all_targets = adapter.targets(transformer)
+    dist = dist or DistInfo()
+    mine = set(owned_targets(all_targets, dist, layers))
+    wanted = set(layers) if layers is not None else set(all_targets)
+    targets = {n: s for n, s in all_targets.items() if s.kind == "w4a4" and n in wanted}
+    measured = {n: s for n, s in targets.items() if n in mine}
 
     def config_at(r: int) -> QuantConfig:
         return dataclasses.replace(config, rank=RankPlan({DEFAULT_KEY: r}))
@@ -345,10 +357,17 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     say(0.0, "recording the transformer inputs of the sensitivity prompts")
     calls = record_transformer_calls(pipe, prompts, num_inference_steps=num_inference_steps,
                                      steps=range(0, num_inference_steps, 2), seed=seed, pipe_kwargs=pipe_kwargs)
-    sens = layer_sensitivity(transformer, calls, stats, config_at(0), targets=targets,
+    sens = layer_sensitivity(transformer, calls, stats, config_at(0), targets=measured,
                              progress=lambda f, m: say(0.05 + 0.6 * f, m))
-    layer = layer_error_curves(transformer, stats, config_at, targets=targets,
+    layer = layer_error_curves(transformer, stats, config_at, targets=measured,
                                progress=lambda f, m: say(0.65 + 0.35 * f, m))
+    if dist.distributed:  # JSON-able: the curves' int ranks become strings on the way
+        parts = gather_objects({"sens": sens, "layer": {n: {str(r): e for r, e in c.items()} for n, c in layer.items()}},
+                               dist)
+        sens = {n: v for part in parts for n, v in part["sens"].items()}
+        layer = {n: {int(r): e for r, e in c.items()} for part in parts for n, c in part["layer"].items()}
+    sens = {n: sens[n] for n in targets}  # the targets' order on every process: the same greedy
+    layer = {n: layer[n] for n in targets}
     ranks = allocate_like_uniform(sensitivity_curves(layer, sens), targets, config, rank)
     cost = {n: layer_params16(targets[n], config, r) - layer_params16(targets[n], config, 0) for n, r in ranks.items()}
     budget = sum(layer_params16(s, config, min(rank, s.in_features)) - layer_params16(s, config, 0)
@@ -356,7 +375,8 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     say(1.0, "rank plan by output error")
     report = {"policy": "output error", "uniform_rank": rank, "budget_params16": budget,
               "spent_params16": sum(cost.values()), "ranks": ranks,
-              "gain": {n: v["gain"] for n, v in sens.items()}, "sensitivity_prompts": len(prompts)}
+              "gain": {n: v["gain"] for n, v in sens.items()}, "sensitivity_prompts": len(prompts),
+              "processes": dist.world_size if dist.distributed else 1}
     return as_plan(ranks), report
 
 

@@ -440,10 +440,6 @@ def cmd_quantize(args) -> int:
     info = _dist(args)
     output_allocation = (args.allocate == "output" and get_method(config.method).ranked and isinstance(rank, int)
                          and rank > 0)
-    if info.distributed and output_allocation:
-        raise BadInput("--allocate output is not sharded over processes: under torchrun pass --allocate fixed, or "
-                       "a --rank-plan computed beforehand (python -m dirotq quantize --allocate output on one "
-                       "process, or the explorer's Rank plan tab)")
     ev = None
     if args.stats:
         from .calibration import CalibrationStats
@@ -468,8 +464,10 @@ def cmd_quantize(args) -> int:
         sens_prompts = read_prompts(args.calib_prompts or DEFAULT_CALIB_PROMPTS)[len(ev.calib_prompts):][:4]
         if not sens_prompts:  # every calibration prompt feeds the statistics: reuse the last four
             sens_prompts = ev.calib_prompts[-4:]
+        # under torchrun each process measures the layers it owns; the plan is the same on all of them
         plan, allocation = output_error_plan(ev.pipe, stats, config, rank, sens_prompts, seed=1,
-                                             pipe_kwargs=ev.pipe_kwargs, progress=_bar_progress("allocate ranks"))
+                                             pipe_kwargs=ev.pipe_kwargs, layers=layers, dist=info,
+                                             progress=_bar_progress("allocate ranks"))
         config = dataclasses.replace(config, rank=plan)
     path = Path(args.out) / name
     if info.distributed:
@@ -487,7 +485,9 @@ def cmd_quantize(args) -> int:
     if allocation is not None:
         print(f"ranks by model-output sensitivity at the 16-bit budget of rank {rank}: "
               f"{allocation['spent_params16'] / 1e3:,.1f} k of {allocation['budget_params16'] / 1e3:,.1f} k extra "
-              f"16-bit parameters; ranks {min(allocation['ranks'].values())}–{max(allocation['ranks'].values())}")
+              f"16-bit parameters; ranks {min(allocation['ranks'].values())}–{max(allocation['ranks'].values())}"
+              + (f"; sensitivities measured by {allocation['processes']} processes"
+                 if allocation.get("processes", 1) > 1 else ""))
     s = report["summary"]
     err = f", mean layer rel. MSE {s['mean_rel_mse']:.4g}" if "mean_rel_mse" in s else ""
     print(f"quantized {s['layers']} layers ({s['w4a4']} W4A4, {s['w4a16']} W4A16) with {config.tag()}{err}")

@@ -111,7 +111,7 @@ def test_plan_calibration_shards_then_splits_by_memory():
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _dirotq(args: list[str], nproc: int | None = None):
+def _dirotq(args: list[str], nproc: int | None = None, cwd: Path | None = None):
     """``python -m dirotq ARGS`` (or under torchrun with ``nproc`` CPU processes, gloo), one
     thread per process so the single process sums in the same order as each rank."""
     import os
@@ -122,7 +122,7 @@ def _dirotq(args: list[str], nproc: int | None = None):
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                 if nproc else [sys.executable])
-    r = subprocess.run([*launcher, "-m", "dirotq", *args], cwd=REPO, env=env, capture_output=True, text=True,
+    r = subprocess.run([*launcher, "-m", "dirotq", *args], cwd=cwd or REPO, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
@@ -207,3 +207,24 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_two_process_output_error_allocation_equals_one_process(tiny_folder):
+    """`quantize --allocate output` under torchrun: each process calibrates and measures the
+    sensitivities of the layers it owns, the measurements are all-gathered, and every process
+    allocates the same plan, the single process's one."""
+    import json
+
+    root = tiny_folder
+    args = ["quantize", "--model", str(root / "tiny-pixart"), "--steps", "2", "--calib-prompts", str(root / "calib.txt"),
+            "--calib-steps", "2", "--method", "dirotq-lr", "--rank", "8", "--allocate", "output", "--name", "q"]
+    outs = {}
+    for name, nproc in (("alloc1", None), ("alloc2", 2)):
+        (root / name).mkdir()
+        outs[name] = _dirotq([*args, "--out", str(root / name / "ck")], nproc=nproc, cwd=root / name).stdout
+    assert "sensitivities measured by 2 processes" in outs["alloc2"] and "processes" not in outs["alloc1"]
+    c1 = json.loads((root / "alloc1" / "ck" / "q" / "config.json").read_text())["quantization_config"]
+    c2 = json.loads((root / "alloc2" / "ck" / "q" / "config.json").read_text())["quantization_config"]
+    ranks = {n: t["rank"] for n, t in c1["targets"].items() if t.get("kind", "w4a4") == "w4a4"}
+    assert len(set(ranks.values())) > 1  # an allocation, not the uniform rank
+    assert c1["targets"] == c2["targets"] and c1["content_hash"] == c2["content_hash"]
