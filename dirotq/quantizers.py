@@ -204,9 +204,29 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
     return best[0], best[1], best[2], best[3]
 
 
+INT_RATIO_CHUNK_ELEMENTS = 1 << 22  # rows per block of at most ~4 M values: bounds the float64 temporaries
+
+
 def _quantize_int_ratio(groups: torch.Tensor, shape: torch.Size, bits: int, group_size: int, d: int,
                         symmetric: bool, clip_ratio: float, row_search: bool) -> QuantizedTensor:
-    """Format C (see the module docstring); ``groups: (..., G, g)`` float32."""
+    """Format C (see the module docstring); ``groups: (..., G, g)`` float32. Rows are independent,
+    so they are encoded in blocks (the float64 error sums would otherwise need 2–3 float64 copies
+    of the whole tensor: gigabytes for a FLUX weight or activation)."""
+    lead = groups.shape[:-2]
+    flat = groups.reshape(-1, *groups.shape[-2:])
+    rows = max(1, INT_RATIO_CHUNK_ELEMENTS // max(1, flat.shape[1] * flat.shape[2]))
+    parts = [_int_ratio_rows(flat[i:i + rows], bits, symmetric, clip_ratio, row_search)
+             for i in range(0, flat.shape[0], rows)] or [_int_ratio_rows(flat, bits, symmetric, clip_ratio, row_search)]
+    q, k, zero, row_scale = (torch.cat([p[j] for p in parts]) if parts[0][j] is not None else None for j in range(4))
+    n_groups = groups.shape[-2]
+    return QuantizedTensor(q.reshape(shape).to(torch.int8), row_scale.reshape(*lead, 1),
+                           None if zero is None else zero.reshape(*lead, n_groups),
+                           k.reshape(*lead, n_groups).to(torch.int8), bits, group_size, d, "int_ratio")
+
+
+def _int_ratio_rows(groups: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, row_search: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Format C of ``groups: (rows, G, g)``: ``(q (rows, G, g), k (rows, G), zero or None, row scale (rows, 1))``."""
     if symmetric:
         spread, lo = groups.abs().amax(-1) * clip_ratio, None
         levels = (2 ** (bits - 1) - 1 if bits == 8 else 7) * INT_RATIO_MAX_MULTIPLIER
@@ -230,8 +250,7 @@ def _quantize_int_ratio(groups: torch.Tensor, shape: torch.Size, bits: int, grou
                 zero = torch.where(better, z2, zero)
             row_scale = torch.where(better, s_try, row_scale)
             total = torch.where(better, t2, total)
-    return QuantizedTensor(q.reshape(shape).to(torch.int8), row_scale, zero, k.to(torch.int8), bits, group_size, d,
-                           "int_ratio")
+    return q.to(torch.int8), k, zero, row_scale
 
 
 def fake_quantize(

@@ -208,3 +208,19 @@ def test_asymmetric_format_c_is_an_int8_gemm_plus_a_group_correction():
     y_ref = qa.dequantize(torch.float64) @ qw.dequantize(torch.float64).T
     # equal up to the float32 rounding of the reference's per-group step k·s
     assert torch.allclose(y_int, y_ref, rtol=1e-6, atol=1e-5)
+
+
+def test_int_ratio_encodes_in_row_blocks_exactly_as_at_once(monkeypatch):
+    import dirotq.quantizers as Q
+
+    torch.manual_seed(8)
+    x = torch.randn(3, 7, 200) * torch.rand(3, 7, 1)
+    whole = {s: quantize(x, 4, 64, symmetric=s, scale_format="int_ratio", row_search=True) for s in (True, False)}
+    monkeypatch.setattr(Q, "INT_RATIO_CHUNK_ELEMENTS", 256 * 3)  # three rows per block
+    for sym, ref in whole.items():
+        got = quantize(x, 4, 64, symmetric=sym, scale_format="int_ratio", row_search=True)
+        assert torch.equal(got.q, ref.q) and torch.equal(got.scale, ref.scale) and torch.equal(got.ratio, ref.ratio)
+        assert got.q.shape == (3, 7, 256) and got.scale.shape == (3, 7, 1) and got.ratio.shape == (3, 7, 4)
+        assert (got.zero is None) == sym and (sym or torch.equal(got.zero, ref.zero))
+    empty = quantize(torch.zeros(0, 128), 4, 64, scale_format="int_ratio")
+    assert empty.q.shape == (0, 128) and empty.scale.shape == (0, 1)
