@@ -257,7 +257,8 @@ def layer_backend(module: Any, device: torch.device | str | None = None) -> tupl
         elif wants:
             kind += " [Triton unavailable on this device]"
         return "reference", kind
-    return "triton", f"{acts} {_FORMAT_NAMES[fmt]}"
+    asym = " asymmetric" if module.act_bits is not None and not module.act_symmetric else ""
+    return "triton", f"{acts} {_FORMAT_NAMES[fmt]}{asym}"
 
 
 def backend_summary(module_or_model: Any, device: torch.device | str | None = None) -> dict[str, int]:

@@ -274,7 +274,43 @@ def test_w4a16_with_branch():
 
 
 # --- fallbacks ------------------------------------------------------------------------------------
-def test_asymmetric_activations_fall_back_with_warning():
+ASYM_CASES = [("rtn", 100, 40, 0, 5), ("dirotq-lr", 128, 48, 64, 33), ("svdquant", 128, 48, 16, 17),
+              ("dirotq", 96, 40, 16, 9)]
+
+
+@pytest.mark.parametrize("structure,d,o,r,n", ASYM_CASES)
+def test_asymmetric_format_c_activations_match_reference(structure, d, o, r, n):
+    """Asymmetric format C: the kernel's codes k·(u − 8), multipliers, zero terms k·(z − 8) and row
+    scales equal the reference quantizer's on the same input; the int32 sums, the correction and the
+    output follow docs/KERNELS.md's integer form."""
+    m = make_layer(structure, "int_ratio", d=d, o=o, r=r)
+    m.act_symmetric = False
+    x = make_input(n, d) + 0.7  # shifted: zero points matter
+    plan = get_plan(m, x)
+    assert plan.kind == "w4a4" and plan.asym, plan.reason
+    act = quantize_activations(m, plan, x, store_a=True)
+    g = m.group_size
+    qt = quantize(act["a"][:, : m.quant_in_features], 4, g, False, "int_ratio")
+    k = qt.ratio.to(torch.int32)
+    assert torch.equal(act["codes"].int(), (qt.q.int() - 8) * k.repeat_interleave(g, -1))
+    assert torch.equal(act["ratio"], qt.ratio) and torch.equal(act["scale"], qt.scale[:, 0])
+    assert torch.equal(act["zero"].int(), (qt.zero.int() - 8) * k)
+    assert int(act["codes"].abs().max()) <= 120 and int(act["zero"].abs().max()) <= 120
+    wop = _weight_operand(m)
+    acc = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
+    assert torch.equal(acc.long(), act["codes"].long() @ wop.long().T)
+    y = w4a4_gemm(m, plan, act, torch.float32)
+    y64 = qt.dequantize(torch.float64) @ m.dequantized_weight().double().T
+    if r:
+        y64 = y64 + act["c"].double() @ m.up.double().T
+    if m.bias is not None:
+        y64 = y64 + m.bias.double()
+    assert _rel(y, y64) < 2e-6
+    assert _rel(y, m.reference_forward(x)) < 2e-3
+    assert _rel(kernels.kernel_forward(m, x), m.reference_forward(x)) < 2e-3
+
+
+def test_asymmetric_activations_in_format_a_fall_back_with_warning():
     m = make_layer("rtn", "exact", d=64, o=16)
     m.act_symmetric = False
     x = make_input(4, 64)
@@ -404,6 +440,25 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     assert _rel(yb.float(), y64) < 1e-2  # bf16 output rounding
     _, a_ref = mb.transform_input(xb.float())
     assert float((quantize(a_ref, 4, 64, True, fmt).q != qtb.q).float().mean()) <= 0.01
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("structure,d,o,r", [("dirotq-lr", 1152, 3456, 32), ("svdquant", 4608, 1152, 32)])
+@pytest.mark.parametrize("n", [16, 1000])
+def test_cuda_asymmetric_format_c(structure, d, o, r, n):
+    """Asymmetric format C on the GPU: codes, zero terms and output as on the CPU interpreter."""
+    m = make_layer(structure, "int_ratio", d=d, o=o, r=r).cuda()
+    m.act_symmetric = False
+    x = (make_input(n, d) + 0.7).cuda()
+    plan = get_plan(m, x)
+    assert plan.kind == "w4a4" and plan.asym
+    act = quantize_activations(m, plan, x, store_a=True)
+    qt = quantize(act["a"][:, : m.quant_in_features], 4, 64, False, "int_ratio")
+    k = qt.ratio.to(torch.int32)
+    assert torch.equal(act["codes"].int(), (qt.q.int() - 8) * k.repeat_interleave(64, -1))
+    assert torch.equal(act["zero"].int(), (qt.zero.int() - 8) * k)
+    assert _rel(kernels.kernel_forward(m, x), m.reference_forward(x)) < 5e-3
 
 
 @cuda

@@ -50,6 +50,16 @@ def _sse_fp64(a, step):
 
 
 @triton.jit
+def _sse_asym_fp64(a, lo, step):
+    """Per row, the float64 sum of squared errors of asymmetric codes with step ``step`` and the
+    zero point rne(−lo/step): ``(clamp(rne(a/step) + z, 0, 15) − z)·step`` against a."""
+    z = _rne(tl.div_rn(-lo, step))
+    u = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])) + z[:, None], 0.0), 15.0)
+    e = ((u - z[:, None]) * step[:, None]).to(tl.float64) - a.to(tl.float64)
+    return tl.sum(e * e, axis=1)
+
+
+@triton.jit
 def _fdot(a, b, DOT_DTYPE: tl.constexpr):
     """Float dot with fp32 accumulation; fp32 operands use exact (IEEE, not TF32) products."""
     if DOT_DTYPE == tl.float32:
@@ -124,12 +134,13 @@ def act_quant_kernel(
     q_ptr, stride_qn,  # out: int8 codes (n, G*GS); format C stores k*q
     s_ptr, stride_sn,  # out: fp32 scales, (n, G) [A] or (n,) [C]
     k_ptr, stride_kn,  # out: int8 multipliers (n, G) [C]
+    z_ptr, stride_zn,  # out: int8 k·(z − 8) per (token, group) [C, ASYM]
     m_ptr, stride_mn,  # format C: per-(token, group) absmax (n, G) fp32, written by PASS 0, read by PASS 1
     a_ptr, stride_an,  # out (debug): fp32 transformed input (n, G*GS)
     n, d, d_q, r, G, GPB, N_KEY,
     BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, RC: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
-    HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
+    HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
     DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
@@ -152,10 +163,16 @@ def act_quant_kernel(
         gi = tl.arange(0, GB_MAX)
         mx = tl.load(m_ptr + rows[:, None] * stride_mn + gi[None, :], mask=rmask[:, None] & (gi[None, :] < G),
                      other=0.0)
-        s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), 105.0, tl.float32)), 1e-12)
+        if ASYM:  # the groups' ranges: the largest takes k = 15 over 15 steps
+            s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), 225.0, tl.float32)), 1e-12)
+        else:
+            s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), 105.0, tl.float32)), 1e-12)
         if pid_g == 0:
             tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
-    base = s_row * 7.0
+    if ASYM:
+        base = s_row * 15.0
+    else:
+        base = s_row * 7.0
 
     for g in range(g_lo, g_hi):
         a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
@@ -163,10 +180,32 @@ def act_quant_kernel(
                         HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
         gcols = g * GS + cols
         omask = rmask[:, None] & (gcols[None, :] < G * GS)
-        amax = tl.max(tl.abs(a), axis=1)
+        if ASYM:
+            lo = tl.minimum(tl.min(a, axis=1), 0.0)
+            amax = tl.maximum(tl.max(a, axis=1), 0.0) - lo  # the group's range (it contains 0)
+        else:
+            lo = tl.zeros((BT,), dtype=tl.float32)
+            amax = tl.max(tl.abs(a), axis=1)
         if FMT_C:
             if PASS == 0:
                 tl.store(m_ptr + rows * stride_mn + g, amax, mask=rmask)
+            elif ASYM:
+                if STORE_A:
+                    tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
+                # asymmetric format C (dirotq.quantizers.int_ratio_codes): codes u ∈ [0, 15] with a
+                # zero point per group; stored as k·(u − 8) and k·(z − 8), both int8
+                k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
+                k1 = tl.maximum(k0 - 1.0, 1.0)
+                sse0 = _sse_asym_fp64(a, lo, k0 * s_row)
+                sse1 = _sse_asym_fp64(a, lo, k1 * s_row)
+                kf = tl.where(sse1 < sse0, k1, k0)
+                step = kf * s_row
+                z = _rne(tl.div_rn(-lo, step))
+                u = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])) + z[:, None], 0.0), 15.0)
+                tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], ((u - 8.0) * kf[:, None]).to(tl.int8),
+                         mask=omask)
+                tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)
+                tl.store(z_ptr + rows * stride_zn + g, ((z - 8.0) * kf).to(tl.int8), mask=rmask)
             else:
                 if STORE_A:
                     tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
@@ -208,8 +247,8 @@ def _tuned_act_kernel():
     if _TUNED_ACT is None:
         cfgs = [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
                 for bt, w, s in ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2))]
-        _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "PASS", "PROJ", "HAS_ROT",
-                                                "HAS_HAD"], cache_results=True)(act_quant_kernel)
+        _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "ASYM", "PASS", "PROJ",
+                                                "HAS_ROT", "HAS_HAD"], cache_results=True)(act_quant_kernel)
     return _TUNED_ACT
 
 
@@ -241,7 +280,8 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     """Run the activation kernel on ``x: (n, d)`` (contiguous, fp32/fp16/bf16).
 
     Returns a dict: ``codes`` (n, G·g) int8 (k·q for format C), ``scale`` fp32 (n, G) [A] or (n,) [C],
-    ``ratio`` (n, G) int8 [C] or None, ``c`` (n, r) in x's dtype or None, ``a`` (n, G·g) fp32 [store_a].
+    ``ratio`` (n, G) int8 [C] or None, ``c`` (n, r) in x's dtype or None, ``a`` (n, G·g) fp32 [store_a],
+    ``zero`` (n, G) int8 k·(z − 8) [asymmetric format C] or None (then ``codes`` hold k·(u − 8)).
     """
     import torch
 
@@ -252,10 +292,11 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     codes = torch.empty((n, G * g), dtype=torch.int8, device=dev)
     scale = torch.empty((n,) if fmt_c else (n, G), dtype=torch.float32, device=dev)
     ratio = torch.empty((n, G), dtype=torch.int8, device=dev) if fmt_c else None
+    zero = torch.empty((n, G), dtype=torch.int8, device=dev) if plan.asym else None
     c = torch.empty((n, plan.r), dtype=x.dtype, device=dev) if plan.has_down else None
     a = torch.empty((n, G * g), dtype=torch.float32, device=dev) if store_a else None
     if n == 0:
-        return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a}
+        return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a, "zero": zero}
     dummy = plan.dummy
     down = module.down if plan.has_down else dummy
     rot = module.rotation if plan.has_rotation else dummy
@@ -277,13 +318,14 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
         codes, codes.stride(0),
         scale, scale.stride(0),
         ratio if ratio is not None else dummy, ratio.stride(0) if ratio is not None else 0,
+        zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         amax if amax is not None else dummy, amax.stride(0) if amax is not None else 0,
         a if a is not None else dummy, a.stride(0) if a is not None else 0,
         n, plan.d, plan.d_q, plan.r, G, gpb, max(16, triton.next_power_of_2(n)),
     ]
     meta = dict(GS=g, BKD=g, RC=min(64, _pow2_at_least(plan.r)),
                 HAS_SMOOTH=plan.has_smooth, PROJ=plan.project_out and plan.has_down,
-                HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, STORE_A=store_a,
+                HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, ASYM=plan.asym, STORE_A=store_a,
                 DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1))
     g_blocks = triton.cdiv(G, gpb)
     for pass_ in ((0, 1) if fmt_c else (0,)):  # format C: absmax per group, then the row scale and codes
@@ -292,4 +334,4 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
             act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4)
         else:
             _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta)
-    return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a}
+    return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a, "zero": zero}

@@ -22,8 +22,8 @@ PTR_TYPES = {
     "gemm": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "q_ptr": "*i8", "xs_ptr": "*fp32", "c_ptr": "*bf16",
              "up_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
     "act": {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "rot_ptr": "*bf16", "signs_ptr": "*bf16",
-            "had_ptr": "*fp32", "c_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "k_ptr": "*i8", "m_ptr": "*fp32",
-            "a_ptr": "*fp32"},
+            "had_ptr": "*fp32", "c_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "k_ptr": "*i8", "z_ptr": "*i8",
+            "m_ptr": "*fp32", "a_ptr": "*fp32"},
     "w4a16": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "a_ptr": "*bf16", "c_ptr": "*bf16", "up_ptr": "*bf16",
               "bias_ptr": "*bf16", "y_ptr": "*bf16"},
 }
@@ -50,10 +50,11 @@ def default_variants():
                      dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
                           DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False, ATOMIC=False),
                      dict(num_warps=8, num_stages=3)))
-        for rot in (False, True):
-            out.append((f"act {f} {'dense-rotation' if rot else 'lowrank+hadamard'} BT32", "act",
+        for rot, asym in ((False, False), (True, False)) + (((False, True),) if fmt_c else ()):
+            name = f"act {f} {'dense-rotation' if rot else 'lowrank+hadamard'}{' asymmetric' if asym else ''} BT32"
+            out.append((name, "act",
                         dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=not rot, HAS_ROT=rot,
-                             HAS_HAD=not rot, FMT_C=fmt_c, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf,
+                             HAS_HAD=not rot, FMT_C=fmt_c, ASYM=asym, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf,
                              GB_MAX=256), dict(num_warps=4)))
         out.append((f"w4a16 {f} 64x16 w4 s4", "w4a16",
                     dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,

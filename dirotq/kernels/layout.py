@@ -27,6 +27,7 @@ class KernelPlan:
     kind: str  # "w4a4" | "w4a16" | "reference"
     reason: str = ""  # why "reference" (the one-time warning)
     fmt: str = "exact"  # "exact" (A) or "int_ratio" (C)
+    asym: bool = False  # asymmetric activation codes (format C only): zero points, a host-side correction
     d: int = 0  # in_features
     d_q: int = 0  # width of the quantized operand
     o: int = 0
@@ -64,8 +65,9 @@ def unsupported_reason(module: Any) -> str:
     if module.act_bits is not None:
         if module.act_bits != 4:
             return f"{module.act_bits}-bit activations (kernels quantize to INT4)"
-        if not module.act_symmetric:
-            return "asymmetric activations (zero points; the kernels are symmetric, formats A and C)"
+        if not module.act_symmetric and _weight_format(module) != "int_ratio":
+            return ("asymmetric activations in format A (a zero point per group needs a correction inside the "
+                    "K loop; format C runs them)")
         if module.scale_format != _weight_format(module):
             return (f"activation scale format {module.scale_format!r} differs from the weights' "
                     f"{_weight_format(module)!r}")
@@ -121,7 +123,8 @@ def build_plan(module: Any, device: torch.device) -> KernelPlan:
     d_q = module.quant_in_features
     plan = KernelPlan(
         kind="w4a4" if module.act_bits is not None else "w4a16",
-        fmt=_weight_format(module), d=module.in_features, d_q=d_q, o=module.out_features,
+        fmt=_weight_format(module), asym=module.act_bits is not None and not module.act_symmetric,
+        d=module.in_features, d_q=d_q, o=module.out_features,
         r=0 if module.down is None else module.down.shape[1], group_size=g, groups=-(-d_q // g),
         has_smooth=module.smooth is not None, has_down=module.down is not None and module.down.shape[1] > 0,
         project_out=bool(module.project_out), has_rotation=module.rotation is not None,

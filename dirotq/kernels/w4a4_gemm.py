@@ -268,9 +268,13 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     """y (n, o) = dequant(codes) · dequant(W_q)ᵀ + c · upᵀ + bias; ``act`` from
     ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias).
     ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
-    number of K splits (default :func:`split_k`)."""
+    number of K splits (default :func:`split_k`). Asymmetric activations (``act["zero"]``, format C):
+    the kernel's int32 sums, then :func:`asymmetric_epilogue` on the host."""
     import torch
 
+    if act.get("zero") is not None and not debug_int:
+        acc = w4a4_gemm(module, plan, act, out_dtype, debug_int=True, config=config, simd=simd, split=split)
+        return asymmetric_epilogue(module, plan, act, acc, out_dtype)
     n = act["codes"].shape[0]
     o = plan.o
     dev = act["codes"].device
@@ -314,6 +318,36 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         grid = lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]), split)  # noqa: E731
         _tuned_kernel()[grid](*args, **meta)
     return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def zero_point_sums(module, plan):
+    """S (o, G) float64: per output and group, the sum of the weight operand k_w·q_w over the group,
+    the weight side of the zero-point correction (exact integers; cached on the module as a plain
+    attribute, rebuilt when the plan changes)."""
+    import torch
+
+    cached = getattr(module, "_kernel_zero_sums", None)
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    wc = plan.w_int8 if plan.w_int8 is not None else unpack_weights(module)
+    sums = wc.view(wc.shape[0], plan.groups, plan.group_size).sum(-1, dtype=torch.int32).double()
+    module._kernel_zero_sums = (plan, sums)
+    return sums
+
+
+def asymmetric_epilogue(module, plan, act: dict, acc, out_dtype):
+    """y = s_t·s_o·(acc − zk·Sᵀ) + c·upᵀ + bias for asymmetric format C activations (docs/KERNELS.md,
+    "Asymmetric activations"): ``acc`` the kernel's int32 sums of k·(u − 8) against k_w·q_w, zk the
+    per-(token, group) k·(z − 8), S :func:`zero_point_sums`. Integer parts exact in float64 (|values|
+    < 2⁵³), then scaled; a first version on the host: the fused epilogue belongs to the GEMM work."""
+    corr = act["zero"].double() @ zero_point_sums(module, plan).T
+    y = (acc.double() - corr) * act["scale"].double()[:, None] * module.weight_scale.double().reshape(1, -1)
+    y = y.float()
+    if plan.has_down and plan.r > 0:
+        y = y + act["c"].float() @ module.up.float().T
+    if plan.has_bias:
+        y = y + module.bias.float()
+    return y.to(out_dtype)
 
 
 # --- test hook: what the register operand holds -------------------------------------------------
