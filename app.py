@@ -50,9 +50,10 @@ def _ok(msg: str) -> str:
     return f"✓ {msg}"
 
 
-FORMAT_LABELS = {"exact": "format A", "int_ratio": "format C"}
+FORMAT_LABELS = {"exact": "format A", "int_ratio": "format C", "int_ratio+asym": "format C, asymmetric activations"}
 FORMAT_CHOICES = [("A: one 16-bit scale per group (reference)", "exact"),
-                  ("C: row scale × 4-bit multiplier (fast GPU kernel)", "int_ratio")]
+                  ("C: row scale × 4-bit multiplier (fast GPU kernel)", "int_ratio"),
+                  ("C with asymmetric activation codes (a zero point per group)", "int_ratio+asym")]
 
 
 def _scale_format(value) -> str:
@@ -60,7 +61,8 @@ def _scale_format(value) -> str:
     if value in (None, ""):
         return "exact"
     if value not in FORMAT_LABELS:
-        raise ValueError(f"unknown scale format {value!r}: choose exact (format A) or int_ratio (format C)")
+        raise ValueError(f"unknown scale format {value!r}: choose exact (format A), int_ratio (format C) or "
+                         "int_ratio+asym (format C, asymmetric activations)")
     return value
 
 

@@ -527,10 +527,14 @@ class ExplorerSession:
     # ------------------------------------------------------------------------ quantized models
     def config(self, method: str, ranks: Mapping[str, int] | None = None, scale_format: str | None = None):
         """``method``'s config with the session's shared settings, the plan ``ranks`` and, if given,
-        the INT4 ``scale_format`` ("exact" = format A, "int_ratio" = format C) instead of the shared one."""
+        the INT4 ``scale_format`` ("exact" = format A, "int_ratio" = format C, "int_ratio+asym" = format C
+        with asymmetric activation codes) instead of the shared one."""
         if method not in methods():
             raise ValueError(f"unknown method {method!r}; choose one of {methods()}")
-        base = self.base if scale_format is None else {**self.base, "scale_format": scale_format}
+        base = dict(self.base)
+        if scale_format is not None:
+            fmt, _, asym = scale_format.partition("+")
+            base.update(scale_format=fmt, **({"act_symmetric": False} if asym == "asym" else {}))
         cfg = method_config(method, base)
         if ranks is not None and hasattr(cfg, "rank"):
             cfg = replace(cfg, rank=RankPlan({DEFAULT_KEY: 0, **{k: int(v) for k, v in ranks.items()}}))

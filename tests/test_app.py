@@ -489,5 +489,10 @@ def test_scale_format_reaches_all_layers_and_generate(sess, calibrated):
                                              "int_ratio", progress=None)
     assert st.startswith("✓"), st
     assert "format C" in info or "int_ratio" in info
+    qasym, _ = sess.quantized("dirotq-lr", sess.default_plan(8), scale_format="int_ratio+asym")
+    mods = [m for m in qasym.modules() if isinstance(m, QuantLinear) and m.act_bits is not None]
+    assert mods and all(m.scale_format == "int_ratio" and not m.act_symmetric for m in mods)
+    st = app.on_all_layers(MODEL, "dirotq-lr", plan(sess, 8), "sqnr_db", False, "int_ratio+asym", progress=None)[0]
+    assert st.startswith("✓") and "asymmetric" in st, st
     bad = app.on_all_layers(MODEL, "dirotq-lr", plan(sess, 8), "sqnr_db", False, "fp8", progress=None)[0]
     assert bad.startswith("⚠") and "scale format" in bad
