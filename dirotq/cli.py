@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=_rank_list, default=[32], help="comma-separated ranks (default 32)")
     p.add_argument("--rank-plan", metavar="PLAN.json", default=None, help="per-layer ranks (JSON); replaces --ranks")
     p.add_argument("--weights", choices=("rtn", "gptq"), default="rtn")
+    p.add_argument("--scale-format", choices=("exact", "int_ratio"), default="exact",
+                   help="INT4 scale format: exact (format A) or int_ratio (format C) (default exact)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default all targets)")
     p.add_argument("--format", choices=("md", "csv"), default="md")
     p.add_argument("--stats", default=None, help="calibration statistics folder (default: calibrate, cached)")
@@ -646,7 +648,8 @@ def cmd_report(args) -> int:
         plan = RankPlan.load(args.rank_plan)
     layers = [t for t in args.layers.split(",") if t] if args.layers else None
     rows = layer_error_table(evaluator=ev, methods=args.methods, ranks=args.ranks, rank_plan=plan,
-                             weights=args.weights, stats=_stats(args, ev), layers=layers)
+                             weights=args.weights, stats=_stats(args, ev), layers=layers,
+                             scale_format=args.scale_format)
     text = format_layer_table(rows, args.format)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,12 @@ def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
                  "--cache", str(root / "ev"), "--out", str(root / "layers.csv")]) == 0
     rows = (root / "layers.csv").read_text().splitlines()
     assert rows[0].startswith("method,rank,layer") and len(rows) == 1 + 2 * 16
+    # the same table in format C: other errors, same layers
+    assert main(["report", *common, "--methods", "rtn,dirotq", "--rank-plan", str(plan), "--format", "csv",
+                 "--scale-format", "int_ratio", "--cache", str(root / "ev"), "--out", str(root / "layers_c.csv")]) == 0
+    rows_c = (root / "layers_c.csv").read_text().splitlines()
+    assert len(rows_c) == len(rows) and rows_c != rows
+    assert [r.split(",")[:3] for r in rows_c] == [r.split(",")[:3] for r in rows]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -449,12 +449,13 @@ def rank_sweep(model=None, *, ranks: Sequence[int] = (0, 8, 16, 32, 64), methods
 def layer_error_table(model=None, *, methods: Sequence[str] = ("rtn", "quarot", "svdquant", "dirotq", "dirotq-lr"),
                       ranks: Sequence[int | str] | None = (32,), rank_plan: RankPlan | None = None,
                       weights: str = "rtn", stats=None, layers: Sequence[str] | None = None,
-                      evaluator: Evaluator | None = None, **settings) -> list[dict]:
+                      scale_format: str = "exact", evaluator: Evaluator | None = None, **settings) -> list[dict]:
     """Per-layer output error (held-out calibration tokens) of each method at each rank:
     rows ``{method, rank, layer, kind, in_features, out_features, rel_mse, sqnr_db}``.
 
     One ``quantize_layer`` + ``layer_error`` per (layer, method, rank): no images are generated.
-    ``rank_plan`` replaces ``ranks`` (one row set with the plan's per-layer ranks).
+    ``rank_plan`` replaces ``ranks`` (one row set with the plan's per-layer ranks); ``scale_format``:
+    "exact" (format A) or "int_ratio" (format C) for every method.
     """
     from ..quantize import layer_error, quantize_layer
 
@@ -474,7 +475,7 @@ def layer_error_table(model=None, *, methods: Sequence[str] = ("rtn", "quarot", 
 
     jobs = [(m, r) for m in methods for r in (rank_list if is_ranked(m) else rank_list[:1])]
     for m, r in tqdm(jobs, desc="layer errors", unit="config"):
-        cfg = make_config(m, rank=r, weights=weights)
+        cfg = make_config(m, rank=r, weights=weights, scale_format=scale_format)
         for n in names:
             spec = ev.targets[n]
             st = stats.for_layer(n)
