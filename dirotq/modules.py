@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compile_ops
 from .bases import hadamard
 from .quantizers import QuantizedTensor, fake_quantize, pack_int4, quantize, unpack_int4
 
@@ -180,6 +181,14 @@ class QuantLinear(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # one opaque op in a compiled graph (dirotq/compile_ops.py): no graph break on the kernels
+            return compile_ops.quant_linear(x, compile_ops.handle(self), self.out_features)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` outside ``torch.compile``: the Triton kernels on CUDA (or when forced), else the
+        reference path; x: (..., d) -> (..., o) in x's dtype."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         backend = self.backend if self.backend != "auto" else selected_backend()

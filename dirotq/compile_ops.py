@@ -1,0 +1,55 @@
+"""``torch.compile`` support: a ``QuantLinear`` is one opaque custom op in a compiled graph.
+
+Eager calls run ``QuantLinear.forward`` as written (the Triton kernels on CUDA, the reference path
+elsewhere). While ``torch.compile`` traces, the forward calls ``torch.ops.dirotq.quant_linear``
+instead: the compiler sees one op with a known output shape (a fake implementation), so it neither
+traces into the kernels' host code (plan caches, autotuners, launches), which would break the graph,
+nor re-derives the reference arithmetic, and it fuses the elementwise work around the op (norms,
+modulation, gates). The op's implementation runs the eager forward of the layer it names.
+
+The layer is named by a handle (an int registered once per layer, held weakly): the op's tensor
+arguments are only the activations, so the weights stay buffers of the module and a compiled graph
+is as valid as the module is. Inference only: the op has no autograd formula (QuantLinear weights
+are not trained; a LoRA on top runs outside it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import torch
+
+_LAYERS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count(1)
+
+
+@torch._dynamo.assume_constant_result
+def handle(layer: Any) -> int:
+    """The layer's op handle (assigned on first use, stable for the layer's lifetime; a deep copy gets
+    its own). Called by the compiler at trace time: a constant of the graph."""
+    h = layer.__dict__.get("_compile_handle")
+    if h is None or _LAYERS.get(h) is not layer:
+        h = next(_NEXT)
+        _LAYERS[h] = layer
+        layer.__dict__["_compile_handle"] = h
+    return h
+
+
+@torch.library.custom_op("dirotq::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    """y = QuantLinear(x) for the layer registered under ``layer``; x: (..., d) -> (..., out_features)."""
+    module = _LAYERS.get(layer)
+    if module is None:
+        raise RuntimeError(f"dirotq.quant_linear: layer handle {layer} is gone (the compiled graph outlived "
+                           "its model)")
+    return module.eager_forward(x)
+
+
+@quant_linear.register_fake
+def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+__all__ = ["handle", "quant_linear"]
