@@ -20,6 +20,11 @@ bias, the unquantized layers), and the ``storage_bits`` accounting of the QuantL
     python -m benchmarks.bench_e2e --model pixart [--formats exact int_ratio] [--rank 32]
     python -m benchmarks.bench_e2e --model flux
     python -m benchmarks.bench_e2e --dry-run      # CPU, TRITON_INTERPRET=1, tiny configs: code path only
+    python -m benchmarks.bench_e2e --model flux --compile default   # also each variant under torch.compile
+
+``--compile MODE`` adds, for every variant, the step of ``torch.compile(model, mode=MODE)`` (what a
+user compares against: BF16 + compile): compile seconds, graph count and graph breaks (a quantized
+linear is one custom op, ``dirotq/compile_ops.py``), and the compiled step time.
 """
 
 from __future__ import annotations
@@ -187,6 +192,27 @@ def time_step(model, kw, graphs: bool) -> dict:
     return out
 
 
+def compiled_step(model, kw, mode: str) -> dict:
+    """The step under ``torch.compile(model, mode=mode)``: compile (first call) seconds, graphs and
+    graph breaks as dynamo counts them, and the compiled step's median time."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode=mode)
+    t0 = time.time()
+    with torch.no_grad():
+        compiled(**kw, return_dict=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out = {"mode": mode, "compile_s": round(time.time() - t0, 1),
+           "graphs": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(counters["graph_break"].values()))}
+    out.update({k: v for k, v in time_step(compiled, kw, graphs=False).items()})
+    torch._dynamo.reset()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["pixart", "flux"], default="pixart")
@@ -197,11 +223,14 @@ def main() -> None:
     ap.add_argument("--flux-single-blocks", type=int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--compile", default="none",
+                    choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    help="also time each variant under torch.compile with this mode (default none)")
     args = ap.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         sys.exit("bench_e2e.py needs a CUDA GPU (or --dry-run to check the code path on CPU)")
-    from dirotq.kernels import backend_description
+    from dirotq.modules import backend_description
 
     env = environment()
     res: dict = {"benchmark": "bench_e2e", "model": args.model, "environment": env, "dry_run": dry,
@@ -222,6 +251,8 @@ def main() -> None:
         entry["memory"] = weight_bytes(model)
         entry.update(time_step(model, kw, graphs=not args.no_graphs and not dry))
         entry["backend"] = backend_description(model) if variant != "bf16" else "torch bf16"
+        if args.compile != "none":
+            entry["compiled"] = compiled_step(model, kw, args.compile)
         if torch.cuda.is_available() and not dry:
             entry["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             torch.cuda.reset_peak_memory_stats()
@@ -240,6 +271,8 @@ def main() -> None:
         e["eager_speedup_vs_bf16"] = round(base["eager_ms"] / e["eager_ms"], 3)
         if e.get("cuda_graph_ms") and base.get("cuda_graph_ms"):
             e["graph_speedup_vs_bf16"] = round(base["cuda_graph_ms"] / e["cuda_graph_ms"], 3)
+        if e.get("compiled") and base.get("compiled"):
+            e["compiled_speedup_vs_bf16_compiled"] = round(base["compiled"]["eager_ms"] / e["compiled"]["eager_ms"], 3)
     res["seconds"] = round(time.time() - t0, 1)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")

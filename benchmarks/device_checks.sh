@@ -3,6 +3,7 @@
 #   bash benchmarks/device_checks.sh kernels   # CUDA kernel tests + bench_linear (about 4 min on an H100)
 #   bash benchmarks/device_checks.sh e2e       # bench_e2e PixArt-Σ and FLUX (about 3 min)
 #   bash benchmarks/device_checks.sh all
+#   bash benchmarks/device_checks.sh compile   # bench_e2e PixArt-Σ with torch.compile: BF16 vs W4A4 format C (~3 min)
 # Every step is time-boxed and writes its log and JSON under $OUT (default benchmarks/results/gpu_run),
 # so a step that runs out of time still leaves what it measured. Packages the GPU image lacks
 # (diffusers) are installed from wheels in .whl/ when that folder exists.
@@ -48,4 +49,12 @@ if [[ "$stage" == e2e || "$stage" == all ]]; then
     done
     grep -v '^  {' "$OUT/bench_e2e.log" | tail -8
     python3 -m benchmarks.summarize_gpu "$OUT"/bench_e2e_*.json
+fi
+
+if [[ "$stage" == compile ]]; then
+    echo "== bench_e2e pixart --compile default"
+    timeout "${COMPILE_S:-200}" python3 -m benchmarks.bench_e2e --model pixart --formats int_ratio --no-graphs \
+        --compile default --out "$OUT/bench_e2e_pixart_compiled.json" >>"$OUT/bench_e2e_compiled.log" 2>&1
+    echo "bench_e2e compiled exit $?" | tee -a "$OUT/bench_e2e_compiled.log"
+    grep -v '^  {' "$OUT/bench_e2e_compiled.log" | tail -8
 fi

@@ -101,3 +101,23 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
                    "output error, format C", "output error, format C, asymmetric activations"):
         assert ("dirotq-lr", 32, policy) in rows
     assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
+
+
+def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
+    """The GPU end-to-end script's code path on CPU (tiny configs, Triton interpreted): bf16 and W4A4
+    format C, each also under torch.compile as one graph without breaks."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "e2e.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_e2e", "--dry-run", "--model", "pixart", "--formats",
+                        "int_ratio", "--compile", "default", "--out", str(out)],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for variant in ("bf16", "int_ratio"):
+        c = res["variants"][variant]["compiled"]
+        assert c["graphs"] == 1 and c["graph_breaks"] == 0 and c["eager_ms"] > 0
+    assert res["variants"]["int_ratio"]["backend"].startswith("triton")
+    assert "compiled_speedup_vs_bf16_compiled" in res["variants"]["int_ratio"]
