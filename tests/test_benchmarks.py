@@ -121,3 +121,19 @@ def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
         assert c["graphs"] == 1 and c["graph_breaks"] == 0 and c["eager_ms"] > 0
     assert res["variants"]["int_ratio"]["backend"].startswith("triton")
     assert "compiled_speedup_vs_bf16_compiled" in res["variants"]["int_ratio"]
+
+
+def test_bench_linear_dry_run_runs_on_cpu(tmp_path):
+    """The GPU kernel benchmark's code path on CPU (tiny shapes, Triton interpreted): every variant
+    row is written, with the kernels' output equal to the reference."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "linear.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_linear", "--dry-run", "--core", "--tokens", "16",
+                        "--out", str(out)], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = json.dumps(json.loads(out.read_text()))
+    assert "C_dirotq-lr_r32_max_rel_err" in text and "A_rtn_r0_max_rel_err" in text
