@@ -25,7 +25,6 @@ _LAYERS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 _NEXT = itertools.count(1)
 
 
-@torch._dynamo.assume_constant_result
 def handle(layer: Any) -> int:
     """The layer's op handle (assigned on first use, stable for the layer's lifetime; a deep copy gets
     its own). Called by the compiler at trace time: a constant of the graph."""
@@ -35,6 +34,12 @@ def handle(layer: Any) -> int:
         _LAYERS[h] = layer
         layer.__dict__["_compile_handle"] = h
     return h
+
+
+# what torch.compiler.assume_constant_result(handle) does (the compiler calls it at trace time and
+# keeps the int), set by hand: that function imports torch._dynamo (and Triton), over a second at
+# `import dirotq`. tests/test_compile.py fails if a PyTorch release changes the marker.
+handle._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @torch.library.custom_op("dirotq::quant_linear", mutates_args=())

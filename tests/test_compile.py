@@ -59,7 +59,11 @@ def test_a_copy_runs_its_own_layers():
     assert handle(layer) != handle(next(m for m in model.modules() if isinstance(m, QuantLinear)))
 
 
-def test_inductor_compiles_and_matches_eager():
+def test_inductor_compiles_and_matches_eager(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    # compile in this process: no pool of compile workers left running beside the later tests
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)
     model, example = _quantized("pixart", RTNConfig())
     torch._dynamo.reset()
     with torch.no_grad():
