@@ -166,20 +166,13 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
     Per group, of the multipliers k₀ = clamp(ceil(spread / (levels·s) − 1e-6), 1, 15) (spread =
     abs-max and levels = 7 when symmetric, max − min and 15 otherwise) and max(k₀ − 1, 1), the one
     with the smaller float64 sum of squared errors of the float32 dequantized values (k₀ on a tie).
+    ``spread``/``lo``: ``_group_spread(groups, symmetric)`` when already known.
     Returns ``(q (..., G, g) float, k (..., G) float, zero (..., G) or None, sse (..., G) float64)``.
     """
     qmin, qmax = qrange(bits, symmetric)
-    if symmetric:
-        qmax_c = qmax if bits == 8 else 7
-        if spread is None:
-            spread = groups.abs().amax(-1)
-        levels = qmax_c
-    else:
-        if spread is None or lo is None:
-            lo = groups.amin(-1).clamp(max=0)
-            spread = groups.amax(-1).clamp(min=0) - lo
-        levels = qmax - qmin
-    k0 = torch.ceil(spread / (levels * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
+    if spread is None:
+        spread, lo = _group_spread(groups, symmetric)
+    k0 = torch.ceil(spread / (_int_ratio_levels(bits, symmetric) * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
     best = None
     for k in (k0, (k0 - 1).clamp(min=1)):
         step = k * row_scale
@@ -191,17 +184,33 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
             zero = torch.round(-lo / step)
             q = torch.clamp(torch.round(groups / step.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
             v = (q - zero.unsqueeze(-1)) * step.unsqueeze(-1)
-        sse = (v.double() - groups.double()).pow(2).sum(-1)
-        if best is None:
-            best = [q, k, zero, sse]
-            continue
-        finer = sse < best[3]
-        best[0] = torch.where(finer.unsqueeze(-1), q, best[0])
-        best[1] = torch.where(finer, k, best[1])
-        if zero is not None:
-            best[2] = torch.where(finer, zero, best[2])
-        best[3] = torch.where(finer, sse, best[3])
-    return best[0], best[1], best[2], best[3]
+        cand = (q, k, zero, (v.double() - groups.double()).pow(2).sum(-1))
+        best = cand if best is None else _keep_better(cand[3] < best[3], cand, best)
+    return best
+
+
+def _int_ratio_levels(bits: int, symmetric: bool) -> int:
+    """Code steps a group's spread covers at k = 1: 7 (symmetric INT4: codes ±7 cover ±absmax),
+    127 (symmetric INT8), 2^bits − 1 (asymmetric: the range max − min)."""
+    qmin, qmax = qrange(bits, symmetric)
+    return (qmax if bits == 8 else 7) if symmetric else qmax - qmin
+
+
+def _group_spread(groups: torch.Tensor, symmetric: bool, clip_ratio: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(spread, lo)`` of ``groups: (..., G, g)``: abs-max and None (symmetric), or max − min and
+    min, with the range stretched to contain 0 (asymmetric)."""
+    if symmetric:
+        return groups.abs().amax(-1) * clip_ratio, None
+    lo = (groups.amin(-1) * clip_ratio).clamp(max=0)
+    return (groups.amax(-1) * clip_ratio).clamp(min=0) - lo, lo
+
+
+def _keep_better(better: torch.Tensor, new: tuple, old: tuple) -> tuple:
+    """Candidate tuples ``(codes (..., g), then tensors shaped like better or None)``: ``new`` where
+    ``better`` (a mask over the codes' leading dimensions), else ``old``."""
+    codes = torch.where(better.unsqueeze(-1), new[0], old[0])
+    return (codes, *(o if o is None else torch.where(better, n, o) for n, o in zip(new[1:], old[1:])))
 
 
 INT_RATIO_CHUNK_ELEMENTS = 1 << 22  # rows per block of at most ~4 M values: bounds the float64 temporaries
@@ -227,29 +236,18 @@ def _quantize_int_ratio(groups: torch.Tensor, shape: torch.Size, bits: int, grou
 def _int_ratio_rows(groups: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, row_search: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Format C of ``groups: (rows, G, g)``: ``(q (rows, G, g), k (rows, G), zero or None, row scale (rows, 1))``."""
-    if symmetric:
-        spread, lo = groups.abs().amax(-1) * clip_ratio, None
-        levels = (2 ** (bits - 1) - 1 if bits == 8 else 7) * INT_RATIO_MAX_MULTIPLIER
-    else:
-        lo = (groups.amin(-1) * clip_ratio).clamp(max=0)
-        spread = (groups.amax(-1) * clip_ratio).clamp(min=0) - lo
-        levels = (2**bits - 1) * INT_RATIO_MAX_MULTIPLIER
+    spread, lo = _group_spread(groups, symmetric, clip_ratio)
     row_max = spread.amax(-1, keepdim=True)
-    row_scale = _div_scalar(row_max, levels).clamp(min=_TINY)
+    row_scale = _div_scalar(row_max, _int_ratio_levels(bits, symmetric) * INT_RATIO_MAX_MULTIPLIER).clamp(min=_TINY)
     q, k, zero, sse = int_ratio_codes(groups, row_scale, bits, symmetric, spread, lo)
     if row_search:
-        total = sse.sum(-1, keepdim=True)
+        best = (q, k, zero, row_scale, sse.sum(-1, keepdim=True))
         for factor in INT_RATIO_ROW_SEARCH[1:]:
             s_try = (row_scale * factor).clamp(min=_TINY)
             q2, k2, z2, sse2 = int_ratio_codes(groups, s_try, bits, symmetric, spread, lo)
-            t2 = sse2.sum(-1, keepdim=True)
-            better = t2 < total
-            q = torch.where(better.unsqueeze(-1), q2, q)
-            k = torch.where(better, k2, k)
-            if zero is not None:
-                zero = torch.where(better, z2, zero)
-            row_scale = torch.where(better, s_try, row_scale)
-            total = torch.where(better, t2, total)
+            cand = (q2, k2, z2, s_try, sse2.sum(-1, keepdim=True))
+            best = _keep_better(cand[4] < best[4], cand, best)
+        q, k, zero, row_scale, _ = best
     return q.to(torch.int8), k, zero, row_scale
 
 
