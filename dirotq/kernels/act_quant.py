@@ -42,20 +42,23 @@ def _rne(v):
 
 
 @triton.jit
-def _sse_fp64(a, step):
-    """Per row, the float64 sum of squared errors of the float32 values ``clamp(rne(a/step), −8, 7)·step``."""
-    q = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])), -8.0), 7.0)
-    e = (q * step[:, None]).to(tl.float64) - a.to(tl.float64)
-    return tl.sum(e * e, axis=1)
+def _codes(a, lo, step, ASYM: tl.constexpr):
+    """Format C codes of the tile ``a`` (BT, GS) with per-row ``step``: symmetric q = clamp(rne(a/step),
+    −8, 7) and zero 0, or asymmetric u = clamp(rne(a/step) + z, 0, 15) with z = rne(−lo/step)."""
+    if ASYM:
+        z = _rne(tl.div_rn(-lo, step))
+        q = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])) + z[:, None], 0.0), 15.0)
+    else:
+        z = tl.zeros_like(step)
+        q = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])), -8.0), 7.0)
+    return q, z
 
 
 @triton.jit
-def _sse_asym_fp64(a, lo, step):
-    """Per row, the float64 sum of squared errors of asymmetric codes with step ``step`` and the
-    zero point rne(−lo/step): ``(clamp(rne(a/step) + z, 0, 15) − z)·step`` against a."""
-    z = _rne(tl.div_rn(-lo, step))
-    u = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])) + z[:, None], 0.0), 15.0)
-    e = ((u - z[:, None]) * step[:, None]).to(tl.float64) - a.to(tl.float64)
+def _sse_fp64(a, lo, step, ASYM: tl.constexpr):
+    """Per row, the float64 sum of squared errors of the float32 values ``(q − z)·step`` (``_codes``)."""
+    q, z = _codes(a, lo, step, ASYM)
+    e = ((q - z[:, None]) * step[:, None]).to(tl.float64) - a.to(tl.float64)
     return tl.sum(e * e, axis=1)
 
 
@@ -163,16 +166,12 @@ def act_quant_kernel(
         gi = tl.arange(0, GB_MAX)
         mx = tl.load(m_ptr + rows[:, None] * stride_mn + gi[None, :], mask=rmask[:, None] & (gi[None, :] < G),
                      other=0.0)
-        if ASYM:  # the groups' ranges: the largest takes k = 15 over 15 steps
-            s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), 225.0, tl.float32)), 1e-12)
-        else:
-            s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), 105.0, tl.float32)), 1e-12)
+        # the row's largest spread takes k = 15: abs-max over 7 steps, or (asymmetric) the range over 15
+        levels = 225.0 if ASYM else 105.0
+        s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), levels, tl.float32)), 1e-12)
         if pid_g == 0:
             tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
-    if ASYM:
-        base = s_row * 15.0
-    else:
-        base = s_row * 7.0
+    base = s_row * (15.0 if ASYM else 7.0)
 
     for g in range(g_lo, g_hi):
         a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
@@ -186,46 +185,28 @@ def act_quant_kernel(
         else:
             lo = tl.zeros((BT,), dtype=tl.float32)
             amax = tl.max(tl.abs(a), axis=1)
+        if STORE_A and (PASS == 1 or not FMT_C):  # the pass that writes codes (debug copy of the input)
+            tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
         if FMT_C:
             if PASS == 0:
                 tl.store(m_ptr + rows * stride_mn + g, amax, mask=rmask)
-            elif ASYM:
-                if STORE_A:
-                    tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
-                # asymmetric format C (dirotq.quantizers.int_ratio_codes): codes u ∈ [0, 15] with a
-                # zero point per group; stored as k·(u − 8) and k·(z − 8), both int8
-                k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
-                k1 = tl.maximum(k0 - 1.0, 1.0)
-                sse0 = _sse_asym_fp64(a, lo, k0 * s_row)
-                sse1 = _sse_asym_fp64(a, lo, k1 * s_row)
-                kf = tl.where(sse1 < sse0, k1, k0)
-                step = kf * s_row
-                z = _rne(tl.div_rn(-lo, step))
-                u = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])) + z[:, None], 0.0), 15.0)
-                tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], ((u - 8.0) * kf[:, None]).to(tl.int8),
-                         mask=omask)
-                tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)
-                tl.store(z_ptr + rows * stride_zn + g, ((z - 8.0) * kf).to(tl.int8), mask=rmask)
             else:
-                if STORE_A:
-                    tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
                 # of k₀ (the covering multiplier) and k₀ − 1, the one with the smaller float64 sum of
                 # squared errors (dirotq.quantizers.int_ratio_codes); codes recomputed after the
                 # choice so only one code tile is live (no register spills)
                 k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
                 k1 = tl.maximum(k0 - 1.0, 1.0)
-                sse0 = _sse_fp64(a, k0 * s_row)
-                sse1 = _sse_fp64(a, k1 * s_row)
+                sse0 = _sse_fp64(a, lo, k0 * s_row, ASYM)
+                sse1 = _sse_fp64(a, lo, k1 * s_row, ASYM)
                 kf = tl.where(sse1 < sse0, k1, k0)
-                step = kf * s_row
-                q = _rne(tl.div_rn(a, step[:, None]))
-                q = tl.minimum(tl.maximum(q, -8.0), 7.0)
+                q, z = _codes(a, lo, kf * s_row, ASYM)
+                if ASYM:  # stored as k·(u − 8) and k·(z − 8), both int8
+                    q = q - 8.0
+                    tl.store(z_ptr + rows * stride_zn + g, ((z - 8.0) * kf).to(tl.int8), mask=rmask)
                 tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], (q * kf[:, None]).to(tl.int8),
                          mask=omask)
                 tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)
         else:
-            if STORE_A:
-                tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
             sc = tl.maximum(tl.div_rn(amax, tl.full((BT,), 7.0, tl.float32)), 1e-12)
             q = _rne(tl.div_rn(a, sc[:, None]))
             q = tl.minimum(tl.maximum(q, -8.0), 7.0)
