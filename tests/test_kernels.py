@@ -99,6 +99,17 @@ def _weight_operand(m: QuantLinear) -> torch.Tensor:
     return qw.q * qw.ratio.repeat_interleave(m.group_size, -1)
 
 
+def _exact_output(m: QuantLinear, qt, c: torch.Tensor | None) -> torch.Tensor:
+    """y in float64 from the activation codes ``qt`` (a QuantizedTensor), the module's dequantized
+    weight, its 16-bit branch on the kernel's ``c`` and its bias: what the GEMM must compute."""
+    y = qt.dequantize(torch.float64) @ m.dequantized_weight().double().T
+    if c is not None and m.up is not None:
+        y = y + c.double() @ m.up.double().T
+    if m.bias is not None:
+        y = y + m.bias.double()
+    return y
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
 
@@ -150,13 +161,7 @@ def test_act_quant_and_gemm_match_reference(structure, d, o, r, n, fmt):
     assert torch.equal(acc.long(), act["codes"].long() @ wop.long().T)
     # float output: exact math on the kernel's codes (fp64), and the module's reference path
     y = w4a4_gemm(m, plan, act, torch.float32)
-    xs = qt.dequantize(torch.float64)
-    y64 = xs @ m.dequantized_weight().double().T
-    if r:
-        y64 = y64 + act["c"].double() @ m.up.double().T
-    if m.bias is not None:
-        y64 = y64 + m.bias.double()
-    assert _rel(y, y64) < 2e-6
+    assert _rel(y, _exact_output(m, qt, act["c"] if r else None)) < 2e-6
     assert _rel(y, m.reference_forward(x)) < 2e-3
 
 
@@ -300,12 +305,7 @@ def test_asymmetric_format_c_activations_match_reference(structure, d, o, r, n):
     acc = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
     assert torch.equal(acc.long(), act["codes"].long() @ wop.long().T)
     y = w4a4_gemm(m, plan, act, torch.float32)
-    y64 = qt.dequantize(torch.float64) @ m.dequantized_weight().double().T
-    if r:
-        y64 = y64 + act["c"].double() @ m.up.double().T
-    if m.bias is not None:
-        y64 = y64 + m.bias.double()
-    assert _rel(y, y64) < 2e-6
+    assert _rel(y, _exact_output(m, qt, act["c"] if r else None)) < 2e-6
     assert _rel(y, m.reference_forward(x)) < 2e-3
     assert _rel(kernels.kernel_forward(m, x), m.reference_forward(x)) < 2e-3
 
@@ -432,12 +432,7 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     actb = quantize_activations(mb, get_plan(mb, xb), xb, store_a=True)
     qtb = quantize(actb["a"][:, : mb.quant_in_features], 4, 64, True, fmt)
     assert torch.equal(actb["codes"], qtb.q if fmt == "exact" else qtb.q * qtb.ratio.repeat_interleave(64, -1))
-    y64 = qtb.dequantize(torch.float64) @ mb.dequantized_weight().double().T
-    if r:
-        y64 = y64 + actb["c"].double() @ mb.up.double().T
-    if mb.bias is not None:
-        y64 = y64 + mb.bias.double()
-    assert _rel(yb.float(), y64) < 1e-2  # bf16 output rounding
+    assert _rel(yb.float(), _exact_output(mb, qtb, actb["c"] if r else None)) < 1e-2  # bf16 output rounding
     _, a_ref = mb.transform_input(xb.float())
     assert float((quantize(a_ref, 4, 64, True, fmt).q != qtb.q).float().mean()) <= 0.01
 
