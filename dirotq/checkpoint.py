@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import fusion
 from ._files import default_mode
 from .modules import QuantLinear
 from .quantizers import QuantizedTensor
@@ -184,6 +185,11 @@ def save_quantized_part(model: nn.Module, folder: str | Path, *, targets: Iterab
     """
     from safetensors.torch import save_file
 
+    if fusion.has_fused_layers(model):  # the per-layer form is what checkpoints hold
+        with fusion.unfused(model):
+            return save_quantized_part(model, folder, targets=targets, include_rest=include_rest, part=part,
+                                       parts=parts, quantized_elsewhere=quantized_elsewhere,
+                                       max_shard_size=max_shard_size)
     if not hasattr(model, "to_json_string"):
         raise TypeError(f"save_quantized needs a diffusers ModelMixin, got {type(model).__name__}")
     if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts):
@@ -327,8 +333,9 @@ def save_quantized(model: nn.Module, path: str | Path, *, max_shard_size: int | 
     and an index, as diffusers' ``save_pretrained`` writes them."""
     if not getattr(model, "_dirotq_quantization", None):
         raise ValueError("save_quantized: this model was not quantized by dirotq.quantize_ (no _dirotq_quantization)")
-    manifest = save_quantized_part(model, path, include_rest=True, max_shard_size=max_shard_size)
-    return finalize_checkpoint(model, path, [manifest])
+    with fusion.unfused(model):  # checkpoints hold the per-layer form, which loads fused or not
+        manifest = save_quantized_part(model, path, include_rest=True, max_shard_size=max_shard_size)
+        return finalize_checkpoint(model, path, [manifest])
 
 
 def _shell(info: dict) -> QuantLinear:
@@ -525,7 +532,7 @@ def _match_non_persistent(model: nn.Module) -> None:
 
 
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   verify: bool = True) -> nn.Module:
+                   verify: bool = True, fuse_shared_inputs: bool = False) -> nn.Module:
     """The quantized transformer saved by ``save_quantized`` at ``path`` (a diffusers ModelMixin).
 
     One file or shards with an index; format 1 and 2. The skeleton is built on the meta device and
@@ -534,7 +541,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     without ``quantization_config``, corrupt or truncated safetensors, a missing or extra key
     (named), or a content-hash mismatch ("corrupt or modified checkpoint"; ``verify=False`` skips
     the hash). ``dtype`` casts the non-quantized parameters and the 16-bit QuantLinear tensors after
-    loading (codes and scales keep their formats).
+    loading (codes and scales keep their formats). ``fuse_shared_inputs``: layers that read one
+    input run as one layer (``dirotq.fusion``; the deployment form of the GPU kernels).
     """
     folder = Path(path)
     cfg = _read_config(folder)
@@ -564,7 +572,10 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     model._dirotq_quantization = quantization_record(qc)
     if dtype is not None:
         cast_floats(model, dtype)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if fuse_shared_inputs:
+        fusion.fuse_shared_inputs(model)
+    return model
 
 
 __all__ = ["save_quantized", "save_quantized_part", "finalize_checkpoint", "load_quantized", "recipe_name",

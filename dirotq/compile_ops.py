@@ -57,4 +57,21 @@ def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-__all__ = ["handle", "quant_linear"]
+@torch.library.custom_op("dirotq::quant_linear_member", mutates_args=())
+def quant_linear_member(x: torch.Tensor, layer: int, member: int, start: int, stop: int) -> torch.Tensor:
+    """Columns ``[start, stop)`` of the fused shared-input layer registered under ``layer`` for input
+    x (dirotq/fusion.py): its members' calls on one input run the fused layer once. A copy, not a
+    view: a compiled graph may reuse an op's output memory, which must not be another member's."""
+    module = _LAYERS.get(layer)
+    if module is None:
+        raise RuntimeError(f"dirotq.quant_linear_member: layer handle {layer} is gone (the compiled graph "
+                           "outlived its model)")
+    return module.shared_output(x, member)[..., start:stop].clone()
+
+
+@quant_linear_member.register_fake
+def _(x: torch.Tensor, layer: int, member: int, start: int, stop: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], stop - start))
+
+
+__all__ = ["handle", "quant_linear", "quant_linear_member"]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ._import_hooks import when_imported
+from .fusion import SharedInputSlice
 from .modules import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ MERGE_ERROR = ("cannot merge a LoRA into a QuantLinear ({name}): its weight is I
                "quantize the result")
 
 
-def _device_and_dtype(layer: QuantLinear) -> tuple[torch.device, torch.dtype]:
-    """Where a LoRA on ``layer`` lives: its buffers' device, its 16-bit tensors' dtype (float32 if none)."""
+def _device_and_dtype(layer: QuantLinear | SharedInputSlice) -> tuple[torch.device, torch.dtype]:
+    """Where a LoRA on ``layer`` lives: its buffers' device, its 16-bit tensors' dtype (float32 if none);
+    a member of a fused shared-input layer: those of the fused layer."""
+    layer = layer.fused if isinstance(layer, SharedInputSlice) else layer
     device = next(iter(layer.buffers())).device
     for name in ("up", "down", "bias", "weight", "smooth"):
         t = getattr(layer, name, None)
@@ -100,8 +103,10 @@ def register_custom_module(config: Any) -> Any:
         raise RuntimeError(f"dirotq: {type(config).__name__} has no _register_custom_module (peft too old or changed): "
                            "LoRA on QuantLinear needs peft's custom-module API (peft ≥ 0.14)")
     known = getattr(config, "_custom_modules", None) or {}
-    if QuantLinear not in known:
-        config._register_custom_module({QuantLinear: _build()["QuantLoraLinear"]})
+    if QuantLinear not in known or SharedInputSlice not in known:
+        # a member of a fused shared-input layer takes a LoRA as the layer it stands for
+        config._register_custom_module({QuantLinear: _build()["QuantLoraLinear"],
+                                        SharedInputSlice: _build()["QuantLoraLinear"]})
     return config
 
 
@@ -145,7 +150,7 @@ def _quant_targets(transformer: Any) -> dict[str, QuantLinear]:
     """QuantLinear modules by the name a LoRA state dict uses (a PEFT-wrapped one sits at ``….base_layer``)."""
     out = {}
     for name, m in transformer.named_modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, SharedInputSlice)):
             out[name[: -len(".base_layer")] if name.endswith(".base_layer") else name] = m
     return out
 

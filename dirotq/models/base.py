@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -68,10 +68,17 @@ class _Block:
     module: nn.Module
 
 
+def _linear_like(m: object) -> bool:
+    """An ``nn.Linear`` or a layer standing in for one (a quantized layer: integer widths), so the
+    attention structure of a quantized model is recognised as that of its float original."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Module) and isinstance(getattr(m, "in_features", None), int)
+                                        and isinstance(getattr(m, "out_features", None), int))
+
+
 def _attention_modules(block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Attention-like submodules of a block: anything with ``to_q``/``to_k``/``to_v`` linears."""
     for name, mod in block.named_modules():
-        if all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("to_q", "to_k", "to_v")):
+        if all(_linear_like(getattr(mod, a, None)) for a in ("to_q", "to_k", "to_v")):
             yield name, mod
 
 
@@ -185,7 +192,7 @@ class ModelAdapter:
                 sets.append((p + "to_k", p + "to_v"))
             else:
                 sets.append((p + "to_q", p + "to_k", p + "to_v"))
-            if all(isinstance(getattr(attn, a, None), nn.Linear) for a in ("add_q_proj", "add_k_proj", "add_v_proj")):
+            if all(_linear_like(getattr(attn, a, None)) for a in ("add_q_proj", "add_k_proj", "add_v_proj")):
                 sets.append((p + "add_q_proj", p + "add_k_proj", p + "add_v_proj"))
         sets.extend(self.extra_groups)
         return sets
@@ -278,6 +285,22 @@ class ModelAdapter:
     def kept_16bit(self, model: nn.Module) -> dict[str, str]:
         """Every other ``nn.Linear`` of the model -> the reason it stays 16-bit."""
         return self._walk(model)[1]
+
+    def block_shared_inputs(self, model: nn.Module, members: Callable[[nn.Module], bool]) -> list[list[str]]:
+        """Within each block, the sets of layers (full names, layer order) that read one tensor, among
+        the modules ``members`` accepts (e.g. the quantized layers of a quantized model, which
+        ``targets`` no longer lists); sets of one are left out. Model-wide groups are not included:
+        their members run at different points of the forward."""
+        out: list[list[str]] = []
+        for block in self.blocks(model):
+            layers = [(f"{block.prefix}.{n}", f"{block.type_prefix}{n}") for n, m in block.module.named_modules()
+                      if n and members(m)]
+            group_of = _merge_groups(self._group_sets(block), [lt for _, lt in layers])
+            grouped: dict[str, list[str]] = {}
+            for full, lt in layers:
+                grouped.setdefault(group_of[lt], []).append(full)
+            out.extend(g for g in grouped.values() if len(g) > 1)
+        return out
 
     def groups(self, model: nn.Module) -> dict[str, list[str]]:
         """Shared-input group key -> member target names (layer order)."""
