@@ -6,25 +6,35 @@ values), bf16, 1024×1024:
 - FLUX.1-dev (19 double + 38 single blocks, width 3072): 4096 image + 512 text tokens, batch 1,
   guidance-distilled (``--flux-single-blocks`` / ``--flux-double-blocks`` reduce the depth if memory
   requires; the JSON says so).
-Variants: ``bf16`` (the model as built) and W4A4 format A / C: every adapter target replaced by a
-``QuantLinear`` of the DiRotQ-LR structure at rank ``--rank`` (c = xV_r, residual, block Hadamard,
-INT4 weights of the actual random W, fused 16-bit branch), adapter W4A16 targets (PixArt ff.net.2,
-FLUX adaLN modulation) weight-only INT4; what the adapter keeps 16-bit stays bf16. The basis is a
-random orthonormal V_r (no calibration statistics exist for random weights); structure, sizes and
-kernels are those of a calibrated model.
+Variants: ``bf16`` (the model as built) and, on one shared target set (the adapter's W4A4 and W4A16
+targets; ``--pixart-cross-kv w4a16``, the default, adds PixArt's cross-attention K/V as W4A16):
+- ``exact`` / ``int_ratio``: W4A4 format A / C: every W4A4 target a ``QuantLinear`` of the DiRotQ-LR
+  structure at rank ``--rank`` (c = xV_r, residual, block Hadamard, INT4 weights of the actual random W,
+  fused 16-bit branch), the W4A16 targets (PixArt ff.net.2, FLUX adaLN modulation) weight-only INT4;
+- ``w4a16-int_ratio``: every target weight-only INT4 in format C (RTN, activations stay 16-bit): no
+  more weight memory than W4A4 and no activation error, so the speed W4A4 has to beat to be worth it;
+- ``fp8-torchao``: torchao's rowwise FP8 (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``:
+  FP8 weights, FP8 activations quantized per token at run time, ``torch._scaled_mm``), the baseline a
+  user reaches for first; layers torchao cannot take (in/out features not multiples of 16) stay bf16
+  and are counted. Skipped, with the reason in its JSON entry, without torchao or an FP8 GPU (sm ≥ 8.9).
+What the adapter keeps 16-bit stays bf16 in every variant. The basis is a random orthonormal V_r (no
+calibration statistics exist for random weights); structure, sizes and kernels are those of a
+calibrated model.
 Timing: one transformer forward (= one denoising step), eager (``do_bench`` median) and inside a
 CUDA graph (the deployment mode: no Python launch overhead). Memory: bytes of every parameter and
 buffer the transformer holds (packed weights, scales, multipliers, 16-bit branches, bases, signs,
-bias, the unquantized layers), and the ``storage_bits`` accounting of the QuantLinear layers.
+bias, the unquantized layers; a tensor subclass such as torchao's FP8 weight counted by its inner
+tensors), and the ``storage_bits`` accounting of the QuantLinear layers.
 
-    python -m benchmarks.bench_e2e --model pixart [--formats exact int_ratio] [--rank 32]
+    python -m benchmarks.bench_e2e --model pixart [--formats exact int_ratio w4a16-int_ratio fp8-torchao] [--rank 32]
     python -m benchmarks.bench_e2e --model flux
     python -m benchmarks.bench_e2e --dry-run      # CPU, TRITON_INTERPRET=1, tiny configs: code path only
     python -m benchmarks.bench_e2e --model flux --compile default   # also each variant under torch.compile
 
-``--compile MODE`` adds, for every variant, the step of ``torch.compile(model, mode=MODE)`` (what a
-user compares against: BF16 + compile): compile seconds, graph count and graph breaks (a quantized
-linear is one custom op, ``dirotq/compile_ops.py``), and the compiled step time.
+``--compile MODE`` adds, for every variant (torchao FP8 included), the step of
+``torch.compile(model, mode=MODE)`` (what a user compares against: BF16 + compile, torchao FP8 +
+compile): compile seconds, graph count and graph breaks (a quantized linear is one custom op,
+``dirotq/compile_ops.py``), and the compiled step time.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ if "--dry-run" in sys.argv:
     os.environ.setdefault("DIROTQ_BACKEND", "triton")  # exercise the kernels on CPU tensors
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from benchmarks._bench_common import ROOT, bench, bench_graph, environment, make_quant_linear  # noqa: E402
 
@@ -59,6 +70,25 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
     axes_dims_rope=(16, 56, 56),
 )
 
+# QuantLinear variants: name -> (structure of the W4A4 targets, scale format, activation bits of the
+# W4A4 targets; None: weight-only). The adapter's W4A16 targets are weight-only RTN in every variant.
+QUANT_VARIANTS: dict[str, tuple[str, str, int | None]] = {
+    "exact": ("dirotq-lr", "exact", 4),  # W4A4 format A
+    "int_ratio": ("dirotq-lr", "int_ratio", 4),  # W4A4 format C
+    "w4a16-int_ratio": ("rtn", "int_ratio", None),  # weight-only INT4 format C
+    "int_ratio-fused": ("dirotq-lr", "int_ratio", 4),  # format C, shared-input layers fused (dirotq/fusion.py)
+}
+# variants whose layers that read one input (q/k/v, FLUX's proj_mlp + q/k/v) run as one layer
+FUSED_VARIANTS = ("int_ratio-fused",)
+FP8_TORCHAO = "fp8-torchao"
+VARIANTS = [*QUANT_VARIANTS, FP8_TORCHAO]
+DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "w4a16-int_ratio", FP8_TORCHAO]
+# PixArt's cross-attention K/V: 16-bit as the adapter (and the paper) keeps them, W4A16 or W4A4, one of
+# which the issue's weight-memory target (≤ 0.30× bf16 for PixArt-Σ) needs (their image cost on the
+# embedded model: benchmarks/results/cross_kv_tiny_pixart.md)
+PIXART_CROSS_KV = ("16bit", "w4a16", "w4a4")
+PIXART_CROSS_KV_DEFAULT = "w4a16"
+
 
 def published_config(cls, config: dict) -> tuple[dict, list[str]]:
     """The published config minus keys the installed diffusers no longer accepts (e.g. PixArt's
@@ -70,12 +100,17 @@ def published_config(cls, config: dict) -> tuple[dict, list[str]]:
     return kept, sorted(set(config) - set(kept))
 
 
-def build(model: str, args, dry: bool, seed: int = 0):
-    """(transformer, inputs dict, description) on the benchmark device, bf16 (fp32 in the dry run)."""
+def bench_device(dry: bool) -> str:
+    return "cuda" if torch.cuda.is_available() and not dry else "cpu"
+
+
+def build(model: str, args, dry: bool, seed: int = 0, dtype: torch.dtype | None = None):
+    """(transformer, inputs dict, description) on the benchmark device, bf16 (fp32 in the dry run
+    unless ``dtype`` says otherwise: torchao's rowwise FP8 takes bf16 weights only)."""
     from dirotq.models import ADAPTERS
 
-    dev = "cuda" if torch.cuda.is_available() and not dry else "cpu"
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    dev = bench_device(dry)
+    dt = dtype or (torch.bfloat16 if dev == "cuda" else torch.float32)
     adapter = ADAPTERS["pixart" if model == "pixart" else "flux"]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -140,25 +175,40 @@ def _to(kw, dev, dt):
     return out
 
 
-@torch.no_grad()
-def quantize_model(model, fmt: str, rank: int) -> dict:
-    """Replace every adapter target by a QuantLinear in place; returns counts."""
+def bench_targets(model, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT) -> dict:
+    """The adapter's targets (name -> TargetSpec), PixArt's cross-attention K/V added as W4A16 when
+    ``pixart_cross_kv == "w4a16"`` (the adapter keeps them 16-bit unless overridden). Every variant
+    quantizes this one set, so BF16, FP8 and INT4 differ only in how the same layers are stored."""
     from dirotq.models import get_adapter
 
-    specs = get_adapter(model).targets(model)
+    if pixart_cross_kv not in PIXART_CROSS_KV:
+        raise ValueError(f"pixart_cross_kv {pixart_cross_kv!r} not in {PIXART_CROSS_KV}")
+    adapter = get_adapter(model)
+    if adapter.family == "pixart" and pixart_cross_kv != "16bit":
+        adapter = type(adapter)({**adapter.overrides, "attn2.to_k": pixart_cross_kv, "attn2.to_v": pixart_cross_kv})
+    return adapter.targets(model)
+
+
+@torch.no_grad()
+def quantize_model(model, variant: str, rank: int, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT) -> dict:
+    """Replace every bench target by a QuantLinear of ``variant`` (``QUANT_VARIANTS``) in place;
+    returns counts by what the layers became (``w4a4``: 4-bit activations, ``w4a16``: weight-only)."""
+    structure_a4, fmt, act_bits = QUANT_VARIANTS[variant]
     counts = {"w4a4": 0, "w4a16": 0}
-    for name, spec in specs.items():
+    for name, spec in bench_targets(model, pixart_cross_kv).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         lin = getattr(parent, child)
-        w4a16 = spec.kind == "w4a16"
-        structure = "rtn" if (w4a16 or lin.in_features % 64) else "dirotq-lr"
+        act = act_bits if spec.kind == "w4a4" else None
+        # the DiRotQ-LR structure needs whole 64-wide Hadamard blocks; other widths (and weight-only
+        # layers, which have no activation outliers to spread) are plain RTN
+        structure = structure_a4 if act is not None and lin.in_features % 64 == 0 else "rtn"
         q = make_quant_linear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), structure, fmt,
-                              0 if structure == "rtn" else min(rank, lin.in_features), act_bits=None if w4a16 else 4)
+                              0 if structure == "rtn" else min(rank, lin.in_features), act_bits=act)
         # float buffers (branch, bias, signs) are already in the model dtype; no .to(dtype) here, which
         # would also cast the fp16 weight scales to bf16
         setattr(parent, child, q)
-        counts[spec.kind] += 1
+        counts["w4a16" if act is None else "w4a4"] += 1
         del lin
     gc.collect()
     if torch.cuda.is_available():
@@ -166,14 +216,83 @@ def quantize_model(model, fmt: str, rank: int) -> dict:
     return counts
 
 
+def _fp8_config():
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def fp8_unavailable_reason(device: str) -> str | None:
+    """Why the torchao FP8 variant cannot run on ``device``, or None when it can. Probed on one small
+    bf16 linear (quantize and forward), so a missing torchao, a GPU without FP8 tensor cores or
+    torchao refusing the device is written into the result instead of ending the run."""
+    try:
+        import torchao
+        from torchao.quantization import quantize_
+
+        _fp8_config()
+    except Exception as exc:  # ImportError, or an API that moved
+        return (f"torchao FP8 API not importable ({type(exc).__name__}: {exc}); pip install torchao "
+                "(device_checks.sh installs it from .whl/)")
+    if device == "cuda":
+        cap = torch.cuda.get_device_capability()
+        if cap < (8, 9):
+            return (f"FP8 needs CUDA compute capability >= 8.9 (Ada/Hopper); {torch.cuda.get_device_name()} "
+                    f"has {cap[0]}.{cap[1]}")
+    probe = nn.Linear(64, 32, device=device, dtype=torch.bfloat16)
+    try:
+        quantize_(probe, _fp8_config())
+        with torch.no_grad():
+            y = probe(torch.randn(4, 64, device=device, dtype=torch.bfloat16))
+    except Exception as exc:
+        return f"torchao {torchao.__version__} rowwise FP8 does not run on {device}: {type(exc).__name__}: {exc}"
+    if not bool(torch.isfinite(y).all()):
+        return f"torchao {torchao.__version__} rowwise FP8 gave non-finite output on {device}"
+    return None
+
+
+@torch.no_grad()
+def quantize_fp8_torchao(model, targets: dict) -> dict:
+    """torchao rowwise FP8 (dynamic per-token FP8 activations, per-row FP8 weights) on exactly the
+    ``targets`` (names), in place. torchao silently leaves a linear it cannot take (in/out features not
+    multiples of 16) in bf16: those are counted and named, so the memory and speed read right."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from torchao.quantization import quantize_
+
+    names = set(targets)
+    quantize_(model, _fp8_config(), filter_fn=lambda module, fqn: fqn in names and isinstance(module, nn.Linear))
+    kept = [n for n in targets if not is_traceable_wrapper_subclass(model.get_submodule(n).weight)]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"fp8": len(names) - len(kept), "kept_bf16": len(kept), "kept_bf16_layers": kept}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` holds. A wrapper tensor subclass (torchao's FP8 weight) reports the shape and dtype
+    of the tensor it stands for (bf16), not its storage: count its inner tensors (``qdata``, ``scale``
+    or whatever its ``__tensor_flatten__`` names), recursively."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(inner) for inner in (getattr(t, n) for n in names) if inner is not None)
+    return t.numel() * t.element_size()
+
+
 def weight_bytes(model) -> dict:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     from dirotq.modules import QuantLinear
 
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    total = sum(tensor_bytes(p) for p in model.parameters())
+    total += sum(tensor_bytes(b) for b in model.buffers())
+    sub = [p for p in model.parameters() if is_traceable_wrapper_subclass(p)]
     q_bits = sum(sum(m.storage_bits().values()) for m in model.modules() if isinstance(m, QuantLinear))
     q_params = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
-    return {"bytes": int(total), "quant_layers_storage_bytes": int(q_bits / 8), "quant_layers_weights": int(q_params)}
+    return {"bytes": int(total), "quant_layers_storage_bytes": int(q_bits / 8), "quant_layers_weights": int(q_params),
+            "tensor_subclass_bytes": int(sum(tensor_bytes(p) for p in sub)),
+            "tensor_subclass_weights": int(sum(p.numel() for p in sub))}
 
 
 def time_step(model, kw, graphs: bool) -> dict:
@@ -183,7 +302,8 @@ def time_step(model, kw, graphs: bool) -> dict:
     out = {}
     with torch.no_grad():
         for _ in range(2):  # compile / autotune / plan caches before timing or capture
-            step()
+            y = step()
+        out["output_finite"] = bool(torch.isfinite(y).all())  # a broken variant must not pass as fast
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out["eager_ms"] = bench(step, rep_ms=1000, warmup_ms=100)
@@ -213,11 +333,74 @@ def compiled_step(model, kw, mode: str) -> dict:
     return out
 
 
+def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
+    """Build the model, turn it into ``variant``, and measure memory and step time (plus the
+    compiled step with ``--compile``): the variant's JSON entry."""
+    from dirotq.modules import backend_description
+
+    dev = bench_device(dry)
+    fp8 = variant == FP8_TORCHAO
+    if fp8:
+        reason = fp8_unavailable_reason(dev)
+        if reason:
+            return {"skipped": reason}
+    # torchao's rowwise FP8 takes bf16 weights only: the fp32 dry run builds this variant in bf16
+    model, kw, desc = build(args.model, args, dry, dtype=torch.bfloat16 if fp8 else None)
+    res["setup"] = desc
+    entry: dict = {}
+    try:
+        if variant != "bf16":
+            targets = bench_targets(model, args.pixart_cross_kv)
+            if fp8:
+                import torchao
+
+                entry["layers"] = quantize_fp8_torchao(model, targets)
+                entry["backend"] = (f"torchao {torchao.__version__} Float8DynamicActivationFloat8WeightConfig(PerRow): "
+                                    f"{entry['layers']['fp8']}× FP8 rowwise, {entry['layers']['kept_bf16']} kept bf16")
+            else:
+                structure, fmt, act_bits = QUANT_VARIANTS[variant]
+                entry["quant"] = {"structure_w4a4_targets": structure, "scale_format": fmt,
+                                  "act_bits_w4a4_targets": act_bits}
+                entry["layers"] = quantize_model(model, variant, args.rank, args.pixart_cross_kv)
+                if variant in FUSED_VARIANTS:
+                    from dirotq.fusion import fuse_shared_inputs
+
+                    fused = fuse_shared_inputs(model)["fused"]
+                    entry["fused"] = {"groups": len(fused), "layers": sum(map(len, fused.values()))}
+                entry["backend"] = backend_description(model)
+        else:
+            entry["backend"] = "torch bf16"
+            kinds = [spec.kind for spec in bench_targets(model, args.pixart_cross_kv).values()]
+            res["targets"] = {k: kinds.count(k) for k in ("w4a4", "w4a16")}  # the adapter's kinds, every variant
+        entry["memory"] = weight_bytes(model)
+        entry.update(time_step(model, kw, graphs=not args.no_graphs and not dry))
+    except Exception as exc:
+        if not fp8:
+            raise
+        # an outside library's failure must not cost the run the variants after it
+        return {"failed": f"{type(exc).__name__}: {str(exc)[:1000]}", **entry}
+    if args.compile != "none":
+        try:
+            entry["compiled"] = compiled_step(model, kw, args.compile)
+        except Exception as exc:  # recorded: the eager numbers of this variant still stand
+            torch._dynamo.reset()
+            entry["compiled"] = {"mode": args.compile, "failed": f"{type(exc).__name__}: {str(exc)[:1000]}"}
+    if torch.cuda.is_available() and not dry:
+        entry["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats()
+    del model, kw
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["pixart", "flux"], default="pixart")
-    ap.add_argument("--formats", nargs="+", default=["exact", "int_ratio"])
+    ap.add_argument("--formats", nargs="+", choices=VARIANTS, default=DEFAULT_FORMATS,
+                    help=f"variants after bf16, in this order (default {' '.join(DEFAULT_FORMATS)})")
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--pixart-cross-kv", choices=PIXART_CROSS_KV, default=PIXART_CROSS_KV_DEFAULT,
+                    help="PixArt attn2.to_k / to_v: kept 16-bit (the adapter's default) or W4A16 in every "
+                         f"variant (default {PIXART_CROSS_KV_DEFAULT}: the weight-memory target needs it)")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--flux-double-blocks", type=int, default=None)
     ap.add_argument("--flux-single-blocks", type=int, default=None)
@@ -230,48 +413,35 @@ def main() -> None:
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         sys.exit("bench_e2e.py needs a CUDA GPU (or --dry-run to check the code path on CPU)")
-    from dirotq.modules import backend_description
 
     env = environment()
     res: dict = {"benchmark": "bench_e2e", "model": args.model, "environment": env, "dry_run": dry,
-                 "rank": args.rank, "variants": {}}
+                 "rank": args.rank, "pixart_cross_kv": args.pixart_cross_kv if args.model == "pixart" else None,
+                 "variants": {}}
     t0 = time.time()
     gpu = (env.get("gpu") or "cpu-dry-run").replace(" ", "_")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_e2e_{args.model}_{gpu}.json"
     if dry and not args.out:
         out = Path("/tmp") / f"bench_e2e_{args.model}_dry_run.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for variant in ["bf16", *args.formats]:
-        print(f"{args.model} {variant}: building", flush=True)
-        model, kw, desc = build(args.model, args, dry)
-        res["setup"] = desc
-        entry: dict = {}
-        if variant != "bf16":
-            entry["layers"] = quantize_model(model, variant, args.rank)
-        entry["memory"] = weight_bytes(model)
-        entry.update(time_step(model, kw, graphs=not args.no_graphs and not dry))
-        entry["backend"] = backend_description(model) if variant != "bf16" else "torch bf16"
-        if args.compile != "none":
-            entry["compiled"] = compiled_step(model, kw, args.compile)
-        if torch.cuda.is_available() and not dry:
-            entry["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats()
+    for variant in ["bf16", *dict.fromkeys(args.formats)]:
+        print(f"{args.model} {variant}", flush=True)
+        entry = run_variant(variant, args, dry, res)
         res["variants"][variant] = entry
         print("  " + json.dumps(entry), flush=True)
         out.write_text(json.dumps(res, indent=1))  # after every variant: a killed run keeps what it measured
-        del model, kw
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     base = res["variants"]["bf16"]
     for v, e in res["variants"].items():
-        if v == "bf16":
+        if v == "bf16" or "memory" not in e or "eager_ms" not in e:  # skipped or failed
             continue
         e["memory_ratio_vs_bf16"] = round(e["memory"]["bytes"] / base["memory"]["bytes"], 4)
         e["eager_speedup_vs_bf16"] = round(base["eager_ms"] / e["eager_ms"], 3)
         if e.get("cuda_graph_ms") and base.get("cuda_graph_ms"):
             e["graph_speedup_vs_bf16"] = round(base["cuda_graph_ms"] / e["cuda_graph_ms"], 3)
-        if e.get("compiled") and base.get("compiled"):
+        if e.get("compiled", {}).get("eager_ms") and base.get("compiled", {}).get("eager_ms"):
             e["compiled_speedup_vs_bf16_compiled"] = round(base["compiled"]["eager_ms"] / e["compiled"]["eager_ms"], 3)
     res["seconds"] = round(time.time() - t0, 1)
     out.write_text(json.dumps(res, indent=1))

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #6 as one prepared script for a lent GPU machine (docs/KERNELS.md, "Running the GPU checks"):
 #   bash benchmarks/device_checks.sh kernels   # CUDA kernel tests + bench_linear (about 4 min on an H100)
-#   bash benchmarks/device_checks.sh e2e       # bench_e2e PixArt-Σ and FLUX (about 3 min)
-#   bash benchmarks/device_checks.sh all
-#   bash benchmarks/device_checks.sh compile   # bench_e2e PixArt-Σ with torch.compile: BF16 vs W4A4 format C (~3 min)
-# Every step is time-boxed and writes its log and JSON under $OUT (default benchmarks/results/gpu_run),
-# so a step that runs out of time still leaves what it measured. Packages the GPU image lacks
-# (diffusers) are installed from wheels in .whl/ when that folder exists.
+#   bash benchmarks/device_checks.sh e2e       # bench_e2e PixArt-Σ then FLUX: BF16, W4A4 format C, torchao FP8,
+#                                              #   W4A16 format C (+ format A on PixArt), at most 2 + 3.5 min
+#   bash benchmarks/device_checks.sh compile   # bench_e2e PixArt-Σ under torch.compile: BF16, W4A4 format C,
+#                                              #   torchao FP8, W4A16 format C (at most 5 min)
+#   bash benchmarks/device_checks.sh all       # kernels + e2e (over one 10-minute device call: run them apart)
+# Through the device tool: run(command="bash benchmarks/device_checks.sh e2e", carry=[".whl"]).
+# Every step is time-boxed (PIXART_S, FLUX_S, COMPILE_S seconds) and writes its log and JSON under $OUT (default
+# benchmarks/results/gpu_run) after every variant, so a step that runs out of time still leaves what it measured;
+# the variants run in order of interest (format C and the FP8 baseline first). COMPILE_MODE (default "default";
+# max-autotune-no-cudagraphs autotunes every GEMM shape of every variant: minutes each) and COMPILE_MODELS
+# (default pixart; "pixart flux" adds FLUX) tune the compile stage. Packages the GPU image lacks (diffusers,
+# torchao for the fp8-torchao baseline) are installed from wheels in .whl/ (ignored by git: carry it) when that
+# folder exists; without torchao the FP8 entries say "skipped" with the reason and the rest runs.
 set -u
 stage="${1:-all}"
 OUT="${OUT:-benchmarks/results/gpu_run}"
@@ -19,6 +26,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__,
 'diffusers', diffusers.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/device.txt"
+python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | grep -v "^Failed to load\|_pytree" \
+    | tee -a "$OUT/device.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version,memory.total \
     --format=csv >>"$OUT/device.txt" 2>&1
 
@@ -42,19 +51,26 @@ fi
 if [[ "$stage" == e2e || "$stage" == all ]]; then
     for model in pixart flux; do
         echo "== bench_e2e $model"
-        limit=$([[ $model == pixart ]] && echo "${PIXART_S:-70}" || echo "${FLUX_S:-110}")
-        timeout "$limit" python3 -m benchmarks.bench_e2e --model "$model" --out "$OUT/bench_e2e_$model.json" \
-            >>"$OUT/bench_e2e.log" 2>&1
+        if [[ $model == pixart ]]; then
+            limit="${PIXART_S:-120}" formats=(int_ratio int_ratio-fused fp8-torchao w4a16-int_ratio exact)
+        else  # format A on FLUX was measured on 2026-11-26 (results/gpu_h100_2026-11-26) and is slower than C
+            limit="${FLUX_S:-210}" formats=(int_ratio int_ratio-fused fp8-torchao w4a16-int_ratio)
+        fi
+        timeout "$limit" python3 -m benchmarks.bench_e2e --model "$model" --formats "${formats[@]}" \
+            --out "$OUT/bench_e2e_$model.json" >>"$OUT/bench_e2e.log" 2>&1
         echo "bench_e2e $model exit $?" | tee -a "$OUT/bench_e2e.log"
     done
-    grep -v '^  {' "$OUT/bench_e2e.log" | tail -8
+    grep -v '^  {' "$OUT/bench_e2e.log" | tail -12
     python3 -m benchmarks.summarize_gpu "$OUT"/bench_e2e_*.json
 fi
 
 if [[ "$stage" == compile ]]; then
-    echo "== bench_e2e pixart --compile default"
-    timeout "${COMPILE_S:-200}" python3 -m benchmarks.bench_e2e --model pixart --formats int_ratio --no-graphs \
-        --compile default --out "$OUT/bench_e2e_pixart_compiled.json" >>"$OUT/bench_e2e_compiled.log" 2>&1
-    echo "bench_e2e compiled exit $?" | tee -a "$OUT/bench_e2e_compiled.log"
-    grep -v '^  {' "$OUT/bench_e2e_compiled.log" | tail -8
+    for model in ${COMPILE_MODELS:-pixart}; do
+        echo "== bench_e2e $model --compile ${COMPILE_MODE:-default}"
+        timeout "${COMPILE_S:-300}" python3 -m benchmarks.bench_e2e --model "$model" --no-graphs \
+            --formats int_ratio int_ratio-fused fp8-torchao w4a16-int_ratio --compile "${COMPILE_MODE:-default}" \
+            --out "$OUT/bench_e2e_${model}_compiled.json" >>"$OUT/bench_e2e_compiled.log" 2>&1
+        echo "bench_e2e $model compiled exit $?" | tee -a "$OUT/bench_e2e_compiled.log"
+    done
+    grep -v '^  {' "$OUT/bench_e2e_compiled.log" | tail -10
 fi

@@ -35,11 +35,17 @@ def linear_table(res: dict) -> str:
 
 
 def e2e_table(res: dict) -> str:
-    lines = ["| variant | eager ms | CUDA-graph ms | × bf16 (graph) | weight GB | × bf16 memory |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | eager ms | CUDA-graph ms | × bf16 (graph) | compiled ms | × bf16 compiled | weight GB | "
+             "× bf16 memory |", "|---|---|---|---|---|---|---|---|"]
     for name, e in res["variants"].items():
+        if "skipped" in e or "failed" in e:  # e.g. FP8 without torchao or an FP8 GPU: the reason, not a number
+            lines.append(f"| {name} | {e.get('skipped') or e.get('failed')} |  |  |  |  |  |  |")
+            continue
+        c = e.get("compiled") or {}
+        mem = e.get("memory", {}).get("bytes")
         lines.append(f"| {name} | {_f(e.get('eager_ms'), 1)} | {_f(e.get('cuda_graph_ms'), 1)} | "
-                     f"{_f(e.get('graph_speedup_vs_bf16'), 3)} | {e['memory']['bytes'] / 1e9:.2f} | "
+                     f"{_f(e.get('graph_speedup_vs_bf16'), 3)} | {_f(c.get('eager_ms'), 1) if 'eager_ms' in c else c.get('failed', '–')} | "
+                     f"{_f(e.get('compiled_speedup_vs_bf16_compiled'), 3)} | {_f(mem / 1e9 if mem else None, 2)} | "
                      f"{_f(e.get('memory_ratio_vs_bf16'), 3)} |")
     return "\n".join(lines)
 
@@ -57,7 +63,7 @@ def main(paths: list[str]) -> None:
         elif res.get("benchmark") == "bench_e2e":
             base = res["variants"].get("bf16")
             for e in res["variants"].values():  # a run killed before its end has no ratios yet
-                if base and e is not base:
+                if base and e is not base and "memory" in e and "memory" in base:
                     if e.get("cuda_graph_ms") and base.get("cuda_graph_ms"):
                         e.setdefault("graph_speedup_vs_bf16", base["cuda_graph_ms"] / e["cuda_graph_ms"])
                     e.setdefault("memory_ratio_vs_bf16", e["memory"]["bytes"] / base["memory"]["bytes"])

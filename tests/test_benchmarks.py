@@ -9,7 +9,6 @@ import pytest
 import torch
 
 
-
 @pytest.mark.parametrize("name,params_b", [("pixart", 0.61), ("flux", 11.9)])
 def test_published_configs_build_with_the_installed_diffusers(name, params_b):
     diffusers = pytest.importorskip("diffusers")
@@ -103,6 +102,29 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
 
 
+def test_cross_kv_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
+    """bench_cross_kv on a tiny random PixArt pipeline: the 16-bit, W4A16 and W4A4 rows of the
+    cross-attention K/V, the quantized layer counts, paired differences, smaller checkpoints."""
+    import json
+
+    from benchmarks.bench_cross_kv import main
+    from tests.tiny_pipelines import build_tiny_pixart_pipeline
+
+    build_tiny_pixart_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out" / "ckv"
+    assert main(["--model", str(tmp_path / "pipe"), "--limit", "2", "--steps", "2", "--calib-limit", "2",
+                 "--formats", "exact", "--rank", "16", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rows = {r["cross_kv"]: r for r in json.loads(Path(f"{out}.json").read_text())["rows"]}
+    assert list(rows) == ["16-bit", "W4A16", "W4A4"]
+    n_blocks = 2
+    base = rows["16-bit"]["targets"]
+    assert rows["W4A16"]["targets"] == {"w4a4": base["w4a4"], "w4a16": base["w4a16"] + 2 * n_blocks}
+    assert rows["W4A4"]["targets"] == {"w4a4": base["w4a4"] + 2 * n_blocks, "w4a16": base["w4a16"]}
+    assert rows["W4A16"]["checkpoint_bytes"] < rows["16-bit"]["checkpoint_bytes"]
+    assert "vs_16bit" in rows["W4A4"] and "vs_16bit" not in rows["16-bit"]
+    assert "| exact | W4A16 |" in Path(f"{out}.md").read_text()
+
+
 def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
     """The GPU end-to-end script's code path on CPU (tiny configs, Triton interpreted): bf16 and W4A4
     format C, each also under torch.compile as one graph without breaks."""
@@ -112,15 +134,139 @@ def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
 
     out = tmp_path / "e2e.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.bench_e2e", "--dry-run", "--model", "pixart", "--formats",
-                        "int_ratio", "--compile", "default", "--out", str(out)],
+                        "int_ratio", "int_ratio-fused", "w4a16-int_ratio", "--compile", "default", "--out", str(out)],
                        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    for variant in ("bf16", "int_ratio"):
+    for variant in ("bf16", "int_ratio", "int_ratio-fused", "w4a16-int_ratio"):
         c = res["variants"][variant]["compiled"]
-        assert c["graphs"] == 1 and c["graph_breaks"] == 0 and c["eager_ms"] > 0
+        assert c["graphs"] == 1 and c["graph_breaks"] == 0 and c["eager_ms"] > 0 and c["output_finite"]
+        assert res["variants"][variant]["output_finite"]
     assert res["variants"]["int_ratio"]["backend"].startswith("triton")
     assert "compiled_speedup_vs_bf16_compiled" in res["variants"]["int_ratio"]
+    # the default --pixart-cross-kv w4a16: 2 blocks × (ff.net.2, attn2.to_k, attn2.to_v) weight-only
+    assert res["pixart_cross_kv"] == "w4a16" and res["targets"] == {"w4a4": 14, "w4a16": 6}
+    assert res["variants"]["int_ratio"]["layers"] == res["targets"]
+    # per block, the self-attention q/k/v and the cross-attention K/V (W4A16 here) run as one layer each
+    fused = res["variants"]["int_ratio-fused"]
+    assert fused["fused"] == {"groups": 4, "layers": 10} and fused["backend"].startswith("triton")
+    assert fused["memory"]["bytes"] <= res["variants"]["int_ratio"]["memory"]["bytes"]
+    # the GPU run's table reader takes the file, a skipped variant included (FP8 without an FP8 GPU)
+    from benchmarks import summarize_gpu
+
+    res["variants"]["fp8-torchao"] = {"skipped": "no FP8 GPU"}
+    table = summarize_gpu.e2e_table(res)
+    assert "| int_ratio-fused | " in table and "| fp8-torchao | no FP8 GPU |" in table
+    w4a16 = res["variants"]["w4a16-int_ratio"]
+    assert w4a16["layers"] == {"w4a4": 0, "w4a16": 20} and w4a16["backend"] == "triton: 20× W4A16 format C (int_ratio)"
+    assert 0 < w4a16["memory"]["bytes"] < res["variants"]["int_ratio"]["memory"]["bytes"]
+    assert w4a16["memory"]["quant_layers_weights"] == res["variants"]["int_ratio"]["memory"]["quant_layers_weights"]
+    assert 0 < w4a16["memory_ratio_vs_bf16"] < 1
+
+
+@pytest.mark.parametrize("cross_kv", ["16bit", "w4a16"])
+def test_bench_e2e_variants_quantize_the_same_layers(cross_kv):
+    """W4A4 format C and W4A16 format C replace the same layers (PixArt's cross-attention K/V only
+    with --pixart-cross-kv w4a16): W4A4 targets with 4-bit activations in the first, every target
+    weight-only in the second; what is not a target stays nn.Linear."""
+    pytest.importorskip("diffusers")
+    from benchmarks import bench_e2e
+    from dirotq.models import ADAPTERS
+    from dirotq.modules import QuantLinear
+
+    for variant in ("int_ratio", "w4a16-int_ratio"):
+        model = ADAPTERS["pixart"].build_tiny(0)
+        targets = bench_e2e.bench_targets(model, cross_kv)
+        counts = bench_e2e.quantize_model(model, variant, 32, cross_kv)
+        assert sum(counts.values()) == len(targets) == (20 if cross_kv == "w4a16" else 16)
+        for name, spec in targets.items():
+            q = model.get_submodule(name)
+            assert isinstance(q, QuantLinear) and q.scale_format == "int_ratio"
+            assert q.act_bits == (4 if variant == "int_ratio" and spec.kind == "w4a4" else None)
+        for blk in model.transformer_blocks:
+            for lin in (blk.attn2.to_k, blk.attn2.to_v):
+                assert isinstance(lin, QuantLinear if cross_kv == "w4a16" else torch.nn.Linear)
+                if cross_kv == "w4a16":
+                    assert lin.act_bits is None
+        assert isinstance(model.proj_out, torch.nn.Linear)  # kept 16-bit by the adapter in every variant
+
+
+def test_tensor_bytes_counts_a_torchao_fp8_weight_by_its_inner_tensors():
+    """torchao's FP8 weight reports the bf16 shape and dtype it stands for; the benchmark's byte
+    counter reads its FP8 data and scales instead: about 1 byte per element + one scale per row."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8Tensor, PerRow
+
+    from benchmarks import bench_e2e
+
+    o, d = 48, 128
+    lin = torch.nn.Linear(d, o, dtype=torch.bfloat16)
+    if bench_e2e.fp8_unavailable_reason("cpu") is None:
+        from torchao.quantization import quantize_
+
+        quantize_(lin, bench_e2e._fp8_config())
+        w = lin.weight
+    else:  # torchao's quantize_ refuses FP8 without an FP8 GPU: the same tensor type from the plain weight
+        w = Float8Tensor.from_hp(lin.weight.detach(), granularity=PerRow())
+    assert w.dtype == torch.bfloat16 and w.element_size() == 2  # what a plain numel × element_size would count
+    n = bench_e2e.tensor_bytes(w)
+    assert o * d <= n <= o * d + 8 * o
+    assert bench_e2e.tensor_bytes(lin.bias) == 2 * o
+
+
+def test_fp8_torchao_variant_quantizes_the_targets_and_counts_what_torchao_leaves(monkeypatch):
+    """The FP8 variant's code path on CPU, with torchao's hardware assertion lifted (torch._scaled_mm
+    runs on CPU; torchao's quantize_ only asserts an FP8 GPU): only the named targets become FP8,
+    a layer whose widths are not multiples of 16 stays bf16 and is named, and the byte count drops."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import quant_api
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    from benchmarks import bench_e2e
+
+    if bench_e2e.fp8_unavailable_reason("cpu") is not None:
+        if not hasattr(quant_api, "_check_hardware_support"):
+            pytest.skip("torchao refuses FP8 on CPU and its hardware check moved")
+        monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *a, **k: None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 24),
+                                torch.nn.Linear(24, 32)).to(torch.bfloat16)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    before = bench_e2e.weight_bytes(model)["bytes"]
+    counts = bench_e2e.quantize_fp8_torchao(model, {"0": None, "2": None})
+    assert counts == {"fp8": 1, "kept_bf16": 1, "kept_bf16_layers": ["2"]}
+    assert is_traceable_wrapper_subclass(model[0].weight) and not is_traceable_wrapper_subclass(model[3].weight)
+    mem = bench_e2e.weight_bytes(model)
+    assert mem["tensor_subclass_weights"] == 128 * 64 and mem["tensor_subclass_bytes"] < 2 * 128 * 64
+    assert before - mem["bytes"] == 2 * 128 * 64 - mem["tensor_subclass_bytes"]
+    with torch.no_grad():
+        y = model(x)
+    assert torch.isfinite(y).all() and (y - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_bench_e2e_dry_run_fp8_torchao_runs_or_says_why(tmp_path):
+    """With torchao installed, the dry run's FP8 entry either ran (finite output, fewer bytes than
+    bf16) or carries the reason it was skipped; the run itself goes on."""
+    pytest.importorskip("torchao")
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "e2e.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_e2e", "--dry-run", "--model", "pixart", "--formats",
+                        "fp8-torchao", "--out", str(out)],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    e = res["variants"]["fp8-torchao"]
+    assert "failed" not in e, e
+    if "skipped" in e:
+        assert "FP8" in e["skipped"] and len(e) == 1
+    else:
+        assert e["output_finite"] and e["layers"]["fp8"] == sum(res["targets"].values())
+        assert e["memory"]["bytes"] < res["variants"]["bf16"]["memory"]["bytes"]
 
 
 def test_bench_linear_dry_run_runs_on_cpu(tmp_path):

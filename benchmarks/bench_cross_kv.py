@@ -1,0 +1,129 @@
+"""What quantizing PixArt's cross-attention K/V costs on images, and what it saves in weights.
+
+PixArt's adapter keeps ``attn2.to_k`` / ``attn2.to_v`` 16-bit (the paper's choice: they read the
+caption tokens, the same at every step). At full PixArt-Σ size they are 74 M of the 611 M
+parameters, so the weight-memory target of a W4A4 PixArt-Σ (≤ 0.30× bf16) needs them in 4 bits.
+This study runs the embedded model with the default method at rank ``--rank`` in format A and
+format C, with those two layer types kept 16-bit (the reference row), as W4A16 (INT4 weights,
+16-bit caption activations) and as W4A4, and reports image PSNR against the float image of the
+same prompt and seed, the paired difference to the 16-bit row (bootstrap CI), and the bytes of the
+quantized transformer as a checkpoint stores it (INT4 codes, scales and 16-bit branches by
+``QuantLinear.storage_bits``, every other tensor at 2 bytes).
+
+Evaluation prompts and seeds are those of the rank-plan study (seeds from ``--seed``), disjoint from
+the calibration prompts.
+
+    python -m benchmarks.bench_cross_kv --out benchmarks/results/cross_kv_tiny_pixart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dirotq.eval.metrics import paired_bootstrap_diff
+from dirotq.eval.protocol import Evaluator, make_config
+from dirotq.eval.report import device_description, versions
+from dirotq.generate import quantized_copy
+from dirotq.models import get_adapter
+from dirotq.modules import QuantLinear
+from dirotq.registry import DEFAULT_METHOD
+
+CROSS_KV = ("attn2.to_k", "attn2.to_v")
+KINDS = {"16-bit": None, "W4A16": "w4a16", "W4A4": "w4a4"}
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model`` as a checkpoint stores it: each QuantLinear by its ``storage_bits``, every
+    other parameter and buffer at 2 bytes (bf16)."""
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    inside = {id(t) for m in quant for t in [*m.parameters(), *m.buffers()]}
+    rest = sum(t.numel() for t in [*model.parameters(), *model.buffers()] if id(t) not in inside)
+    return int(sum(sum(m.storage_bits().values()) for m in quant) / 8 + 2 * rest)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded tiny PixArt-Σ)")
+    ap.add_argument("--method", default=DEFAULT_METHOD)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--formats", default="int_ratio,exact")
+    ap.add_argument("--limit", type=int, default=40, help="evaluation prompts")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per evaluation prompt")
+    ap.add_argument("--seed", type=int, default=5000, help="base seed of the evaluation items")
+    ap.add_argument("--calib-limit", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="out/rank_plans", help="image and statistics cache")
+    ap.add_argument("--out", default="benchmarks/results/cross_kv_tiny_pixart")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    out = Path(a.out)
+    result: dict = {"meta": {"method": a.method, "rank": a.rank, "weights": "rtn", "layer_types": list(CROSS_KV),
+                             "device": device_description(), "versions": versions(),
+                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                             "command": " ".join(["python -m benchmarks.bench_cross_kv",
+                                                  *(sys.argv[1:] if argv is None else argv)])},
+                    "rows": []}
+    pipe = None
+    for fmt in [f for f in a.formats.split(",") if f]:
+        reference_row = None
+        for label, kind in KINDS.items():
+            # the 16-bit row comes first and loads the pipeline the other rows reuse
+            adapter = None if kind is None else type(get_adapter(pipe.transformer))({lt: kind for lt in CROSS_KV})
+            ev = Evaluator(pipe if pipe is not None else a.model, limit=a.limit, seeds_per_prompt=a.seeds,
+                           seed=a.seed, num_inference_steps=a.steps, calib_limit=a.calib_limit, out_dir=a.work,
+                           judge=False, n_boot=2000, adapter=adapter)
+            pipe = ev.pipe
+            cfg = make_config(a.method, rank=a.rank, scale_format=fmt)
+            imgs, _ = ev.method_images(f"{a.method}-{fmt}-cross-kv-{label}", cfg)
+            fid = ev.fidelity(imgs)
+            q = quantized_copy(ev.pipe.transformer, cfg, ev.stats, adapter=ev.adapter)
+            row = {"format": fmt, "cross_kv": label, "tag": cfg.tag(), "psnr": fid["psnr"], "ssim": fid["ssim"],
+                   "per_image_psnr": fid["per_image"]["psnr"],
+                   "targets": {k: sum(s.kind == k for s in ev.targets.values()) for k in ("w4a4", "w4a16")},
+                   "checkpoint_bytes": checkpoint_bytes(q),
+                   "bf16_bytes": 2 * sum(p.numel() for p in ev.pipe.transformer.parameters())}
+            row["checkpoint_vs_bf16"] = round(row["checkpoint_bytes"] / row["bf16_bytes"], 4)
+            del q
+            if reference_row is None:
+                reference_row = row
+            else:
+                row["vs_16bit"] = paired_bootstrap_diff(row["per_image_psnr"], reference_row["per_image_psnr"], 2000)
+            result["rows"].append(row)
+            result["meta"]["n_images"] = len(ev.items)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+            d = row.get("vs_16bit")
+            print(f"{fmt:9s} cross-KV {label:6s} PSNR {fid['psnr']['mean']:.2f}  bytes×{row['checkpoint_vs_bf16']:.3f}"
+                  + (f"  Δ {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else ""), flush=True)
+    result["seconds"] = round(time.time() - t0, 1)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{out}.md").write_text(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# Cross-attention K/V of PixArt: 16-bit, W4A16 or W4A4 ({m['method']} r{m['rank']}, RTN weights)", "",
+             f"{m.get('n_images', '?')} images, PSNR vs the float image; Δ paired vs the 16-bit row of the same "
+             f"format (95 % bootstrap CI, share of images that improve). {m['device']}, {m['date']}.", "",
+             "| format | cross-attn K/V | PSNR (dB) | Δ vs 16-bit (dB) | wins | checkpoint / bf16 |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        d = r.get("vs_16bit")
+        delta = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else "reference"
+        wins = f"{d['win_rate']:.0%}" if d else ""
+        lines.append(f"| {r['format']} | {r['cross_kv']} | {r['psnr']['mean']:.2f} | {delta} | {wins} | "
+                     f"{r['checkpoint_vs_bf16']:.3f} |")
+    lines += ["", f"Command: `{m['command']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
