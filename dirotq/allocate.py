@@ -290,17 +290,34 @@ def allocate(curves: Mapping[str, Mapping[int, float]], cost: Callable[[str, int
         spent += step
 
 
+def shared_input_units(targets: Mapping[str, Any]) -> dict[str, str]:
+    """Layer -> the unit that gets one rank when ranks are tied: its shared-input group within its
+    block (q/k/v, FLUX's proj_mlp + q/k/v), the layers ``dirotq.fusion`` runs as one."""
+    return {n: f"{s.group}@{s.block}" for n, s in targets.items()}
+
+
 def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Mapping[str, Any],
-                          config: QuantConfig, rank: int) -> dict[str, int]:
+                          config: QuantConfig, rank: int, *, tie: Mapping[str, str] | None = None) -> dict[str, int]:
     """``allocate`` under the 16-bit parameter budget of a uniform ``rank`` (each layer capped at its
-    width), with the method's own cost. W4A4 targets only."""
+    width), with the method's own cost. W4A4 targets only.
+
+    tie: layer -> unit (``shared_input_units``): the layers of a unit get one rank, chosen on their
+    summed curves and costs, so a fused shared-input group keeps one activation side."""
     names = [n for n in curves if n in targets]
 
     def cost(name: str, r: int) -> float:
         return layer_params16(targets[name], config, r)
 
     budget = sum(cost(n, min(rank, targets[n].in_features)) - cost(n, 0) for n in names)
-    return allocate({n: curves[n] for n in names}, cost, budget)
+    if not tie:
+        return allocate({n: curves[n] for n in names}, cost, budget)
+    units: dict[str, list[str]] = {}
+    for n in names:
+        units.setdefault(tie.get(n, n), []).append(n)
+    unit_curves = {u: {r: sum(curves[m][r] for m in ms) for r in sorted(set.intersection(*(set(curves[m]) for m in ms)))}
+                   for u, ms in units.items()}
+    plan = allocate(unit_curves, lambda u, r: sum(cost(m, r) for m in units[u]), budget)
+    return {n: plan[tie.get(n, n)] for n in names}
 
 
 def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Callable[[int], QuantConfig], *,
@@ -327,7 +344,8 @@ def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Call
 def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, prompts: Sequence[str], *,
                       adapter: Any = None, num_inference_steps: int = 10, seed: int = 0,
                       pipe_kwargs: Mapping[str, Any] | None = None, layers: Sequence[str] | None = None,
-                      dist: Any = None, progress: Progress | None = None) -> tuple[RankPlan, dict]:
+                      dist: Any = None, tie_shared_inputs: bool = False,
+                      progress: Progress | None = None) -> tuple[RankPlan, dict]:
     """The rank plan that spends the 16-bit budget of a uniform ``rank`` where the model output
     gains most, for ``config``'s method, from sensitivities measured on ``prompts`` (use prompts
     the evaluation will not: e.g. calibration prompts). Returns ``(plan, report)`` with the report
@@ -337,6 +355,8 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     ``dirotq.distributed.DistInfo`` under torchrun: each process measures the layers whose input
     groups it owns (the calibration's sharding, so it holds their statistics), the measurements are
     all-gathered, and every process runs the same greedy on all of them: the plan of one process.
+    tie_shared_inputs: one rank per shared-input group of a block (``shared_input_units``), so
+    ``dirotq.fusion`` can run each group as one layer.
     """
     from .distributed import DistInfo, gather_objects, owned_targets
     from .models import get_adapter
@@ -368,7 +388,8 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
         layer = {n: {int(r): e for r, e in c.items()} for part in parts for n, c in part["layer"].items()}
     sens = {n: sens[n] for n in targets}  # the targets' order on every process: the same greedy
     layer = {n: layer[n] for n in targets}
-    ranks = allocate_like_uniform(sensitivity_curves(layer, sens), targets, config, rank)
+    ranks = allocate_like_uniform(sensitivity_curves(layer, sens), targets, config, rank,
+                                  tie=shared_input_units(targets) if tie_shared_inputs else None)
     cost = {n: layer_params16(targets[n], config, r) - layer_params16(targets[n], config, 0) for n, r in ranks.items()}
     budget = sum(layer_params16(s, config, min(rank, s.in_features)) - layer_params16(s, config, 0)
                  for s in targets.values())
@@ -376,7 +397,7 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     report = {"policy": "output error", "uniform_rank": rank, "budget_params16": budget,
               "spent_params16": sum(cost.values()), "ranks": ranks,
               "gain": {n: v["gain"] for n, v in sens.items()}, "sensitivity_prompts": len(prompts),
-              "processes": dist.world_size if dist.distributed else 1}
+              "processes": dist.world_size if dist.distributed else 1, "tied_shared_inputs": tie_shared_inputs}
     return as_plan(ranks), report
 
 
@@ -387,4 +408,5 @@ def as_plan(ranks: Mapping[str, int]) -> RankPlan:
 
 __all__ = ["record_transformer_calls", "merge_calls", "output_error", "candidate_ranks", "output_error_curves",
            "layer_sensitivity", "sensitivity_curves", "layer_params16", "allocate", "allocate_like_uniform", "as_plan",
+           "shared_input_units",
            "layer_error_curves", "output_error_plan"]

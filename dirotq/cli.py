@@ -245,10 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="10GB",
                    help="largest checkpoint file, bytes or e.g. 5GB (default 10GB); bigger checkpoints are sharded "
                         "with an index, as diffusers writes them")
-    p.add_argument("--allocate", choices=("output", "fixed"), default="output",
+    p.add_argument("--allocate", choices=("output", "output-tied", "fixed"), default="output",
                    help="ranked methods: 'output' (default) spends the 16-bit budget of --rank where the model "
                         "output gains most (each layer's measured sensitivity, on 4 calibration prompts the "
-                        "statistics do not use); 'fixed' gives every layer --rank. A --rank-plan is used as is")
+                        "statistics do not use); 'output-tied' does the same with one rank per shared-input "
+                        "group (q/k/v …), so every group can run fused (one quantized input, one GEMM); "
+                        "'fixed' gives every layer --rank. A --rank-plan is used as is")
 
     p = sub.add_parser("generate", help="reference and W4A4 images of one prompt, side by side",
                        description="Generate one prompt with the 16-bit transformer and with a quantized one "
@@ -440,8 +442,8 @@ def cmd_quantize(args) -> int:
         print(f"16-bit ranks of the W4A4 targets: {ranks}")
         return 0
     info = _dist(args)
-    output_allocation = (args.allocate == "output" and get_method(config.method).ranked and isinstance(rank, int)
-                         and rank > 0)
+    output_allocation = (args.allocate in ("output", "output-tied") and get_method(config.method).ranked
+                         and isinstance(rank, int) and rank > 0)
     ev = None
     if args.stats:
         from .calibration import CalibrationStats
@@ -469,6 +471,7 @@ def cmd_quantize(args) -> int:
         # under torchrun each process measures the layers it owns; the plan is the same on all of them
         plan, allocation = output_error_plan(ev.pipe, stats, config, rank, sens_prompts, seed=1,
                                              pipe_kwargs=ev.pipe_kwargs, layers=layers, dist=info,
+                                             tie_shared_inputs=args.allocate == "output-tied",
                                              progress=_bar_progress("allocate ranks"))
         config = dataclasses.replace(config, rank=plan)
     path = Path(args.out) / name
@@ -485,7 +488,8 @@ def cmd_quantize(args) -> int:
         report = quantize_(transformer, config, stats, targets=layers)
         save_quantized(transformer, path, max_shard_size=args.max_shard_size)
     if allocation is not None:
-        print(f"ranks by model-output sensitivity at the 16-bit budget of rank {rank}: "
+        print(f"ranks by model-output sensitivity{' (one per shared-input group)' if args.allocate == 'output-tied' else ''}"
+              f" at the 16-bit budget of rank {rank}: "
               f"{allocation['spent_params16'] / 1e3:,.1f} k of {allocation['budget_params16'] / 1e3:,.1f} k extra "
               f"16-bit parameters; ranks {min(allocation['ranks'].values())}–{max(allocation['ranks'].values())}"
               + (f"; sensitivities measured by {allocation['processes']} processes"

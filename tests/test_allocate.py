@@ -119,3 +119,28 @@ def test_output_error_plan_spends_the_uniform_budget_on_the_sensitive_layers(tin
     for curve in curves.values():
         ranks = sorted(curve)
         assert curve[ranks[-1]] < 1e-6 and curve[0] > curve[ranks[1]]  # rank d is exact; rank lowers the error
+
+
+def test_tied_allocation_gives_each_shared_input_group_one_rank_within_the_budget():
+    """``tie``: the layers of a unit share one rank, chosen on their summed curves and costs (so a
+    fused q/k/v keeps one activation side), and the budget of the uniform rank still holds."""
+    from dirotq.allocate import shared_input_units
+
+    spec = lambda n, group, block, d, o: TargetSpec(n, "w4a4", group, block, n, d, o)  # noqa: E731
+    targets = {n: spec(n, g, b, 64, o) for n, g, b, o in (
+        ("0.q", "0.q", 0, 64), ("0.k", "0.q", 0, 64), ("0.v", "0.q", 0, 64), ("0.ff", "0.ff", 0, 256),
+        ("1.q", "1.q", 1, 64), ("1.k", "1.q", 1, 64), ("1.v", "1.q", 1, 64), ("1.ff", "1.ff", 1, 256))}
+    # block 0's v and block 1's ff move the output; untied, v alone would take the rank
+    curves = {n: {r: (8.0 if n in ("0.v", "1.ff") else 0.1) / (1 + r) for r in candidate_ranks(64)} for n in targets}
+    cfg = make_config("dirotq-lr", rank=0)
+    untied = allocate_like_uniform(curves, targets, cfg, 16)
+    tied = allocate_like_uniform(curves, targets, cfg, 16, tie=shared_input_units(targets))
+    assert untied["0.v"] > untied["0.q"]
+    assert tied["0.q"] == tied["0.k"] == tied["0.v"] > 0 and tied["1.q"] == tied["1.k"] == tied["1.v"]
+    assert tied["1.ff"] > tied["1.q"]
+
+    def cost(name, r):
+        return layer_params16(targets[name], cfg, r)
+
+    fixed = plans.plan_params16(plans.fixed_plan(targets, 16), cost)
+    assert plans.plan_params16(tied, cost) <= fixed + 1e-9 and plans.plan_params16(untied, cost) <= fixed + 1e-9

@@ -66,6 +66,17 @@ def test_quantize_writes_a_checkpoint_named_by_the_recipe(env, capsys, monkeypat
 
     mods = [m for m in load_quantized(path).modules() if isinstance(m, QuantLinear)]
     assert mods and all(m.scale_format == "int_ratio" and m.weight_ratio is not None for m in mods)
+    # one rank per shared-input group: every attention's q/k/v can run fused after loading
+    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--allocate", "output-tied",
+                 "--out", str(root / "tied")]) == 0
+    assert "(one per shared-input group)" in capsys.readouterr().out
+    path = root / "tied" / "dirotq-lr-w4a4-g64-r16-tiny-pixart"
+    targets = json.loads((path / "config.json").read_text())["quantization_config"]["targets"]
+    for blk in (0, 1):
+        assert len({targets[f"transformer_blocks.{blk}.attn1.to_{x}"]["rank"] for x in "qkv"}) == 1
+    from dirotq.fusion import fusion_stats
+
+    assert len(fusion_stats(load_quantized(path, fuse_shared_inputs=True))) == 2
 
 
 def test_generate_writes_reference_and_w4a4_side_by_side(env, capsys, monkeypatch):
