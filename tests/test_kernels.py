@@ -28,7 +28,7 @@ triton = pytest.importorskip("triton")
 from dirotq import kernels, modules  # noqa: E402
 from dirotq.kernels.act_quant import quantize_activations  # noqa: E402
 from dirotq.kernels.layout import get_plan, kernel_weight_codes  # noqa: E402
-from dirotq.kernels.w4a4_gemm import w4a4_gemm  # noqa: E402
+from dirotq.kernels.w4a4_gemm import w4a4_gemm, zero_point_sums  # noqa: E402
 
 FORMATS = ("exact", "int_ratio")
 CUDA = torch.cuda.is_available()
@@ -302,8 +302,15 @@ def test_asymmetric_format_c_activations_match_reference(structure, d, o, r, n):
     assert torch.equal(act["zero"].int(), (qt.zero.int() - 8) * k)
     assert int(act["codes"].abs().max()) <= 120 and int(act["zero"].abs().max()) <= 120
     wop = _weight_operand(m)
+    # the epilogue's zero-point term: S from its stored int8 halves is the weight operand's group sums
+    neg_hi, neg_lo = zero_point_sums(m, plan)
+    assert int(neg_lo.max()) <= 0 and int(neg_hi.abs().max()) <= 60
+    sums = -(128 * neg_hi.long() + neg_lo.long())
+    assert torch.equal(sums, wop.long().view(m.out_features, -1, g).sum(-1))
     acc = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
-    assert torch.equal(acc.long(), act["codes"].long() @ wop.long().T)
+    assert torch.equal(acc.long(), act["codes"].long() @ wop.long().T - act["zero"].long() @ sums.T)
+    for split in (2, 3):  # the term once, in split 0, however K is split
+        assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, debug_int=True, split=split), acc)
     y = w4a4_gemm(m, plan, act, torch.float32)
     assert _rel(y, _exact_output(m, qt, act["c"] if r else None)) < 2e-6
     assert _rel(y, m.reference_forward(x)) < 2e-3

@@ -20,7 +20,8 @@ import tempfile
 
 PTR_TYPES = {
     "gemm": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "q_ptr": "*i8", "xs_ptr": "*fp32", "c_ptr": "*bf16",
-             "up_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
+             "up_ptr": "*bf16", "bias_ptr": "*bf16", "zk_ptr": "*i8", "shi_ptr": "*i8", "slo_ptr": "*i8",
+             "y_ptr": "*bf16"},
     "act": {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "rot_ptr": "*bf16", "signs_ptr": "*bf16",
             "had_ptr": "*fp32", "c_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "k_ptr": "*i8", "z_ptr": "*i8",
             "m_ptr": "*fp32", "a_ptr": "*fp32"},
@@ -39,17 +40,23 @@ def default_variants():
         for bo, bt, w, s in ((128, 128, 8, 3), (64, 16, 4, 4)):
             out.append((f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr", "gemm",
                         dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=False, ATOMIC=False),
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=False, ATOMIC=False, ASYM=False, GC=32),
                         dict(num_warps=w, num_stages=s)))
             simd_name = f"gemm {f} {bo}x{bt} w{w} s{s} packed+lr simd-unpack" + (" split-k" if bt == 16 else "")
             out.append((simd_name, "gemm",
                         dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ATOMIC=bt == 16),
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ATOMIC=bt == 16, ASYM=False, GC=32),
                         dict(num_warps=w, num_stages=s)))
         out.append((f"gemm {f} 128x128 w8 s3 int8-weights", "gemm",
                      dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                          DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False, ATOMIC=False),
+                          DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False, ATOMIC=False, ASYM=False, GC=32),
                      dict(num_warps=8, num_stages=3)))
+        if fmt_c:  # asymmetric activations: the zero-point term in the epilogue
+            for bo, bt, w, s in ((128, 128, 8, 3), (64, 16, 4, 4)):
+                out.append((f"gemm C {bo}x{bt} w{w} s{s} packed+lr simd-unpack asymmetric" + (" split-k" if bt == 16 else ""),
+                            "gemm", dict(BO=bo, BT=bt, GS=64, R_BLK=32, GROUP_O=8, FMT_C=True, HAS_LR=True,
+                                         HAS_BIAS=True, DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True,
+                                         ATOMIC=bt == 16, ASYM=True, GC=32), dict(num_warps=w, num_stages=s)))
         for rot, asym in ((False, False), (True, False)) + (((False, True),) if fmt_c else ()):
             name = f"act {f} {'dense-rotation' if rot else 'lowrank+hadamard'}{' asymmetric' if asym else ''} BT32"
             out.append((name, "act",

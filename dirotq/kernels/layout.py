@@ -27,7 +27,7 @@ class KernelPlan:
     kind: str  # "w4a4" | "w4a16" | "reference"
     reason: str = ""  # why "reference" (the one-time warning)
     fmt: str = "exact"  # "exact" (A) or "int_ratio" (C)
-    asym: bool = False  # asymmetric activation codes (format C only): zero points, a host-side correction
+    asym: bool = False  # asymmetric activation codes (format C only): zero points, corrected in the GEMM epilogue
     d: int = 0  # in_features
     d_q: int = 0  # width of the quantized operand
     o: int = 0

@@ -15,9 +15,14 @@ are read as the matching two (32, BT) halves: two K = 32 int8 dots, no reshape.
   packed codes and the int8 multipliers), activation operand k_a·q_a from the activation kernel;
   one chained int32 accumulator over all of K (|Σ| ≤ 120²·K < 2³¹ for K ≤ 149 000); the epilogue
   scales by w_row_scale[o] ⊗ x_row_scale[t].
+- Asymmetric format C (``ASYM``): the activation operand is k_a·(u − 8) and the epilogue subtracts
+  the zero-point term Σ_g k_a,g·(z_g − 8)·S_g[o] from the int32 sum before scaling (docs/KERNELS.md,
+  "Formats"). S (|S| ≤ 64·120) does not fit int8, so it is stored as S = 128·S_hi + S_lo
+  (S_hi ∈ [−60, 60], S_lo ∈ [0, 127], stored negated) and the term is int8 dots over the groups,
+  exact in int32.
 - Epilogue: + up · cᵀ as a float ``tl.dot`` (K = r, in chunks of R_BLK), + bias, store yᵀ in the
-  activation dtype. ``DEBUG_INT`` stores the raw int32 sum Σ q_w q_a (format C: Σ k_w q_w k_a q_a)
-  instead, for the byte-exact tests.
+  activation dtype. ``DEBUG_INT`` stores the int32 sum Σ q_w q_a (format C: Σ k_w q_w k_a q_a, minus
+  the zero-point term when asymmetric) instead, for the byte-exact tests.
 """
 
 from __future__ import annotations
@@ -94,6 +99,33 @@ def _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, st
 
 
 @triton.jit
+def _subtract_zero_point_term(acc_i, zk_ptr, stride_zkn, shi_ptr, slo_ptr, stride_so, offs_o, omask, offs_t, tmask, G,
+                              BO: tl.constexpr, BT: tl.constexpr, GC: tl.constexpr):
+    """acc_i (BO, BT) int32 − Σ_g S_g[o]·zk[t, g] with S = −(128·H + L) from the stored negated halves
+    H = −S_hi, L = −S_lo: the H dots accumulate into one extra tile, scaled by 128 once, and the L
+    dots accumulate straight into acc_i (one extra int32 tile live, not three)."""
+    t_hi = tl.zeros((BO, BT), dtype=tl.int32)
+    for g0 in range(0, G, GC):
+        gc = g0 + tl.arange(0, GC)
+        gmask = gc < G
+        zk = tl.load(zk_ptr + offs_t[None, :] * stride_zkn + gc[:, None], mask=tmask[None, :] & gmask[:, None],
+                     other=0)
+        hi = tl.load(shi_ptr + offs_o[:, None] * stride_so + gc[None, :], mask=omask[:, None] & gmask[None, :],
+                     other=0)
+        t_hi = tl.dot(hi, zk, t_hi, out_dtype=tl.int32)
+    acc_i += 128 * t_hi
+    for g0 in range(0, G, GC):
+        gc = g0 + tl.arange(0, GC)
+        gmask = gc < G
+        zk = tl.load(zk_ptr + offs_t[None, :] * stride_zkn + gc[:, None], mask=tmask[None, :] & gmask[:, None],
+                     other=0)
+        lo = tl.load(slo_ptr + offs_o[:, None] * stride_so + gc[None, :], mask=omask[:, None] & gmask[None, :],
+                     other=0)
+        acc_i = tl.dot(lo, zk, acc_i, out_dtype=tl.int32)
+    return acc_i
+
+
+@triton.jit
 def w4a4_gemm_kernel(
     w_ptr, stride_wo,  # packed INT4 (o, G*GS/2) uint8, or [W_INT8] the unpacked operand (o, G*GS) int8
     ws_ptr, stride_wso,  # weight scales fp16/fp32: (o, G) [A] or (o, 1) [C]
@@ -103,14 +135,18 @@ def w4a4_gemm_kernel(
     c_ptr, stride_cn, stride_cr,  # 16-bit coefficients (n, r)
     up_ptr, stride_uo, stride_ur,  # up (o, r)
     bias_ptr,  # (o,)
+    zk_ptr, stride_zkn,  # [ASYM] activation zero terms k·(z − 8) int8 (n, G)
+    shi_ptr, slo_ptr, stride_so,  # [ASYM] weight group sums S = 128·S_hi + S_lo as −S_hi, −S_lo, int8 (o, G) each
     y_ptr, stride_yn,  # out (n, o)
     n, o, r, G, SPLIT, N_KEY,
     BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr, SIMD: tl.constexpr, ATOMIC: tl.constexpr,
+    ASYM: tl.constexpr, GC: tl.constexpr,
 ):
     """Program (i, s): output tile i over the groups of K split s (``SPLIT`` splits; ``ATOMIC``: the
-    splits add fp32 (int32 for DEBUG_INT) partials into a zeroed y; split 0 adds the branch and bias)."""
+    splits add fp32 (int32 for DEBUG_INT) partials into a zeroed y; split 0 adds the branch, the bias
+    and the zero-point term of every group)."""
     HALF: tl.constexpr = GS // 2
     # grouped ordering: GROUP_O weight tiles share one sweep over the token tiles (L2 reuse of x)
     pid = tl.program_id(0)
@@ -161,6 +197,10 @@ def w4a4_gemm_kernel(
             xs = tl.load(xs_ptr + offs_t * stride_xsn + g, mask=tmask, other=0.0)
             acc += part.to(tl.float32) * ws[:, None] * xs[None, :]
 
+    if ASYM:
+        if pid_s == 0:
+            acc_i = _subtract_zero_point_term(acc_i, zk_ptr, stride_zkn, shi_ptr, slo_ptr, stride_so, offs_o, omask,
+                                              offs_t, tmask, G, BO, BT, GC)
     y_ptrs = y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None]
     ymask = omask[:, None] & tmask[None, :]
     if DEBUG_INT:
@@ -269,12 +309,9 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias).
     ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
     number of K splits (default :func:`split_k`). Asymmetric activations (``act["zero"]``, format C):
-    the kernel's int32 sums, then :func:`asymmetric_epilogue` on the host."""
+    the zero-point term is subtracted in the epilogue (``debug_int``: the corrected int32 sums)."""
     import torch
 
-    if act.get("zero") is not None and not debug_int:
-        acc = w4a4_gemm(module, plan, act, out_dtype, debug_int=True, config=config, simd=simd, split=split)
-        return asymmetric_epilogue(module, plan, act, acc, out_dtype)
     n = act["codes"].shape[0]
     o = plan.o
     dev = act["codes"].device
@@ -300,6 +337,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         c if has_lr else dummy, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
         up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
         module.bias if plan.has_bias else dummy,
+        *_asymmetric_args(module, plan, act),
         y, y.stride(0),
         n, o, plan.r, plan.groups, split, _n_key(n),
     )
@@ -307,7 +345,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
                 W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd),
-                ATOMIC=split > 1)
+                ATOMIC=split > 1, ASYM=act.get("zero") is not None, GC=ZERO_TERM_GROUPS)
     if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
@@ -320,34 +358,36 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
 
 
+ZERO_TERM_GROUPS = 32  # groups per int8 dot of the zero-point term (Hopper's int8 MMA takes K = 32)
+
+
 def zero_point_sums(module, plan):
-    """S (o, G) float64: per output and group, the sum of the weight operand k_w·q_w over the group,
-    the weight side of the zero-point correction (exact integers; cached on the module as a plain
-    attribute, rebuilt when the plan changes)."""
+    """(−S_hi, −S_lo), int8 (o, G) each, with S = 128·S_hi + S_lo the per-output, per-group sum of the
+    weight operand k_w·q_w over the group: the weight side of the zero-point term (|S| ≤ 64·120, so
+    S_hi ∈ [−60, 60], S_lo ∈ [0, 127]), negated so the kernel subtracts by accumulating. Cached on the
+    module as a plain attribute, rebuilt when the plan changes (one eager call before CUDA-graph
+    capture builds it)."""
     import torch
 
     cached = getattr(module, "_kernel_zero_sums", None)
     if cached is not None and cached[0] is plan:
         return cached[1]
     wc = plan.w_int8 if plan.w_int8 is not None else unpack_weights(module)
-    sums = wc.view(wc.shape[0], plan.groups, plan.group_size).sum(-1, dtype=torch.int32).double()
-    module._kernel_zero_sums = (plan, sums)
-    return sums
+    sums = wc.view(wc.shape[0], plan.groups, plan.group_size).sum(-1, dtype=torch.int32)
+    split = ((-torch.div(sums, 128, rounding_mode="floor")).to(torch.int8).contiguous(),
+             (-torch.remainder(sums, 128)).to(torch.int8).contiguous())
+    module._kernel_zero_sums = (plan, split)
+    return split
 
 
-def asymmetric_epilogue(module, plan, act: dict, acc, out_dtype):
-    """y = s_t·s_o·(acc − zk·Sᵀ) + c·upᵀ + bias for asymmetric format C activations (docs/KERNELS.md,
-    "Asymmetric activations"): ``acc`` the kernel's int32 sums of k·(u − 8) against k_w·q_w, zk the
-    per-(token, group) k·(z − 8), S :func:`zero_point_sums`. Integer parts exact in float64 (|values|
-    < 2⁵³), then scaled; a first version on the host: the fused epilogue belongs to the GEMM work."""
-    corr = act["zero"].double() @ zero_point_sums(module, plan).T
-    y = (acc.double() - corr) * act["scale"].double()[:, None] * module.weight_scale.double().reshape(1, -1)
-    y = y.float()
-    if plan.has_down and plan.r > 0:
-        y = y + act["c"].float() @ module.up.float().T
-    if plan.has_bias:
-        y = y + module.bias.float()
-    return y.to(out_dtype)
+def _asymmetric_args(module, plan, act: dict) -> tuple:
+    """The kernel's zero-point arguments: (zk, its row stride, S_hi, S_lo, their row stride), dummies
+    for symmetric activations."""
+    zk = act.get("zero")
+    if zk is None:
+        return (plan.dummy, 0, plan.dummy, plan.dummy, 0)
+    s_hi, s_lo = zero_point_sums(module, plan)
+    return (zk, zk.stride(0), s_hi, s_lo, s_hi.stride(0))
 
 
 # --- test hook: what the register operand holds -------------------------------------------------
