@@ -31,7 +31,7 @@ import plotly.graph_objects as go  # noqa: E402
 
 from analysis import costs, figures, plans  # noqa: E402
 from analysis import stats as astats  # noqa: E402
-from analysis.session import POLICIES, get_session, methods  # noqa: E402
+from analysis.session import DEFAULT_POLICY, POLICIES, get_session, methods  # noqa: E402
 from dirotq.registry import DEFAULT_METHOD  # noqa: E402
 
 PAPER = "arXiv:2605.16732"
@@ -483,7 +483,8 @@ def on_fill(model, policy, value, method, progress=gr.Progress()):
     return (_ok(f"plan filled by {policy} = {value}"),) + _plan_outputs(s, ranks, method)
 
 
-POLICY_VALUE = {"output error": ("spend the 16-bit budget of rank", 32), "fixed": ("rank of every layer", 32),
+POLICY_VALUE = {"output error, tied": ("spend the 16-bit budget of rank", 32),
+                "output error": ("spend the 16-bit budget of rank", 32), "fixed": ("rank of every layer", 32),
                 "energy": ("energy to keep (0…1)", 0.9), "error budget": ("largest relative MSE per layer", 0.01),
                 "16-bit budget": ("extra 16-bit parameters (thousands)", 50)}
 
@@ -710,14 +711,16 @@ q/k/v have the worst layer SQNR, yet the feed-forward input projections move the
 more. Tick *sensitivity* to see which layers matter; the *output error* policy of the Rank plan tab
 spends rank by exactly that product. W4A16 layers (weight-only, e.g. PixArt's ff.net.2) are
 listed with rank 0.""",
-    "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *output error* (the
+    "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *output error, tied* (the
 default; value = a rank r: its 16-bit budget is spent where the *model output* gains most per extra
-parameter, from each layer's measured sensitivity — how much of its error reaches the output; the
-first fill per method runs the model, about a minute on CPU), *fixed* (value = rank), *energy*
+parameter, from each layer's measured sensitivity — how much of its error reaches the output — with
+one rank for the layers that read one input, such as q/k/v, so they can run as one fused layer; the
+first fill per method runs the model, about a minute on CPU), *output error* (the same per layer),
+*fixed* (value = rank), *energy*
 (fraction of energy to keep, e.g. 0.9), *error budget* (largest layer relative MSE, e.g. 0.01),
 *16-bit budget* (thousands of extra 16-bit parameters, spent where the *layer* error drops most) —
-then edit any cell. On images, only *output error* beats a fixed rank at the same cost (DiRotQ-LR:
-+0.6 dB at r = 16, +1.2 dB at r = 32; full DiRotQ: +0.9 dB at r = 32, a tie at r = 16); the three
+then edit any cell. On images, only the *output error* policies beat a fixed rank at the same cost
+(DiRotQ-LR tied: +0.9 dB at r = 16, +1.3 dB at r = 32; full DiRotQ tied: +0.3 and +0.6 dB); the three
 layer-error policies lose 0.2–1.3 dB: a layer's own error does not say how much it moves the image.
 The first plot below predicts each policy's output error at every budget; the second (embedded
 model) shows the image PSNR measured for each policy, with this plan's cost as a dashed line. The cost is against plain W4A4:
@@ -865,8 +868,8 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                         with gr.Row():
                             with gr.Column(scale=3):
                                 with gr.Row():
-                                    policy_dd = gr.Dropdown(list(POLICIES), value="output error", label="policy")
-                                    value_nb = gr.Number(32, label=POLICY_VALUE["output error"][0])
+                                    policy_dd = gr.Dropdown(list(POLICIES), value=DEFAULT_POLICY, label="policy")
+                                    value_nb = gr.Number(32, label=POLICY_VALUE[DEFAULT_POLICY][0])
                                     fill_btn = gr.Button("Fill", elem_id="fill-btn")
                                 plan_df = gr.Dataframe(init_plan, headers=PLAN_COLUMNS, interactive=True,
                                                        datatype=["str", "number", "number", "number", "number"],

@@ -4,9 +4,12 @@ The explorer's "Rank plan" tab fills a plan with one of ``POLICIES`` and then le
 it; the result is a ``{layer name: rank}`` dict that ``dirotq.config.RankPlan.resolve`` checks
 against the model. Policies, best first (measured on images: docs/EVALUATION.md, "Rank plans"):
 
+- "output error, tied": the same with one rank per shared-input group of a block (q/k/v, FLUX's
+  proj_mlp + q/k/v), so every group can run as one fused layer (``dirotq.fusion``). The default: on
+  images it is as good as or better than the untied plan, and it is the one that runs fused.
 - "output error": spend the 16-bit budget of a uniform rank where the *model output* gains most per
   extra 16-bit parameter (``dirotq.allocate``: each layer's output error measured with only that
-  layer quantized). The default: a layer's own error does not say how much it moves the image.
+  layer quantized): a layer's own error does not say how much it moves the image.
 - "fixed": one rank everywhere (the reference every policy must beat at equal cost);
 - "energy": the smallest rank keeping a fraction of each layer's input energy;
 - "error budget": the smallest rank whose held-out *layer* error is below a threshold;
@@ -23,10 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from dirotq.allocate import allocate, allocate_like_uniform
+from dirotq.allocate import allocate, allocate_like_uniform, shared_input_units
 from dirotq.bases import rank_for_energy, rank_for_error_budget
 
-POLICIES = ("output error", "fixed", "energy", "error budget", "16-bit budget")
+POLICIES = ("output error, tied", "output error", "fixed", "energy", "error budget", "16-bit budget")
+DEFAULT_POLICY = "output error, tied"  # the best on images for the default method, DiRotQ-LR (docs/EVALUATION.md)
 Curve = Mapping[int, float]  # rank -> error
 Cost = Callable[[str, int], float]  # (layer, rank) -> extra 16-bit parameters
 
@@ -56,10 +60,11 @@ def fill_plan(policy: str, value: float, targets: Mapping[str, Any], *, cost: Co
     """
     if policy == "fixed":
         return fixed_plan(targets, value)
-    if policy == "output error":
+    if policy in ("output error", "output error, tied"):
         if value < 0:
             raise ValueError(f"the uniform rank whose budget is spent must be ≥ 0, got {value}")
-        return allocate_like_uniform(output_curves(), targets, config, int(value))
+        tie = shared_input_units(targets) if policy == "output error, tied" else None
+        return allocate_like_uniform(output_curves(), targets, config, int(value), tie=tie)
     if policy == "energy":
         if not 0 <= value <= 1:
             raise ValueError(f"energy fraction must be in [0, 1], got {value}")
@@ -117,4 +122,4 @@ def predicted_output_error(plan: Mapping[str, int], curves: Mapping[str, Curve])
     return total
 
 
-__all__ = ["POLICIES", "fixed_plan", "fill_plan", "plan_params16", "match_budget", "predicted_output_error"]
+__all__ = ["POLICIES", "DEFAULT_POLICY", "fixed_plan", "fill_plan", "plan_params16", "match_budget", "predicted_output_error"]

@@ -36,7 +36,7 @@ from dirotq.registry import get_method, method_names
 
 from . import plans
 from .costs import plan_cost
-from .plans import POLICIES
+from .plans import DEFAULT_POLICY, POLICIES
 from .stats import (difference_image, energy_at, error_curves, image_report, interp_curve,
                     method_config, outlier_views, spectrum)
 
@@ -671,4 +671,4 @@ def timed(fn: Callable, *a: Any, **kw: Any) -> tuple[Any, float]:
 
 
 __all__ = ["ExplorerSession", "CalibSettings", "get_session", "register_session", "default_prompts", "methods",
-           "POLICIES", "BUILTIN_PROMPTS"]
+           "POLICIES", "DEFAULT_POLICY", "BUILTIN_PROMPTS"]

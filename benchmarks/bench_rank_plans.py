@@ -11,6 +11,8 @@ four, and the evaluation items get seeds from ``--seed`` (default 5000) on.
 The reference policies (energy, 16-bit budget, error budget) read the activation spectrum and the
 layer error curves of the PCA methods; they run for ``--policy-methods`` (DiRotQ-LR and DiRotQ by
 default). SVDQuant is compared with its fixed rank and the output-error allocator on its own curves.
+Every method also gets the output-error allocator with one rank per shared-input group of a block
+("output error, tied": the plans under which q/k/v and the other shared-input layers can run fused).
 
 Extra rows at R = 32 quantify what the fast kernel format and asymmetric activation codes change:
 format C ("int_ratio") against format A ("exact"), and asymmetric activation codes (a zero point
@@ -33,8 +35,8 @@ import torch
 
 from analysis import plans
 from analysis.stats import spectrum
-from dirotq.allocate import (allocate_like_uniform, layer_error_curves, layer_params16, layer_sensitivity,
-                             record_transformer_calls, sensitivity_curves, shared_input_units)
+from dirotq.allocate import (layer_error_curves, layer_params16, layer_sensitivity, record_transformer_calls,
+                             sensitivity_curves)
 from dirotq.eval.metrics import paired_bootstrap_diff
 from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, Evaluator, make_config, read_prompts
 from dirotq.eval.report import device_description, versions
@@ -132,10 +134,8 @@ def main(argv=None) -> int:
         p = prepare(method)
         fixed, cost = fixed_row(method, budget), p["cost"]
         limit = plans.plan_params16(plans.fixed_plan(targets, budget), cost)
-        if policy == "output error":
+        if policy in ("output error", "output error, tied"):
             plan = plans.fill_plan(policy, budget, targets, output_curves=lambda: p["out"], config=p["cfg0"])
-        elif policy == "output error, tied":  # one rank per shared-input group: every group can run fused
-            plan = allocate_like_uniform(p["out"], targets, p["cfg0"], budget, tie=shared_input_units(targets))
         elif policy == "16-bit budget":
             plan = plans.fill_plan(policy, limit / 1e3, targets, cost=cost, layer_curve=p["layer"].get)
         elif policy == "energy":
@@ -154,9 +154,9 @@ def main(argv=None) -> int:
     for method in methods:
         for budget in budgets:
             policy_row(method, budget, "output error")
-    if "dirotq-lr" in methods:  # the deployed method: what tying ranks for fusion costs on images
+    for method in methods:  # one rank per shared-input group, so every group can run fused: its cost on images
         for budget in budgets:
-            policy_row("dirotq-lr", budget, "output error, tied")
+            policy_row(method, budget, "output error, tied")
     if not a.no_extras and 32 in budgets:
         for method in [m for m in methods if m in ("dirotq-lr", "dirotq")]:
             fixed = fixed_row(method, 32)

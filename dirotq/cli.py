@@ -245,12 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="10GB",
                    help="largest checkpoint file, bytes or e.g. 5GB (default 10GB); bigger checkpoints are sharded "
                         "with an index, as diffusers writes them")
-    p.add_argument("--allocate", choices=("output", "output-tied", "fixed"), default="output",
-                   help="ranked methods: 'output' (default) spends the 16-bit budget of --rank where the model "
+    p.add_argument("--allocate", choices=("output-tied", "output", "fixed"), default="output-tied",
+                   help="ranked methods: 'output-tied' (default) spends the 16-bit budget of --rank where the model "
                         "output gains most (each layer's measured sensitivity, on 4 calibration prompts the "
-                        "statistics do not use); 'output-tied' does the same with one rank per shared-input "
-                        "group (q/k/v …), so every group can run fused (one quantized input, one GEMM); "
-                        "'fixed' gives every layer --rank. A --rank-plan is used as is")
+                        "statistics do not use), one rank per shared-input group (q/k/v …), so every group can "
+                        "run fused (one quantized input, one GEMM); 'output' the same per layer; 'fixed' gives "
+                        "every layer --rank. A --rank-plan is used as is")
 
     p = sub.add_parser("generate", help="reference and W4A4 images of one prompt, side by side",
                        description="Generate one prompt with the 16-bit transformer and with a quantized one "
@@ -461,8 +461,8 @@ def cmd_quantize(args) -> int:
     allocation = None
     if output_allocation:
         if ev is None:
-            raise BadInput("--allocate output needs the pipeline to measure sensitivities: drop --stats, or pass "
-                           "--allocate fixed")
+            raise BadInput(f"--allocate {args.allocate} needs the pipeline to measure sensitivities: drop --stats, "
+                           "or pass --allocate fixed")
         from .allocate import output_error_plan
 
         sens_prompts = read_prompts(args.calib_prompts or DEFAULT_CALIB_PROMPTS)[len(ev.calib_prompts):][:4]

@@ -47,8 +47,9 @@ def test_quantize_writes_a_checkpoint_named_by_the_recipe(env, capsys, monkeypat
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     out = capsys.readouterr().out
     assert f"checkpoint: {path}" in out
-    # the default spends rank 16's 16-bit budget by model-output sensitivity: ranks differ per layer
-    assert "ranks by model-output sensitivity at the 16-bit budget of rank 16" in out
+    # the default spends rank 16's 16-bit budget by model-output sensitivity, one rank per shared-input
+    # group: ranks differ between layers
+    assert "ranks by model-output sensitivity (one per shared-input group) at the 16-bit budget of rank 16" in out
     ranks = {t["rank"] for t in qc["targets"].values() if t.get("kind", "w4a4") == "w4a4"}
     assert len(ranks) > 1
     assert main(["quantize", *common, "--method", "dirotq", "--rank", "16", "--allocate", "fixed",
@@ -66,9 +67,8 @@ def test_quantize_writes_a_checkpoint_named_by_the_recipe(env, capsys, monkeypat
 
     mods = [m for m in load_quantized(path).modules() if isinstance(m, QuantLinear)]
     assert mods and all(m.scale_format == "int_ratio" and m.weight_ratio is not None for m in mods)
-    # one rank per shared-input group: every attention's q/k/v can run fused after loading
-    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--allocate", "output-tied",
-                 "--out", str(root / "tied")]) == 0
+    # the default ties each shared-input group's ranks: every attention's q/k/v can run fused after loading
+    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--out", str(root / "tied")]) == 0
     assert "(one per shared-input group)" in capsys.readouterr().out
     path = root / "tied" / "dirotq-lr-w4a4-g64-r16-tiny-pixart"
     targets = json.loads((path / "config.json").read_text())["quantization_config"]["targets"]
