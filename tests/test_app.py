@@ -3,6 +3,7 @@ once through gradio_client with two users at once."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -240,6 +241,25 @@ def test_generate_pair_and_unknown_words(sess, calibrated):
     bad = app.on_generate(MODEL, "a purple dragon", 0, 3, 4.5, "dirotq", plan(sess), progress=None)[0]
     assert bad.startswith("⚠") and "dragon" in bad
     assert "steps" in app.on_generate(MODEL, "a red circle", 0, 0, 4.5, "dirotq", plan(sess), progress=None)[0]
+
+
+def test_generate_runs_shared_input_layers_fused_and_gets_the_unfused_image(sess, calibrated):
+    """The Generate tab's quantized copy runs q/k/v as one layer per attention (dirotq.fusion); its
+    image is the one the per-layer model gives, bit for bit."""
+    from dirotq.fusion import fusion_stats, unfuse_shared_inputs
+    from dirotq.generate import generate_pair
+
+    ranks = sess.default_plan(8)
+    out = sess.generate("a red circle on the left", 3, 3, 4.5, "dirotq-lr", ranks)
+    qmodel, _ = sess.quantized("dirotq-lr", ranks)
+    stats = fusion_stats(qmodel)
+    assert len(stats) == 2 and all(v["runs"] > 0 and v["calls"] == 3 * v["runs"] for v in stats.values())
+    apart = copy.deepcopy(qmodel)
+    unfuse_shared_inputs(apart)
+    with sess.lock:
+        _, quant, _ = generate_pair(sess.pipe, apart, "a red circle on the left", 3, num_inference_steps=3,
+                                    guidance_scale=4.5, **sess.pipe_kwargs)
+    assert np.array_equal(np.asarray(out["quantized"]), np.asarray(quant))
 
 
 def test_generate_shows_the_judge_reading_and_judge_failures(sess, calibrated, monkeypatch):

@@ -102,6 +102,22 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
 
 
+def test_fusion_benchmark_runs_on_a_tiny_pipeline_and_finds_identical_images(tmp_path):
+    import json
+
+    from benchmarks.bench_fusion_cpu import main
+    from tests.tiny_pipelines import build_tiny_pixart_pipeline
+
+    build_tiny_pixart_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "fusion.json"
+    assert main(["--model", str(tmp_path / "pipe"), "--steps", "2", "--runs", "1", "--rank", "16",
+                 "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["images_identical"] and res["fused_groups"] == 2 and res["fused_members"] == 6
+    assert res["quantized_layers_per_forward"]["fused"] == res["quantized_layers_per_forward"]["apart"] - 4
+    assert res["seconds_per_image"]["fused"]["median"] > 0
+
+
 def test_cross_kv_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     """bench_cross_kv on a tiny random PixArt pipeline: the 16-bit, W4A16 and W4A4 rows of the
     cross-attention K/V, the quantized layer counts, paired differences, smaller checkpoints."""
