@@ -104,15 +104,20 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
         except Exception as exc:
             row["fp8_error"] = f"{type(exc).__name__}: {exc}"
 
-    variants = [(s, r, f, "packed", True) for s, r in STRUCTURES for f in FORMATS]
+    variants = [(s, r, f, "packed", True, False) for s, r in STRUCTURES for f in FORMATS]
     if extra_variants:
-        variants += [("dirotq-lr", 32, f, "int8", True) for f in FORMATS]
-        variants += [("dirotq-lr", 32, "int_ratio", "packed", False)]  # pure-tl unpack (what SIMD saves)
-    for structure, rank, fmt, wmode, simd in variants:
+        variants += [("dirotq-lr", 32, f, "int8", True, False) for f in FORMATS]
+        variants += [("dirotq-lr", 32, "int_ratio", "packed", False, False)]  # pure-tl unpack (what SIMD saves)
+    # the activation path as one launch per layer (c in the kernel, whole rows per program): not yet
+    # measured on a GPU, so in the core set
+    variants += [("dirotq-lr", 32, "int_ratio", "packed", True, True)]
+    for structure, rank, fmt, wmode, simd, one_launch in variants:
         tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "")
-        tag += "" if simd else "_tlunpack"
+        tag += ("" if simd else "_tlunpack") + ("_1launch" if one_launch else "")
         old_env = os.environ.get("DIROTQ_SIMD_UNPACK")
+        old_one = os.environ.get("DIROTQ_ACT_ONE_LAUNCH")
         os.environ["DIROTQ_SIMD_UNPACK"] = "1" if simd else "0"
+        os.environ["DIROTQ_ACT_ONE_LAUNCH"] = "1" if one_launch else "0"
         try:
             try:
                 m = make_quant_linear(w, bias, structure, fmt, rank)
@@ -146,10 +151,11 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_error"] = f"{type(exc).__name__}: {exc}"
                 print(f"  {tag}: {row[f'{tag}_error']}")
         finally:
-            if old_env is None:
-                os.environ.pop("DIROTQ_SIMD_UNPACK", None)
-            else:
-                os.environ["DIROTQ_SIMD_UNPACK"] = old_env
+            for key, old in (("DIROTQ_SIMD_UNPACK", old_env), ("DIROTQ_ACT_ONE_LAUNCH", old_one)):
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
     if dev == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -162,7 +168,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["pixart-sigma", "flux"])
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes, no timing meaning")
     ap.add_argument("--core", action="store_true",
-                    help="only the four main variants (formats A/C × rtn, dirotq-lr r32): no _w8, no _tlunpack")
+                    help="only the main variants (formats A/C × rtn, dirotq-lr r32, and format C's one-launch "
+                         "activation path): no _w8, no _tlunpack")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new shapes after this many seconds (the JSON says which rows ran)")
     args = ap.parse_args()

@@ -186,6 +186,55 @@ def test_act_quant_several_groups_per_program(structure, r, fmt, monkeypatch):
             assert torch.equal(one[key], several[key]), key
 
 
+ONE_LAUNCH_CASES = [("dirotq-lr", 320, 40, 64, 37, "exact", True), ("dirotq-lr", 320, 40, 16, 37, "int_ratio", True),
+                    ("dirotq-lr", 320, 40, 16, 21, "int_ratio", False), ("svdquant", 128, 48, 8, 19, "int_ratio", True),
+                    ("rtn", 100, 40, 0, 5, "int_ratio", True), ("dirotq-lr", 128, 48, 96, 17, "int_ratio", True)]
+
+
+@pytest.mark.parametrize("structure,d,o,r,n,fmt,symmetric", ONE_LAUNCH_CASES)
+def test_one_launch_activation_kernel_matches_the_launch_grid(structure, d, o, r, n, fmt, symmetric):
+    """One launch per layer (c computed in the kernel for r ≤ 64, format C's row scale from a first
+    sweep over the groups): the codes are the reference quantizer's on the kernel's own transformed
+    input, and input, c, scales and codes match the (token, group) grid with c from a GEMM (up to c's
+    summation order); rank 96 keeps c outside the kernel."""
+    from dirotq.kernels import act_quant
+
+    m = make_layer(structure, fmt, d=d, o=o, r=r)
+    m.act_symmetric = symmetric
+    x = make_input(n, d) + (0.0 if symmetric else 0.7)
+    plan = get_plan(m, x)
+    assert act_quant.one_launch_enabled(plan, True) and not act_quant.one_launch_enabled(plan, None)
+    one = quantize_activations(m, plan, x, store_a=True, one_launch=True)
+    grid = quantize_activations(m, plan, x, store_a=True, one_launch=False)
+    g = m.group_size
+    qt = quantize(one["a"][:, : m.quant_in_features], 4, g, symmetric, fmt)
+    k = qt.ratio.to(torch.int32).repeat_interleave(g, -1) if fmt == "int_ratio" else 1
+    assert torch.equal(one["codes"].int(), (qt.q.int() - (0 if symmetric else 8)) * k)
+    if fmt == "int_ratio":
+        assert torch.equal(one["scale"], qt.scale[:, 0]) and torch.equal(one["ratio"], qt.ratio)
+    else:
+        assert torch.equal(one["scale"], qt.scale)
+    if r:
+        assert torch.allclose(one["c"], grid["c"], rtol=1e-5, atol=1e-6 * float(grid["c"].abs().max()))
+    assert torch.allclose(one["a"], grid["a"], rtol=1e-5, atol=1e-5 * float(grid["a"].abs().max()))
+    assert float((one["codes"] != grid["codes"]).float().mean()) <= 0.01
+    assert torch.allclose(one["scale"], grid["scale"], rtol=1e-5, atol=0)
+    if not r:  # no c: the same transformed input, so the same numbers bit for bit
+        assert all(torch.equal(one[key], grid[key]) for key in ("a", "codes", "scale", "ratio"))
+    # the GEMM on the one-launch operands is exact math on them (a code flipped at a rounding boundary
+    # by c's other summation order moves an output by a step, so the reference is not the yardstick)
+    y = w4a4_gemm(m, plan, one, torch.float32)
+    assert _rel(y, _exact_output(m, qt, one["c"] if r else None)) < 2e-6
+
+
+def test_one_launch_is_not_used_with_a_dense_rotation():
+    from dirotq.kernels import act_quant
+
+    m = make_layer("dirotq", "int_ratio", d=96, o=40, r=16)
+    plan = get_plan(m, make_input(3, 96))
+    assert not act_quant.one_launch_enabled(plan, True)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("structure,r,split", [("dirotq-lr", 16, 2), ("svdquant", 8, 3), ("rtn", 0, 5)])
 def test_gemm_split_k_matches_one_split(structure, r, split, fmt):
@@ -442,6 +491,28 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     assert _rel(yb.float(), _exact_output(mb, qtb, actb["c"] if r else None)) < 1e-2  # bf16 output rounding
     _, a_ref = mb.transform_input(xb.float())
     assert float((quantize(a_ref, 4, 64, True, fmt).q != qtb.q).float().mean()) <= 0.01
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("d,n", [(1152, 1000)])
+def test_cuda_one_launch_activation_kernel(d, n, symmetric):
+    """The one-launch activation path on the GPU (bf16, DiRotQ-LR r32, format C): codes are the
+    reference quantizer's on its own transformed input, close to the launch grid's, and the layer's
+    output is exact math on them."""
+    m = make_layer("dirotq-lr", "int_ratio", d=d, o=1024, r=32, dtype=torch.bfloat16).cuda()
+    m.act_symmetric = symmetric
+    x = (make_input(n, d) + (0.0 if symmetric else 0.7)).cuda().bfloat16()
+    plan = get_plan(m, x)
+    one = quantize_activations(m, plan, x, store_a=True, one_launch=True)
+    grid = quantize_activations(m, plan, x, store_a=True, one_launch=False)
+    qt = quantize(one["a"][:, : m.quant_in_features], 4, 64, symmetric, "int_ratio")
+    k = qt.ratio.to(torch.int32).repeat_interleave(64, -1)
+    assert torch.equal(one["codes"].int(), (qt.q.int() - (0 if symmetric else 8)) * k)
+    assert float((one["codes"] != grid["codes"]).float().mean()) <= 0.01
+    y = w4a4_gemm(m, plan, one, torch.float32)
+    assert _rel(y, _exact_output(m, qt, one["c"])) < 1e-2  # bf16 c and output rounding
 
 
 @cuda

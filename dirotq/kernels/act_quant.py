@@ -133,7 +133,7 @@ def act_quant_kernel(
     rot_ptr, stride_rd, stride_rc,  # rotation (d, d_q)
     signs_ptr,  # hadamard signs (d_q,)
     had_ptr,  # normalised Hadamard (GS, GS)
-    c_ptr, stride_cn,  # in: c = x_s · down (n, r) in the activation dtype (computed before the launch)
+    c_ptr, stride_cn,  # c = x_s · down (n, r) in the activation dtype: in (computed before the launch), or out [C_IN_KERNEL]
     q_ptr, stride_qn,  # out: int8 codes (n, G*GS); format C stores k*q
     s_ptr, stride_sn,  # out: fp32 scales, (n, G) [A] or (n,) [C]
     k_ptr, stride_kn,  # out: int8 multipliers (n, G) [C]
@@ -144,11 +144,14 @@ def act_quant_kernel(
     BT: tl.constexpr, GS: tl.constexpr, BKD: tl.constexpr, RC: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr, C_IN_KERNEL: tl.constexpr, RP: tl.constexpr,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
     format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
-    (row scale from the stored absmaxes, then codes)."""
+    (row scale from the stored absmaxes, then codes); PASS 2 (one launch, the program owns whole
+    rows: GPB = G): format C's row scale from a first sweep over the groups, then the codes.
+    C_IN_KERNEL (one launch): c = x_s · down (r ≤ RP) is computed here first and stored, so the
+    layer needs no GEMM before the launch."""
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -161,6 +164,21 @@ def act_quant_kernel(
     if HAS_HAD:
         had = tl.load(had_ptr + cols[:, None] * GS + cols[None, :]).to(tl.float32)
 
+    if C_IN_KERNEL:  # c over the whole row first: every group's projection needs all of it
+        rr = tl.arange(0, RP)
+        acc_c = tl.zeros((BT, RP), dtype=tl.float32)
+        for kb in range(0, d, BKD):  # (not k0: that name is the multiplier below, a loop-carried fp32)
+            kc = kb + tl.arange(0, BKD)
+            xs = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, kc, n, d, HAS_SMOOTH)
+            dn = tl.load(down_ptr + kc[:, None] * stride_dd + rr[None, :] * stride_dr,
+                         mask=(kc[:, None] < d) & (rr[None, :] < r), other=0.0)
+            acc_c += _fdot(xs, dn, DOT_DTYPE)
+        # stored in the activation dtype and read back by the projection: the residual and the GEMM's
+        # epilogue use the same rounded c, as with c from cuBLAS
+        tl.store(c_ptr + rows[:, None] * stride_cn + rr[None, :], acc_c.to(c_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (rr[None, :] < r))
+        tl.debug_barrier()
+
     s_row = tl.zeros((BT,), dtype=tl.float32)
     if FMT_C and PASS == 1:  # the row scale from every group's absmax (G ≤ GB_MAX values per row)
         gi = tl.arange(0, GB_MAX)
@@ -171,6 +189,19 @@ def act_quant_kernel(
         s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), levels, tl.float32)), 1e-12)
         if pid_g == 0:
             tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
+    if FMT_C and PASS == 2:  # one launch: the row's largest spread from a first sweep (the same max)
+        spread = tl.zeros((BT,), dtype=tl.float32)
+        for g in range(g_lo, g_hi):
+            a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
+                            stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
+                            HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
+            if ASYM:
+                spread = tl.maximum(spread, tl.maximum(tl.max(a, axis=1), 0.0) - tl.minimum(tl.min(a, axis=1), 0.0))
+            else:
+                spread = tl.maximum(spread, tl.max(tl.abs(a), axis=1))
+        levels = 225.0 if ASYM else 105.0
+        s_row = tl.maximum(tl.div_rn(spread, tl.full((BT,), levels, tl.float32)), 1e-12)
+        tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
     base = s_row * (15.0 if ASYM else 7.0)
 
     for g in range(g_lo, g_hi):
@@ -185,7 +216,7 @@ def act_quant_kernel(
         else:
             lo = tl.zeros((BT,), dtype=tl.float32)
             amax = tl.max(tl.abs(a), axis=1)
-        if STORE_A and (PASS == 1 or not FMT_C):  # the pass that writes codes (debug copy of the input)
+        if STORE_A and (PASS >= 1 or not FMT_C):  # the pass that writes codes (debug copy of the input)
             tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
         if FMT_C:
             if PASS == 0:
@@ -229,7 +260,7 @@ def _tuned_act_kernel():
         cfgs = [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
                 for bt, w, s in ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2))]
         _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "ASYM", "PASS", "PROJ",
-                                                "HAS_ROT", "HAS_HAD"], cache_results=True)(act_quant_kernel)
+                                                "HAS_ROT", "HAS_HAD", "C_IN_KERNEL"], cache_results=True)(act_quant_kernel)
     return _TUNED_ACT
 
 
@@ -257,12 +288,29 @@ def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(v), 1)))
 
 
-def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | None = None):
+ONE_LAUNCH_MAX_RANK = 64  # c = x_s · down in registers: a (BT, r) fp32 tile
+
+
+def one_launch_enabled(plan, one_launch: bool | None = None) -> bool:
+    """Whether ``quantize_activations`` runs as one launch whose programs own whole token rows
+    (c computed in the kernel, format C's row scale from a first sweep over the groups) instead of
+    the c GEMM + one or two launches over (token, group) tiles. ``one_launch=None`` reads
+    ``DIROTQ_ACT_ONE_LAUNCH`` (default 0: the launch layout measured on the H100). Not with a dense
+    rotation (every group is a GEMM over d: one program per row would do all of them)."""
+    if one_launch is None:
+        one_launch = os.environ.get("DIROTQ_ACT_ONE_LAUNCH", "0") not in ("", "0")
+    return bool(one_launch) and not plan.has_rotation
+
+
+def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | None = None,
+                         one_launch: bool | None = None):
     """Run the activation kernel on ``x: (n, d)`` (contiguous, fp32/fp16/bf16).
 
     Returns a dict: ``codes`` (n, G·g) int8 (k·q for format C), ``scale`` fp32 (n, G) [A] or (n,) [C],
     ``ratio`` (n, G) int8 [C] or None, ``c`` (n, r) in x's dtype or None, ``a`` (n, G·g) fp32 [store_a],
     ``zero`` (n, G) int8 k·(z − 8) [asymmetric format C] or None (then ``codes`` hold k·(u − 8)).
+    ``one_launch``: see :func:`one_launch_enabled` (the codes are the same for the same transformed
+    input either way).
     """
     import torch
 
@@ -281,12 +329,14 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     dummy = plan.dummy
     down = module.down if plan.has_down else dummy
     rot = module.rotation if plan.has_rotation else dummy
-    if c is not None:
+    one = one_launch_enabled(plan, one_launch)
+    c_in_kernel = one and c is not None and plan.r <= ONE_LAUNCH_MAX_RANK
+    if c is not None and not c_in_kernel:
         # c = x_s · down through cuBLAS (split-K at small n, fp32 accumulation, stored in x's dtype),
         # so the quantization grid below needs no reduction over d before its first group
         xs = x if not plan.has_smooth else (x.float() / module.smooth.float()).to(x.dtype)
         torch.matmul(xs, down.to(x.dtype), out=c)
-    gpb = groups_per_program(n, G, plan.has_rotation)
+    gpb = G if one else groups_per_program(n, G, plan.has_rotation)
     amax = torch.empty((n, G), dtype=torch.float32, device=dev) if fmt_c else None
     args = [
         x, x.stride(0),
@@ -307,9 +357,12 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     meta = dict(GS=g, BKD=g, RC=min(64, _pow2_at_least(plan.r)),
                 HAS_SMOOTH=plan.has_smooth, PROJ=plan.project_out and plan.has_down,
                 HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, ASYM=plan.asym, STORE_A=store_a,
-                DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1))
+                DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1), C_IN_KERNEL=c_in_kernel,
+                RP=_pow2_at_least(plan.r) if c_in_kernel else 16)
     g_blocks = triton.cdiv(G, gpb)
-    for pass_ in ((0, 1) if fmt_c else (0,)):  # format C: absmax per group, then the row scale and codes
+    # format C: absmax per group, then the row scale and codes (one launch: both in each program)
+    passes = ((2,) if one else (0, 1)) if fmt_c else (0,)
+    for pass_ in passes:
         if block_t is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
             bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
             act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4)
