@@ -291,4 +291,11 @@ def backend_description(module_or_model: Any, device: torch.device | str | None 
     for key, count in sorted(summary.items(), key=lambda kv: -kv[1]):
         b, k = key.split(": ", 1)
         by_backend.setdefault(b, []).append(f"{count}× {k}")
-    return "; ".join(f"{b}: {', '.join(parts)}" for b, parts in by_backend.items())
+    line = "; ".join(f"{b}: {', '.join(parts)}" for b, parts in by_backend.items())
+    # fused shared-input layers (dirotq.fusion) count once each above; say what they stand for
+    fused = [] if isinstance(module_or_model, QuantLinear) else [
+        m for m in module_or_model.modules() if isinstance(getattr(m, "splits", None), list)
+        and isinstance(m, QuantLinear)]
+    if fused:
+        line += f" ({len(fused)} of them fused from {sum(len(m.splits) for m in fused)} layers that share an input)"
+    return line

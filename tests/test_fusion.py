@@ -55,6 +55,9 @@ def test_fused_model_computes_the_same_and_runs_each_group_once(quantized):
     calls, runs, members = _runs(model)
     assert calls == members and runs == len(report["fused"])
     assert fusion.fuse_shared_inputs(model)["fused"] == {}  # idempotent
+    from dirotq.modules import backend_description
+
+    assert f"({expected} of them fused from {members} layers that share an input)" in backend_description(model)
 
 
 def test_unfusing_restores_the_layers_bit_for_bit(quantized):
