@@ -300,4 +300,5 @@ def test_bench_linear_dry_run_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = json.dumps(json.loads(out.read_text()))
     assert "C_dirotq-lr_r32_max_rel_err" in text and "A_rtn_r0_max_rel_err" in text
-    assert "C_dirotq-lr_r32_1launch_act_quant_ms" in text and "_error" not in text
+    assert "C_dirotq-lr_r32_1launch_act_quant_ms" in text and "C_dirotq-lr_r32_w8_gemm_ms" in text
+    assert "_error" not in text
