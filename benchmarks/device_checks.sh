@@ -39,6 +39,11 @@ if [[ "$stage" == kernels || "$stage" == all ]]; then
         --tb=short -p no:cacheprovider >"$OUT/pytest_cuda.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/pytest_cuda.log"
     tail -25 "$OUT/pytest_cuda.log"
+    echo "== explorer generate path (analysis.session on the GPU: backend line and PSNR)"
+    timeout "${EXPLORER_S:-90}" python3 -m benchmarks.explorer_gpu_check --device cuda --out "$OUT/explorer_gpu.json" \
+        >"$OUT/explorer_gpu.log" 2>&1
+    echo "explorer_gpu_check exit $?" | tee -a "$OUT/explorer_gpu.log"
+    tail -2 "$OUT/explorer_gpu.log"
     echo "== bench_linear"
     timeout "${LINEAR_HARD_S:-170}" python3 -m benchmarks.bench_linear --core --budget-s "${LINEAR_S:-120}" \
         --tokens 4096 16 1024 --out "$OUT/bench_linear.json" \

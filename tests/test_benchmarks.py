@@ -118,6 +118,24 @@ def test_fusion_benchmark_runs_on_a_tiny_pipeline_and_finds_identical_images(tmp
     assert res["seconds_per_image"]["fused"]["median"] > 0
 
 
+def test_explorer_device_check_runs_the_generate_path_on_cpu(tmp_path):
+    """The GPU script for the explorer's Generate path, on the CPU: calibrates, edits one rank,
+    generates, and records the backend line (reference here, Triton on a GPU) and the PSNR."""
+    import json
+
+    from benchmarks.explorer_gpu_check import main
+    from tests.tiny_pipelines import build_tiny_pixart_pipeline
+
+    build_tiny_pixart_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "explorer.json"
+    assert main(["--device", "cpu", "--model", str(tmp_path / "pipe"), "--steps", "2", "--calib-prompts", "2",
+                 "--prompt", "a red circle on the left", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["last_stage"] == "generated" and res["backend"].startswith("reference:") and not res["triton"]
+    assert "fused from" in res["backend"] and res["metrics"]["psnr_db"] > 0
+    assert (tmp_path / "explorer_w4a4.png").is_file()
+
+
 def test_cross_kv_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     """bench_cross_kv on a tiny random PixArt pipeline: the 16-bit, W4A16 and W4A4 rows of the
     cross-attention K/V, the quantized layer counts, paired differences, smaller checkpoints."""
