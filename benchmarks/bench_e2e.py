@@ -11,9 +11,10 @@ targets; ``--pixart-cross-kv w4a16``, the default, adds PixArt's cross-attention
 - ``exact`` / ``int_ratio``: W4A4 format A / C: every W4A4 target a ``QuantLinear`` of the DiRotQ-LR
   structure at rank ``--rank`` (c = xV_r, residual, block Hadamard, INT4 weights of the actual random W,
   fused 16-bit branch), the W4A16 targets (PixArt ff.net.2, FLUX adaLN modulation) weight-only INT4;
-- ``int_ratio-fused`` / ``int_ratio-fused-1launch``: format C with the layers that read one input
-  (q/k/v, FLUX's proj_mlp + q/k/v) fused into one (``dirotq/fusion.py``), and with the one-launch
-  activation kernel as well (``DIROTQ_ACT_ONE_LAUNCH``);
+- ``int_ratio-fused`` / ``int_ratio-fused-1launch-tm``: format C with the layers that read one input
+  (q/k/v, FLUX's proj_mlp + q/k/v) fused into one (``dirotq/fusion.py``), and with the kernels not yet
+  timed on a GPU as well: the one-launch activation path (``DIROTQ_ACT_ONE_LAUNCH``) and the
+  token-major GEMM (``DIROTQ_GEMM_LAYOUT=token``);
 - ``w4a16-int_ratio``: every target weight-only INT4 in format C (RTN, activations stay 16-bit): no
   more weight memory than W4A4 and no activation error, so the speed W4A4 has to beat to be worth it;
 - ``fp8-torchao``: torchao's rowwise FP8 (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``:
@@ -80,15 +81,16 @@ QUANT_VARIANTS: dict[str, tuple[str, str, int | None]] = {
     "int_ratio": ("dirotq-lr", "int_ratio", 4),  # W4A4 format C
     "w4a16-int_ratio": ("rtn", "int_ratio", None),  # weight-only INT4 format C
     "int_ratio-fused": ("dirotq-lr", "int_ratio", 4),  # format C, shared-input layers fused (dirotq/fusion.py)
-    "int_ratio-fused-1launch": ("dirotq-lr", "int_ratio", 4),  # … and the one-launch activation kernel
+    "int_ratio-fused-1launch-tm": ("dirotq-lr", "int_ratio", 4),  # … and the kernels not yet timed
 }
 # variants whose layers that read one input (q/k/v, FLUX's proj_mlp + q/k/v) run as one layer
-FUSED_VARIANTS = ("int_ratio-fused", "int_ratio-fused-1launch")
-# variants whose activations run as one launch per layer (DIROTQ_ACT_ONE_LAUNCH, docs/KERNELS.md)
-ONE_LAUNCH_VARIANTS = ("int_ratio-fused-1launch",)
+FUSED_VARIANTS = ("int_ratio-fused", "int_ratio-fused-1launch-tm")
+# the kernel choices of a variant (docs/KERNELS.md); every other variant runs the defaults
+KERNEL_DEFAULTS = {"DIROTQ_ACT_ONE_LAUNCH": "0", "DIROTQ_GEMM_LAYOUT": "swap"}
+VARIANT_KERNELS = {"int_ratio-fused-1launch-tm": {"DIROTQ_ACT_ONE_LAUNCH": "1", "DIROTQ_GEMM_LAYOUT": "token"}}
 FP8_TORCHAO = "fp8-torchao"
 VARIANTS = [*QUANT_VARIANTS, FP8_TORCHAO]
-DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch", "w4a16-int_ratio", FP8_TORCHAO]
+DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch-tm", "w4a16-int_ratio", FP8_TORCHAO]
 # PixArt's cross-attention K/V: 16-bit as the adapter (and the paper) keeps them, W4A16 or W4A4, one of
 # which the weight-memory target (≤ 0.30× bf16 for PixArt-Σ) needs (their image cost on the
 # embedded model: benchmarks/results/cross_kv_tiny_pixart.md)
@@ -432,17 +434,19 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in ["bf16", *dict.fromkeys(args.formats)]:
         print(f"{args.model} {variant}", flush=True)
-        previous = os.environ.get("DIROTQ_ACT_ONE_LAUNCH")
-        os.environ["DIROTQ_ACT_ONE_LAUNCH"] = "1" if variant in ONE_LAUNCH_VARIANTS else "0"
+        kernel_env = {**KERNEL_DEFAULTS, **VARIANT_KERNELS.get(variant, {})}
+        previous = {k: os.environ.get(k) for k in kernel_env}
+        os.environ.update(kernel_env)
         try:
             entry = run_variant(variant, args, dry, res)
         finally:
-            if previous is None:
-                os.environ.pop("DIROTQ_ACT_ONE_LAUNCH", None)
-            else:
-                os.environ["DIROTQ_ACT_ONE_LAUNCH"] = previous
-        if variant in ONE_LAUNCH_VARIANTS:
-            entry["act_one_launch"] = True
+            for k, v in previous.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        if variant in VARIANT_KERNELS:
+            entry["kernel_env"] = VARIANT_KERNELS[variant]
         res["variants"][variant] = entry
         print("  " + json.dumps(entry), flush=True)
         out.write_text(json.dumps(res, indent=1))  # after every variant: a killed run keeps what it measured

@@ -104,28 +104,34 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
         except Exception as exc:
             row["fp8_error"] = f"{type(exc).__name__}: {exc}"
 
-    variants = [(s, r, f, "packed", True, False) for s, r in STRUCTURES for f in FORMATS]
+    # (structure, rank, format, weight mode, environment of the kernel choices, tag suffix)
+    simd_on = {"DIROTQ_SIMD_UNPACK": "1"}
+    variants = [(s, r, f, "packed", simd_on, "") for s, r in STRUCTURES for f in FORMATS]
     if extra_variants:
-        variants += [("dirotq-lr", 32, "exact", "int8", True, False)]
-        variants += [("dirotq-lr", 32, "int_ratio", "packed", False, False)]  # pure-tl unpack (what SIMD saves)
+        variants += [("dirotq-lr", 32, "exact", "int8", simd_on, "")]
+        # pure-tl unpack (what SIMD saves)
+        variants += [("dirotq-lr", 32, "int_ratio", "packed", {"DIROTQ_SIMD_UNPACK": "0"}, "_tlunpack")]
     # never measured on a GPU yet, so in the core set: format C with cached int8 weights (how much of
-    # the GEMM's gap to int8 speed the in-register unpack costs) and the one-launch activation path
-    variants += [("dirotq-lr", 32, "int_ratio", "int8", True, False), ("dirotq-lr", 32, "int_ratio", "packed", True, True)]
-    for structure, rank, fmt, wmode, simd, one_launch in variants:
-        tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "")
-        tag += ("" if simd else "_tlunpack") + ("_1launch" if one_launch else "")
-        old_env = os.environ.get("DIROTQ_SIMD_UNPACK")
-        old_one = os.environ.get("DIROTQ_ACT_ONE_LAUNCH")
-        os.environ["DIROTQ_SIMD_UNPACK"] = "1" if simd else "0"
-        os.environ["DIROTQ_ACT_ONE_LAUNCH"] = "1" if one_launch else "0"
+    # the GEMM's gap to int8 speed the in-register unpack costs), the token-major GEMM (the unpacked
+    # weight as wgmma's shared-memory operand) and the one-launch activation path
+    variants += [("dirotq-lr", 32, "int_ratio", "int8", simd_on, ""),
+                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "token"}, "_tm"),
+                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_1launch")]
+    for structure, rank, fmt, wmode, env, suffix in variants:
+        tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "") + suffix
+        kernel_env = {"DIROTQ_SIMD_UNPACK": "1", "DIROTQ_GEMM_LAYOUT": "swap", "DIROTQ_ACT_ONE_LAUNCH": "0", **env}
+        saved_env = {k: os.environ.get(k) for k in kernel_env}
+        os.environ.update(kernel_env)
         try:
             try:
                 m = make_quant_linear(w, bias, structure, fmt, rank)
                 m.kernel_weights = wmode
                 plan = get_plan(m, xs[0])
                 act = quantize_activations(m, plan, xs[0])
-                y = kernels.kernel_forward(m, xs[0][:64])  # compile/autotune + correctness on 64 tokens
-                ref = m.reference_forward(xs[0][:64].float())
+                # compile/autotune + correctness on up to 256 tokens (≥ 128: the token-major GEMM runs too)
+                check = xs[0][: max(64, min(n, 256))]
+                y = kernels.kernel_forward(m, check)
+                ref = m.reference_forward(check.float())
                 row[f"{tag}_max_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
                 row[f"{tag}_act_quant_ms"] = t_a = bench(lambda: quantize_activations(m, plan, nxt()))
                 row[f"{tag}_gemm_ms"] = t_g = bench(lambda: w4a4_gemm(m, plan, act, dt))
@@ -151,7 +157,7 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_error"] = f"{type(exc).__name__}: {exc}"
                 print(f"  {tag}: {row[f'{tag}_error']}")
         finally:
-            for key, old in (("DIROTQ_SIMD_UNPACK", old_env), ("DIROTQ_ACT_ONE_LAUNCH", old_one)):
+            for key, old in saved_env.items():
                 if old is None:
                     os.environ.pop(key, None)
                 else:
@@ -168,8 +174,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["pixart-sigma", "flux"])
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes, no timing meaning")
     ap.add_argument("--core", action="store_true",
-                    help="only the main variants (formats A/C × rtn, dirotq-lr r32) and two format C questions (cached "
-                         "int8 weights, the one-launch activation path): no format A _w8, no _tlunpack")
+                    help="only the main variants (formats A/C × rtn, dirotq-lr r32) and three format C questions (cached "
+                         "int8 weights, the token-major GEMM, the one-launch activation path): no format A _w8, "
+                         "no _tlunpack")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new shapes after this many seconds (the JSON says which rows ran)")
     args = ap.parse_args()

@@ -57,9 +57,9 @@ if [[ "$stage" == e2e || "$stage" == all ]]; then
     for model in pixart flux; do
         echo "== bench_e2e $model"
         if [[ $model == pixart ]]; then
-            limit="${PIXART_S:-120}" formats=(int_ratio int_ratio-fused int_ratio-fused-1launch fp8-torchao w4a16-int_ratio exact)
+            limit="${PIXART_S:-120}" formats=(int_ratio int_ratio-fused int_ratio-fused-1launch-tm fp8-torchao w4a16-int_ratio exact)
         else  # format A on FLUX was measured on 2026-11-26 (results/gpu_h100_2026-11-26) and is slower than C
-            limit="${FLUX_S:-210}" formats=(int_ratio int_ratio-fused int_ratio-fused-1launch fp8-torchao w4a16-int_ratio)
+            limit="${FLUX_S:-210}" formats=(int_ratio int_ratio-fused int_ratio-fused-1launch-tm fp8-torchao w4a16-int_ratio)
         fi
         timeout "$limit" python3 -m benchmarks.bench_e2e --model "$model" --formats "${formats[@]}" \
             --out "$OUT/bench_e2e_$model.json" >>"$OUT/bench_e2e.log" 2>&1

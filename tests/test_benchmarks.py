@@ -168,12 +168,12 @@ def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
 
     out = tmp_path / "e2e.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.bench_e2e", "--dry-run", "--model", "pixart", "--formats",
-                        "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch", "w4a16-int_ratio", "--compile",
+                        "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch-tm", "w4a16-int_ratio", "--compile",
                         "default", "--out", str(out)],
                        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    for variant in ("bf16", "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch", "w4a16-int_ratio"):
+    for variant in ("bf16", "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch-tm", "w4a16-int_ratio"):
         c = res["variants"][variant]["compiled"]
         assert c["graphs"] == 1 and c["graph_breaks"] == 0 and c["eager_ms"] > 0 and c["output_finite"]
         assert res["variants"][variant]["output_finite"]
@@ -319,4 +319,5 @@ def test_bench_linear_dry_run_runs_on_cpu(tmp_path):
     text = json.dumps(json.loads(out.read_text()))
     assert "C_dirotq-lr_r32_max_rel_err" in text and "A_rtn_r0_max_rel_err" in text
     assert "C_dirotq-lr_r32_1launch_act_quant_ms" in text and "C_dirotq-lr_r32_w8_gemm_ms" in text
+    assert "C_dirotq-lr_r32_tm_gemm_ms" in text
     assert "_error" not in text

@@ -235,6 +235,36 @@ def test_one_launch_is_not_used_with_a_dense_rotation():
     assert not act_quant.one_launch_enabled(plan, True)
 
 
+TOKEN_MAJOR_CASES = [("dirotq-lr", 32, "exact", True), ("dirotq-lr", 32, "int_ratio", True),
+                     ("svdquant", 16, "int_ratio", True), ("rtn", 0, "exact", True), ("dirotq-lr", 32, "int_ratio", False)]
+
+
+@pytest.mark.parametrize("structure,r,fmt,symmetric", TOKEN_MAJOR_CASES)
+def test_token_major_gemm_equals_the_swap_ab_gemm(structure, r, fmt, symmetric):
+    """The token-major GEMM (weights as the MMA's shared-memory operand, n ≥ 128 tokens): int32 sums
+    identical to the swap-AB kernel's and to codes · operandᵀ (minus the zero-point term when
+    asymmetric), float output equal up to summation order; below 128 tokens it is not used."""
+    from dirotq.kernels.w4a4_gemm import gemm_layout
+
+    m = make_layer(structure, fmt, d=192, o=80, r=r)
+    m.act_symmetric = symmetric
+    x = make_input(150, 192) + (0.0 if symmetric else 0.7)
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    swap = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
+    token = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="token")
+    assert torch.equal(token, swap)
+    expected = act["codes"].long() @ _weight_operand(m).long().T
+    if not symmetric:
+        neg_hi, neg_lo = zero_point_sums(m, plan)
+        expected += act["zero"].long() @ (128 * neg_hi.long() + neg_lo.long()).T
+    assert torch.equal(token.long(), expected)
+    y_swap = w4a4_gemm(m, plan, act, torch.float32, layout="swap")
+    assert _rel(w4a4_gemm(m, plan, act, torch.float32, layout="token"), y_swap) < 1e-6
+    assert gemm_layout(150, "token") == "token" and gemm_layout(100, "token") == "swap"
+    assert gemm_layout(150, None) == "swap"  # the default until the token-major kernel is timed
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("structure,r,split", [("dirotq-lr", 16, 2), ("svdquant", 8, 3), ("rtn", 0, 5)])
 def test_gemm_split_k_matches_one_split(structure, r, split, fmt):
@@ -445,6 +475,10 @@ def test_kernels_compile_for_sm90_without_spills():
         if row["variant"].startswith("gemm"):
             assert row["int8_wgmma"] > 0 and row["cp_async"] > 0, row
             assert row["simd_unpack_asm"] == ("simd" in row["variant"]), row
+            # the unpacked weight is wgmma's register operand in the swap-AB kernel and a shared-memory
+            # operand in the token-major one (cached int8 weights are loaded into shared memory in both)
+            from_registers = row["variant"].startswith("gemm ") and "int8-weights" not in row["variant"]
+            assert (row["int8_wgmma_a_from_registers"] > 0) == from_registers, row
 
 
 # --- CUDA (real shapes) ---------------------------------------------------------------------------
@@ -491,6 +525,23 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     assert _rel(yb.float(), _exact_output(mb, qtb, actb["c"] if r else None)) < 1e-2  # bf16 output rounding
     _, a_ref = mb.transform_input(xb.float())
     assert float((quantize(a_ref, 4, 64, True, fmt).q != qtb.q).float().mean()) <= 0.01
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cuda_token_major_gemm(symmetric):
+    """The token-major GEMM on the GPU: the same int32 sums as the swap-AB kernel (FLUX width, 1000
+    tokens), the float output within rounding of it."""
+    m = make_layer("dirotq-lr", "int_ratio", d=3072, o=3072, r=32, dtype=torch.bfloat16).cuda()
+    m.act_symmetric = symmetric
+    x = (make_input(1000, 3072) + (0.0 if symmetric else 0.7)).cuda().bfloat16()
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    swap = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
+    assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="token"), swap)
+    y = w4a4_gemm(m, plan, act, torch.float32, layout="swap")
+    assert _rel(w4a4_gemm(m, plan, act, torch.float32, layout="token"), y) < 1e-5
 
 
 @cuda

@@ -51,6 +51,11 @@ def default_variants():
                      dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
                           DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False, ATOMIC=False, ASYM=False, GC=32),
                      dict(num_warps=8, num_stages=3)))
+        for bt, bo, w, st in ((128, 128, 8, 3), (128, 256, 8, 3)) if fmt_c else ():  # token-major: weights in smem
+            out.append((f"gemm_tm {f} {bt}x{bo} w{w} s{st} packed+lr simd-unpack", "gemm_tm",
+                        dict(BT=bt, BO=bo, GS=64, R_BLK=32, GROUP_T=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ASYM=False, GC=32),
+                        dict(num_warps=w, num_stages=st)))
         if fmt_c:  # asymmetric activations: the zero-point term in the epilogue
             for bo, bt, w, s in ((128, 128, 8, 3), (64, 16, 4, 4)):
                 out.append((f"gemm C {bo}x{bt} w{w} s{s} packed+lr simd-unpack asymmetric" + (" split-k" if bt == 16 else ""),
@@ -91,11 +96,12 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
 
     from .act_quant import act_quant_kernel
     from .w4a16 import w4a16_kernel
-    from .w4a4_gemm import w4a4_gemm_kernel
+    from .w4a4_gemm import w4a4_gemm_kernel, w4a4_gemm_tm_kernel
 
-    fn = {"gemm": w4a4_gemm_kernel, "act": act_quant_kernel, "w4a16": w4a16_kernel}[kind]
-    types = dict(PTR_TYPES[kind])
-    if kind == "gemm" and consts.get("W_INT8"):
+    fn = {"gemm": w4a4_gemm_kernel, "gemm_tm": w4a4_gemm_tm_kernel, "act": act_quant_kernel,
+          "w4a16": w4a16_kernel}[kind]
+    types = dict(PTR_TYPES["gemm" if kind == "gemm_tm" else kind])
+    if kind.startswith("gemm") and consts.get("W_INT8"):
         types["w_ptr"] = "*i8"
     if kind == "gemm" and consts.get("ATOMIC"):
         types["y_ptr"] = "*fp32"  # K splits add fp32 partials
@@ -106,7 +112,12 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
                     attrs=attrs)
     k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = k.asm["ptx"]
+    int8_mma = [line.split("}", 1)[1].strip() for line in ptx.splitlines()
+                if re.search(r"wgmma\.mma_async\S*s8\.s8", line) and "}" in line]
     res = {"shared_bytes": k.metadata.shared, "int8_wgmma": len(re.findall(r"wgmma\.mma_async\S*s8\.s8", ptx)),
+           # after the accumulator: "{%r…}" = the first operand in registers, "%rd…" = a shared-memory descriptor
+           "int8_wgmma_a_from_registers": sum(op.startswith(", {") for op in int8_mma),
+           "wgmma_wait_depths": sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)}),
            "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_"),
            "simd_unpack_asm": "0x80808080" in ptx}
     ptxas = _ptxas()

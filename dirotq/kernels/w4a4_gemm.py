@@ -222,6 +222,138 @@ def w4a4_gemm_kernel(
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+@triton.jit
+def w4a4_gemm_tm_kernel(
+    w_ptr, stride_wo, ws_ptr, stride_wso, wk_ptr, stride_wko, q_ptr, stride_qn, xs_ptr, stride_xsn,
+    c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur, bias_ptr, zk_ptr, stride_zkn,
+    shi_ptr, slo_ptr, stride_so, y_ptr, stride_yn,
+    n, o, r, G, N_KEY,
+    BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_T: tl.constexpr,
+    FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr, SIMD: tl.constexpr, ASYM: tl.constexpr, GC: tl.constexpr,
+):
+    """Token-major tile acc[BT, BO] = X_tile · W_tileᵀ (the arguments of ``w4a4_gemm_kernel``, no
+    K split): the activation codes are the MMA's first operand (loaded from memory, pipelined) and the
+    unpacked weight tile its second, which Hopper's wgmma reads from shared memory, so the unpack
+    of a group is not tied to a register operand that the MMA must finish with first (the swap-AB
+    kernel's ``wait 0`` after every group). Needs BT ≥ 64 token rows per tile: the large-token path."""
+    HALF: tl.constexpr = GS // 2
+    # grouped ordering: GROUP_T token tiles share one sweep over the weight tiles (L2 reuse of W)
+    pid = tl.program_id(0)
+    num_t = tl.cdiv(n, BT)
+    num_o = tl.cdiv(o, BO)
+    per_group = GROUP_T * num_o
+    first_t = (pid // per_group) * GROUP_T
+    size_t = tl.minimum(num_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % size_t
+    pid_o = (pid % per_group) // size_t
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    tmask = offs_t < n
+    omask = offs_o < o
+    j = tl.arange(0, HALF)
+
+    acc_i = tl.zeros((BT, BO), dtype=tl.int32)
+    acc = tl.zeros((BT, BO), dtype=tl.float32)
+    for g in tl.range(0, G):
+        if W_INT8:
+            lo = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + j)[None, :], mask=omask[:, None], other=0)
+            hi = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + HALF + j)[None, :], mask=omask[:, None],
+                         other=0)
+        elif SIMD:
+            lo, hi = _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF, FMT_C)
+        else:
+            lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
+            if FMT_C:
+                k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
+                lo = lo * k[:, None]
+                hi = hi * k[:, None]
+        xlo = tl.load(q_ptr + offs_t[:, None] * stride_qn + (g * GS + j)[None, :], mask=tmask[:, None], other=0)
+        xhi = tl.load(q_ptr + offs_t[:, None] * stride_qn + (g * GS + HALF + j)[None, :], mask=tmask[:, None],
+                      other=0)
+        if FMT_C or DEBUG_INT:
+            acc_i = tl.dot(xlo, tl.trans(lo.to(tl.int8)), acc_i, out_dtype=tl.int32)
+            acc_i = tl.dot(xhi, tl.trans(hi.to(tl.int8)), acc_i, out_dtype=tl.int32)
+        else:
+            part = tl.dot(xlo, tl.trans(lo.to(tl.int8)), out_dtype=tl.int32)
+            part = tl.dot(xhi, tl.trans(hi.to(tl.int8)), part, out_dtype=tl.int32)
+            ws = tl.load(ws_ptr + offs_o * stride_wso + g, mask=omask, other=0.0).to(tl.float32)
+            xs = tl.load(xs_ptr + offs_t * stride_xsn + g, mask=tmask, other=0.0)
+            acc += part.to(tl.float32) * xs[:, None] * ws[None, :]
+
+    if ASYM:  # the zero-point term, as in the swap-AB kernel with the operands' roles exchanged
+        t_hi = tl.zeros((BT, BO), dtype=tl.int32)
+        for g0 in range(0, G, GC):
+            gc = g0 + tl.arange(0, GC)
+            gmask = gc < G
+            zk = tl.load(zk_ptr + offs_t[:, None] * stride_zkn + gc[None, :], mask=tmask[:, None] & gmask[None, :],
+                         other=0)
+            sh = tl.load(shi_ptr + offs_o[None, :] * stride_so + gc[:, None], mask=omask[None, :] & gmask[:, None],
+                         other=0)
+            t_hi = tl.dot(zk, sh, t_hi, out_dtype=tl.int32)
+        acc_i += 128 * t_hi
+        for g0 in range(0, G, GC):
+            gc = g0 + tl.arange(0, GC)
+            gmask = gc < G
+            zk = tl.load(zk_ptr + offs_t[:, None] * stride_zkn + gc[None, :], mask=tmask[:, None] & gmask[None, :],
+                         other=0)
+            sl = tl.load(slo_ptr + offs_o[None, :] * stride_so + gc[:, None], mask=omask[None, :] & gmask[:, None],
+                         other=0)
+            acc_i = tl.dot(zk, sl, acc_i, out_dtype=tl.int32)
+    y_ptrs = y_ptr + offs_t[:, None] * stride_yn + offs_o[None, :]
+    ymask = tmask[:, None] & omask[None, :]
+    if DEBUG_INT:
+        tl.store(y_ptrs, acc_i, mask=ymask)
+    else:
+        if FMT_C:
+            ws = tl.load(ws_ptr + offs_o * stride_wso, mask=omask, other=0.0).to(tl.float32)
+            xs = tl.load(xs_ptr + offs_t * stride_xsn, mask=tmask, other=0.0)
+            acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_LR:
+            for r0 in range(0, r, R_BLK):
+                rc = r0 + tl.arange(0, R_BLK)
+                cc = tl.load(c_ptr + offs_t[:, None] * stride_cn + rc[None, :] * stride_cr,
+                             mask=tmask[:, None] & (rc[None, :] < r), other=0.0)
+                ut = tl.load(up_ptr + offs_o[None, :] * stride_uo + rc[:, None] * stride_ur,
+                             mask=omask[None, :] & (rc[:, None] < r), other=0.0)
+                acc += _fdot(cc, ut, DOT_DTYPE)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+            acc += b[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+TOKEN_MAJOR_MIN_TOKENS = 128  # the token-major tile needs ≥ 64 rows per MMA; below, few tiles anyway
+
+
+def gemm_layout(n: int, layout: str | None = None) -> str:
+    """"swap" (weights on the MMA's M side, any token count; the kernel measured on the H100) or
+    "token" (``w4a4_gemm_tm_kernel``: weights as the shared-memory operand, n ≥ 128 tokens).
+    ``layout=None`` reads ``DIROTQ_GEMM_LAYOUT`` (default swap until the token-major kernel is timed)."""
+    layout = layout or os.environ.get("DIROTQ_GEMM_LAYOUT", "swap")
+    if layout not in ("swap", "token"):
+        raise ValueError(f"DIROTQ_GEMM_LAYOUT must be swap or token, got {layout!r}")
+    return "token" if layout == "token" and n >= TOKEN_MAJOR_MIN_TOKENS else "swap"
+
+
+def _tm_configs():
+    return [triton.Config({"BT": bt, "BO": bo, "GROUP_T": 8}, num_warps=w, num_stages=s)
+            for bt, bo, w, s in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4),
+                                 (64, 256, 4, 3), (256, 128, 8, 3))]
+
+
+_TUNED_TM = None
+
+
+def _tuned_tm_kernel():
+    global _TUNED_TM
+    if _TUNED_TM is None:
+        _TUNED_TM = triton.autotune(configs=_tm_configs(),
+                                    key=["N_KEY", "o", "G", "r", "FMT_C", "HAS_LR", "W_INT8", "SIMD", "ASYM"],
+                                    cache_results=True)(w4a4_gemm_tm_kernel)
+    return _TUNED_TM
+
+
 def _configs():
     """A short list (each config is a compile per shape): swap-AB tiles, weights on the M side."""
     cfgs = [triton.Config({"BO": 32, "BT": 16, "GROUP_O": 8}, num_warps=4, num_stages=4),
@@ -304,18 +436,21 @@ def split_k(n: int, o: int, groups: int) -> int:
 
 
 def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None,
-              simd: bool | None = None, split: int | None = None):
+              simd: bool | None = None, split: int | None = None, layout: str | None = None):
     """y (n, o) = dequant(codes) · dequant(W_q)ᵀ + c · upᵀ + bias; ``act`` from
     ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias).
     ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
-    number of K splits (default :func:`split_k`). Asymmetric activations (``act["zero"]``, format C):
-    the zero-point term is subtracted in the epilogue (``debug_int``: the corrected int32 sums)."""
+    number of K splits (default :func:`split_k`; swap-AB only). Asymmetric activations (``act["zero"]``,
+    format C): the zero-point term is subtracted in the epilogue (``debug_int``: the corrected int32
+    sums). ``layout``: "swap" or "token" (:func:`gemm_layout`; token-major needs n ≥ 128)."""
     import torch
 
     n = act["codes"].shape[0]
     o = plan.o
     dev = act["codes"].device
-    split = split_k(n, o, plan.groups) if split is None else max(1, min(int(split), plan.groups))
+    token_major = gemm_layout(n, layout) == "token"
+    split = 1 if token_major else (split_k(n, o, plan.groups) if split is None
+                                   else max(1, min(int(split), plan.groups)))
     acc_dtype = torch.int32 if debug_int else (out_dtype if split == 1 else torch.float32)
     y = (torch.empty if split == 1 else torch.zeros)((n, o), dtype=acc_dtype, device=dev)
     if n == 0 or o == 0:
@@ -346,6 +481,19 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
                 W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd),
                 ATOMIC=split > 1, ASYM=act.get("zero") is not None, GC=ZERO_TERM_GROUPS)
+    if token_major:
+        tm_args = args[:-2] + (_n_key(n),)  # the same arguments without the K-split count
+        tm_meta = {k: v for k, v in meta.items() if k != "ATOMIC"}
+        if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+            cfg = dict(BT=64, BO=32, GROUP_T=4) if config is None else dict(config)
+            warps = cfg.pop("num_warps", 4)
+            stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
+            grid = (triton.cdiv(n, cfg["BT"]) * triton.cdiv(o, cfg["BO"]),)
+            w4a4_gemm_tm_kernel[grid](*tm_args, **tm_meta, **cfg, num_warps=warps, num_stages=stages)
+        else:
+            grid = lambda m: (triton.cdiv(n, m["BT"]) * triton.cdiv(o, m["BO"]),)  # noqa: E731
+            _tuned_tm_kernel()[grid](*tm_args, **tm_meta)
+        return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
     if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
