@@ -3,7 +3,9 @@
 Triton lowers to PTX and the bundled ``ptxas`` assembles it for ``sm_90a`` on any machine, so a
 CPU-only session can still check that every kernel variant compiles for Hopper, that the W4A4 GEMM
 uses int8 ``wgmma`` with the weight as the register operand and cp.async pipelining, and how many
-registers / spill bytes each tile config needs. Integer arguments get the divisibility-by-16
+registers / spill bytes each tile config needs, which operand of each int8 wgmma comes from registers,
+and which ``wgmma.wait_group`` depths the code uses (a probe line says whether Triton issues int8 and
+FP8 MMAs asynchronously at all). Integer arguments get the divisibility-by-16
 specialisation the JIT applies at launch for real shapes (strides d/2, G·64, o are multiples of 16).
 Must run in a process where ``TRITON_INTERPRET`` is unset (the interpreter replaces ``@triton.jit``).
 Prints one JSON line per variant; exit status 1 if any variant failed to compile.
@@ -18,6 +20,9 @@ import subprocess
 import sys
 import tempfile
 
+import triton
+import triton.language as tl
+
 PTR_TYPES = {
     "gemm": {"w_ptr": "*u8", "ws_ptr": "*fp16", "wk_ptr": "*i8", "q_ptr": "*i8", "xs_ptr": "*fp32", "c_ptr": "*bf16",
              "up_ptr": "*bf16", "bias_ptr": "*bf16", "zk_ptr": "*i8", "shi_ptr": "*i8", "slo_ptr": "*i8",
@@ -31,8 +36,6 @@ PTR_TYPES = {
 
 
 def default_variants():
-    import triton.language as tl
-
     bf = tl.bfloat16
     out = []
     for fmt_c in (False, True):
@@ -76,6 +79,43 @@ def default_variants():
         out.append((f"w4a16 {f} 64x16 w4 s4", "w4a16",
                     dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,
                          DOT_DTYPE=bf), dict(num_warps=4, num_stages=4)))
+    return out
+
+
+@triton.jit
+def _probe_gemm_kernel(a_ptr, b_ptr, y_ptr, K, stride_a, stride_b, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, ACC: tl.constexpr):
+    """A plain GEMM (both operands K-major from memory, one dot per K step): the shape Triton's
+    pipeliner turns into asynchronous wgmma when it can. Compiled for int8 and for FP8 to see which
+    element types get ``wgmma.wait_group 1`` (an MMA left in flight while the next tile loads)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in tl.range(0, K, BK):
+        a = tl.load(a_ptr + offs_m[:, None] * stride_a + (k0 + kk)[None, :])
+        b = tl.load(b_ptr + offs_n[:, None] * stride_b + (k0 + kk)[None, :])
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=ACC)
+    tl.store(y_ptr + offs_m[:, None] * BN + offs_n[None, :], acc)
+
+
+def probe_async_mma(arch: int = 90) -> dict:
+    """{element type: sorted wgmma wait depths} of ``_probe_gemm_kernel`` (128×128×128 tile, 8 warps,
+    3 stages) for int8 and FP8 e4m3: [0] means every MMA is waited for before the next is issued."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as tcompile
+
+    out = {}
+    for name, elem, acc_ty, y_ty in (("int8", "*i8", tl.int32, "*i32"), ("fp8e4m3", "*fp8e4nv", tl.float32, "*fp32")):
+        consts = dict(BM=128, BN=128, BK=128, ACC=acc_ty)
+        fn = _probe_gemm_kernel
+        sig = {n: "constexpr" if n in consts else {"a_ptr": elem, "b_ptr": elem, "y_ptr": y_ty}.get(n, "i32")
+               for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                        attrs=attrs)
+        ptx = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8, num_stages=3)).asm["ptx"]
+        out[name] = sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)})
     return out
 
 
@@ -150,6 +190,10 @@ def main() -> int:
             res = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             failed += 1
         print(json.dumps({"variant": name, **res}), flush=True)
+    try:
+        print(json.dumps({"probe": "async wgmma in a plain Triton GEMM", "wait_depths": probe_async_mma()}), flush=True)
+    except Exception as exc:  # a report line, not a kernel of ours
+        print(json.dumps({"probe": "async wgmma in a plain Triton GEMM", "error": f"{type(exc).__name__}: {exc}"}))
     return 1 if failed else 0
 
 
