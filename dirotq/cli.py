@@ -119,6 +119,18 @@ def _rank_arg(args):
     return args.rank
 
 
+LAYER_KINDS = {"w4a4": "w4a4", "w4a16": "w4a16", "16bit": None}
+
+
+def _layer_kind(text: str) -> tuple[str, str | None]:
+    """``--layer-kind TYPE=KIND`` -> (layer type, adapter kind or None for 16-bit)."""
+    layer_type, sep, kind = text.partition("=")
+    if not sep or not layer_type or kind not in LAYER_KINDS:
+        raise argparse.ArgumentTypeError(f"expected LAYER_TYPE=KIND with KIND one of {', '.join(LAYER_KINDS)} "
+                                         f"(e.g. attn2.to_k=w4a4), got {text!r}")
+    return layer_type, LAYER_KINDS[kind]
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     from .pipelines import DEFAULT_MODEL
 
@@ -130,6 +142,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="dtype of the 16-bit model (default auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="text tokens per prompt (default: the pipeline's, capped at the tokenizer's maximum)")
+    p.add_argument("--layer-kind", type=_layer_kind, action="append", default=None, metavar="TYPE=KIND",
+                   help="quantize a layer type otherwise than the model family's default: KIND is w4a4, w4a16 or "
+                        "16bit (repeatable; e.g. PixArt's cross-attention K/V, 16-bit by default: "
+                        "--layer-kind attn2.to_k=w4a4 --layer-kind attn2.to_v=w4a4). Give the same to "
+                        "calibrate, quantize, generate and evaluate")
 
 
 def _add_sampling(p: argparse.ArgumentParser, steps_help: str = "denoising steps (default 20)") -> None:
@@ -349,14 +366,42 @@ def _model_name(model: str) -> str:
     return Path(str(model).rstrip("/")).name or "model"
 
 
+def _adapter(args, transformer):
+    """The model family's adapter with the ``--layer-kind`` overrides (checked against the model's
+    layer types)."""
+    from torch import nn
+
+    from .models import get_adapter
+
+    base = get_adapter(transformer)
+    overrides = dict(getattr(args, "layer_kind", None) or [])
+    if not overrides:
+        return base
+    known = {f"{b.type_prefix}{n}" for b in base.blocks(transformer) for n, m in b.module.named_modules()
+             if isinstance(m, nn.Linear)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise BadInput(f"--layer-kind: {', '.join(unknown)} is not a layer type of this model; its layer types: "
+                       f"{', '.join(sorted(known))}")
+    return type(base)({**base.overrides, **overrides})
+
+
+def _kinds_suffix(args) -> str:
+    """Checkpoint-name suffix of the ``--layer-kind`` overrides ("" without any)."""
+    pairs = getattr(args, "layer_kind", None) or []
+    inverse = {v: k for k, v in LAYER_KINDS.items()}
+    return "".join(f"-{lt}={inverse[kind]}" for lt, kind in sorted(dict(pairs).items()))
+
+
 def _evaluator(args, pipe=None, out=None):
     from .eval.protocol import Evaluator
 
-    return Evaluator(pipe if pipe is not None else _load_pipe(args), prompts=[],
+    pipe = pipe if pipe is not None else _load_pipe(args)
+    return Evaluator(pipe, prompts=[],
                      num_inference_steps=args.steps, guidance_scale=args.guidance,
                      calib_prompts=args.calib_prompts, calib_limit=args.calib_limit, calib_steps=args.calib_steps,
                      out_dir=out or getattr(args, "out", None) or "out/eval", pipe_kwargs=_pipe_kwargs(args),
-                     judge=False)
+                     judge=False, adapter=_adapter(args, pipe.transformer))
 
 
 def _stats(args, ev):
@@ -381,12 +426,12 @@ def _dist(args):
     return info
 
 
-def _selected_layers(args, transformer) -> list[str] | None:
+def _selected_layers(args, transformer, adapter=None) -> list[str] | None:
     """The targets --layers names (None: all), resolved once per command."""
     from .distributed import select_layers
-    from .models import get_adapter
 
-    return select_layers(get_adapter(transformer).targets(transformer), getattr(args, "layers", None))
+    adapter = adapter or _adapter(args, transformer)
+    return select_layers(adapter.targets(transformer), getattr(args, "layers", None))
 
 
 def _scale_kwargs(args, layers: list[str] | None, info) -> dict:
@@ -403,10 +448,11 @@ def cmd_calibrate(args) -> int:
     info = _dist(args)
     prompts = read_prompts(args.prompts or DEFAULT_CALIB_PROMPTS, args.limit)
     pipe = _load_pipe(args)
+    adapter = _adapter(args, pipe.transformer)
     stats = calibrate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       batch_size=args.batch_size, sample_tokens=args.sample_tokens, cache_dir=args.out,
-                      pipe_kwargs=_pipe_kwargs(args),
-                      **_scale_kwargs(args, _selected_layers(args, pipe.transformer), info))
+                      pipe_kwargs=_pipe_kwargs(args), adapter=adapter,
+                      **_scale_kwargs(args, _selected_layers(args, pipe.transformer, adapter), info))
     if info.is_main:
         key = stats.meta.get("cache_key", "")
         layers = stats.layers  # loaded statistics read tensors lazily: count tokens from the metadata
@@ -423,17 +469,17 @@ def cmd_quantize(args) -> int:
 
     from .checkpoint import recipe_name, save_quantized
     from .eval.protocol import DEFAULT_CALIB_PROMPTS, make_config, read_prompts
-    from .models import get_adapter, target_report
+    from .models import target_report
     from .registry import get_method
     from .pipelines import load_transformer
     from .quantize import quantize_
 
     rank = _rank_arg(args)
     config = make_config(args.method, rank=rank, weights=args.weights, scale_format=args.scale_format)
-    name = args.name or recipe_name(config, _model_name(args.model))
+    name = args.name or recipe_name(config, _model_name(args.model)) + _kinds_suffix(args)
     if args.dry_run:
         transformer = load_transformer(args.model, device=args.device, dtype=_dtype(args))
-        adapter = get_adapter(transformer)
+        adapter = _adapter(args, transformer)
         targets = adapter.targets(transformer)
         resolved = config.rank_plan().resolve(targets)
         print(target_report(transformer, adapter))
@@ -450,12 +496,13 @@ def cmd_quantize(args) -> int:
 
         stats = CalibrationStats.load(args.stats)
         transformer = load_transformer(args.model, device=args.device, dtype=_dtype(args))
-        layers = _selected_layers(args, transformer)
+        adapter = _adapter(args, transformer)
+        layers = _selected_layers(args, transformer, adapter)
     else:
         ev = _evaluator(args, out="out/eval")
         ev.check_rank(rank)
-        transformer = ev.pipe.transformer
-        layers = _selected_layers(args, transformer)
+        transformer, adapter = ev.pipe.transformer, ev.adapter
+        layers = _selected_layers(args, transformer, adapter)
         ev.calibrate_kwargs.update(_scale_kwargs(args, layers, info))
         stats = ev.stats  # also for RTN: the report's per-layer errors use its held-out tokens
     allocation = None
@@ -470,7 +517,7 @@ def cmd_quantize(args) -> int:
             sens_prompts = ev.calib_prompts[-4:]
         # under torchrun each process measures the layers it owns; the plan is the same on all of them
         plan, allocation = output_error_plan(ev.pipe, stats, config, rank, sens_prompts, seed=1,
-                                             pipe_kwargs=ev.pipe_kwargs, layers=layers, dist=info,
+                                             pipe_kwargs=ev.pipe_kwargs, layers=layers, dist=info, adapter=adapter,
                                              tie_shared_inputs=args.allocate == "output-tied",
                                              progress=_bar_progress("allocate ranks"))
         config = dataclasses.replace(config, rank=plan)
@@ -478,6 +525,8 @@ def cmd_quantize(args) -> int:
     if info.distributed:
         from .distributed import quantize_sharded
 
+        if adapter.overrides:  # the sharding assigns the family's default targets to the processes
+            raise BadInput("--layer-kind is not supported under torchrun yet: quantize in one process")
         report = quantize_sharded(transformer, config, stats, path, info, layers=layers,
                                   max_shard_size=args.max_shard_size)
         reports = _gather_reports(report, info)
@@ -485,7 +534,7 @@ def cmd_quantize(args) -> int:
             return 0
         report = {"summary": {k: sum(r["summary"].get(k, 0) for r in reports) for k in ("layers", "w4a4", "w4a16")}}
     else:
-        report = quantize_(transformer, config, stats, targets=layers)
+        report = quantize_(transformer, config, stats, adapter=adapter, targets=layers)
         save_quantized(transformer, path, max_shard_size=args.max_shard_size)
     if allocation is not None:
         print(f"ranks by model-output sensitivity{' (one per shared-input group)' if args.allocate == 'output-tied' else ''}"
@@ -562,7 +611,7 @@ def cmd_generate(args) -> int:
         rank = _rank_arg(args)
         config = make_config(args.method, rank=rank, weights=args.weights, scale_format=args.scale_format)
         ev.check_rank(rank)
-        qt = quantized_copy(ev.pipe.transformer, config, ev.stats)
+        qt = quantized_copy(ev.pipe.transformer, config, ev.stats, adapter=ev.adapter)
         fuse_shared_inputs(qt)  # layers that read one input run as one: the same image, fewer passes
         label = config.tag()
     ref, quant, t = generate_pair(ev.pipe, qt, prompt, args.seed, num_inference_steps=args.steps,
@@ -593,11 +642,13 @@ def cmd_generate(args) -> int:
 def cmd_evaluate(args) -> int:
     from .eval.protocol import Evaluator, evaluate, rank_sweep
 
-    ev = Evaluator(_load_pipe(args), prompts=args.prompts, limit=args.limit, seeds_per_prompt=args.seeds,
+    pipe = _load_pipe(args)
+    ev = Evaluator(pipe, prompts=args.prompts, limit=args.limit, seeds_per_prompt=args.seeds,
                    seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    calib_prompts=args.calib_prompts, calib_limit=args.calib_limit, calib_steps=args.calib_steps,
                    out_dir=args.out, batch_size=args.batch_size, pipe_kwargs=_pipe_kwargs(args),
-                   judge=False if args.no_judge else args.judge, n_boot=args.n_boot)
+                   judge=False if args.no_judge else args.judge, n_boot=args.n_boot,
+                   adapter=_adapter(args, pipe.transformer))
     command = "python -m dirotq " + " ".join(shlex.quote(a) for a in (args._argv or []))
     if args.sweep_ranks:
         from .eval.protocol import sweep_methods

@@ -127,11 +127,40 @@ def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
     assert [r.split(",")[:3] for r in rows_c] == [r.split(",")[:3] for r in rows]
 
 
+def test_layer_kind_quantizes_pixarts_cross_attention_kv_through_every_verb(env, capsys, monkeypatch):
+    """--layer-kind makes PixArt's cross-attention K/V (16-bit by default) W4A4: the dry run counts them,
+    quantize calibrates and quantizes them and names the checkpoint after the override, generate uses
+    them, and ff.net.2 can be kept 16-bit the same way."""
+    root, model, common = env
+    monkeypatch.chdir(root)
+    kinds = ["--layer-kind", "attn2.to_k=w4a4", "--layer-kind", "attn2.to_v=w4a4", "--layer-kind", "ff.net.2=16bit"]
+    assert main(["quantize", "--model", str(model), "--dry-run", *kinds, "--out", str(root / "kinds")]) == 0
+    out = capsys.readouterr().out
+    assert "18 W4A4 targets, 0 W4A16" in out  # 14 + 2 blocks × (to_k, to_v); ff.net.2 kept
+    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--allocate", "fixed", *kinds,
+                 "--out", str(root / "kinds")]) == 0
+    path = root / "kinds" / "dirotq-lr-w4a4-g64-r16-tiny-pixart-attn2.to_k=w4a4-attn2.to_v=w4a4-ff.net.2=16bit"
+    from dirotq.checkpoint import load_quantized
+    from dirotq.modules import QuantLinear
+
+    q = load_quantized(path)
+    block = q.transformer_blocks[0]
+    assert isinstance(block.attn2.to_k, QuantLinear) and block.attn2.to_k.act_bits == 4
+    assert not isinstance(block.ff.net[2], QuantLinear)
+    capsys.readouterr()
+    assert main(["generate", *common, "--method", "dirotq-lr", "--rank", "16", *kinds[:4], "--prompt", PROMPTS[0],
+                 "--out", str(root / "gen_kinds")]) == 0
+    backend = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("backend:"))
+    # 14 default W4A4 targets + 4 cross-attention K/V, of which q/k/v (6) and the K/V (4) run as 4 fused layers
+    assert "12× W4A4" in backend and "(4 of them fused from 10 layers that share an input)" in backend
+
+
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "--model", "/no/such/model", "--dry-run"], "does not exist"),
     (["quantize", "--rank", "65", "--dry-run"], "exceeds"),
     (["quantize", "--rank-plan", "{plan}", "--dry-run"], "not valid JSON"),
     (["quantize", "--rank-plan", "{missing}", "--dry-run"], "not found"),
+    (["quantize", "--layer-kind", "attn3.to_k=w4a4", "--dry-run"], "attn3.to_k is not a layer type of this model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(env, capsys, argv, message):
     root, model, _ = env
@@ -151,6 +180,9 @@ def test_malformed_flags_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--sweep-ranks", "8,x"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--layer-kind", "attn2.to_k=int8", "--dry-run"])
+    assert e.value.code == 2 and "KIND one of w4a4, w4a16, 16bit" in capsys.readouterr().err
 
 
 def test_missing_model_in_a_subprocess_is_one_line_no_traceback(env):
