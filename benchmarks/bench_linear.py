@@ -54,6 +54,27 @@ STRUCTURES = (("rtn", 0), ("dirotq-lr", 32))
 WEIGHT_MODES = ("packed", "int8")  # int8: the unpacked weight operand cached (8 more bits/weight)
 
 
+def gluon_core_row(m, plan, act, flops: float) -> dict:
+    """Format C's int32 GEMM core two ways on the same codes: the Triton kernel (``debug_int``, every
+    int8 MMA waited for) and the Gluon one (asynchronous int8 wgmma, ``dirotq/kernels/gluon_gemm.py``):
+    equal sums, times and TOPS. A Gluon failure is recorded, not raised."""
+    from dirotq.kernels.w4a4_gemm import w4a4_gemm
+
+    out = {}
+    out["C_core_int32_triton_ms"] = t_t = bench(lambda: w4a4_gemm(m, plan, act, torch.float32, debug_int=True))
+    out["C_core_int32_triton_tops"] = flops / t_t / 1e9
+    try:
+        from dirotq.kernels.gluon_gemm import gluon_core_int32
+
+        ref = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
+        out["C_core_int32_gluon_equal"] = bool(torch.equal(gluon_core_int32(m, plan, act), ref))
+        out["C_core_int32_gluon_ms"] = t_g = bench(lambda: gluon_core_int32(m, plan, act))
+        out["C_core_int32_gluon_tops"] = flops / t_g / 1e9
+    except Exception as exc:
+        out["C_core_int32_gluon_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    return out
+
+
 def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_variants: bool = True) -> dict:
     from dirotq import kernels
     from dirotq.kernels.act_quant import quantize_activations
@@ -135,6 +156,8 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_max_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
                 row[f"{tag}_act_quant_ms"] = t_a = bench(lambda: quantize_activations(m, plan, nxt()))
                 row[f"{tag}_gemm_ms"] = t_g = bench(lambda: w4a4_gemm(m, plan, act, dt))
+                if tag == "C_dirotq-lr_r32" and dev == "cuda":
+                    row.update(gluon_core_row(m, plan, act, flops))
                 row[f"{tag}_total_ms"] = t = bench(lambda: kernels.kernel_forward(m, nxt()))
                 row[f"{tag}_total_graph_ms"] = bench_graph(lambda: kernels.kernel_forward(m, nxt()))
                 row[f"{tag}_gemm_tops"] = flops / t_g / 1e9

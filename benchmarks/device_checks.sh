@@ -35,7 +35,7 @@ if [[ "$stage" == kernels || "$stage" == all ]]; then
     echo "== pytest -m cuda"
     # fixed kernel configs (no autotuning) keep the correctness tests short; SIGINT on timeout makes
     # pytest still print its failure report
-    DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${PYTEST_S:-75}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
+    DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${PYTEST_S:-120}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
         --tb=short -p no:cacheprovider >"$OUT/pytest_cuda.log" 2>&1
     echo "pytest exit $?" | tee -a "$OUT/pytest_cuda.log"
     tail -25 "$OUT/pytest_cuda.log"

@@ -473,6 +473,10 @@ def test_kernels_compile_for_sm90_without_spills():
     # same GEMM in int8 waits for every MMA (wait 0 only); if a Triton upgrade changes that, the
     # kernels' design notes must change with it
     assert probe and probe[0]["wait_depths"] == {"int8": [0], "fp8e4m3": [0, 1]}, probe
+    # the Gluon core says itself that MMAs stay in flight: 2 per group for the one before
+    gluon = [r for r in rows if r["variant"].startswith("gluon")]
+    assert gluon and gluon[0]["ok"] and max(gluon[0]["wgmma_wait_depths"]) == 2, gluon
+    assert gluon[0]["int8_wgmma_a_from_registers"] == 0, gluon
     for row in rows:
         assert row["ok"], row
         assert row["libdevice_calls"] == 0, row
@@ -531,6 +535,23 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     assert _rel(yb.float(), _exact_output(mb, qtb, actb["c"] if r else None)) < 1e-2  # bf16 output rounding
     _, a_ref = mb.transform_input(xb.float())
     assert float((quantize(a_ref, 4, 64, True, fmt).q != qtb.q).float().mean()) <= 0.01
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,o,n", [(3072, 3072, 1000), (1152, 4608, 300)])
+def test_cuda_gluon_core_equals_the_triton_int32_sums(d, o, n):
+    """The Gluon format C core (asynchronous int8 wgmma) gives the Triton GEMM's int32 sums exactly."""
+    try:  # Gluon is experimental: older Tritons (the GPU image's) may lack its Hopper API
+        from dirotq.kernels.gluon_gemm import gluon_core_int32
+    except ImportError as exc:
+        pytest.skip(f"this Triton's Gluon has no Hopper warpgroup MMA API: {exc}")
+
+    m = make_layer("dirotq-lr", "int_ratio", d=d, o=o, r=32, dtype=torch.bfloat16).cuda()
+    x = make_input(n, d).cuda().bfloat16()
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    assert torch.equal(gluon_core_int32(m, plan, act), w4a4_gemm(m, plan, act, torch.float32, debug_int=True))
 
 
 @cuda

@@ -99,6 +99,25 @@ def _probe_gemm_kernel(a_ptr, b_ptr, y_ptr, K, stride_a, stride_b, BM: tl.conste
     tl.store(y_ptr + offs_m[:, None] * BN + offs_n[None, :], acc)
 
 
+def compile_gluon_core(arch: int = 90) -> dict:
+    """The Gluon format C core (``gluon_gemm.py``) for sm_90a: wait depths, registers, spills."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as tcompile
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from . import gluon_gemm as gg
+
+    fn = gg.gluon_core_kernel
+    consts = dict(BT=gg.BT, BO=gg.BO, NBUF=gg.NBUF)
+    types = {"w_ptr": "*u8", "wk_ptr": "*i8", "q_ptr": "*i8", "y_ptr": "*i32"}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                         attrs=attrs)
+    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=gg.NUM_WARPS))
+    return {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
+
+
 def probe_async_mma(arch: int = 90) -> dict:
     """{element type: sorted wgmma wait depths} of ``_probe_gemm_kernel`` (128×128×128 tile, 8 warps,
     3 stages) for int8 and FP8 e4m3: [0] means every MMA is waited for before the next is issued."""
@@ -130,6 +149,31 @@ def _ptxas():
     return None
 
 
+def _ptx_facts(ptx: str, arch: int) -> dict:
+    """What the PTX says: int8 wgmma count and operand sources, wait depths, cp.async, libdevice
+    calls, the SIMD unpack, and (with ptxas) registers and spill bytes."""
+    int8_mma = [line.split("}", 1)[1].strip() for line in ptx.splitlines()
+                if re.search(r"wgmma\.mma_async\S*s8\.s8", line) and "}" in line]
+    res = {"int8_wgmma": len(re.findall(r"wgmma\.mma_async\S*s8\.s8", ptx)),
+           # after the accumulator: "{%r…}" = the first operand in registers, "%rd…" = a shared-memory descriptor
+           "int8_wgmma_a_from_registers": sum(op.startswith(", {") for op in int8_mma),
+           "wgmma_wait_depths": sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)}),
+           "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_"),
+           "simd_unpack_asm": "0x80808080" in ptx}
+    ptxas = _ptxas()
+    if ptxas:
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+        os.unlink(f.name)
+        regs = re.search(r"Used (\d+) registers", out)
+        spill = re.search(r"(\d+) bytes spill stores", out)
+        res["registers"] = int(regs.group(1)) if regs else None
+        res["spill_bytes"] = int(spill.group(1)) if spill else None
+    return res
+
+
 def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as tcompile
@@ -151,27 +195,7 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    ptx = k.asm["ptx"]
-    int8_mma = [line.split("}", 1)[1].strip() for line in ptx.splitlines()
-                if re.search(r"wgmma\.mma_async\S*s8\.s8", line) and "}" in line]
-    res = {"shared_bytes": k.metadata.shared, "int8_wgmma": len(re.findall(r"wgmma\.mma_async\S*s8\.s8", ptx)),
-           # after the accumulator: "{%r…}" = the first operand in registers, "%rd…" = a shared-memory descriptor
-           "int8_wgmma_a_from_registers": sum(op.startswith(", {") for op in int8_mma),
-           "wgmma_wait_depths": sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)}),
-           "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_"),
-           "simd_unpack_asm": "0x80808080" in ptx}
-    ptxas = _ptxas()
-    if ptxas:
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(ptx)
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull], capture_output=True,
-                             text=True).stderr
-        os.unlink(f.name)
-        regs = re.search(r"Used (\d+) registers", out)
-        spill = re.search(r"(\d+) bytes spill stores", out)
-        res["registers"] = int(regs.group(1)) if regs else None
-        res["spill_bytes"] = int(spill.group(1)) if spill else None
-    return res
+    return {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
 
 
 def main() -> int:
@@ -190,6 +214,13 @@ def main() -> int:
             res = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             failed += 1
         print(json.dumps({"variant": name, **res}), flush=True)
+    try:
+        print(json.dumps({"variant": "gluon format C core 128x128 nbuf2 w4", "ok": True, **compile_gluon_core()}),
+              flush=True)
+    except Exception as exc:  # Gluon is experimental in Triton: report, do not hide the other variants
+        failed += 1
+        print(json.dumps({"variant": "gluon format C core 128x128 nbuf2 w4", "ok": False,
+                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"}), flush=True)
     try:
         print(json.dumps({"probe": "async wgmma in a plain Triton GEMM", "wait_depths": probe_async_mma()}), flush=True)
     except Exception as exc:  # a report line, not a kernel of ours
