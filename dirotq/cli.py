@@ -791,14 +791,21 @@ def _run(argv: list[str]) -> int:
     args._argv = argv
     _configure_logging(args.verbose)
     _apply_quick(args, argv)
+    status = None
     try:
-        return VERBS[args.verb](args)
+        status = VERBS[args.verb](args)
+        return status
     except (OSError, ValueError, KeyError, TypeError, BadInput) as e:
         # OSError: FileNotFoundError / NotADirectoryError, and a disk or permission problem
         if os.environ.get("DIROTQ_DEBUG") or _INTERRUPTED["by_user"]:
             raise
         print(f"dirotq {args.verb}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if "torch.distributed" in sys.modules:  # under torchrun: every rank leaves the group together
+            from .distributed import shutdown_distributed
+
+            shutdown_distributed(clean=status == 0)
 
 
 __all__ = ["main", "build_parser", "VERBS", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "QUICK"]

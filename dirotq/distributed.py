@@ -77,6 +77,19 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> D
     return info
 
 
+def shutdown_distributed(clean: bool = True) -> None:
+    """Leave the process group explicitly, after every process has arrived when ``clean`` (the
+    command succeeded here). A process that exits with the group alive, while another rank still
+    writes its part, can be aborted by the backend's teardown (a gloo peer closing its
+    connection: SIGABRT at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         import torch.distributed as dist
@@ -294,7 +307,7 @@ def select_layers(targets: Mapping[str, Any], patterns: str | Sequence[str] | No
     return [n for n in targets if n in chosen]
 
 
-__all__ = ["DistInfo", "init_distributed", "launched_by_torchrun", "barrier", "gather_objects", "broadcast_object",
+__all__ = ["DistInfo", "init_distributed", "launched_by_torchrun", "barrier", "shutdown_distributed", "gather_objects", "broadcast_object",
            "prompt_slice", "allreduce_stats", "stats_bytes", "split_by_memory", "plan_calibration",
            "group_costs", "assign_groups", "owned_targets", "select_layers", "quantize_sharded"]
 
