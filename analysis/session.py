@@ -452,8 +452,9 @@ class ExplorerSession:
     def budget_curves(self, method: str, ranks: Mapping[str, int] | None = None,
                       budgets: tuple[int, ...] = (0, 8, 16, 32, 64, 128)) -> dict:
         """Predicted output error against the extra 16-bit parameters of plans by "fixed", "output
-        error" and "energy" at the budgets of uniform ranks ``budgets`` (and of ``ranks``, the plan in
-        the table). Needs the method's sensitivities (``sensitivity``): call after an "output error" fill.
+        error, tied", "output error" and "energy" at the budgets of uniform ranks ``budgets`` (and of
+        ``ranks``, the plan in the table). Needs the method's sensitivities (``sensitivity``): call after
+        an "output error" fill.
         Returns ``{"curves": {policy: [(params, error), ...]}, "current": (params, error) | None}``."""
         out_curves = self.output_curves(method)
         targets, cost, cfg = self.w4a4_targets(), self.plan_cost_fn(method), self.config(method)
@@ -461,12 +462,13 @@ class ExplorerSession:
         def point(plan):
             return plans.plan_params16(plan, cost), plans.predicted_output_error(plan, out_curves)
 
-        curves: dict[str, list] = {"fixed": [], "output error": [], "energy": []}
+        curves: dict[str, list] = {"fixed": [], "output error, tied": [], "output error": [], "energy": []}
         for r in budgets:
             fixed = plans.fixed_plan(targets, r)
             curves["fixed"].append(point(fixed))
-            curves["output error"].append(point(plans.fill_plan("output error", r, targets, config=cfg,
-                                                                output_curves=lambda: out_curves)))
+            for policy in ("output error, tied", "output error"):
+                curves[policy].append(point(plans.fill_plan(policy, r, targets, config=cfg,
+                                                            output_curves=lambda: out_curves)))
             limit = plans.plan_params16(fixed, cost)
             energy = plans.match_budget(
                 lambda f: plans.fill_plan("energy", f, targets, eigenvalues=lambda n: self.spectrum(n)["eigenvalues"]),

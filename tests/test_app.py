@@ -177,10 +177,17 @@ def test_output_error_policy_spends_the_budget_of_a_uniform_rank(sess, calibrate
         assert set(sens) == set(sess.w4a4_targets()) and all(v["gain"] >= 0 for v in sens.values())
         fig = app.on_budget(MODEL, method, df)
         names = [t.name for t in fig.data]
-        assert names == ["fixed", "output error", "energy", "this plan"]
-        # the allocation's own objective: at every budget it predicts no more output error than fixed
-        fixed, alloc = fig.data[0], fig.data[1]
+        assert names == ["fixed", "output error, tied", "output error", "energy", "this plan"]
+        # the allocation's own objective: at every budget it predicts no more output error than fixed,
+        # tied (one rank per shared-input group, as the fixed plan has) or not
+        fixed, tied, alloc = fig.data[0], fig.data[1], fig.data[2]
         assert all(a <= f * (1 + 1e-9) for a, f in zip(alloc.y, fixed.y))
+        assert all(t <= f * (1 + 1e-9) for t, f in zip(tied.y, fixed.y))
+        # the default policy fills q/k/v of each attention with one rank
+        _, df_t, *_ = app.on_fill(MODEL, "output error, tied", 8, method)
+        tied_ranks = dict(zip(df_t["layer"], df_t["rank"]))
+        for blk in range(2):
+            assert len({tied_ranks[f"transformer_blocks.{blk}.attn1.to_{x}"] for x in "qkv"}) == 1
     with pytest.raises(ValueError, match="no 16-bit rank"):
         sess.output_curves("rtn")
 
