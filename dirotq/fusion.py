@@ -171,10 +171,9 @@ def fuse_layers(name: str, members: list[tuple[str, QuantLinear]]) -> FusedQuant
         raise ValueError(f"fuse_layers: {[n for n, _ in members]} do not share one activation side")
     dtype = _float_dtype(first)
     bias = None
-    if any(m.bias is not None for m in layers):
+    if any(m.bias is not None for m in layers):  # a member without a bias adds zeros to its columns
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dtype,
-                                                                         device=m.weight_scale.device
-                                                                         if m.weight_bits != 16 else m.weight.device)
+                                                                         device=m._device())
                           for m in layers])
     fused = FusedQuantLinear(
         first.in_features, sum(m.out_features for m in layers), method=first.meta["method"],

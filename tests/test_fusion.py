@@ -221,3 +221,16 @@ def test_a_lora_on_fused_members_equals_the_lora_on_the_layers():
                     lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
         outs.append(_out(peft_model, example))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_member_without_a_bias_fuses_and_comes_back_without_one(quantized):
+    family, model, example = quantized
+    model = copy.deepcopy(model)
+    attn = model.transformer_blocks[0].attn1 if family == "pixart" else model.transformer_blocks[0].attn
+    attn.to_k.bias = None  # the fused bias holds zeros in its columns
+    before = _out(model, example)
+    fusion.fuse_shared_inputs(model)
+    assert torch.equal(_out(model, example), before)
+    fusion.unfuse_shared_inputs(model)
+    assert attn.to_k.bias is None and attn.to_q.bias is not None
+    assert torch.equal(_out(model, example), before)
