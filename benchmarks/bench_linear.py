@@ -70,6 +70,9 @@ def gluon_core_row(m, plan, act, flops: float) -> dict:
         out["C_core_int32_gluon_equal"] = bool(torch.equal(gluon_core_int32(m, plan, act), ref))
         out["C_core_int32_gluon_ms"] = t_g = bench(lambda: gluon_core_int32(m, plan, act))
         out["C_core_int32_gluon_tops"] = flops / t_g / 1e9
+        out["C_core_int32_gluon3_equal"] = bool(torch.equal(gluon_core_int32(m, plan, act, nbuf=3), ref))
+        out["C_core_int32_gluon3_ms"] = t_3 = bench(lambda: gluon_core_int32(m, plan, act, nbuf=3))
+        out["C_core_int32_gluon3_tops"] = flops / t_3 / 1e9
     except Exception as exc:
         out["C_core_int32_gluon_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     return out

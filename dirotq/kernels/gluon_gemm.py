@@ -22,7 +22,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
 
-BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers, no spills
+BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
 
 
 @gluon.jit
@@ -74,9 +74,10 @@ def gluon_core_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_
     gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :], acc, mask=(ot[:, None] < n) & (oo[None, :] < o))
 
 
-def gluon_core_int32(module, plan, act: dict):
+def gluon_core_int32(module, plan, act: dict, nbuf: int = NBUF):
     """The int32 sums (n, o) of symmetric format C codes ``act["codes"]`` against the layer's packed
-    weights (what ``w4a4_gemm(..., debug_int=True)`` returns for them). CUDA (Hopper) only."""
+    weights (what ``w4a4_gemm(..., debug_int=True)`` returns for them). CUDA (Hopper) only.
+    ``nbuf``: shared-memory buffers per operand (2 or 3: 2·(nbuf − 1) MMAs left in flight)."""
     import torch
 
     if plan.fmt != "int_ratio" or act.get("zero") is not None or plan.w_int8 is not None:
@@ -87,7 +88,7 @@ def gluon_core_int32(module, plan, act: dict):
     wp, wr = module.weight_packed, module.weight_ratio
     grid = (triton.cdiv(n, BT), triton.cdiv(o, BO))
     gluon_core_kernel[grid](wp, wp.stride(0), wr, wr.stride(0), codes, codes.stride(0), y, y.stride(0), n, o,
-                            plan.groups, BT=BT, BO=BO, NBUF=NBUF, num_warps=NUM_WARPS)
+                            plan.groups, BT=BT, BO=BO, NBUF=int(nbuf), num_warps=NUM_WARPS)
     return y
 
 
