@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
-from .w4a4_gemm import _add_branch_and_bias, _n_key, _prune, _unpack_halves
+from .w4a4_gemm import _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves
 
 
 @triton.jit
@@ -30,14 +30,7 @@ def w4a16_kernel(
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     HALF: tl.constexpr = GS // 2
-    pid = tl.program_id(0)
-    num_o = tl.cdiv(o, BO)
-    num_t = tl.cdiv(n, BT)
-    per_group = GROUP_O * num_t
-    first_o = (pid // per_group) * GROUP_O
-    size_o = tl.minimum(num_o - first_o, GROUP_O)
-    pid_o = first_o + (pid % per_group) % size_o
-    pid_t = (pid % per_group) // size_o
+    pid_o, pid_t = _grouped_tile(tl.program_id(0), tl.cdiv(o, BO), tl.cdiv(n, BT), GROUP_O)
     offs_o = pid_o * BO + tl.arange(0, BO)
     offs_t = pid_t * BT + tl.arange(0, BT)
     omask = offs_o < o

@@ -79,6 +79,38 @@ def _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF: t
 
 
 @triton.jit
+def _weight_operand(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, GS: tl.constexpr, FMT_C: tl.constexpr,
+                    W_INT8: tl.constexpr, SIMD: tl.constexpr):
+    """Group ``g``'s weight operand as two (BO, GS/2) halves: q [A] or k·q [C], from the cached int8
+    codes (``W_INT8``), the SIMD unpack, or the pure-tl unpack (the interpreter; the SIMD oracle)."""
+    HALF: tl.constexpr = GS // 2
+    if W_INT8:  # cached unpacked operand (q, or k*q for C): plain int8 loads, no unpack
+        j = tl.arange(0, HALF)
+        lo = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + j)[None, :], mask=omask[:, None], other=0)
+        hi = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + HALF + j)[None, :], mask=omask[:, None],
+                     other=0)
+    elif SIMD:  # GPU: 4 values per 32-bit op (inline PTX)
+        lo, hi = _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF, FMT_C)
+    else:
+        lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
+        if FMT_C:
+            k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
+            lo = lo * k[:, None]
+            hi = hi * k[:, None]
+    return lo, hi
+
+
+@triton.jit
+def _grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
+    """(pid_a, pid_b) of program ``pid`` in grouped order: GROUP consecutive tiles along a share one
+    sweep over the tiles along b (L2 reuse of the operand indexed by b)."""
+    per_group = GROUP * num_b
+    first_a = (pid // per_group) * GROUP
+    size_a = tl.minimum(num_a - first_a, GROUP)
+    return first_a + (pid % per_group) % size_a, (pid % per_group) // size_a
+
+
+@triton.jit
 def _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur,
                          bias_ptr, r, R_BLK: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
                          DOT_DTYPE: tl.constexpr):
@@ -149,14 +181,7 @@ def w4a4_gemm_kernel(
     and the zero-point term of every group)."""
     HALF: tl.constexpr = GS // 2
     # grouped ordering: GROUP_O weight tiles share one sweep over the token tiles (L2 reuse of x)
-    pid = tl.program_id(0)
-    num_o = tl.cdiv(o, BO)
-    num_t = tl.cdiv(n, BT)
-    per_group = GROUP_O * num_t
-    first_o = (pid // per_group) * GROUP_O
-    size_o = tl.minimum(num_o - first_o, GROUP_O)
-    pid_o = first_o + (pid % per_group) % size_o
-    pid_t = (pid % per_group) // size_o
+    pid_o, pid_t = _grouped_tile(tl.program_id(0), tl.cdiv(o, BO), tl.cdiv(n, BT), GROUP_O)
 
     offs_o = pid_o * BO + tl.arange(0, BO)
     offs_t = pid_t * BT + tl.arange(0, BT)
@@ -172,18 +197,7 @@ def w4a4_gemm_kernel(
     acc_i = tl.zeros((BO, BT), dtype=tl.int32)
     acc = tl.zeros((BO, BT), dtype=tl.float32)
     for g in tl.range(g_lo, g_hi):
-        if W_INT8:  # cached unpacked operand (q, or k*q for C): plain int8 loads, no unpack
-            lo = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + j)[None, :], mask=omask[:, None], other=0)
-            hi = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + HALF + j)[None, :], mask=omask[:, None],
-                         other=0)
-        elif SIMD:  # GPU: 4 values per 32-bit op (inline PTX)
-            lo, hi = _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF, FMT_C)
-        else:  # pure tl (the interpreter; the oracle of the SIMD path)
-            lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
-            if FMT_C:
-                k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
-                lo = lo * k[:, None]
-                hi = hi * k[:, None]
+        lo, hi = _weight_operand(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, GS, FMT_C, W_INT8, SIMD)
         xlo = tl.load(q_ptr + offs_t[None, :] * stride_qn + (g * GS + j)[:, None], mask=tmask[None, :], other=0)
         xhi = tl.load(q_ptr + offs_t[None, :] * stride_qn + (g * GS + HALF + j)[:, None], mask=tmask[None, :],
                       other=0)
@@ -239,14 +253,7 @@ def w4a4_gemm_tm_kernel(
     kernel's ``wait 0`` after every group). Needs BT ≥ 64 token rows per tile: the large-token path."""
     HALF: tl.constexpr = GS // 2
     # grouped ordering: GROUP_T token tiles share one sweep over the weight tiles (L2 reuse of W)
-    pid = tl.program_id(0)
-    num_t = tl.cdiv(n, BT)
-    num_o = tl.cdiv(o, BO)
-    per_group = GROUP_T * num_o
-    first_t = (pid // per_group) * GROUP_T
-    size_t = tl.minimum(num_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % per_group) % size_t
-    pid_o = (pid % per_group) // size_t
+    pid_t, pid_o = _grouped_tile(tl.program_id(0), tl.cdiv(n, BT), tl.cdiv(o, BO), GROUP_T)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_o = pid_o * BO + tl.arange(0, BO)
     tmask = offs_t < n
@@ -256,18 +263,7 @@ def w4a4_gemm_tm_kernel(
     acc_i = tl.zeros((BT, BO), dtype=tl.int32)
     acc = tl.zeros((BT, BO), dtype=tl.float32)
     for g in tl.range(0, G):
-        if W_INT8:
-            lo = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + j)[None, :], mask=omask[:, None], other=0)
-            hi = tl.load(w_ptr + offs_o[:, None] * stride_wo + (g * GS + HALF + j)[None, :], mask=omask[:, None],
-                         other=0)
-        elif SIMD:
-            lo, hi = _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF, FMT_C)
-        else:
-            lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
-            if FMT_C:
-                k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
-                lo = lo * k[:, None]
-                hi = hi * k[:, None]
+        lo, hi = _weight_operand(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, GS, FMT_C, W_INT8, SIMD)
         xlo = tl.load(q_ptr + offs_t[:, None] * stride_qn + (g * GS + j)[None, :], mask=tmask[:, None], other=0)
         xhi = tl.load(q_ptr + offs_t[:, None] * stride_qn + (g * GS + HALF + j)[None, :], mask=tmask[:, None],
                       other=0)
@@ -547,14 +543,7 @@ def _unpack_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, out_ptr, stride_out, o,
     omask = offs_o < o
     j = tl.arange(0, HALF)
     for g in range(0, G):
-        if SIMD:
-            lo, hi = _unpack_simd(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, HALF, FMT_C)
-        else:
-            lo, hi = _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF)
-            if FMT_C:
-                k = tl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(tl.int32)
-                lo = lo * k[:, None]
-                hi = hi * k[:, None]
+        lo, hi = _weight_operand(w_ptr, stride_wo, wk_ptr, stride_wko, offs_o, omask, g, GS, FMT_C, False, SIMD)
         base = out_ptr + offs_o[:, None] * stride_out + g * GS
         tl.store(base + j[None, :], lo.to(tl.int8), mask=omask[:, None])
         tl.store(base + HALF + j[None, :], hi.to(tl.int8), mask=omask[:, None])
