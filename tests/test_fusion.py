@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import calibrated_tiny
+from test_compile import _compiled_graphs
 from dirotq import fusion, load_quantized, quantize_, save_quantized
 from dirotq.compile_ops import handle
 from dirotq.config import RankPlan
@@ -169,15 +170,7 @@ def test_a_fused_model_compiles_as_one_graph_and_shares_at_run_time():
               progress=lambda *a: None)
     eager = _out(model, example)
     report = fusion.fuse_shared_inputs(model)
-    graphs = []
-
-    def record(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, fullgraph=True, backend=record)(**example, return_dict=False)[0]
+    out, graphs = _compiled_graphs(model, example)
     assert len(graphs) == 1  # fullgraph: a break would have raised
     member_ops = [n for n in graphs[0].graph.nodes if "quant_linear_member" in str(n.target)]
     assert len(member_ops) == sum(len(v) for v in report["fused"].values())
