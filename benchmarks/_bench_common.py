@@ -1,4 +1,5 @@
-"""Shared helpers for the GPU benchmarks: environment record, ceilings, timing, layer builders."""
+"""Shared helpers for the benchmarks: environment record, ceilings, timing, layer builders, and the
+command-line options of the image studies on the embedded model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+def add_image_study_args(ap, work: str = "out/rank_plans") -> None:
+    """The options every image study shares (bench_rank_plans, bench_cross_kv): model, evaluation
+    items disjoint from the calibration prompts, steps, threads and the image/statistics cache."""
+    ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded tiny PixArt-Σ)")
+    ap.add_argument("--limit", type=int, default=40, help="evaluation prompts")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per evaluation prompt")
+    ap.add_argument("--seed", type=int, default=5000, help="base seed of the evaluation items")
+    ap.add_argument("--calib-limit", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=work, help="image and statistics cache")
+
 
 INT8_PEAK_SPEC_TOPS = {"H100": 1979.0, "H200": 1979.0, "A100": 624.0, "4090": 660.0}
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._bench_common import add_image_study_args
 from dirotq.eval.metrics import paired_bootstrap_diff
 from dirotq.eval.protocol import Evaluator, make_config
 from dirotq.eval.report import device_description, versions
@@ -49,17 +50,10 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded tiny PixArt-Σ)")
+    add_image_study_args(ap)
     ap.add_argument("--method", default=DEFAULT_METHOD)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--formats", default="int_ratio,exact")
-    ap.add_argument("--limit", type=int, default=40, help="evaluation prompts")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per evaluation prompt")
-    ap.add_argument("--seed", type=int, default=5000, help="base seed of the evaluation items")
-    ap.add_argument("--calib-limit", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default="out/rank_plans", help="image and statistics cache")
     ap.add_argument("--out", default="benchmarks/results/cross_kv_tiny_pixart")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)

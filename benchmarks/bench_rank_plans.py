@@ -35,6 +35,7 @@ import torch
 
 from analysis import plans
 from analysis.stats import spectrum
+from benchmarks._bench_common import add_image_study_args
 from dirotq.allocate import (layer_error_curves, layer_params16, layer_sensitivity, record_transformer_calls,
                              sensitivity_curves)
 from dirotq.eval.metrics import paired_bootstrap_diff
@@ -44,18 +45,11 @@ from dirotq.eval.report import device_description, versions
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="diffusers folder (default: the embedded tiny PixArt-Σ)")
+    add_image_study_args(ap)
     ap.add_argument("--methods", default="dirotq-lr,dirotq,svdquant")
     ap.add_argument("--policy-methods", default="dirotq-lr,dirotq",
                     help="methods that also get the energy / 16-bit budget / error budget rows")
     ap.add_argument("--budgets", default="16,32", help="uniform ranks whose 16-bit cost each plan may spend")
-    ap.add_argument("--limit", type=int, default=40, help="evaluation prompts")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per evaluation prompt")
-    ap.add_argument("--seed", type=int, default=5000, help="base seed of the evaluation items")
-    ap.add_argument("--calib-limit", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default="out/rank_plans", help="image and statistics cache")
     ap.add_argument("--out", default="benchmarks/results/rank_plans_tiny_pixart")
     ap.add_argument("--no-extras", action="store_true", help="skip the format / asymmetric rows")
     ap.add_argument("--html", action="store_true", help="also draw OUT.html")
