@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 _SHARED_ATTRS = ("in_features", "quant_in_features", "act_bits", "group_size", "act_symmetric", "scale_format",
                  "project_out", "weights_in_original_basis", "weight_bits", "rank")
 _SHARED_TENSORS = ("smooth", "down", "rotation", "hadamard_signs")
-_ROW_TENSORS = ("up", "bias")
 
 
 class SharedInputSlice(nn.Module):
@@ -61,14 +60,6 @@ class SharedInputSlice(nn.Module):
     @property
     def fused(self) -> "FusedQuantLinear":
         return self._fused[0]
-
-    @property
-    def meta(self) -> dict:
-        return self.fused.member_meta[self.index]
-
-    @property
-    def rank(self) -> int:
-        return self.fused.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused
@@ -155,21 +146,13 @@ def _cat_weights(layers: list[QuantLinear]) -> QuantizedTensor | torch.Tensor:
                            qs[0].group_size, qs[0].in_features, qs[0].scale_format)
 
 
-def _float_dtype(m: QuantLinear) -> torch.dtype:
-    for k in (*_ROW_TENSORS, *_SHARED_TENSORS):
-        t = getattr(m, k)
-        if t is not None and t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
 def fuse_layers(name: str, members: list[tuple[str, QuantLinear]]) -> FusedQuantLinear:
     """One fused layer from ``members`` ((name, QuantLinear) pairs with identical activation sides)."""
     first = members[0][1]
     layers = [m for _, m in members]
     if not all(_activation_side_equal(first, m) for m in layers[1:]):
         raise ValueError(f"fuse_layers: {[n for n, _ in members]} do not share one activation side")
-    dtype = _float_dtype(first)
+    dtype = first.float_dtype()
     bias = None
     if any(m.bias is not None for m in layers):  # a member without a bias adds zeros to its columns
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dtype,
@@ -190,7 +173,7 @@ def fuse_layers(name: str, members: list[tuple[str, QuantLinear]]) -> FusedQuant
 def split_layer(fused: FusedQuantLinear) -> list[QuantLinear]:
     """The member layers of ``fused`` as they were before fusion (same buffers, bit for bit)."""
     out = []
-    dtype = _float_dtype(fused)
+    dtype = fused.float_dtype()
     q = None if fused.weight_bits == 16 else fused.quantized_weight()
     start = 0
     for meta, has_bias, width in zip(fused.member_meta, fused.member_bias, fused.splits):

@@ -45,12 +45,7 @@ def _device_and_dtype(layer: QuantLinear | SharedInputSlice) -> tuple[torch.devi
     """Where a LoRA on ``layer`` lives: its buffers' device, its 16-bit tensors' dtype (float32 if none);
     a member of a fused shared-input layer: those of the fused layer."""
     layer = layer.fused if isinstance(layer, SharedInputSlice) else layer
-    device = next(iter(layer.buffers())).device
-    for name in ("up", "down", "bias", "weight", "smooth"):
-        t = getattr(layer, name, None)
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            return device, t.dtype
-    return device, torch.float32
+    return layer._device(), layer.float_dtype()
 
 
 def _build() -> dict[str, type]:

@@ -139,6 +139,15 @@ class QuantLinear(nn.Module):
     def _device(self) -> torch.device:
         return next(iter(self.buffers())).device
 
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the layer's 16-bit tensors (branch, bias, 16-bit weight, smoothing, rotation,
+        signs; float32 if it has none): what a LoRA on it or a layer fused from it is built in."""
+        for name in ("up", "down", "bias", "weight", "smooth", "rotation", "hadamard_signs"):
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
     # --- forward ---------------------------------------------------------------------------------
     def quantize_input(self, a: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
