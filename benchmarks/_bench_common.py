@@ -3,16 +3,34 @@ command-line options of the image studies on the embedded model."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+@contextlib.contextmanager
+def environment_variables(values: dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block, then restore what was there (kernel choices
+    such as ``DIROTQ_GEMM_LAYOUT`` read per call)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
 
 def add_image_study_args(ap, work: str = "out/rank_plans") -> None:
     """The options every image study shares (bench_rank_plans, bench_cross_kv): model, evaluation

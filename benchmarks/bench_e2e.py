@@ -58,7 +58,8 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks._bench_common import ROOT, bench, bench_graph, environment, make_quant_linear  # noqa: E402
+from benchmarks._bench_common import (ROOT, bench, bench_graph, environment, environment_variables,  # noqa: E402
+                                      make_quant_linear)
 
 PIXART_SIGMA_1024 = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json
     activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72, attention_type="default",
@@ -434,17 +435,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for variant in ["bf16", *dict.fromkeys(args.formats)]:
         print(f"{args.model} {variant}", flush=True)
-        kernel_env = {**KERNEL_DEFAULTS, **VARIANT_KERNELS.get(variant, {})}
-        previous = {k: os.environ.get(k) for k in kernel_env}
-        os.environ.update(kernel_env)
-        try:
+        with environment_variables({**KERNEL_DEFAULTS, **VARIANT_KERNELS.get(variant, {})}):
             entry = run_variant(variant, args, dry, res)
-        finally:
-            for k, v in previous.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if variant in VARIANT_KERNELS:
             entry["kernel_env"] = VARIANT_KERNELS[variant]
         res["variants"][variant] = entry

@@ -33,8 +33,8 @@ if "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-from benchmarks._bench_common import (ROOT, bench, bench_graph, environment, make_quant_linear,  # noqa: E402
-                           measure_ceilings, spec_int8_peak)
+from benchmarks._bench_common import (ROOT, bench, bench_graph, environment, environment_variables,  # noqa: E402
+                                      make_quant_linear, measure_ceilings, spec_int8_peak)
 
 SHAPES = [  # (model, name, d_in, d_out)
     ("pixart-sigma", "attn qkv fused / ff-like", 1152, 3456),
@@ -144,9 +144,7 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
     for structure, rank, fmt, wmode, env, suffix in variants:
         tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "") + suffix
         kernel_env = {"DIROTQ_SIMD_UNPACK": "1", "DIROTQ_GEMM_LAYOUT": "swap", "DIROTQ_ACT_ONE_LAUNCH": "0", **env}
-        saved_env = {k: os.environ.get(k) for k in kernel_env}
-        os.environ.update(kernel_env)
-        try:
+        with environment_variables(kernel_env):
             try:
                 m = make_quant_linear(w, bias, structure, fmt, rank)
                 m.kernel_weights = wmode
@@ -182,12 +180,6 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
             except Exception as exc:
                 row[f"{tag}_error"] = f"{type(exc).__name__}: {exc}"
                 print(f"  {tag}: {row[f'{tag}_error']}")
-        finally:
-            for key, old in saved_env.items():
-                if old is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = old
     if dev == "cuda":
         torch.cuda.empty_cache()
     return row

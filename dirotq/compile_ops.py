@@ -42,14 +42,18 @@ def handle(layer: Any) -> int:
 handle._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+def _layer(layer: int, op: str) -> Any:
+    """The live layer registered under handle ``layer`` (a RuntimeError naming ``op`` if it is gone)."""
+    module = _LAYERS.get(layer)
+    if module is None:
+        raise RuntimeError(f"dirotq.{op}: layer handle {layer} is gone (the compiled graph outlived its model)")
+    return module
+
+
 @torch.library.custom_op("dirotq::quant_linear", mutates_args=())
 def quant_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     """y = QuantLinear(x) for the layer registered under ``layer``; x: (..., d) -> (..., out_features)."""
-    module = _LAYERS.get(layer)
-    if module is None:
-        raise RuntimeError(f"dirotq.quant_linear: layer handle {layer} is gone (the compiled graph outlived "
-                           "its model)")
-    return module.eager_forward(x)
+    return _layer(layer, "quant_linear").eager_forward(x)
 
 
 @quant_linear.register_fake
@@ -62,11 +66,7 @@ def quant_linear_member(x: torch.Tensor, layer: int, member: int, start: int, st
     """Columns ``[start, stop)`` of the fused shared-input layer registered under ``layer`` for input
     x (dirotq/fusion.py): its members' calls on one input run the fused layer once. A copy, not a
     view: a compiled graph may reuse an op's output memory, which must not be another member's."""
-    module = _LAYERS.get(layer)
-    if module is None:
-        raise RuntimeError(f"dirotq.quant_linear_member: layer handle {layer} is gone (the compiled graph "
-                           "outlived its model)")
-    return module.shared_output(x, member)[..., start:stop].clone()
+    return _layer(layer, "quant_linear_member").shared_output(x, member)[..., start:stop].clone()
 
 
 @quant_linear_member.register_fake
