@@ -55,6 +55,27 @@ def _codes(a, lo, step, ASYM: tl.constexpr):
 
 
 @triton.jit
+def _spread(a, ASYM: tl.constexpr):
+    """Per row of the tile ``a``: (lo, spread), the abs-max and 0 (symmetric), or the range max − min
+    of a range containing 0 and its minimum (asymmetric)."""
+    if ASYM:
+        lo = tl.minimum(tl.min(a, axis=1), 0.0)
+        spread = tl.maximum(tl.max(a, axis=1), 0.0) - lo
+    else:
+        lo = tl.zeros((a.shape[0],), dtype=tl.float32)
+        spread = tl.max(tl.abs(a), axis=1)
+    return lo, spread
+
+
+@triton.jit
+def _row_scale(row_spread, ASYM: tl.constexpr):
+    """Format C's row scale: the row's largest spread takes k = 15 (abs-max over 7 steps, or the
+    asymmetric range over 15)."""
+    levels = 225.0 if ASYM else 105.0
+    return tl.maximum(tl.div_rn(row_spread, tl.full(row_spread.shape, levels, tl.float32)), 1e-12)
+
+
+@triton.jit
 def _sse_fp64(a, lo, step, ASYM: tl.constexpr):
     """Per row, the float64 sum of squared errors of the float32 values ``(q − z)·step`` (``_codes``)."""
     q, z = _codes(a, lo, step, ASYM)
@@ -184,9 +205,7 @@ def act_quant_kernel(
         gi = tl.arange(0, GB_MAX)
         mx = tl.load(m_ptr + rows[:, None] * stride_mn + gi[None, :], mask=rmask[:, None] & (gi[None, :] < G),
                      other=0.0)
-        # the row's largest spread takes k = 15: abs-max over 7 steps, or (asymmetric) the range over 15
-        levels = 225.0 if ASYM else 105.0
-        s_row = tl.maximum(tl.div_rn(tl.max(mx, axis=1), tl.full((BT,), levels, tl.float32)), 1e-12)
+        s_row = _row_scale(tl.max(mx, axis=1), ASYM)
         if pid_g == 0:
             tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
     if FMT_C and PASS == 2:  # one launch: the row's largest spread from a first sweep (the same max)
@@ -195,12 +214,8 @@ def act_quant_kernel(
             a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
                             stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
                             HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
-            if ASYM:
-                spread = tl.maximum(spread, tl.maximum(tl.max(a, axis=1), 0.0) - tl.minimum(tl.min(a, axis=1), 0.0))
-            else:
-                spread = tl.maximum(spread, tl.max(tl.abs(a), axis=1))
-        levels = 225.0 if ASYM else 105.0
-        s_row = tl.maximum(tl.div_rn(spread, tl.full((BT,), levels, tl.float32)), 1e-12)
+            spread = tl.maximum(spread, _spread(a, ASYM)[1])
+        s_row = _row_scale(spread, ASYM)
         tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
     base = s_row * (15.0 if ASYM else 7.0)
 
@@ -210,12 +225,7 @@ def act_quant_kernel(
                         HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
         gcols = g * GS + cols
         omask = rmask[:, None] & (gcols[None, :] < G * GS)
-        if ASYM:
-            lo = tl.minimum(tl.min(a, axis=1), 0.0)
-            amax = tl.maximum(tl.max(a, axis=1), 0.0) - lo  # the group's range (it contains 0)
-        else:
-            lo = tl.zeros((BT,), dtype=tl.float32)
-            amax = tl.max(tl.abs(a), axis=1)
+        lo, amax = _spread(a, ASYM)
         if STORE_A and (PASS >= 1 or not FMT_C):  # the pass that writes codes (debug copy of the input)
             tl.store(a_ptr + rows[:, None] * stride_an + gcols[None, :], a, mask=omask)
         if FMT_C:
