@@ -14,7 +14,9 @@ targets; ``--pixart-cross-kv w4a16``, the default, adds PixArt's cross-attention
 - ``int_ratio-fused`` / ``int_ratio-fused-1launch-tm``: format C with the layers that read one input
   (q/k/v, FLUX's proj_mlp + q/k/v) fused into one (``dirotq/fusion.py``), and with the kernels not yet
   timed on a GPU as well: the one-launch activation path (``DIROTQ_ACT_ONE_LAUNCH``) and the
-  token-major GEMM (``DIROTQ_GEMM_LAYOUT=token``);
+  token-major GEMM (``DIROTQ_GEMM_LAYOUT=token``); ``int_ratio-fused-gluon`` / ``-1launch-gluon``: the
+  fused model on the Gluon GEMM (``DIROTQ_GEMM_LAYOUT=gluon``: asynchronous int8 wgmma), alone and with
+  the one-launch activation path;
 - ``w4a16-int_ratio``: every target weight-only INT4 in format C (RTN, activations stay 16-bit): no
   more weight memory than W4A4 and no activation error, so the speed W4A4 has to beat to be worth it;
 - ``fp8-torchao``: torchao's rowwise FP8 (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``:
@@ -83,15 +85,21 @@ QUANT_VARIANTS: dict[str, tuple[str, str, int | None]] = {
     "w4a16-int_ratio": ("rtn", "int_ratio", None),  # weight-only INT4 format C
     "int_ratio-fused": ("dirotq-lr", "int_ratio", 4),  # format C, shared-input layers fused (dirotq/fusion.py)
     "int_ratio-fused-1launch-tm": ("dirotq-lr", "int_ratio", 4),  # … and the kernels not yet timed
+    "int_ratio-fused-gluon": ("dirotq-lr", "int_ratio", 4),  # … with the Gluon GEMM (async int8 wgmma)
+    "int_ratio-fused-1launch-gluon": ("dirotq-lr", "int_ratio", 4),  # … and the one-launch activation path
 }
 # variants whose layers that read one input (q/k/v, FLUX's proj_mlp + q/k/v) run as one layer
-FUSED_VARIANTS = ("int_ratio-fused", "int_ratio-fused-1launch-tm")
+FUSED_VARIANTS = ("int_ratio-fused", "int_ratio-fused-1launch-tm", "int_ratio-fused-gluon",
+                  "int_ratio-fused-1launch-gluon")
 # the kernel choices of a variant (docs/KERNELS.md); every other variant runs the defaults
 KERNEL_DEFAULTS = {"DIROTQ_ACT_ONE_LAUNCH": "0", "DIROTQ_GEMM_LAYOUT": "swap"}
-VARIANT_KERNELS = {"int_ratio-fused-1launch-tm": {"DIROTQ_ACT_ONE_LAUNCH": "1", "DIROTQ_GEMM_LAYOUT": "token"}}
+VARIANT_KERNELS = {"int_ratio-fused-1launch-tm": {"DIROTQ_ACT_ONE_LAUNCH": "1", "DIROTQ_GEMM_LAYOUT": "token"},
+                   "int_ratio-fused-gluon": {"DIROTQ_GEMM_LAYOUT": "gluon"},
+                   "int_ratio-fused-1launch-gluon": {"DIROTQ_ACT_ONE_LAUNCH": "1", "DIROTQ_GEMM_LAYOUT": "gluon"}}
 FP8_TORCHAO = "fp8-torchao"
 VARIANTS = [*QUANT_VARIANTS, FP8_TORCHAO]
-DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch-tm", "w4a16-int_ratio", FP8_TORCHAO]
+DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch-tm", "int_ratio-fused-gluon",
+                   "int_ratio-fused-1launch-gluon", "w4a16-int_ratio", FP8_TORCHAO]
 # PixArt's cross-attention K/V: 16-bit as the adapter (and the paper) keeps them, W4A16 or W4A4, one of
 # which the weight-memory target (≤ 0.30× bf16 for PixArt-Σ) needs (their image cost on the
 # embedded model: benchmarks/results/cross_kv_tiny_pixart.md)

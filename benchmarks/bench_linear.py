@@ -54,31 +54,73 @@ STRUCTURES = (("rtn", 0), ("dirotq-lr", 32))
 WEIGHT_MODES = ("packed", "int8")  # int8: the unpacked weight operand cached (8 more bits/weight)
 
 
-def gluon_core_row(m, plan, act, flops: float) -> dict:
-    """Format C's int32 GEMM core two ways on the same codes: the Triton kernel (``debug_int``, every
-    int8 MMA waited for) and the Gluon one (asynchronous int8 wgmma, ``dirotq/kernels/gluon_gemm.py``):
-    equal sums, times and TOPS. A Gluon failure is recorded, not raised."""
+GLUON_CONFIGS = {  # tag: (tile and warps, shared-memory buffers per operand)
+    "128x128w4n2": (dict(BT=128, BO=128, num_warps=4), 2),
+    "128x128w4n3": (dict(BT=128, BO=128, num_warps=4), 3),
+    "256x128w8n2": (dict(BT=256, BO=128, num_warps=8), 2),
+}
+
+
+def gluon_core_row(m, plan, act, flops: float, out_dtype) -> dict:
+    """Format C's GEMM with asynchronous int8 wgmma (Gluon, ``dirotq/kernels/gluon_gemm.py``) against
+    the Triton kernel on the same codes: the int32 core (``debug_int``: every Triton int8 MMA waited
+    for) compared exactly, and the whole GEMM (scales, rank-32 branch, bias) per tile config with its
+    error against the Triton GEMM's output. A Gluon failure is recorded, not raised."""
     from dirotq.kernels.w4a4_gemm import w4a4_gemm
 
     out = {}
     out["C_core_int32_triton_ms"] = t_t = bench(lambda: w4a4_gemm(m, plan, act, torch.float32, debug_int=True))
     out["C_core_int32_triton_tops"] = flops / t_t / 1e9
     try:
-        from dirotq.kernels.gluon_gemm import gluon_core_int32
+        from dirotq.kernels.gluon_gemm import gluon_core_int32, gluon_w4a4_gemm
 
         ref = w4a4_gemm(m, plan, act, torch.float32, debug_int=True)
         out["C_core_int32_gluon_equal"] = bool(torch.equal(gluon_core_int32(m, plan, act), ref))
         out["C_core_int32_gluon_ms"] = t_g = bench(lambda: gluon_core_int32(m, plan, act))
         out["C_core_int32_gluon_tops"] = flops / t_g / 1e9
-        out["C_core_int32_gluon3_equal"] = bool(torch.equal(gluon_core_int32(m, plan, act, nbuf=3), ref))
-        out["C_core_int32_gluon3_ms"] = t_3 = bench(lambda: gluon_core_int32(m, plan, act, nbuf=3))
-        out["C_core_int32_gluon3_tops"] = flops / t_3 / 1e9
+        y_ref = w4a4_gemm(m, plan, act, out_dtype, layout="swap").float()
+        for tag, (cfg, nbuf) in GLUON_CONFIGS.items():
+            try:
+                y = gluon_w4a4_gemm(m, plan, act, out_dtype, nbuf=nbuf, config=cfg).float()
+                out[f"C_gemm_gluon_{tag}_rel_err_vs_triton"] = float((y - y_ref).abs().max() / y_ref.abs().max())
+                out[f"C_gemm_gluon_{tag}_ms"] = t_c = bench(
+                    lambda: gluon_w4a4_gemm(m, plan, act, out_dtype, nbuf=nbuf, config=cfg))
+                out[f"C_gemm_gluon_{tag}_tops"] = flops / t_c / 1e9
+            except Exception as exc:
+                out[f"C_gemm_gluon_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     except Exception as exc:
         out["C_core_int32_gluon_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     return out
 
 
-def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_variants: bool = True) -> dict:
+def variant_tag(structure: str, rank: int, fmt: str, wmode: str, suffix: str) -> str:
+    return f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "") + suffix
+
+
+def variant_list(extra_variants: bool = True) -> list[tuple]:
+    """(structure, rank, format, weight mode, environment of the kernel choices, tag suffix) per column."""
+    simd_on = {"DIROTQ_SIMD_UNPACK": "1"}
+    variants = [(s, r, f, "packed", simd_on, "") for s, r in STRUCTURES for f in FORMATS]
+    if extra_variants:
+        variants += [("dirotq-lr", 32, "exact", "int8", simd_on, "")]
+        # pure-tl unpack (what SIMD saves)
+        variants += [("dirotq-lr", 32, "int_ratio", "packed", {"DIROTQ_SIMD_UNPACK": "0"}, "_tlunpack")]
+    # never measured on a GPU yet, so in the core set: the Gluon GEMM (asynchronous int8 wgmma; alone and
+    # with the one-launch activation path), format C with cached int8 weights (how much of
+    # the GEMM's gap to int8 speed the in-register unpack costs), the token-major GEMM (the unpacked
+    # weight as wgmma's shared-memory operand) and the one-launch activation path
+    # (the Gluon ones last: a CUDA fault in the experimental dialect would end every later measurement)
+    variants += [("dirotq-lr", 32, "int_ratio", "int8", simd_on, ""),
+                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "token"}, "_tm"),
+                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_1launch"),
+                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "gluon"}, "_gluon"),
+                 ("dirotq-lr", 32, "int_ratio", "packed",
+                  {**simd_on, "DIROTQ_GEMM_LAYOUT": "gluon", "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_gluon_1launch")]
+    return variants
+
+
+def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_variants: bool = True,
+              only: set[str] | None = None) -> dict:
     from dirotq import kernels
     from dirotq.kernels.act_quant import quantize_activations
     from dirotq.kernels.layout import get_plan
@@ -128,21 +170,11 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
         except Exception as exc:
             row["fp8_error"] = f"{type(exc).__name__}: {exc}"
 
-    # (structure, rank, format, weight mode, environment of the kernel choices, tag suffix)
-    simd_on = {"DIROTQ_SIMD_UNPACK": "1"}
-    variants = [(s, r, f, "packed", simd_on, "") for s, r in STRUCTURES for f in FORMATS]
-    if extra_variants:
-        variants += [("dirotq-lr", 32, "exact", "int8", simd_on, "")]
-        # pure-tl unpack (what SIMD saves)
-        variants += [("dirotq-lr", 32, "int_ratio", "packed", {"DIROTQ_SIMD_UNPACK": "0"}, "_tlunpack")]
-    # never measured on a GPU yet, so in the core set: format C with cached int8 weights (how much of
-    # the GEMM's gap to int8 speed the in-register unpack costs), the token-major GEMM (the unpacked
-    # weight as wgmma's shared-memory operand) and the one-launch activation path
-    variants += [("dirotq-lr", 32, "int_ratio", "int8", simd_on, ""),
-                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "token"}, "_tm"),
-                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_1launch")]
+    variants = variant_list(extra_variants)
+    if only:
+        variants = [v for v in variants if variant_tag(v[0], v[1], v[2], v[3], v[5]) in only]
     for structure, rank, fmt, wmode, env, suffix in variants:
-        tag = f"{'A' if fmt == 'exact' else 'C'}_{structure}_r{rank}" + ("_w8" if wmode == "int8" else "") + suffix
+        tag = variant_tag(structure, rank, fmt, wmode, suffix)
         kernel_env = {"DIROTQ_SIMD_UNPACK": "1", "DIROTQ_GEMM_LAYOUT": "swap", "DIROTQ_ACT_ONE_LAUNCH": "0", **env}
         with environment_variables(kernel_env):
             try:
@@ -157,10 +189,10 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_max_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
                 row[f"{tag}_act_quant_ms"] = t_a = bench(lambda: quantize_activations(m, plan, nxt()))
                 row[f"{tag}_gemm_ms"] = t_g = bench(lambda: w4a4_gemm(m, plan, act, dt))
-                if tag == "C_dirotq-lr_r32" and dev == "cuda":
-                    row.update(gluon_core_row(m, plan, act, flops))
                 row[f"{tag}_total_ms"] = t = bench(lambda: kernels.kernel_forward(m, nxt()))
                 row[f"{tag}_total_graph_ms"] = bench_graph(lambda: kernels.kernel_forward(m, nxt()))
+                if tag == "C_dirotq-lr_r32" and dev == "cuda":
+                    row.update(gluon_core_row(m, plan, act, flops, dt))
                 row[f"{tag}_gemm_tops"] = flops / t_g / 1e9
                 row[f"{tag}_total_tops"] = flops / t / 1e9
                 w_bytes = m.weight_packed.numel() + m.weight_scale.numel() * 2 + (
@@ -195,6 +227,11 @@ def main() -> None:
                     help="only the main variants (formats A/C × rtn, dirotq-lr r32) and three format C questions (cached "
                          "int8 weights, the token-major GEMM, the one-launch activation path): no format A _w8, "
                          "no _tlunpack")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="TAG",
+                    help="only these variant columns, e.g. C_dirotq-lr_r32 (which also times the Gluon GEMM against "
+                         "the Triton one) C_dirotq-lr_r32_gluon C_dirotq-lr_r32_tm")
+    ap.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                    help="only these layer names of --models, in this order ('ff up' or ff_up: '_' for ' ')")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new shapes after this many seconds (the JSON says which rows ran)")
     args = ap.parse_args()
@@ -209,6 +246,17 @@ def main() -> None:
     res["ceilings_measured"] = {} if dry else measure_ceilings()
     res["int8_peak_spec_tops"] = spec_int8_peak(env.get("gpu"))
     shapes = DRY_SHAPES if dry else [s for s in SHAPES if s[0] in args.models]
+    known = {variant_tag(v[0], v[1], v[2], v[3], v[5]) for v in variant_list(True)}
+    if args.variants and set(args.variants) - known:
+        sys.exit(f"--variants: no {sorted(set(args.variants) - known)} among {sorted(known)}")
+    if args.layers and not dry:
+        def names(shape) -> set[str]:
+            return {shape[1], shape[1].replace(" ", "_")}
+
+        unknown = [x for x in args.layers if not any(x in names(s) for s in shapes)]
+        if unknown:
+            sys.exit(f"--layers: no {unknown} among {sorted({s[1] for s in shapes})}")
+        shapes = [s for x in args.layers for s in shapes if x in names(s)]
     tokens = [5, 16] if dry else args.tokens
     rows = []
     res["rows"] = rows
@@ -226,7 +274,8 @@ def main() -> None:
             print(f"--budget-s {args.budget_s} reached: stopping before {model} {name} n={n}", flush=True)
             break
         print(f"{model} {name} {d}->{o} n={n}", flush=True)
-        row = run_shape(model, name, d, o, n, dry, extra_variants=not args.core)
+        row = run_shape(model, name, d, o, n, dry, extra_variants=not args.core,
+                        only=set(args.variants) if args.variants else None)
         ceiling = res["ceilings_measured"].get("int8_int_mm_8192_tops")
         bw = res["ceilings_measured"].get("copy_gbps")
         bf16_peak = res["ceilings_measured"].get("bf16_matmul_8192_tflops")

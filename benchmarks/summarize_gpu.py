@@ -1,6 +1,6 @@
 """Markdown tables from bench_linear / bench_e2e JSON files (what benchmarks/README.md quotes).
 
-    python -m benchmarks.summarize_gpu benchmarks/results/gpu_h100_2026-11-26/*.json
+    python -m benchmarks.summarize_gpu [--table=full|speed|both] benchmarks/results/gpu_h100_2026-11-26/*.json
 """
 
 from __future__ import annotations
@@ -34,6 +34,33 @@ def linear_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+SPEED_TAGS = ("C_dirotq-lr_r32", "C_dirotq-lr_r32_gluon", "C_dirotq-lr_r32_gluon_1launch", "C_dirotq-lr_r32_tm",
+              "C_dirotq-lr_r32_1launch")
+GLUON_CONFIG_TAGS = ("128x128w4n2", "128x128w4n3", "256x128w8n2")
+
+
+def speed_table(res: dict) -> str:
+    """The format C speed paths side by side: per (shape, tokens) the CUDA-graph × BF16 of FP8 and of each
+    format C variant, then the GEMM alone in TOPS: Triton's int32 core, the Gluon core, the whole Gluon
+    GEMM per tile config (and the bf16 matmul's TFLOPS for scale)."""
+    short = {t: t.replace("C_dirotq-lr_r32", "C") or "C" for t in SPEED_TAGS}
+    head = (["layer", "tokens", "bf16 TFLOPS", "fp8 ×"] + [f"{short[t] or 'C'} ×" for t in SPEED_TAGS]
+            + ["core triton TOPS", "core gluon TOPS"] + [f"gluon {c} TOPS" for c in GLUON_CONFIG_TAGS])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in res["rows"]:
+        bf = row.get("bf16_graph_ms")
+        fp8 = bf / row["fp8_total_graph_ms"] if bf and row.get("fp8_total_graph_ms") else None
+        cells = [f"{row['layer']} {row['d_in']}→{row['d_out']}", str(row["tokens"]), _f(row.get("bf16_tflops"), 0),
+                 _f(fp8, 2)]
+        cells += [_f(row.get(f"{t}_graph_speedup_vs_bf16"), 2) if f"{t}_error" not in row else "err" for t in SPEED_TAGS]
+        cells += [_f(row.get("C_core_int32_triton_tops"), 0),
+                  _f(row.get("C_core_int32_gluon_tops"), 0) + ("" if row.get("C_core_int32_gluon_equal", True) else " ≠")]
+        cells += [_f(row.get(f"C_gemm_gluon_{c}_tops"), 0) if f"C_gemm_gluon_{c}_error" not in row else "err"
+                  for c in GLUON_CONFIG_TAGS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def e2e_table(res: dict) -> str:
     lines = ["| variant | eager ms | CUDA-graph ms | × bf16 (graph) | compiled ms | × bf16 compiled | weight GB | "
              "× bf16 memory |", "|---|---|---|---|---|---|---|---|"]
@@ -50,7 +77,9 @@ def e2e_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str], table: str = "both") -> None:
+    """``table``: which bench_linear tables to print: full (every main variant), speed (format C's speed
+    paths and the GEMM cores), both."""
     for p in paths:
         res = json.loads(Path(p).read_text())
         env = res.get("environment", {})
@@ -59,7 +88,10 @@ def main(paths: list[str]) -> None:
               + (f"; ceilings {res['ceilings_measured']}" if res.get("ceilings_measured") else "")
               + (f"; setup {res['setup']}" if res.get("setup") else "") + "\n")
         if res.get("benchmark") == "bench_linear":
-            print(linear_table(res))
+            if table in ("full", "both"):
+                print(linear_table(res) + "\n")
+            if table in ("speed", "both"):
+                print(speed_table(res))
         elif res.get("benchmark") == "bench_e2e":
             base = res["variants"].get("bf16")
             for e in res["variants"].values():  # a run killed before its end has no ratios yet
@@ -72,4 +104,10 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    which = "both"
+    if args[:1] and args[0].startswith("--table="):
+        which = args.pop(0).split("=", 1)[1]
+        if which not in ("full", "speed", "both"):
+            sys.exit("--table= must be full, speed or both")
+    main(args, which)

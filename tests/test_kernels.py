@@ -263,6 +263,11 @@ def test_token_major_gemm_equals_the_swap_ab_gemm(structure, r, fmt, symmetric):
     assert _rel(w4a4_gemm(m, plan, act, torch.float32, layout="token"), y_swap) < 1e-6
     assert gemm_layout(150, "token") == "token" and gemm_layout(100, "token") == "swap"
     assert gemm_layout(150, None) == "swap"  # the default until the token-major kernel is timed
+    # the Gluon GEMM has no interpreter: asked for on the CPU, the swap kernel answers
+    assert gemm_layout(150, "gluon") == "gluon" and gemm_layout(100, "gluon") == "swap"
+    assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, layout="gluon"), y_swap)
+    with pytest.raises(ValueError, match="swap, token or gluon"):
+        gemm_layout(150, "tokens")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -474,9 +479,12 @@ def test_kernels_compile_for_sm90_without_spills():
     # kernels' design notes must change with it
     assert probe and probe[0]["wait_depths"] == {"int8": [0], "fp8e4m3": [0, 1]}, probe
     # the Gluon core says itself that MMAs stay in flight: 2 per group for the one before
+    # (the whole GEMM's variants too, 2·(NBUF − 1) each); no operand comes from registers
     gluon = [r for r in rows if r["variant"].startswith("gluon")]
-    assert gluon and gluon[0]["ok"] and max(gluon[0]["wgmma_wait_depths"]) == 2, gluon
-    assert gluon[0]["int8_wgmma_a_from_registers"] == 0, gluon
+    assert len(gluon) == 4 and all(r["ok"] for r in gluon), gluon
+    for r in gluon:
+        nbuf = 3 if "nbuf3" in r["variant"] else 2
+        assert max(r["wgmma_wait_depths"]) == 2 * (nbuf - 1) and r["int8_wgmma_a_from_registers"] == 0, r
     for row in rows:
         assert row["ok"], row
         assert row["libdevice_calls"] == 0, row
@@ -552,6 +560,35 @@ def test_cuda_gluon_core_equals_the_triton_int32_sums(d, o, n):
     plan = get_plan(m, x)
     act = quantize_activations(m, plan, x)
     assert torch.equal(gluon_core_int32(m, plan, act), w4a4_gemm(m, plan, act, torch.float32, debug_int=True))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("structure,d,o,r,n,config,nbuf", [
+    ("dirotq-lr", 3072, 3072, 32, 1000, None, 2), ("dirotq-lr", 3072, 3072, 32, 1000, None, 3),
+    ("dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8), 2),
+    ("dirotq-lr", 1152, 3456, 48, 300, None, 2), ("svdquant", 4608, 1152, 32, 200, None, 2),
+    ("rtn", 1152, 4608, 0, 130, None, 2)])
+def test_cuda_gluon_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, nbuf, monkeypatch):
+    """The whole Gluon format C GEMM (scales, 16-bit branch as a wgmma, bias) on every tile config:
+    the Triton GEMM's output within float rounding, every element written (NaN-poisoned output), and
+    ``DIROTQ_GEMM_LAYOUT=gluon`` routes the layer's forward through it."""
+    try:
+        from dirotq.kernels.gluon_gemm import gluon_w4a4_gemm
+    except ImportError as exc:
+        pytest.skip(f"this Triton's Gluon has no Hopper warpgroup MMA API: {exc}")
+
+    m = make_layer(structure, "int_ratio", d=d, o=o, r=r, dtype=torch.bfloat16).cuda()
+    x = make_input(n, d).cuda().bfloat16()
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    ref = w4a4_gemm(m, plan, act, torch.float32, layout="swap")
+    y = gluon_w4a4_gemm(m, plan, act, torch.float32, nbuf=nbuf, config=config)
+    assert not torch.isnan(y).any()
+    assert _rel(y, ref) < 1e-4
+    assert _rel(w4a4_gemm(m, plan, act, torch.bfloat16, layout="gluon").float(), ref) < 1e-2
+    monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", "gluon")
+    assert torch.equal(kernels.kernel_forward(m, x), gluon_w4a4_gemm(m, plan, act, torch.bfloat16))
 
 
 @cuda

@@ -99,22 +99,35 @@ def _probe_gemm_kernel(a_ptr, b_ptr, y_ptr, K, stride_a, stride_b, BM: tl.conste
     tl.store(y_ptr + offs_m[:, None] * BN + offs_n[None, :], acc)
 
 
-def compile_gluon_core(arch: int = 90) -> dict:
-    """The Gluon format C core (``gluon_gemm.py``) for sm_90a: wait depths, registers, spills."""
+GLUON_VARIANTS = [  # (name, constexprs, num_warps)
+    ("gluon C core int32 128x128 nbuf2 w4", dict(BT=128, BO=128, NBUF=2, R_BLK=32, INT_OUT=True, HAS_LR=False,
+                                                 HAS_BIAS=False), 4),
+    ("gluon C gemm+lr+bias 128x128 nbuf2 w4", dict(BT=128, BO=128, NBUF=2, R_BLK=32, INT_OUT=False, HAS_LR=True,
+                                                   HAS_BIAS=True), 4),
+    ("gluon C gemm+lr+bias 128x128 nbuf3 w4", dict(BT=128, BO=128, NBUF=3, R_BLK=32, INT_OUT=False, HAS_LR=True,
+                                                   HAS_BIAS=True), 4),
+    ("gluon C gemm+lr+bias 256x128 nbuf2 w8", dict(BT=256, BO=128, NBUF=2, R_BLK=32, INT_OUT=False, HAS_LR=True,
+                                                   HAS_BIAS=True), 8),
+]
+
+
+def compile_gluon(consts: dict, num_warps: int, arch: int = 90) -> dict:
+    """The Gluon format C GEMM (``gluon_gemm.py``) for sm_90a: wait depths, registers, spills."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as tcompile
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from . import gluon_gemm as gg
 
-    fn = gg.gluon_core_kernel
-    consts = dict(BT=gg.BT, BO=gg.BO, NBUF=gg.NBUF)
-    types = {"w_ptr": "*u8", "wk_ptr": "*i8", "q_ptr": "*i8", "y_ptr": "*i32"}
+    fn = gg.gluon_gemm_kernel
+    types = {"w_ptr": "*u8", "wk_ptr": "*i8", "q_ptr": "*i8", "y_ptr": "*i32" if consts["INT_OUT"] else "*bf16",
+             "ws_ptr": "*fp16", "xs_ptr": "*fp32", "c_ptr": "*bf16", "up_ptr": "*bf16", "bias_ptr": "*bf16"}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and n not in ("stride_cr", "stride_ur", "r")}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                          attrs=attrs)
-    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=gg.NUM_WARPS))
+    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
     return {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
 
 
@@ -214,13 +227,13 @@ def main() -> int:
             res = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             failed += 1
         print(json.dumps({"variant": name, **res}), flush=True)
-    try:
-        print(json.dumps({"variant": "gluon format C core 128x128 nbuf2 w4", "ok": True, **compile_gluon_core()}),
-              flush=True)
-    except Exception as exc:  # Gluon is experimental in Triton: report, do not hide the other variants
-        failed += 1
-        print(json.dumps({"variant": "gluon format C core 128x128 nbuf2 w4", "ok": False,
-                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"}), flush=True)
+    for name, consts, warps in GLUON_VARIANTS:
+        try:
+            print(json.dumps({"variant": name, "ok": True, **compile_gluon(consts, warps)}), flush=True)
+        except Exception as exc:  # Gluon is experimental in Triton: report, do not hide the other variants
+            failed += 1
+            print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
+                  flush=True)
     try:
         print(json.dumps({"probe": "async wgmma in a plain Triton GEMM", "wait_depths": probe_async_mma()}), flush=True)
     except Exception as exc:  # a report line, not a kernel of ours

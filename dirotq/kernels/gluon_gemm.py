@@ -1,4 +1,4 @@
-"""Format C's integer GEMM core in Gluon, with asynchronous int8 wgmma (an experiment for the GPU).
+"""Format C's W4A4 GEMM in Gluon, with asynchronous int8 wgmma (the Hopper speed path under test).
 
 Triton 3.9 issues every int8 wgmma synchronously (``aot_check``'s probe: ``wait_group 0`` after each
 MMA, while the same FP8 GEMM keeps one in flight), so our Triton GEMMs cannot overlap a group's MMAs
@@ -7,11 +7,14 @@ itself: NBUF shared-memory buffers per operand, ``warpgroup_mma(..., is_async=Tr
 ``warpgroup_mma_wait(2·(NBUF − 1))``, so the two MMAs of each of the last NBUF − 1 groups run while
 this group's weights are unpacked (k_w·q_w, as the Triton kernels form them) and stored.
 
-Only the core: acc[t, o] = Σ_g codes[t, g]·(k_w·q_w)[o, g]ᵀ in int32, the integer sums the Triton
-kernels' ``debug_int`` mode returns for symmetric format C, so the two can be compared exactly and
-timed against each other (``benchmarks/bench_linear.py``); no scales, branch or bias yet. It cannot
-run on the CPU (Gluon has no interpreter): ``aot_check`` compiles it for sm_90a, and a CUDA test
-checks it against the Triton kernel.
+Two entry points over one kernel:
+- :func:`gluon_core_int32`: the int32 sums Σ_g codes·(k_w·q_w)ᵀ, what the Triton kernels'
+  ``debug_int`` mode returns for symmetric format C (compared exactly on the GPU);
+- :func:`gluon_w4a4_gemm`: the whole format C GEMM, y = acc·s_x[t]·s_w[o] + c·upᵀ + bias, the
+  16-bit branch as a bf16/fp16 wgmma in the epilogue; what ``w4a4_gemm`` returns for
+  ``DIROTQ_GEMM_LAYOUT=gluon`` (symmetric format C, packed weights, n ≥ 128 tokens).
+Gluon has no interpreter, so none of this runs on the CPU: ``aot_check`` compiles it for sm_90a and
+the CUDA tests compare it with the Triton kernel.
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
+GLUON_MIN_TOKENS = 128  # one token tile; fewer tokens leave most of each MMA idle (the swap-AB kernel fits)
 
 
 @gluon.jit
-def gluon_core_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_ptr, stride_yn, n, o, G,
-                      BT: gl.constexpr, BO: gl.constexpr, NBUF: gl.constexpr):
-    """acc[BT, BO] int32 = Σ_g X_g·(k_w·q_w)_gᵀ for one (token, output) tile; each 64-group is two
-    K = 32 MMAs (the packed byte's low and high nibbles), issued asynchronously."""
+def gluon_gemm_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_ptr, stride_yn,
+                      ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
+                      stride_ur, bias_ptr, n, o, r, G,
+                      BT: gl.constexpr, BO: gl.constexpr, NBUF: gl.constexpr, R_BLK: gl.constexpr,
+                      INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """One (BT tokens, BO outputs) tile. acc int32 = Σ_g X_g·(k_w·q_w)_gᵀ, each 64-group two K = 32
+    MMAs (the packed byte's low and high nibbles) issued asynchronously; then either the int32 sums
+    (INT_OUT) or acc·s_x·s_w (+ c·upᵀ as a 16-bit wgmma, + bias) in y's dtype."""
     HALF: gl.constexpr = 32
     num_warps: gl.constexpr = gl.num_warps()
     ld: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
@@ -67,11 +75,72 @@ def gluon_core_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_
         acc = warpgroup_mma(x_lo.index(s), w_lo.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(x_hi.index(s), w_hi.index(s).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    out_l: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
-    acc = gl.convert_layout(acc, out_l)
+    out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     ot = gl.program_id(0) * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, out_l))
     oo = gl.program_id(1) * BO + gl.arange(0, BO, layout=gl.SliceLayout(0, out_l))
-    gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :], acc, mask=(ot[:, None] < n) & (oo[None, :] < o))
+    ymask = (ot[:, None] < n) & (oo[None, :] < o)
+    if INT_OUT:
+        gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :], gl.convert_layout(acc, out_l), mask=ymask)
+    else:
+        # the 16-bit branch's accumulator: a K = 16 wgmma layout (same registers per (t, o) as acc_l)
+        f_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BO, 16])
+        at = gl.program_id(0) * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, f_l))
+        ao = gl.program_id(1) * BO + gl.arange(0, BO, layout=gl.SliceLayout(0, f_l))
+        xs = gl.load(xs_ptr + at * stride_xsn, mask=at < n, other=0.0)
+        ws = gl.load(ws_ptr + ao * stride_wso, mask=ao < o, other=0.0).to(gl.float32)
+        accf = gl.convert_layout(acc, f_l).to(gl.float32) * xs[:, None] * ws[None, :]
+        if HAS_LR:
+            c_dtype: gl.constexpr = c_ptr.dtype.element_ty
+            c_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, R_BLK], c_dtype)
+            u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BO, R_BLK], c_dtype)
+            c_s = gl.allocate_shared_memory(c_dtype, [BT, R_BLK], c_sl)
+            u_s = gl.allocate_shared_memory(c_dtype, [BO, R_BLK], u_sl)
+            rl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+            ct = gl.program_id(0) * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, rl))
+            co = gl.program_id(1) * BO + gl.arange(0, BO, layout=gl.SliceLayout(1, rl))
+            for r0 in range(0, r, R_BLK):
+                rc = r0 + gl.arange(0, R_BLK, layout=gl.SliceLayout(0, rl))
+                cv = gl.load(c_ptr + ct[:, None] * stride_cn + rc[None, :] * stride_cr,
+                             mask=(ct[:, None] < n) & (rc[None, :] < r), other=0.0)
+                uv = gl.load(up_ptr + co[:, None] * stride_uo + rc[None, :] * stride_ur,
+                             mask=(co[:, None] < o) & (rc[None, :] < r), other=0.0)
+                c_s.store(cv)
+                u_s.store(uv)
+                fence_async_shared()
+                accf = warpgroup_mma(c_s, u_s.permute((1, 0)), accf)
+        if HAS_BIAS:
+            b = gl.load(bias_ptr + ao, mask=ao < o, other=0.0).to(gl.float32)
+            accf = accf + b[None, :]
+        gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :],
+                 gl.convert_layout(accf.to(y_ptr.dtype.element_ty), out_l), mask=ymask)
+
+
+def _check_covered(plan, act: dict) -> None:
+    if plan.fmt != "int_ratio" or act.get("zero") is not None or plan.w_int8 is not None:
+        raise ValueError("the Gluon GEMM covers symmetric format C with packed INT4 weights only")
+
+
+def _launch(module, plan, act: dict, y, nbuf: int, int_out: bool, config: dict | None = None) -> None:
+    codes = act["codes"]
+    n, o = codes.shape[0], plan.o
+    cfg = dict(BT=BT, BO=BO, num_warps=NUM_WARPS, **(config or {}))
+    wp, wr = module.weight_packed, module.weight_ratio
+    dummy = plan.dummy
+    has_lr = not int_out and plan.has_down and plan.r > 0
+    c = act["c"] if has_lr else dummy
+    up = module.up if has_lr else dummy
+    has_bias = not int_out and plan.has_bias
+    ws, xs = module.weight_scale, act["scale"]
+    grid = (triton.cdiv(n, cfg["BT"]), triton.cdiv(o, cfg["BO"]))
+    gluon_gemm_kernel[grid](
+        wp, wp.stride(0), wr, wr.stride(0), codes, codes.stride(0), y, y.stride(0),
+        ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
+        c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
+        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
+        module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
+        BT=cfg["BT"], BO=cfg["BO"], NBUF=int(nbuf), R_BLK=32 if plan.r <= 32 else 64,
+        INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, num_warps=cfg["num_warps"])
 
 
 def gluon_core_int32(module, plan, act: dict, nbuf: int = NBUF):
@@ -80,16 +149,24 @@ def gluon_core_int32(module, plan, act: dict, nbuf: int = NBUF):
     ``nbuf``: shared-memory buffers per operand (2 or 3: 2·(nbuf − 1) MMAs left in flight)."""
     import torch
 
-    if plan.fmt != "int_ratio" or act.get("zero") is not None or plan.w_int8 is not None:
-        raise ValueError("the Gluon core covers symmetric format C with packed weights only")
-    codes = act["codes"]
-    n, o = codes.shape[0], plan.o
-    y = torch.empty((n, o), dtype=torch.int32, device=codes.device)
-    wp, wr = module.weight_packed, module.weight_ratio
-    grid = (triton.cdiv(n, BT), triton.cdiv(o, BO))
-    gluon_core_kernel[grid](wp, wp.stride(0), wr, wr.stride(0), codes, codes.stride(0), y, y.stride(0), n, o,
-                            plan.groups, BT=BT, BO=BO, NBUF=int(nbuf), num_warps=NUM_WARPS)
+    _check_covered(plan, act)
+    y = torch.empty((act["codes"].shape[0], plan.o), dtype=torch.int32, device=act["codes"].device)
+    _launch(module, plan, act, y, nbuf, int_out=True)
     return y
 
 
-__all__ = ["gluon_core_kernel", "gluon_core_int32", "BT", "BO", "NBUF", "NUM_WARPS"]
+def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config: dict | None = None):
+    """y (n, o) = s_x[t]·s_w[o]·Σ codes·(k_w·q_w)ᵀ + c·upᵀ + bias for symmetric format C, in
+    ``out_dtype``: the result of ``w4a4_gemm`` for the same ``act``. CUDA (Hopper) only.
+    ``config``: BT / BO / num_warps overrides (BT = 256 wants num_warps = 8: two warpgroups)."""
+    import torch
+
+    _check_covered(plan, act)
+    y = torch.empty((act["codes"].shape[0], plan.o), dtype=out_dtype, device=act["codes"].device)
+    if y.numel():
+        _launch(module, plan, act, y, nbuf, int_out=False, config=config)
+    return y
+
+
+__all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "BT", "BO", "NBUF", "NUM_WARPS",
+           "GLUON_MIN_TOKENS"]

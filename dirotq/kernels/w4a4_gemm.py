@@ -323,13 +323,25 @@ TOKEN_MAJOR_MIN_TOKENS = 128  # the token-major tile needs ≥ 64 rows per MMA; 
 
 
 def gemm_layout(n: int, layout: str | None = None) -> str:
-    """"swap" (weights on the MMA's M side, any token count; the kernel measured on the H100) or
-    "token" (``w4a4_gemm_tm_kernel``: weights as the shared-memory operand, n ≥ 128 tokens).
-    ``layout=None`` reads ``DIROTQ_GEMM_LAYOUT`` (default swap until the token-major kernel is timed)."""
+    """"swap" (weights on the MMA's M side, any token count; the kernel measured on the H100), "token"
+    (``w4a4_gemm_tm_kernel``: weights as the shared-memory operand, n ≥ 128 tokens) or "gluon"
+    (``gluon_gemm.gluon_w4a4_gemm``: asynchronous int8 wgmma, n ≥ 128, symmetric format C with packed
+    weights; other layers keep the swap kernel). ``layout=None`` reads ``DIROTQ_GEMM_LAYOUT`` (default
+    swap until the others are timed)."""
     layout = layout or os.environ.get("DIROTQ_GEMM_LAYOUT", "swap")
-    if layout not in ("swap", "token"):
-        raise ValueError(f"DIROTQ_GEMM_LAYOUT must be swap or token, got {layout!r}")
-    return "token" if layout == "token" and n >= TOKEN_MAJOR_MIN_TOKENS else "swap"
+    if layout not in ("swap", "token", "gluon"):
+        raise ValueError(f"DIROTQ_GEMM_LAYOUT must be swap, token or gluon, got {layout!r}")
+    return layout if layout != "swap" and n >= TOKEN_MAJOR_MIN_TOKENS else "swap"
+
+
+def _gluon_covers(plan, act: dict) -> bool:
+    """Whether the Gluon GEMM takes this call: symmetric format C, packed weights, a CUDA tensor, a
+    16-bit branch (the branch is a bf16/fp16 wgmma there)."""
+    import torch
+
+    lr_ok = not (plan.has_down and plan.r > 0) or act["c"].dtype in (torch.bfloat16, torch.float16)
+    return (plan.fmt == "int_ratio" and act.get("zero") is None and plan.w_int8 is None and lr_ok
+            and act["codes"].is_cuda and not _interpreting())
 
 
 def _tm_configs():
@@ -438,13 +450,19 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
     number of K splits (default :func:`split_k`; swap-AB only). Asymmetric activations (``act["zero"]``,
     format C): the zero-point term is subtracted in the epilogue (``debug_int``: the corrected int32
-    sums). ``layout``: "swap" or "token" (:func:`gemm_layout`; token-major needs n ≥ 128)."""
+    sums). ``layout``: "swap", "token" or "gluon" (:func:`gemm_layout`; the last two need n ≥ 128; gluon
+    covers symmetric format C with packed weights on a GPU, anything else runs the swap kernel)."""
     import torch
 
     n = act["codes"].shape[0]
     o = plan.o
     dev = act["codes"].device
-    token_major = gemm_layout(n, layout) == "token"
+    chosen = gemm_layout(n, layout)
+    if chosen == "gluon" and _gluon_covers(plan, act):
+        from .gluon_gemm import gluon_core_int32, gluon_w4a4_gemm
+
+        return gluon_core_int32(module, plan, act) if debug_int else gluon_w4a4_gemm(module, plan, act, out_dtype)
+    token_major = chosen == "token"
     split = 1 if token_major else (split_k(n, o, plan.groups) if split is None
                                    else max(1, min(int(split), plan.groups)))
     acc_dtype = torch.int32 if debug_int else (out_dtype if split == 1 else torch.float32)
