@@ -15,7 +15,8 @@
 # (default pixart; "pixart flux" adds FLUX) tune the compile stage. Packages the GPU image lacks (diffusers,
 # torchao for the fp8-torchao baseline) are installed from wheels in .whl/ (ignored by git: carry it) when that
 # folder exists; without torchao the FP8 entries say "skipped" with the reason and the rest runs. LINEAR_ARGS
-# replaces bench_linear's shape/variant selection (default: the core variants, 4096 then 16 then 1024 tokens).
+# replaces bench_linear's shape/variant selection (default: the core variants, 4096 then 16 then 1024 tokens);
+# FLUX_ARGS adds bench_e2e arguments for FLUX (a shallower model with the same blocks, when time is short).
 set -u
 stage="${1:-all}"
 OUT="${OUT:-benchmarks/results/gpu_run}"
@@ -65,7 +66,10 @@ if [[ "$stage" == e2e || "$stage" == all ]]; then
             limit="${FLUX_S:-210}" formats=(int_ratio-fused int_ratio-fused-gluon fp8-torchao int_ratio
                                             int_ratio-fused-1launch-gluon w4a16-int_ratio)
         fi
-        timeout "$limit" python3 -m benchmarks.bench_e2e --model "$model" --formats "${formats[@]}" \
+        extra=()
+        # shellcheck disable=SC2206  # FLUX_ARGS is a word list, e.g. "--flux-double-blocks 5 --flux-single-blocks 10"
+        [[ $model == flux ]] && extra=(${FLUX_ARGS:-})
+        timeout "$limit" python3 -m benchmarks.bench_e2e --model "$model" --formats "${formats[@]}" "${extra[@]}" \
             --out "$OUT/bench_e2e_$model.json" >>"$LOG" 2>&1
         echo "bench_e2e $model exit $?" | tee -a "$LOG"
     done
