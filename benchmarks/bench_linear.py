@@ -58,6 +58,7 @@ GLUON_CONFIGS = {  # tag: (tile and warps, shared-memory buffers per operand)
     "128x128w4n2": (dict(BT=128, BO=128, num_warps=4), 2),
     "128x128w4n3": (dict(BT=128, BO=128, num_warps=4), 3),
     "256x128w8n2": (dict(BT=256, BO=128, num_warps=8), 2),
+    "256x128w8n2p": (dict(BT=256, BO=128, num_warps=8, PREFETCH=True), 2),  # next group's loads issued early
 }
 
 

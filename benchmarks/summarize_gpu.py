@@ -36,7 +36,7 @@ def linear_table(res: dict) -> str:
 
 SPEED_TAGS = ("C_dirotq-lr_r32", "C_dirotq-lr_r32_gluon", "C_dirotq-lr_r32_gluon_1launch", "C_dirotq-lr_r32_tm",
               "C_dirotq-lr_r32_1launch")
-GLUON_CONFIG_TAGS = ("128x128w4n2", "128x128w4n3", "256x128w8n2")
+GLUON_CONFIG_TAGS = ("128x128w4n2", "128x128w4n3", "256x128w8n2", "256x128w8n2p")
 
 
 def speed_table(res: dict) -> str:

@@ -481,7 +481,7 @@ def test_kernels_compile_for_sm90_without_spills():
     # the Gluon core says itself that MMAs stay in flight: 2 per group for the one before
     # (the whole GEMM's variants too, 2·(NBUF − 1) each); no operand comes from registers
     gluon = [r for r in rows if r["variant"].startswith("gluon")]
-    assert len(gluon) == 4 and all(r["ok"] for r in gluon), gluon
+    assert len(gluon) == 5 and all(r["ok"] for r in gluon), gluon
     for r in gluon:
         nbuf = 3 if "nbuf3" in r["variant"] else 2
         assert max(r["wgmma_wait_depths"]) == 2 * (nbuf - 1) and r["int8_wgmma_a_from_registers"] == 0, r
@@ -527,8 +527,16 @@ def test_cuda_real_shapes(structure, d, o, r, n, fmt):
     assert _SIMD_OK.get(fmt == "int_ratio", True), "the SIMD unpack self-check failed on this GPU"
     assert torch.equal(unpack_weights(m, simd=True), _weight_operand(m))
     assert torch.equal(unpack_weights(m, simd=False), _weight_operand(m))
+    # fp32: the kernel's output is exact math on its own codes; against the reference path (whose
+    # transform sums in another order) codes may flip where a value sits on a rounding boundary and,
+    # in format C, a group may take the other of its two multipliers (k₀ vs k₀ − 1 tie on squared
+    # error: the H200 run of 2026-11-28 saw up to 1.4 % of the output's max from such groups), so the
+    # reference is checked by flip rate, the output only loosely
     y = kernels.kernel_forward(m, x)
-    assert _rel(y, m.reference_forward(x)) < 5e-3
+    assert _rel(y, _exact_output(m, qt, act["c"])) < 1e-4
+    _, a_ref32 = m.transform_input(x)
+    assert float((quantize(a_ref32, 4, 64, True, fmt).q != qt.q).float().mean()) <= 0.005
+    assert _rel(y, m.reference_forward(x)) < 3e-2
     # the production dtype. bf16 inputs put many values exactly on rounding ties (about 0.3 % of a
     # no-rotation layer's inputs here), so compare codes byte for byte against the reference quantizer
     # on the kernel's own transformed input, the output against exact math on those codes, and the
@@ -567,6 +575,7 @@ def test_cuda_gluon_core_equals_the_triton_int32_sums(d, o, n):
 @pytest.mark.parametrize("structure,d,o,r,n,config,nbuf", [
     ("dirotq-lr", 3072, 3072, 32, 1000, None, 2), ("dirotq-lr", 3072, 3072, 32, 1000, None, 3),
     ("dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8), 2),
+    ("dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8, PREFETCH=True), 2),
     ("dirotq-lr", 1152, 3456, 48, 300, None, 2), ("svdquant", 4608, 1152, 32, 200, None, 2),
     ("rtn", 1152, 4608, 0, 130, None, 2)])
 def test_cuda_gluon_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, nbuf, monkeypatch):

@@ -76,9 +76,8 @@ def _row_scale(row_spread, ASYM: tl.constexpr):
 
 
 @triton.jit
-def _sse_fp64(a, lo, step, ASYM: tl.constexpr):
-    """Per row, the float64 sum of squared errors of the float32 values ``(q − z)·step`` (``_codes``)."""
-    q, z = _codes(a, lo, step, ASYM)
+def _sse_fp64(a, q, z, step):
+    """Per row, the float64 sum of squared errors of the float32 values ``(q − z)·step`` against ``a``."""
     e = ((q - z[:, None]) * step[:, None]).to(tl.float64) - a.to(tl.float64)
     return tl.sum(e * e, axis=1)
 
@@ -181,9 +180,11 @@ def act_quant_kernel(
     g_lo = pid_g * GPB
     g_hi = tl.minimum(g_lo + GPB, G)
 
-    had = tl.zeros((GS, GS), dtype=tl.float32)
+    # the Hadamard as the dot's operand type once, not cast in every group's dot (±1/8 for GS = 64 is
+    # exact in bf16/fp16; the cast is the one _fdot would make)
+    had = tl.zeros((GS, GS), dtype=DOT_DTYPE)
     if HAS_HAD:
-        had = tl.load(had_ptr + cols[:, None] * GS + cols[None, :]).to(tl.float32)
+        had = tl.load(had_ptr + cols[:, None] * GS + cols[None, :]).to(DOT_DTYPE)
 
     if C_IN_KERNEL:  # c over the whole row first: every group's projection needs all of it
         rr = tl.arange(0, RP)
@@ -233,14 +234,16 @@ def act_quant_kernel(
                 tl.store(m_ptr + rows * stride_mn + g, amax, mask=rmask)
             else:
                 # of k₀ (the covering multiplier) and k₀ − 1, the one with the smaller float64 sum of
-                # squared errors (dirotq.quantizers.int_ratio_codes); codes recomputed after the
-                # choice so only one code tile is live (no register spills)
+                # squared errors (dirotq.quantizers.int_ratio_codes); both code tiles stay live, so
+                # each element is divided twice, not three times
                 k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
                 k1 = tl.maximum(k0 - 1.0, 1.0)
-                sse0 = _sse_fp64(a, lo, k0 * s_row, ASYM)
-                sse1 = _sse_fp64(a, lo, k1 * s_row, ASYM)
-                kf = tl.where(sse1 < sse0, k1, k0)
-                q, z = _codes(a, lo, kf * s_row, ASYM)
+                q0, z0 = _codes(a, lo, k0 * s_row, ASYM)
+                q1, z1 = _codes(a, lo, k1 * s_row, ASYM)
+                take1 = _sse_fp64(a, q1, z1, k1 * s_row) < _sse_fp64(a, q0, z0, k0 * s_row)
+                kf = tl.where(take1, k1, k0)
+                q = tl.where(take1[:, None], q1, q0)
+                z = tl.where(take1, z1, z0)
                 if ASYM:  # stored as k·(u − 8) and k·(z − 8), both int8
                     q = q - 8.0
                     tl.store(z_ptr + rows * stride_zn + g, ((z - 8.0) * kf).to(tl.int8), mask=rmask)
@@ -312,16 +315,12 @@ def one_launch_enabled(plan, one_launch: bool | None = None) -> bool:
     return bool(one_launch) and not plan.has_rotation
 
 
-def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | None = None,
-                         one_launch: bool | None = None):
-    """Run the activation kernel on ``x: (n, d)`` (contiguous, fp32/fp16/bf16).
-
-    Returns a dict: ``codes`` (n, G·g) int8 (k·q for format C), ``scale`` fp32 (n, G) [A] or (n,) [C],
-    ``ratio`` (n, G) int8 [C] or None, ``c`` (n, r) in x's dtype or None, ``a`` (n, G·g) fp32 [store_a],
-    ``zero`` (n, G) int8 k·(z − 8) [asymmetric format C] or None (then ``codes`` hold k·(u − 8)).
-    ``one_launch``: see :func:`one_launch_enabled` (the codes are the same for the same transformed
-    input either way).
-    """
+def activation_launch(module, plan, x, store_a: bool = False, one_launch: bool | None = None) -> dict:
+    """Everything one ``quantize_activations`` call launches, without launching the kernel: the
+    output buffers (``out``: codes, scale, ratio, c, a, zero as documented there), the kernel's
+    positional ``args`` and constexpr ``meta`` (BT, PASS and launch options excluded), the group
+    blocks of the grid (``g_blocks``) and the ``passes`` to run. The c GEMM (cuBLAS) has run already
+    when c is not computed in the kernel. Split out so benchmarks can time passes and tile configs."""
     import torch
 
     n = x.shape[0]
@@ -334,8 +333,9 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     zero = torch.empty((n, G), dtype=torch.int8, device=dev) if plan.asym else None
     c = torch.empty((n, plan.r), dtype=x.dtype, device=dev) if plan.has_down else None
     a = torch.empty((n, G * g), dtype=torch.float32, device=dev) if store_a else None
+    out = {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a, "zero": zero}
     if n == 0:
-        return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a, "zero": zero}
+        return {"out": out, "args": None, "meta": None, "g_blocks": 0, "passes": ()}
     dummy = plan.dummy
     down = module.down if plan.has_down else dummy
     rot = module.rotation if plan.has_rotation else dummy
@@ -369,13 +369,28 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
                 HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, ASYM=plan.asym, STORE_A=store_a,
                 DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1), C_IN_KERNEL=c_in_kernel,
                 RP=_pow2_at_least(plan.r) if c_in_kernel else 16)
-    g_blocks = triton.cdiv(G, gpb)
     # format C: absmax per group, then the row scale and codes (one launch: both in each program)
     passes = ((2,) if one else (0, 1)) if fmt_c else (0,)
-    for pass_ in passes:
+    return {"out": out, "args": args, "meta": meta, "g_blocks": triton.cdiv(G, gpb), "passes": passes}
+
+
+def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | None = None,
+                         one_launch: bool | None = None):
+    """Run the activation kernel on ``x: (n, d)`` (contiguous, fp32/fp16/bf16).
+
+    Returns a dict: ``codes`` (n, G·g) int8 (k·q for format C), ``scale`` fp32 (n, G) [A] or (n,) [C],
+    ``ratio`` (n, G) int8 [C] or None, ``c`` (n, r) in x's dtype or None, ``a`` (n, G·g) fp32 [store_a],
+    ``zero`` (n, G) int8 k·(z − 8) [asymmetric format C] or None (then ``codes`` hold k·(u − 8)).
+    ``one_launch``: see :func:`one_launch_enabled` (the codes are the same for the same transformed
+    input either way).
+    """
+    n = x.shape[0]
+    launch = activation_launch(module, plan, x, store_a, one_launch)
+    args, meta, g_blocks = launch["args"], launch["meta"], launch["g_blocks"]
+    for pass_ in launch["passes"]:
         if block_t is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
             bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
             act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4)
         else:
             _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta)
-    return {"codes": codes, "scale": scale, "ratio": ratio, "c": c, "a": a, "zero": zero}
+    return launch["out"]

@@ -26,7 +26,23 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
+PREFETCH = False  # load group g + 1's operands before group g's unpack (timed against False on the GPU)
 GLUON_MIN_TOKENS = 128  # one token tile; fewer tokens leave most of each MMA idle (the swap-AB kernel fits)
+
+
+@gluon.jit
+def _load_group(g, G, w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, offs_o, offs_t, j, omask, tmask,
+                HALF: gl.constexpr):
+    """Group g's raw operands (all masked off past the last group): packed weight bytes (BO, 32), the
+    multipliers (BO,), the activation codes' low and high halves (BT, 32) each."""
+    live = g < G
+    p = gl.load(w_ptr + offs_o[:, None] * stride_wo + (g * HALF + j)[None, :], mask=omask[:, None] & live, other=0)
+    k = gl.load(wk_ptr + offs_o * stride_wko + g, mask=omask & live, other=0)
+    xl = gl.load(q_ptr + offs_t[:, None] * stride_qn + (g * 2 * HALF + j)[None, :], mask=tmask[:, None] & live,
+                 other=0)
+    xh = gl.load(q_ptr + offs_t[:, None] * stride_qn + (g * 2 * HALF + HALF + j)[None, :],
+                 mask=tmask[:, None] & live, other=0)
+    return p, k, xl, xh
 
 
 @gluon.jit
@@ -34,7 +50,7 @@ def gluon_gemm_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_
                       ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
                       stride_ur, bias_ptr, n, o, r, G,
                       BT: gl.constexpr, BO: gl.constexpr, NBUF: gl.constexpr, R_BLK: gl.constexpr,
-                      INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr):
+                      INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr):
     """One (BT tokens, BO outputs) tile. acc int32 = Σ_g X_g·(k_w·q_w)_gᵀ, each 64-group two K = 32
     MMAs (the packed byte's low and high nibbles) issued asynchronously; then either the int32 sums
     (INT_OUT) or acc·s_x·s_w (+ c·upᵀ as a 16-bit wgmma, + bias) in y's dtype."""
@@ -54,17 +70,22 @@ def gluon_gemm_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_
     w_lo = gl.allocate_shared_memory(gl.int8, [NBUF, BO, HALF], sl)
     w_hi = gl.allocate_shared_memory(gl.int8, [NBUF, BO, HALF], sl)
     acc = warpgroup_mma_init(gl.zeros([BT, BO], gl.int32, layout=acc_l))
+    if PREFETCH:
+        p_n, k_n, xl_n, xh_n = _load_group(0, G, w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, offs_o, offs_t,
+                                           j, omask, tmask, HALF)
     for g in range(0, G):
         s = g % NBUF
-        # this group's operands, in registers while the previous groups' MMAs run
-        p = gl.load(w_ptr + offs_o[:, None] * stride_wo + (g * HALF + j)[None, :], mask=omask[:, None],
-                    other=0).to(gl.int32)
-        k = gl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0).to(gl.int32)
-        lo = ((((p & 15) ^ 8) - 8) * k[:, None]).to(gl.int8)
-        hi = (((((p >> 4) & 15) ^ 8) - 8) * k[:, None]).to(gl.int8)
-        xl = gl.load(q_ptr + offs_t[:, None] * stride_qn + (g * 64 + j)[None, :], mask=tmask[:, None], other=0)
-        xh = gl.load(q_ptr + offs_t[:, None] * stride_qn + (g * 64 + HALF + j)[None, :], mask=tmask[:, None],
-                     other=0)
+        if PREFETCH:  # this group's operands came one iteration ago; the next group's loads go out now
+            p, k, xl, xh = p_n, k_n, xl_n, xh_n
+            p_n, k_n, xl_n, xh_n = _load_group(g + 1, G, w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn,
+                                               offs_o, offs_t, j, omask, tmask, HALF)
+        else:  # this group's operands, in registers while the previous groups' MMAs run
+            p, k, xl, xh = _load_group(g, G, w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, offs_o, offs_t,
+                                       j, omask, tmask, HALF)
+        pi = p.to(gl.int32)
+        ki = k.to(gl.int32)
+        lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+        hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
         # the two MMAs that read buffer s were issued NBUF groups ago: wait for them only
         acc = warpgroup_mma_wait(num_outstanding=2 * (NBUF - 1), deps=(acc,))
         w_lo.index(s).store(lo)
@@ -124,7 +145,7 @@ def _check_covered(plan, act: dict) -> None:
 def _launch(module, plan, act: dict, y, nbuf: int, int_out: bool, config: dict | None = None) -> None:
     codes = act["codes"]
     n, o = codes.shape[0], plan.o
-    cfg = dict(BT=BT, BO=BO, num_warps=NUM_WARPS, **(config or {}))
+    cfg = {"BT": BT, "BO": BO, "num_warps": NUM_WARPS, "PREFETCH": PREFETCH, **(config or {})}
     wp, wr = module.weight_packed, module.weight_ratio
     dummy = plan.dummy
     has_lr = not int_out and plan.has_down and plan.r > 0
@@ -140,7 +161,8 @@ def _launch(module, plan, act: dict, y, nbuf: int, int_out: bool, config: dict |
         up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
         module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
         BT=cfg["BT"], BO=cfg["BO"], NBUF=int(nbuf), R_BLK=32 if plan.r <= 32 else 64,
-        INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, num_warps=cfg["num_warps"])
+        INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, PREFETCH=bool(cfg["PREFETCH"]),
+        num_warps=cfg["num_warps"])
 
 
 def gluon_core_int32(module, plan, act: dict, nbuf: int = NBUF):
@@ -158,7 +180,7 @@ def gluon_core_int32(module, plan, act: dict, nbuf: int = NBUF):
 def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config: dict | None = None):
     """y (n, o) = s_x[t]·s_w[o]·Σ codes·(k_w·q_w)ᵀ + c·upᵀ + bias for symmetric format C, in
     ``out_dtype``: the result of ``w4a4_gemm`` for the same ``act``. CUDA (Hopper) only.
-    ``config``: BT / BO / num_warps overrides (BT = 256 wants num_warps = 8: two warpgroups)."""
+    ``config``: BT / BO / num_warps / PREFETCH overrides (BT = 256 wants num_warps = 8: two warpgroups)."""
     import torch
 
     _check_covered(plan, act)
@@ -168,5 +190,5 @@ def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config
     return y
 
 
-__all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "BT", "BO", "NBUF", "NUM_WARPS",
+__all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "BT", "BO", "NBUF", "NUM_WARPS", "PREFETCH",
            "GLUON_MIN_TOKENS"]
