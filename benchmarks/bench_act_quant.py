@@ -126,7 +126,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--widths", type=int, nargs="+", default=[d for _, d, _ in WIDTHS], choices=[d for _, d, _ in WIDTHS],
+    widths_known = [d for _, d, _ in WIDTHS]
+    ap.add_argument("--widths", type=int, nargs="+", default=widths_known, choices=widths_known,
                     help="input widths d to time (each one a FLUX layer)")
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shape, no timing meaning")
     args = ap.parse_args()

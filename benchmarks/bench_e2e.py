@@ -84,7 +84,7 @@ QUANT_VARIANTS: dict[str, tuple[str, str, int | None]] = {
     "int_ratio": ("dirotq-lr", "int_ratio", 4),  # W4A4 format C
     "w4a16-int_ratio": ("rtn", "int_ratio", None),  # weight-only INT4 format C
     "int_ratio-fused": ("dirotq-lr", "int_ratio", 4),  # format C, shared-input layers fused (dirotq/fusion.py)
-    "int_ratio-fused-1launch-tm": ("dirotq-lr", "int_ratio", 4),  # … and the kernels not yet timed
+    "int_ratio-fused-1launch-tm": ("dirotq-lr", "int_ratio", 4),  # … one-launch activations, token-major GEMM
     "int_ratio-fused-gluon": ("dirotq-lr", "int_ratio", 4),  # … with the Gluon GEMM (async int8 wgmma)
     "int_ratio-fused-1launch-gluon": ("dirotq-lr", "int_ratio", 4),  # … and the one-launch activation path
 }

@@ -52,9 +52,10 @@ def speed_table(res: dict) -> str:
         fp8 = bf / row["fp8_total_graph_ms"] if bf and row.get("fp8_total_graph_ms") else None
         cells = [f"{row['layer']} {row['d_in']}→{row['d_out']}", str(row["tokens"]), _f(row.get("bf16_tflops"), 0),
                  _f(fp8, 2)]
-        cells += [_f(row.get(f"{t}_graph_speedup_vs_bf16"), 2) if f"{t}_error" not in row else "err" for t in SPEED_TAGS]
-        cells += [_f(row.get("C_core_int32_triton_tops"), 0),
-                  _f(row.get("C_core_int32_gluon_tops"), 0) + ("" if row.get("C_core_int32_gluon_equal", True) else " ≠")]
+        cells += [_f(row.get(f"{t}_graph_speedup_vs_bf16"), 2) if f"{t}_error" not in row else "err"
+                  for t in SPEED_TAGS]
+        unequal = "" if row.get("C_core_int32_gluon_equal", True) else " ≠"
+        cells += [_f(row.get("C_core_int32_triton_tops"), 0), _f(row.get("C_core_int32_gluon_tops"), 0) + unequal]
         cells += [_f(row.get(f"C_gemm_gluon_{c}_tops"), 0) if f"C_gemm_gluon_{c}_error" not in row else "err"
                   for c in GLUON_CONFIG_TAGS]
         lines.append("| " + " | ".join(cells) + " |")

@@ -31,12 +31,17 @@ def test_published_configs_build_with_the_installed_diffusers(name, params_b):
 def test_summarize_gpu_tables_from_committed_results(capsys):
     from benchmarks import summarize_gpu
 
-    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_h100_2026-11-26"
-    summarize_gpu.main([str(results / "bench_linear_run3.json"), str(results / "bench_e2e_flux_run3.json")])
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    summarize_gpu.main([str(results / "gpu_h100_2026-11-26" / "bench_linear_run3.json"),
+                        str(results / "gpu_h200_2026-11-28" / "bench_e2e_flux_run1.json")])
     out = capsys.readouterr().out
     assert "| pixart-sigma ff.net.0.proj | 1152→4608 | 4096 |" in out
-    # the FLUX run was stopped before format C: its ratio is computed from what it has
-    assert "| exact | 376.0 | 370.2 | 0.483 |" in out
+    assert "| int_ratio-fused | 80.9 | 62.0 | 0.714 |" in out
+    summarize_gpu.main([str(results / "gpu_h200_2026-11-28" / "bench_linear_run2.json")], "speed")
+    out = capsys.readouterr().out
+    # the speed table: FP8 and W4A4 × BF16, then the GEMM cores and the Gluon configs in TOPS
+    assert "| ff up 3072→12288 | 4096 | 725 | 1.14 | 0.81 |" in out and "| 721 | 360 | 425 | 418 | 525 | 407 |" in out
+    assert "| layer | d→o |" not in out  # --table=speed leaves the full table out
 
 
 def test_the_readme_quotes_a_measured_duration_for_every_cli_command():

@@ -71,6 +71,11 @@ def default_variants():
                         dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=not rot, HAS_ROT=rot,
                              HAS_HAD=not rot, FMT_C=fmt_c, ASYM=asym, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf,
                              GB_MAX=256, C_IN_KERNEL=False, RP=16), dict(num_warps=4)))
+        # the tile the H200 run of 2026-11-28 measured fastest for both passes (bench_act_quant)
+        out.append((f"act {f} lowrank+hadamard BT128 w8", "act",
+                    dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
+                         FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
+                         C_IN_KERNEL=False, RP=16), dict(num_warps=8, num_stages=3)))
         for asym in (False, True) if fmt_c else (False,):  # one launch per layer: c in the kernel, whole rows
             out.append((f"act {f} lowrank+hadamard one-launch r32{' asymmetric' if asym else ''} BT32", "act",
                         dict(BT=32, GS=64, BKD=64, RC=32, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
