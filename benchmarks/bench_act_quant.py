@@ -72,7 +72,7 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
         meta = {**la["meta"], **overrides}
         for p in passes:
             act_quant_kernel[(triton_cdiv(n, bt), la["g_blocks"])](*la["args"], BT=bt, PASS=p, **meta,
-                                                                   num_warps=warps)
+                                                                   num_warps=warps, enable_fp_fusion=False)
 
     for _ in launches:  # real group abs-maxes for PASS 1 to read (not uninitialised memory)
         run(configs[0][0], configs[0][1], (0,))

@@ -14,7 +14,9 @@ Scale formats
   ``k ∈ 1..15`` per group; the group's step is ``k·s``. The row scale makes the row's largest group
   need k = 15 (``s = rowmax / 105``). Each group takes whichever of two multipliers quantizes it with
   the smaller squared error: the smallest k whose step covers the group's abs-max (no code saturates)
-  or that k − 1 (a finer step; the largest values may saturate). Codes are in [−8, 7], so the int8
+  or that k − 1 (a finer step; the largest values may saturate). A value's code is
+  ``round(x · fl32(1 / step))``: one division per group, a multiplication per value (format A divides
+  each value by its scale). Codes are in [−8, 7], so the int8
   operand ``k·q`` of the fast kernel has |k·q| ≤ 120 and one int32 accumulator serves the whole
   reduction. Asymmetric codes (reference only): the same with the group's range (max − min) in place
   of 2·abs-max, codes in [0, 15] and a zero point per group.
@@ -38,8 +40,9 @@ import torch
 SCALE_FORMATS = ("exact", "int_ratio")
 INT_RATIO_MAX_MULTIPLIER = 15  # k is stored in 4 bits (1..15)
 # revision of format C's encoding rule (cache keys of images made with it): 1 = covering multiplier,
-# codes ±7; 2 = the better of k₀ and k₀ − 1, codes [−8, 7], offline row-scale search
-INT_RATIO_REVISION = 2
+# codes ±7; 2 = the better of k₀ and k₀ − 1, codes [−8, 7], offline row-scale search; 3 = codes from
+# a multiplication by the step's float32 reciprocal instead of a division
+INT_RATIO_REVISION = 3
 INT_RATIO_ROW_SEARCH = (1.0, 0.97, 0.94, 0.91, 0.88)  # row-scale factors tried offline (row_search)
 _TINY = 1e-12  # guards all-zero groups against 0/0
 
@@ -176,13 +179,16 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
     best = None
     for k in (k0, (k0 - 1).clamp(min=1)):
         step = k * row_scale
+        # one IEEE division per group, then a multiplication per value: the kernel's rule (a divide
+        # per value cost the activation kernel more than the rest of its arithmetic on the H200)
+        inv = torch.ones_like(step) / step
         if symmetric:
             zero = None
-            q = torch.clamp(torch.round(groups / step.unsqueeze(-1)), qmin, qmax)
+            q = torch.clamp(torch.round(groups * inv.unsqueeze(-1)), qmin, qmax)
             v = q * step.unsqueeze(-1)
         else:
-            zero = torch.round(-lo / step)
-            q = torch.clamp(torch.round(groups / step.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
+            zero = torch.round(-lo * inv)
+            q = torch.clamp(torch.round(groups * inv.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
             v = (q - zero.unsqueeze(-1)) * step.unsqueeze(-1)
         cand = (q, k, zero, (v.double() - groups.double()).pow(2).sum(-1))
         best = cand if best is None else _keep_better(cand[3] < best[3], cand, best)

@@ -17,9 +17,11 @@ GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row)
    format C ("int_ratio"): a first launch (PASS 0) stores each group's absmax, a second (PASS 1)
    takes the row max of those, s = max(rowmax/105, 1e-12),
    k₀ = clamp(ceil(absmax/(7s) − 1e-6), 1, 15) or k₀ − 1, whichever gives the smaller float64 sum of
-   squared errors (k₀ on a tie), q = clamp(rne(a/(k·s)), −8, 7) and the stored int8 is k·q (|k·q| ≤ 120).
-   All divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number trick
-   (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it).
+   squared errors (k₀ on a tie), q = clamp(rne(a·fl32(1/(k·s))), −8, 7) and the stored int8 is k·q
+   (|k·q| ≤ 120). All divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number
+   trick (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it); the
+   kernel is compiled without FMA contraction (``enable_fp_fusion=False``), so a product rounds before
+   the rounding trick adds to it, as in PyTorch.
 
 Format C's second pass recomputes a_g instead of keeping it (an (n, G) fp32 absmax scratch, not an
 (n, d) one); for the dense rotation this doubles the rotation GEMM (docs/KERNELS.md).
@@ -43,14 +45,17 @@ def _rne(v):
 
 @triton.jit
 def _codes(a, lo, step, ASYM: tl.constexpr):
-    """Format C codes of the tile ``a`` (BT, GS) with per-row ``step``: symmetric q = clamp(rne(a/step),
-    −8, 7) and zero 0, or asymmetric u = clamp(rne(a/step) + z, 0, 15) with z = rne(−lo/step)."""
+    """Format C codes of the tile ``a`` (BT, GS) with per-row ``step``, from r = fl32(1/step) (one IEEE
+    division per row): symmetric q = clamp(rne(a·r), −8, 7) and zero 0, or asymmetric
+    u = clamp(rne(a·r) + z, 0, 15) with z = rne(−lo·r). The product must round before the magic-number
+    rounding adds to it, so the kernel is launched with ``enable_fp_fusion=False`` (no FMA)."""
+    r = tl.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
     if ASYM:
-        z = _rne(tl.div_rn(-lo, step))
-        q = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])) + z[:, None], 0.0), 15.0)
+        z = _rne(-lo * r)
+        q = tl.minimum(tl.maximum(_rne(a * r[:, None]) + z[:, None], 0.0), 15.0)
     else:
         z = tl.zeros_like(step)
-        q = tl.minimum(tl.maximum(_rne(tl.div_rn(a, step[:, None])), -8.0), 7.0)
+        q = tl.minimum(tl.maximum(_rne(a * r[:, None]), -8.0), 7.0)
     return q, z
 
 
@@ -392,7 +397,9 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     for pass_ in launch["passes"]:
         if block_t is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
             bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
-            act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4)
+            act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4,
+                                                             enable_fp_fusion=False)
         else:
-            _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta)
+            _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta,
+                                                                               enable_fp_fusion=False)
     return launch["out"]

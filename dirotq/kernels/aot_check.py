@@ -182,7 +182,9 @@ def _ptx_facts(ptx: str, arch: int) -> dict:
            "int8_wgmma_a_from_registers": sum(op.startswith(", {") for op in int8_mma),
            "wgmma_wait_depths": sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)}),
            "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_"),
-           "simd_unpack_asm": "0x80808080" in ptx}
+           "simd_unpack_asm": "0x80808080" in ptx,
+           # float32 FMAs: the activation kernel must have none (products round before they are added)
+           "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx))}
     ptxas = _ptxas()
     if ptxas:
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -217,6 +219,8 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
              if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
+    if kind == "act":  # as quantize_activations launches it
+        options = {**options, "enable_fp_fusion": False}
     k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
 
