@@ -270,6 +270,21 @@ def test_token_major_gemm_equals_the_swap_ab_gemm(structure, r, fmt, symmetric):
         gemm_layout(150, "tokens")
 
 
+def test_autotuning_only_for_layers_worth_it(monkeypatch):
+    """Real layers autotune their tiles; the embedded model's small ones take the fixed configs
+    (tuning every shape made the explorer's first GPU image take minutes); DIROTQ_NO_AUTOTUNE=1 turns
+    tuning off everywhere."""
+    from dirotq.kernels.layout import AUTOTUNE_MIN_WEIGHTS, autotune_enabled
+
+    monkeypatch.delenv("DIROTQ_NO_AUTOTUNE", raising=False)
+    x = make_input(4, 1152)
+    assert autotune_enabled(get_plan(make_layer("dirotq-lr", "int_ratio", d=1152, o=1152, r=32), x))
+    small = get_plan(make_layer("dirotq-lr", "int_ratio", d=256, o=1024, r=32), make_input(4, 256))
+    assert small.o * small.d < AUTOTUNE_MIN_WEIGHTS and not autotune_enabled(small)
+    monkeypatch.setenv("DIROTQ_NO_AUTOTUNE", "1")
+    assert not autotune_enabled(get_plan(make_layer("dirotq-lr", "int_ratio", d=1152, o=1152, r=32), x))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("structure,r,split", [("dirotq-lr", 16, 2), ("svdquant", 8, 3), ("rtn", 0, 5)])
 def test_gemm_split_k_matches_one_split(structure, r, split, fmt):

@@ -34,6 +34,8 @@ import os
 import triton
 import triton.language as tl
 
+from .layout import autotune_enabled
+
 RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 
 
@@ -395,7 +397,7 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     launch = activation_launch(module, plan, x, store_a, one_launch)
     args, meta, g_blocks = launch["args"], launch["meta"], launch["g_blocks"]
     for pass_ in launch["passes"]:
-        if block_t is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+        if block_t is not None or _interpreting() or not autotune_enabled(plan):
             bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
             act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4,
                                                              enable_fp_fusion=False)

@@ -10,12 +10,11 @@ regime is bound by reading 4-bit weights: 0.28 bytes per weight with scales).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
+from .layout import autotune_enabled
 from .w4a4_gemm import _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves
 
 
@@ -108,7 +107,7 @@ def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None):
     )
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias, DOT_DTYPE=_dot_dtype(a.dtype))
-    if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+    if config is not None or _interpreting() or not autotune_enabled(plan):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
         stages = cfg.pop("num_stages", 1 if _interpreting() else 3)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
+from .layout import autotune_enabled
 
 
 @triton.jit
@@ -498,7 +499,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     if token_major:
         tm_args = args[:-2] + (_n_key(n),)  # the same arguments without the K-split count
         tm_meta = {k: v for k, v in meta.items() if k != "ATOMIC"}
-        if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+        if config is not None or _interpreting() or not autotune_enabled(plan):
             cfg = dict(BT=64, BO=32, GROUP_T=4) if config is None else dict(config)
             warps = cfg.pop("num_warps", 4)
             stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
@@ -508,7 +509,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
             grid = lambda m: (triton.cdiv(n, m["BT"]) * triton.cdiv(o, m["BO"]),)  # noqa: E731
             _tuned_tm_kernel()[grid](*tm_args, **tm_meta)
         return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
-    if config is not None or _interpreting() or os.environ.get("DIROTQ_NO_AUTOTUNE"):
+    if config is not None or _interpreting() or not autotune_enabled(plan):
         cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
         warps = cfg.pop("num_warps", 4)
         stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
