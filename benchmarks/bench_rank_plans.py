@@ -155,7 +155,11 @@ def main(argv=None) -> int:
         for method in [m for m in methods if m in ("dirotq-lr", "dirotq")]:
             fixed = fixed_row(method, 32)
             cost = prepare(method)["cost"]
-            variants = [("format C", dict(scale_format="int_ratio"))]
+            # the noise control: another seed of the random rotation (Hadamard signs, Haar tail) changes
+            # every code a little and the expected quality not at all, so its Δ is the protocol's resolution
+            seed = make_config(method, rank=32).seed
+            variants = [(f"seed {seed + 1} (noise control)", dict(seed=seed + 1)),
+                        ("format C", dict(scale_format="int_ratio"))]
             if method == "dirotq-lr":
                 variants += [("asymmetric activations", dict(act_symmetric=False)),
                              ("format C, asymmetric activations", dict(scale_format="int_ratio", act_symmetric=False))]
