@@ -14,6 +14,9 @@ d = 12288. This script times, per FLUX width and 4096 tokens (bf16, DiRotQ-LR r3
 - the cuBLAS c GEMM alone.
 
 Timing: ``triton.testing.do_bench`` medians, x rotated over 4 tensors (no L2 reuse between calls).
+The H200 run of 2026-11-28 measured ``production`` 2-3× above ``bench_linear``'s time for the same
+call (autotuned inside the timed function then); it now autotunes before timing and records the
+configs the autotuner chose (``autotuned``).
 JSON after every shape (``--out``), a Markdown table at the end.
 
     python -m benchmarks.bench_act_quant --out benchmarks/results/act_quant_<gpu>.json
@@ -60,7 +63,12 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
     row["copy_ms"] = bench(lambda: nxt().clone())
     m = make_quant_linear(w, None, "dirotq-lr", "int_ratio", 32)
     plan = get_plan(m, xs[0])
+    quantize_activations(m, plan, xs[0])  # autotune outside the timing, as bench_linear does
     row["production_ms"] = bench(lambda: quantize_activations(m, plan, nxt()))
+    from dirotq.kernels.act_quant import _tuned_act_kernel
+
+    # what the autotuner chose per key (token bucket, widths, pass...): the production column's tiles
+    row["autotuned"] = {str(k): str(v) for k, v in getattr(_tuned_act_kernel(), "cache", {}).items()}
     down = m.down.to(dt)
     row["c_gemm_ms"] = bench(lambda: nxt() @ down)
     # one set of buffers per input, so the launches below only time the kernel
