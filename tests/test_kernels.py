@@ -274,7 +274,7 @@ def test_autotuning_only_for_layers_worth_it(monkeypatch):
     """Real layers autotune their tiles; the embedded model's small ones take the fixed configs
     (tuning every shape made the explorer's first GPU image take minutes); DIROTQ_NO_AUTOTUNE=1 turns
     tuning off everywhere."""
-    from dirotq.kernels.layout import AUTOTUNE_MIN_WEIGHTS, autotune_enabled
+    from dirotq.kernels.tuning import AUTOTUNE_MIN_WEIGHTS, autotune_enabled
 
     monkeypatch.delenv("DIROTQ_NO_AUTOTUNE", raising=False)
     x = make_input(4, 1152)

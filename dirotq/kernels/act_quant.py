@@ -34,7 +34,7 @@ import os
 import triton
 import triton.language as tl
 
-from .layout import autotune_enabled
+from .tuning import autotune_enabled
 
 RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 

@@ -51,23 +51,6 @@ class KernelPlan:
         return "C" if self.fmt == "int_ratio" else "A"
 
 
-AUTOTUNE_MIN_WEIGHTS = 1 << 20  # layers below this many weights run fixed tile configs
-
-
-def autotune_enabled(plan: KernelPlan) -> bool:
-    """Whether a layer's kernels autotune their tile configs. Each autotuned kernel compiles and times
-    every config once per shape and token bucket: seconds per layer shape, minutes for a model's
-    first forward. That pays on real layers (PixArt-Σ 1152², FLUX 3072² and up: ≥ 1.3 M weights);
-    for small ones (the embedded model's 256 × 256 … 256 × 1024) launch overhead dominates whatever
-    the tile, so they take the fixed configs (the ones ``DIROTQ_NO_AUTOTUNE=1`` forces everywhere).
-    """
-    import os
-
-    if os.environ.get("DIROTQ_NO_AUTOTUNE"):
-        return False
-    return plan.o * plan.d >= AUTOTUNE_MIN_WEIGHTS
-
-
 def _weight_format(module: Any) -> str:
     return "int_ratio" if getattr(module, "weight_ratio", None) is not None else "exact"
 

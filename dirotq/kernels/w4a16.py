@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
-from .layout import autotune_enabled
+from .tuning import autotune_enabled
 from .w4a4_gemm import _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves
 
 

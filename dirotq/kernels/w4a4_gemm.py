@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
-from .layout import autotune_enabled
+from .tuning import autotune_enabled
 
 
 @triton.jit
