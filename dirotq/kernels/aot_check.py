@@ -54,10 +54,12 @@ def default_variants():
                      dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
                           DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=True, SIMD=False, ATOMIC=False, ASYM=False, GC=32),
                      dict(num_warps=8, num_stages=3)))
-        for bt, bo, w, st in ((128, 128, 8, 3), (128, 256, 8, 3)) if fmt_c else ():  # token-major: weights in smem
-            out.append((f"gemm_tm {f} {bt}x{bo} w{w} s{st} packed+lr simd-unpack", "gemm_tm",
+        for bt, bo, w, st, asym in ((128, 128, 8, 3, False), (128, 256, 8, 3, False), (128, 128, 8, 3, True)
+                                    ) if fmt_c else ():  # token-major: weights in smem
+            out.append((f"gemm_tm {f} {bt}x{bo} w{w} s{st} packed+lr simd-unpack" + (" asymmetric" if asym else ""),
+                        "gemm_tm",
                         dict(BT=bt, BO=bo, GS=64, R_BLK=32, GROUP_T=8, FMT_C=fmt_c, HAS_LR=True, HAS_BIAS=True,
-                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ASYM=False, GC=32),
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ASYM=asym, GC=32),
                         dict(num_warps=w, num_stages=st)))
         if fmt_c:  # asymmetric activations: the zero-point term in the epilogue
             for bo, bt, w, s in ((128, 128, 8, 3), (64, 16, 4, 4)):

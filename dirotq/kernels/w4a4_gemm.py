@@ -132,30 +132,39 @@ def _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, st
 
 
 @triton.jit
+def _zero_term_dots(acc, s_ptr, zk_ptr, stride_zkn, stride_so, offs_o, omask, offs_t, tmask, G, GC: tl.constexpr,
+                    TOKEN_MAJOR: tl.constexpr):
+    """acc + Σ_g S[o, g]·zk[t, g] as int8 dots over GC groups at a time, for an int8 (o, G) weight-side
+    table S at ``s_ptr``: acc is (BO, BT) in the swap-AB kernel, (BT, BO) in the token-major one."""
+    for g0 in range(0, G, GC):
+        gc = g0 + tl.arange(0, GC)
+        gmask = gc < G
+        if TOKEN_MAJOR:
+            zk = tl.load(zk_ptr + offs_t[:, None] * stride_zkn + gc[None, :], mask=tmask[:, None] & gmask[None, :],
+                         other=0)
+            sw = tl.load(s_ptr + offs_o[None, :] * stride_so + gc[:, None], mask=omask[None, :] & gmask[:, None],
+                         other=0)
+            acc = tl.dot(zk, sw, acc, out_dtype=tl.int32)
+        else:
+            zk = tl.load(zk_ptr + offs_t[None, :] * stride_zkn + gc[:, None], mask=tmask[None, :] & gmask[:, None],
+                         other=0)
+            sw = tl.load(s_ptr + offs_o[:, None] * stride_so + gc[None, :], mask=omask[:, None] & gmask[None, :],
+                         other=0)
+            acc = tl.dot(sw, zk, acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
 def _subtract_zero_point_term(acc_i, zk_ptr, stride_zkn, shi_ptr, slo_ptr, stride_so, offs_o, omask, offs_t, tmask, G,
-                              BO: tl.constexpr, BT: tl.constexpr, GC: tl.constexpr):
-    """acc_i (BO, BT) int32 − Σ_g S_g[o]·zk[t, g] with S = −(128·H + L) from the stored negated halves
-    H = −S_hi, L = −S_lo: the H dots accumulate into one extra tile, scaled by 128 once, and the L
-    dots accumulate straight into acc_i (one extra int32 tile live, not three)."""
-    t_hi = tl.zeros((BO, BT), dtype=tl.int32)
-    for g0 in range(0, G, GC):
-        gc = g0 + tl.arange(0, GC)
-        gmask = gc < G
-        zk = tl.load(zk_ptr + offs_t[None, :] * stride_zkn + gc[:, None], mask=tmask[None, :] & gmask[:, None],
-                     other=0)
-        hi = tl.load(shi_ptr + offs_o[:, None] * stride_so + gc[None, :], mask=omask[:, None] & gmask[None, :],
-                     other=0)
-        t_hi = tl.dot(hi, zk, t_hi, out_dtype=tl.int32)
+                              GC: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+    """acc_i − Σ_g S_g[o]·zk[t, g] with S = −(128·H + L) from the stored negated halves H = −S_hi,
+    L = −S_lo: the H dots accumulate into one extra tile, scaled by 128 once, and the L dots
+    accumulate straight into acc_i (one extra int32 tile live, not three)."""
+    t_hi = _zero_term_dots(tl.zeros_like(acc_i), shi_ptr, zk_ptr, stride_zkn, stride_so, offs_o, omask, offs_t,
+                           tmask, G, GC, TOKEN_MAJOR)
     acc_i += 128 * t_hi
-    for g0 in range(0, G, GC):
-        gc = g0 + tl.arange(0, GC)
-        gmask = gc < G
-        zk = tl.load(zk_ptr + offs_t[None, :] * stride_zkn + gc[:, None], mask=tmask[None, :] & gmask[:, None],
-                     other=0)
-        lo = tl.load(slo_ptr + offs_o[:, None] * stride_so + gc[None, :], mask=omask[:, None] & gmask[None, :],
-                     other=0)
-        acc_i = tl.dot(lo, zk, acc_i, out_dtype=tl.int32)
-    return acc_i
+    return _zero_term_dots(acc_i, slo_ptr, zk_ptr, stride_zkn, stride_so, offs_o, omask, offs_t, tmask, G, GC,
+                           TOKEN_MAJOR)
 
 
 @triton.jit
@@ -215,7 +224,7 @@ def w4a4_gemm_kernel(
     if ASYM:
         if pid_s == 0:
             acc_i = _subtract_zero_point_term(acc_i, zk_ptr, stride_zkn, shi_ptr, slo_ptr, stride_so, offs_o, omask,
-                                              offs_t, tmask, G, BO, BT, GC)
+                                              offs_t, tmask, G, GC, False)
     y_ptrs = y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None]
     ymask = omask[:, None] & tmask[None, :]
     if DEBUG_INT:
@@ -278,25 +287,9 @@ def w4a4_gemm_tm_kernel(
             xs = tl.load(xs_ptr + offs_t * stride_xsn + g, mask=tmask, other=0.0)
             acc += part.to(tl.float32) * xs[:, None] * ws[None, :]
 
-    if ASYM:  # the zero-point term, as in the swap-AB kernel with the operands' roles exchanged
-        t_hi = tl.zeros((BT, BO), dtype=tl.int32)
-        for g0 in range(0, G, GC):
-            gc = g0 + tl.arange(0, GC)
-            gmask = gc < G
-            zk = tl.load(zk_ptr + offs_t[:, None] * stride_zkn + gc[None, :], mask=tmask[:, None] & gmask[None, :],
-                         other=0)
-            sh = tl.load(shi_ptr + offs_o[None, :] * stride_so + gc[:, None], mask=omask[None, :] & gmask[:, None],
-                         other=0)
-            t_hi = tl.dot(zk, sh, t_hi, out_dtype=tl.int32)
-        acc_i += 128 * t_hi
-        for g0 in range(0, G, GC):
-            gc = g0 + tl.arange(0, GC)
-            gmask = gc < G
-            zk = tl.load(zk_ptr + offs_t[:, None] * stride_zkn + gc[None, :], mask=tmask[:, None] & gmask[None, :],
-                         other=0)
-            sl = tl.load(slo_ptr + offs_o[None, :] * stride_so + gc[:, None], mask=omask[None, :] & gmask[:, None],
-                         other=0)
-            acc_i = tl.dot(zk, sl, acc_i, out_dtype=tl.int32)
+    if ASYM:  # the zero-point term, with the operands' roles of the token-major tile
+        acc_i = _subtract_zero_point_term(acc_i, zk_ptr, stride_zkn, shi_ptr, slo_ptr, stride_so, offs_o, omask,
+                                          offs_t, tmask, G, GC, True)
     y_ptrs = y_ptr + offs_t[:, None] * stride_yn + offs_o[None, :]
     ymask = tmask[:, None] & omask[None, :]
     if DEBUG_INT:
