@@ -7,7 +7,8 @@
 #             tokens) and its tables
 #   act       bench_act_quant: the activation kernel's passes, tile configs and stages (ACT_ARGS)
 #   e2e       bench_e2e PixArt-Σ then FLUX (E2E_MODELS; FLUX_ARGS, e.g. a shallower FLUX when time is short)
-#   compile   bench_e2e under torch.compile (COMPILE_MODELS, default pixart; COMPILE_MODE, default "default")
+#   compile   bench_e2e under torch.compile: BF16, W4A4 format C fused, torchao FP8, W4A16 (COMPILE_MODELS, default
+#             pixart; COMPILE_MODE, default "default"; FLUX_ARGS applies to FLUX here too)
 #   kernels = tests explorer linear (about 4 min on an H100); all = kernels e2e (over one 10-minute device call)
 # e.g. bash benchmarks/device_checks.sh kernels;  bash benchmarks/device_checks.sh "tests act linear"
 # Through the device tool: run(command="bash benchmarks/device_checks.sh e2e", carry=[".whl"]).
@@ -99,8 +100,11 @@ step_e2e() {
 step_compile() {
     for model in ${COMPILE_MODELS:-pixart}; do
         echo "== bench_e2e $model --compile ${COMPILE_MODE:-default}" | tee -a "$LOG"
-        timeout "${COMPILE_S:-300}" python3 -m benchmarks.bench_e2e --model "$model" --no-graphs \
-            --formats int_ratio-fused int_ratio-fused-gluon fp8-torchao w4a16-int_ratio --compile "${COMPILE_MODE:-default}" \
+        extra=()
+        # shellcheck disable=SC2206  # FLUX_ARGS is a word list
+        [[ $model == flux ]] && extra=(${FLUX_ARGS:-})
+        timeout "${COMPILE_S:-300}" python3 -m benchmarks.bench_e2e --model "$model" --no-graphs "${extra[@]}" \
+            --formats int_ratio-fused fp8-torchao w4a16-int_ratio --compile "${COMPILE_MODE:-default}" \
             --out "$OUT/bench_e2e_${model}_compiled.json" >>"$LOG" 2>&1
         echo "bench_e2e $model compiled exit $?" | tee -a "$LOG"
         [[ -f "$OUT/bench_e2e_${model}_compiled.json" ]] \
