@@ -58,7 +58,7 @@ def w4a16_kernel(
         acc += _fdot(whi, ahi, DOT_DTYPE)
 
     acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
-                               stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE)
+                               stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE, False)
     tl.store(y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=omask[:, None] & tmask[None, :])
 

@@ -114,20 +114,30 @@ def _grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
 @triton.jit
 def _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur,
                          bias_ptr, r, R_BLK: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr):
-    """acc (BO, BT) + up · cᵀ (the 16-bit branch, K = r in chunks of R_BLK) + bias: the epilogue shared by
-    the W4A4 and W4A16 GEMMs."""
+                         DOT_DTYPE: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+    """acc + up · cᵀ (the 16-bit branch, K = r in chunks of R_BLK) + bias: the epilogue shared by the
+    W4A4 and W4A16 GEMMs; acc is (BO, BT), or (BT, BO) in the token-major GEMM."""
     if HAS_LR:
         for r0 in range(0, r, R_BLK):
             rc = r0 + tl.arange(0, R_BLK)
-            u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
-                        mask=omask[:, None] & (rc[None, :] < r), other=0.0)
-            ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
-                         mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
-            acc += _fdot(u, ct, DOT_DTYPE)
+            if TOKEN_MAJOR:
+                cc = tl.load(c_ptr + offs_t[:, None] * stride_cn + rc[None, :] * stride_cr,
+                             mask=tmask[:, None] & (rc[None, :] < r), other=0.0)
+                ut = tl.load(up_ptr + offs_o[None, :] * stride_uo + rc[:, None] * stride_ur,
+                             mask=omask[None, :] & (rc[:, None] < r), other=0.0)
+                acc += _fdot(cc, ut, DOT_DTYPE)
+            else:
+                u = tl.load(up_ptr + offs_o[:, None] * stride_uo + rc[None, :] * stride_ur,
+                            mask=omask[:, None] & (rc[None, :] < r), other=0.0)
+                ct = tl.load(c_ptr + offs_t[None, :] * stride_cn + rc[:, None] * stride_cr,
+                             mask=tmask[None, :] & (rc[:, None] < r), other=0.0)
+                acc += _fdot(u, ct, DOT_DTYPE)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
-        acc += b[:, None]
+        if TOKEN_MAJOR:
+            acc += b[None, :]
+        else:
+            acc += b[:, None]
     return acc
 
 
@@ -239,7 +249,7 @@ def w4a4_gemm_kernel(
             acc = acc_i.to(tl.float32) * ws[:, None] * xs[None, :]
         if pid_s == 0:  # the branch and the bias once, in the first K split
             acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr,
-                                       stride_uo, stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE)
+                                       stride_uo, stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE, False)
         if ATOMIC:
             tl.atomic_add(y_ptrs, acc, mask=ymask)
         else:
@@ -299,17 +309,8 @@ def w4a4_gemm_tm_kernel(
             ws = tl.load(ws_ptr + offs_o * stride_wso, mask=omask, other=0.0).to(tl.float32)
             xs = tl.load(xs_ptr + offs_t * stride_xsn, mask=tmask, other=0.0)
             acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
-        if HAS_LR:
-            for r0 in range(0, r, R_BLK):
-                rc = r0 + tl.arange(0, R_BLK)
-                cc = tl.load(c_ptr + offs_t[:, None] * stride_cn + rc[None, :] * stride_cr,
-                             mask=tmask[:, None] & (rc[None, :] < r), other=0.0)
-                ut = tl.load(up_ptr + offs_o[None, :] * stride_uo + rc[:, None] * stride_ur,
-                             mask=omask[None, :] & (rc[:, None] < r), other=0.0)
-                acc += _fdot(cc, ut, DOT_DTYPE)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
-            acc += b[None, :]
+        acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
+                                   stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE, True)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
