@@ -13,9 +13,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .act_quant import _dot_dtype, _fdot, _interpreting
+from .act_quant import _dot_dtype, _fdot
 from .tuning import autotune_enabled
-from .w4a4_gemm import _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves
+from .w4a4_gemm import _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves, launch_tiled
 
 
 @triton.jit
@@ -107,13 +107,6 @@ def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None):
     )
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias, DOT_DTYPE=_dot_dtype(a.dtype))
-    if config is not None or _interpreting() or not autotune_enabled(plan):
-        cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
-        warps = cfg.pop("num_warps", 4)
-        stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
-        grid = (triton.cdiv(o, cfg["BO"]) * triton.cdiv(n, cfg["BT"]),)
-        w4a16_kernel[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages)
-    else:
-        grid = lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]),)  # noqa: E731
-        _tuned_kernel()[grid](*args, **meta)
+    launch_tiled(w4a16_kernel, _tuned_kernel, lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]),), args,
+                 meta, config, dict(BO=32, BT=16, GROUP_O=4), autotune_enabled(plan))
     return y

@@ -438,6 +438,20 @@ def split_k(n: int, o: int, groups: int) -> int:
     return max(1, min(groups // 2, triton.cdiv(SPLIT_K_TARGET_PROGRAMS, tiles)))
 
 
+def launch_tiled(kernel, tuned, grid, args, meta: dict, config: dict | None, fixed: dict, autotune: bool) -> None:
+    """Launch ``kernel`` on ``grid(tiles)`` (a function of the tile sizes) with a fixed tile config
+    (``config`` if given, else ``fixed``, with ``num_warps`` / ``num_stages`` defaults) under the
+    interpreter, when ``config`` is given or ``autotune`` is off; otherwise through the autotuned
+    ``tuned()``. The launcher shared by the W4A4 (both layouts) and W4A16 GEMMs."""
+    if config is not None or _interpreting() or not autotune:
+        cfg = dict(fixed if config is None else config)
+        warps = cfg.pop("num_warps", 4)
+        stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
+        kernel[grid(cfg)](*args, **meta, **cfg, num_warps=warps, num_stages=stages)
+    else:
+        tuned()[grid](*args, **meta)
+
+
 def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None,
               simd: bool | None = None, split: int | None = None, layout: str | None = None):
     """y (n, o) = dequant(codes) · dequant(W_q)ᵀ + c · upᵀ + bias; ``act`` from
@@ -493,25 +507,12 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     if token_major:
         tm_args = args[:-2] + (_n_key(n),)  # the same arguments without the K-split count
         tm_meta = {k: v for k, v in meta.items() if k != "ATOMIC"}
-        if config is not None or _interpreting() or not autotune_enabled(plan):
-            cfg = dict(BT=64, BO=32, GROUP_T=4) if config is None else dict(config)
-            warps = cfg.pop("num_warps", 4)
-            stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
-            grid = (triton.cdiv(n, cfg["BT"]) * triton.cdiv(o, cfg["BO"]),)
-            w4a4_gemm_tm_kernel[grid](*tm_args, **tm_meta, **cfg, num_warps=warps, num_stages=stages)
-        else:
-            grid = lambda m: (triton.cdiv(n, m["BT"]) * triton.cdiv(o, m["BO"]),)  # noqa: E731
-            _tuned_tm_kernel()[grid](*tm_args, **tm_meta)
+        launch_tiled(w4a4_gemm_tm_kernel, _tuned_tm_kernel,
+                     lambda m: (triton.cdiv(n, m["BT"]) * triton.cdiv(o, m["BO"]),),
+                     tm_args, tm_meta, config, dict(BT=64, BO=32, GROUP_T=4), autotune_enabled(plan))
         return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
-    if config is not None or _interpreting() or not autotune_enabled(plan):
-        cfg = dict(BO=32, BT=16, GROUP_O=4) if config is None else dict(config)
-        warps = cfg.pop("num_warps", 4)
-        stages = cfg.pop("num_stages", 1 if _interpreting() else 3)
-        grid = (triton.cdiv(o, cfg["BO"]) * triton.cdiv(n, cfg["BT"]), split)
-        w4a4_gemm_kernel[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages)
-    else:
-        grid = lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]), split)  # noqa: E731
-        _tuned_kernel()[grid](*args, **meta)
+    launch_tiled(w4a4_gemm_kernel, _tuned_kernel, lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]), split),
+                 args, meta, config, dict(BO=32, BT=16, GROUP_O=4), autotune_enabled(plan))
     return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
 
 
