@@ -36,6 +36,7 @@ if "--dry-run" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from benchmarks._bench_common import bench, environment, make_quant_linear  # noqa: E402
 
@@ -79,7 +80,7 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
         it["i"] = (it["i"] + 1) % len(launches)
         meta = {**la["meta"], **overrides}
         for p in passes:
-            act_quant_kernel[(triton_cdiv(n, bt), la["g_blocks"])](*la["args"], BT=bt, PASS=p, **meta,
+            act_quant_kernel[(triton.cdiv(n, bt), la["g_blocks"])](*la["args"], BT=bt, PASS=p, **meta,
                                                                    num_warps=warps, enable_fp_fusion=False)
 
     for _ in launches:  # real group abs-maxes for PASS 1 to read (not uninitialised memory)
@@ -106,10 +107,6 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
     row["format_a_pass_no_transform_ms"] = bench(lambda: run(bt, warps, (0,), FMT_C=False, HAS_HAD=False,
                                                              PROJ=False))
     return row
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def table(rows: list[dict]) -> str:
