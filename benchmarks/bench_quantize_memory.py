@@ -11,8 +11,8 @@ PixArt-Σ and FLUX widths (issue #19, items 2–4; docs/DESIGN.md "Memory and de
    calibration's layout).
 2. memory rows, each in a fresh subprocess so the peak is its own: load the model, load the
    statistics (``CalibrationStats.load``: lazy), ``quantize_`` with DiRotQ-LR rank 32 and RTN or
-   GPTQ weights; peak RSS = the process's VmHWM (interpreter and imports included), against the
-   model's bf16 bytes.
+   GPTQ weights; peak RSS = the process's VmHWM during ``quantize_`` (reset once the model is
+   loaded; interpreter, imports and model included), against the model's bf16 bytes.
 3. timing rows: for one layer of each shape, full eigh, the top-32 subspace solver
    (``bases.pca_top_basis``) and ``gptq_quantize``, in float64 and float32; a row whose time,
    extrapolated from the previous width (d³), exceeds ``--limit-s`` is skipped and says so.
@@ -179,8 +179,11 @@ def child_quantize(work: Path, weights: str, eigensolver: str, rank: int) -> dic
     config = DiRotQLRConfig(rank=rank, weights=weights)
     report = quantize_(model, config, stats, progress=progress, linalg=LinalgSettings(eigensolver=eigensolver))
     row["quantize_s"] = round(time.perf_counter() - t1, 1)
-    row["peak_rss_gib"] = max(_status("VmHWM"), row["peak_rss_model_load_gib"])
+    # quantize_'s own peak: VmHWM was reset to the loaded model's RSS (the load itself peaks higher,
+    # because this script copies the memory-mapped weights; that peak is the row's own field)
     row["peak_rss_quantize_gib"] = _status("VmHWM")
+    row["peak_rss_gib"] = (row["peak_rss_quantize_gib"] if row["peak_reset_after_load"]
+                           else max(row["peak_rss_quantize_gib"], row["peak_rss_model_load_gib"]))
     row["rss_end_gib"] = _status("VmRSS")
     row["quantized_model_bytes"] = (sum(p.numel() * p.element_size() for p in model.parameters())
                                     + sum(b.numel() * b.element_size() for b in model.buffers()))

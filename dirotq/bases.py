@@ -22,6 +22,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .ondisk import OnDiskMatrix, row_block_matmul
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def pca_basis(second_moment: torch.Tensor, damping: float = 0.0, dtype: torch.dt
     return evals.flip(0).clamp(min=0), evecs.flip(1)
 
 
-def pca_top_basis(second_moment: torch.Tensor, rank: int, *, dtype: torch.dtype = torch.float64,
+def pca_top_basis(second_moment: torch.Tensor | OnDiskMatrix, rank: int, *, dtype: torch.dtype = torch.float64,
                   tol: float | None = None, max_iter: int = 300, seed: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-``rank`` eigenpairs of ``second_moment: (d, d)`` (symmetric PSD) without a full eigh.
@@ -56,6 +58,9 @@ def pca_top_basis(second_moment: torch.Tensor, rank: int, *, dtype: torch.dtype 
     ``rank``: fast on decaying activation spectra, slow on a flat one. Each iteration is one (d, d) × (d, k)
     product, so the cost is O(d²·k) per iteration and the memory O(d·k) beside C, against eigh's
     O(d³) time and several d×d work arrays. Small or nearly full-rank requests use ``pca_basis``.
+    ``second_moment`` may be an ``OnDiskMatrix`` (statistics read from disk): its rows are then read
+    in blocks at every iteration and never become resident; the product is taken in the same row
+    blocks for a tensor, so both give the same bits.
     Returns ``(eigenvalues (rank,) descending, V (d, rank))`` in ``dtype`` on the input's device;
     V spans the same subspace as ``pca_basis(C)[1][:, :rank]`` up to the tolerance (signs and the
     basis inside a repeated eigenvalue may differ).
@@ -63,18 +68,21 @@ def pca_top_basis(second_moment: torch.Tensor, rank: int, *, dtype: torch.dtype 
     d = second_moment.shape[0]
     check_rank(rank, d)
     k = min(d, rank + max(16, rank // 2))
+    on_disk = isinstance(second_moment, OnDiskMatrix)
     if rank == 0:
-        return second_moment.new_zeros(0, dtype=dtype), second_moment.new_zeros(d, 0, dtype=dtype)
+        return torch.zeros(0, dtype=dtype, device=second_moment.device), torch.zeros(d, 0, dtype=dtype,
+                                                                                    device=second_moment.device)
     if d <= 512 or 2 * k >= d:
-        ev, v = pca_basis(second_moment, dtype=dtype)
+        ev, v = pca_basis(second_moment.read_rows(0, d) if on_disk else second_moment, dtype=dtype)
         return ev[:rank], v[:, :rank].contiguous()
-    c = second_moment if second_moment.dtype == dtype else second_moment.to(dtype)
+    # a tensor in another dtype is converted once; a matrix on disk block by block in row_block_matmul
+    c = second_moment if (on_disk or second_moment.dtype == dtype) else second_moment.to(dtype)
     tol = (1e-6 if dtype == torch.float64 else 1e-4) if tol is None else tol
     g = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=dtype).to(c.device)).Q
     res = float("inf")
     for it in range(max_iter):
-        z = c @ q  # (d, k)
+        z = row_block_matmul(c, q)  # C Q: (d, k)
         t = q.T @ z
         ev, u = torch.linalg.eigh(0.5 * (t + t.T))
         ev, u = ev.flip(0), u.flip(1)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ._files import default_mode
+from .ondisk import OnDiskMatrix
 
 if TYPE_CHECKING:  # the process-group helpers import nothing of this module: no cycle at run time
     from .distributed import DistInfo
@@ -236,8 +237,12 @@ def _read_group(src: _GroupSource, key: str) -> LayerStats:
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise ValueError(f"corrupt calibration tensors {src.file} (group {key!r}): {e}; "
                          "delete the folder to recalibrate") from e
-    return LayerStats(count=src.count, sample_tokens=src.sample_tokens, seed=src.seed, sample_seen=src.sample_seen,
-                      **fields)
+    st = LayerStats(count=src.count, sample_tokens=src.sample_tokens, seed=src.seed, sample_seen=src.sample_seen,
+                    **fields)
+    # where C lies in the file: the top-r eigensolver reads it in row blocks instead of through the
+    # mapping, whose touched pages would all stay resident (dirotq/ondisk.py)
+    st.second_moment_file = OnDiskMatrix.in_safetensors(src.file, f"{src.prefix}second_moment")
+    return st
 
 
 class LazyGroups(MutableMapping):

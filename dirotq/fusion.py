@@ -146,6 +146,38 @@ def _cat_weights(layers: list[QuantLinear]) -> QuantizedTensor | torch.Tensor:
                            qs[0].group_size, qs[0].in_features, qs[0].scale_format)
 
 
+# buffers indexed by output row (concatenated by concat_rows); the others are the activation side
+_ROW_BUFFERS = ("weight", "weight_packed", "weight_codes", "weight_scale", "weight_ratio", "up", "bias")
+
+
+def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
+    """One ``QuantLinear`` whose output rows are ``parts``' rows in order: a layer quantized a block
+    of rows at a time (``quantize_``) put back together. The parts must share their activation side
+    and all have a bias or none; stored buffers are joined as stored (packed codes stay packed), so
+    the result is the layer the whole-weight handler would have built when its rows are independent."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if not all(_activation_side_equal(first, p) for p in parts[1:]):
+        raise ValueError("concat_rows: the parts do not share one activation side")
+    if any((p.bias is None) != (first.bias is None) for p in parts):
+        raise ValueError("concat_rows: some parts have a bias and some do not")
+    # built from the first part (small), then every row-indexed buffer replaced by the joined one
+    out = QuantLinear(
+        first.in_features, sum(p.out_features for p in parts), method=first.meta["method"],
+        weight=first.weight if first.weight_bits == 16 else first.quantized_weight(), act_bits=first.act_bits,
+        group_size=first.group_size, act_symmetric=first.act_symmetric, scale_format=first.scale_format,
+        bias=first.bias, smooth=first.smooth, down=first.down, up=first.up, project_out=first.project_out,
+        rotation=first.rotation, hadamard_signs=first.hadamard_signs,
+        weights_in_original_basis=first.weights_in_original_basis, dtype=first.float_dtype())
+    for name in _ROW_BUFFERS:
+        if isinstance(getattr(first, name, None), torch.Tensor):
+            setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
+    out.meta = dict(first.meta)
+    out.backend = first.backend
+    return out
+
+
 def fuse_layers(name: str, members: list[tuple[str, QuantLinear]]) -> FusedQuantLinear:
     """One fused layer from ``members`` ((name, QuantLinear) pairs with identical activation sides)."""
     first = members[0][1]
@@ -308,5 +340,5 @@ def fusion_stats(model: nn.Module) -> dict[str, dict[str, int]]:
             for n, m in model.named_modules() if isinstance(m, FusedQuantLinear)}
 
 
-__all__ = ["FusedQuantLinear", "SharedInputSlice", "fuse_layers", "fuse_shared_inputs", "fusion_stats",
+__all__ = ["FusedQuantLinear", "SharedInputSlice", "concat_rows", "fuse_layers", "fuse_shared_inputs", "fusion_stats",
            "has_fused_layers", "split_layer", "unfuse_shared_inputs", "unfused"]

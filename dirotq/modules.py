@@ -38,6 +38,11 @@ def selected_backend() -> str:
     return backend
 
 
+def _drop_dequantized(module: "QuantLinear", *args: Any, **kwargs: Any) -> None:
+    """load_state_dict pre-hook: new weights invalidate the cached dequantized weight."""
+    module._dequantized = None
+
+
 class QuantLinear(nn.Module):
     """A quantized ``nn.Linear(in_features, out_features)``.
 
@@ -85,7 +90,9 @@ class QuantLinear(nn.Module):
         self.meta = {"method": method, **(extra_meta or {})}
         self.backend = "auto"
         self._dequantized: torch.Tensor | None = None
-        self._register_load_state_dict_pre_hook(lambda *a, **k: setattr(self, "_dequantized", None))
+        # with_module: the hook gets the module as an argument; a closure over self would make every
+        # layer a reference cycle, freed only by the garbage collector (late, for large layers)
+        self._register_load_state_dict_pre_hook(_drop_dequantized, with_module=True)
 
     # --- weights ---------------------------------------------------------------------------------
     def quantized_weight(self) -> QuantizedTensor:

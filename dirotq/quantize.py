@@ -51,7 +51,18 @@ def quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: 
     cache: eigendecomposition cache (default: a module-level LRU keyed by the stats object, so
     error-vs-rank sweeps over one layer pay for eigh once); linalg: where and in which precision
     the linear algebra runs (default: the layer's device, float64; ``LinalgSettings``).
+    Large layers of methods whose rows are independent (RTN weights) are quantized a block of
+    rows at a time (same result, a block's memory).
     """
+    return _quantize_layer(linear, stats, config, rank, spec, cache, linalg, None)[0]
+
+
+def _quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int | str | None, spec: Any,
+                    cache: BasisCache | None, linalg: LinalgSettings | None, error_sample: torch.Tensor | None
+                    ) -> tuple[QuantLinear, tuple[float, float] | None]:
+    """``quantize_layer``, and with ``error_sample`` (held-out tokens (m, d)) the output error sums
+    ``(‖ŷ − y‖², ‖y‖²)`` when the layer was built in row blocks (measured block by block; None
+    otherwise: then measure with ``layer_error``)."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"quantize_layer takes an nn.Linear, got {type(linear).__name__}")
     name = getattr(spec, "name", None) or "layer"
@@ -66,10 +77,58 @@ def quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: 
         raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics"
                          f"{f' for {name!r}' if name else ''}: pass stats= (see dirotq.calibrate)")
     with torch.no_grad(), (use_linalg(linalg) if linalg is not None else contextlib.nullcontext()):
-        q = spec_for(config).handler(linear, stats, config, rank=r, spec=spec, cache=cache)
+        q, errors = _build(linear, stats, config, r, spec, cache, error_sample)
     q.meta.setdefault("rank", r)
     q.meta["kind"] = kind
-    return q
+    return q, errors
+
+
+# float64 weight bytes a row-blocked layer quantizes at once: FLUX's 3072 × 15360 proj_out would
+# otherwise hold several float64 copies of itself (0.36 GiB each) beside the model
+_ROW_BLOCK_BYTES = 16 << 20
+
+
+def _row_slices(out_features: int, in_features: int) -> list[slice]:
+    """Blocks of output rows of at most ``_ROW_BLOCK_BYTES`` of float64 weights (one block: the whole layer)."""
+    rows = max(1, _ROW_BLOCK_BYTES // (8 * max(in_features, 1)))
+    return [slice(i, min(out_features, i + rows)) for i in range(0, out_features, rows)]
+
+
+def _rows_of(linear: nn.Linear, rows: slice) -> nn.Linear:
+    """An ``nn.Linear`` over output rows ``rows`` of ``linear``, its parameters views (no copy)."""
+    part = nn.Linear(linear.in_features, rows.stop - rows.start, bias=linear.bias is not None, device="meta",
+                     dtype=linear.weight.dtype)
+    part.weight = nn.Parameter(linear.weight.detach()[rows], requires_grad=False)
+    if linear.bias is not None:
+        part.bias = nn.Parameter(linear.bias.detach()[rows], requires_grad=False)
+    return part
+
+
+def _build(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, spec: Any, cache: BasisCache | None,
+           error_sample: torch.Tensor | None) -> tuple[QuantLinear, tuple[float, float] | None]:
+    """The handler's ``QuantLinear``, built a block of rows at a time when the method's rows are
+    independent under ``config`` and the layer exceeds one block (``MethodSpec.rows_independent``):
+    each block's float64 copies are freed before the next, and the blocks are joined
+    (``fusion.concat_rows``). With ``error_sample`` (held-out tokens (m, d)) the output error sums
+    ``(‖ŷ − y‖², ‖y‖²)`` are measured block by block as well (else None), so no float64 or
+    dequantized copy of the whole weight is ever made."""
+    method = spec_for(config)
+    slices = _row_slices(linear.out_features, linear.in_features) if method.rows_independent(config) else []
+    if len(slices) <= 1:
+        return method.handler(linear, stats, config, rank=rank, spec=spec, cache=cache), None
+    from .fusion import concat_rows
+
+    parts: list[QuantLinear] = []
+    err = ref = 0.0
+    for rows in slices:
+        part_linear = _rows_of(linear, rows)
+        part = method.handler(part_linear, stats, config, rank=rank, spec=spec, cache=cache)
+        if error_sample is not None:
+            e, r = _error_sums(part_linear, part, error_sample)
+            err, ref = err + e, ref + r
+            part._dequantized = None
+        parts.append(part)
+    return concat_rows(parts), ((err, ref) if error_sample is not None else None)
 
 
 class _Target:
@@ -96,14 +155,23 @@ def layer_error(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, y_ref: t
     Returns ``{"rel_mse": ‖ŷ − y‖²/‖y‖², "sqnr_db": 10·log10(‖y‖²/‖ŷ − y‖²)}``, with
     ``sqnr_db = inf`` when the outputs agree exactly.
     """
+    return error_report(*_error_sums(linear, qlinear, x, y_ref))
+
+
+def _error_sums(linear: nn.Linear, qlinear: nn.Module, x: torch.Tensor, y_ref: torch.Tensor | None = None
+                ) -> tuple[float, float]:
+    """``(‖ŷ − y‖², ‖y‖²)`` of ``layer_error``."""
     if x is None or x.numel() == 0:
         raise ValueError("layer_error needs held-out input tokens (the statistics' sample is empty)")
     x = x.to(device=linear.weight.device, dtype=linear.weight.dtype)
     y = reference_output(linear, x) if y_ref is None else y_ref.double()
     with torch.no_grad():
         y_hat = qlinear(x).double()
-    err = float((y_hat - y).pow(2).sum())
-    ref = float(y.pow(2).sum())
+    return float((y_hat - y).pow(2).sum()), float(y.pow(2).sum())
+
+
+def error_report(err: float, ref: float) -> dict[str, float]:
+    """``{"rel_mse", "sqnr_db"}`` from the sums ``err = ‖ŷ − y‖²`` and ``ref = ‖y‖²``."""
     rel = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
     return {"rel_mse": rel, "sqnr_db": math.inf if err == 0 else 10.0 * math.log10(ref / err) if ref > 0 else -math.inf}
 
@@ -272,16 +340,19 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
     layers: dict[str, dict] = {}
     cache = BasisCache(maxsize=8)  # shared-input groups reuse one basis and Hessian; dropped per group
     batcher = GPTQBatcher()
-    pending: list[tuple[str, Any, nn.Module, str, nn.Module, QuantLinear, torch.Tensor | None]] = []
+    # (name, spec, parent, attr, float layer, QuantLinear, held-out sample or None, error sums or None)
+    pending: list[tuple[str, Any, nn.Module, str, nn.Module, QuantLinear, Any, Any]] = []
     step = 0
 
     def finish_pending(consume: bool) -> None:
         """Run the deferred GPTQ, measure each pending layer's error and swap it in."""
         batcher.run(consume=consume)
-        for name, spec, parent, attr, linear, q, sample in pending:
+        for name, spec, parent, attr, linear, q, sample, sums in pending:
             info = layer_record(q, spec)
-            if measure_error and sample is not None and sample.numel():
-                info.update(layer_error(linear, q, sample.to(linear.weight.device)))
+            if sums is not None:  # measured block by block while the layer was built
+                info.update(error_report(*sums))
+            elif sample is not None:
+                info.update(layer_error(linear, q, sample))
                 q._dequantized = None  # the forward cached W_q in float32: 2× the bf16 layer, for every layer
             undo.replace(parent, attr, linear, q)
             layers[name] = info
@@ -303,12 +374,17 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
                     step += 1
                     parent, attr = _split(model, name)
                     linear = getattr(parent, attr)
-                    q = quantize_layer(linear, st, config, rank=ranks[name], spec=spec, cache=cache)
+                    sample = _sample_copy(st) if measure_error else None
+                    if sample is not None:
+                        sample = sample.to(linear.weight.device) if sample.numel() else None
+                    q, sums = _quantize_layer(linear, st, config, ranks[name], spec, cache, None, sample)
                     if batcher.discard_unattached():  # a handler that builds its QuantLinear itself
                         with deferred_gptq(None):
-                            q = quantize_layer(linear, st, config, rank=ranks[name], spec=spec, cache=cache)
+                            q, sums = _quantize_layer(linear, st, config, ranks[name], spec, cache, None, sample)
                     q.to(device=linear.weight.device)
-                    pending.append((name, spec, parent, attr, linear, q, _sample_copy(st)))
+                    pending.append((name, spec, parent, attr, linear, q, sample, sums))
+                    if not len(batcher):  # nothing waits for GPTQ: swap it in now and free the float layer
+                        finish_pending(consume=False)
                     if batcher.pending_elements > _GPTQ_BATCH_ELEMENTS:
                         finish_pending(consume=False)  # the group's cached Hessians are still in use
                 if st is not None:  # the group's handlers are done: free its d×d tensors before its GPTQ
@@ -371,5 +447,5 @@ def quantize_model(model: nn.Module, config: QuantConfig, stats: Any = None, **k
     return model
 
 
-__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "reference_output", "LinalgSettings",
+__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "error_report", "reference_output", "LinalgSettings",
            "ROLLBACKS", "layer_record", "set_quantization_record"]

@@ -15,7 +15,10 @@ A spec carries what the rest of the project needs to know about a method and not
   16-bit FLOPs per token and the width of the 4-bit GEMM;
 - ``label`` / ``color``: how figures and menus show it;
 - flags: ``ranked`` (has a per-layer 16-bit rank), ``needs_stats`` (needs calibration statistics
-  even with RTN weights; GPTQ always does).
+  even with RTN weights; GPTQ always does);
+- ``rows_independent(config) -> bool``: whether the handler quantizes each output row on its own
+  under ``config`` (nothing it builds reads the other rows of W), so ``quantize_`` may quantize a
+  large layer a block of rows at a time and concatenate the blocks (same result, a block's memory).
 
 A *preset* is a named recipe of a registered method (``dirotq-paper`` = ``DiRotQConfig.paper()``):
 evaluation lists include presets, the explorer's menus show methods only.
@@ -66,6 +69,7 @@ class MethodSpec:
     color: str
     ranked: bool
     needs_stats: bool
+    rows_independent: Callable[[Any], bool] = lambda config: False
 
     @property
     def name(self) -> str:

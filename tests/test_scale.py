@@ -1,6 +1,7 @@
 """Claims about quantizing at FLUX scale (issue #19; docs/DESIGN.md "Memory and devices"), checked on
 tiny models: QuantLinear tensors are built in the model's dtype, the float layers are gone once
-``quantize_`` returns, statistics are read from disk one group at a time, and the linear algebra's
+``quantize_`` returns, statistics are read from disk one group at a time (C itself in row blocks),
+large layers are quantized a block of rows at a time with the same result, and the linear algebra's
 dtype and device settings change nothing but precision."""
 
 import gc
@@ -8,14 +9,25 @@ import weakref
 
 import pytest
 import torch
-
-from dirotq import DiRotQConfig, DiRotQLRConfig, QuantLinear, RTNConfig, quantize_
-from dirotq import calibration
-from dirotq.calibration import CalibrationStats, calibrate_transformer, combine_calibration_parts, part_folder
-from dirotq.models import ADAPTERS
-from dirotq.quantize import LinalgSettings
-
 from conftest import calibrated_tiny
+from torch import nn
+
+import dirotq.quantize as quantize_module
+from dirotq import DiRotQConfig, DiRotQLRConfig, QuantLinear, QuaRotConfig, RTNConfig, calibration, quantize_
+from dirotq.bases import pca_top_basis
+from dirotq.calibration import (
+    CalibrationStats,
+    LayerStats,
+    calibrate_transformer,
+    combine_calibration_parts,
+    part_folder,
+)
+from dirotq.fusion import concat_rows
+from dirotq.methods import common
+from dirotq.models import ADAPTERS
+from dirotq.ondisk import OnDiskMatrix
+from dirotq.quantize import LinalgSettings
+from dirotq.registry import get_method, make_config, method_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -137,3 +149,161 @@ def test_bad_linalg_settings_are_clear_errors():
         LinalgSettings(dtype=torch.float16)
     with pytest.raises(ValueError, match="eigensolver"):
         LinalgSettings(eigensolver="lanczos")
+
+
+# --- row-blocked quantization, statistics read from disk, no reference cycles (quantize_'s peak) ---
+quantize_module_spec = quantize_module.spec_for
+
+
+class _Spec:
+    def __init__(self, kind="w4a4"):
+        self.name, self.kind, self.head_dim = "layer", kind, None
+
+
+@pytest.fixture(scope="module")
+def wide_layer():
+    """A bf16 (640 → 448) layer with statistics of a decaying spectrum."""
+    torch.manual_seed(0)
+    d, o = 640, 448
+    linear = nn.Linear(d, o).to(torch.bfloat16)
+    st = LayerStats.empty(d, sample_tokens=96)
+    st.update(torch.randn(2048, d) * torch.linspace(4.0, 0.1, d))
+    return linear, st
+
+
+@pytest.mark.parametrize("config,kind", [
+    (DiRotQLRConfig(rank=16), "w4a4"), (DiRotQLRConfig(rank=16, scale_format="int_ratio"), "w4a4"),
+    (DiRotQLRConfig(rank=16, act_symmetric=False), "w4a4"), (RTNConfig(), "w4a4"),
+    (QuaRotConfig(hadamard="block"), "w4a4"), (DiRotQLRConfig(rank=16), "w4a16")])
+def test_a_layer_quantized_in_blocks_of_rows_is_the_whole_layer_bit_for_bit(wide_layer, config, kind, monkeypatch):
+    linear, st = wide_layer
+    whole = quantize_module.quantize_layer(linear, st, config, spec=_Spec(kind))
+    calls = []
+    monkeypatch.setattr(quantize_module, "_ROW_BLOCK_BYTES", 8 * 640 * 100)  # blocks of 100 rows: 5 blocks
+    monkeypatch.setattr(quantize_module, "spec_for", lambda c: _Counting(quantize_module_spec(c), calls))
+    blocked, sums = quantize_module._quantize_layer(linear, st, config, None, _Spec(kind), None, None, st.sample)
+    assert calls == [100, 100, 100, 100, 48]  # the handler saw row blocks
+    a, b = whole.state_dict(), blocked.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (blocked.in_features, blocked.out_features, blocked.rank, blocked.meta) == \
+           (whole.in_features, whole.out_features, whole.rank, whole.meta)
+    x = st.sample[:32]
+    assert torch.equal(blocked(x.to(torch.bfloat16)), whole(x.to(torch.bfloat16)))
+    # the error measured block by block is the whole layer's error
+    measured = quantize_module.error_report(*sums)
+    assert measured["rel_mse"] == pytest.approx(quantize_module.layer_error(linear, whole, st.sample)["rel_mse"],
+                                                rel=1e-6)
+
+
+class _Counting:
+    """A MethodSpec whose handler records the row count of every call."""
+
+    def __init__(self, spec, calls):
+        self._spec, self._calls = spec, calls
+
+    def __getattr__(self, name):
+        return getattr(self._spec, name)
+
+    def handler(self, linear, *args, **kw):
+        self._calls.append(linear.out_features)
+        return self._spec.handler(linear, *args, **kw)
+
+
+def test_methods_that_read_the_whole_weight_are_never_split(wide_layer, monkeypatch):
+    """SmoothQuant's smoothing factors, SVDQuant's SVD, DiRotQ-LR's weight-based bases and GPTQ see all
+    rows at once: they say so, and are then quantized whole whatever the layer's size."""
+    independent = {name for name in method_names() if get_method(name).rows_independent(make_config(name))}
+    assert independent == {"rtn", "w4a16", "quarot", "dirotq-lr"}
+    for config in (DiRotQLRConfig(rank=16, basis="hsvd"), DiRotQLRConfig(rank=16, basis="wsvd"),
+                   DiRotQLRConfig(rank=16, weights="gptq"), RTNConfig(weights="gptq")):
+        assert not get_method(config.method).rows_independent(config)
+    linear, st = wide_layer
+    calls = []
+    monkeypatch.setattr(quantize_module, "_ROW_BLOCK_BYTES", 8 * 640 * 100)
+    monkeypatch.setattr(quantize_module, "spec_for", lambda c: _Counting(quantize_module_spec(c), calls))
+    quantize_module.quantize_layer(linear, st, DiRotQLRConfig(rank=16, basis="wsvd"), spec=_Spec())
+    assert calls == [448]
+
+
+def test_concat_rows_refuses_parts_of_different_layers(wide_layer):
+    linear, st = wide_layer
+    a = quantize_module.quantize_layer(linear, st, DiRotQLRConfig(rank=16), spec=_Spec())
+    b = quantize_module.quantize_layer(linear, st, DiRotQLRConfig(rank=8), spec=_Spec())
+    with pytest.raises(ValueError, match="activation side"):
+        concat_rows([a, b])
+    assert concat_rows([a]) is a
+
+
+def test_a_quantlinear_is_freed_without_the_garbage_collector(wide_layer):
+    """No reference cycle: a replaced or discarded layer's memory goes back at once (a large layer
+    waiting for the collector held 0.1–0.2 GiB beyond quantize_'s working set)."""
+    linear, st = wide_layer
+    gc.collect()
+    gc.disable()
+    try:
+        q = quantize_module.quantize_layer(linear, st, DiRotQLRConfig(rank=16), spec=_Spec())
+        q(st.sample[:4].to(torch.bfloat16))  # a forward caches the dequantized weight
+        ref = weakref.ref(q)
+        del q
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_the_loaded_second_moment_is_read_from_its_file_in_row_blocks(tmp_path, wide_layer, monkeypatch):
+    """Loaded statistics locate C in their file; the top-r eigensolver reads it there, a block of
+    rows at a time (never through the memory map, whose pages would stay resident), and finds the
+    same basis, bit for bit, as from C in memory."""
+    _, st = wide_layer
+    stats = CalibrationStats(layers={"layer": st}, groups={"layer": "layer"}, meta={})
+    stats.save(tmp_path / "stats")
+    loaded = CalibrationStats.load(tmp_path / "stats").for_layer("layer")
+    disk = loaded.second_moment_file
+    assert isinstance(disk, OnDiskMatrix) and disk.shape == (640, 640) and disk.dtype == torch.float64
+    assert torch.equal(disk.read_rows(100, 230), st.second_moment[100:230])
+    seen = []
+    real = common.pca_top_basis
+    monkeypatch.setattr(common, "pca_top_basis", lambda c, *a, **k: seen.append(type(c)) or real(c, *a, **k))
+    with common.use_linalg(LinalgSettings(eigensolver="top")):
+        from_disk = common.stats_top_basis(loaded, 16, cache=common.BasisCache())
+        in_memory = common.stats_top_basis(st, 16, cache=common.BasisCache())
+    assert seen == [OnDiskMatrix, torch.Tensor]
+    assert torch.equal(from_disk, in_memory)
+    assert torch.equal(pca_top_basis(disk, 16)[1], pca_top_basis(st.second_moment, 16)[1])
+    # GPTQ's Hessian (and the full eigh) read C from the file the same way
+    reads = []
+    real_read = OnDiskMatrix.read_rows
+    monkeypatch.setattr(OnDiskMatrix, "read_rows", lambda self, *a, **k: reads.append(a) or real_read(self, *a, **k))
+    assert torch.equal(common.hessian(loaded), common.hessian(st)) and reads
+
+
+def test_on_disk_matrix_errors_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "m.safetensors"
+    save_file({"m": torch.randn(6, 4, dtype=torch.float64), "v": torch.zeros(3)}, str(f))
+    with pytest.raises(KeyError, match="no tensor 'x'"):
+        OnDiskMatrix.in_safetensors(f, "x")
+    with pytest.raises(ValueError, match="2-D float matrix"):
+        OnDiskMatrix.in_safetensors(f, "v")
+    m = OnDiskMatrix.in_safetensors(f, "m")
+    with pytest.raises(IndexError):
+        m.read_rows(4, 7)
+    f.write_bytes(f.read_bytes()[:-40])  # truncated
+    with pytest.raises(EOFError, match="truncated"):
+        m.read_rows(0, 6)
+
+
+def test_rtn_layers_are_swapped_in_as_soon_as_they_are_built(flux_bf16_stats):
+    """With nothing waiting for GPTQ, each float layer is replaced (and freed) before the next
+    target of its group is quantized, so the model shrinks as quantize_ goes."""
+    adapter, state, folder = flux_bf16_stats
+    model = fresh_flux(adapter, state)
+    names = [n for n, s in adapter.targets(model).items() if s.block == 0]
+    seen = []
+
+    def progress(frac, msg):
+        seen.append(sum(isinstance(model.get_submodule(n), QuantLinear) for n in names))
+
+    quantize_(model, DiRotQLRConfig(rank=8), CalibrationStats.load(folder), targets=names, progress=progress)
+    assert seen[:len(names)] == list(range(len(names)))

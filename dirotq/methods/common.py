@@ -140,17 +140,22 @@ def hessian(stats: Any, device: str | torch.device | None = None, dtype: torch.d
 
     In the compute dtype (float64 by default) on ``device`` (default: the settings' device, else
     where C is). C is converted in row chunks, so neither a float64 copy of C on the host nor more
-    than the result on the device is ever made."""
+    than the result on the device is ever made; statistics loaded from disk are read from their
+    file chunk by chunk (``OnDiskMatrix``), so C's memory map does not become resident as well."""
     n = max(int(getattr(stats, "count", 1) or 1), 1)
     c = stats.second_moment.detach()
+    disk = getattr(stats, "second_moment_file", None)
     s = _LINALG.get()
     device = torch.device(device) if device is not None else (s.device or c.device)
     dtype = dtype or s.dtype
     d = c.shape[0]
     h = torch.empty(c.shape, dtype=dtype, device=device)
     rows = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    buf = torch.empty(min(rows, d), d, dtype=disk.dtype) if disk is not None else None
     for lo in range(0, d, rows):
-        h[lo:lo + rows] = c[lo:lo + rows].to(device=device, dtype=torch.float64) / n
+        hi = min(d, lo + rows)
+        chunk = disk.read_rows(lo, hi, out=buf) if disk is not None else c[lo:hi]
+        h[lo:hi] = chunk.to(device=device, dtype=torch.float64) / n
     return symmetrize_(h)
 
 
@@ -522,8 +527,13 @@ def stats_top_basis(stats: Any, rank: int, *, cache: BasisCache | None = None,
 
     def compute() -> torch.Tensor:
         c = stats.second_moment
-        # the eigenvectors of C and C/n agree: use C itself where it already is (no d×d copy)
-        src = c if (c.device == device and c.dtype == dtype) else hessian(stats, device, dtype)
+        # the eigenvectors of C and C/n agree: use C itself where it already is (no d×d copy); C
+        # read from disk stays there and is read in row blocks (never resident, ondisk.py)
+        disk = getattr(stats, "second_moment_file", None)
+        if disk is not None and disk.device == device and disk.dtype == dtype == c.dtype:
+            src = disk
+        else:
+            src = c if (c.device == device and c.dtype == dtype) else hessian(stats, device, dtype)
         return pca_top_basis(src, rank, dtype=dtype)[1]
 
     return store.get(stats, ("top", rank, device_key(device), dtype), compute)

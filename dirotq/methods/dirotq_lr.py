@@ -122,4 +122,6 @@ def cost_dirotq_lr(d: int, o: int, rank: int, config: DiRotQLRConfig) -> MethodC
 
 
 SPEC = register_method(MethodSpec(config_cls=DiRotQLRConfig, handler=quantize_dirotq_lr, cost=cost_dirotq_lr,
-                                   label="DiRotQ low-rank + Hadamard", color="#ff7f0e", ranked=True, needs_stats=True))
+                                   label="DiRotQ low-rank + Hadamard", color="#ff7f0e", ranked=True, needs_stats=True,
+                                   # wsvd / hsvd bases are built from the whole weight; GPTQ batches rows itself
+                                   rows_independent=lambda c: c.weights != "gptq" and c.basis == "pca"))

@@ -81,4 +81,5 @@ def cost_quarot(d: int, o: int, rank: int, config: QuaRotConfig) -> MethodCost:
 
 
 SPEC = register_method(MethodSpec(config_cls=QuaRotConfig, handler=quantize_quarot, cost=cost_quarot,
-                                   label="QuaRot (Hadamard)", color="#9467bd", ranked=False, needs_stats=False))
+                                   label="QuaRot (Hadamard)", color="#9467bd", ranked=False, needs_stats=False,
+                                   rows_independent=lambda c: c.weights != "gptq"))

@@ -37,4 +37,5 @@ def cost_rtn(d: int, o: int, rank: int, config: RTNConfig) -> MethodCost:
 
 
 SPEC = register_method(MethodSpec(config_cls=RTNConfig, handler=quantize_rtn, cost=cost_rtn,
-                                   label="RTN", color="#7f7f7f", ranked=False, needs_stats=False))
+                                   label="RTN", color="#7f7f7f", ranked=False, needs_stats=False,
+                                   rows_independent=lambda c: c.weights != "gptq"))

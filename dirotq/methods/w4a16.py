@@ -49,4 +49,5 @@ def cost_w4a16(d: int, o: int, rank: int, config: W4A16Config) -> MethodCost:
 
 
 SPEC = register_method(MethodSpec(config_cls=W4A16Config, handler=quantize_w4a16, cost=cost_w4a16,
-                                   label="W4A16 (weight-only)", color="#8c564b", ranked=False, needs_stats=False))
+                                   label="W4A16 (weight-only)", color="#8c564b", ranked=False, needs_stats=False,
+                                   rows_independent=lambda c: c.weights != "gptq"))
