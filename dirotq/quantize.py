@@ -15,6 +15,9 @@ still restore it), so the peak is about the model plus one group's working set.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 import math
 import os
@@ -83,9 +86,28 @@ def _quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, rank: in
     return q, errors
 
 
-# float64 weight bytes a row-blocked layer quantizes at once: FLUX's 3072 × 15360 proj_out would
-# otherwise hold several float64 copies of itself (0.36 GiB each) beside the model
-_ROW_BLOCK_BYTES = 16 << 20
+# float64 weight bytes a row-blocked layer quantizes at once (341 rows at d = 3072): FLUX's 3072 × 15360
+# proj_out would otherwise hold several float64 copies of itself (0.36 GiB each) beside the model
+_ROW_BLOCK_BYTES = 8 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed so far back to the operating system. glibc keeps freed blocks
+    below 32 MiB in its heap, and a heap fragmented by long-lived results (a row block's codes
+    between two blocks' float64 temporaries) only ever grows: without this, quantizing one
+    3072 × 18432 layer in blocks left 0.2 GiB resident instead of 0.1."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _row_slices(out_features: int, in_features: int) -> list[slice]:
@@ -128,6 +150,8 @@ def _build(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, spec: 
             err, ref = err + e, ref + r
             part._dequantized = None
         parts.append(part)
+        del part_linear, part
+        release_freed_memory()
     return concat_rows(parts), ((err, ref) if error_sample is not None else None)
 
 
@@ -355,6 +379,7 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
                 info.update(layer_error(linear, q, sample))
                 q._dequantized = None  # the forward cached W_q in float32: 2× the bf16 layer, for every layer
             undo.replace(parent, attr, linear, q)
+            release_freed_memory()
             layers[name] = info
             if bar is not None:
                 bar.update(1)
@@ -447,5 +472,6 @@ def quantize_model(model: nn.Module, config: QuantConfig, stats: Any = None, **k
     return model
 
 
-__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "error_report", "reference_output", "LinalgSettings",
+__all__ = ["quantize_", "quantize_model", "quantize_layer", "layer_error", "error_report", "release_freed_memory",
+           "reference_output", "LinalgSettings",
            "ROLLBACKS", "layer_record", "set_quantization_record"]

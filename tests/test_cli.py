@@ -127,6 +127,30 @@ def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
     assert [r.split(",")[:3] for r in rows_c] == [r.split(",")[:3] for r in rows]
 
 
+def test_quantize_eigensolver_top_reaches_the_linear_algebra(env, capsys, monkeypatch):
+    """``--eigensolver top`` (FLUX-size models): the top-r solver builds the PCA bases, and on the
+    tiny model's narrow layers it gives the checkpoint eigh gives."""
+    from dirotq.methods import common
+
+    root, model, common_args = env
+    monkeypatch.chdir(root)
+    calls = []
+    real = common.pca_top_basis
+    monkeypatch.setattr(common, "pca_top_basis", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    args = [*common_args, "--rank", "16", "--allocate", "fixed"]
+    assert main(["quantize", *args, "--out", str(root / "eigh")]) == 0
+    assert not calls
+    assert main(["quantize", *args, "--eigensolver", "top", "--out", str(root / "top")]) == 0
+    assert calls and set(calls) == {16}
+    name = "dirotq-lr-w4a4-g64-r16-tiny-pixart"
+    a = json.loads((root / "eigh" / name / "config.json").read_text())["quantization_config"]
+    b = json.loads((root / "top" / name / "config.json").read_text())["quantization_config"]
+    assert a == b  # d ≤ 512: the solver decomposes fully, the same bits
+    with pytest.raises(SystemExit):
+        main(["quantize", *args, "--eigensolver", "lanczos"])
+    capsys.readouterr()
+
+
 def test_layer_kind_quantizes_pixarts_cross_attention_kv_through_every_verb(env, capsys, monkeypatch):
     """--layer-kind makes PixArt's cross-attention K/V (16-bit by default) W4A4: the dry run counts them,
     quantize calibrates and quantizes them and names the checkpoint after the override, generate uses
