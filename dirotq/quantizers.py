@@ -23,9 +23,9 @@ Scale formats
   Offline (weights), ``row_search=True`` also tries a few smaller row scales per row and keeps the
   one with the least squared error; activations are quantized online with ``s = rowmax / 105``.
 
-The choice between the two multipliers compares float64 sums of squared errors of float32 values,
-which the activation kernel computes the same way: a tie within float64 rounding (summation order)
-is the only place the kernel and this reference could differ.
+The choice between the two multipliers compares k²·S_k, S_k the group's squared errors in code
+units as fixed-point integers (``sse_units``: 1/1024 of a step², summed exactly in float32 in any
+order), so the activation kernel, which sums a tile in its own order, makes exactly this choice.
 
 Rounding is half-to-even everywhere (``torch.round``), which is what the kernels' magic-number
 rounding gives.
@@ -33,6 +33,7 @@ rounding gives.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,9 @@ SCALE_FORMATS = ("exact", "int_ratio")
 INT_RATIO_MAX_MULTIPLIER = 15  # k is stored in 4 bits (1..15)
 # revision of format C's encoding rule (cache keys of images made with it): 1 = covering multiplier,
 # codes ±7; 2 = the better of k₀ and k₀ − 1, codes [−8, 7], offline row-scale search; 3 = codes from
-# a multiplication by the step's float32 reciprocal instead of a division
-INT_RATIO_REVISION = 3
+# a multiplication by the step's float32 reciprocal instead of a division; 4 = k₀ or k₀ − 1 chosen by
+# an exact float32 sum of squared errors in fixed-point code units (sse_units) instead of float64
+INT_RATIO_REVISION = 4
 INT_RATIO_ROW_SEARCH = (1.0, 0.97, 0.94, 0.91, 0.88)  # row-scale factors tried offline (row_search)
 _TINY = 1e-12  # guards all-zero groups against 0/0
 
@@ -168,9 +170,13 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
 
     Per group, of the multipliers k₀ = clamp(ceil(spread / (levels·s) − 1e-6), 1, 15) (spread =
     abs-max and levels = 7 when symmetric, max − min and 15 otherwise) and max(k₀ − 1, 1), the one
-    with the smaller float64 sum of squared errors of the float32 dequantized values (k₀ on a tie).
+    with the smaller squared error k²·S_k (k₀ on a tie), where S_k = Σ rne(min(e², 255)·u) over the
+    group's errors in code units, e = t − (q − zero), t = x·fl32(1/(k·s)), u = ``sse_unit(g)`` (1024
+    for g = 64; ``sse_units``): integers whose sum stays below 2²⁴, so it is exact in float32 in any
+    order and the kernel's choice is this one.
     ``spread``/``lo``: ``_group_spread(groups, symmetric)`` when already known.
-    Returns ``(q (..., G, g) float, k (..., G) float, zero (..., G) or None, sse (..., G) float64)``.
+    Returns ``(q (..., G, g) float, k (..., G) float, zero (..., G) or None, sse (..., G) float64)``,
+    sse = s²·k²·S_k / u ≈ the group's squared error in x's units (the offline row search sums it).
     """
     qmin, qmax = qrange(bits, symmetric)
     if spread is None:
@@ -182,17 +188,38 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
         # one IEEE division per group, then a multiplication per value: the kernel's rule (a divide
         # per value cost the activation kernel more than the rest of its arithmetic on the H200)
         inv = torch.ones_like(step) / step
+        t = groups * inv.unsqueeze(-1)
         if symmetric:
             zero = None
-            q = torch.clamp(torch.round(groups * inv.unsqueeze(-1)), qmin, qmax)
-            v = q * step.unsqueeze(-1)
+            q = torch.clamp(torch.round(t), qmin, qmax)
+            e = t - q
         else:
             zero = torch.round(-lo * inv)
-            q = torch.clamp(torch.round(groups * inv.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
-            v = (q - zero.unsqueeze(-1)) * step.unsqueeze(-1)
-        cand = (q, k, zero, (v.double() - groups.double()).pow(2).sum(-1))
+            q = torch.clamp(torch.round(t) + zero.unsqueeze(-1), qmin, qmax)
+            e = t - (q - zero.unsqueeze(-1))
+        units = sse_units(e)  # (..., G) float32, exact integers
+        cand = (q, k, zero, k.double().square() * units.double())
         best = cand if best is None else _keep_better(cand[3] < best[3], cand, best)
-    return best
+    q, k, zero, weighted = best
+    return q, k, zero, weighted * row_scale.double().square() / sse_unit(groups.shape[-1])
+
+
+SSE_UNIT_CAP = 255.0  # e² is at most 15.5² for the candidates format C compares; the cap bounds every term
+
+
+def sse_unit(group_size: int) -> float:
+    """Fixed-point units per code step² of ``sse_units`` for groups of ``group_size``: the largest
+    power of two with group_size · 255 · unit ≤ 2²⁴ (1024 for 64, 512 for 128), at most 2¹⁴ so a
+    term stays below 2²², where the kernels' magic-number rounding is exact."""
+    return float(min(2**14, 2 ** math.floor(math.log2(2**24 / (group_size * SSE_UNIT_CAP)))))
+
+
+def sse_units(e: torch.Tensor) -> torch.Tensor:
+    """Σ rne(min(e², 255)·u) over the last dimension of ``e: (..., g)`` float32 errors in code units,
+    u = ``sse_unit(g)``: every term and partial sum is an integer below 2²⁴, so the float32 sum is
+    exact whatever the summation order (the kernel sums a tile, PyTorch its own way; both get these
+    bits). ``e·e`` rounds to float32 before the cap; the power-of-two scaling is exact."""
+    return torch.round(torch.clamp(e * e, max=SSE_UNIT_CAP) * sse_unit(e.shape[-1])).sum(-1)
 
 
 def _int_ratio_levels(bits: int, symmetric: bool) -> int:

@@ -505,6 +505,9 @@ def test_kernels_compile_for_sm90_without_spills():
         assert row["libdevice_calls"] == 0, row
         if row["variant"].startswith("act"):  # compiled without FMA contraction: the reference's rounding
             assert row["fma_f32"] == 0, row
+            # format C's multiplier choice is float32 fixed point per value; float64 only compares the
+            # two candidates once per row and group (172–294 float64 instructions before revision 4)
+            assert row["f64_instructions"] <= 32, row
         if row.get("spill_bytes") is not None:
             assert row["spill_bytes"] == 0, row
         if row["variant"].startswith("gemm"):

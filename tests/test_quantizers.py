@@ -224,3 +224,43 @@ def test_int_ratio_encodes_in_row_blocks_exactly_as_at_once(monkeypatch):
         assert (got.zero is None) == sym and (sym or torch.equal(got.zero, ref.zero))
     empty = quantize(torch.zeros(0, 128), 4, 64, scale_format="int_ratio")
     assert empty.q.shape == (0, 128) and empty.scale.shape == (0, 1)
+
+
+def test_format_c_sse_units_are_exact_in_any_order():
+    """The multiplier choice sums squared code-unit errors as fixed-point integers: the float32 sum
+    is exact however it is ordered (the kernel's tile sum and PyTorch's differ), even at the cap."""
+    from dirotq.quantizers import SSE_UNIT_CAP, sse_unit, sse_units
+
+    assert (sse_unit(64), sse_unit(128), sse_unit(32), sse_unit(2)) == (1024.0, 512.0, 2048.0, 2.0**14)
+    torch.manual_seed(3)
+    e = torch.cat([torch.rand(500, 64) - 0.5, torch.full((1, 64), 16.0)])  # the last row hits the cap
+    exact = torch.round(torch.clamp(e.double() ** 2, max=SSE_UNIT_CAP) * 1024).sum(-1)
+    s = sse_units(e)
+    assert s.dtype == torch.float32 and s.max() < 2**24
+    assert torch.equal(s.double(), torch.round(torch.clamp((e * e).double(), max=SSE_UNIT_CAP) * 1024).sum(-1))
+    assert (s.double() - exact).abs().max() <= 64  # e·e rounds to float32 first: at most ½ unit a term
+    perm = torch.randperm(64)
+    assert torch.equal(sse_units(e[:, perm]), s)
+    assert torch.equal(sse_units(e.flip(-1)), s)
+
+
+def test_format_c_picks_the_multiplier_with_less_squared_error():
+    """Revision 4's fixed-point rule chooses as the exact float64 squared error does, except where
+    the two candidates are within its resolution (a ½·1024⁻¹ step² per value)."""
+    from dirotq.quantizers import int_ratio_codes
+
+    torch.manual_seed(4)
+    groups = torch.randn(400, 24, 64) * torch.rand(400, 24, 1) * torch.linspace(0.2, 2.0, 64)
+    s = (groups.abs().amax((-1, -2), keepdim=True).squeeze(-1) / 105).clamp(min=1e-12)
+    q, k, _, _ = int_ratio_codes(groups, s, 4, True)
+    k0 = torch.ceil(groups.abs().amax(-1) / (7 * s) - 1e-6).clamp(1, 15)
+    errs = []
+    for kk in (k0, (k0 - 1).clamp(min=1)):
+        step = kk * s
+        qq = torch.clamp(torch.round(groups * (1 / step).unsqueeze(-1)), -8, 7)
+        errs.append((qq * step.unsqueeze(-1) - groups).double().pow(2).sum(-1))
+    best = torch.where(errs[1] < errs[0], (k0 - 1).clamp(min=1), k0)
+    differ = best != k
+    assert differ.float().mean() < 1e-3
+    gap = (errs[0] - errs[1]).abs() / (k0 * s).double().pow(2)  # in code steps² of k₀
+    assert (gap[differ] < 64 / 1024).all()

@@ -16,8 +16,8 @@ GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row)
    format A ("exact"): scale = max(absmax/7, 1e-12) per (token, group), q = rne(a/scale) ∈ [−8, 7];
    format C ("int_ratio"): a first launch (PASS 0) stores each group's absmax, a second (PASS 1)
    takes the row max of those, s = max(rowmax/105, 1e-12),
-   k₀ = clamp(ceil(absmax/(7s) − 1e-6), 1, 15) or k₀ − 1, whichever gives the smaller float64 sum of
-   squared errors (k₀ on a tie), q = clamp(rne(a·fl32(1/(k·s))), −8, 7) and the stored int8 is k·q
+   k₀ = clamp(ceil(absmax/(7s) − 1e-6), 1, 15) or k₀ − 1, whichever gives the smaller k²·S_k (S_k the
+   group's squared errors in code units as fixed-point integers, summed exactly in float32; k₀ on a tie), q = clamp(rne(a·fl32(1/(k·s))), −8, 7) and the stored int8 is k·q
    (|k·q| ≤ 120). All divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number
    trick (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it); the
    kernel is compiled without FMA contraction (``enable_fp_fusion=False``), so a product rounds before
@@ -34,6 +34,7 @@ import os
 import triton
 import triton.language as tl
 
+from ..quantizers import sse_unit
 from .tuning import autotune_enabled
 
 RNE_MAGIC = 12582912.0  # 1.5 * 2**23
@@ -49,16 +50,20 @@ def _rne(v):
 def _codes(a, lo, step, ASYM: tl.constexpr):
     """Format C codes of the tile ``a`` (BT, GS) with per-row ``step``, from r = fl32(1/step) (one IEEE
     division per row): symmetric q = clamp(rne(a·r), −8, 7) and zero 0, or asymmetric
-    u = clamp(rne(a·r) + z, 0, 15) with z = rne(−lo·r). The product must round before the magic-number
-    rounding adds to it, so the kernel is launched with ``enable_fp_fusion=False`` (no FMA)."""
+    u = clamp(rne(a·r) + z, 0, 15) with z = rne(−lo·r); and the errors in code units e = t − (q − z),
+    t = a·r. The product must round before the magic-number rounding adds to it, so the kernel is
+    launched with ``enable_fp_fusion=False`` (no FMA)."""
     r = tl.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
+    t = a * r[:, None]
     if ASYM:
         z = _rne(-lo * r)
-        q = tl.minimum(tl.maximum(_rne(a * r[:, None]) + z[:, None], 0.0), 15.0)
+        q = tl.minimum(tl.maximum(_rne(t) + z[:, None], 0.0), 15.0)
+        e = t - (q - z[:, None])
     else:
         z = tl.zeros_like(step)
-        q = tl.minimum(tl.maximum(_rne(a * r[:, None]), -8.0), 7.0)
-    return q, z
+        q = tl.minimum(tl.maximum(_rne(t), -8.0), 7.0)
+        e = t - q
+    return q, z, e
 
 
 @triton.jit
@@ -83,10 +88,10 @@ def _row_scale(row_spread, ASYM: tl.constexpr):
 
 
 @triton.jit
-def _sse_fp64(a, q, z, step):
-    """Per row, the float64 sum of squared errors of the float32 values ``(q − z)·step`` against ``a``."""
-    e = ((q - z[:, None]) * step[:, None]).to(tl.float64) - a.to(tl.float64)
-    return tl.sum(e * e, axis=1)
+def _sse_units(e, UNIT: tl.constexpr):
+    """Per row, Σ rne(min(e², 255)·UNIT) of the code-unit errors ``e`` (BT, GS): integers whose float32
+    sum is exact in any order (dirotq.quantizers.sse_units, UNIT = sse_unit(GS))."""
+    return tl.sum(_rne(tl.minimum(e * e, 255.0) * UNIT), axis=1)
 
 
 @triton.jit
@@ -172,6 +177,7 @@ def act_quant_kernel(
     HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
     DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr, C_IN_KERNEL: tl.constexpr, RP: tl.constexpr,
+    SSE_UNIT: tl.constexpr,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
     format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
@@ -240,14 +246,16 @@ def act_quant_kernel(
             if PASS == 0:
                 tl.store(m_ptr + rows * stride_mn + g, amax, mask=rmask)
             else:
-                # of k₀ (the covering multiplier) and k₀ − 1, the one with the smaller float64 sum of
-                # squared errors (dirotq.quantizers.int_ratio_codes); both code tiles stay live, so
-                # each element is divided twice, not three times
+                # of k₀ (the covering multiplier) and k₀ − 1, the one with the smaller k²·S_k, S_k the
+                # exact fixed-point sum of squared code-unit errors (dirotq.quantizers.int_ratio_codes);
+                # the products (< 2³²) compare in float64, once per row and group
                 k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
                 k1 = tl.maximum(k0 - 1.0, 1.0)
-                q0, z0 = _codes(a, lo, k0 * s_row, ASYM)
-                q1, z1 = _codes(a, lo, k1 * s_row, ASYM)
-                take1 = _sse_fp64(a, q1, z1, k1 * s_row) < _sse_fp64(a, q0, z0, k0 * s_row)
+                q0, z0, e0 = _codes(a, lo, k0 * s_row, ASYM)
+                q1, z1, e1 = _codes(a, lo, k1 * s_row, ASYM)
+                w0 = (k0 * k0).to(tl.float64) * _sse_units(e0, SSE_UNIT).to(tl.float64)
+                w1 = (k1 * k1).to(tl.float64) * _sse_units(e1, SSE_UNIT).to(tl.float64)
+                take1 = w1 < w0
                 kf = tl.where(take1, k1, k0)
                 q = tl.where(take1[:, None], q1, q0)
                 z = tl.where(take1, z1, z0)
@@ -377,7 +385,7 @@ def activation_launch(module, plan, x, store_a: bool = False, one_launch: bool |
                 HAS_SMOOTH=plan.has_smooth, PROJ=plan.project_out and plan.has_down,
                 HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, ASYM=plan.asym, STORE_A=store_a,
                 DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1), C_IN_KERNEL=c_in_kernel,
-                RP=_pow2_at_least(plan.r) if c_in_kernel else 16)
+                RP=_pow2_at_least(plan.r) if c_in_kernel else 16, SSE_UNIT=sse_unit(g))
     # format C: absmax per group, then the row scale and codes (one launch: both in each program)
     passes = ((2,) if one else (0, 1)) if fmt_c else (0,)
     return {"out": out, "args": args, "meta": meta, "g_blocks": triton.cdiv(G, gpb), "passes": passes}

@@ -72,17 +72,17 @@ def default_variants():
             out.append((name, "act",
                         dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=not rot, HAS_ROT=rot,
                              HAS_HAD=not rot, FMT_C=fmt_c, ASYM=asym, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf,
-                             GB_MAX=256, C_IN_KERNEL=False, RP=16), dict(num_warps=4)))
+                             GB_MAX=256, C_IN_KERNEL=False, RP=16, SSE_UNIT=1024.0), dict(num_warps=4)))
         # the tile the H200 run of 2026-11-28 measured fastest for both passes (bench_act_quant)
         out.append((f"act {f} lowrank+hadamard BT128 w8", "act",
                     dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
                          FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
-                         C_IN_KERNEL=False, RP=16), dict(num_warps=8, num_stages=3)))
+                         C_IN_KERNEL=False, RP=16, SSE_UNIT=1024.0), dict(num_warps=8, num_stages=3)))
         for asym in (False, True) if fmt_c else (False,):  # one launch per layer: c in the kernel, whole rows
             out.append((f"act {f} lowrank+hadamard one-launch r32{' asymmetric' if asym else ''} BT32", "act",
                         dict(BT=32, GS=64, BKD=64, RC=32, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
                              FMT_C=fmt_c, ASYM=asym, PASS=2 if fmt_c else 0, STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
-                             C_IN_KERNEL=True, RP=32), dict(num_warps=4)))
+                             C_IN_KERNEL=True, RP=32, SSE_UNIT=1024.0), dict(num_warps=4)))
         out.append((f"w4a16 {f} 64x16 w4 s4", "w4a16",
                     dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,
                          DOT_DTYPE=bf), dict(num_warps=4, num_stages=4)))
@@ -176,7 +176,8 @@ def _ptxas():
 
 def _ptx_facts(ptx: str, arch: int) -> dict:
     """What the PTX says: int8 wgmma count and operand sources, wait depths, cp.async, libdevice
-    calls, the SIMD unpack, and (with ptxas) registers and spill bytes."""
+    calls, the SIMD unpack, fp32 FMAs, float64 instructions, and (with ptxas) registers and spill
+    bytes."""
     int8_mma = [line.split("}", 1)[1].strip() for line in ptx.splitlines()
                 if re.search(r"wgmma\.mma_async\S*s8\.s8", line) and "}" in line]
     res = {"int8_wgmma": len(re.findall(r"wgmma\.mma_async\S*s8\.s8", ptx)),
@@ -186,7 +187,10 @@ def _ptx_facts(ptx: str, arch: int) -> dict:
            "cp_async": ptx.count("cp.async.cg"), "libdevice_calls": ptx.count("__nv_"),
            "simd_unpack_asm": "0x80808080" in ptx,
            # float32 FMAs: the activation kernel must have none (products round before they are added)
-           "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx))}
+           "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)),
+           # float64 instructions (arithmetic and conversions): format C's multiplier choice once took
+           # four conversions and a float64 square-and-add per value and candidate; now a few per row
+           "f64_instructions": len(re.findall(r"^\s*[a-z.]+\S*\.f64\b", ptx, re.M))}
     ptxas = _ptxas()
     if ptxas:
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
