@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="dirotq-lr")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--weights", choices=("rtn", "gptq"), default="rtn")
+    ap.add_argument("--eigensolver", choices=("eigh", "top"), default="top",
+                    help="PCA bases: top-r subspace iteration (default, what the real-model commands use) or full eigh")
     ap.add_argument("--budget-gib", type=float, default=30.0, help="float64 statistics per calibration pass")
     ap.add_argument("--work", type=Path, default=Path("/tmp/flux_scale"), help="checkpoint folder parent")
     ap.add_argument("--out", type=Path, required=True)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from dirotq.checkpoint import save_quantized
     from dirotq.distributed import split_by_memory
     from dirotq.models import get_adapter
-    from dirotq.quantize import layer_record, quantize_layer, set_quantization_record
+    from dirotq.quantize import LinalgSettings, layer_record, quantize_layer, set_quantization_record
     from dirotq.registry import make_config
 
     device = torch.device(a.device)
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             names = [n for n, s in targets.items() if s.group in set(groups)]
             for n in names:
                 lin = model.get_submodule(n)
-                aside[n] = quantize_layer(lin, stats.for_layer(n), config, rank=ranks[n], spec=targets[n]).to(device)
+                aside[n] = quantize_layer(lin, stats.for_layer(n), config, rank=ranks[n], spec=targets[n],
+                                          linalg=LinalgSettings(eigensolver=a.eigensolver)).to(device)
             row["layers"] = len(names)
             del stats
     with rec.stage("swap in", device) as row:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_KEY, QuantConfig, RankPlan
-from .methods.common import BasisCache, GPTQBatcher, LinalgSettings, deferred_gptq, use_linalg
+from .methods.common import BasisCache, GPTQBatcher, LinalgSettings, compute_device, deferred_gptq, use_linalg
 from .methods.w4a16 import weight_only_config
 from .modules import QuantLinear
 from .registry import needs_stats, spec_for
@@ -86,9 +86,11 @@ def _quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, rank: in
     return q, errors
 
 
-# float64 weight bytes a row-blocked layer quantizes at once (341 rows at d = 3072): FLUX's 3072 × 15360
-# proj_out would otherwise hold several float64 copies of itself (0.36 GiB each) beside the model
+# float64 weight bytes a row-blocked layer quantizes at once on the CPU (341 rows at d = 3072): FLUX's
+# 3072 × 15360 proj_out would otherwise hold several float64 copies of itself (0.36 GiB each) beside the
+# model. On a GPU the model leaves tens of GiB free and each block costs kernel launches: larger blocks.
 _ROW_BLOCK_BYTES = 8 << 20
+_ROW_BLOCK_BYTES_GPU = 256 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,9 +112,11 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _row_slices(out_features: int, in_features: int) -> list[slice]:
-    """Blocks of output rows of at most ``_ROW_BLOCK_BYTES`` of float64 weights (one block: the whole layer)."""
-    rows = max(1, _ROW_BLOCK_BYTES // (8 * max(in_features, 1)))
+def _row_slices(out_features: int, in_features: int, device: torch.device) -> list[slice]:
+    """Blocks of output rows of at most ``_ROW_BLOCK_BYTES`` (CPU; ``_ROW_BLOCK_BYTES_GPU`` elsewhere)
+    of float64 weights (one block: the whole layer)."""
+    budget = _ROW_BLOCK_BYTES if device.type == "cpu" else _ROW_BLOCK_BYTES_GPU
+    rows = max(1, budget // (8 * max(in_features, 1)))
     return [slice(i, min(out_features, i + rows)) for i in range(0, out_features, rows)]
 
 
@@ -135,7 +139,8 @@ def _build(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, spec: 
     ``(‖ŷ − y‖², ‖y‖²)`` are measured block by block as well (else None), so no float64 or
     dequantized copy of the whole weight is ever made."""
     method = spec_for(config)
-    slices = _row_slices(linear.out_features, linear.in_features) if method.rows_independent(config) else []
+    device = compute_device(linear)
+    slices = _row_slices(linear.out_features, linear.in_features, device) if method.rows_independent(config) else []
     if len(slices) <= 1:
         return method.handler(linear, stats, config, rank=rank, spec=spec, cache=cache), None
     from .fusion import concat_rows
@@ -151,7 +156,8 @@ def _build(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, spec: 
             part._dequantized = None
         parts.append(part)
         del part_linear, part
-        release_freed_memory()
+        if device.type == "cpu":
+            release_freed_memory()
     return concat_rows(parts), ((err, ref) if error_sample is not None else None)
 
 
@@ -379,7 +385,8 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
                 info.update(layer_error(linear, q, sample))
                 q._dequantized = None  # the forward cached W_q in float32: 2× the bf16 layer, for every layer
             undo.replace(parent, attr, linear, q)
-            release_freed_memory()
+            if q._device().type == "cpu":
+                release_freed_memory()
             layers[name] = info
             if bar is not None:
                 bar.update(1)
