@@ -307,3 +307,27 @@ def test_rtn_layers_are_swapped_in_as_soon_as_they_are_built(flux_bf16_stats):
 
     quantize_(model, DiRotQLRConfig(rank=8), CalibrationStats.load(folder), targets=names, progress=progress)
     assert seen[:len(names)] == list(range(len(names)))
+
+
+@pytest.mark.parametrize("config", [DiRotQLRConfig(rank=16), DiRotQLRConfig(rank=16, scale_format="int_ratio")])
+def test_a_model_quantized_in_row_blocks_is_the_same_model(tiny, config, monkeypatch):
+    """quantize_ on a whole model (W4A4 and W4A16 targets, shared-input groups) with every layer split
+    into blocks of at most 24 rows gives the same tensors and, within rounding, the same reported errors."""
+    import copy
+
+    adapter, model, stats = tiny
+    whole, blocked = copy.deepcopy(model), copy.deepcopy(model)
+    report_whole = quantize_(whole, config, stats, adapter=adapter, progress=quiet)
+    width = min(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(quantize_module, "_ROW_BLOCK_BYTES", 8 * width * 24)
+    import dirotq.fusion
+
+    joined = []
+    real_concat = dirotq.fusion.concat_rows
+    monkeypatch.setattr(dirotq.fusion, "concat_rows", lambda parts: joined.append(len(parts)) or real_concat(parts))
+    report_blocked = quantize_(blocked, config, stats, adapter=adapter, progress=quiet)
+    assert len(joined) == len(report_whole["layers"]) and min(joined) >= 2  # every layer was split
+    a, b = whole.state_dict(), blocked.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name, row in report_whole["layers"].items():
+        assert report_blocked["layers"][name]["rel_mse"] == pytest.approx(row["rel_mse"], rel=1e-5), name
