@@ -174,7 +174,8 @@ def wide_layer():
 @pytest.mark.parametrize("config,kind", [
     (DiRotQLRConfig(rank=16), "w4a4"), (DiRotQLRConfig(rank=16, scale_format="int_ratio"), "w4a4"),
     (DiRotQLRConfig(rank=16, act_symmetric=False), "w4a4"), (RTNConfig(), "w4a4"),
-    (QuaRotConfig(hadamard="block"), "w4a4"), (DiRotQLRConfig(rank=16), "w4a16")])
+    (QuaRotConfig(hadamard="block"), "w4a4"), (DiRotQLRConfig(rank=16), "w4a16"), (DiRotQConfig(rank=16), "w4a4"),
+    (DiRotQConfig(rank=16, keep_head_weights=False, tail_rotation="hadamard"), "w4a4")])
 def test_a_layer_quantized_in_blocks_of_rows_is_the_whole_layer_bit_for_bit(wide_layer, config, kind, monkeypatch):
     linear, st = wide_layer
     whole = quantize_module.quantize_layer(linear, st, config, spec=_Spec(kind))
@@ -213,9 +214,9 @@ def test_methods_that_read_the_whole_weight_are_never_split(wide_layer, monkeypa
     """SmoothQuant's smoothing factors, SVDQuant's SVD, DiRotQ-LR's weight-based bases and GPTQ see all
     rows at once: they say so, and are then quantized whole whatever the layer's size."""
     independent = {name for name in method_names() if get_method(name).rows_independent(make_config(name))}
-    assert independent == {"rtn", "w4a16", "quarot", "dirotq-lr"}
+    assert independent == {"rtn", "w4a16", "quarot", "dirotq-lr", "dirotq"}
     for config in (DiRotQLRConfig(rank=16, basis="hsvd"), DiRotQLRConfig(rank=16, basis="wsvd"),
-                   DiRotQLRConfig(rank=16, weights="gptq"), RTNConfig(weights="gptq")):
+                   DiRotQLRConfig(rank=16, weights="gptq"), RTNConfig(weights="gptq"), DiRotQConfig(weights="gptq")):
         assert not get_method(config.method).rows_independent(config)
     linear, st = wide_layer
     calls = []

@@ -169,7 +169,8 @@ def cost_dirotq(d: int, o: int, rank: int, config: DiRotQConfig) -> MethodCost:
 
 
 SPEC = register_method(MethodSpec(config_cls=DiRotQConfig, handler=quantize_dirotq, cost=cost_dirotq,
-                                   label="DiRotQ full rotation (paper form)", color="#d62728", ranked=True, needs_stats=True))
+                                   label="DiRotQ full rotation (paper form)", color="#d62728", ranked=True, needs_stats=True,
+                                   rows_independent=lambda c: c.weights != "gptq"))
 # In evaluations the preset takes the shared rank budget (pass rank="paper" for the authors' d/8).
 PAPER = register_preset(Preset("dirotq-paper", "dirotq", PAPER_SETTINGS, label="DiRotQ, the paper's recipe",
                                color="#e377c2"))
