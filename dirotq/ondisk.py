@@ -68,7 +68,8 @@ class OnDiskMatrix:
         if out is None:
             buf = torch.empty(n, cols, dtype=self.dtype)
         else:
-            if out.dtype != self.dtype or out.device.type != "cpu" or not out.is_contiguous() or out.shape[1:] != (cols,):
+            fits = out.dtype == self.dtype and out.device.type == "cpu" and out.is_contiguous()
+            if not fits or out.shape[1:] != (cols,) or out.shape[0] < n:
                 raise ValueError("read_rows: out must be a contiguous CPU tensor of the matrix's dtype and width")
             buf = out[:n]
         view = memoryview(buf.view(torch.uint8).numpy()).cast("B")

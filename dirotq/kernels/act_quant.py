@@ -17,9 +17,10 @@ GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row)
    format C ("int_ratio"): a first launch (PASS 0) stores each group's absmax, a second (PASS 1)
    takes the row max of those, s = max(rowmax/105, 1e-12),
    k₀ = clamp(ceil(absmax/(7s) − 1e-6), 1, 15) or k₀ − 1, whichever gives the smaller k²·S_k (S_k the
-   group's squared errors in code units as fixed-point integers, summed exactly in float32; k₀ on a tie), q = clamp(rne(a·fl32(1/(k·s))), −8, 7) and the stored int8 is k·q
-   (|k·q| ≤ 120). All divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number
-   trick (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it); the
+   group's squared errors in code units as fixed-point integers, summed exactly in float32; k₀ on a
+   tie), q = clamp(rne(a·fl32(1/(k·s))), −8, 7) and the stored int8 is k·q (|k·q| ≤ 120). All
+   divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number trick
+   (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it); the
    kernel is compiled without FMA contraction (``enable_fp_fusion=False``), so a product rounds before
    the rounding trick adds to it, as in PyTorch.
 
