@@ -9,7 +9,10 @@ Memory (docs/DESIGN.md "Memory and devices"): targets are quantized one shared-i
 time; a group's statistics are read when the group starts and dropped when it ends, its layers'
 GPTQ runs as one batch when they meet the same Hessian, and each float layer is freed as soon as
 its ``QuantLinear`` replaces it (its tensors spilled to a temporary safetensors file so a failure can
-still restore it), so the peak is about the model plus one group's working set.
+still restore it): at once when nothing waits for GPTQ, else after the group's GPTQ. Layers of
+methods whose rows are independent are built a block of output rows at a time (``_build``), so with
+RTN weights the peak is the model plus one block's working set; with GPTQ, plus the group's Hessian
+and its batch of float64 weights.
 """
 
 from __future__ import annotations
