@@ -10,7 +10,8 @@ d = 12288. This script times, per FLUX width and 4096 tokens (bf16, DiRotQ-LR r3
 - per tile config (BT tokens × warps): format C's two launches, PASS 0 (transform, group abs-max)
   and PASS 1 (transform again, row scale, two candidate multipliers, codes) apart;
 - stage ablations of PASS 1 at the best config (wrong codes, honest time): no Hadamard, no
-  projection, neither; format A's single pass (one division per element, no float64);
+  projection, neither; format C revision 3's float64 multiplier rule (what revision 4's fixed-point
+  rule saves); format A's single pass (one division per element, no float64);
 - the cuBLAS c GEMM alone.
 
 Timing: ``triton.testing.do_bench`` medians, x rotated over 4 tensors (no L2 reuse between calls).
@@ -100,7 +101,8 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
     _, bt, warps = best
     row["best_config"] = f"bt{bt}w{warps}"
     ablations = {"no_hadamard": dict(HAS_HAD=False), "no_projection": dict(PROJ=False),
-                 "no_hadamard_no_projection": dict(HAS_HAD=False, PROJ=False)}
+                 "no_hadamard_no_projection": dict(HAS_HAD=False, PROJ=False),
+                 "float64_rule": dict(SSE_FLOAT64=True)}
     for tag, ov in ablations.items():
         row[f"pass1_{tag}_ms"] = bench(lambda: run(bt, warps, (1,), **ov))
     row["format_a_pass_ms"] = bench(lambda: run(bt, warps, (0,), FMT_C=False))
@@ -110,8 +112,8 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
 
 
 def table(rows: list[dict]) -> str:
-    head = ["layer", "copy", "production", "c GEMM", "best config", "pass 0", "pass 1", "pass 1 −H", "pass 1 −P",
-            "pass 1 −H−P", "format A", "format A −H−P"]
+    head = ["layer", "copy", "production", "c GEMM", "best config", "pass 0", "pass 1", "pass 1, rev. 3 rule",
+            "pass 1 −H", "pass 1 −P", "pass 1 −H−P", "format A", "format A −H−P"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         b = r.get("best_config", "")
@@ -121,7 +123,8 @@ def table(rows: list[dict]) -> str:
             return f"{v * 1e3:.0f} µs" if isinstance(v, float) else "—"
 
         lines.append("| " + " | ".join([r["layer"], f("copy_ms"), f("production_ms"), f("c_gemm_ms"), b,
-                                        f(f"{b}_pass0_ms"), f(f"{b}_pass1_ms"), f("pass1_no_hadamard_ms"),
+                                        f(f"{b}_pass0_ms"), f(f"{b}_pass1_ms"), f("pass1_float64_rule_ms"),
+                                        f("pass1_no_hadamard_ms"),
                                         f("pass1_no_projection_ms"), f("pass1_no_hadamard_no_projection_ms"),
                                         f("format_a_pass_ms"), f("format_a_pass_no_transform_ms")]) + " |")
     return "\n".join(lines)

@@ -89,6 +89,14 @@ def _row_scale(row_spread, ASYM: tl.constexpr):
 
 
 @triton.jit
+def _sse_float64(a, q, z, step):
+    """Revision 3's rule, kept only as a benchmark ablation (``SSE_FLOAT64``): per row, the float64
+    sum of squared errors of the float32 values ``(q − z)·step`` against ``a``."""
+    e = ((q - z[:, None]) * step[:, None]).to(tl.float64) - a.to(tl.float64)
+    return tl.sum(e * e, axis=1)
+
+
+@triton.jit
 def _sse_units(e, UNIT: tl.constexpr):
     """Per row, Σ rne(min(e², 255)·UNIT) of the code-unit errors ``e`` (BT, GS): integers whose float32
     sum is exact in any order (dirotq.quantizers.sse_units, UNIT = sse_unit(GS))."""
@@ -178,14 +186,16 @@ def act_quant_kernel(
     HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
     DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr, C_IN_KERNEL: tl.constexpr, RP: tl.constexpr,
-    SSE_UNIT: tl.constexpr,
+    SSE_UNIT: tl.constexpr, SSE_FLOAT64: tl.constexpr = False,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
     format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
     (row scale from the stored absmaxes, then codes); PASS 2 (one launch, the program owns whole
     rows: GPB = G): format C's row scale from a first sweep over the groups, then the codes.
     C_IN_KERNEL (one launch): c = x_s · down (r ≤ RP) is computed here first and stored, so the
-    layer needs no GEMM before the launch."""
+    layer needs no GEMM before the launch. SSE_FLOAT64 (benchmarks only, never the layer): format C's
+    multipliers chosen by revision 3's float64 squared errors, to time what revision 4 saves; its
+    codes can differ from the reference in near-ties."""
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -254,9 +264,12 @@ def act_quant_kernel(
                 k1 = tl.maximum(k0 - 1.0, 1.0)
                 q0, z0, e0 = _codes(a, lo, k0 * s_row, ASYM)
                 q1, z1, e1 = _codes(a, lo, k1 * s_row, ASYM)
-                w0 = (k0 * k0).to(tl.float64) * _sse_units(e0, SSE_UNIT).to(tl.float64)
-                w1 = (k1 * k1).to(tl.float64) * _sse_units(e1, SSE_UNIT).to(tl.float64)
-                take1 = w1 < w0
+                if SSE_FLOAT64:
+                    take1 = _sse_float64(a, q1, z1, k1 * s_row) < _sse_float64(a, q0, z0, k0 * s_row)
+                else:
+                    w0 = (k0 * k0).to(tl.float64) * _sse_units(e0, SSE_UNIT).to(tl.float64)
+                    w1 = (k1 * k1).to(tl.float64) * _sse_units(e1, SSE_UNIT).to(tl.float64)
+                    take1 = w1 < w0
                 kf = tl.where(take1, k1, k0)
                 q = tl.where(take1[:, None], q1, q0)
                 z = tl.where(take1, z1, z0)
