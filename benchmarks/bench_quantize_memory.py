@@ -19,7 +19,7 @@ PixArt-Σ and FLUX widths (issue #19, items 2–4; docs/DESIGN.md "Memory and de
 
 The JSON is rewritten after every row: ``benchmarks/results/quantize_memory_cpu.json``.
 
-    python -m benchmarks.bench_quantize_memory                    # ~1 h on 2 shared cores
+    python -m benchmarks.bench_quantize_memory                    # ~35 min on 2 cores (20 of them GPTQ)
     python -m benchmarks.bench_quantize_memory --skip-timing --double 1 --single 1
 """
 
