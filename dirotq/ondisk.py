@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,20 +85,25 @@ class OnDiskMatrix:
         return buf
 
 
+def row_blocks(c: torch.Tensor | OnDiskMatrix, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, c[start:stop])`` for consecutive blocks of ``rows`` rows of ``c: (n, d)``, in
+    memory (views) or on disk (read into one reused buffer: each block is valid until the next)."""
+    n, d = c.shape
+    buf = torch.empty(min(rows, n), d, dtype=c.dtype) if isinstance(c, OnDiskMatrix) else None
+    for i in range(0, n, rows):
+        j = min(n, i + rows)
+        yield i, j, (c.read_rows(i, j, out=buf) if buf is not None else c[i:j])
+
+
 def row_block_matmul(c: torch.Tensor | OnDiskMatrix, q: torch.Tensor, *, block_bytes: int = 32 << 20
                      ) -> torch.Tensor:
     """``C @ Q`` for ``c: (n, d)`` in memory or on disk and ``q: (d, k)``, one block of rows at a time
     (each block converted to q's dtype and device), so C on disk costs one block of memory. The
     blocks depend only on the shape, so a matrix gives the same product in memory and on disk."""
-    n, d = c.shape
-    rows = max(1, block_bytes // (8 * d))
-    z = torch.empty(n, q.shape[1], dtype=q.dtype, device=q.device)
-    buf = torch.empty(min(rows, n), d, dtype=c.dtype) if isinstance(c, OnDiskMatrix) else None
-    for i in range(0, n, rows):
-        j = min(n, i + rows)
-        blk = c.read_rows(i, j, out=buf) if buf is not None else c[i:j]
+    z = torch.empty(c.shape[0], q.shape[1], dtype=q.dtype, device=q.device)
+    for i, j, blk in row_blocks(c, max(1, block_bytes // (8 * c.shape[1]))):
         torch.matmul(blk.to(device=q.device, dtype=q.dtype), q, out=z[i:j])
     return z
 
 
-__all__ = ["OnDiskMatrix", "row_block_matmul"]
+__all__ = ["OnDiskMatrix", "row_block_matmul", "row_blocks"]

@@ -28,6 +28,7 @@ from ..bases import is_power_of_two, pca_basis, pca_top_basis, per_head_basis, t
 from ..config import QuantConfig
 from ..gptq import gptq_quantize, gptq_quantize_batch
 from ..modules import QuantLinear
+from ..ondisk import row_blocks
 from ..quantizers import QuantizedTensor, quantize
 
 _EPS = 1e-8
@@ -150,11 +151,7 @@ def hessian(stats: Any, device: str | torch.device | None = None, dtype: torch.d
     dtype = dtype or s.dtype
     d = c.shape[0]
     h = torch.empty(c.shape, dtype=dtype, device=device)
-    rows = max(1, _CHUNK_ELEMENTS // max(d, 1))
-    buf = torch.empty(min(rows, d), d, dtype=disk.dtype) if disk is not None else None
-    for lo in range(0, d, rows):
-        hi = min(d, lo + rows)
-        chunk = disk.read_rows(lo, hi, out=buf) if disk is not None else c[lo:hi]
+    for lo, hi, chunk in row_blocks(disk if disk is not None else c, max(1, _CHUNK_ELEMENTS // max(d, 1))):
         h[lo:hi] = chunk.to(device=device, dtype=torch.float64) / n
     return symmetrize_(h)
 
