@@ -137,24 +137,34 @@ def _activation_side_equal(a: QuantLinear, b: QuantLinear) -> bool:
     return True
 
 
-def _cat_weights(layers: list[QuantLinear]) -> QuantizedTensor | torch.Tensor:
-    if layers[0].weight_bits == 16:
-        return torch.cat([m.weight for m in layers])
-    qs = [m.quantized_weight() for m in layers]
-    ratio = None if qs[0].ratio is None else torch.cat([q.ratio for q in qs])
-    return QuantizedTensor(torch.cat([q.q for q in qs]), torch.cat([q.scale for q in qs]), None, ratio, qs[0].bits,
-                           qs[0].group_size, qs[0].in_features, qs[0].scale_format)
+# buffers indexed by output row (joined by _join_rows); the others are the activation side
+_ROW_BUFFERS = ("weight", "weight_packed", "weight_codes", "weight_scale", "weight_ratio", "up")
 
 
-# buffers indexed by output row (concatenated by concat_rows); the others are the activation side
-_ROW_BUFFERS = ("weight", "weight_packed", "weight_codes", "weight_scale", "weight_ratio", "up", "bias")
+def _join_rows(cls: type[QuantLinear], parts: list[QuantLinear], bias: torch.Tensor | None) -> QuantLinear:
+    """A ``cls`` over the output rows of ``parts`` (one activation side, checked by the callers) in
+    order, with ``bias`` (over all rows, or None): built from the first part, then every row-indexed
+    buffer replaced by the parts' buffers joined as stored (packed codes stay packed)."""
+    first = parts[0]
+    out = cls(first.in_features, sum(p.out_features for p in parts), method=first.meta["method"],
+              weight=first.weight if first.weight_bits == 16 else first.quantized_weight(), act_bits=first.act_bits,
+              group_size=first.group_size, act_symmetric=first.act_symmetric, scale_format=first.scale_format,
+              bias=None, smooth=first.smooth, down=first.down, up=first.up, project_out=first.project_out,
+              rotation=first.rotation, hadamard_signs=first.hadamard_signs,
+              weights_in_original_basis=first.weights_in_original_basis, dtype=first.float_dtype())
+    for name in _ROW_BUFFERS:
+        if isinstance(getattr(first, name, None), torch.Tensor):
+            setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
+    out.bias = bias
+    out.backend = first.backend
+    return out
 
 
 def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
     """One ``QuantLinear`` whose output rows are ``parts``' rows in order: a layer quantized a block
     of rows at a time (``quantize_``) put back together. The parts must share their activation side
-    and all have a bias or none; stored buffers are joined as stored (packed codes stay packed), so
-    the result is the layer the whole-weight handler would have built when its rows are independent."""
+    and all have a bias or none; stored buffers are joined as stored, so the result is the layer the
+    whole-weight handler would have built when its rows are independent."""
     first = parts[0]
     if len(parts) == 1:
         return first
@@ -162,19 +172,8 @@ def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
         raise ValueError("concat_rows: the parts do not share one activation side")
     if any((p.bias is None) != (first.bias is None) for p in parts):
         raise ValueError("concat_rows: some parts have a bias and some do not")
-    # built from the first part (small), then every row-indexed buffer replaced by the joined one
-    out = QuantLinear(
-        first.in_features, sum(p.out_features for p in parts), method=first.meta["method"],
-        weight=first.weight if first.weight_bits == 16 else first.quantized_weight(), act_bits=first.act_bits,
-        group_size=first.group_size, act_symmetric=first.act_symmetric, scale_format=first.scale_format,
-        bias=first.bias, smooth=first.smooth, down=first.down, up=first.up, project_out=first.project_out,
-        rotation=first.rotation, hadamard_signs=first.hadamard_signs,
-        weights_in_original_basis=first.weights_in_original_basis, dtype=first.float_dtype())
-    for name in _ROW_BUFFERS:
-        if isinstance(getattr(first, name, None), torch.Tensor):
-            setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
+    out = _join_rows(QuantLinear, parts, None if first.bias is None else torch.cat([p.bias for p in parts]))
     out.meta = dict(first.meta)
-    out.backend = first.backend
     return out
 
 
@@ -190,14 +189,7 @@ def fuse_layers(name: str, members: list[tuple[str, QuantLinear]]) -> FusedQuant
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dtype,
                                                                          device=m._device())
                           for m in layers])
-    fused = FusedQuantLinear(
-        first.in_features, sum(m.out_features for m in layers), method=first.meta["method"],
-        weight=_cat_weights(layers), act_bits=first.act_bits, group_size=first.group_size,
-        act_symmetric=first.act_symmetric, scale_format=first.scale_format, bias=bias, smooth=first.smooth,
-        down=first.down, up=None if first.up is None else torch.cat([m.up for m in layers]),
-        project_out=first.project_out, rotation=first.rotation, hadamard_signs=first.hadamard_signs,
-        weights_in_original_basis=first.weights_in_original_basis, dtype=dtype)
-    fused.backend = first.backend
+    fused = _join_rows(FusedQuantLinear, layers, bias)
     fused._init_fusion(name, members)
     return fused
 
