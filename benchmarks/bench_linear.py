@@ -62,6 +62,69 @@ GLUON_CONFIGS = {  # tag: (tile and warps, shared-memory buffers per operand)
 }
 
 
+TMA_CONFIGS = {  # the TMA-fed Gluon GEMM (gluon_gemm.gluon_tma_gemm_kernel): tile, warps, stages, unpack buffers
+    "128x128w4s6u2": dict(BT=128, BO=128, num_warps=4, NS=6, NBU=2),
+    "128x128w4s8u3": dict(BT=128, BO=128, num_warps=4, NS=8, NBU=3),
+    "256x128w8s6u2": dict(BT=256, BO=128, num_warps=8, NS=6, NBU=2),
+}
+
+
+def tma_rows(m, plan, act, flops: float, out_dtype, prefix: str) -> dict:
+    """The TMA-fed Gluon GEMM on the layer's codes: its int32 sums against the Triton kernel's (exact),
+    then the whole GEMM per tile config, timed, with its error against the Triton GEMM's output.
+    ``prefix`` names the weight mode (C, or C_w8 for cached int8 weights). Failures are recorded."""
+    from dirotq.kernels.w4a4_gemm import w4a4_gemm
+
+    out = {}
+    try:
+        from dirotq.kernels.gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
+
+        ref = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
+        out[f"{prefix}_core_int32_tma_equal"] = bool(torch.equal(gluon_tma_core_int32(m, plan, act), ref))
+        out[f"{prefix}_core_int32_tma_ms"] = t = bench(lambda: gluon_tma_core_int32(m, plan, act))
+        out[f"{prefix}_core_int32_tma_tops"] = flops / t / 1e9
+        y_ref = w4a4_gemm(m, plan, act, out_dtype, layout="swap").float()
+        for tag, cfg in TMA_CONFIGS.items():
+            try:
+                y = gluon_tma_w4a4_gemm(m, plan, act, out_dtype, config=cfg).float()
+                out[f"{prefix}_gemm_tma_{tag}_rel_err_vs_triton"] = float((y - y_ref).abs().max() / y_ref.abs().max())
+                out[f"{prefix}_gemm_tma_{tag}_ms"] = t_c = bench(
+                    lambda: gluon_tma_w4a4_gemm(m, plan, act, out_dtype, config=cfg))
+                out[f"{prefix}_gemm_tma_{tag}_tops"] = flops / t_c / 1e9
+            except Exception as exc:
+                out[f"{prefix}_gemm_tma_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    except Exception as exc:
+        out[f"{prefix}_core_int32_tma_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    return out
+
+
+def own_int8_ceiling(n: int = 8192) -> dict:
+    """Our own best int8 GEMM at n³: the TMA-fed Gluon core on cached int8 weights (no unpack; symmetric
+    format C codes, int32 out), next to ``torch._int_mm`` (cuBLASLt without heuristics or workspace)."""
+    from dirotq.kernels.act_quant import quantize_activations
+    from dirotq.kernels.gluon_gemm import gluon_tma_core_int32
+    from dirotq.kernels.layout import get_plan
+
+    gen = torch.Generator(device="cpu").manual_seed(8192)
+    w = (torch.randn(n, n, generator=gen) / n**0.5).cuda()
+    x = torch.randn(n, n, generator=gen).cuda().bfloat16()
+    m = make_quant_linear(w, None, "rtn", "int_ratio", 0)
+    m.kernel_weights = "int8"
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    del x
+    out = {}
+    for tag, cfg in TMA_CONFIGS.items():
+        try:
+            t = bench(lambda: gluon_tma_core_int32(m, plan, act, config=cfg))
+            out[f"int8_own_tma_{tag}_{n}_tops"] = 2.0 * n**3 / t / 1e9
+        except Exception as exc:
+            out[f"int8_own_tma_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    del m, act
+    torch.cuda.empty_cache()
+    return out
+
+
 def gluon_core_row(m, plan, act, flops: float, out_dtype) -> dict:
     """Format C's GEMM with asynchronous int8 wgmma (Gluon, ``dirotq/kernels/gluon_gemm.py``) against
     the Triton kernel on the same codes: the int32 core (``debug_int``: every Triton int8 MMA waited
@@ -116,7 +179,10 @@ def variant_list(extra_variants: bool = True) -> list[tuple]:
                  ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_1launch"),
                  ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "gluon"}, "_gluon"),
                  ("dirotq-lr", 32, "int_ratio", "packed",
-                  {**simd_on, "DIROTQ_GEMM_LAYOUT": "gluon", "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_gluon_1launch")]
+                  {**simd_on, "DIROTQ_GEMM_LAYOUT": "gluon", "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_gluon_1launch"),
+                 # the TMA-fed Gluon GEMM, packed and with cached int8 weights (no unpack at all)
+                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "tma"}, "_tma"),
+                 ("dirotq-lr", 32, "int_ratio", "int8", {**simd_on, "DIROTQ_GEMM_LAYOUT": "tma"}, "_tma")]
     return variants
 
 
@@ -194,6 +260,9 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_total_graph_ms"] = bench_graph(lambda: kernels.kernel_forward(m, nxt()))
                 if tag == "C_dirotq-lr_r32" and dev == "cuda":
                     row.update(gluon_core_row(m, plan, act, flops, dt))
+                    row.update(tma_rows(m, plan, act, flops, dt, "C"))
+                if tag == "C_dirotq-lr_r32_w8" and dev == "cuda":
+                    row.update(tma_rows(m, plan, act, flops, dt, "C_w8"))
                 row[f"{tag}_gemm_tops"] = flops / t_g / 1e9
                 row[f"{tag}_total_tops"] = flops / t / 1e9
                 w_bytes = m.weight_packed.numel() + m.weight_scale.numel() * 2 + (
@@ -233,6 +302,8 @@ def main() -> None:
                          "the Triton one) C_dirotq-lr_r32_gluon C_dirotq-lr_r32_tm")
     ap.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                     help="only these layer names of --models, in this order ('ff up' or ff_up: '_' for ' ')")
+    ap.add_argument("--no-own-ceiling", action="store_true",
+                    help="skip our own int8 ceiling (the TMA Gluon core on cached int8 weights at 8192³)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new shapes after this many seconds (the JSON says which rows ran)")
     args = ap.parse_args()
@@ -245,6 +316,11 @@ def main() -> None:
                     "*_graph: 8 calls in one CUDA graph; formats A=exact, C=int_ratio"}
     t0 = time.time()
     res["ceilings_measured"] = {} if dry else measure_ceilings()
+    if not dry and not args.no_own_ceiling:
+        try:
+            res["ceilings_measured"].update(own_int8_ceiling())
+        except Exception as exc:  # the experimental dialect must not cost the rows
+            res["ceilings_measured"]["int8_own_tma_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     res["int8_peak_spec_tops"] = spec_int8_peak(env.get("gpu"))
     shapes = DRY_SHAPES if dry else [s for s in SHAPES if s[0] in args.models]
     known = {variant_tag(v[0], v[1], v[2], v[3], v[5]) for v in variant_list(True)}

@@ -5,6 +5,9 @@
 #   explorer  the explorer's Generate path on the GPU (benchmarks/explorer_gpu_check.py)
 #   linear    bench_linear (LINEAR_ARGS: its shape/variant selection; default the core variants at 4096, 16, 1024
 #             tokens) and its tables
+#   tma       the TMA-fed Gluon GEMM: its CUDA tests first (TMA_TEST_S: a barrier that never completes hangs,
+#             so this box is short), then bench_linear on FLUX's wide layers at 4096 tokens: Triton, Gluon and
+#             TMA GEMMs on packed and cached int8 weights, and our own int8 ceiling at 8192³ (TMA_S)
 #   act       bench_act_quant: the activation kernel's passes, tile configs and stages (ACT_ARGS)
 #   e2e       bench_e2e PixArt-Σ then FLUX (E2E_MODELS; FLUX_ARGS, e.g. a shallower FLUX when time is short)
 #   compile   bench_e2e under torch.compile: BF16, W4A4 format C fused, torchao FP8, W4A16 (COMPILE_MODELS, default
@@ -65,6 +68,24 @@ step_linear() {
     python3 -m benchmarks.summarize_gpu --table="${LINEAR_TABLE:-both}" "$OUT/bench_linear.json"
 }
 
+step_tma() {
+    echo "== pytest -m cuda -k tma" | tee -a "$LOG"
+    DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${TMA_TEST_S:-60}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
+        --tb=short -p no:cacheprovider -k "tma" >/tmp/pytest_tma.log 2>&1
+    echo "pytest tma exit $?" >>/tmp/pytest_tma.log
+    cat /tmp/pytest_tma.log >>"$LOG"
+    grep -E "^(FAILED|ERROR)|passed|failed|pytest tma exit" /tmp/pytest_tma.log | tail -12
+    echo "== bench_linear (TMA)" | tee -a "$LOG"
+    timeout "${TMA_S:-150}" python3 -m benchmarks.bench_linear --tokens 4096 --models flux \
+        --layers ff_up ff_down single_proj_mlp+qkv_fused attn_to_q/k/v/out \
+        --variants C_dirotq-lr_r32 C_dirotq-lr_r32_w8 C_dirotq-lr_r32_tma C_dirotq-lr_r32_w8_tma \
+        --out "$OUT/bench_linear_tma.json" >>"$LOG" 2>&1
+    echo "bench_linear tma exit $?" | tee -a "$LOG"
+    python3 -m benchmarks.summarize_gpu --table=speed "$OUT/bench_linear_tma.json"
+    python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['ceilings_measured']))" \
+        "$OUT/bench_linear_tma.json"
+}
+
 step_act() {
     echo "== bench_act_quant" | tee -a "$LOG"
     # shellcheck disable=SC2086  # ACT_ARGS is a word list
@@ -114,7 +135,7 @@ step_compile() {
 
 for step in $steps; do
     case "$step" in
-        tests|explorer|linear|act|e2e|compile) "step_$step" ;;
-        *) echo "unknown step '$step' (tests explorer linear act e2e compile kernels all)"; exit 2 ;;
+        tests|explorer|linear|tma|act|e2e|compile) "step_$step" ;;
+        *) echo "unknown step '$step' (tests explorer linear tma act e2e compile kernels all)"; exit 2 ;;
     esac
 done

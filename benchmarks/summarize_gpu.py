@@ -35,17 +35,21 @@ def linear_table(res: dict) -> str:
 
 
 SPEED_TAGS = ("C_dirotq-lr_r32", "C_dirotq-lr_r32_gluon", "C_dirotq-lr_r32_gluon_1launch", "C_dirotq-lr_r32_tm",
-              "C_dirotq-lr_r32_1launch")
+              "C_dirotq-lr_r32_1launch", "C_dirotq-lr_r32_tma", "C_dirotq-lr_r32_w8", "C_dirotq-lr_r32_w8_tma")
 GLUON_CONFIG_TAGS = ("128x128w4n2", "128x128w4n3", "256x128w8n2", "256x128w8n2p")
+TMA_CONFIG_TAGS = ("128x128w4s6u2", "128x128w4s8u3", "256x128w8s6u2")
 
 
 def speed_table(res: dict) -> str:
     """The format C speed paths side by side: per (shape, tokens) the CUDA-graph × BF16 of FP8 and of each
     format C variant, then the GEMM alone in TOPS: Triton's int32 core, the Gluon core, the whole Gluon
-    GEMM per tile config (and the bf16 matmul's TFLOPS for scale)."""
+    GEMM per tile config, the TMA-fed Gluon core and GEMM per config on packed and on cached int8
+    weights (and the bf16 matmul's TFLOPS for scale)."""
     short = {t: t.replace("C_dirotq-lr_r32", "C") or "C" for t in SPEED_TAGS}
     head = (["layer", "tokens", "bf16 TFLOPS", "fp8 ×"] + [f"{short[t] or 'C'} ×" for t in SPEED_TAGS]
-            + ["core triton TOPS", "core gluon TOPS"] + [f"gluon {c} TOPS" for c in GLUON_CONFIG_TAGS])
+            + ["core triton TOPS", "core gluon TOPS"] + [f"gluon {c} TOPS" for c in GLUON_CONFIG_TAGS]
+            + ["core tma TOPS"] + [f"tma {c} TOPS" for c in TMA_CONFIG_TAGS]
+            + ["core tma w8 TOPS"] + [f"tma w8 {c} TOPS" for c in TMA_CONFIG_TAGS])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in res["rows"]:
         bf = row.get("bf16_graph_ms")
@@ -58,6 +62,11 @@ def speed_table(res: dict) -> str:
         cells += [_f(row.get("C_core_int32_triton_tops"), 0), _f(row.get("C_core_int32_gluon_tops"), 0) + unequal]
         cells += [_f(row.get(f"C_gemm_gluon_{c}_tops"), 0) if f"C_gemm_gluon_{c}_error" not in row else "err"
                   for c in GLUON_CONFIG_TAGS]
+        for p in ("C", "C_w8"):  # the TMA-fed GEMM on packed and on cached int8 weights
+            unequal = "" if row.get(f"{p}_core_int32_tma_equal", True) else " ≠"
+            cells += [_f(row.get(f"{p}_core_int32_tma_tops"), 0) + unequal]
+            cells += [_f(row.get(f"{p}_gemm_tma_{c}_tops"), 0) if f"{p}_gemm_tma_{c}_error" not in row else "err"
+                      for c in TMA_CONFIG_TAGS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -325,4 +325,6 @@ def test_bench_linear_dry_run_runs_on_cpu(tmp_path):
     assert "C_dirotq-lr_r32_max_rel_err" in text and "A_rtn_r0_max_rel_err" in text
     assert "C_dirotq-lr_r32_1launch_act_quant_ms" in text and "C_dirotq-lr_r32_w8_gemm_ms" in text
     assert "C_dirotq-lr_r32_tm_gemm_ms" in text
+    # the TMA-fed GEMM's columns (on the CPU its layout falls back to the swap kernel: the path, not the kernel)
+    assert "C_dirotq-lr_r32_tma_gemm_ms" in text and "C_dirotq-lr_r32_w8_tma_gemm_ms" in text
     assert "_error" not in text

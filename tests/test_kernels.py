@@ -266,7 +266,9 @@ def test_token_major_gemm_equals_the_swap_ab_gemm(structure, r, fmt, symmetric):
     # the Gluon GEMM has no interpreter: asked for on the CPU, the swap kernel answers
     assert gemm_layout(150, "gluon") == "gluon" and gemm_layout(100, "gluon") == "swap"
     assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, layout="gluon"), y_swap)
-    with pytest.raises(ValueError, match="swap, token or gluon"):
+    assert gemm_layout(150, "tma") == "tma" and gemm_layout(100, "tma") == "swap"
+    assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, layout="tma"), y_swap)
+    with pytest.raises(ValueError, match="swap, token, gluon, tma"):
         gemm_layout(150, "tokens")
 
 
@@ -495,11 +497,19 @@ def test_kernels_compile_for_sm90_without_spills():
     assert probe and probe[0]["wait_depths"] == {"int8": [0], "fp8e4m3": [0, 1]}, probe
     # the Gluon core says itself that MMAs stay in flight: 2 per group for the one before
     # (the whole GEMM's variants too, 2·(NBUF − 1) each); no operand comes from registers
-    gluon = [r for r in rows if r["variant"].startswith("gluon")]
+    gluon = [r for r in rows if r["variant"].startswith("gluon ")]
     assert len(gluon) == 5 and all(r["ok"] for r in gluon), gluon
     for r in gluon:
         nbuf = 3 if "nbuf3" in r["variant"] else 2
         assert max(r["wgmma_wait_depths"]) == 2 * (nbuf - 1) and r["int8_wgmma_a_from_registers"] == 0, r
+    # the TMA-fed one too (2·(NBU − 1) MMAs in flight), its operands brought by bulk tensor copies
+    # completing on mbarriers, none by cp.async or plain loads into registers for the MMA
+    tma = [r for r in rows if r["variant"].startswith("gluon-tma")]
+    assert len(tma) == 5 and all(r["ok"] for r in tma), tma
+    for r in tma:
+        nbu = 3 if "nbu3" in r["variant"] else 2
+        assert max(r["wgmma_wait_depths"]) == 2 * (nbu - 1) and r["int8_wgmma_a_from_registers"] == 0, r
+        assert r["tma_loads"] > 0 and r["mbarrier_waits"] > 0 and r["cp_async"] == 0, r
     for row in rows:
         assert row["ok"], row
         assert row["libdevice_calls"] == 0, row
@@ -618,6 +628,41 @@ def test_cuda_gluon_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, 
     assert _rel(w4a4_gemm(m, plan, act, torch.bfloat16, layout="gluon").float(), ref) < 1e-2
     monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", "gluon")
     assert torch.equal(kernels.kernel_forward(m, x), gluon_w4a4_gemm(m, plan, act, torch.bfloat16))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("structure,d,o,r,n,config,weights", [
+    ("dirotq-lr", 3072, 3072, 32, 1000, None, "packed"),
+    ("dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8), "packed"),
+    ("dirotq-lr", 3072, 3072, 32, 1000, dict(NS=8, NBU=3), "packed"),
+    ("dirotq-lr", 3072, 3072, 32, 1000, None, "int8"),
+    ("dirotq-lr", 1152, 3456, 48, 300, None, "packed"), ("svdquant", 4608, 1152, 32, 200, None, "packed"),
+    ("rtn", 1152, 4608, 0, 130, None, "int8"),
+    ("rtn", 192, 200, 0, 129, None, "packed")])  # fewer groups than stages; o and n past a tile edge
+def test_cuda_tma_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, weights, monkeypatch):
+    """The TMA-fed Gluon GEMM: the Triton kernel's int32 sums exactly, its output within float
+    rounding on every tile config and both weight modes, every element written, and
+    ``DIROTQ_GEMM_LAYOUT=tma`` routes the layer's forward through it."""
+    try:
+        from dirotq.kernels.gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
+    except ImportError as exc:
+        pytest.skip(f"this Triton's Gluon has no Hopper TMA API: {exc}")
+
+    m = make_layer(structure, "int_ratio", d=d, o=o, r=r, dtype=torch.bfloat16).cuda()
+    m.kernel_weights = weights
+    x = make_input(n, d).cuda().bfloat16()
+    plan = get_plan(m, x)
+    assert (plan.w_int8 is not None) == (weights == "int8")
+    act = quantize_activations(m, plan, x)
+    sums = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
+    assert torch.equal(gluon_tma_core_int32(m, plan, act, config=config), sums)
+    ref = w4a4_gemm(m, plan, act, torch.float32, layout="swap")
+    y = gluon_tma_w4a4_gemm(m, plan, act, torch.float32, config=config)
+    assert not torch.isnan(y).any()
+    assert _rel(y, ref) < 1e-4
+    monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", "tma")
+    assert torch.equal(kernels.kernel_forward(m, x), gluon_tma_w4a4_gemm(m, plan, act, torch.bfloat16))
 
 
 @cuda

@@ -148,6 +148,55 @@ def compile_gluon(consts: dict, num_warps: int, arch: int = 90) -> dict:
     return {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
 
 
+# (name, constexprs, num_warps) of the TMA-fed Gluon GEMM (``gluon_tma_gemm_kernel``)
+GLUON_TMA_VARIANTS = [
+    ("gluon-tma C core int32 128x128 ns6 nbu2 w4", dict(BT=128, BO=128, NS=6, NBU=2, R_BLK=32, INT_OUT=True,
+                                                         HAS_LR=False, HAS_BIAS=False, W_INT8=False), 4),
+    ("gluon-tma C gemm+lr+bias 128x128 ns6 nbu2 w4", dict(BT=128, BO=128, NS=6, NBU=2, R_BLK=32, INT_OUT=False,
+                                                           HAS_LR=True, HAS_BIAS=True, W_INT8=False), 4),
+    ("gluon-tma C gemm+lr+bias 128x128 ns8 nbu3 w4", dict(BT=128, BO=128, NS=8, NBU=3, R_BLK=32, INT_OUT=False,
+                                                           HAS_LR=True, HAS_BIAS=True, W_INT8=False), 4),
+    ("gluon-tma C gemm+lr+bias 256x128 ns6 nbu2 w8", dict(BT=256, BO=128, NS=6, NBU=2, R_BLK=32, INT_OUT=False,
+                                                           HAS_LR=True, HAS_BIAS=True, W_INT8=False), 8),
+    ("gluon-tma C gemm+lr+bias 128x128 ns6 nbu2 w4 int8-weights", dict(BT=128, BO=128, NS=6, NBU=2, R_BLK=32,
+                                                                       INT_OUT=False, HAS_LR=True, HAS_BIAS=True,
+                                                                       W_INT8=True), 4),
+]
+
+
+def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90) -> dict:
+    """The TMA-fed Gluon GEMM (``gluon_gemm.gluon_tma_gemm_kernel``) for sm_90a. Its descriptor
+    arguments are typed as the host ``TensorDescriptor``s the launcher builds (made here over CPU
+    tensors: only their type is used)."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as tcompile
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from . import gluon_gemm as gg
+
+    fn = gg.gluon_tma_gemm_kernel
+    sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    x = torch.zeros(256, 512, dtype=torch.int8)
+    w = torch.zeros(256, 512, dtype=torch.int8 if consts["W_INT8"] else torch.uint8)
+    types = {"x_desc": mangle_type(TensorDescriptor.from_tensor(x, [consts["BT"], 32], sl)),
+             "w_desc": mangle_type(TensorDescriptor.from_tensor(w, [consts["BO"], 32], sl)),
+             "wk_ptr": "*i8", "y_ptr": "*i32" if consts["INT_OUT"] else "*bf16",
+             "ws_ptr": "*fp16", "xs_ptr": "*fp32", "c_ptr": "*bf16", "up_ptr": "*bf16", "bias_ptr": "*bf16"}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and not n.endswith("_desc") and n not in ("stride_cr", "stride_ur", "r")}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                         attrs=attrs)
+    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    ptx = k.asm["ptx"]
+    return {"shared_bytes": k.metadata.shared, "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            "mbarrier_waits": len(re.findall(r"mbarrier\.try_wait", ptx)), **_ptx_facts(ptx, arch)}
+
+
 def probe_async_mma(arch: int = 90) -> dict:
     """{element type: sorted wgmma wait depths} of ``_probe_gemm_kernel`` (128×128×128 tile, 8 warps,
     3 stages) for int8 and FP8 e4m3: [0] means every MMA is waited for before the next is issued."""
@@ -256,6 +305,13 @@ def main() -> int:
         try:
             print(json.dumps({"variant": name, "ok": True, **compile_gluon(consts, warps)}), flush=True)
         except Exception as exc:  # Gluon is experimental in Triton: report, do not hide the other variants
+            failed += 1
+            print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
+                  flush=True)
+    for name, consts, warps in GLUON_TMA_VARIANTS:
+        try:
+            print(json.dumps({"variant": name, "ok": True, **compile_gluon_tma(consts, warps)}), flush=True)
+        except Exception as exc:
             failed += 1
             print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
                   flush=True)

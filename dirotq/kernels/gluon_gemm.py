@@ -22,10 +22,13 @@ from __future__ import annotations
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
+# the TMA load under its name in this Triton: ``async_copy_global_to_shared`` in 3.6 (the GPU image's),
+# ``async_load`` since (3.9 raises on the old name)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 PREFETCH = False  # load group g + 1's operands before group g's unpack (timed against False on the GPU)
 GLUON_MIN_TOKENS = 128  # one token tile; fewer tokens leave most of each MMA idle (the swap-AB kernel fits)
 
@@ -43,6 +46,55 @@ def _load_group(g, G, w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, of
     xh = gl.load(q_ptr + offs_t[:, None] * stride_qn + (g * 2 * HALF + HALF + j)[None, :],
                  mask=tmask[:, None] & live, other=0)
     return p, k, xl, xh
+
+
+@gluon.jit
+def _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr,
+              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r,
+              BT: gl.constexpr, BO: gl.constexpr, R_BLK: gl.constexpr, INT_OUT: gl.constexpr, HAS_LR: gl.constexpr,
+              HAS_BIAS: gl.constexpr):
+    """Store the tile [t0, t0 + BT) × [o0, o0 + BO): the int32 sums ``acc`` (INT_OUT), or
+    acc·s_x·s_w + c·upᵀ (a 16-bit wgmma over r in chunks of R_BLK) + bias in y's dtype."""
+    num_warps: gl.constexpr = gl.num_warps()
+    out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    ot = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, out_l))
+    oo = o0 + gl.arange(0, BO, layout=gl.SliceLayout(0, out_l))
+    ymask = (ot[:, None] < n) & (oo[None, :] < o)
+    if INT_OUT:
+        gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :], gl.convert_layout(acc, out_l), mask=ymask)
+    else:
+        # the 16-bit branch's accumulator: a K = 16 wgmma layout (same registers per (t, o) as acc_l)
+        f_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BO, 16])
+        at = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, f_l))
+        ao = o0 + gl.arange(0, BO, layout=gl.SliceLayout(0, f_l))
+        xs = gl.load(xs_ptr + at * stride_xsn, mask=at < n, other=0.0)
+        ws = gl.load(ws_ptr + ao * stride_wso, mask=ao < o, other=0.0).to(gl.float32)
+        accf = gl.convert_layout(acc, f_l).to(gl.float32) * xs[:, None] * ws[None, :]
+        if HAS_LR:
+            c_dtype: gl.constexpr = c_ptr.dtype.element_ty
+            c_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, R_BLK], c_dtype)
+            u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BO, R_BLK], c_dtype)
+            c_s = gl.allocate_shared_memory(c_dtype, [BT, R_BLK], c_sl)
+            u_s = gl.allocate_shared_memory(c_dtype, [BO, R_BLK], u_sl)
+            rl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+            ct = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, rl))
+            co = o0 + gl.arange(0, BO, layout=gl.SliceLayout(1, rl))
+            for r0 in range(0, r, R_BLK):
+                rc = r0 + gl.arange(0, R_BLK, layout=gl.SliceLayout(0, rl))
+                cv = gl.load(c_ptr + ct[:, None] * stride_cn + rc[None, :] * stride_cr,
+                             mask=(ct[:, None] < n) & (rc[None, :] < r), other=0.0)
+                uv = gl.load(up_ptr + co[:, None] * stride_uo + rc[None, :] * stride_ur,
+                             mask=(co[:, None] < o) & (rc[None, :] < r), other=0.0)
+                c_s.store(cv)
+                u_s.store(uv)
+                fence_async_shared()
+                accf = warpgroup_mma(c_s, u_s.permute((1, 0)), accf)
+        if HAS_BIAS:
+            b = gl.load(bias_ptr + ao, mask=ao < o, other=0.0).to(gl.float32)
+            accf = accf + b[None, :]
+        gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :],
+                 gl.convert_layout(accf.to(y_ptr.dtype.element_ty), out_l), mask=ymask)
 
 
 @gluon.jit
@@ -96,45 +148,107 @@ def gluon_gemm_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_
         acc = warpgroup_mma(x_lo.index(s), w_lo.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(x_hi.index(s), w_hi.index(s).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    ot = gl.program_id(0) * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, out_l))
-    oo = gl.program_id(1) * BO + gl.arange(0, BO, layout=gl.SliceLayout(0, out_l))
-    ymask = (ot[:, None] < n) & (oo[None, :] < o)
-    if INT_OUT:
-        gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :], gl.convert_layout(acc, out_l), mask=ymask)
+    _epilogue(acc, gl.program_id(0) * BT, gl.program_id(1) * BO, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr,
+              stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r,
+              BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
+
+
+@gluon.jit
+def _tma_issue(g, G, t0, o0, x_desc, w_desc, x_lo, x_hi, w_a, w_b, bars, NS: gl.constexpr, W_INT8: gl.constexpr):
+    """Start group g's TMA loads into stage g % NS (nothing past the last group): the activation
+    codes' two K = 32 halves, and the weights: the packed bytes (BO, 32), or with cached int8 weights
+    their two halves. All complete on the stage's barrier, which expects their bytes."""
+    s = g % NS
+    live = g < G
+    bar = bars.index(s)
+    if W_INT8:
+        nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
     else:
-        # the 16-bit branch's accumulator: a K = 16 wgmma layout (same registers per (t, o) as acc_l)
-        f_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BO, 16])
-        at = gl.program_id(0) * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, f_l))
-        ao = gl.program_id(1) * BO + gl.arange(0, BO, layout=gl.SliceLayout(0, f_l))
-        xs = gl.load(xs_ptr + at * stride_xsn, mask=at < n, other=0.0)
-        ws = gl.load(ws_ptr + ao * stride_wso, mask=ao < o, other=0.0).to(gl.float32)
-        accf = gl.convert_layout(acc, f_l).to(gl.float32) * xs[:, None] * ws[None, :]
-        if HAS_LR:
-            c_dtype: gl.constexpr = c_ptr.dtype.element_ty
-            c_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, R_BLK], c_dtype)
-            u_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BO, R_BLK], c_dtype)
-            c_s = gl.allocate_shared_memory(c_dtype, [BT, R_BLK], c_sl)
-            u_s = gl.allocate_shared_memory(c_dtype, [BO, R_BLK], u_sl)
-            rl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-            ct = gl.program_id(0) * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, rl))
-            co = gl.program_id(1) * BO + gl.arange(0, BO, layout=gl.SliceLayout(1, rl))
-            for r0 in range(0, r, R_BLK):
-                rc = r0 + gl.arange(0, R_BLK, layout=gl.SliceLayout(0, rl))
-                cv = gl.load(c_ptr + ct[:, None] * stride_cn + rc[None, :] * stride_cr,
-                             mask=(ct[:, None] < n) & (rc[None, :] < r), other=0.0)
-                uv = gl.load(up_ptr + co[:, None] * stride_uo + rc[None, :] * stride_ur,
-                             mask=(co[:, None] < o) & (rc[None, :] < r), other=0.0)
-                c_s.store(cv)
-                u_s.store(uv)
-                fence_async_shared()
-                accf = warpgroup_mma(c_s, u_s.permute((1, 0)), accf)
-        if HAS_BIAS:
-            b = gl.load(bias_ptr + ao, mask=ao < o, other=0.0).to(gl.float32)
-            accf = accf + b[None, :]
-        gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :],
-                 gl.convert_layout(accf.to(y_ptr.dtype.element_ty), out_l), mask=ymask)
+        nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes
+    mbarrier.expect(bar, nbytes, pred=live)
+    _tma_load(x_desc, [t0, g * 64], bar, x_lo.index(s), pred=live)
+    _tma_load(x_desc, [t0, g * 64 + 32], bar, x_hi.index(s), pred=live)
+    if W_INT8:
+        _tma_load(w_desc, [o0, g * 64], bar, w_a.index(s), pred=live)
+        _tma_load(w_desc, [o0, g * 64 + 32], bar, w_b.index(s), pred=live)
+    else:
+        _tma_load(w_desc, [o0, g * 32], bar, w_a.index(s), pred=live)
+
+
+@gluon.jit
+def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
+                          ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
+                          stride_ur, bias_ptr, n, o, r, G,
+                          BT: gl.constexpr, BO: gl.constexpr, NS: gl.constexpr, NBU: gl.constexpr,
+                          R_BLK: gl.constexpr, INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          W_INT8: gl.constexpr):
+    """One (BT tokens, BO outputs) tile of symmetric format C, its operands brought by TMA.
+
+    A ring of NS shared-memory stages, each filled by TMA for one 64-group (codes (BT, 2×32), packed
+    weights (BO, 32) or cached int8 weights (BO, 2×32)) and completed on its own mbarrier, is kept
+    NS − NBU groups ahead of the MMAs, so the loads' latency hides behind the MMAs of the groups
+    before. Per group: wait for its stage, unpack k_w·q_w from the packed bytes into one of NBU
+    shared-memory buffers (cached int8 weights go to the MMA straight from their stage), issue the
+    two K = 32 int8 wgmmas asynchronously from shared memory (codes × weightsᵀ), and keep
+    2·(NBU − 1) of them in flight: at group g, those of groups ≤ g − NBU have finished, which frees
+    both the unpack buffer and the stage that group g + NS − NBU is loaded into. Then the epilogue
+    of ``gluon_gemm_kernel``."""
+    HALF: gl.constexpr = 32
+    num_warps: gl.constexpr = gl.num_warps()
+    ld: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, BO, 32])
+    sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    t0 = gl.program_id(0) * BT
+    o0 = gl.program_id(1) * BO
+    offs_o = o0 + gl.arange(0, BO, layout=gl.SliceLayout(1, ld))
+    omask = offs_o < o
+    x_lo = gl.allocate_shared_memory(gl.int8, [NS, BT, HALF], x_desc.layout)
+    x_hi = gl.allocate_shared_memory(gl.int8, [NS, BT, HALF], x_desc.layout)
+    if W_INT8:  # the weights' two halves, straight from TMA
+        w_a = gl.allocate_shared_memory(gl.int8, [NS, BO, HALF], w_desc.layout)
+        w_b = gl.allocate_shared_memory(gl.int8, [NS, BO, HALF], w_desc.layout)
+    else:  # packed bytes from TMA (w_b unused), unpacked k·q halves in NBU buffers of their own
+        w_a = gl.allocate_shared_memory(gl.uint8, [NS, BO, HALF], w_desc.layout)
+        w_b = w_a
+        u_lo = gl.allocate_shared_memory(gl.int8, [NBU, BO, HALF], sl)
+        u_hi = gl.allocate_shared_memory(gl.int8, [NBU, BO, HALF], sl)
+    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(NS - NBU):
+        _tma_issue(i, G, t0, o0, x_desc, w_desc, x_lo, x_hi, w_a, w_b, bars, NS, W_INT8)
+    acc = warpgroup_mma_init(gl.zeros([BT, BO], gl.int32, layout=acc_l))
+    if not W_INT8:
+        k_next = gl.load(wk_ptr + offs_o * stride_wko, mask=omask & (G > 0), other=0)
+    for g in range(0, G):
+        s = g % NS
+        mbarrier.wait(bars.index(s), (g // NS) & 1)
+        if not W_INT8:
+            k = k_next
+            k_next = gl.load(wk_ptr + offs_o * stride_wko + g + 1, mask=omask & (g + 1 < G), other=0)
+            pi = w_a.index(s).load(ld).to(gl.int32)
+            ki = k.to(gl.int32)
+            lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+            hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+        # groups ≤ g − NBU are done: their unpack buffer and their stage may be written again
+        acc = warpgroup_mma_wait(num_outstanding=2 * (NBU - 1), deps=(acc,))
+        _tma_issue(g + NS - NBU, G, t0, o0, x_desc, w_desc, x_lo, x_hi, w_a, w_b, bars, NS, W_INT8)
+        if W_INT8:
+            acc = warpgroup_mma(x_lo.index(s), w_a.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(x_hi.index(s), w_b.index(s).permute((1, 0)), acc, is_async=True)
+        else:
+            u = g % NBU
+            u_lo.index(u).store(lo)
+            u_hi.index(u).store(hi)
+            fence_async_shared()
+            acc = warpgroup_mma(x_lo.index(s), u_lo.index(u).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(x_hi.index(s), u_hi.index(u).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(NS):
+        mbarrier.invalidate(bars.index(i))
+    _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr,
+              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
 
 
 def _check_covered(plan, act: dict) -> None:
@@ -190,5 +304,73 @@ def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config
     return y
 
 
-__all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "BT", "BO", "NBUF", "NUM_WARPS", "PREFETCH",
+# TMA kernel: 128×128 tiles, one warpgroup, 6 stages kept 4 groups ahead, 2 unpack buffers (88 KB of
+# shared memory); 256×128 with two warpgroups is the other config bench_linear times
+TMA_CONFIG = dict(BT=128, BO=128, NS=6, NBU=2, num_warps=4)
+
+
+def _check_tma_covered(plan, act: dict) -> None:
+    if plan.fmt != "int_ratio" or act.get("zero") is not None:
+        raise ValueError("the Gluon TMA GEMM covers symmetric format C only")
+
+
+def _launch_tma(module, plan, act: dict, y, int_out: bool, config: dict | None = None) -> None:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    cfg = {**TMA_CONFIG, **(config or {})}
+    bt, bo = cfg["BT"], cfg["BO"]
+    if cfg["NBU"] < 2 or cfg["NS"] <= cfg["NBU"]:
+        raise ValueError(f"the TMA GEMM needs 2 ≤ NBU < NS, got NS={cfg['NS']}, NBU={cfg['NBU']}")
+    codes = act["codes"]
+    n, o = codes.shape[0], plan.o
+    sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    w_int8 = plan.w_int8
+    # TMA zero-fills rows past n (tokens) and o (outputs); every row stride is a multiple of 16 bytes
+    x_desc = TensorDescriptor.from_tensor(codes, [bt, 32], sl)
+    w_desc = TensorDescriptor.from_tensor(w_int8 if w_int8 is not None else module.weight_packed, [bo, 32], sl)
+    wr = module.weight_ratio
+    dummy = plan.dummy
+    has_lr = not int_out and plan.has_down and plan.r > 0
+    c = act["c"] if has_lr else dummy
+    up = module.up if has_lr else dummy
+    has_bias = not int_out and plan.has_bias
+    ws, xs = module.weight_scale, act["scale"]
+    grid = (triton.cdiv(n, bt), triton.cdiv(o, bo))
+    gluon_tma_gemm_kernel[grid](
+        x_desc, w_desc, wr, wr.stride(0), y, y.stride(0),
+        ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
+        c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
+        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
+        module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
+        BT=bt, BO=bo, NS=cfg["NS"], NBU=cfg["NBU"], R_BLK=32 if plan.r <= 32 else 64,
+        INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, W_INT8=w_int8 is not None,
+        num_warps=cfg["num_warps"])
+
+
+def gluon_tma_core_int32(module, plan, act: dict, config: dict | None = None):
+    """:func:`gluon_core_int32` by the TMA kernel (packed or, where the plan caches them, int8 weights)."""
+    import torch
+
+    _check_tma_covered(plan, act)
+    y = torch.empty((act["codes"].shape[0], plan.o), dtype=torch.int32, device=act["codes"].device)
+    if y.numel():
+        _launch_tma(module, plan, act, y, int_out=True, config=config)
+    return y
+
+
+def gluon_tma_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None):
+    """:func:`gluon_w4a4_gemm` by the TMA kernel: what ``w4a4_gemm`` returns for
+    ``DIROTQ_GEMM_LAYOUT=tma``. ``config``: BT / BO / NS / NBU / num_warps overrides of
+    ``TMA_CONFIG`` (BT = 256 wants num_warps = 8)."""
+    import torch
+
+    _check_tma_covered(plan, act)
+    y = torch.empty((act["codes"].shape[0], plan.o), dtype=out_dtype, device=act["codes"].device)
+    if y.numel():
+        _launch_tma(module, plan, act, y, int_out=False, config=config)
+    return y
+
+
+__all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "gluon_tma_gemm_kernel", "gluon_tma_core_int32",
+           "gluon_tma_w4a4_gemm", "TMA_CONFIG", "BT", "BO", "NBUF", "NUM_WARPS", "PREFETCH",
            "GLUON_MIN_TOKENS"]

@@ -314,6 +314,7 @@ def w4a4_gemm_tm_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+GEMM_LAYOUTS = ("swap", "token", "gluon", "tma")
 TOKEN_MAJOR_MIN_TOKENS = 128  # the token-major tile needs ≥ 64 rows per MMA; below, few tiles anyway
 
 
@@ -321,11 +322,13 @@ def gemm_layout(n: int, layout: str | None = None) -> str:
     """"swap" (weights on the MMA's M side, any token count; the fastest measured), "token"
     (``w4a4_gemm_tm_kernel``: weights as the shared-memory operand, n ≥ 128 tokens) or "gluon"
     (``gluon_gemm.gluon_w4a4_gemm``: asynchronous int8 wgmma, n ≥ 128, symmetric format C with packed
-    weights; other layers keep the swap kernel). ``layout=None`` reads ``DIROTQ_GEMM_LAYOUT`` (default
-    swap: on the H200 the token-major GEMM was 1.3× and the Gluon one 1.7–1.8× slower)."""
+    weights; other layers keep the swap kernel) or "tma" (``gluon_gemm.gluon_tma_w4a4_gemm``: the same
+    with TMA-fed stages, n ≥ 128, symmetric format C, packed or cached int8 weights). ``layout=None``
+    reads ``DIROTQ_GEMM_LAYOUT`` (default swap: on the H200 the token-major GEMM was 1.3× and the Gluon
+    one 1.7–1.8× slower; the TMA one is not yet timed)."""
     layout = layout or os.environ.get("DIROTQ_GEMM_LAYOUT", "swap")
-    if layout not in ("swap", "token", "gluon"):
-        raise ValueError(f"DIROTQ_GEMM_LAYOUT must be swap, token or gluon, got {layout!r}")
+    if layout not in GEMM_LAYOUTS:
+        raise ValueError(f"DIROTQ_GEMM_LAYOUT must be one of {', '.join(GEMM_LAYOUTS)}, got {layout!r}")
     return layout if layout != "swap" and n >= TOKEN_MAJOR_MIN_TOKENS else "swap"
 
 
@@ -334,9 +337,17 @@ def _gluon_covers(plan, act: dict) -> bool:
     16-bit branch (the branch is a bf16/fp16 wgmma there)."""
     import torch
 
+    return plan.w_int8 is None and _tma_covers(plan, act)
+
+
+def _tma_covers(plan, act: dict) -> bool:
+    """Whether the TMA-fed Gluon GEMM takes this call: symmetric format C (packed or cached int8
+    weights), a CUDA tensor, a 16-bit branch."""
+    import torch
+
     lr_ok = not (plan.has_down and plan.r > 0) or act["c"].dtype in (torch.bfloat16, torch.float16)
-    return (plan.fmt == "int_ratio" and act.get("zero") is None and plan.w_int8 is None and lr_ok
-            and act["codes"].is_cuda and not _interpreting())
+    return (plan.fmt == "int_ratio" and act.get("zero") is None and lr_ok and act["codes"].is_cuda
+            and not _interpreting())
 
 
 def _tm_configs():
@@ -459,8 +470,9 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
     number of K splits (default :func:`split_k`; swap-AB only). Asymmetric activations (``act["zero"]``,
     format C): the zero-point term is subtracted in the epilogue (``debug_int``: the corrected int32
-    sums). ``layout``: "swap", "token" or "gluon" (:func:`gemm_layout`; the last two need n ≥ 128; gluon
-    covers symmetric format C with packed weights on a GPU, anything else runs the swap kernel)."""
+    sums). ``layout``: "swap", "token", "gluon" or "tma" (:func:`gemm_layout`; all but swap need
+    n ≥ 128; gluon covers symmetric format C with packed weights on a GPU, tma symmetric format C with
+    packed or cached int8 weights; anything else runs the swap kernel)."""
     import torch
 
     n = act["codes"].shape[0]
@@ -471,6 +483,11 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         from .gluon_gemm import gluon_core_int32, gluon_w4a4_gemm
 
         return gluon_core_int32(module, plan, act) if debug_int else gluon_w4a4_gemm(module, plan, act, out_dtype)
+    if chosen == "tma" and _tma_covers(plan, act):
+        from .gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
+
+        return (gluon_tma_core_int32(module, plan, act) if debug_int
+                else gluon_tma_w4a4_gemm(module, plan, act, out_dtype))
     token_major = chosen == "token"
     split = 1 if token_major else (split_k(n, o, plan.groups) if split is None
                                    else max(1, min(int(split), plan.groups)))
