@@ -335,8 +335,6 @@ def gemm_layout(n: int, layout: str | None = None) -> str:
 def _gluon_covers(plan, act: dict) -> bool:
     """Whether the Gluon GEMM takes this call: symmetric format C, packed weights, a CUDA tensor, a
     16-bit branch (the branch is a bf16/fp16 wgmma there)."""
-    import torch
-
     return plan.w_int8 is None and _tma_covers(plan, act)
 
 
