@@ -504,12 +504,17 @@ def test_kernels_compile_for_sm90_without_spills():
         assert max(r["wgmma_wait_depths"]) == 2 * (nbuf - 1) and r["int8_wgmma_a_from_registers"] == 0, r
     # the TMA-fed one too (2·(NBU − 1) MMAs in flight), its operands brought by bulk tensor copies
     # completing on mbarriers, none by cp.async or plain loads into registers for the MMA
-    tma = [r for r in rows if r["variant"].startswith("gluon-tma")]
-    assert len(tma) == 5 and all(r["ok"] for r in tma), tma
-    for r in tma:
-        nbu = 3 if "nbu3" in r["variant"] else 2
+    tma = {r["variant"]: r for r in rows if r["variant"].startswith("gluon-tma")}
+    assert len(tma) == 6 and all(r["ok"] for r in tma.values()), tma
+    for name, r in tma.items():
+        nbu = 3 if "nbu3" in name else 2
         assert max(r["wgmma_wait_depths"]) == 2 * (nbu - 1) and r["int8_wgmma_a_from_registers"] == 0, r
         assert r["tma_loads"] > 0 and r["mbarrier_waits"] > 0 and r["cp_async"] == 0, r
+        assert r["simd_unpack_asm"] == ("int8-weights" not in name and "scalar" not in name), r
+    # the SIMD unpack halves the K loop's instructions (per thread and group; docs/KERNELS.md quotes them)
+    simd, scalar = (tma[f"gluon-tma C gemm+lr+bias 256x128 ns6 nbu2 w8{s}"]["loop_instructions"]
+                    for s in ("", " scalar-unpack"))
+    assert 0 < simd < 0.6 * scalar, (simd, scalar)
     for row in rows:
         assert row["ok"], row
         assert row["libdevice_calls"] == 0, row

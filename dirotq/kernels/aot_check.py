@@ -161,7 +161,28 @@ GLUON_TMA_VARIANTS = [
     ("gluon-tma C gemm+lr+bias 128x128 ns6 nbu2 w4 int8-weights", dict(BT=128, BO=128, NS=6, NBU=2, R_BLK=32,
                                                                        INT_OUT=False, HAS_LR=True, HAS_BIAS=True,
                                                                        W_INT8=True), 4),
+    ("gluon-tma C gemm+lr+bias 256x128 ns6 nbu2 w8 scalar-unpack", dict(BT=256, BO=128, NS=6, NBU=2, R_BLK=32,
+                                                                        INT_OUT=False, HAS_LR=True, HAS_BIAS=True,
+                                                                        W_INT8=False, SIMD=False), 8),
 ]
+
+
+def _loop_instructions(ptx: str) -> int | None:
+    """PTX instructions per thread in the body of the first innermost loop (the K loop: one 64-group
+    per trip), directives and labels left out; None if the PTX has no loop."""
+    lines = ptx.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Inner Loop Header" in line), None)
+    if start is None:
+        return None
+    while start > 0 and not lines[start].startswith("$"):  # the header comment may sit under its label
+        start -= 1
+    label = lines[start].split(":")[0].strip()
+    end = next((i for i in range(start + 1, len(lines)) if re.search(rf"\bbra(\.uni)?\s+{re.escape(label)};", lines[i])),
+               None)
+    if end is None:
+        return None
+    return sum(1 for line in lines[start + 1:end + 1]
+               if line.strip() and not line.strip().startswith(("//", ".", "$", "{", "}")))
 
 
 def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90) -> dict:
@@ -179,6 +200,7 @@ def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90) -> dict:
     from . import gluon_gemm as gg
 
     fn = gg.gluon_tma_gemm_kernel
+    consts = {"SIMD": True, **consts}  # as launched on a GPU
     sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
     x = torch.zeros(256, 512, dtype=torch.int8)
     w = torch.zeros(256, 512, dtype=torch.int8 if consts["W_INT8"] else torch.uint8)
@@ -194,6 +216,7 @@ def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90) -> dict:
     k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
     ptx = k.asm["ptx"]
     return {"shared_bytes": k.metadata.shared, "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            "loop_instructions": _loop_instructions(ptx),
             "mbarrier_waits": len(re.findall(r"mbarrier\.try_wait", ptx)), **_ptx_facts(ptx, arch)}
 
 

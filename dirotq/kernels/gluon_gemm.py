@@ -25,10 +25,17 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
+from .w4a4_gemm import _ASM_HI_C as _ASM_HI_C_TL
+from .w4a4_gemm import _ASM_LO_C as _ASM_LO_C_TL
+from .w4a4_gemm import simd_unpack_enabled
+
 BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
 # the TMA load under its name in this Triton: ``async_copy_global_to_shared`` in 3.6 (the GPU image's),
 # ``async_load`` since (3.9 raises on the old name)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# the SIMD INT4 unpack of format C (four bytes per 32-bit PTX sequence), as the Triton GEMM runs it
+_ASM_LO_C = gl.constexpr(_ASM_LO_C_TL.value)
+_ASM_HI_C = gl.constexpr(_ASM_HI_C_TL.value)
 PREFETCH = False  # load group g + 1's operands before group g's unpack (timed against False on the GPU)
 GLUON_MIN_TOKENS = 128  # one token tile; fewer tokens leave most of each MMA idle (the swap-AB kernel fits)
 
@@ -181,7 +188,7 @@ def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
                           stride_ur, bias_ptr, n, o, r, G,
                           BT: gl.constexpr, BO: gl.constexpr, NS: gl.constexpr, NBU: gl.constexpr,
                           R_BLK: gl.constexpr, INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr,
-                          W_INT8: gl.constexpr):
+                          W_INT8: gl.constexpr, SIMD: gl.constexpr):
     """One (BT tokens, BO outputs) tile of symmetric format C, its operands brought by TMA.
 
     A ring of NS shared-memory stages, each filled by TMA for one 64-group (codes (BT, 2×32), packed
@@ -192,7 +199,8 @@ def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
     two K = 32 int8 wgmmas asynchronously from shared memory (codes × weightsᵀ), and keep
     2·(NBU − 1) of them in flight: at group g, those of groups ≤ g − NBU have finished, which frees
     both the unpack buffer and the stage that group g + NS − NBU is loaded into. Then the epilogue
-    of ``gluon_gemm_kernel``."""
+    of ``gluon_gemm_kernel``. SIMD: the unpack four bytes per 32-bit PTX sequence (the Triton GEMM's
+    ``_ASM_*_C``), else per value."""
     HALF: gl.constexpr = 32
     num_warps: gl.constexpr = gl.num_warps()
     ld: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
@@ -227,10 +235,16 @@ def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
         if not W_INT8:
             k = k_next
             k_next = gl.load(wk_ptr + offs_o * stride_wko + g + 1, mask=omask & (g + 1 < G), other=0)
-            pi = w_a.index(s).load(ld).to(gl.int32)
-            ki = k.to(gl.int32)
-            lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
-            hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+            p = w_a.index(s).load(ld)
+            if SIMD:
+                kb = gl.broadcast(k[:, None], p)[0]
+                lo = gl.inline_asm_elementwise(_ASM_LO_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
+                hi = gl.inline_asm_elementwise(_ASM_HI_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
+            else:
+                pi = p.to(gl.int32)
+                ki = k.to(gl.int32)
+                lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+                hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
         # groups ≤ g − NBU are done: their unpack buffer and their stage may be written again
         acc = warpgroup_mma_wait(num_outstanding=2 * (NBU - 1), deps=(acc,))
         _tma_issue(g + NS - NBU, G, t0, o0, x_desc, w_desc, x_lo, x_hi, w_a, w_b, bars, NS, W_INT8)
@@ -305,7 +319,8 @@ def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config
 
 
 # TMA kernel: 128×128 tiles, one warpgroup, 6 stages kept 4 groups ahead, 2 unpack buffers (88 KB of
-# shared memory); 256×128 with two warpgroups is the other config bench_linear times
+# shared memory); 256×128 with two warpgroups is the other config bench_linear times. The SIMD unpack
+# follows the Triton GEMM's switch (config "SIMD" overrides)
 TMA_CONFIG = dict(BT=128, BO=128, NS=6, NBU=2, num_warps=4)
 
 
@@ -344,7 +359,7 @@ def _launch_tma(module, plan, act: dict, y, int_out: bool, config: dict | None =
         module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
         BT=bt, BO=bo, NS=cfg["NS"], NBU=cfg["NBU"], R_BLK=32 if plan.r <= 32 else 64,
         INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, W_INT8=w_int8 is not None,
-        num_warps=cfg["num_warps"])
+        SIMD=bool(cfg.get("SIMD", simd_unpack_enabled(True))), num_warps=cfg["num_warps"])
 
 
 def gluon_tma_core_int32(module, plan, act: dict, config: dict | None = None):
