@@ -25,17 +25,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
-from .w4a4_gemm import _ASM_HI_C as _ASM_HI_C_TL
-from .w4a4_gemm import _ASM_LO_C as _ASM_LO_C_TL
-from .w4a4_gemm import simd_unpack_enabled
+from .simd_unpack import ASM_HI_C, ASM_LO_C, simd_unpack_enabled
 
 BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
 # the TMA load under its name in this Triton: ``async_copy_global_to_shared`` in 3.6 (the GPU image's),
 # ``async_load`` since (3.9 raises on the old name)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # the SIMD INT4 unpack of format C (four bytes per 32-bit PTX sequence), as the Triton GEMM runs it
-_ASM_LO_C = gl.constexpr(_ASM_LO_C_TL.value)
-_ASM_HI_C = gl.constexpr(_ASM_HI_C_TL.value)
+_ASM_LO_C = gl.constexpr(ASM_LO_C)
+_ASM_HI_C = gl.constexpr(ASM_HI_C)
 PREFETCH = False  # load group g + 1's operands before group g's unpack (timed against False on the GPU)
 GLUON_MIN_TOKENS = 128  # one token tile; fewer tokens leave most of each MMA idle (the swap-AB kernel fits)
 

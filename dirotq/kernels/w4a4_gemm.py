@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot, _interpreting
+from .simd_unpack import ASM_HI_A, ASM_HI_C, ASM_LO_A, ASM_LO_C, _SIMD_OK, simd_unpack_enabled
 from .tuning import autotune_enabled
 
 
@@ -46,21 +47,12 @@ def _unpack_halves(w_ptr, stride_wo, offs_o, omask, g, HALF: tl.constexpr):
     return lo, hi
 
 
-# SIMD unpack (GPU only; the interpreter runs _unpack_halves, its pure-tl twin). Four packed bytes
-# per 32-bit register (pack=4); per byte, n = stored nibble, n ^ 8 = q + 8 ∈ [0, 15]:
-#   A: (q + 8) + 120 = q + 128 ∈ [120, 135], no carry between bytes; ^ 0x80 → q as int8.
-#   C: k·(q + 8) ≤ 225 < 256 (one u32 multiply, no carry); + (128 − 8k) per byte ∈ [8, 233]; ^ 0x80 → k·q.
-# Checked exhaustively on the integers (tests/test_kernels.py::test_simd_unpack_arithmetic).
-_ASM_LO_A = tl.constexpr("""{ .reg .b32 t; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; add.u32 t, t, 0x78787878;
- xor.b32 $0, t, 0x80808080; }""")
-_ASM_HI_A = tl.constexpr("""{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x08080808;
- add.u32 t, t, 0x78787878; xor.b32 $0, t, 0x80808080; }""")
-_ASM_LO_C = tl.constexpr("""{ .reg .b32 t, k, b, c; and.b32 t, $1, 0x0F0F0F0F; xor.b32 t, t, 0x08080808; and.b32 k, $2, 0xFF;
- mul.lo.u32 t, t, k; mul.lo.u32 b, k, 0x08080808; mov.b32 c, 0x80808080; sub.u32 b, c, b; add.u32 t, t, b;
- xor.b32 $0, t, 0x80808080; }""")
-_ASM_HI_C = tl.constexpr("""{ .reg .b32 t, k, b, c; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; xor.b32 t, t, 0x08080808;
- and.b32 k, $2, 0xFF; mul.lo.u32 t, t, k; mul.lo.u32 b, k, 0x08080808; mov.b32 c, 0x80808080; sub.u32 b, c, b;
- add.u32 t, t, b; xor.b32 $0, t, 0x80808080; }""")
+# SIMD unpack (GPU only; the interpreter runs _unpack_halves, its pure-tl twin): the PTX sequences of
+# dirotq/kernels/simd_unpack.py, which says how they work
+_ASM_LO_A = tl.constexpr(ASM_LO_A)
+_ASM_HI_A = tl.constexpr(ASM_HI_A)
+_ASM_LO_C = tl.constexpr(ASM_LO_C)
+_ASM_HI_C = tl.constexpr(ASM_HI_C)
 
 
 @triton.jit
@@ -401,17 +393,6 @@ def _tuned_kernel():
 def _n_key(n: int) -> int:
     """Token-count bucket for autotuning (one tuning per power of two, ≥ 16)."""
     return max(16, triton.next_power_of_2(max(n, 1)))
-
-
-_SIMD_OK: dict[bool, bool] = {}  # format C? -> the SIMD unpack matched its pure-tl twin on a real layer
-
-
-def simd_unpack_enabled(fmt_c: bool | None = None) -> bool:
-    """SIMD (inline-PTX) INT4 unpack: on by default on GPUs, never under the interpreter (which runs
-    the pure-tl twin); ``DIROTQ_SIMD_UNPACK=0`` turns it off, and so does a failed self-check."""
-    if _interpreting() or os.environ.get("DIROTQ_SIMD_UNPACK", "1") == "0":
-        return False
-    return _SIMD_OK.get(fmt_c, True) if fmt_c is not None else True
 
 
 def simd_self_check(module) -> bool:
