@@ -184,7 +184,7 @@ def variant_list(extra_variants: bool = True) -> list[tuple]:
 
 
 def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_variants: bool = True,
-              only: set[str] | None = None) -> dict:
+              only: set[str] | None = None, tma: bool = True) -> dict:
     from dirotq import kernels
     from dirotq.kernels.act_quant import quantize_activations
     from dirotq.kernels.layout import get_plan
@@ -257,8 +257,9 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_total_graph_ms"] = bench_graph(lambda: kernels.kernel_forward(m, nxt()))
                 if tag == "C_dirotq-lr_r32" and dev == "cuda":
                     row.update(gluon_core_row(m, plan, act, flops, dt))
-                    row.update(tma_rows(m, plan, act, flops, dt, "C"))
-                if tag == "C_dirotq-lr_r32_w8" and dev == "cuda":
+                    if tma:
+                        row.update(tma_rows(m, plan, act, flops, dt, "C"))
+                if tag == "C_dirotq-lr_r32_w8" and dev == "cuda" and tma:
                     row.update(tma_rows(m, plan, act, flops, dt, "C_w8"))
                 row[f"{tag}_gemm_tops"] = flops / t_g / 1e9
                 row[f"{tag}_total_tops"] = flops / t / 1e9
@@ -299,6 +300,7 @@ def main() -> None:
                          "the Triton one) C_dirotq-lr_r32_gluon C_dirotq-lr_r32_tm")
     ap.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                     help="only these layer names of --models, in this order ('ff up' or ff_up: '_' for ' ')")
+    ap.add_argument("--no-tma", action="store_true", help="leave the TMA-fed Gluon GEMM's rows out")
     ap.add_argument("--no-own-ceiling", action="store_true",
                     help="skip our own int8 ceiling (the TMA Gluon core on cached int8 weights at 8192³)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -350,7 +352,7 @@ def main() -> None:
             break
         print(f"{model} {name} {d}->{o} n={n}", flush=True)
         row = run_shape(model, name, d, o, n, dry, extra_variants=not args.core,
-                        only=set(args.variants) if args.variants else None)
+                        only=set(args.variants) if args.variants else None, tma=not args.no_tma)
         ceiling = res["ceilings_measured"].get("int8_int_mm_8192_tops")
         bw = res["ceilings_measured"].get("copy_gbps")
         bf16_peak = res["ceilings_measured"].get("bf16_matmul_8192_tflops")

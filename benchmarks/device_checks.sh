@@ -72,13 +72,19 @@ step_tma() {
     echo "== pytest -m cuda -k tma" | tee -a "$LOG"
     DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${TMA_TEST_S:-60}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
         --tb=short -p no:cacheprovider -k "tma" >/tmp/pytest_tma.log 2>&1
-    echo "pytest tma exit $?" >>/tmp/pytest_tma.log
+    tests_rc=$?
+    echo "pytest tma exit $tests_rc" >>/tmp/pytest_tma.log
     cat /tmp/pytest_tma.log >>"$LOG"
     grep -E "^(FAILED|ERROR)|passed|failed|pytest tma exit" /tmp/pytest_tma.log | tail -12
     echo "== bench_linear (TMA)" | tee -a "$LOG"
+    variants=(C_dirotq-lr_r32 C_dirotq-lr_r32_w8 C_dirotq-lr_r32_tma C_dirotq-lr_r32_w8_tma)
+    extra=()
+    if [[ $tests_rc == 124 ]]; then  # the tests ran out of time: a TMA kernel may hang; time the others only
+        echo "TMA tests timed out: bench_linear without the TMA kernel" | tee -a "$LOG"
+        variants=(C_dirotq-lr_r32_w8) extra=(--no-own-ceiling --no-tma)
+    fi
     timeout "${TMA_S:-150}" python3 -m benchmarks.bench_linear --tokens 4096 --models flux \
-        --layers ff_up ff_down single_proj_mlp+qkv_fused attn_to_q/k/v/out \
-        --variants C_dirotq-lr_r32 C_dirotq-lr_r32_w8 C_dirotq-lr_r32_tma C_dirotq-lr_r32_w8_tma \
+        --layers ff_up ff_down single_proj_mlp+qkv_fused attn_to_q/k/v/out --variants "${variants[@]}" "${extra[@]}" \
         --out "$OUT/bench_linear_tma.json" >>"$LOG" 2>&1
     echo "bench_linear tma exit $?" | tee -a "$LOG"
     python3 -m benchmarks.summarize_gpu --table=speed "$OUT/bench_linear_tma.json"
