@@ -9,6 +9,8 @@ d = 12288. This script times, per FLUX width and 4096 tokens (bf16, DiRotQ-LR r3
   ``torch.clone`` of x (the memory floor's unit: read + write of 2 bytes per element);
 - per tile config (BT tokens × warps): format C's two launches, PASS 0 (transform, group abs-max)
   and PASS 1 (transform again, row scale, two candidate multipliers, codes) apart;
+- both passes with PREFETCH (group g + 1's x tile loaded before group g's work: the same codes)
+  at the best config;
 - stage ablations of PASS 1 at the best config (wrong codes, honest time): no Hadamard, no
   projection, neither; format C revision 3's float64 multiplier rule (what revision 4's fixed-point
   rule saves); format A's single pass (one division per element, no float64);
@@ -105,6 +107,9 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
                  "float64_rule": dict(SSE_FLOAT64=True)}
     for tag, ov in ablations.items():
         row[f"pass1_{tag}_ms"] = bench(lambda: run(bt, warps, (1,), **ov))
+    # the next group's x tile loaded before this group's work (same codes; an autotuning choice)
+    row["pass0_prefetch_ms"] = bench(lambda: run(bt, warps, (0,), PREFETCH=True))
+    row["pass1_prefetch_ms"] = bench(lambda: run(bt, warps, (1,), PREFETCH=True))
     row["format_a_pass_ms"] = bench(lambda: run(bt, warps, (0,), FMT_C=False))
     row["format_a_pass_no_transform_ms"] = bench(lambda: run(bt, warps, (0,), FMT_C=False, HAS_HAD=False,
                                                              PROJ=False))
@@ -112,7 +117,8 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
 
 
 def table(rows: list[dict]) -> str:
-    head = ["layer", "copy", "production", "c GEMM", "best config", "pass 0", "pass 1", "pass 1, rev. 3 rule",
+    head = ["layer", "copy", "production", "c GEMM", "best config", "pass 0", "pass 1", "pass 0 / 1 prefetch",
+            "pass 1, rev. 3 rule",
             "pass 1 −H", "pass 1 −P", "pass 1 −H−P", "format A", "format A −H−P"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -123,7 +129,9 @@ def table(rows: list[dict]) -> str:
             return f"{v * 1e3:.0f} µs" if isinstance(v, float) else "—"
 
         lines.append("| " + " | ".join([r["layer"], f("copy_ms"), f("production_ms"), f("c_gemm_ms"), b,
-                                        f(f"{b}_pass0_ms"), f(f"{b}_pass1_ms"), f("pass1_float64_rule_ms"),
+                                        f(f"{b}_pass0_ms"), f(f"{b}_pass1_ms"),
+                                        f("pass0_prefetch_ms") + " / " + f("pass1_prefetch_ms"),
+                                        f("pass1_float64_rule_ms"),
                                         f("pass1_no_hadamard_ms"),
                                         f("pass1_no_projection_ms"), f("pass1_no_hadamard_no_projection_ms"),
                                         f("format_a_pass_ms"), f("format_a_pass_no_transform_ms")]) + " |")

@@ -227,6 +227,38 @@ def test_one_launch_activation_kernel_matches_the_launch_grid(structure, d, o, r
     assert _rel(y, _exact_output(m, qt, one["c"] if r else None)) < 2e-6
 
 
+@pytest.mark.parametrize("structure,d,r,n,fmt,symmetric", [
+    ("dirotq-lr", 320, 16, 37, "int_ratio", True), ("dirotq-lr", 320, 16, 21, "int_ratio", False),
+    ("dirotq-lr", 320, 64, 37, "exact", True), ("svdquant", 128, 8, 19, "int_ratio", True),
+    ("rtn", 100, 0, 5, "int_ratio", True), ("dirotq", 128, 16, 9, "int_ratio", True)])
+def test_prefetching_the_next_group_changes_no_code(structure, d, r, n, fmt, symmetric):
+    """The activation kernel's PREFETCH (group g + 1's x tile loaded before group g is transformed; an
+    autotuning choice) computes the same input, scales, multipliers and codes bit for bit, in both
+    passes and with several groups per program (a dense rotation ignores it)."""
+    import triton
+
+    from dirotq.kernels.act_quant import act_quant_kernel, activation_launch
+
+    m = make_layer(structure, fmt, d=d, o=40, r=r)
+    m.act_symmetric = symmetric
+    x = make_input(n, d) + (0.0 if symmetric else 0.7)
+    plan = get_plan(m, x)
+    outs = []
+    for prefetch in (False, True):
+        la = activation_launch(m, plan, x, store_a=True)
+        gpb = 2  # two groups per program: the prefetch crosses a group inside a program and stops at its end
+        args = la["args"][:-2] + [min(gpb, plan.groups), la["args"][-1]]
+        for p in la["passes"]:
+            act_quant_kernel[(triton.cdiv(n, 16), triton.cdiv(plan.groups, gpb))](
+                *args, BT=16, PASS=p, **la["meta"], PREFETCH=prefetch, num_warps=4)
+        outs.append(la["out"])
+    for key in ("a", "codes", "scale", "ratio", "zero"):
+        if outs[0][key] is not None:
+            assert torch.equal(outs[0][key], outs[1][key]), key
+    ref = quantize_activations(m, plan, x, store_a=True)
+    assert torch.equal(outs[1]["codes"], ref["codes"])
+
+
 def test_one_launch_is_not_used_with_a_dense_rotation():
     from dirotq.kernels import act_quant
 

@@ -113,13 +113,25 @@ def _fdot(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_xs(x_ptr, stride_xn, smooth_ptr, rows, cols, n, d, HAS_SMOOTH: tl.constexpr):
-    m = (rows[:, None] < n) & (cols[None, :] < d)
-    xv = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=m, other=0.0).to(tl.float32)
+def _load_raw(x_ptr, stride_xn, rows, cols, n, col_end):
+    """The (BT, len(cols)) tile of x as stored (0 past row n and column ``col_end`` ≤ d)."""
+    m = (rows[:, None] < n) & (cols[None, :] < col_end)
+    return tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _smooth(xraw, smooth_ptr, cols, d, HAS_SMOOTH: tl.constexpr):
+    """fp32 x / smooth of a raw tile."""
+    xv = xraw.to(tl.float32)
     if HAS_SMOOTH:
         sm = tl.load(smooth_ptr + cols, mask=cols < d, other=1.0).to(tl.float32)
         xv = tl.div_rn(xv, sm[None, :])
     return xv
+
+
+@triton.jit
+def _load_xs(x_ptr, stride_xn, smooth_ptr, rows, cols, n, d, HAS_SMOOTH: tl.constexpr):
+    return _smooth(_load_raw(x_ptr, stride_xn, rows, cols, n, d), smooth_ptr, cols, d, HAS_SMOOTH)
 
 
 @triton.jit
@@ -167,6 +179,21 @@ def _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd,
 
 
 @triton.jit
+def _group_tile_from(xraw, g, rows, had, smooth_ptr, down_ptr, stride_dd, stride_dr, signs_ptr, c_ptr, stride_cn,
+                     n, d, d_q, r, GS: tl.constexpr, RC: tl.constexpr, HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr,
+                     HAS_HAD: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``_group_tile`` (no dense rotation) from group g's raw x tile, loaded earlier: the same values."""
+    gcols = g * GS + tl.arange(0, GS)
+    a = _smooth(xraw, smooth_ptr, gcols, d, HAS_SMOOTH)
+    if PROJ:
+        a = _project(a, rows, gcols, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC, DOT_DTYPE)
+    if HAS_HAD:
+        sg = tl.load(signs_ptr + gcols, mask=gcols < d_q, other=0.0).to(tl.float32)
+        a = _fdot(a * sg[None, :], had, DOT_DTYPE)
+    return a
+
+
+@triton.jit
 def act_quant_kernel(
     x_ptr, stride_xn,  # x (n, d), 16-bit or fp32
     smooth_ptr,  # (d,)
@@ -186,7 +213,7 @@ def act_quant_kernel(
     HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
     DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr, C_IN_KERNEL: tl.constexpr, RP: tl.constexpr,
-    SSE_UNIT: tl.constexpr, SSE_FLOAT64: tl.constexpr = False,
+    SSE_UNIT: tl.constexpr, SSE_FLOAT64: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
     format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
@@ -195,7 +222,9 @@ def act_quant_kernel(
     C_IN_KERNEL (one launch): c = x_s · down (r ≤ RP) is computed here first and stored, so the
     layer needs no GEMM before the launch. SSE_FLOAT64 (benchmarks only, never the layer): format C's
     multipliers chosen by revision 3's float64 squared errors, to time what revision 4 saves; its
-    codes can differ from the reference in near-ties."""
+    codes can differ from the reference in near-ties. PREFETCH (no dense rotation): group g + 1's x
+    tile is loaded before group g is transformed, so its load latency overlaps work (the same codes;
+    an autotuning choice)."""
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -244,10 +273,19 @@ def act_quant_kernel(
         tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
     base = s_row * (15.0 if ASYM else 7.0)
 
+    if PREFETCH and not HAS_ROT:  # group g + 1's x tile is loaded while group g is transformed and quantized
+        col_end = tl.minimum(d, g_hi * GS)  # nothing past this program's last group
+        x_next = _load_raw(x_ptr, stride_xn, rows, g_lo * GS + cols, n, col_end)
     for g in range(g_lo, g_hi):
-        a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
-                        stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
-                        HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
+        if PREFETCH and not HAS_ROT:
+            x_cur = x_next
+            x_next = _load_raw(x_ptr, stride_xn, rows, (g + 1) * GS + cols, n, col_end)
+            a = _group_tile_from(x_cur, g, rows, had, smooth_ptr, down_ptr, stride_dd, stride_dr, signs_ptr, c_ptr,
+                                 stride_cn, n, d, d_q, r, GS, RC, HAS_SMOOTH, PROJ, HAS_HAD, DOT_DTYPE)
+        else:
+            a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
+                            stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
+                            HAS_SMOOTH, PROJ, HAS_ROT, HAS_HAD, DOT_DTYPE)
         gcols = g * GS + cols
         omask = rmask[:, None] & (gcols[None, :] < G * GS)
         lo, amax = _spread(a, ASYM)
@@ -299,9 +337,10 @@ def _tuned_act_kernel():
     """Few configs (token rows per program × warps); one tuning per token bucket."""
     global _TUNED_ACT
     if _TUNED_ACT is None:
-        cfgs = [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
-                for bt, w, s in ((16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2),
-                                 (128, 8, 3))]  # BT 128: the fastest tile for both passes on the H200
+        cfgs = [triton.Config({"BT": bt, "PREFETCH": pf}, num_warps=w, num_stages=s)
+                for bt, w, s, pf in ((16, 4, 2, False), (16, 8, 2, False), (32, 4, 2, False), (32, 8, 2, False),
+                                     (64, 8, 2, False), (128, 8, 3, False),  # BT 128: the H200's fastest tile
+                                     (32, 4, 2, True), (128, 8, 3, True))]  # the next group's x loaded early
         _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "ASYM", "PASS", "PROJ",
                                                 "HAS_ROT", "HAS_HAD", "C_IN_KERNEL"], cache_results=True)(act_quant_kernel)
     return _TUNED_ACT

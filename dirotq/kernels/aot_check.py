@@ -37,7 +37,7 @@ PTR_TYPES = {
 
 # format C's multiplier rule as the layer launches it: fixed-point units of 64-wide groups
 # (quantizers.sse_unit(64)), not the float64 benchmark ablation
-ACT_RULE = dict(SSE_UNIT=1024.0, SSE_FLOAT64=False)
+ACT_RULE = dict(SSE_UNIT=1024.0, SSE_FLOAT64=False, PREFETCH=False)
 
 
 def default_variants():
@@ -79,10 +79,11 @@ def default_variants():
                              HAS_HAD=not rot, FMT_C=fmt_c, ASYM=asym, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf,
                              GB_MAX=256, C_IN_KERNEL=False, RP=16, **ACT_RULE), dict(num_warps=4)))
         # the tile the H200 run of 2026-11-28 measured fastest for both passes (bench_act_quant)
-        out.append((f"act {f} lowrank+hadamard BT128 w8", "act",
-                    dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
-                         FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
-                         C_IN_KERNEL=False, RP=16, **ACT_RULE), dict(num_warps=8, num_stages=3)))
+        for pf in (False, True):  # and with the next group's x tile loaded early (an autotuning choice)
+            out.append((f"act {f} lowrank+hadamard BT128 w8" + (" prefetch" if pf else ""), "act",
+                        dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
+                             FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
+                             C_IN_KERNEL=False, RP=16, **{**ACT_RULE, "PREFETCH": pf}), dict(num_warps=8, num_stages=3)))
         for asym in (False, True) if fmt_c else (False,):  # one launch per layer: c in the kernel, whole rows
             out.append((f"act {f} lowrank+hadamard one-launch r32{' asymmetric' if asym else ''} BT32", "act",
                         dict(BT=32, GS=64, BKD=64, RC=32, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
