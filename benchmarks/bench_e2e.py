@@ -101,8 +101,8 @@ VARIANT_KERNELS = {"int_ratio-fused-1launch-tm": {"DIROTQ_ACT_ONE_LAUNCH": "1", 
                    "int_ratio-fused-tma": {"DIROTQ_GEMM_LAYOUT": "tma"}}
 FP8_TORCHAO = "fp8-torchao"
 VARIANTS = [*QUANT_VARIANTS, FP8_TORCHAO]
-DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-1launch-tm", "int_ratio-fused-gluon",
-                   "int_ratio-fused-1launch-gluon", "w4a16-int_ratio", FP8_TORCHAO]
+DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-tma", "int_ratio-fused-1launch-tm",
+                   "int_ratio-fused-gluon", "int_ratio-fused-1launch-gluon", "w4a16-int_ratio", FP8_TORCHAO]
 # PixArt's cross-attention K/V: 16-bit as the adapter (and the paper) keeps them, W4A16 or W4A4, one of
 # which the weight-memory target (≤ 0.30× bf16 for PixArt-Σ) needs (their image cost on the
 # embedded model: benchmarks/results/cross_kv_tiny_pixart.md)

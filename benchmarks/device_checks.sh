@@ -106,11 +106,11 @@ step_e2e() {
     for model in ${E2E_MODELS:-pixart flux}; do
         echo "== bench_e2e $model" | tee -a "$LOG"
         if [[ $model == pixart ]]; then
-            limit="${PIXART_S:-120}" formats=(int_ratio-fused int_ratio-fused-gluon fp8-torchao int_ratio
-                                              int_ratio-fused-1launch-gluon w4a16-int_ratio int_ratio-fused-1launch-tm)
+            limit="${PIXART_S:-120}" formats=(int_ratio-fused int_ratio-fused-tma fp8-torchao int_ratio
+                                              int_ratio-fused-gluon w4a16-int_ratio int_ratio-fused-1launch-tm)
         else
-            limit="${FLUX_S:-210}" formats=(int_ratio-fused int_ratio-fused-gluon fp8-torchao int_ratio
-                                            int_ratio-fused-1launch-gluon w4a16-int_ratio)
+            limit="${FLUX_S:-210}" formats=(int_ratio-fused int_ratio-fused-tma fp8-torchao int_ratio
+                                            int_ratio-fused-gluon w4a16-int_ratio)
         fi
         extra=()
         # shellcheck disable=SC2206  # FLUX_ARGS is a word list, e.g. "--flux-double-blocks 5 --flux-single-blocks 10"
