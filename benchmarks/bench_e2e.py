@@ -16,7 +16,7 @@ targets; ``--pixart-cross-kv w4a16``, the default, adds PixArt's cross-attention
   timed on a GPU as well: the one-launch activation path (``DIROTQ_ACT_ONE_LAUNCH``) and the
   token-major GEMM (``DIROTQ_GEMM_LAYOUT=token``); ``int_ratio-fused-gluon`` / ``-1launch-gluon``: the
   fused model on the Gluon GEMM (``DIROTQ_GEMM_LAYOUT=gluon``: asynchronous int8 wgmma; ``-tma``: the
-  TMA-fed one, ``DIROTQ_GEMM_LAYOUT=tma``), alone and with
+  TMA-fed one, ``DIROTQ_GEMM_LAYOUT=tma``; ``-ws``: its warp-specialized form), alone and with
   the one-launch activation path;
 - ``w4a16-int_ratio``: every target weight-only INT4 in format C (RTN, activations stay 16-bit): no
   more weight memory than W4A4 and no activation error, so the speed W4A4 has to beat to be worth it;
@@ -89,16 +89,18 @@ QUANT_VARIANTS: dict[str, tuple[str, str, int | None]] = {
     "int_ratio-fused-gluon": ("dirotq-lr", "int_ratio", 4),  # … with the Gluon GEMM (async int8 wgmma)
     "int_ratio-fused-1launch-gluon": ("dirotq-lr", "int_ratio", 4),  # … and the one-launch activation path
     "int_ratio-fused-tma": ("dirotq-lr", "int_ratio", 4),  # … with the TMA-fed Gluon GEMM
+    "int_ratio-fused-ws": ("dirotq-lr", "int_ratio", 4),  # … with its warp-specialized form
 }
 # variants whose layers that read one input (q/k/v, FLUX's proj_mlp + q/k/v) run as one layer
 FUSED_VARIANTS = ("int_ratio-fused", "int_ratio-fused-1launch-tm", "int_ratio-fused-gluon",
-                  "int_ratio-fused-1launch-gluon", "int_ratio-fused-tma")
+                  "int_ratio-fused-1launch-gluon", "int_ratio-fused-tma", "int_ratio-fused-ws")
 # the kernel choices of a variant (docs/KERNELS.md); every other variant runs the defaults
 KERNEL_DEFAULTS = {"DIROTQ_ACT_ONE_LAUNCH": "0", "DIROTQ_GEMM_LAYOUT": "swap"}
 VARIANT_KERNELS = {"int_ratio-fused-1launch-tm": {"DIROTQ_ACT_ONE_LAUNCH": "1", "DIROTQ_GEMM_LAYOUT": "token"},
                    "int_ratio-fused-gluon": {"DIROTQ_GEMM_LAYOUT": "gluon"},
                    "int_ratio-fused-1launch-gluon": {"DIROTQ_ACT_ONE_LAUNCH": "1", "DIROTQ_GEMM_LAYOUT": "gluon"},
-                   "int_ratio-fused-tma": {"DIROTQ_GEMM_LAYOUT": "tma"}}
+                   "int_ratio-fused-tma": {"DIROTQ_GEMM_LAYOUT": "tma"},
+                   "int_ratio-fused-ws": {"DIROTQ_GEMM_LAYOUT": "ws"}}
 FP8_TORCHAO = "fp8-torchao"
 VARIANTS = [*QUANT_VARIANTS, FP8_TORCHAO]
 DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-tma", "int_ratio-fused-1launch-tm",

@@ -69,6 +69,40 @@ TMA_CONFIGS = {  # the TMA-fed Gluon GEMM (gluon_gemm.gluon_tma_gemm_kernel): ti
 }
 
 
+WS_CONFIGS = {  # its warp-specialized form (gluon_gemm.gluon_ws_gemm_kernel; packed weights)
+    "128x128w4s4": dict(BT=128, BO=128, num_warps=4, NS=4, maxnreg=168),
+    "256x128w8s4": dict(BT=256, BO=128, num_warps=8, NS=4, maxnreg=128),
+}
+
+
+def ws_rows(m, plan, act, flops: float, out_dtype) -> dict:
+    """The warp-specialized TMA GEMM: int32 sums against the Triton kernel's, then per config the whole
+    GEMM timed with its error against the Triton GEMM. Failures are recorded."""
+    from dirotq.kernels.w4a4_gemm import w4a4_gemm
+
+    out = {}
+    try:
+        from dirotq.kernels.gluon_gemm import gluon_ws_core_int32, gluon_ws_w4a4_gemm
+
+        ref = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
+        out["C_core_int32_ws_equal"] = bool(torch.equal(gluon_ws_core_int32(m, plan, act), ref))
+        out["C_core_int32_ws_ms"] = t = bench(lambda: gluon_ws_core_int32(m, plan, act))
+        out["C_core_int32_ws_tops"] = flops / t / 1e9
+        y_ref = w4a4_gemm(m, plan, act, out_dtype, layout="swap").float()
+        for tag, cfg in WS_CONFIGS.items():
+            try:
+                y = gluon_ws_w4a4_gemm(m, plan, act, out_dtype, config=cfg).float()
+                out[f"C_gemm_ws_{tag}_rel_err_vs_triton"] = float((y - y_ref).abs().max() / y_ref.abs().max())
+                out[f"C_gemm_ws_{tag}_ms"] = t_c = bench(
+                    lambda cfg=cfg: gluon_ws_w4a4_gemm(m, plan, act, out_dtype, config=cfg))
+                out[f"C_gemm_ws_{tag}_tops"] = flops / t_c / 1e9
+            except Exception as exc:
+                out[f"C_gemm_ws_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    except Exception as exc:
+        out["C_core_int32_ws_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    return out
+
+
 def tma_rows(m, plan, act, flops: float, out_dtype, prefix: str) -> dict:
     """The TMA-fed Gluon GEMM on the layer's codes: its int32 sums against the Triton kernel's (exact),
     then the whole GEMM per tile config, timed, with its error against the Triton GEMM's output.
@@ -179,7 +213,9 @@ def variant_list(extra_variants: bool = True) -> list[tuple]:
                   {**simd_on, "DIROTQ_GEMM_LAYOUT": "gluon", "DIROTQ_ACT_ONE_LAUNCH": "1"}, "_gluon_1launch"),
                  # the TMA-fed Gluon GEMM, packed and with cached int8 weights (no unpack at all)
                  ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "tma"}, "_tma"),
-                 ("dirotq-lr", 32, "int_ratio", "int8", {**simd_on, "DIROTQ_GEMM_LAYOUT": "tma"}, "_tma")]
+                 ("dirotq-lr", 32, "int_ratio", "int8", {**simd_on, "DIROTQ_GEMM_LAYOUT": "tma"}, "_tma"),
+                 # and its warp-specialized form (packed weights)
+                 ("dirotq-lr", 32, "int_ratio", "packed", {**simd_on, "DIROTQ_GEMM_LAYOUT": "ws"}, "_ws")]
     return variants
 
 
@@ -259,6 +295,7 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                     row.update(gluon_core_row(m, plan, act, flops, dt))
                     if tma:
                         row.update(tma_rows(m, plan, act, flops, dt, "C"))
+                        row.update(ws_rows(m, plan, act, flops, dt))
                 if tag == "C_dirotq-lr_r32_w8" and dev == "cuda" and tma:
                     row.update(tma_rows(m, plan, act, flops, dt, "C_w8"))
                 row[f"{tag}_gemm_tops"] = flops / t_g / 1e9
@@ -300,7 +337,7 @@ def main() -> None:
                          "the Triton one) C_dirotq-lr_r32_gluon C_dirotq-lr_r32_tm")
     ap.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                     help="only these layer names of --models, in this order ('ff up' or ff_up: '_' for ' ')")
-    ap.add_argument("--no-tma", action="store_true", help="leave the TMA-fed Gluon GEMM's rows out")
+    ap.add_argument("--no-tma", action="store_true", help="leave the TMA-fed Gluon GEMMs' rows out")
     ap.add_argument("--no-own-ceiling", action="store_true",
                     help="skip our own int8 ceiling (the TMA Gluon core on cached int8 weights at 8192³)")
     ap.add_argument("--budget-s", type=float, default=None,

@@ -5,7 +5,7 @@
 #   explorer  the explorer's Generate path on the GPU (benchmarks/explorer_gpu_check.py)
 #   linear    bench_linear (LINEAR_ARGS: its shape/variant selection; default the core variants at 4096, 16, 1024
 #             tokens) and its tables
-#   tma       the TMA-fed Gluon GEMM: its CUDA tests first (TMA_TEST_S: a barrier that never completes hangs,
+#   tma       the TMA-fed Gluon GEMMs (plain and warp-specialized): their CUDA tests first (TMA_TEST_S: a barrier that never completes hangs,
 #             so this box is short), then bench_linear on FLUX's wide layers at 4096 tokens: Triton, Gluon and
 #             TMA GEMMs on packed and cached int8 weights, and our own int8 ceiling at 8192³ (TMA_S)
 #   act       bench_act_quant: the activation kernel's passes, tile configs and stages (ACT_ARGS)
@@ -69,7 +69,7 @@ step_linear() {
 }
 
 step_tma() {
-    echo "== pytest -m cuda -k tma" | tee -a "$LOG"
+    echo "== pytest -m cuda -k tma (the TMA-fed GEMM and its warp-specialized form)" | tee -a "$LOG"
     DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${TMA_TEST_S:-60}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
         --tb=short -p no:cacheprovider -k "tma" >/tmp/pytest_tma.log 2>&1
     tests_rc=$?
@@ -77,7 +77,7 @@ step_tma() {
     cat /tmp/pytest_tma.log >>"$LOG"
     grep -E "^(FAILED|ERROR)|passed|failed|pytest tma exit" /tmp/pytest_tma.log | tail -12
     echo "== bench_linear (TMA)" | tee -a "$LOG"
-    variants=(C_dirotq-lr_r32 C_dirotq-lr_r32_w8 C_dirotq-lr_r32_tma C_dirotq-lr_r32_w8_tma)
+    variants=(C_dirotq-lr_r32 C_dirotq-lr_r32_w8 C_dirotq-lr_r32_tma C_dirotq-lr_r32_ws C_dirotq-lr_r32_w8_tma)
     extra=()
     if [[ $tests_rc == 124 ]]; then  # the tests ran out of time: a TMA kernel may hang; time the others only
         echo "TMA tests timed out: bench_linear without the TMA kernel" | tee -a "$LOG"

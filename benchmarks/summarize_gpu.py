@@ -35,9 +35,11 @@ def linear_table(res: dict) -> str:
 
 
 SPEED_TAGS = ("C_dirotq-lr_r32", "C_dirotq-lr_r32_gluon", "C_dirotq-lr_r32_gluon_1launch", "C_dirotq-lr_r32_tm",
-              "C_dirotq-lr_r32_1launch", "C_dirotq-lr_r32_tma", "C_dirotq-lr_r32_w8", "C_dirotq-lr_r32_w8_tma")
+              "C_dirotq-lr_r32_1launch", "C_dirotq-lr_r32_tma", "C_dirotq-lr_r32_ws", "C_dirotq-lr_r32_w8",
+              "C_dirotq-lr_r32_w8_tma")
 GLUON_CONFIG_TAGS = ("128x128w4n2", "128x128w4n3", "256x128w8n2", "256x128w8n2p")
 TMA_CONFIG_TAGS = ("128x128w4s6u2", "128x128w4s8u3", "256x128w8s6u2")
+WS_CONFIG_TAGS = ("128x128w4s4", "256x128w8s4")
 
 
 def speed_table(res: dict) -> str:
@@ -49,7 +51,8 @@ def speed_table(res: dict) -> str:
     head = (["layer", "tokens", "bf16 TFLOPS", "fp8 ×"] + [f"{short[t] or 'C'} ×" for t in SPEED_TAGS]
             + ["core triton TOPS", "core gluon TOPS"] + [f"gluon {c} TOPS" for c in GLUON_CONFIG_TAGS]
             + ["core tma TOPS"] + [f"tma {c} TOPS" for c in TMA_CONFIG_TAGS]
-            + ["core tma w8 TOPS"] + [f"tma w8 {c} TOPS" for c in TMA_CONFIG_TAGS])
+            + ["core tma w8 TOPS"] + [f"tma w8 {c} TOPS" for c in TMA_CONFIG_TAGS]
+            + ["core ws TOPS"] + [f"ws {c} TOPS" for c in WS_CONFIG_TAGS])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in res["rows"]:
         bf = row.get("bf16_graph_ms")
@@ -67,6 +70,9 @@ def speed_table(res: dict) -> str:
             cells += [_f(row.get(f"{p}_core_int32_tma_tops"), 0) + unequal]
             cells += [_f(row.get(f"{p}_gemm_tma_{c}_tops"), 0) if f"{p}_gemm_tma_{c}_error" not in row else "err"
                       for c in TMA_CONFIG_TAGS]
+        cells += [_f(row.get("C_core_int32_ws_tops"), 0) + ("" if row.get("C_core_int32_ws_equal", True) else " ≠")]
+        cells += [_f(row.get(f"C_gemm_ws_{c}_tops"), 0) if f"C_gemm_ws_{c}_error" not in row else "err"
+                  for c in WS_CONFIG_TAGS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

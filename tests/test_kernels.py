@@ -300,7 +300,8 @@ def test_token_major_gemm_equals_the_swap_ab_gemm(structure, r, fmt, symmetric):
     assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, layout="gluon"), y_swap)
     assert gemm_layout(150, "tma") == "tma" and gemm_layout(100, "tma") == "swap"
     assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, layout="tma"), y_swap)
-    with pytest.raises(ValueError, match="swap, token, gluon, tma"):
+    assert gemm_layout(150, "ws") == "ws" and torch.equal(w4a4_gemm(m, plan, act, torch.float32, layout="ws"), y_swap)
+    with pytest.raises(ValueError, match="swap, token, gluon, tma, ws"):
         gemm_layout(150, "tokens")
 
 
@@ -543,6 +544,12 @@ def test_kernels_compile_for_sm90_without_spills():
         assert max(r["wgmma_wait_depths"]) == 2 * (nbu - 1) and r["int8_wgmma_a_from_registers"] == 0, r
         assert r["tma_loads"] > 0 and r["mbarrier_waits"] > 0 and r["cp_async"] == 0, r
         assert r["simd_unpack_asm"] == ("int8-weights" not in name and "scalar" not in name), r
+    # its warp-specialized form: a TMA warp, unpack warps and the MMA warps, registers handed between them
+    ws = [r for r in rows if r["variant"].startswith("gluon-ws")]
+    assert len(ws) == 3 and all(r["ok"] for r in ws), ws
+    for r in ws:
+        assert max(r["wgmma_wait_depths"]) == 2 and r["int8_wgmma_a_from_registers"] == 0, r
+        assert r["tma_loads"] > 0 and r["mbarrier_waits"] >= 3 and r["setmaxnreg"] > 0 and r["simd_unpack_asm"], r
     # the SIMD unpack halves the K loop's instructions (per thread and group; docs/KERNELS.md quotes them)
     simd, scalar = (tma[f"gluon-tma C gemm+lr+bias 256x128 ns6 nbu2 w8{s}"]["loop_instructions"]
                     for s in ("", " scalar-unpack"))
@@ -700,6 +707,37 @@ def test_cuda_tma_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, we
     assert _rel(y, ref) < 1e-4
     monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", "tma")
     assert torch.equal(kernels.kernel_forward(m, x), gluon_tma_w4a4_gemm(m, plan, act, torch.bfloat16))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("structure,d,o,r,n,config", [
+    ("dirotq-lr", 3072, 3072, 32, 1000, None),
+    ("dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8, maxnreg=128)),
+    ("dirotq-lr", 3072, 3072, 32, 1000, dict(SIMD=False)),
+    ("dirotq-lr", 1152, 3456, 48, 300, None), ("svdquant", 4608, 1152, 32, 200, None),
+    ("rtn", 192, 200, 0, 129, None)])  # fewer groups than stages; o and n past a tile edge
+def test_cuda_tma_ws_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, monkeypatch):
+    """The warp-specialized TMA GEMM (TMA warp, unpack warps, MMA warps handing stages on through
+    mbarriers): the Triton kernel's int32 sums exactly, its output within float rounding, every
+    element written, and ``DIROTQ_GEMM_LAYOUT=ws`` routes the layer's forward through it."""
+    try:
+        from dirotq.kernels.gluon_gemm import gluon_ws_core_int32, gluon_ws_w4a4_gemm
+    except ImportError as exc:
+        pytest.skip(f"this Triton's Gluon has no warp specialization: {exc}")
+
+    m = make_layer(structure, "int_ratio", d=d, o=o, r=r, dtype=torch.bfloat16).cuda()
+    x = make_input(n, d).cuda().bfloat16()
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    sums = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
+    assert torch.equal(gluon_ws_core_int32(m, plan, act, config=config), sums)
+    ref = w4a4_gemm(m, plan, act, torch.float32, layout="swap")
+    y = gluon_ws_w4a4_gemm(m, plan, act, torch.float32, config=config)
+    assert not torch.isnan(y).any()
+    assert _rel(y, ref) < 1e-4
+    monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", "ws")
+    assert torch.equal(kernels.kernel_forward(m, x), gluon_ws_w4a4_gemm(m, plan, act, torch.bfloat16))
 
 
 @cuda

@@ -186,7 +186,20 @@ def _loop_instructions(ptx: str) -> int | None:
                if line.strip() and not line.strip().startswith(("//", ".", "$", "{", "}")))
 
 
-def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90) -> dict:
+# (name, constexprs, num_warps, maxnreg) of its warp-specialized form (``gluon_ws_gemm_kernel``): the MMA
+# warps plus a 1-warp TMA partition and a 4-warp unpack partition
+GLUON_WS_VARIANTS = [
+    ("gluon-ws C core int32 128x128 ns4", dict(BT=128, BO=128, NS=4, R_BLK=32, INT_OUT=True, HAS_LR=False,
+                                               HAS_BIAS=False, UNPACK_REGS=80), 4, 168),
+    ("gluon-ws C gemm+lr+bias 128x128 ns4", dict(BT=128, BO=128, NS=4, R_BLK=32, INT_OUT=False, HAS_LR=True,
+                                                 HAS_BIAS=True, UNPACK_REGS=80), 4, 168),
+    ("gluon-ws C gemm+lr+bias 256x128 ns4", dict(BT=256, BO=128, NS=4, R_BLK=32, INT_OUT=False, HAS_LR=True,
+                                                 HAS_BIAS=True, UNPACK_REGS=80), 8, 128),
+]
+
+
+def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90, kernel: str = "gluon_tma_gemm_kernel",
+                      maxnreg: int | None = None) -> dict:
     """The TMA-fed Gluon GEMM (``gluon_gemm.gluon_tma_gemm_kernel``) for sm_90a. Its descriptor
     arguments are typed as the host ``TensorDescriptor``s the launcher builds (made here over CPU
     tensors: only their type is used)."""
@@ -200,8 +213,10 @@ def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90) -> dict:
 
     from . import gluon_gemm as gg
 
-    fn = gg.gluon_tma_gemm_kernel
+    fn = getattr(gg, kernel)
     consts = {"SIMD": True, **consts}  # as launched on a GPU
+    if kernel == "gluon_ws_gemm_kernel":
+        consts.setdefault("W_INT8", False)  # packed weights only: only the descriptor type reads it
     sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
     x = torch.zeros(256, 512, dtype=torch.int8)
     w = torch.zeros(256, 512, dtype=torch.int8 if consts["W_INT8"] else torch.uint8)
@@ -212,12 +227,13 @@ def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90) -> dict:
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and not n.endswith("_desc") and n not in ("stride_cr", "stride_ur", "r")}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                         attrs=attrs)
-    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()
+                                                           if k in fn.arg_names}, attrs=attrs)
+    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = k.asm["ptx"]
     return {"shared_bytes": k.metadata.shared, "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-            "loop_instructions": _loop_instructions(ptx),
+            "loop_instructions": _loop_instructions(ptx), "setmaxnreg": ptx.count("setmaxnreg"),
             "mbarrier_waits": len(re.findall(r"mbarrier\.try_wait", ptx)), **_ptx_facts(ptx, arch)}
 
 
@@ -335,6 +351,15 @@ def main() -> int:
     for name, consts, warps in GLUON_TMA_VARIANTS:
         try:
             print(json.dumps({"variant": name, "ok": True, **compile_gluon_tma(consts, warps)}), flush=True)
+        except Exception as exc:
+            failed += 1
+            print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
+                  flush=True)
+    for name, consts, warps, maxnreg in GLUON_WS_VARIANTS:
+        try:
+            print(json.dumps({"variant": name, "ok": True,
+                              **compile_gluon_tma(consts, warps, kernel="gluon_ws_gemm_kernel", maxnreg=maxnreg)}),
+                  flush=True)
         except Exception as exc:
             failed += 1
             print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),

@@ -263,6 +263,109 @@ def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
               up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
 
 
+# --- warp-specialized form of the TMA GEMM ------------------------------------------------------
+@gluon.jit
+def _ws_load_partition(x_desc, w_desc, x_lo, x_hi, w_pk, loaded, empty, G, t0, o0, NS: gl.constexpr):
+    """One warp: for each group, wait until its stage is free (the MMAs that read it have finished;
+    mbarriers start with phase 1 complete, so the first pass waits for nothing), then start the TMA
+    loads of the codes' halves and the packed weights, completing on ``loaded``."""
+    for g in range(G):
+        s = g % NS
+        mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)
+        bar = loaded.index(s)
+        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        _tma_load(x_desc, [t0, g * 64], bar, x_lo.index(s))
+        _tma_load(x_desc, [t0, g * 64 + 32], bar, x_hi.index(s))
+        _tma_load(w_desc, [o0, g * 32], bar, w_pk.index(s))
+
+
+@gluon.jit
+def _ws_unpack_partition(x_desc, w_desc, x_lo, x_hi, w_pk, u_lo, u_hi, loaded, ready, wk_ptr, stride_wko, o, G, o0,
+                         NS: gl.constexpr, BO: gl.constexpr, SIMD: gl.constexpr):
+    """Four warps: for each group, wait for its packed weights, form k_w·q_w (the SIMD unpack or per
+    value) into the stage's unpack buffers, fence them for the tensor cores, and signal ``ready``."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])
+    offs_o = o0 + gl.arange(0, BO, layout=gl.SliceLayout(1, ld))
+    omask = offs_o < o
+    for g in range(G):
+        s = g % NS
+        k = gl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0)
+        mbarrier.wait(loaded.index(s), (g // NS) & 1)
+        p = w_pk.index(s).load(ld)
+        if SIMD:
+            kb = gl.broadcast(k[:, None], p)[0]
+            lo = gl.inline_asm_elementwise(_ASM_LO_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
+            hi = gl.inline_asm_elementwise(_ASM_HI_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
+        else:
+            pi = p.to(gl.int32)
+            ki = k.to(gl.int32)
+            lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+            hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+        u_lo.index(s).store(lo)
+        u_hi.index(s).store(hi)
+        # orders the stores (for the MMAs) and the packed bytes' read (before the stage's next TMA load)
+        fence_async_shared()
+        mbarrier.arrive(ready.index(s), count=1)
+
+
+@gluon.jit
+def _ws_mma_partition(x_lo, x_hi, u_lo, u_hi, ready, empty, G, BT: gl.constexpr, BO: gl.constexpr,
+                      NS: gl.constexpr):
+    """The default partition (one or two warpgroups): for each group, wait until its weights are
+    unpacked, issue its two int8 wgmmas asynchronously, and once the previous group's MMAs have
+    finished, free that group's stage. Returns (the int32 accumulator,)."""
+    num_warps: gl.constexpr = gl.num_warps()
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, BO, 32])
+    acc = gl.zeros([BT, BO], gl.int32, layout=acc_l)  # the loop ends each trip with a wait: a plain tensor
+    for g in range(G):
+        s = g % NS
+        mbarrier.wait(ready.index(s), (g // NS) & 1)
+        acc = warpgroup_mma(x_lo.index(s), u_lo.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(x_hi.index(s), u_hi.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))  # group g − 1's two MMAs are done
+        mbarrier.arrive(empty.index((g + NS - 1) % NS), count=1, pred=g > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    return (acc,)  # a tuple: what warp_specialize hands back in Triton 3.6 and 3.9 alike
+
+
+@gluon.jit
+def gluon_ws_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
+                         ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
+                         stride_ur, bias_ptr, n, o, r, G,
+                         BT: gl.constexpr, BO: gl.constexpr, NS: gl.constexpr, R_BLK: gl.constexpr,
+                         INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, SIMD: gl.constexpr,
+                         UNPACK_REGS: gl.constexpr):
+    """``gluon_tma_gemm_kernel`` (packed weights) with warp specialization: a one-warp TMA partition, a
+    four-warp unpack partition and the MMA warpgroup(s) run concurrently and hand each NS-deep stage
+    on through three mbarriers (loaded → ready → empty), so the unpack of later groups overlaps the
+    MMAs of earlier ones without the MMA warps issuing it. Then the shared epilogue."""
+    HALF: gl.constexpr = 32
+    sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    t0 = gl.program_id(0) * BT
+    o0 = gl.program_id(1) * BO
+    x_lo = gl.allocate_shared_memory(gl.int8, [NS, BT, HALF], x_desc.layout)
+    x_hi = gl.allocate_shared_memory(gl.int8, [NS, BT, HALF], x_desc.layout)
+    w_pk = gl.allocate_shared_memory(gl.uint8, [NS, BO, HALF], w_desc.layout)
+    u_lo = gl.allocate_shared_memory(gl.int8, [NS, BO, HALF], sl)
+    u_hi = gl.allocate_shared_memory(gl.int8, [NS, BO, HALF], sl)
+    loaded = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(loaded.index(i), count=1)
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    acc = gl.warp_specialize([
+        (_ws_mma_partition, (x_lo, x_hi, u_lo, u_hi, ready, empty, G, BT, BO, NS)),
+        (_ws_load_partition, (x_desc, w_desc, x_lo, x_hi, w_pk, loaded, empty, G, t0, o0, NS)),
+        (_ws_unpack_partition, (x_desc, w_desc, x_lo, x_hi, w_pk, u_lo, u_hi, loaded, ready, wk_ptr, stride_wko, o,
+                                G, o0, NS, BO, SIMD)),
+    ], [1, 4], [24, UNPACK_REGS])[0]
+    _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr,
+              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
+
+
 def _check_covered(plan, act: dict) -> None:
     if plan.fmt != "int_ratio" or act.get("zero") is not None or plan.w_int8 is not None:
         raise ValueError("the Gluon GEMM covers symmetric format C with packed INT4 weights only")
@@ -384,6 +487,70 @@ def gluon_tma_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None 
     return y
 
 
+# warp-specialized TMA kernel: 128×128 with one MMA warpgroup, 4 stages; the registers per thread the
+# kernel starts with (maxnreg) and the unpack partition's share (the TMA warp gets 24, the MMA warps the rest)
+WS_CONFIG = dict(BT=128, BO=128, NS=4, num_warps=4, maxnreg=168, UNPACK_REGS=80)
+
+
+def _launch_ws(module, plan, act: dict, y, int_out: bool, config: dict | None = None) -> None:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    cfg = {**WS_CONFIG, **(config or {})}
+    bt, bo = cfg["BT"], cfg["BO"]
+    codes = act["codes"]
+    n, o = codes.shape[0], plan.o
+    sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    x_desc = TensorDescriptor.from_tensor(codes, [bt, 32], sl)
+    w_desc = TensorDescriptor.from_tensor(module.weight_packed, [bo, 32], sl)
+    wr = module.weight_ratio
+    dummy = plan.dummy
+    has_lr = not int_out and plan.has_down and plan.r > 0
+    c = act["c"] if has_lr else dummy
+    up = module.up if has_lr else dummy
+    has_bias = not int_out and plan.has_bias
+    ws, xs = module.weight_scale, act["scale"]
+    grid = (triton.cdiv(n, bt), triton.cdiv(o, bo))
+    gluon_ws_gemm_kernel[grid](
+        x_desc, w_desc, wr, wr.stride(0), y, y.stride(0),
+        ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
+        c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
+        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
+        module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
+        BT=bt, BO=bo, NS=cfg["NS"], R_BLK=32 if plan.r <= 32 else 64, INT_OUT=int_out, HAS_LR=has_lr,
+        HAS_BIAS=has_bias, SIMD=bool(cfg.get("SIMD", simd_unpack_enabled(True))), UNPACK_REGS=cfg["UNPACK_REGS"],
+        num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
+
+
+def _check_ws_covered(plan, act: dict) -> None:
+    if plan.fmt != "int_ratio" or act.get("zero") is not None or plan.w_int8 is not None:
+        raise ValueError("the warp-specialized Gluon GEMM covers symmetric format C with packed INT4 weights only")
+
+
+def gluon_ws_core_int32(module, plan, act: dict, config: dict | None = None):
+    """:func:`gluon_core_int32` by the warp-specialized TMA kernel (packed weights)."""
+    import torch
+
+    _check_ws_covered(plan, act)
+    y = torch.empty((act["codes"].shape[0], plan.o), dtype=torch.int32, device=act["codes"].device)
+    if y.numel():
+        _launch_ws(module, plan, act, y, int_out=True, config=config)
+    return y
+
+
+def gluon_ws_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None):
+    """:func:`gluon_w4a4_gemm` by the warp-specialized TMA kernel: what ``w4a4_gemm`` returns for
+    ``DIROTQ_GEMM_LAYOUT=ws``. ``config``: BT / BO / NS / num_warps / maxnreg / UNPACK_REGS overrides of
+    ``WS_CONFIG`` (BT = 256 wants num_warps = 8 and maxnreg = 128)."""
+    import torch
+
+    _check_ws_covered(plan, act)
+    y = torch.empty((act["codes"].shape[0], plan.o), dtype=out_dtype, device=act["codes"].device)
+    if y.numel():
+        _launch_ws(module, plan, act, y, int_out=False, config=config)
+    return y
+
+
 __all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "gluon_tma_gemm_kernel", "gluon_tma_core_int32",
-           "gluon_tma_w4a4_gemm", "TMA_CONFIG", "BT", "BO", "NBUF", "NUM_WARPS", "PREFETCH",
+           "gluon_tma_w4a4_gemm", "TMA_CONFIG", "gluon_ws_gemm_kernel", "gluon_ws_core_int32", "gluon_ws_w4a4_gemm",
+           "WS_CONFIG", "BT", "BO", "NBUF", "NUM_WARPS", "PREFETCH",
            "GLUON_MIN_TOKENS"]

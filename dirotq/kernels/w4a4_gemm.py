@@ -306,7 +306,7 @@ def w4a4_gemm_tm_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-GEMM_LAYOUTS = ("swap", "token", "gluon", "tma")
+GEMM_LAYOUTS = ("swap", "token", "gluon", "tma", "ws")
 TOKEN_MAJOR_MIN_TOKENS = 128  # the token-major tile needs ≥ 64 rows per MMA; below, few tiles anyway
 
 
@@ -315,9 +315,10 @@ def gemm_layout(n: int, layout: str | None = None) -> str:
     (``w4a4_gemm_tm_kernel``: weights as the shared-memory operand, n ≥ 128 tokens) or "gluon"
     (``gluon_gemm.gluon_w4a4_gemm``: asynchronous int8 wgmma, n ≥ 128, symmetric format C with packed
     weights; other layers keep the swap kernel) or "tma" (``gluon_gemm.gluon_tma_w4a4_gemm``: the same
-    with TMA-fed stages, n ≥ 128, symmetric format C, packed or cached int8 weights). ``layout=None``
-    reads ``DIROTQ_GEMM_LAYOUT`` (default swap: on the H200 the token-major GEMM was 1.3× and the Gluon
-    one 1.7–1.8× slower; the TMA one is not yet timed)."""
+    with TMA-fed stages, n ≥ 128, symmetric format C, packed or cached int8 weights) or "ws" (its
+    warp-specialized form, packed weights). ``layout=None`` reads ``DIROTQ_GEMM_LAYOUT`` (default swap: on
+    the H200 the token-major GEMM was 1.3× and the Gluon one 1.7–1.8× slower; tma and ws are not yet
+    timed)."""
     layout = layout or os.environ.get("DIROTQ_GEMM_LAYOUT", "swap")
     if layout not in GEMM_LAYOUTS:
         raise ValueError(f"DIROTQ_GEMM_LAYOUT must be one of {', '.join(GEMM_LAYOUTS)}, got {layout!r}")
@@ -449,9 +450,9 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
     number of K splits (default :func:`split_k`; swap-AB only). Asymmetric activations (``act["zero"]``,
     format C): the zero-point term is subtracted in the epilogue (``debug_int``: the corrected int32
-    sums). ``layout``: "swap", "token", "gluon" or "tma" (:func:`gemm_layout`; all but swap need
-    n ≥ 128; gluon covers symmetric format C with packed weights on a GPU, tma symmetric format C with
-    packed or cached int8 weights; anything else runs the swap kernel)."""
+    sums). ``layout``: "swap", "token", "gluon", "tma" or "ws" (:func:`gemm_layout`; all but swap need
+    n ≥ 128; gluon and ws cover symmetric format C with packed weights on a GPU, tma symmetric format C
+    with packed or cached int8 weights; anything else runs the swap kernel)."""
     import torch
 
     n = act["codes"].shape[0]
@@ -462,6 +463,11 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         from .gluon_gemm import gluon_core_int32, gluon_w4a4_gemm
 
         return gluon_core_int32(module, plan, act) if debug_int else gluon_w4a4_gemm(module, plan, act, out_dtype)
+    if chosen == "ws" and _gluon_covers(plan, act):
+        from .gluon_gemm import gluon_ws_core_int32, gluon_ws_w4a4_gemm
+
+        return (gluon_ws_core_int32(module, plan, act) if debug_int
+                else gluon_ws_w4a4_gemm(module, plan, act, out_dtype))
     if chosen == "tma" and _tma_covers(plan, act):
         from .gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
 
