@@ -156,16 +156,19 @@ def own_int8_ceiling(n: int = 8192) -> dict:
     return out
 
 
-def gluon_core_row(m, plan, act, flops: float, out_dtype) -> dict:
+def gluon_core_row(m, plan, act, flops: float, out_dtype, first_gluon: bool = True) -> dict:
     """Format C's GEMM with asynchronous int8 wgmma (Gluon, ``dirotq/kernels/gluon_gemm.py``) against
     the Triton kernel on the same codes: the int32 core (``debug_int``: every Triton int8 MMA waited
     for) compared exactly, and the whole GEMM (scales, rank-32 branch, bias) per tile config with its
-    error against the Triton GEMM's output. A Gluon failure is recorded, not raised."""
+    error against the Triton GEMM's output. A Gluon failure is recorded, not raised.
+    ``first_gluon=False``: the Triton core only (the first Gluon GEMM was timed on the H200)."""
     from dirotq.kernels.w4a4_gemm import w4a4_gemm
 
     out = {}
     out["C_core_int32_triton_ms"] = t_t = bench(lambda: w4a4_gemm(m, plan, act, torch.float32, debug_int=True))
     out["C_core_int32_triton_tops"] = flops / t_t / 1e9
+    if not first_gluon:
+        return out
     try:
         from dirotq.kernels.gluon_gemm import gluon_core_int32, gluon_w4a4_gemm
 
@@ -220,7 +223,7 @@ def variant_list(extra_variants: bool = True) -> list[tuple]:
 
 
 def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_variants: bool = True,
-              only: set[str] | None = None, tma: bool = True) -> dict:
+              only: set[str] | None = None, tma: bool = True, first_gluon: bool = True) -> dict:
     from dirotq import kernels
     from dirotq.kernels.act_quant import quantize_activations
     from dirotq.kernels.layout import get_plan
@@ -292,7 +295,7 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_total_ms"] = t = bench(lambda: kernels.kernel_forward(m, nxt()))
                 row[f"{tag}_total_graph_ms"] = bench_graph(lambda: kernels.kernel_forward(m, nxt()))
                 if tag == "C_dirotq-lr_r32" and dev == "cuda":
-                    row.update(gluon_core_row(m, plan, act, flops, dt))
+                    row.update(gluon_core_row(m, plan, act, flops, dt, first_gluon=first_gluon))
                     if tma:
                         row.update(tma_rows(m, plan, act, flops, dt, "C"))
                         row.update(ws_rows(m, plan, act, flops, dt))
@@ -338,6 +341,8 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                     help="only these layer names of --models, in this order ('ff up' or ff_up: '_' for ' ')")
     ap.add_argument("--no-tma", action="store_true", help="leave the TMA-fed Gluon GEMMs' rows out")
+    ap.add_argument("--no-first-gluon", action="store_true",
+                    help="leave out the first Gluon GEMM's per-config rows (timed on the H200 on 2026-11-28)")
     ap.add_argument("--no-own-ceiling", action="store_true",
                     help="skip our own int8 ceiling (the TMA Gluon core on cached int8 weights at 8192³)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -389,7 +394,8 @@ def main() -> None:
             break
         print(f"{model} {name} {d}->{o} n={n}", flush=True)
         row = run_shape(model, name, d, o, n, dry, extra_variants=not args.core,
-                        only=set(args.variants) if args.variants else None, tma=not args.no_tma)
+                        only=set(args.variants) if args.variants else None, tma=not args.no_tma,
+                        first_gluon=not args.no_first_gluon)
         ceiling = res["ceilings_measured"].get("int8_int_mm_8192_tops")
         bw = res["ceilings_measured"].get("copy_gbps")
         bf16_peak = res["ceilings_measured"].get("bf16_matmul_8192_tflops")
