@@ -316,7 +316,7 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                     row[f"{tag}_graph_speedup_vs_bf16"] = row["bf16_graph_ms"] / row[f"{tag}_total_graph_ms"]
                 row[f"{tag}_split"] = {"act_quant": round(t_a / t, 3), "gemm": round(t_g / t, 3),
                                        "other(launch,alloc)": round(max(0.0, 1 - (t_a + t_g) / t), 3)}
-                del m
+                m = act = None  # the layer and its codes freed before the next variant
             except Exception as exc:
                 row[f"{tag}_error"] = f"{type(exc).__name__}: {exc}"
                 print(f"  {tag}: {row[f'{tag}_error']}")
