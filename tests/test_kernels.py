@@ -230,7 +230,8 @@ def test_one_launch_activation_kernel_matches_the_launch_grid(structure, d, o, r
 @pytest.mark.parametrize("structure,d,r,n,fmt,symmetric", [
     ("dirotq-lr", 320, 16, 37, "int_ratio", True), ("dirotq-lr", 320, 16, 21, "int_ratio", False),
     ("dirotq-lr", 320, 64, 37, "exact", True), ("svdquant", 128, 8, 19, "int_ratio", True),
-    ("rtn", 100, 0, 5, "int_ratio", True), ("dirotq", 128, 16, 9, "int_ratio", True)])
+    ("rtn", 100, 0, 5, "int_ratio", True), ("dirotq", 128, 16, 9, "int_ratio", True),
+    ("dirotq-lr", 192, 96, 13, "int_ratio", True)])  # r > 64: the projection in two chunks, loaded per group
 def test_prefetching_the_next_group_changes_no_code(structure, d, r, n, fmt, symmetric):
     """The activation kernel's PREFETCH (group g + 1's x tile loaded before group g is transformed; an
     autotuning choice) computes the same input, scales, multipliers and codes bit for bit, in both

@@ -180,17 +180,30 @@ def _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd,
 
 @triton.jit
 def _group_tile_from(xraw, g, rows, had, smooth_ptr, down_ptr, stride_dd, stride_dr, signs_ptr, c_ptr, stride_cn,
-                     n, d, d_q, r, GS: tl.constexpr, RC: tl.constexpr, HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr,
-                     HAS_HAD: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """``_group_tile`` (no dense rotation) from group g's raw x tile, loaded earlier: the same values."""
+                     n, d, d_q, r, cc, dt, GS: tl.constexpr, RC: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                     PROJ: tl.constexpr, PROJ_HELD: tl.constexpr, HAS_HAD: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``_group_tile`` (no dense rotation) from group g's raw x tile, loaded earlier: the same values.
+    PROJ_HELD: the projection's operands were loaded earlier too, c (BT, RC) as fp32 and this group's
+    down chunk (RC, GS) as stored (r ≤ RC: one chunk, the one ``_project`` would load)."""
     gcols = g * GS + tl.arange(0, GS)
     a = _smooth(xraw, smooth_ptr, gcols, d, HAS_SMOOTH)
     if PROJ:
-        a = _project(a, rows, gcols, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC, DOT_DTYPE)
+        if PROJ_HELD:
+            a = a - _fdot(cc, dt, DOT_DTYPE)
+        else:
+            a = _project(a, rows, gcols, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC, DOT_DTYPE)
     if HAS_HAD:
         sg = tl.load(signs_ptr + gcols, mask=gcols < d_q, other=0.0).to(tl.float32)
         a = _fdot(a * sg[None, :], had, DOT_DTYPE)
     return a
+
+
+@triton.jit
+def _load_down_chunk(down_ptr, stride_dd, stride_dr, gcols, col_end, r, RC: tl.constexpr):
+    """down[gcols, :r]ᵀ as the (RC, GS) tile ``_project`` loads (0 past r and column ``col_end``)."""
+    rc = tl.arange(0, RC)
+    return tl.load(down_ptr + gcols[None, :] * stride_dd + rc[:, None] * stride_dr,
+                   mask=(gcols[None, :] < col_end) & (rc[:, None] < r), other=0.0)
 
 
 @triton.jit
@@ -214,6 +227,7 @@ def act_quant_kernel(
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
     DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr, C_IN_KERNEL: tl.constexpr, RP: tl.constexpr,
     SSE_UNIT: tl.constexpr, SSE_FLOAT64: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    R_ONE_CHUNK: tl.constexpr = False,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
     format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
@@ -223,8 +237,8 @@ def act_quant_kernel(
     layer needs no GEMM before the launch. SSE_FLOAT64 (benchmarks only, never the layer): format C's
     multipliers chosen by revision 3's float64 squared errors, to time what revision 4 saves; its
     codes can differ from the reference in near-ties. PREFETCH (no dense rotation): group g + 1's x
-    tile is loaded before group g is transformed, so its load latency overlaps work (the same codes;
-    an autotuning choice)."""
+    tile (and, R_ONE_CHUNK: r ≤ RC, its down chunk; c once per program) is loaded before group g is
+    transformed, so the load latency overlaps work (the same codes; an autotuning choice)."""
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -273,15 +287,29 @@ def act_quant_kernel(
         tl.store(s_ptr + rows * stride_sn, s_row, mask=rmask)
     base = s_row * (15.0 if ASYM else 7.0)
 
-    if PREFETCH and not HAS_ROT:  # group g + 1's x tile is loaded while group g is transformed and quantized
+    # PREFETCH: group g + 1's loads (x tile, and with a one-chunk projection its down chunk; c once per
+    # program) are issued before group g is transformed and quantized
+    HELD: tl.constexpr = PREFETCH and PROJ and R_ONE_CHUNK and not HAS_ROT
+    cc = tl.zeros((BT, RC), dtype=tl.float32)
+    dt_next = tl.zeros((RC, GS), dtype=down_ptr.dtype.element_ty)
+    if PREFETCH and not HAS_ROT:
         col_end = tl.minimum(d, g_hi * GS)  # nothing past this program's last group
         x_next = _load_raw(x_ptr, stride_xn, rows, g_lo * GS + cols, n, col_end)
+        if HELD:
+            rcc = tl.arange(0, RC)
+            cc = tl.load(c_ptr + rows[:, None] * stride_cn + rcc[None, :], mask=rmask[:, None] & (rcc[None, :] < r),
+                         other=0.0).to(tl.float32)
+            dt_next = _load_down_chunk(down_ptr, stride_dd, stride_dr, g_lo * GS + cols, col_end, r, RC)
     for g in range(g_lo, g_hi):
         if PREFETCH and not HAS_ROT:
             x_cur = x_next
             x_next = _load_raw(x_ptr, stride_xn, rows, (g + 1) * GS + cols, n, col_end)
+            dt_cur = dt_next
+            if HELD:
+                dt_next = _load_down_chunk(down_ptr, stride_dd, stride_dr, (g + 1) * GS + cols, col_end, r, RC)
             a = _group_tile_from(x_cur, g, rows, had, smooth_ptr, down_ptr, stride_dd, stride_dr, signs_ptr, c_ptr,
-                                 stride_cn, n, d, d_q, r, GS, RC, HAS_SMOOTH, PROJ, HAS_HAD, DOT_DTYPE)
+                                 stride_cn, n, d, d_q, r, cc, dt_cur, GS, RC, HAS_SMOOTH, PROJ, HELD, HAS_HAD,
+                                 DOT_DTYPE)
         else:
             a = _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd, stride_dr, rot_ptr,
                             stride_rd, stride_rc, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, BT, GS, BKD, RC,
@@ -438,7 +466,8 @@ def activation_launch(module, plan, x, store_a: bool = False, one_launch: bool |
                 HAS_SMOOTH=plan.has_smooth, PROJ=plan.project_out and plan.has_down,
                 HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, ASYM=plan.asym, STORE_A=store_a,
                 DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1), C_IN_KERNEL=c_in_kernel,
-                RP=_pow2_at_least(plan.r) if c_in_kernel else 16, SSE_UNIT=sse_unit(g))
+                RP=_pow2_at_least(plan.r) if c_in_kernel else 16, SSE_UNIT=sse_unit(g),
+                R_ONE_CHUNK=plan.r <= min(64, _pow2_at_least(plan.r)))
     # format C: absmax per group, then the row scale and codes (one launch: both in each program)
     passes = ((2,) if one else (0, 1)) if fmt_c else (0,)
     return {"out": out, "args": args, "meta": meta, "g_blocks": triton.cdiv(G, gpb), "passes": passes}
