@@ -509,6 +509,68 @@ def test_simd_unpack_arithmetic():
             assert all(torch.equal(s8(x), y * k) for x, y in zip(lanes(c), q))
 
 
+# --- the Gluon GEMMs' host side, without a GPU ---------------------------------------------------
+class _LaunchRecorder:
+    """Stands in for a Gluon kernel object (which cannot launch on a CPU): records the grid and the
+    arguments of one launch and keeps the real kernel's parameter list to check them against."""
+
+    def __init__(self, kernel):
+        self.params = kernel.params
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("which,config,weights,int_out", [
+    ("gluon", None, "packed", False), ("gluon", dict(BT=256, num_warps=8), "packed", True),
+    ("tma", None, "packed", False), ("tma", dict(BT=256, num_warps=8, NS=6, NBU=2), "int8", True),
+    ("ws", None, "packed", False), ("ws", dict(BT=256, num_warps=8, maxnreg=128), "packed", True)])
+def test_gluon_launchers_pass_every_kernel_parameter(which, config, weights, int_out, monkeypatch):
+    """The GPU-only Gluon GEMMs' launch wrappers, run on the CPU against a recorder of the launch:
+    one positional argument per runtime parameter and one keyword per constexpr of the real kernel
+    (plus launch options), tensors where the kernel takes pointers, TMA descriptors with the tile's
+    box shapes, and the grid of token × output tiles. What a GPU session would otherwise find first."""
+    from dirotq.kernels import gluon_gemm as gg
+
+    kernel_name, launch = {"gluon": ("gluon_gemm_kernel", gg._launch), "tma": ("gluon_tma_gemm_kernel", gg._launch_tma),
+                           "ws": ("gluon_ws_gemm_kernel", gg._launch_ws)}[which]
+    rec = _LaunchRecorder(getattr(gg, kernel_name))
+    monkeypatch.setattr(gg, kernel_name, rec)
+    m = make_layer("dirotq-lr", "int_ratio", d=192, o=200, r=16)
+    m.kernel_weights = weights
+    x = make_input(130, 192)
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    y = torch.empty((130, 200), dtype=torch.int32 if int_out else torch.float32)
+    if which == "gluon":
+        launch(m, plan, act, y, 2, int_out, config)
+    else:
+        launch(m, plan, act, y, int_out, config)
+    (grid, args, kwargs), = rec.calls
+    runtime = [p for p in rec.params if not p.is_constexpr]
+    constexprs = {p.name for p in rec.params if p.is_constexpr}
+    assert len(args) == len(runtime), [p.name for p in runtime]
+    assert set(kwargs) - {"num_warps", "maxnreg"} == constexprs
+    cfg = {"gluon": {"BT": gg.BT, "BO": gg.BO}, "tma": gg.TMA_CONFIG, "ws": gg.WS_CONFIG}[which] | (config or {})
+    assert grid == (-(-130 // cfg["BT"]), -(-200 // cfg["BO"]))
+    assert kwargs["INT_OUT"] == int_out and kwargs["HAS_LR"] == (not int_out) and kwargs["HAS_BIAS"] == (not int_out)
+    for p, a in zip(runtime, args):
+        if p.name.endswith("_ptr"):
+            assert isinstance(a, torch.Tensor), p.name
+        elif p.name.endswith("_desc"):
+            box = cfg["BT"] if p.name == "x_desc" else cfg["BO"]
+            assert list(a.block_shape) == [box, 32] and a.base.dtype in (torch.int8, torch.uint8), p.name
+        else:
+            assert isinstance(a, int), (p.name, a)
+    named = dict(zip([p.name for p in runtime], args))
+    assert named["y_ptr"] is y and named["n"] == 130 and named["o"] == 200 and named["G"] == plan.groups
+    if which == "tma":
+        assert kwargs["W_INT8"] == (weights == "int8")
+        w_desc = named["w_desc"]
+        assert w_desc.base is (plan.w_int8 if weights == "int8" else m.weight_packed)
+
+
 # --- compiled for Hopper without a GPU ----------------------------------------------------------
 def test_kernels_compile_for_sm90_without_spills():
     """Triton → PTX → ptxas for sm_90a on this (CPU) machine: every variant compiles, the GEMM runs on
