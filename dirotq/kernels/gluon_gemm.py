@@ -1,20 +1,26 @@
-"""Format C's W4A4 GEMM in Gluon, with asynchronous int8 wgmma (the Hopper speed path under test).
+"""Format C's W4A4 GEMM in Gluon, with asynchronous int8 wgmma (the Hopper speed paths under test).
 
 Triton 3.9 issues every int8 wgmma synchronously (``aot_check``'s probe: ``wait_group 0`` after each
 MMA, while the same FP8 GEMM keeps one in flight), so our Triton GEMMs cannot overlap a group's MMAs
 with the next group's INT4 unpack. Gluon, Triton's lower-level dialect, lets the kernel say so
-itself: NBUF shared-memory buffers per operand, ``warpgroup_mma(..., is_async=True)`` and
-``warpgroup_mma_wait(2·(NBUF − 1))``, so the two MMAs of each of the last NBUF − 1 groups run while
-this group's weights are unpacked (k_w·q_w, as the Triton kernels form them) and stored.
+itself. Three kernels, one shared epilogue (``_epilogue``: y = acc·s_x[t]·s_w[o] + c·upᵀ + bias, the
+16-bit branch as a bf16/fp16 wgmma):
 
-Two entry points over one kernel:
-- :func:`gluon_core_int32`: the int32 sums Σ_g codes·(k_w·q_w)ᵀ, what the Triton kernels'
-  ``debug_int`` mode returns for symmetric format C (compared exactly on the GPU);
-- :func:`gluon_w4a4_gemm`: the whole format C GEMM, y = acc·s_x[t]·s_w[o] + c·upᵀ + bias, the
-  16-bit branch as a bf16/fp16 wgmma in the epilogue; what ``w4a4_gemm`` returns for
-  ``DIROTQ_GEMM_LAYOUT=gluon`` (symmetric format C, packed weights, n ≥ 128 tokens).
-Gluon has no interpreter, so none of this runs on the CPU: ``aot_check`` compiles it for sm_90a and
-the CUDA tests compare it with the Triton kernel.
+- ``gluon_gemm_kernel`` (``DIROTQ_GEMM_LAYOUT=gluon``): NBUF shared-memory buffers per operand filled
+  from registers, ``warpgroup_mma(..., is_async=True)`` and ``warpgroup_mma_wait(2·(NBUF − 1))``, so
+  the MMAs of the last NBUF − 1 groups run while this group's weights are unpacked (k_w·q_w, as the
+  Triton kernels form them). Measured on the H200: 1.7–1.8× slower than the Triton GEMM (its loads
+  are synchronous).
+- ``gluon_tma_gemm_kernel`` (``tma``): the operands arrive by TMA into a ring of mbarrier stages
+  several groups ahead of the MMAs; packed or cached int8 weights.
+- ``gluon_ws_gemm_kernel`` (``ws``): the same ring handed between a TMA warp, unpack warps and the
+  MMA warps (warp specialization).
+
+Entry points per kernel: ``*_core_int32`` (the int32 sums Σ_g codes·(k_w·q_w)ᵀ, what the Triton
+kernels' ``debug_int`` mode returns for symmetric format C) and ``*_w4a4_gemm`` (what ``w4a4_gemm``
+returns for that layout). Gluon has no interpreter, so none of this runs on the CPU: ``aot_check``
+compiles every config for sm_90a, a CPU test checks the launch wrappers against the kernels'
+parameters, and the CUDA tests compare them with the Triton kernel.
 """
 
 from __future__ import annotations
