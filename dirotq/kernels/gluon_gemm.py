@@ -372,31 +372,64 @@ def gluon_ws_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
               up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
 
 
-def _check_covered(plan, act: dict) -> None:
+def _check_covered(plan, act: dict, what: str = "the Gluon GEMM") -> None:
     if plan.fmt != "int_ratio" or act.get("zero") is not None or plan.w_int8 is not None:
-        raise ValueError("the Gluon GEMM covers symmetric format C with packed INT4 weights only")
+        raise ValueError(f"{what} covers symmetric format C with packed INT4 weights only")
 
 
-def _launch(module, plan, act: dict, y, nbuf: int, int_out: bool, config: dict | None = None) -> None:
-    codes = act["codes"]
-    n, o = codes.shape[0], plan.o
-    cfg = {"BT": BT, "BO": BO, "num_warps": NUM_WARPS, "PREFETCH": PREFETCH, **(config or {})}
-    wp, wr = module.weight_packed, module.weight_ratio
+def _check_tma_covered(plan, act: dict) -> None:
+    if plan.fmt != "int_ratio" or act.get("zero") is not None:
+        raise ValueError("the Gluon TMA GEMM covers symmetric format C only")
+
+
+def _epilogue_args(module, plan, act: dict, y, int_out: bool) -> tuple[list, dict]:
+    """What every Gluon GEMM passes its shared epilogue: the runtime arguments from ``y_ptr`` to ``G``
+    (the output, scales, the 16-bit branch's c and up, bias, sizes) and the epilogue's constexprs."""
     dummy = plan.dummy
     has_lr = not int_out and plan.has_down and plan.r > 0
     c = act["c"] if has_lr else dummy
     up = module.up if has_lr else dummy
     has_bias = not int_out and plan.has_bias
     ws, xs = module.weight_scale, act["scale"]
-    grid = (triton.cdiv(n, cfg["BT"]), triton.cdiv(o, cfg["BO"]))
-    gluon_gemm_kernel[grid](
-        wp, wp.stride(0), wr, wr.stride(0), codes, codes.stride(0), y, y.stride(0),
-        ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
-        c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
-        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
-        module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
-        BT=cfg["BT"], BO=cfg["BO"], NBUF=int(nbuf), R_BLK=32 if plan.r <= 32 else 64,
-        INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, PREFETCH=bool(cfg["PREFETCH"]),
+    args = [y, y.stride(0), ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
+            c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
+            up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
+            module.bias if has_bias else dummy, act["codes"].shape[0], plan.o, plan.r if has_lr else 0, plan.groups]
+    return args, dict(R_BLK=32 if plan.r <= 32 else 64, INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias)
+
+
+def _grid(act: dict, plan, bt: int, bo: int) -> tuple[int, int]:
+    return triton.cdiv(act["codes"].shape[0], bt), triton.cdiv(plan.o, bo)
+
+
+def _tma_descriptors(codes, weights, bt: int, bo: int) -> tuple:
+    """Host TMA descriptors of the activation codes (boxes (bt, 32)) and the weights, packed or int8
+    (boxes (bo, 32)); TMA zero-fills rows past n (tokens) and o (outputs), and every row stride is a
+    multiple of 16 bytes."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    return TensorDescriptor.from_tensor(codes, [bt, 32], sl), TensorDescriptor.from_tensor(weights, [bo, 32], sl)
+
+
+def _output(plan, act: dict, dtype, launch):
+    """y (n, o) in ``dtype``, filled by ``launch(y)`` unless it is empty."""
+    import torch
+
+    y = torch.empty((act["codes"].shape[0], plan.o), dtype=dtype, device=act["codes"].device)
+    if y.numel():
+        launch(y)
+    return y
+
+
+def _launch(module, plan, act: dict, y, nbuf: int, int_out: bool, config: dict | None = None) -> None:
+    codes = act["codes"]
+    cfg = {"BT": BT, "BO": BO, "num_warps": NUM_WARPS, "PREFETCH": PREFETCH, **(config or {})}
+    wp, wr = module.weight_packed, module.weight_ratio
+    tail, epi = _epilogue_args(module, plan, act, y, int_out)
+    gluon_gemm_kernel[_grid(act, plan, cfg["BT"], cfg["BO"])](
+        wp, wp.stride(0), wr, wr.stride(0), codes, codes.stride(0), *tail,
+        BT=cfg["BT"], BO=cfg["BO"], NBUF=int(nbuf), PREFETCH=bool(cfg["PREFETCH"]), **epi,
         num_warps=cfg["num_warps"])
 
 
@@ -407,22 +440,15 @@ def gluon_core_int32(module, plan, act: dict, nbuf: int = NBUF):
     import torch
 
     _check_covered(plan, act)
-    y = torch.empty((act["codes"].shape[0], plan.o), dtype=torch.int32, device=act["codes"].device)
-    _launch(module, plan, act, y, nbuf, int_out=True)
-    return y
+    return _output(plan, act, torch.int32, lambda y: _launch(module, plan, act, y, nbuf, int_out=True))
 
 
 def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config: dict | None = None):
     """y (n, o) = s_x[t]·s_w[o]·Σ codes·(k_w·q_w)ᵀ + c·upᵀ + bias for symmetric format C, in
     ``out_dtype``: the result of ``w4a4_gemm`` for the same ``act``. CUDA (Hopper) only.
     ``config``: BT / BO / num_warps / PREFETCH overrides (BT = 256 wants num_warps = 8: two warpgroups)."""
-    import torch
-
     _check_covered(plan, act)
-    y = torch.empty((act["codes"].shape[0], plan.o), dtype=out_dtype, device=act["codes"].device)
-    if y.numel():
-        _launch(module, plan, act, y, nbuf, int_out=False, config=config)
-    return y
+    return _output(plan, act, out_dtype, lambda y: _launch(module, plan, act, y, nbuf, int_out=False, config=config))
 
 
 # TMA kernel: 128×128 tiles, one warpgroup, 6 stages kept 4 groups ahead, 2 unpack buffers (88 KB of
@@ -431,42 +457,19 @@ def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config
 TMA_CONFIG = dict(BT=128, BO=128, NS=6, NBU=2, num_warps=4)
 
 
-def _check_tma_covered(plan, act: dict) -> None:
-    if plan.fmt != "int_ratio" or act.get("zero") is not None:
-        raise ValueError("the Gluon TMA GEMM covers symmetric format C only")
-
-
 def _launch_tma(module, plan, act: dict, y, int_out: bool, config: dict | None = None) -> None:
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     cfg = {**TMA_CONFIG, **(config or {})}
     bt, bo = cfg["BT"], cfg["BO"]
     if cfg["NBU"] < 2 or cfg["NS"] <= cfg["NBU"]:
         raise ValueError(f"the TMA GEMM needs 2 ≤ NBU < NS, got NS={cfg['NS']}, NBU={cfg['NBU']}")
-    codes = act["codes"]
-    n, o = codes.shape[0], plan.o
-    sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
     w_int8 = plan.w_int8
-    # TMA zero-fills rows past n (tokens) and o (outputs); every row stride is a multiple of 16 bytes
-    x_desc = TensorDescriptor.from_tensor(codes, [bt, 32], sl)
-    w_desc = TensorDescriptor.from_tensor(w_int8 if w_int8 is not None else module.weight_packed, [bo, 32], sl)
+    x_desc, w_desc = _tma_descriptors(act["codes"], w_int8 if w_int8 is not None else module.weight_packed, bt, bo)
     wr = module.weight_ratio
-    dummy = plan.dummy
-    has_lr = not int_out and plan.has_down and plan.r > 0
-    c = act["c"] if has_lr else dummy
-    up = module.up if has_lr else dummy
-    has_bias = not int_out and plan.has_bias
-    ws, xs = module.weight_scale, act["scale"]
-    grid = (triton.cdiv(n, bt), triton.cdiv(o, bo))
-    gluon_tma_gemm_kernel[grid](
-        x_desc, w_desc, wr, wr.stride(0), y, y.stride(0),
-        ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
-        c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
-        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
-        module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
-        BT=bt, BO=bo, NS=cfg["NS"], NBU=cfg["NBU"], R_BLK=32 if plan.r <= 32 else 64,
-        INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, W_INT8=w_int8 is not None,
-        SIMD=bool(cfg.get("SIMD", simd_unpack_enabled(True))), num_warps=cfg["num_warps"])
+    tail, epi = _epilogue_args(module, plan, act, y, int_out)
+    gluon_tma_gemm_kernel[_grid(act, plan, bt, bo)](
+        x_desc, w_desc, wr, wr.stride(0), *tail,
+        BT=bt, BO=bo, NS=cfg["NS"], NBU=cfg["NBU"], W_INT8=w_int8 is not None,
+        SIMD=bool(cfg.get("SIMD", simd_unpack_enabled(True))), **epi, num_warps=cfg["num_warps"])
 
 
 def gluon_tma_core_int32(module, plan, act: dict, config: dict | None = None):
@@ -474,23 +477,15 @@ def gluon_tma_core_int32(module, plan, act: dict, config: dict | None = None):
     import torch
 
     _check_tma_covered(plan, act)
-    y = torch.empty((act["codes"].shape[0], plan.o), dtype=torch.int32, device=act["codes"].device)
-    if y.numel():
-        _launch_tma(module, plan, act, y, int_out=True, config=config)
-    return y
+    return _output(plan, act, torch.int32, lambda y: _launch_tma(module, plan, act, y, int_out=True, config=config))
 
 
 def gluon_tma_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None):
     """:func:`gluon_w4a4_gemm` by the TMA kernel: what ``w4a4_gemm`` returns for
     ``DIROTQ_GEMM_LAYOUT=tma``. ``config``: BT / BO / NS / NBU / num_warps overrides of
     ``TMA_CONFIG`` (BT = 256 wants num_warps = 8)."""
-    import torch
-
     _check_tma_covered(plan, act)
-    y = torch.empty((act["codes"].shape[0], plan.o), dtype=out_dtype, device=act["codes"].device)
-    if y.numel():
-        _launch_tma(module, plan, act, y, int_out=False, config=config)
-    return y
+    return _output(plan, act, out_dtype, lambda y: _launch_tma(module, plan, act, y, int_out=False, config=config))
 
 
 # warp-specialized TMA kernel: 128×128 with one MMA warpgroup, 4 stages; the registers per thread the
@@ -499,62 +494,34 @@ WS_CONFIG = dict(BT=128, BO=128, NS=4, num_warps=4, maxnreg=168, UNPACK_REGS=80)
 
 
 def _launch_ws(module, plan, act: dict, y, int_out: bool, config: dict | None = None) -> None:
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     cfg = {**WS_CONFIG, **(config or {})}
     bt, bo = cfg["BT"], cfg["BO"]
-    codes = act["codes"]
-    n, o = codes.shape[0], plan.o
-    sl = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
-    x_desc = TensorDescriptor.from_tensor(codes, [bt, 32], sl)
-    w_desc = TensorDescriptor.from_tensor(module.weight_packed, [bo, 32], sl)
+    x_desc, w_desc = _tma_descriptors(act["codes"], module.weight_packed, bt, bo)
     wr = module.weight_ratio
-    dummy = plan.dummy
-    has_lr = not int_out and plan.has_down and plan.r > 0
-    c = act["c"] if has_lr else dummy
-    up = module.up if has_lr else dummy
-    has_bias = not int_out and plan.has_bias
-    ws, xs = module.weight_scale, act["scale"]
-    grid = (triton.cdiv(n, bt), triton.cdiv(o, bo))
-    gluon_ws_gemm_kernel[grid](
-        x_desc, w_desc, wr, wr.stride(0), y, y.stride(0),
-        ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
-        c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
-        up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
-        module.bias if has_bias else dummy, n, o, plan.r if has_lr else 0, plan.groups,
-        BT=bt, BO=bo, NS=cfg["NS"], R_BLK=32 if plan.r <= 32 else 64, INT_OUT=int_out, HAS_LR=has_lr,
-        HAS_BIAS=has_bias, SIMD=bool(cfg.get("SIMD", simd_unpack_enabled(True))), UNPACK_REGS=cfg["UNPACK_REGS"],
-        num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
+    tail, epi = _epilogue_args(module, plan, act, y, int_out)
+    gluon_ws_gemm_kernel[_grid(act, plan, bt, bo)](
+        x_desc, w_desc, wr, wr.stride(0), *tail,
+        BT=bt, BO=bo, NS=cfg["NS"], SIMD=bool(cfg.get("SIMD", simd_unpack_enabled(True))),
+        UNPACK_REGS=cfg["UNPACK_REGS"], **epi, num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
 
 
-def _check_ws_covered(plan, act: dict) -> None:
-    if plan.fmt != "int_ratio" or act.get("zero") is not None or plan.w_int8 is not None:
-        raise ValueError("the warp-specialized Gluon GEMM covers symmetric format C with packed INT4 weights only")
+_WS = "the warp-specialized Gluon GEMM"
 
 
 def gluon_ws_core_int32(module, plan, act: dict, config: dict | None = None):
     """:func:`gluon_core_int32` by the warp-specialized TMA kernel (packed weights)."""
     import torch
 
-    _check_ws_covered(plan, act)
-    y = torch.empty((act["codes"].shape[0], plan.o), dtype=torch.int32, device=act["codes"].device)
-    if y.numel():
-        _launch_ws(module, plan, act, y, int_out=True, config=config)
-    return y
+    _check_covered(plan, act, _WS)
+    return _output(plan, act, torch.int32, lambda y: _launch_ws(module, plan, act, y, int_out=True, config=config))
 
 
 def gluon_ws_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None):
     """:func:`gluon_w4a4_gemm` by the warp-specialized TMA kernel: what ``w4a4_gemm`` returns for
     ``DIROTQ_GEMM_LAYOUT=ws``. ``config``: BT / BO / NS / num_warps / maxnreg / UNPACK_REGS overrides of
     ``WS_CONFIG`` (BT = 256 wants num_warps = 8 and maxnreg = 128)."""
-    import torch
-
-    _check_ws_covered(plan, act)
-    y = torch.empty((act["codes"].shape[0], plan.o), dtype=out_dtype, device=act["codes"].device)
-    if y.numel():
-        _launch_ws(module, plan, act, y, int_out=False, config=config)
-    return y
-
+    _check_covered(plan, act, _WS)
+    return _output(plan, act, out_dtype, lambda y: _launch_ws(module, plan, act, y, int_out=False, config=config))
 
 __all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "gluon_tma_gemm_kernel", "gluon_tma_core_int32",
            "gluon_tma_w4a4_gemm", "TMA_CONFIG", "gluon_ws_gemm_kernel", "gluon_ws_core_int32", "gluon_ws_w4a4_gemm",
