@@ -75,60 +75,36 @@ WS_CONFIGS = {  # its warp-specialized form (gluon_gemm.gluon_ws_gemm_kernel; pa
 }
 
 
-def ws_rows(m, plan, act, flops: float, out_dtype) -> dict:
-    """The warp-specialized TMA GEMM: int32 sums against the Triton kernel's, then per config the whole
-    GEMM timed with its error against the Triton GEMM. Failures are recorded."""
-    from dirotq.kernels.w4a4_gemm import w4a4_gemm
-
-    out = {}
-    try:
-        from dirotq.kernels.gluon_gemm import gluon_ws_core_int32, gluon_ws_w4a4_gemm
-
-        ref = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
-        out["C_core_int32_ws_equal"] = bool(torch.equal(gluon_ws_core_int32(m, plan, act), ref))
-        out["C_core_int32_ws_ms"] = t = bench(lambda: gluon_ws_core_int32(m, plan, act))
-        out["C_core_int32_ws_tops"] = flops / t / 1e9
-        y_ref = w4a4_gemm(m, plan, act, out_dtype, layout="swap").float()
-        for tag, cfg in WS_CONFIGS.items():
-            try:
-                y = gluon_ws_w4a4_gemm(m, plan, act, out_dtype, config=cfg).float()
-                out[f"C_gemm_ws_{tag}_rel_err_vs_triton"] = float((y - y_ref).abs().max() / y_ref.abs().max())
-                out[f"C_gemm_ws_{tag}_ms"] = t_c = bench(
-                    lambda cfg=cfg: gluon_ws_w4a4_gemm(m, plan, act, out_dtype, config=cfg))
-                out[f"C_gemm_ws_{tag}_tops"] = flops / t_c / 1e9
-            except Exception as exc:
-                out[f"C_gemm_ws_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    except Exception as exc:
-        out["C_core_int32_ws_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
-    return out
-
-
-def tma_rows(m, plan, act, flops: float, out_dtype, prefix: str) -> dict:
-    """The TMA-fed Gluon GEMM on the layer's codes: its int32 sums against the Triton kernel's (exact),
-    then the whole GEMM per tile config, timed, with its error against the Triton GEMM's output.
+def tma_rows(m, plan, act, flops: float, out_dtype, prefix: str, kind: str = "tma") -> dict:
+    """A TMA-fed Gluon GEMM on the layer's codes (``kind`` "tma", or "ws" for its warp-specialized form,
+    packed weights): its int32 sums against the Triton kernel's (exact), then the whole GEMM per tile
+    config (``TMA_CONFIGS`` / ``WS_CONFIGS``), timed, with its error against the Triton GEMM's output.
     ``prefix`` names the weight mode (C, or C_w8 for cached int8 weights). Failures are recorded."""
     from dirotq.kernels.w4a4_gemm import w4a4_gemm
 
     out = {}
+    key = f"{prefix}_core_int32_{kind}"
     try:
-        from dirotq.kernels.gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
+        from dirotq.kernels import gluon_gemm
 
+        core = getattr(gluon_gemm, f"gluon_{kind}_core_int32")
+        gemm = getattr(gluon_gemm, f"gluon_{kind}_w4a4_gemm")
         ref = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
-        out[f"{prefix}_core_int32_tma_equal"] = bool(torch.equal(gluon_tma_core_int32(m, plan, act), ref))
-        out[f"{prefix}_core_int32_tma_ms"] = t = bench(lambda: gluon_tma_core_int32(m, plan, act))
-        out[f"{prefix}_core_int32_tma_tops"] = flops / t / 1e9
+        out[f"{key}_equal"] = bool(torch.equal(core(m, plan, act), ref))
+        out[f"{key}_ms"] = t = bench(lambda: core(m, plan, act))
+        out[f"{key}_tops"] = flops / t / 1e9
         y_ref = w4a4_gemm(m, plan, act, out_dtype, layout="swap").float()
-        for tag, cfg in TMA_CONFIGS.items():
+        for tag, cfg in (TMA_CONFIGS if kind == "tma" else WS_CONFIGS).items():
+            name = f"{prefix}_gemm_{kind}_{tag}"
             try:
-                y = gluon_tma_w4a4_gemm(m, plan, act, out_dtype, config=cfg).float()
-                out[f"{prefix}_gemm_tma_{tag}_rel_err_vs_triton"] = float((y - y_ref).abs().max() / y_ref.abs().max())
-                out[f"{prefix}_gemm_tma_{tag}_ms"] = t_c = bench(
-                    lambda cfg=cfg: gluon_tma_w4a4_gemm(m, plan, act, out_dtype, config=cfg))
-                out[f"{prefix}_gemm_tma_{tag}_tops"] = flops / t_c / 1e9
+                y = gemm(m, plan, act, out_dtype, config=cfg).float()
+                out[f"{name}_rel_err_vs_triton"] = float((y - y_ref).abs().max() / y_ref.abs().max())
+                out[f"{name}_ms"] = t_c = bench(lambda cfg=cfg: gemm(m, plan, act, out_dtype, config=cfg))
+                out[f"{name}_tops"] = flops / t_c / 1e9
             except Exception as exc:
-                out[f"{prefix}_gemm_tma_{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                out[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     except Exception as exc:
-        out[f"{prefix}_core_int32_tma_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        out[f"{key}_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     return out
 
 
@@ -298,7 +274,7 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                     row.update(gluon_core_row(m, plan, act, flops, dt, first_gluon=first_gluon))
                     if tma:
                         row.update(tma_rows(m, plan, act, flops, dt, "C"))
-                        row.update(ws_rows(m, plan, act, flops, dt))
+                        row.update(tma_rows(m, plan, act, flops, dt, "C", kind="ws"))
                 if tag == "C_dirotq-lr_r32_w8" and dev == "cuda" and tma:
                     row.update(tma_rows(m, plan, act, flops, dt, "C_w8"))
                 row[f"{tag}_gemm_tops"] = flops / t_g / 1e9
