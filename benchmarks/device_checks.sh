@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,drive
 
 step_tests() {
     # the TMA-fed GEMMs' tests ran in the tma step of this call already (and may hang): leave them out here
-    if [[ -n ${TMA_RAN:-} && -z ${PYTEST_K:-} ]]; then PYTEST_K="not tma_gemm and not tma_ws"; fi
+    if [[ -n ${TMA_RAN:-} && -z ${PYTEST_K:-} ]]; then PYTEST_K="not tma_gemms"; fi
     echo "== pytest -m cuda ${PYTEST_K:+-k \"$PYTEST_K\"}" | tee -a "$LOG"
     # fixed kernel configs (no autotuning) keep the correctness tests short; SIGINT on timeout makes
     # pytest still print its failure report
@@ -72,9 +72,9 @@ step_linear() {
 
 step_tma() {
     TMA_RAN=1
-    echo "== pytest -m cuda -k \"tma_gemm or tma_ws\" (the TMA-fed GEMM and its warp-specialized form)" | tee -a "$LOG"
+    echo "== pytest -m cuda -k tma_gemms (the TMA-fed GEMM and its warp-specialized form)" | tee -a "$LOG"
     DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${TMA_TEST_S:-60}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
-        --tb=short -p no:cacheprovider -k "tma_gemm or tma_ws" >/tmp/pytest_tma.log 2>&1
+        --tb=short -p no:cacheprovider -k tma_gemms >/tmp/pytest_tma.log 2>&1
     tests_rc=$?
     echo "pytest tma exit $tests_rc" >>/tmp/pytest_tma.log
     cat /tmp/pytest_tma.log >>"$LOG"

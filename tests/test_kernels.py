@@ -739,22 +739,30 @@ def test_cuda_gluon_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("structure,d,o,r,n,config,weights", [
-    ("dirotq-lr", 3072, 3072, 32, 1000, None, "packed"),
-    ("dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8), "packed"),
-    ("dirotq-lr", 3072, 3072, 32, 1000, dict(NS=8, NBU=3), "packed"),
-    ("dirotq-lr", 3072, 3072, 32, 1000, None, "int8"),
-    ("dirotq-lr", 1152, 3456, 48, 300, None, "packed"), ("svdquant", 4608, 1152, 32, 200, None, "packed"),
-    ("rtn", 1152, 4608, 0, 130, None, "int8"),
-    ("rtn", 192, 200, 0, 129, None, "packed")])  # fewer groups than stages; o and n past a tile edge
-def test_cuda_tma_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, weights, monkeypatch):
-    """The TMA-fed Gluon GEMM: the Triton kernel's int32 sums exactly, its output within float
-    rounding on every tile config and both weight modes, every element written, and
-    ``DIROTQ_GEMM_LAYOUT=tma`` routes the layer's forward through it."""
+@pytest.mark.parametrize("layout,structure,d,o,r,n,config,weights", [
+    ("tma", "dirotq-lr", 3072, 3072, 32, 1000, None, "packed"),
+    ("tma", "dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8), "packed"),
+    ("tma", "dirotq-lr", 3072, 3072, 32, 1000, dict(NS=8, NBU=3), "packed"),
+    ("tma", "dirotq-lr", 3072, 3072, 32, 1000, None, "int8"),
+    ("tma", "dirotq-lr", 1152, 3456, 48, 300, None, "packed"), ("tma", "svdquant", 4608, 1152, 32, 200, None, "packed"),
+    ("tma", "rtn", 1152, 4608, 0, 130, None, "int8"),
+    ("tma", "rtn", 192, 200, 0, 129, None, "packed"),  # fewer groups than stages; o and n past a tile edge
+    ("ws", "dirotq-lr", 3072, 3072, 32, 1000, None, "packed"),
+    ("ws", "dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8, maxnreg=128), "packed"),
+    ("ws", "dirotq-lr", 3072, 3072, 32, 1000, dict(SIMD=False), "packed"),
+    ("ws", "dirotq-lr", 1152, 3456, 48, 300, None, "packed"), ("ws", "svdquant", 4608, 1152, 32, 200, None, "packed"),
+    ("ws", "rtn", 192, 200, 0, 129, None, "packed")])
+def test_cuda_tma_gemms_match_the_triton_gemm(layout, structure, d, o, r, n, config, weights, monkeypatch):
+    """The TMA-fed Gluon GEMM ("tma") and its warp-specialized form ("ws": TMA warp, unpack warps, MMA
+    warps handing stages on through mbarriers): the Triton kernel's int32 sums exactly, the output
+    within float rounding on every tile config and weight mode, every element written, and
+    ``DIROTQ_GEMM_LAYOUT`` routes the layer's forward through it."""
     try:
-        from dirotq.kernels.gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
+        from dirotq.kernels import gluon_gemm
     except ImportError as exc:
         pytest.skip(f"this Triton's Gluon has no Hopper TMA API: {exc}")
+    core = getattr(gluon_gemm, f"gluon_{layout}_core_int32")
+    gemm = getattr(gluon_gemm, f"gluon_{layout}_w4a4_gemm")
 
     m = make_layer(structure, "int_ratio", d=d, o=o, r=r, dtype=torch.bfloat16).cuda()
     m.kernel_weights = weights
@@ -763,44 +771,13 @@ def test_cuda_tma_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, we
     assert (plan.w_int8 is not None) == (weights == "int8")
     act = quantize_activations(m, plan, x)
     sums = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
-    assert torch.equal(gluon_tma_core_int32(m, plan, act, config=config), sums)
+    assert torch.equal(core(m, plan, act, config=config), sums)
     ref = w4a4_gemm(m, plan, act, torch.float32, layout="swap")
-    y = gluon_tma_w4a4_gemm(m, plan, act, torch.float32, config=config)
+    y = gemm(m, plan, act, torch.float32, config=config)
     assert not torch.isnan(y).any()
     assert _rel(y, ref) < 1e-4
-    monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", "tma")
-    assert torch.equal(kernels.kernel_forward(m, x), gluon_tma_w4a4_gemm(m, plan, act, torch.bfloat16))
-
-
-@cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("structure,d,o,r,n,config", [
-    ("dirotq-lr", 3072, 3072, 32, 1000, None),
-    ("dirotq-lr", 3072, 3072, 32, 1000, dict(BT=256, BO=128, num_warps=8, maxnreg=128)),
-    ("dirotq-lr", 3072, 3072, 32, 1000, dict(SIMD=False)),
-    ("dirotq-lr", 1152, 3456, 48, 300, None), ("svdquant", 4608, 1152, 32, 200, None),
-    ("rtn", 192, 200, 0, 129, None)])  # fewer groups than stages; o and n past a tile edge
-def test_cuda_tma_ws_gemm_matches_the_triton_gemm(structure, d, o, r, n, config, monkeypatch):
-    """The warp-specialized TMA GEMM (TMA warp, unpack warps, MMA warps handing stages on through
-    mbarriers): the Triton kernel's int32 sums exactly, its output within float rounding, every
-    element written, and ``DIROTQ_GEMM_LAYOUT=ws`` routes the layer's forward through it."""
-    try:
-        from dirotq.kernels.gluon_gemm import gluon_ws_core_int32, gluon_ws_w4a4_gemm
-    except ImportError as exc:
-        pytest.skip(f"this Triton's Gluon has no warp specialization: {exc}")
-
-    m = make_layer(structure, "int_ratio", d=d, o=o, r=r, dtype=torch.bfloat16).cuda()
-    x = make_input(n, d).cuda().bfloat16()
-    plan = get_plan(m, x)
-    act = quantize_activations(m, plan, x)
-    sums = w4a4_gemm(m, plan, act, torch.float32, debug_int=True, layout="swap")
-    assert torch.equal(gluon_ws_core_int32(m, plan, act, config=config), sums)
-    ref = w4a4_gemm(m, plan, act, torch.float32, layout="swap")
-    y = gluon_ws_w4a4_gemm(m, plan, act, torch.float32, config=config)
-    assert not torch.isnan(y).any()
-    assert _rel(y, ref) < 1e-4
-    monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", "ws")
-    assert torch.equal(kernels.kernel_forward(m, x), gluon_ws_w4a4_gemm(m, plan, act, torch.bfloat16))
+    monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", layout)
+    assert torch.equal(kernels.kernel_forward(m, x), gemm(m, plan, act, torch.bfloat16))
 
 
 @cuda
