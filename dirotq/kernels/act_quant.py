@@ -168,10 +168,17 @@ def _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd,
             rt = tl.load(rot_ptr + kc[:, None] * stride_rd + gcols[None, :] * stride_rc,
                          mask=(kc[:, None] < d) & (gcols[None, :] < d_q), other=0.0)
             a += _fdot(xs, rt, DOT_DTYPE)
+        a = _hadamard(a, gcols, had, signs_ptr, d_q, HAS_HAD, DOT_DTYPE)
     else:
-        a = _load_xs(x_ptr, stride_xn, smooth_ptr, rows, gcols, n, d, HAS_SMOOTH)
-        if PROJ:
-            a = _project(a, rows, gcols, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC, DOT_DTYPE)
+        a = _group_tile_from(_load_raw(x_ptr, stride_xn, rows, gcols, n, d), g, rows, had, smooth_ptr, down_ptr,
+                             stride_dd, stride_dr, signs_ptr, c_ptr, stride_cn, n, d, d_q, r, 0.0, 0.0, GS, RC,
+                             HAS_SMOOTH, PROJ, False, HAS_HAD, DOT_DTYPE)
+    return a
+
+
+@triton.jit
+def _hadamard(a, gcols, had, signs_ptr, d_q, HAS_HAD: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(a · signs) · H_GS for the group's columns ``gcols`` (a unchanged without HAS_HAD)."""
     if HAS_HAD:
         sg = tl.load(signs_ptr + gcols, mask=gcols < d_q, other=0.0).to(tl.float32)
         a = _fdot(a * sg[None, :], had, DOT_DTYPE)
@@ -182,9 +189,10 @@ def _group_tile(g, rows, had, x_ptr, stride_xn, smooth_ptr, down_ptr, stride_dd,
 def _group_tile_from(xraw, g, rows, had, smooth_ptr, down_ptr, stride_dd, stride_dr, signs_ptr, c_ptr, stride_cn,
                      n, d, d_q, r, cc, dt, GS: tl.constexpr, RC: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                      PROJ: tl.constexpr, PROJ_HELD: tl.constexpr, HAS_HAD: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """``_group_tile`` (no dense rotation) from group g's raw x tile, loaded earlier: the same values.
-    PROJ_HELD: the projection's operands were loaded earlier too, c (BT, RC) as fp32 and this group's
-    down chunk (RC, GS) as stored (r ≤ RC: one chunk, the one ``_project`` would load)."""
+    """The tile of ``_group_tile`` without a dense rotation, from group g's raw x tile (loaded earlier
+    by a prefetching loop, or just now by ``_group_tile``). PROJ_HELD: the projection's operands were
+    loaded earlier too, c (BT, RC) as fp32 and this group's down chunk (RC, GS) as stored (r ≤ RC: one
+    chunk, the one ``_project`` would load); otherwise ``cc`` and ``dt`` are unused."""
     gcols = g * GS + tl.arange(0, GS)
     a = _smooth(xraw, smooth_ptr, gcols, d, HAS_SMOOTH)
     if PROJ:
@@ -192,10 +200,7 @@ def _group_tile_from(xraw, g, rows, had, smooth_ptr, down_ptr, stride_dd, stride
             a = a - _fdot(cc, dt, DOT_DTYPE)
         else:
             a = _project(a, rows, gcols, c_ptr, stride_cn, down_ptr, stride_dd, stride_dr, n, d, r, RC, DOT_DTYPE)
-    if HAS_HAD:
-        sg = tl.load(signs_ptr + gcols, mask=gcols < d_q, other=0.0).to(tl.float32)
-        a = _fdot(a * sg[None, :], had, DOT_DTYPE)
-    return a
+    return _hadamard(a, gcols, had, signs_ptr, d_q, HAS_HAD, DOT_DTYPE)
 
 
 @triton.jit
