@@ -128,24 +128,32 @@ GLUON_VARIANTS = [
 ]
 
 
-def compile_gluon(consts: dict, num_warps: int, arch: int = 90) -> dict:
-    """The Gluon format C GEMM (``gluon_gemm.py``) for sm_90a: wait depths, registers, spills."""
+def _compile_gluon_kernel(fn, consts: dict, types: dict, num_warps: int, arch: int, maxnreg: int | None = None,
+                          no_divisibility: tuple = ("stride_cr", "stride_ur", "r")):
+    """``fn`` compiled for ``arch`` with constexprs ``consts`` (those it has) and the other arguments
+    typed by ``types`` (i32 by default); every runtime argument but descriptors and ``no_divisibility``
+    gets the launch's divisibility-by-16 specialisation."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as tcompile
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and not n.endswith("_desc") and n not in no_divisibility}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()
+                                                           if k in fn.arg_names}, attrs=attrs)
+    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_gluon(consts: dict, num_warps: int, arch: int = 90) -> dict:
+    """The Gluon format C GEMM (``gluon_gemm.py``) for sm_90a: wait depths, registers, spills."""
     from . import gluon_gemm as gg
 
-    fn = gg.gluon_gemm_kernel
     consts = {"PREFETCH": False, **consts}
     types = {"w_ptr": "*u8", "wk_ptr": "*i8", "q_ptr": "*i8", "y_ptr": "*i32" if consts["INT_OUT"] else "*bf16",
              "ws_ptr": "*fp16", "xs_ptr": "*fp32", "c_ptr": "*bf16", "up_ptr": "*bf16", "bias_ptr": "*bf16"}
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and n not in ("stride_cr", "stride_ur", "r")}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                         attrs=attrs)
-    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    k = _compile_gluon_kernel(gg.gluon_gemm_kernel, consts, types, num_warps, arch)
     return {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
 
 
@@ -204,10 +212,7 @@ def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90, kernel: str 
     arguments are typed as the host ``TensorDescriptor``s the launcher builds (made here over CPU
     tensors: only their type is used)."""
     import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile as tcompile
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
@@ -224,13 +229,7 @@ def compile_gluon_tma(consts: dict, num_warps: int, arch: int = 90, kernel: str 
              "w_desc": mangle_type(TensorDescriptor.from_tensor(w, [consts["BO"], 32], sl)),
              "wk_ptr": "*i8", "y_ptr": "*i32" if consts["INT_OUT"] else "*bf16",
              "ws_ptr": "*fp16", "xs_ptr": "*fp32", "c_ptr": "*bf16", "up_ptr": "*bf16", "bias_ptr": "*bf16"}
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and not n.endswith("_desc") and n not in ("stride_cr", "stride_ur", "r")}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()
-                                                           if k in fn.arg_names}, attrs=attrs)
-    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
-    k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    k = _compile_gluon_kernel(fn, consts, types, num_warps, arch, maxnreg)
     ptx = k.asm["ptx"]
     return {"shared_bytes": k.metadata.shared, "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
             "loop_instructions": _loop_instructions(ptx), "setmaxnreg": ptx.count("setmaxnreg"),
@@ -341,26 +340,16 @@ def main() -> int:
             res = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             failed += 1
         print(json.dumps({"variant": name, **res}), flush=True)
-    for name, consts, warps in GLUON_VARIANTS:
+    gluon_jobs = ([(name, lambda c=consts, w=warps: compile_gluon(c, w)) for name, consts, warps in GLUON_VARIANTS]
+                  + [(name, lambda c=consts, w=warps: compile_gluon_tma(c, w))
+                     for name, consts, warps in GLUON_TMA_VARIANTS]
+                  + [(name, lambda c=consts, w=warps, m=maxnreg: compile_gluon_tma(c, w, kernel="gluon_ws_gemm_kernel",
+                                                                                 maxnreg=m))
+                     for name, consts, warps, maxnreg in GLUON_WS_VARIANTS])
+    for name, compile_job in gluon_jobs:
         try:
-            print(json.dumps({"variant": name, "ok": True, **compile_gluon(consts, warps)}), flush=True)
+            print(json.dumps({"variant": name, "ok": True, **compile_job()}), flush=True)
         except Exception as exc:  # Gluon is experimental in Triton: report, do not hide the other variants
-            failed += 1
-            print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
-                  flush=True)
-    for name, consts, warps in GLUON_TMA_VARIANTS:
-        try:
-            print(json.dumps({"variant": name, "ok": True, **compile_gluon_tma(consts, warps)}), flush=True)
-        except Exception as exc:
-            failed += 1
-            print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
-                  flush=True)
-    for name, consts, warps, maxnreg in GLUON_WS_VARIANTS:
-        try:
-            print(json.dumps({"variant": name, "ok": True,
-                              **compile_gluon_tma(consts, warps, kernel="gluon_ws_gemm_kernel", maxnreg=maxnreg)}),
-                  flush=True)
-        except Exception as exc:
             failed += 1
             print(json.dumps({"variant": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
                   flush=True)
