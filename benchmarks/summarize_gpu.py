@@ -61,18 +61,15 @@ def speed_table(res: dict) -> str:
                  _f(fp8, 2)]
         cells += [_f(row.get(f"{t}_graph_speedup_vs_bf16"), 2) if f"{t}_error" not in row else "err"
                   for t in SPEED_TAGS]
-        unequal = "" if row.get("C_core_int32_gluon_equal", True) else " ≠"
-        cells += [_f(row.get("C_core_int32_triton_tops"), 0), _f(row.get("C_core_int32_gluon_tops"), 0) + unequal]
-        cells += [_f(row.get(f"C_gemm_gluon_{c}_tops"), 0) if f"C_gemm_gluon_{c}_error" not in row else "err"
-                  for c in GLUON_CONFIG_TAGS]
-        for p in ("C", "C_w8"):  # the TMA-fed GEMM on packed and on cached int8 weights
-            unequal = "" if row.get(f"{p}_core_int32_tma_equal", True) else " ≠"
-            cells += [_f(row.get(f"{p}_core_int32_tma_tops"), 0) + unequal]
-            cells += [_f(row.get(f"{p}_gemm_tma_{c}_tops"), 0) if f"{p}_gemm_tma_{c}_error" not in row else "err"
-                      for c in TMA_CONFIG_TAGS]
-        cells += [_f(row.get("C_core_int32_ws_tops"), 0) + ("" if row.get("C_core_int32_ws_equal", True) else " ≠")]
-        cells += [_f(row.get(f"C_gemm_ws_{c}_tops"), 0) if f"C_gemm_ws_{c}_error" not in row else "err"
-                  for c in WS_CONFIG_TAGS]
+        cells.append(_f(row.get("C_core_int32_triton_tops"), 0))
+        # the Gluon GEMMs: core TOPS (≠: its int32 sums differ from Triton's), then the whole GEMM per config;
+        # the TMA-fed one on packed and on cached int8 weights
+        for prefix, kind, tags in (("C", "gluon", GLUON_CONFIG_TAGS), ("C", "tma", TMA_CONFIG_TAGS),
+                                   ("C_w8", "tma", TMA_CONFIG_TAGS), ("C", "ws", WS_CONFIG_TAGS)):
+            unequal = "" if row.get(f"{prefix}_core_int32_{kind}_equal", True) else " ≠"
+            cells.append(_f(row.get(f"{prefix}_core_int32_{kind}_tops"), 0) + unequal)
+            cells += [_f(row.get(f"{prefix}_gemm_{kind}_{c}_tops"), 0)
+                      if f"{prefix}_gemm_{kind}_{c}_error" not in row else "err" for c in tags]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
