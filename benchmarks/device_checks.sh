@@ -41,17 +41,24 @@ python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | grep -
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version,memory.total \
     --format=csv >>"$LOG" 2>&1
 
+run_cuda_tests() {  # SECONDS [K-FILTER [LABEL]]: the CUDA kernel tests, time-boxed; returns pytest's exit status
+    local log="/tmp/pytest_cuda${3:+_$3}.log"
+    # fixed kernel configs (no autotuning) keep the correctness tests short; SIGINT on timeout makes
+    # pytest still print its failure report
+    DIROTQ_NO_AUTOTUNE=1 timeout -s INT "$1" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
+        --tb=short -p no:cacheprovider ${2:+-k "$2"} >"$log" 2>&1
+    local rc=$?
+    echo "pytest ${3:+$3 }exit $rc" >>"$log"
+    cat "$log" >>"$LOG"
+    grep -E "^(FAILED|ERROR)|passed|failed|pytest ${3:+$3 }exit" "$log" | tail -15
+    return $rc
+}
+
 step_tests() {
     # the TMA-fed GEMMs' tests ran in the tma step of this call already (and may hang): leave them out here
     if [[ -n ${TMA_RAN:-} && -z ${PYTEST_K:-} ]]; then PYTEST_K="not tma_gemms"; fi
     echo "== pytest -m cuda ${PYTEST_K:+-k \"$PYTEST_K\"}" | tee -a "$LOG"
-    # fixed kernel configs (no autotuning) keep the correctness tests short; SIGINT on timeout makes
-    # pytest still print its failure report
-    DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${PYTEST_S:-120}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
-        --tb=short -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} >/tmp/pytest_cuda.log 2>&1
-    echo "pytest exit $?" >>/tmp/pytest_cuda.log
-    cat /tmp/pytest_cuda.log >>"$LOG"
-    grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" /tmp/pytest_cuda.log | tail -15
+    run_cuda_tests "${PYTEST_S:-120}" "${PYTEST_K:-}"
 }
 
 step_explorer() {
@@ -73,12 +80,8 @@ step_linear() {
 step_tma() {
     TMA_RAN=1
     echo "== pytest -m cuda -k tma_gemms (the TMA-fed GEMM and its warp-specialized form)" | tee -a "$LOG"
-    DIROTQ_NO_AUTOTUNE=1 timeout -s INT "${TMA_TEST_S:-60}" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
-        --tb=short -p no:cacheprovider -k tma_gemms >/tmp/pytest_tma.log 2>&1
+    run_cuda_tests "${TMA_TEST_S:-60}" tma_gemms tma
     tests_rc=$?
-    echo "pytest tma exit $tests_rc" >>/tmp/pytest_tma.log
-    cat /tmp/pytest_tma.log >>"$LOG"
-    grep -E "^(FAILED|ERROR)|passed|failed|pytest tma exit" /tmp/pytest_tma.log | tail -12
     echo "== bench_linear (TMA)" | tee -a "$LOG"
     variants=(C_dirotq-lr_r32 C_dirotq-lr_r32_w8 C_dirotq-lr_r32_tma C_dirotq-lr_r32_ws C_dirotq-lr_r32_w8_tma)
     extra=()
