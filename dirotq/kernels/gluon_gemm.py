@@ -60,6 +60,22 @@ def _load_group(g, G, w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, of
 
 
 @gluon.jit
+def _unpack_kq(p, k, SIMD: gl.constexpr):
+    """Format C's int8 weight operand k·q of packed bytes ``p`` (BO, 32) with multipliers ``k`` (BO,):
+    the low and high nibbles' halves, four bytes per 32-bit PTX sequence (SIMD) or per value."""
+    if SIMD:
+        kb = gl.broadcast(k[:, None], p)[0]
+        lo = gl.inline_asm_elementwise(_ASM_LO_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
+        hi = gl.inline_asm_elementwise(_ASM_HI_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
+    else:
+        pi = p.to(gl.int32)
+        ki = k.to(gl.int32)
+        lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+        hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+    return lo, hi
+
+
+@gluon.jit
 def _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr,
               up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r,
               BT: gl.constexpr, BO: gl.constexpr, R_BLK: gl.constexpr, INT_OUT: gl.constexpr, HAS_LR: gl.constexpr,
@@ -145,10 +161,7 @@ def gluon_gemm_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_
         else:  # this group's operands, in registers while the previous groups' MMAs run
             p, k, xl, xh = _load_group(g, G, w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, offs_o, offs_t,
                                        j, omask, tmask, HALF)
-        pi = p.to(gl.int32)
-        ki = k.to(gl.int32)
-        lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
-        hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+        lo, hi = _unpack_kq(p, k, False)
         # the two MMAs that read buffer s were issued NBUF groups ago: wait for them only
         acc = warpgroup_mma_wait(num_outstanding=2 * (NBUF - 1), deps=(acc,))
         w_lo.index(s).store(lo)
@@ -239,16 +252,7 @@ def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
         if not W_INT8:
             k = k_next
             k_next = gl.load(wk_ptr + offs_o * stride_wko + g + 1, mask=omask & (g + 1 < G), other=0)
-            p = w_a.index(s).load(ld)
-            if SIMD:
-                kb = gl.broadcast(k[:, None], p)[0]
-                lo = gl.inline_asm_elementwise(_ASM_LO_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
-                hi = gl.inline_asm_elementwise(_ASM_HI_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
-            else:
-                pi = p.to(gl.int32)
-                ki = k.to(gl.int32)
-                lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
-                hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+            lo, hi = _unpack_kq(w_a.index(s).load(ld), k, SIMD)
         # groups ≤ g − NBU are done: their unpack buffer and their stage may be written again
         acc = warpgroup_mma_wait(num_outstanding=2 * (NBU - 1), deps=(acc,))
         _tma_issue(g + NS - NBU, G, t0, o0, x_desc, w_desc, x_lo, x_hi, w_a, w_b, bars, NS, W_INT8)
@@ -278,11 +282,7 @@ def _ws_load_partition(x_desc, w_desc, x_lo, x_hi, w_pk, loaded, empty, G, t0, o
     for g in range(G):
         s = g % NS
         mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)
-        bar = loaded.index(s)
-        mbarrier.expect(bar, 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-        _tma_load(x_desc, [t0, g * 64], bar, x_lo.index(s))
-        _tma_load(x_desc, [t0, g * 64 + 32], bar, x_hi.index(s))
-        _tma_load(w_desc, [o0, g * 32], bar, w_pk.index(s))
+        _tma_issue(g, G, t0, o0, x_desc, w_desc, x_lo, x_hi, w_pk, w_pk, loaded, NS, False)
 
 
 @gluon.jit
@@ -297,16 +297,7 @@ def _ws_unpack_partition(x_desc, w_desc, x_lo, x_hi, w_pk, u_lo, u_hi, loaded, r
         s = g % NS
         k = gl.load(wk_ptr + offs_o * stride_wko + g, mask=omask, other=0)
         mbarrier.wait(loaded.index(s), (g // NS) & 1)
-        p = w_pk.index(s).load(ld)
-        if SIMD:
-            kb = gl.broadcast(k[:, None], p)[0]
-            lo = gl.inline_asm_elementwise(_ASM_LO_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
-            hi = gl.inline_asm_elementwise(_ASM_HI_C, "=r,r,r", [p, kb], dtype=gl.int8, is_pure=True, pack=4)
-        else:
-            pi = p.to(gl.int32)
-            ki = k.to(gl.int32)
-            lo = ((((pi & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
-            hi = (((((pi >> 4) & 15) ^ 8) - 8) * ki[:, None]).to(gl.int8)
+        lo, hi = _unpack_kq(w_pk.index(s).load(ld), k, SIMD)
         u_lo.index(s).store(lo)
         u_hi.index(s).store(hi)
         # orders the stores (for the MMAs) and the packed bytes' read (before the stage's next TMA load)
