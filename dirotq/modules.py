@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import compile_ops
+from .activations import ActivationSpec, apply_activation, check_spec
 from .bases import hadamard
 from .quantizers import QuantizedTensor, fake_quantize, pack_int4, quantize, unpack_int4
 
@@ -53,6 +54,9 @@ class QuantLinear(nn.Module):
       weight_ratio  (o, d_q_pad/g) int8 multipliers [int_ratio]
       smooth (d,), down (d, r), up (o, r), rotation (d, d_q), hadamard_signs (d_q,), bias (o,)
     ``meta`` holds the non-tensor recipe (method, rank, formats) and is saved as JSON.
+    ``epilogue_activation``: None, or ``(kind, start, stop)``, an activation applied to output columns
+    [start, stop) before the output is rounded (``dirotq.activations``; set by ``dirotq.fusion``'s
+    activation fusion at inference, never saved: checkpoints hold the unfused form).
     """
 
     def __init__(self, in_features: int, out_features: int, *, method: str, weight: QuantizedTensor | torch.Tensor,
@@ -89,6 +93,7 @@ class QuantLinear(nn.Module):
         self.rank = 0 if down is None else down.shape[1]
         self.meta = {"method": method, **(extra_meta or {})}
         self.backend = "auto"
+        self._epilogue_activation: ActivationSpec = None
         self._dequantized: torch.Tensor | None = None
         # with_module: the hook gets the module as an argument; a closure over self would make every
         # layer a reference cycle, freed only by the garbage collector (late, for large layers)
@@ -132,6 +137,17 @@ class QuantLinear(nn.Module):
             w = self.weight.float() if self.weight_bits == 16 else self.quantized_weight().dequantize()
             self._dequantized = w
         return self._dequantized
+
+    @property
+    def epilogue_activation(self) -> ActivationSpec:
+        return self._epilogue_activation
+
+    @epilogue_activation.setter
+    def epilogue_activation(self, spec: ActivationSpec) -> None:
+        if spec is not None:
+            spec = (str(spec[0]), int(spec[1]), int(spec[2]))
+        check_spec(spec, self.out_features)
+        self._epilogue_activation = spec
 
     def _apply(self, fn, recurse: bool = True):
         # Weight scales are a storage format (16-bit float, what the kernels read), not compute
@@ -194,7 +210,7 @@ class QuantLinear(nn.Module):
                 y = y + c @ self.up.float().T
         if self.bias is not None:
             y = y + self.bias.float()
-        return y
+        return apply_activation(y, self.epilogue_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -239,8 +255,10 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         a = f"a{self.act_bits}" if self.act_bits else "a16"
+        act = self.epilogue_activation
+        then = "" if act is None else f", then {act[0]} on [{act[1]}, {act[2]})"
         return (f"{self.in_features}->{self.out_features}, {self.meta['method']} w{self.weight_bits}{a} "
-                f"g{self.group_size} r={self.rank} {self.scale_format}")
+                f"g{self.group_size} r={self.rank} {self.scale_format}{then}")
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int, scale_format: str) -> QuantizedTensor | torch.Tensor:

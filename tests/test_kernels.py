@@ -345,6 +345,54 @@ def test_gemm_split_k_matches_one_split(structure, r, split, fmt):
     assert 192 // split_k(16, 3072, 192) >= 2
 
 
+EPILOGUE_ACTIVATIONS = [("gelu_tanh", 0, 80), ("gelu", 0, 80), ("gelu_tanh", 16, 48)]
+
+
+@pytest.mark.parametrize("activation", EPILOGUE_ACTIVATIONS)
+def test_gemm_epilogue_activation(activation):
+    """GELU in the GEMM epilogue (swap-AB with one and with several K splits, token-major, W4A16) on
+    the spec's columns only: the GEMM's output without it, then dirotq.activations' reference
+    function, within float32 rounding; the module forward does the same on both paths."""
+    from dirotq.activations import apply_activation
+    from dirotq.kernels.w4a16 import w4a16_gemm
+
+    m = make_layer("dirotq-lr", "int_ratio", d=192, o=80, r=32)
+    x = make_input(150, 192)
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    for kw in (dict(layout="swap", split=1), dict(layout="swap", split=3), dict(layout="token")):
+        plain = w4a4_gemm(m, plan, act, torch.float32, **kw)
+        fused = w4a4_gemm(m, plan, act, torch.float32, activation=activation, **kw)
+        expected = apply_activation(plain, activation)
+        assert torch.allclose(fused, expected, rtol=1e-5, atol=1e-5 * float(plain.abs().max())), kw
+        kind, start, stop = activation
+        assert torch.equal(fused[:, :start], plain[:, :start]) and torch.equal(fused[:, stop:], plain[:, stop:])
+        assert not torch.allclose(fused[:, start:stop], plain[:, start:stop])  # the activation did something
+    # the int32 sums are never activated
+    assert torch.equal(w4a4_gemm(m, plan, act, torch.float32, debug_int=True, activation=activation),
+                       w4a4_gemm(m, plan, act, torch.float32, debug_int=True))
+    w16 = make_layer("rtn", "int_ratio", d=128, o=80, act_bits=None)
+    x16 = make_input(5, 128)
+    plan16 = get_plan(w16, x16)
+    plain = w4a16_gemm(w16, plan16, x16, None, torch.float32)
+    fused = w4a16_gemm(w16, plan16, x16, None, torch.float32, activation=activation)
+    assert torch.allclose(fused, apply_activation(plain, activation), rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+    # the module: kernels and reference path agree with the activation set
+    m.epilogue_activation = activation
+    y_kernel = kernels.kernel_forward(m, x)
+    assert _rel(y_kernel, m.reference_forward(x)) < 2e-3
+    assert "then " + activation[0] in repr(m)
+
+
+def test_epilogue_activation_spec_is_checked():
+    m = make_layer("rtn", "exact", d=128, o=48)
+    with pytest.raises(ValueError, match="must be one of"):
+        m.epilogue_activation = ("relu", 0, 48)
+    with pytest.raises(ValueError, match=r"\[0, 49\) are not inside the layer's 48 outputs"):
+        m.epilogue_activation = ("gelu", 0, 49)
+    assert m.epilogue_activation is None
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_weight_operand_byte_exact(fmt):
     m = make_layer("rtn", fmt, d=192, o=20)

@@ -82,13 +82,13 @@ def kernel_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
             c32, a32 = module.transform_input(x.float())  # rare: transforms on a 16-bit-activation layer
             a = a32.to(x.dtype).contiguous()
             c = None if c32 is None else c32.to(x.dtype).contiguous()
-        y = w4a16_gemm(module, plan, a, c, x.dtype)
+        y = w4a16_gemm(module, plan, a, c, x.dtype, activation=getattr(module, "epilogue_activation", None))
         module._kernel_backend_used = "triton"
         return y
     from .act_quant import quantize_activations
     from .w4a4_gemm import w4a4_gemm
 
     act = quantize_activations(module, plan, x)
-    y = w4a4_gemm(module, plan, act, x.dtype)
+    y = w4a4_gemm(module, plan, act, x.dtype, activation=getattr(module, "epilogue_activation", None))
     module._kernel_backend_used = "triton"
     return y

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot
 from .tuning import autotune_enabled
-from .w4a4_gemm import _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves, launch_tiled
+from ..activations import ActivationSpec
+from .w4a4_gemm import ACT_CODES, _activation, _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves, launch_tiled
 
 
 @triton.jit
@@ -24,9 +25,10 @@ def w4a16_kernel(
     a_ptr, stride_an,  # activations (n, d_q) in their own dtype
     c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur, bias_ptr,
     y_ptr, stride_yn,
-    n, o, d_q, r, G, N_KEY,
+    n, o, d_q, r, G, N_KEY, act_lo, act_hi,
     BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ACT: tl.constexpr = 0,
 ):
     HALF: tl.constexpr = GS // 2
     pid_o, pid_t = _grouped_tile(tl.program_id(0), tl.cdiv(o, BO), tl.cdiv(n, BT), GROUP_O)
@@ -59,6 +61,8 @@ def w4a16_kernel(
 
     acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
                                stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE, False)
+    if ACT != 0:
+        acc = _activation(acc, offs_o, act_lo, act_hi, ACT, False)
     tl.store(y_ptr + offs_t[None, :] * stride_yn + offs_o[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=omask[:, None] & tmask[None, :])
 
@@ -81,8 +85,9 @@ def _tuned_kernel():
     return _TUNED
 
 
-def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None):
-    """y (n, o) = a · dequant(W_q)ᵀ + c · upᵀ + bias, a: (n, d_q) (16-bit or fp32), c: (n, r) or None."""
+def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None, activation: ActivationSpec = None):
+    """y (n, o) = a · dequant(W_q)ᵀ + c · upᵀ + bias, a: (n, d_q) (16-bit or fp32), c: (n, r) or None;
+    ``activation`` (``dirotq.activations``) on its output columns in the epilogue."""
     import torch
 
     n, o = a.shape[0], plan.o
@@ -103,10 +108,11 @@ def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None):
         up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
         module.bias if plan.has_bias else dummy,
         y, y.stride(0),
-        n, o, plan.d_q, plan.r, plan.groups, _n_key(n),
+        n, o, plan.d_q, plan.r, plan.groups, _n_key(n), *(activation[1:] if activation is not None else (0, 0)),
     )
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
-                FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias, DOT_DTYPE=_dot_dtype(a.dtype))
+                FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias, DOT_DTYPE=_dot_dtype(a.dtype),
+                ACT=ACT_CODES[activation[0]] if activation is not None else 0)
     launch_tiled(w4a16_kernel, _tuned_kernel, lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]),), args,
                  meta, config, dict(BO=32, BT=16, GROUP_O=4), autotune_enabled(plan))
     return y

@@ -32,6 +32,7 @@ import os
 import triton
 import triton.language as tl
 
+from ..activations import ActivationSpec, apply_activation
 from .act_quant import _dot_dtype, _fdot, _interpreting
 from .simd_unpack import ASM_HI_A, ASM_HI_C, ASM_LO_A, ASM_LO_C, _SIMD_OK, simd_unpack_enabled
 from .tuning import autotune_enabled
@@ -133,6 +134,27 @@ def _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, st
     return acc
 
 
+# dirotq.activations kinds -> the ACT constexpr of the GEMMs (0: no activation in the epilogue)
+ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
+@triton.jit
+def _activation(acc, offs_o, act_lo, act_hi, ACT: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
+    """GELU on output columns [act_lo, act_hi) of the fp32 tile (``dirotq.activations``): ACT 1 the
+    erf form, 2 the tanh form, written as x·σ(2u) (= ½x(1 + tanh u)), u = √(2/π)(x + 0.044715x³);
+    acc is (BO, BT), or (BT, BO) in the token-major GEMM."""
+    if ACT == 1:
+        g = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    else:
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        g = acc * tl.sigmoid(tl.maximum(2.0 * u, -80.0))  # σ(−80) ≈ 2e−35: exp never overflows
+    on = (offs_o >= act_lo) & (offs_o < act_hi)
+    if TOKEN_MAJOR:
+        return tl.where(on[None, :], g, acc)
+    else:
+        return tl.where(on[:, None], g, acc)
+
+
 @triton.jit
 def _zero_term_dots(acc, s_ptr, zk_ptr, stride_zkn, stride_so, offs_o, omask, offs_t, tmask, G, GC: tl.constexpr,
                     TOKEN_MAJOR: tl.constexpr):
@@ -182,15 +204,16 @@ def w4a4_gemm_kernel(
     zk_ptr, stride_zkn,  # [ASYM] activation zero terms k·(z − 8) int8 (n, G)
     shi_ptr, slo_ptr, stride_so,  # [ASYM] weight group sums S = 128·S_hi + S_lo as −S_hi, −S_lo, int8 (o, G) each
     y_ptr, stride_yn,  # out (n, o)
-    n, o, r, G, SPLIT, N_KEY,
+    n, o, r, G, SPLIT, N_KEY, act_lo, act_hi,
     BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_O: tl.constexpr,
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr, SIMD: tl.constexpr, ATOMIC: tl.constexpr,
-    ASYM: tl.constexpr, GC: tl.constexpr,
+    ASYM: tl.constexpr, GC: tl.constexpr, ACT: tl.constexpr = 0,
 ):
     """Program (i, s): output tile i over the groups of K split s (``SPLIT`` splits; ``ATOMIC``: the
     splits add fp32 (int32 for DEBUG_INT) partials into a zeroed y; split 0 adds the branch, the bias
-    and the zero-point term of every group)."""
+    and the zero-point term of every group). ``ACT`` (not with ATOMIC: a sum of partials cannot take
+    a nonlinearity): GELU on output columns [act_lo, act_hi) before the store."""
     HALF: tl.constexpr = GS // 2
     # grouped ordering: GROUP_O weight tiles share one sweep over the token tiles (L2 reuse of x)
     pid_o, pid_t = _grouped_tile(tl.program_id(0), tl.cdiv(o, BO), tl.cdiv(n, BT), GROUP_O)
@@ -242,6 +265,8 @@ def w4a4_gemm_kernel(
         if pid_s == 0:  # the branch and the bias once, in the first K split
             acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr,
                                        stride_uo, stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE, False)
+        if ACT != 0:
+            acc = _activation(acc, offs_o, act_lo, act_hi, ACT, False)
         if ATOMIC:
             tl.atomic_add(y_ptrs, acc, mask=ymask)
         else:
@@ -253,10 +278,11 @@ def w4a4_gemm_tm_kernel(
     w_ptr, stride_wo, ws_ptr, stride_wso, wk_ptr, stride_wko, q_ptr, stride_qn, xs_ptr, stride_xsn,
     c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur, bias_ptr, zk_ptr, stride_zkn,
     shi_ptr, slo_ptr, stride_so, y_ptr, stride_yn,
-    n, o, r, G, N_KEY,
+    n, o, r, G, N_KEY, act_lo, act_hi,
     BO: tl.constexpr, BT: tl.constexpr, GS: tl.constexpr, R_BLK: tl.constexpr, GROUP_T: tl.constexpr,
     FMT_C: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG_INT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, W_INT8: tl.constexpr, SIMD: tl.constexpr, ASYM: tl.constexpr, GC: tl.constexpr,
+    ACT: tl.constexpr = 0,
 ):
     """Token-major tile acc[BT, BO] = X_tile · W_tileᵀ (the arguments of ``w4a4_gemm_kernel``, no
     K split): the activation codes are the MMA's first operand (loaded from memory, pipelined) and the
@@ -303,6 +329,8 @@ def w4a4_gemm_tm_kernel(
             acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
         acc = _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
                                    stride_ur, bias_ptr, r, R_BLK, HAS_LR, HAS_BIAS, DOT_DTYPE, True)
+        if ACT != 0:
+            acc = _activation(acc, offs_o, act_lo, act_hi, ACT, True)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
@@ -444,7 +472,8 @@ def launch_tiled(kernel, tuned, grid, args, meta: dict, config: dict | None, fix
 
 
 def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, config: dict | None = None,
-              simd: bool | None = None, split: int | None = None, layout: str | None = None):
+              simd: bool | None = None, split: int | None = None, layout: str | None = None,
+              activation: ActivationSpec = None):
     """y (n, o) = dequant(codes) · dequant(W_q)ᵀ + c · upᵀ + bias; ``act`` from
     ``quantize_activations``. ``debug_int``: the int32 sums instead (no scales, branch or bias).
     ``simd``: force the SIMD unpack on/off (default :func:`simd_unpack_enabled`); ``split``: force the
@@ -452,27 +481,33 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     format C): the zero-point term is subtracted in the epilogue (``debug_int``: the corrected int32
     sums). ``layout``: "swap", "token", "gluon", "tma" or "ws" (:func:`gemm_layout`; all but swap need
     n ≥ 128; gluon and ws cover symmetric format C with packed weights on a GPU, tma symmetric format C
-    with packed or cached int8 weights; anything else runs the swap kernel)."""
+    with packed or cached int8 weights; anything else runs the swap kernel). ``activation``:
+    ``(kind, start, stop)`` (``dirotq.activations``) on those output columns, in the Triton GEMMs'
+    epilogue before the output is rounded; K splits and the Gluon GEMMs apply it to their output
+    after the kernel (not fused). Ignored with ``debug_int``."""
     import torch
 
     n = act["codes"].shape[0]
     o = plan.o
     dev = act["codes"].device
+    if debug_int:
+        activation = None
     chosen = gemm_layout(n, layout)
     if chosen == "gluon" and _gluon_covers(plan, act):
         from .gluon_gemm import gluon_core_int32, gluon_w4a4_gemm
 
-        return gluon_core_int32(module, plan, act) if debug_int else gluon_w4a4_gemm(module, plan, act, out_dtype)
+        return (gluon_core_int32(module, plan, act) if debug_int
+                else _activated(gluon_w4a4_gemm(module, plan, act, out_dtype), activation))
     if chosen == "ws" and _gluon_covers(plan, act):
         from .gluon_gemm import gluon_ws_core_int32, gluon_ws_w4a4_gemm
 
         return (gluon_ws_core_int32(module, plan, act) if debug_int
-                else gluon_ws_w4a4_gemm(module, plan, act, out_dtype))
+                else _activated(gluon_ws_w4a4_gemm(module, plan, act, out_dtype), activation))
     if chosen == "tma" and _tma_covers(plan, act):
         from .gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
 
         return (gluon_tma_core_int32(module, plan, act) if debug_int
-                else gluon_tma_w4a4_gemm(module, plan, act, out_dtype))
+                else _activated(gluon_tma_w4a4_gemm(module, plan, act, out_dtype), activation))
     token_major = chosen == "token"
     split = 1 if token_major else (split_k(n, o, plan.groups) if split is None
                                    else max(1, min(int(split), plan.groups)))
@@ -499,15 +534,16 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         module.bias if plan.has_bias else dummy,
         *_asymmetric_args(module, plan, act),
         y, y.stride(0),
-        n, o, plan.r, plan.groups, split, _n_key(n),
+        n, o, plan.r, plan.groups, split, _n_key(n), *(activation[1:] if activation is not None else (0, 0)),
     )
     meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
                 W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd),
-                ATOMIC=split > 1, ASYM=act.get("zero") is not None, GC=ZERO_TERM_GROUPS)
+                ATOMIC=split > 1, ASYM=act.get("zero") is not None, GC=ZERO_TERM_GROUPS,
+                ACT=ACT_CODES[activation[0]] if activation is not None and split == 1 else 0)
     if token_major:
-        tm_args = args[:-2] + (_n_key(n),)  # the same arguments without the K-split count
+        tm_args = args[:-4] + args[-3:]  # the same arguments without the K-split count
         tm_meta = {k: v for k, v in meta.items() if k != "ATOMIC"}
         launch_tiled(w4a4_gemm_tm_kernel, _tuned_tm_kernel,
                      lambda m: (triton.cdiv(n, m["BT"]) * triton.cdiv(o, m["BO"]),),
@@ -515,7 +551,15 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
     launch_tiled(w4a4_gemm_kernel, _tuned_kernel, lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]), split),
                  args, meta, config, dict(BO=32, BT=16, GROUP_O=4), autotune_enabled(plan))
+    if split > 1:  # the fp32 sum of the splits' partials: the activation after the last one
+        y = apply_activation(y, activation)
     return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _activated(y, activation: ActivationSpec):
+    """y (n, o) in its dtype with ``activation`` applied after the kernel (GEMMs without it in their
+    epilogue), in float32 and rounded back: what the unfused model does."""
+    return y if activation is None else apply_activation(y.float(), activation).to(y.dtype)
 
 
 ZERO_TERM_GROUPS = 32  # groups per int8 dot of the zero-point term (Hopper's int8 MMA takes K = 32)
