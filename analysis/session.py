@@ -27,7 +27,7 @@ from dirotq.calibration import CalibrationStats, calibrate, model_fingerprint
 from dirotq.config import DEFAULT_KEY, RankPlan
 from dirotq.eval.judge import DEFAULT_JUDGE_PATH, load_judge
 from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, read_prompts
-from dirotq.fusion import fuse_shared_inputs
+from dirotq.fusion import fuse_for_inference
 from dirotq.generate import check_sampling, generate_pair, truncation_warning, unknown_words
 from dirotq.models import get_adapter, target_report
 from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
@@ -561,8 +561,9 @@ class ExplorerSession:
             dev = next(self.transformer.parameters()).device
             model = copy.deepcopy(self.transformer) if dev.type == "cpu" else copy.deepcopy(self.transformer).cpu()
             report = quantize_(model, cfg, stats, adapter=self.adapter, progress=progress or (lambda f, m: None))
-            # the copy only generates: layers that read one input run as one (same image, fewer passes)
-            fuse_shared_inputs(model, adapter=self.adapter)
+            # the copy only generates: layers that read one input run as one, GELUs in their projections'
+            # epilogues (same image, fewer passes)
+            fuse_for_inference(model, adapter=self.adapter)
             return memo.put(key, (model.to(dev).eval(), report))
 
     def all_layer_errors(self, method: str, ranks: Mapping[str, int] | None = None,

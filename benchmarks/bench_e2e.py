@@ -12,7 +12,8 @@ targets; ``--pixart-cross-kv w4a16``, the default, adds PixArt's cross-attention
   structure at rank ``--rank`` (c = xV_r, residual, block Hadamard, INT4 weights of the actual random W,
   fused 16-bit branch), the W4A16 targets (PixArt ff.net.2, FLUX adaLN modulation) weight-only INT4;
 - ``int_ratio-fused`` / ``int_ratio-fused-1launch-tm``: format C with the layers that read one input
-  (q/k/v, FLUX's proj_mlp + q/k/v) fused into one (``dirotq/fusion.py``), and with the kernels not yet
+  (q/k/v, FLUX's proj_mlp + q/k/v) fused into one and the MLPs' GELU in their up-projection's GEMM
+  epilogue (``dirotq.fusion.fuse_for_inference``), and with the kernels not yet
   timed on a GPU as well: the one-launch activation path (``DIROTQ_ACT_ONE_LAUNCH``) and the
   token-major GEMM (``DIROTQ_GEMM_LAYOUT=token``); ``int_ratio-fused-gluon`` / ``-1launch-gluon``: the
   fused model on the Gluon GEMM (``DIROTQ_GEMM_LAYOUT=gluon``: asynchronous int8 wgmma; ``-tma``: the
@@ -385,10 +386,12 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
                                   "act_bits_w4a4_targets": act_bits}
                 entry["layers"] = quantize_model(model, variant, args.rank, args.pixart_cross_kv)
                 if variant in FUSED_VARIANTS:
-                    from dirotq.fusion import fuse_shared_inputs
+                    from dirotq.fusion import fuse_for_inference
 
-                    fused = fuse_shared_inputs(model)["fused"]
-                    entry["fused"] = {"groups": len(fused), "layers": sum(map(len, fused.values()))}
+                    report = fuse_for_inference(model)
+                    fused = report["shared_inputs"]["fused"]
+                    entry["fused"] = {"groups": len(fused), "layers": sum(map(len, fused.values())),
+                                      "activations_in_epilogue": len(report["activations"]["fused"])}
                 entry["backend"] = backend_description(model)
         else:
             entry["backend"] = "torch bf16"

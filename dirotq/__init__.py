@@ -43,7 +43,7 @@ from .modules import QuantLinear
 from .registry import config_from_dict, make_config
 from .quantize import layer_error, quantize_, quantize_layer, quantize_model
 from .checkpoint import finalize_checkpoint, load_quantized, recipe_name, save_quantized, save_quantized_part
-from .fusion import fuse_shared_inputs, unfuse_shared_inputs
+from .fusion import fuse_activations, fuse_for_inference, fuse_shared_inputs, unfuse_activations, unfuse_shared_inputs
 from . import diffusers_integration as _diffusers_integration
 from . import lora as _lora
 
@@ -79,4 +79,5 @@ __all__ = [
     "calibrate_transformer", "CalibrationStats", "LayerStats", "quantize_", "quantize_model", "quantize_layer",
     "layer_error", "save_quantized", "save_quantized_part", "finalize_checkpoint", "load_quantized", "recipe_name",
     "get_adapter", "target_report", "config_from_dict", "make_config", "fuse_shared_inputs", "unfuse_shared_inputs",
+    "fuse_activations", "unfuse_activations", "fuse_for_inference",
 ]

@@ -532,7 +532,7 @@ def _match_non_persistent(model: nn.Module) -> None:
 
 
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   verify: bool = True, fuse_shared_inputs: bool = False) -> nn.Module:
+                   verify: bool = True, fuse_shared_inputs: bool = False, fuse_activations: bool = False) -> nn.Module:
     """The quantized transformer saved by ``save_quantized`` at ``path`` (a diffusers ModelMixin).
 
     One file or shards with an index; format 1 and 2. The skeleton is built on the meta device and
@@ -543,6 +543,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     the hash). ``dtype`` casts the non-quantized parameters and the 16-bit QuantLinear tensors after
     loading (codes and scales keep their formats). ``fuse_shared_inputs``: layers that read one
     input run as one layer (``dirotq.fusion``; the deployment form of the GPU kernels).
+    ``fuse_activations``: GELUs that follow a quantized projection run in its GEMM epilogue
+    (``dirotq.fusion.fuse_activations``).
     """
     folder = Path(path)
     cfg = _read_config(folder)
@@ -575,6 +577,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     model = model.to(device).eval()
     if fuse_shared_inputs:
         fusion.fuse_shared_inputs(model)
+    if fuse_activations:
+        fusion.fuse_activations(model)
     return model
 
 

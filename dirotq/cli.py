@@ -594,7 +594,7 @@ def _free_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
 
 def cmd_generate(args) -> int:
     from .eval.protocol import DEFAULT_EVAL_PROMPTS, make_config, read_prompts
-    from .fusion import fuse_shared_inputs
+    from .fusion import fuse_for_inference
     from .generate import (check_sampling, generate_pair, quantized_copy, side_by_side, truncation_warning,
                            unknown_words)
 
@@ -611,14 +611,14 @@ def cmd_generate(args) -> int:
     if args.checkpoint:
         from .checkpoint import load_quantized
 
-        qt = load_quantized(args.checkpoint, device=args.device, fuse_shared_inputs=True)
+        qt = load_quantized(args.checkpoint, device=args.device, fuse_shared_inputs=True, fuse_activations=True)
         label = Path(args.checkpoint).name
     else:
         rank = _rank_arg(args)
         config = make_config(args.method, rank=rank, weights=args.weights, scale_format=args.scale_format)
         ev.check_rank(rank)
         qt = quantized_copy(ev.pipe.transformer, config, ev.stats, adapter=ev.adapter)
-        fuse_shared_inputs(qt)  # layers that read one input run as one: the same image, fewer passes
+        fuse_for_inference(qt)  # one GEMM per shared input, GELU in the epilogue: the same image, fewer passes
         label = config.tag()
     ref, quant, t = generate_pair(ev.pipe, qt, prompt, args.seed, num_inference_steps=args.steps,
                                   guidance_scale=args.guidance, **ev.pipe_kwargs)

@@ -21,6 +21,14 @@ Checkpoints keep the unfused form (``save_quantized`` unfuses around the save an
 either form loads from the same files; ``load_quantized(..., fuse_shared_inputs=True)`` fuses on
 load. Members are fused only when their activation side is identical (same widths, formats, rank
 and tensors): a rank plan that gives q, k and v different ranks fuses the members that agree.
+
+Activation fusion (``fuse_activations``): where a GELU is applied to a quantized projection's output
+and to nothing else (diffusers' ``GELU`` module around ``ff.net.0.proj``; FLUX's single blocks'
+``act_mlp`` after ``proj_mlp``, listed by the model adapter), the projection applies it in its GEMM
+epilogue (``QuantLinear.epilogue_activation``, ``dirotq.activations``) and the activation module is
+replaced by a pass-through that keeps it for ``unfuse_activations``: one pass over the (n, 4·d) MLP
+hidden states less. A fused shared-input layer applies it to its member's columns. State-dict keys
+do not change; checkpoints hold the unfused form as for shared inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import torch
 from torch import nn
 
 from . import compile_ops
+from .activations import activation_kind
 from .modules import QuantLinear
 from .quantizers import QuantizedTensor
 
@@ -269,6 +278,11 @@ def fuse_shared_inputs(model: nn.Module, *, adapter: Any = None) -> dict:
     Idempotent: fused groups stay as they are."""
     if not isinstance(model, nn.Module) and hasattr(model, "transformer"):
         model = model.transformer
+    with _activations_unfused(model, adapter):  # a member's epilogue activation moves to its columns
+        return _fuse_shared_inputs(model, adapter)
+
+
+def _fuse_shared_inputs(model: nn.Module, adapter: Any) -> dict:
     fused_report: dict[str, list[str]] = {}
     not_fused: dict[str, str] = {}
     for names in _candidate_groups(model, adapter):
@@ -301,29 +315,174 @@ def unfuse_shared_inputs(model: nn.Module) -> int:
     if not isinstance(model, nn.Module) and hasattr(model, "transformer"):
         model = model.transformer
     fused = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedQuantLinear)]
+    if not fused:
+        return 0
+    with _activations_unfused(model, None):  # the columns' epilogue activation goes back to its member
+        _split_fused(model, fused)
+    return len(fused)
+
+
+def _split_fused(model: nn.Module, fused: list[tuple[str, FusedQuantLinear]]) -> None:
     for name, f in fused:
         for member, layer in zip(f.member_names, split_layer(f)):
             owner, child = _parent(model, member)
             setattr(owner, child, layer)
         owner, child = _parent(model, name)
         delattr(owner, child)
-    return len(fused)
 
 
 @contextlib.contextmanager
 def unfused(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in its per-layer form inside the block, fused again after it (if it was fused)."""
-    if not unfuse_shared_inputs(model):
-        yield model
-        return
+    """``model`` in its per-layer form inside the block (no fused shared inputs, no epilogue
+    activations), fused again after it as it was."""
+    activations = unfuse_activations(model)
+    groups = unfuse_shared_inputs(model)
     try:
         yield model
     finally:
-        fuse_shared_inputs(model)
+        if groups:
+            fuse_shared_inputs(model)
+        if activations:
+            fuse_activations(model)
 
 
 def has_fused_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, FusedQuantLinear) for m in model.modules())
+    """Whether ``model`` has fused shared-input layers or epilogue activations."""
+    return any(isinstance(m, (FusedQuantLinear, _InEpilogue)) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------ activations
+class _InEpilogue(nn.Module):
+    """Where an activation module was whose activation a projection now applies in its epilogue.
+    The replaced module is kept outside the module tree, for ``unfuse_activations``."""
+
+    def __init__(self, original: nn.Module, projection: str) -> None:
+        super().__init__()
+        self._original = (original,)  # a tuple: not registered as a submodule
+        self.projection = projection  # the projection's full name in the model
+
+    @property
+    def original(self) -> nn.Module:
+        return self._original[0]
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__} applied in the epilogue of {self.projection}"
+
+
+class ProjectionWithActivation(_InEpilogue):
+    """Where diffusers' ``GELU`` (``proj`` then the activation) was: ``proj``, whose epilogue applies
+    the activation, under the same name, so state-dict keys do not change."""
+
+    def __init__(self, original: nn.Module, projection: str) -> None:
+        super().__init__(original, projection)
+        self.proj = original.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class ActivationInEpilogue(_InEpilogue):
+    """Where a stand-alone activation module was (FLUX's ``act_mlp``): its input already is the
+    activated output of the projection, so it passes it through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def output_activation(layer: nn.Module) -> str | None:
+    """The activation ``layer`` (a ``QuantLinear`` or a member of a fused layer) applies to its own
+    output in the epilogue, or None."""
+    if isinstance(layer, SharedInputSlice):
+        spec = layer.fused.epilogue_activation
+        return spec[0] if spec is not None and spec[1] < layer.stop and layer.start < spec[2] else None
+    spec = getattr(layer, "epilogue_activation", None)
+    return spec[0] if spec is not None else None
+
+
+def _set_activation(layer: nn.Module, spec_kind: str | None) -> str | None:
+    """Set (kind) or clear (None) the epilogue activation of a projection; returns why it cannot be
+    set, or None. A fused layer's member gets it on its columns; one range per fused layer."""
+    if isinstance(layer, SharedInputSlice):
+        fused = layer.fused
+        if spec_kind is None:
+            fused.epilogue_activation = None
+            return None
+        if fused.epilogue_activation is not None:
+            return f"{fused.name} already applies an activation to other columns"
+        fused.epilogue_activation = (spec_kind, layer.start, layer.stop)
+        return None
+    if type(layer) is not QuantLinear:
+        return f"the projection is a {type(layer).__name__}, not a quantized layer"
+    layer.epilogue_activation = None if spec_kind is None else (spec_kind, 0, layer.out_features)
+    return None
+
+
+@torch.no_grad()
+def fuse_activations(model: nn.Module, *, adapter: Any = None) -> dict:
+    """Let quantized projections apply the activation that follows them in their GEMM epilogue (the
+    module docstring), in place. Returns ``{"fused": {activation module: projection},
+    "not_fused": {activation module: reason}}``. Idempotent."""
+    from .models import get_adapter
+
+    if not isinstance(model, nn.Module) and hasattr(model, "transformer"):
+        model = model.transformer
+    adapter = adapter or get_adapter(model)
+    fused: dict[str, str] = {}
+    not_fused: dict[str, str] = {}
+    for proj_name, act_name in adapter.activation_sites(model):
+        act = model.get_submodule(act_name)
+        if isinstance(act, _InEpilogue):
+            continue
+        kind = activation_kind(act)
+        if kind is None:
+            not_fused[act_name] = (f"{type(act).__name__}(approximate={getattr(act, 'approximate', None)!r}) is not "
+                                   "an activation the GEMM epilogue has (GELU, erf or tanh form)")
+            continue
+        why = _set_activation(model.get_submodule(proj_name), kind)
+        if why is not None:
+            not_fused[act_name] = why
+            continue
+        inside = proj_name.startswith(act_name + ".")
+        owner, child = _parent(model, act_name)
+        setattr(owner, child, (ProjectionWithActivation if inside else ActivationInEpilogue)(act, proj_name))
+        fused[act_name] = proj_name
+    if fused:
+        log.info("fused %d activations into their projections' epilogues", len(fused))
+    return {"fused": fused, "not_fused": not_fused}
+
+
+@torch.no_grad()
+def unfuse_activations(model: nn.Module) -> int:
+    """Undo ``fuse_activations`` in place; returns the number of activation modules put back."""
+    if not isinstance(model, nn.Module) and hasattr(model, "transformer"):
+        model = model.transformer
+    sites = [(n, m) for n, m in model.named_modules() if isinstance(m, _InEpilogue)]
+    for name, site in sites:
+        original = site.original
+        if isinstance(site, ProjectionWithActivation):
+            original.proj = site.proj  # whatever sits there now (the same layer, unless replaced)
+        owner, child = _parent(model, name)
+        setattr(owner, child, original)
+        _set_activation(model.get_submodule(site.projection), None)
+    return len(sites)
+
+
+@contextlib.contextmanager
+def _activations_unfused(model: nn.Module, adapter: Any) -> Iterator[None]:
+    had = unfuse_activations(model)
+    try:
+        yield
+    finally:
+        if had:
+            fuse_activations(model, adapter=adapter)
+
+
+def fuse_for_inference(model: nn.Module, *, adapter: Any = None) -> dict:
+    """The deployment form: shared-input groups fused (``fuse_shared_inputs``), then activations in
+    their projections' epilogues (``fuse_activations``); the same images, fewer passes. Returns
+    ``{"shared_inputs": …, "activations": …}``, the two reports."""
+    return {"shared_inputs": fuse_shared_inputs(model, adapter=adapter),
+            "activations": fuse_activations(model, adapter=adapter)}
 
 
 def fusion_stats(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -332,5 +491,7 @@ def fusion_stats(model: nn.Module) -> dict[str, dict[str, int]]:
             for n, m in model.named_modules() if isinstance(m, FusedQuantLinear)}
 
 
-__all__ = ["FusedQuantLinear", "SharedInputSlice", "concat_rows", "fuse_layers", "fuse_shared_inputs", "fusion_stats",
-           "has_fused_layers", "split_layer", "unfuse_shared_inputs", "unfused"]
+__all__ = ["ActivationInEpilogue", "FusedQuantLinear", "ProjectionWithActivation", "SharedInputSlice", "concat_rows",
+           "fuse_activations", "fuse_for_inference", "fuse_layers", "fuse_shared_inputs", "fusion_stats",
+           "has_fused_layers", "output_activation", "split_layer", "unfuse_activations", "unfuse_shared_inputs",
+           "unfused"]

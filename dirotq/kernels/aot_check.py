@@ -89,6 +89,15 @@ def default_variants():
                         dict(BT=32, GS=64, BKD=64, RC=32, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
                              FMT_C=fmt_c, ASYM=asym, PASS=2 if fmt_c else 0, STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
                              C_IN_KERNEL=True, RP=32, **ACT_RULE), dict(num_warps=4)))
+        if fmt_c:  # GELU (tanh form) in the epilogue: the MLP up-projection of a fused model
+            out.append(("gemm C 128x128 w8 s3 packed+lr simd-unpack gelu", "gemm",
+                        dict(BO=128, BT=128, GS=64, R_BLK=32, GROUP_O=8, FMT_C=True, HAS_LR=True, HAS_BIAS=True,
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ATOMIC=False, ASYM=False, GC=32,
+                             ACT=2), dict(num_warps=8, num_stages=3)))
+            out.append(("gemm_tm C 128x128 w8 s3 packed+lr simd-unpack gelu", "gemm_tm",
+                        dict(BT=128, BO=128, GS=64, R_BLK=32, GROUP_T=8, FMT_C=True, HAS_LR=True, HAS_BIAS=True,
+                             DEBUG_INT=False, DOT_DTYPE=bf, W_INT8=False, SIMD=True, ASYM=False, GC=32, ACT=2),
+                        dict(num_warps=8, num_stages=3)))
         out.append((f"w4a16 {f} 64x16 w4 s4", "w4a16",
                     dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,
                          DOT_DTYPE=bf), dict(num_warps=4, num_stages=4)))
@@ -308,6 +317,8 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
 
     fn = {"gemm": w4a4_gemm_kernel, "gemm_tm": w4a4_gemm_tm_kernel, "act": act_quant_kernel,
           "w4a16": w4a16_kernel}[kind]
+    if kind != "act":
+        consts = {"ACT": 0, **consts}  # no epilogue activation unless the variant names one
     types = dict(PTR_TYPES["gemm" if kind == "gemm_tm" else kind])
     if kind.startswith("gemm") and consts.get("W_INT8"):
         types["w_ptr"] = "*i8"

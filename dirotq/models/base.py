@@ -129,6 +129,10 @@ class ModelAdapter:
     # layer types whose input is one tensor shared by *every* block (FLUX's adaLN linears all read
     # silu(temb)): one model-wide group, calibrated once instead of once per block.
     model_wide_groups: tuple[tuple[str, ...], ...] = ()
+    # (projection layer type, activation module) pairs inside one block where the activation module
+    # is applied to that projection's output and nothing else reads it, beyond diffusers' ``GELU``
+    # modules (which hold their projection as ``proj`` and are found without being listed)
+    epilogue_activations: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, overrides: dict[str, str | None] | None = None):
         """``overrides``: layer type -> kind, or ``None`` to keep it 16-bit, replacing the family
@@ -300,6 +304,30 @@ class ModelAdapter:
             for full, lt in layers:
                 grouped.setdefault(group_of[lt], []).append(full)
             out.extend(g for g in grouped.values() if len(g) > 1)
+        return out
+
+    def activation_sites(self, model: nn.Module) -> list[tuple[str, str]]:
+        """(projection, activation module) full names, block by block, where the projection's GEMM
+        epilogue can apply the activation (``dirotq.fusion.fuse_activations``): every diffusers
+        ``GELU`` module (the activation module holds its projection as ``proj``), then the
+        ``epilogue_activations`` pairs. Whether the activation is one the kernels have is checked there."""
+        out: list[tuple[str, str]] = []
+        for block in self.blocks(model):
+            for n, m in block.module.named_modules():
+                if n and type(m).__name__ == "GELU" and isinstance(getattr(m, "proj", None), nn.Module):
+                    out.append((f"{block.prefix}.{n}.proj", f"{block.prefix}.{n}"))
+            tp = block.type_prefix
+            for proj_type, act_name in self.epilogue_activations:
+                if not (proj_type.startswith(tp) and act_name.startswith(tp)):
+                    continue
+                proj, act = proj_type[len(tp):], act_name[len(tp):]
+                if tp == "" and (":" in proj or ":" in act):
+                    continue  # a pair of another block container
+                try:
+                    block.module.get_submodule(proj), block.module.get_submodule(act)
+                except AttributeError:
+                    continue
+                out.append((f"{block.prefix}.{proj}", f"{block.prefix}.{act}"))
         return out
 
     def groups(self, model: nn.Module) -> dict[str, list[str]]:

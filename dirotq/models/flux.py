@@ -29,6 +29,8 @@ class FluxAdapter(ModelAdapter):
     block_containers = (("transformer_blocks", ""), ("single_transformer_blocks", "single:"))
     extra_groups = (("single:proj_mlp", "single:attn.to_q", "single:attn.to_k", "single:attn.to_v"),)
     model_wide_groups = (("norm1.linear", "norm1_context.linear", "single:norm.linear"),)
+    # single blocks: act_mlp(proj_mlp(x)) is only concatenated with the attention output afterwards
+    epilogue_activations = (("single:proj_mlp", "single:act_mlp"),)
 
     def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
         if layer_type in ("norm1.linear", "norm1_context.linear", "single:norm.linear"):
