@@ -8,7 +8,10 @@ For each shape (PixArt-Σ and FLUX linears) and token count (16, 1024, 4096), bf
   per-row scales, GEMM alone / with the dynamic per-token activation quantization in torch;
 - for formats A (exact) and C (int_ratio), two structures: ``rtn`` (rank 0: quantize + GEMM) and
   ``dirotq-lr`` rank 32 (c = xV, residual, block Hadamard, quantize + GEMM + fused rank-32 branch);
-  time split ``act_quant`` / ``gemm`` / ``total`` (the module's ``kernel_forward``).
+  time split ``act_quant`` / ``gemm`` / ``total`` (the module's ``kernel_forward``);
+- ``C_gemm_gelu_epilogue`` / ``C_gemm_then_gelu``: the format C GEMM with GELU (tanh form) on all
+  outputs in its epilogue, against the GEMM followed by torch's GELU (what activation fusion saves
+  on an MLP's up-projection).
 Medians of ``triton.testing.do_bench`` with the input rotated over 4 tensors (no L2 reuse across
 calls); ``*_graph`` columns: the same work captured 8× in a CUDA graph (GPU time without Python
 launch overhead, what a whole-model CUDA-graph run pays). Reported: TOPS = 2·n·d·o/t (vs the
@@ -270,6 +273,11 @@ def run_shape(model: str, name: str, d: int, o: int, n: int, dry: bool, extra_va
                 row[f"{tag}_gemm_ms"] = t_g = bench(lambda: w4a4_gemm(m, plan, act, dt))
                 row[f"{tag}_total_ms"] = t = bench(lambda: kernels.kernel_forward(m, nxt()))
                 row[f"{tag}_total_graph_ms"] = bench_graph(lambda: kernels.kernel_forward(m, nxt()))
+                if tag == "C_dirotq-lr_r32":  # an MLP up-projection's GELU: in the epilogue, or a pass after
+                    gelu = ("gelu_tanh", 0, o)
+                    row["C_gemm_gelu_epilogue_ms"] = bench(lambda: w4a4_gemm(m, plan, act, dt, activation=gelu))
+                    row["C_gemm_then_gelu_ms"] = bench(
+                        lambda: torch.nn.functional.gelu(w4a4_gemm(m, plan, act, dt), approximate="tanh"))
                 if tag == "C_dirotq-lr_r32" and dev == "cuda":
                     row.update(gluon_core_row(m, plan, act, flops, dt, first_gluon=first_gluon))
                     if tma:

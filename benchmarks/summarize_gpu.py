@@ -46,13 +46,15 @@ def speed_table(res: dict) -> str:
     """The format C speed paths side by side: per (shape, tokens) the CUDA-graph × BF16 of FP8 and of each
     format C variant, then the GEMM alone in TOPS: Triton's int32 core, the Gluon core, the whole Gluon
     GEMM per tile config, the TMA-fed Gluon core and GEMM per config on packed and on cached int8
-    weights (and the bf16 matmul's TFLOPS for scale)."""
+    weights (and the bf16 matmul's TFLOPS for scale), and the GEMM with GELU in its epilogue against the
+    GEMM followed by torch's GELU."""
     short = {t: t.replace("C_dirotq-lr_r32", "C") or "C" for t in SPEED_TAGS}
     head = (["layer", "tokens", "bf16 TFLOPS", "fp8 ×"] + [f"{short[t] or 'C'} ×" for t in SPEED_TAGS]
             + ["core triton TOPS", "core gluon TOPS"] + [f"gluon {c} TOPS" for c in GLUON_CONFIG_TAGS]
             + ["core tma TOPS"] + [f"tma {c} TOPS" for c in TMA_CONFIG_TAGS]
             + ["core tma w8 TOPS"] + [f"tma w8 {c} TOPS" for c in TMA_CONFIG_TAGS]
-            + ["core ws TOPS"] + [f"ws {c} TOPS" for c in WS_CONFIG_TAGS])
+            + ["core ws TOPS"] + [f"ws {c} TOPS" for c in WS_CONFIG_TAGS]
+            + ["C GEMM, GELU in epilogue ms", "C GEMM then GELU ms"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in res["rows"]:
         bf = row.get("bf16_graph_ms")
@@ -70,6 +72,7 @@ def speed_table(res: dict) -> str:
             cells.append(_f(row.get(f"{prefix}_core_int32_{kind}_tops"), 0) + unequal)
             cells += [_f(row.get(f"{prefix}_gemm_{kind}_{c}_tops"), 0)
                       if f"{prefix}_gemm_{kind}_{c}_error" not in row else "err" for c in tags]
+        cells += [_f(row.get("C_gemm_gelu_epilogue_ms"), 4), _f(row.get("C_gemm_then_gelu_ms"), 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -332,4 +332,9 @@ def backend_description(module_or_model: Any, device: torch.device | str | None 
         and isinstance(m, QuantLinear)]
     if fused:
         line += f" ({len(fused)} of them fused from {sum(len(m.splits) for m in fused)} layers that share an input)"
+    mods = [module_or_model] if isinstance(module_or_model, QuantLinear) else list(module_or_model.modules())
+    activated = [m for m in mods if isinstance(m, QuantLinear) and m.epilogue_activation is not None]
+    if activated:
+        kinds = sorted({m.epilogue_activation[0] for m in activated})
+        line += f"; {len(activated)} apply their {'/'.join(kinds)} in the GEMM epilogue"
     return line

@@ -62,6 +62,9 @@ def test_the_fused_model_computes_the_same_with_the_activation_in_the_epilogue(q
     assert set(model.state_dict()) == keys  # ff.net.0.proj keeps its name
     assert torch.equal(_out(model, example), before)  # the reference path: the same GELU on the same values
     assert fusion.fuse_activations(model)["fused"] == {}  # idempotent
+    from dirotq.modules import backend_description
+
+    assert backend_description(model).endswith(f"; {len(EXPECTED[family])} apply their gelu_tanh in the GEMM epilogue")
     assert fusion.has_fused_layers(model)
     assert fusion.unfuse_activations(model) == len(EXPECTED[family])
     assert not fusion.has_fused_layers(model)

@@ -187,9 +187,11 @@ def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
     # the default --pixart-cross-kv w4a16: 2 blocks × (ff.net.2, attn2.to_k, attn2.to_v) weight-only
     assert res["pixart_cross_kv"] == "w4a16" and res["targets"] == {"w4a4": 14, "w4a16": 6}
     assert res["variants"]["int_ratio"]["layers"] == res["targets"]
-    # per block, the self-attention q/k/v and the cross-attention K/V (W4A16 here) run as one layer each
+    # per block, the self-attention q/k/v and the cross-attention K/V (W4A16 here) run as one layer each,
+    # and the MLP's GELU runs in its up-projection's epilogue; compiled as one graph with both fusions
     fused = res["variants"]["int_ratio-fused"]
-    assert fused["fused"] == {"groups": 4, "layers": 10} and fused["backend"].startswith("triton")
+    assert fused["fused"] == {"groups": 4, "layers": 10, "activations_in_epilogue": 2}
+    assert fused["backend"].startswith("triton") and "2 apply their gelu_tanh in the GEMM epilogue" in fused["backend"]
     assert fused["memory"]["bytes"] <= res["variants"]["int_ratio"]["memory"]["bytes"]
     # the GPU run's table reader takes the file, a skipped variant included (FP8 without an FP8 GPU)
     from benchmarks import summarize_gpu
@@ -325,6 +327,7 @@ def test_bench_linear_dry_run_runs_on_cpu(tmp_path):
     assert "C_dirotq-lr_r32_max_rel_err" in text and "A_rtn_r0_max_rel_err" in text
     assert "C_dirotq-lr_r32_1launch_act_quant_ms" in text and "C_dirotq-lr_r32_w8_gemm_ms" in text
     assert "C_dirotq-lr_r32_tm_gemm_ms" in text
+    assert "C_gemm_gelu_epilogue_ms" in text and "C_gemm_then_gelu_ms" in text
     # the TMA-fed GEMM's columns (on the CPU its layout falls back to the swap kernel: the path, not the kernel)
     assert "C_dirotq-lr_r32_tma_gemm_ms" in text and "C_dirotq-lr_r32_w8_tma_gemm_ms" in text
     assert "_error" not in text
