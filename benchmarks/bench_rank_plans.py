@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -81,11 +82,14 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{out}.json").write_text(json.dumps(result, indent=1))
 
-    def evaluate(label: str, method: str, budget: int, policy: str, config, plan=None, cost=None, fixed=None):
+    def evaluate(label: str, method: str, budget: int, policy: str, config, plan=None, cost=None, fixed=None,
+                 predicted=None):
         imgs, report = ev.method_images(label, config)
         fid = ev.fidelity(imgs)
         row = {"method": method, "budget_rank": budget, "policy": policy, "tag": config.tag(),
                "psnr": fid["psnr"], "ssim": fid["ssim"], "per_image_psnr": fid["per_image"]["psnr"]}
+        if predicted is not None:  # the allocator's own model: its plan's output error against the fixed plan's
+            row["predicted_gain_db"] = predicted
         if plan is not None:
             row["params16"] = plans.plan_params16(plan, cost)
             row["plan"] = plan
@@ -128,8 +132,10 @@ def main(argv=None) -> int:
         p = prepare(method)
         fixed, cost = fixed_row(method, budget), p["cost"]
         limit = plans.plan_params16(plans.fixed_plan(targets, budget), cost)
+        predicted = None
         if policy in ("output error", "output error, tied"):
             plan = plans.fill_plan(policy, budget, targets, output_curves=lambda: p["out"], config=p["cfg0"])
+            predicted = predicted_gain_db(p["out"], plans.fixed_plan(targets, budget), plan)
         elif policy == "16-bit budget":
             plan = plans.fill_plan(policy, limit / 1e3, targets, cost=cost, layer_curve=p["layer"].get)
         elif policy == "energy":
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
             plan = plans.match_budget(lambda e: plans.fill_plan("error budget", e, targets, layer_curve=p["layer"].get),
                                       cost, limit, 1e-6, 1.0, increasing=False)
         cfg = make_config(method, rank={"_default": 0, **plan})
-        evaluate(f"{method}-{policy}{budget}", method, budget, policy, cfg, plan, cost, fixed)
+        evaluate(f"{method}-{policy}{budget}", method, budget, policy, cfg, plan, cost, fixed, predicted)
 
     # most important first, so an interrupted run still answers the main question: the default
     # allocator against a fixed rank, then the other policies, then the format rows
@@ -190,6 +196,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def predicted_gain_db(curves: dict, fixed: dict, plan: dict) -> float:
+    """10·log10 of the predicted model-output error (the sum of every layer's sensitivity-weighted
+    error at its rank, the allocator's objective) under ``fixed`` over that under ``plan``."""
+    def total(ranks):
+        return sum(curves[n][ranks[n]] for n in curves)
+
+    return 10.0 * math.log10(total(fixed) / total(plan))
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"# Rank plans judged on images: {meta['model']}", "",
@@ -200,14 +215,18 @@ def markdown(result: dict) -> str:
              f"method's own cost). Statistics: {meta['calibration_prompts']} calibration prompts; layer "
              f"sensitivities: {meta['sensitivity_prompts']} other calibration prompts, steps {meta['sensitivity_steps']}.",
              f"Device: {meta['device']}. Date: {meta['date']}. Command: `{meta['command']}`.", "",
-             "| method | R | policy | extra 16-bit params | PSNR (dB) | Δ vs fixed (dB) |", "|---|---|---|---|---|---|"]
+             "Predicted: the allocator's own estimate of its gain, the sensitivity-weighted sum of layer errors "
+             "(the transformer output's error) under the fixed plan over that under its plan, in dB.", "",
+             "| method | R | policy | extra 16-bit params | PSNR (dB) | Δ vs fixed (dB) | predicted (dB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         d = r.get("vs_fixed")
         delta = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else "–"
         p = r["psnr"]
         params = f"{r['params16'] / 1e3:,.1f} k" if "params16" in r else "–"
+        pred = f"{r['predicted_gain_db']:+.2f}" if "predicted_gain_db" in r else "–"
         lines.append(f"| {r['method']} | {r['budget_rank']} | {r['policy']} | {params} | "
-                     f"{p['mean']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] | {delta} |")
+                     f"{p['mean']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] | {delta} | {pred} |")
     return "\n".join(lines) + "\n"
 
 

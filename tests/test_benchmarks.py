@@ -3,6 +3,7 @@ durations, and small end-to-end runs."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -101,10 +102,22 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
             r = rows[("dirotq-lr", budget, policy)]
             assert r["params16"] <= fixed["params16"] + 1e-6 and "vs_fixed" in r
         assert ("svdquant", budget, "output error") in rows and ("svdquant", budget, "energy") not in rows
+        # the allocator's own prediction of its gain sits beside the measured one
+        assert "predicted_gain_db" not in fixed
+        assert math.isfinite(rows[("dirotq-lr", budget, "output error")]["predicted_gain_db"])
     for policy in ("fixed, format C", "fixed, asymmetric activations", "fixed, format C, asymmetric activations",
                    "output error, format C", "output error, format C, asymmetric activations"):
         assert ("dirotq-lr", 32, policy) in rows
     assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
+
+
+def test_predicted_gain_is_the_ratio_of_summed_curve_errors():
+    from benchmarks.bench_rank_plans import predicted_gain_db
+
+    curves = {"a": {0: 1.0, 8: 0.5}, "b": {0: 1.0, 8: 0.1}}
+    # fixed: 0.5 + 0.1; the plan moves a's rank to b's side of the budget: 1.0 + 0.1
+    assert predicted_gain_db(curves, {"a": 8, "b": 8}, {"a": 0, "b": 8}) == pytest.approx(10 * math.log10(0.6 / 1.1))
+    assert predicted_gain_db(curves, {"a": 8, "b": 8}, {"a": 8, "b": 8}) == 0.0
 
 
 def test_fusion_benchmark_runs_on_a_tiny_pipeline_and_finds_identical_images(tmp_path):
