@@ -847,6 +847,23 @@ def test_cuda_token_major_gemm(symmetric):
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("n", [16, 1000])  # 16 tokens: K splits, the activation after the kernel
+def test_cuda_gemm_epilogue_gelu(n):
+    """PixArt-Σ's MLP up-projection (1152 → 4608) in bf16: the GEMM with GELU (tanh form) in its
+    epilogue against the GEMM followed by torch's GELU, within one bf16 rounding."""
+    import torch.nn.functional as F
+
+    m = make_layer("dirotq-lr", "int_ratio", d=1152, o=4608, r=32, dtype=torch.bfloat16).cuda()
+    x = make_input(n, 1152).cuda().bfloat16()
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x)
+    plain = w4a4_gemm(m, plan, act, torch.bfloat16)
+    fused = w4a4_gemm(m, plan, act, torch.bfloat16, activation=("gelu_tanh", 0, 4608))
+    assert _rel(fused, F.gelu(plain, approximate="tanh")) < 1e-2
+
+
+@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("d,n", [(1152, 1000)])
 def test_cuda_one_launch_activation_kernel(d, n, symmetric):
