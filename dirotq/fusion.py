@@ -399,21 +399,21 @@ def output_activation(layer: nn.Module) -> str | None:
     return spec[0] if spec is not None else None
 
 
-def _set_activation(layer: nn.Module, spec_kind: str | None) -> str | None:
+def _set_activation(layer: nn.Module, kind: str | None) -> str | None:
     """Set (kind) or clear (None) the epilogue activation of a projection; returns why it cannot be
     set, or None. A fused layer's member gets it on its columns; one range per fused layer."""
     if isinstance(layer, SharedInputSlice):
         fused = layer.fused
-        if spec_kind is None:
+        if kind is None:
             fused.epilogue_activation = None
             return None
         if fused.epilogue_activation is not None:
             return f"{fused.name} already applies an activation to other columns"
-        fused.epilogue_activation = (spec_kind, layer.start, layer.stop)
+        fused.epilogue_activation = (kind, layer.start, layer.stop)
         return None
     if type(layer) is not QuantLinear:
         return f"the projection is a {type(layer).__name__}, not a quantized layer"
-    layer.epilogue_activation = None if spec_kind is None else (spec_kind, 0, layer.out_features)
+    layer.epilogue_activation = None if kind is None else (kind, 0, layer.out_features)
     return None
 
 
