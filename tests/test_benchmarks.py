@@ -177,6 +177,27 @@ def test_cross_kv_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     assert "| exact | W4A16 |" in Path(f"{out}.md").read_text()
 
 
+def test_ff_down_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
+    """bench_ff_down on a tiny random PixArt pipeline: ff.net.2 as W4A16 (the reference row), then W4A4
+    at rank 0, r and 2r: the ranks reach the layers (the checkpoint grows with them), paired differences."""
+    import json
+
+    from benchmarks.bench_ff_down import main
+    from tests.tiny_pipelines import build_tiny_pixart_pipeline
+
+    build_tiny_pixart_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out" / "ffd"
+    assert main(["--model", str(tmp_path / "pipe"), "--limit", "2", "--steps", "2", "--calib-limit", "2",
+                 "--rank", "8", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rows = {r["ff_down"]: r for r in json.loads(Path(f"{out}.json").read_text())["rows"]}
+    assert list(rows) == ["W4A16", "W4A4 r0 (tile-local)", "W4A4 r8", "W4A4 r16"]
+    assert [rows[k]["kind"] for k in rows] == ["w4a16", "w4a4", "w4a4", "w4a4"]
+    sizes = [rows[k]["checkpoint_bytes"] for k in ("W4A4 r0 (tile-local)", "W4A4 r8", "W4A4 r16")]
+    assert sizes[0] < sizes[1] < sizes[2]  # each rank step adds the layers' 16-bit branches
+    assert "vs_w4a16" in rows["W4A4 r8"] and "vs_w4a16" not in rows["W4A16"]
+    assert "| exact | W4A4 r0 (tile-local) |" in Path(f"{out}.md").read_text()
+
+
 def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
     """The GPU end-to-end script's code path on CPU (tiny configs, Triton interpreted): bf16 and W4A4
     format C, each also under torch.compile as one graph without breaks."""

@@ -1,0 +1,128 @@
+"""What the MLP's down-projection (``ff.net.2``) costs on images as W4A16 or as W4A4 at several ranks,
+and whether its input could be quantized inside the up-projection's GEMM epilogue.
+
+The up-projection's GEMM produces the down-projection's input a tile of output columns at a time.
+Quantizing that input in the epilogue (after the GELU) would save writing and re-reading the (n, 4·d)
+hidden states and the activation kernel at d = 4·hidden, the widest and slowest one. That needs an
+activation transform local to the tile: no 16-bit low-rank branch (its c = x·V_r reads the whole row)
+and per-group scales (format A; format C's row scale is a row maximum), i.e. rank 0 with the block
+Hadamard. This study measures what that costs: the embedded model with the default method at rank
+``--rank`` everywhere else, and ``ff.net.2`` kept W4A16 (the PixArt adapter's default: its input has
+the heaviest outliers), or W4A4 at rank 0 (the tile-local form), at ``--rank`` and at 2·``--rank``.
+Image PSNR against the float image of the same prompt and seed, paired difference to the W4A16 row
+(bootstrap CI), checkpoint bytes against bf16.
+
+Evaluation prompts and seeds are those of the rank-plan study (seeds from ``--seed``), disjoint from
+the calibration prompts.
+
+    python -m benchmarks.bench_ff_down --out benchmarks/results/ff_down_tiny_pixart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._bench_common import add_image_study_args
+from benchmarks.bench_cross_kv import checkpoint_bytes
+from dirotq.eval.metrics import paired_bootstrap_diff
+from dirotq.eval.protocol import Evaluator, make_config
+from dirotq.eval.report import device_description, versions
+from dirotq.generate import quantized_copy
+from dirotq.models import get_adapter
+from dirotq.registry import DEFAULT_METHOD
+
+LAYER_TYPE = "ff.net.2"
+
+
+def variants(rank: int) -> list[tuple[str, str, int | None]]:
+    """(label, kind of ff.net.2, its rank; None: the model-wide rank)."""
+    return [("W4A16", "w4a16", None), ("W4A4 r0 (tile-local)", "w4a4", 0), (f"W4A4 r{rank}", "w4a4", rank),
+            (f"W4A4 r{2 * rank}", "w4a4", 2 * rank)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_image_study_args(ap)
+    ap.add_argument("--method", default=DEFAULT_METHOD)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--formats", default="exact", help="format A is the one a tile-local epilogue can produce")
+    ap.add_argument("--out", default="benchmarks/results/ff_down_tiny_pixart")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    out = Path(a.out)
+    result: dict = {"meta": {"method": a.method, "rank": a.rank, "weights": "rtn", "layer_type": LAYER_TYPE,
+                             "device": device_description(), "versions": versions(),
+                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                             "command": " ".join(["python -m benchmarks.bench_ff_down",
+                                                  *(sys.argv[1:] if argv is None else argv)])},
+                    "rows": []}
+    pipe = None
+    for fmt in [f for f in a.formats.split(",") if f]:
+        reference_row = None
+        for label, kind, ff_rank in variants(a.rank):
+            # the W4A16 row comes first and loads the pipeline the other rows reuse
+            adapter = None if pipe is None else type(get_adapter(pipe.transformer))({LAYER_TYPE: kind})
+            ev = Evaluator(pipe if pipe is not None else a.model, limit=a.limit, seeds_per_prompt=a.seeds,
+                           seed=a.seed, num_inference_steps=a.steps, calib_limit=a.calib_limit, out_dir=a.work,
+                           judge=False, n_boot=2000, adapter=adapter)
+            pipe = ev.pipe
+            if ev.targets and all(s.kind != kind for n, s in ev.targets.items() if n.endswith(LAYER_TYPE)):
+                raise SystemExit(f"bench_ff_down: this model's {LAYER_TYPE} layers are not {kind} by default; "
+                                 "the W4A16 reference row needs the PixArt adapter's default")
+            ranks = {"_default": a.rank}
+            if ff_rank is not None:
+                ranks.update({n: ff_rank for n in ev.targets if n.endswith(LAYER_TYPE)})
+            cfg = make_config(a.method, rank=ranks, scale_format=fmt)
+            imgs, _ = ev.method_images(f"{a.method}-{fmt}-ff-down-{label}", cfg)
+            fid = ev.fidelity(imgs)
+            q = quantized_copy(ev.pipe.transformer, cfg, ev.stats, adapter=ev.adapter)
+            row = {"format": fmt, "ff_down": label, "kind": kind, "ff_down_rank": ff_rank, "tag": cfg.tag(),
+                   "psnr": fid["psnr"], "ssim": fid["ssim"], "per_image_psnr": fid["per_image"]["psnr"],
+                   "checkpoint_bytes": checkpoint_bytes(q),
+                   "bf16_bytes": 2 * sum(p.numel() for p in ev.pipe.transformer.parameters())}
+            row["checkpoint_vs_bf16"] = round(row["checkpoint_bytes"] / row["bf16_bytes"], 4)
+            del q
+            if reference_row is None:
+                reference_row = row
+            else:
+                row["vs_w4a16"] = paired_bootstrap_diff(row["per_image_psnr"], reference_row["per_image_psnr"], 2000)
+            result["rows"].append(row)
+            result["meta"]["n_images"] = len(ev.items)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+            d = row.get("vs_w4a16")
+            print(f"{fmt:9s} ff.net.2 {label:22s} PSNR {fid['psnr']['mean']:.2f}  bytes×{row['checkpoint_vs_bf16']:.3f}"
+                  + (f"  Δ {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else ""), flush=True)
+    result["seconds"] = round(time.time() - t0, 1)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{out}.md").write_text(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# The MLP down-projection ({m['layer_type']}): W4A16 or W4A4 at ranks 0 / {m['rank']} / "
+             f"{2 * m['rank']} ({m['method']} r{m['rank']} elsewhere, RTN weights)", "",
+             f"{m.get('n_images', '?')} images, PSNR vs the float image; Δ paired vs the W4A16 row of the same "
+             f"format (95 % bootstrap CI, share of images that improve). Rank 0 is the form the up-projection's "
+             f"GEMM epilogue could quantize tile by tile. {m['device']}, {m['date']}.", "",
+             "| format | ff.net.2 | PSNR (dB) | Δ vs W4A16 (dB) | wins | checkpoint / bf16 |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        d = r.get("vs_w4a16")
+        delta = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else "reference"
+        wins = f"{d['win_rate']:.0%}" if d else ""
+        lines.append(f"| {r['format']} | {r['ff_down']} | {r['psnr']['mean']:.2f} | {delta} | {wins} | "
+                     f"{r['checkpoint_vs_bf16']:.3f} |")
+    lines += ["", f"Command: `{m['command']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
