@@ -40,9 +40,11 @@ from dirotq.registry import DEFAULT_METHOD
 LAYER_TYPE = "ff.net.2"
 
 
-def variants(rank: int) -> list[tuple[str, str, int | None]]:
-    """(label, kind of ff.net.2, its rank; None: the model-wide rank)."""
-    return [("W4A16", "w4a16", None), ("W4A4 r0 (tile-local)", "w4a4", 0), (f"W4A4 r{rank}", "w4a4", rank),
+def variants(rank: int, fmt: str) -> list[tuple[str, str, int | None]]:
+    """(label, kind of ff.net.2, its rank; None: the model-wide rank). Rank 0 is tile-local in format A
+    only (format C's row scale is a maximum over the whole row)."""
+    r0 = "W4A4 r0 (tile-local)" if fmt == "exact" else "W4A4 r0"
+    return [("W4A16", "w4a16", None), (r0, "w4a4", 0), (f"W4A4 r{rank}", "w4a4", rank),
             (f"W4A4 r{2 * rank}", "w4a4", 2 * rank)]
 
 
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     pipe = None
     for fmt in [f for f in a.formats.split(",") if f]:
         reference_row = None
-        for label, kind, ff_rank in variants(a.rank):
+        for label, kind, ff_rank in variants(a.rank, fmt):
             # the W4A16 row comes first and loads the pipeline the other rows reuse
             adapter = None if pipe is None else type(get_adapter(pipe.transformer))({LAYER_TYPE: kind})
             ev = Evaluator(pipe if pipe is not None else a.model, limit=a.limit, seeds_per_prompt=a.seeds,
