@@ -28,7 +28,9 @@ and to nothing else (diffusers' ``GELU`` module around ``ff.net.0.proj``; FLUX's
 epilogue (``QuantLinear.epilogue_activation``, ``dirotq.activations``) and the activation module is
 replaced by a pass-through that keeps it for ``unfuse_activations``: one pass over the (n, 4·d) MLP
 hidden states less. A fused shared-input layer applies it to its member's columns. State-dict keys
-do not change; checkpoints hold the unfused form as for shared inputs.
+do not change; checkpoints hold the unfused form as for shared inputs. A LoRA on such a projection
+(``dirotq.lora``) releases the activation (``release_activation``): its term belongs before it, so
+the module where the activation was applies it again.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import compile_ops
-from .activations import activation_kind
+from .activations import ACTIVATIONS, activation_kind
 from .modules import QuantLinear
 from .quantizers import QuantizedTensor
 
@@ -354,31 +357,41 @@ def has_fused_layers(model: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------ activations
 class _InEpilogue(nn.Module):
     """Where an activation module was whose activation a projection now applies in its epilogue.
-    The replaced module is kept outside the module tree, for ``unfuse_activations``."""
+    The replaced module is kept outside the module tree, for ``unfuse_activations``. If the
+    projection stops applying it (``release_activation``: a LoRA on it, whose term must come before
+    the activation), this module applies it again."""
 
-    def __init__(self, original: nn.Module, projection: str) -> None:
+    def __init__(self, original: nn.Module, projection: str, layer: nn.Module, kind: str) -> None:
         super().__init__()
-        self._original = (original,)  # a tuple: not registered as a submodule
+        self._original = (original,)  # tuples: not registered as submodules
+        self._layer = (layer,)
         self.projection = projection  # the projection's full name in the model
+        self.kind = kind
 
     @property
     def original(self) -> nn.Module:
         return self._original[0]
 
+    def in_epilogue(self) -> bool:
+        """Whether the projection still applies the activation in its epilogue."""
+        return output_activation(self._layer[0]) is not None
+
     def extra_repr(self) -> str:
-        return f"{type(self.original).__name__} applied in the epilogue of {self.projection}"
+        where = "in the epilogue of" if self.in_epilogue() else "here, after"
+        return f"{type(self.original).__name__} applied {where} {self.projection}"
 
 
 class ProjectionWithActivation(_InEpilogue):
     """Where diffusers' ``GELU`` (``proj`` then the activation) was: ``proj``, whose epilogue applies
     the activation, under the same name, so state-dict keys do not change."""
 
-    def __init__(self, original: nn.Module, projection: str) -> None:
-        super().__init__(original, projection)
+    def __init__(self, original: nn.Module, projection: str, layer: nn.Module, kind: str) -> None:
+        super().__init__(original, projection, layer, kind)
         self.proj = original.proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        y = self.proj(x)
+        return y if self.in_epilogue() else F.gelu(y, approximate=ACTIVATIONS[self.kind])
 
 
 class ActivationInEpilogue(_InEpilogue):
@@ -386,7 +399,7 @@ class ActivationInEpilogue(_InEpilogue):
     activated output of the projection, so it passes it through."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x if self.in_epilogue() else self.original(x)
 
 
 def output_activation(layer: nn.Module) -> str | None:
@@ -417,6 +430,16 @@ def _set_activation(layer: nn.Module, kind: str | None) -> str | None:
     return None
 
 
+def release_activation(layer: nn.Module) -> bool:
+    """Make ``layer`` (a projection fused by ``fuse_activations``) stop applying its activation; the
+    module that stands where the activation was applies it again. For a LoRA on the layer, whose
+    term belongs before the activation. Returns whether there was one to release."""
+    if output_activation(layer) is None:
+        return False
+    _set_activation(layer, None)
+    return True
+
+
 @torch.no_grad()
 def fuse_activations(model: nn.Module, *, adapter: Any = None) -> dict:
     """Let quantized projections apply the activation that follows them in their GEMM epilogue (the
@@ -444,7 +467,8 @@ def fuse_activations(model: nn.Module, *, adapter: Any = None) -> dict:
             continue
         inside = proj_name.startswith(act_name + ".")
         owner, child = _parent(model, act_name)
-        setattr(owner, child, (ProjectionWithActivation if inside else ActivationInEpilogue)(act, proj_name))
+        site = ProjectionWithActivation if inside else ActivationInEpilogue
+        setattr(owner, child, site(act, proj_name, model.get_submodule(proj_name), kind))
         fused[act_name] = proj_name
     if fused:
         log.info("fused %d activations into their projections' epilogues", len(fused))
@@ -493,5 +517,5 @@ def fusion_stats(model: nn.Module) -> dict[str, dict[str, int]]:
 
 __all__ = ["ActivationInEpilogue", "FusedQuantLinear", "ProjectionWithActivation", "SharedInputSlice", "concat_rows",
            "fuse_activations", "fuse_for_inference", "fuse_layers", "fuse_shared_inputs", "fusion_stats",
-           "has_fused_layers", "output_activation", "split_layer", "unfuse_activations", "unfuse_shared_inputs",
-           "unfused"]
+           "has_fused_layers", "output_activation", "release_activation", "split_layer", "unfuse_activations",
+           "unfuse_shared_inputs", "unfused"]

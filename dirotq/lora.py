@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ._import_hooks import when_imported
-from .fusion import SharedInputSlice, output_activation
+from .fusion import SharedInputSlice, release_activation
 from .modules import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,11 @@ def _build() -> dict[str, type]:
         other variants, which need the float weight), no merging."""
 
         def _get_in_out_features(self, module: Any) -> tuple[int, int]:
-            if output_activation(module) is not None:
-                # the LoRA term belongs before the activation, which this layer applies in its epilogue
-                raise ValueError(f"a LoRA cannot wrap a quantized layer that applies its activation "
-                                 f"({output_activation(module)}) in its GEMM epilogue: call "
-                                 "dirotq.unfuse_activations(transformer) before loading the LoRA")
+            if release_activation(module):
+                # the LoRA term belongs before the activation the layer applied in its GEMM epilogue: the
+                # module where the activation was (dirotq.fusion) applies it again, after the LoRA
+                logger.info("a LoRA on %s: its activation runs after the LoRA, outside the GEMM epilogue",
+                            getattr(self, "kwargs", {}).get("target_name") or type(module).__name__)
             return module.in_features, module.out_features  # PEFT's lookup warns on layer types it does not know
 
         def _get_base_layer_device_and_dtype(self, base_layer: Any) -> tuple[torch.device, torch.dtype]:
