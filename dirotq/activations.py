@@ -24,6 +24,9 @@ ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 ActivationSpec = Optional[Tuple[str, int, int]]
 
+# kind -> the ``ACT`` constexpr of the GEMM kernels' epilogues (0: none)
+KERNEL_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
 
 def activation_kind(module: torch.nn.Module) -> str | None:
     """The fusable kind of an activation module (``nn.GELU`` or diffusers' ``GELU`` projection
@@ -62,4 +65,4 @@ def apply_activation(y: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
     return out
 
 
-__all__ = ["ACTIVATIONS", "ActivationSpec", "activation_kind", "apply_activation", "check_spec"]
+__all__ = ["ACTIVATIONS", "KERNEL_CODES", "ActivationSpec", "activation_kind", "apply_activation", "check_spec"]

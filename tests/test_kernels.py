@@ -649,7 +649,7 @@ def test_kernels_compile_for_sm90_without_spills():
     # the TMA-fed one too (2·(NBU − 1) MMAs in flight), its operands brought by bulk tensor copies
     # completing on mbarriers, none by cp.async or plain loads into registers for the MMA
     tma = {r["variant"]: r for r in rows if r["variant"].startswith("gluon-tma")}
-    assert len(tma) == 6 and all(r["ok"] for r in tma.values()), tma
+    assert len(tma) == 7 and all(r["ok"] for r in tma.values()), tma
     for name, r in tma.items():
         nbu = 3 if "nbu3" in name else 2
         assert max(r["wgmma_wait_depths"]) == 2 * (nbu - 1) and r["int8_wgmma_a_from_registers"] == 0, r
@@ -824,6 +824,10 @@ def test_cuda_tma_gemms_match_the_triton_gemm(layout, structure, d, o, r, n, con
     y = gemm(m, plan, act, torch.float32, config=config)
     assert not torch.isnan(y).any()
     assert _rel(y, ref) < 1e-4
+    # GELU on a column range in the epilogue, as the swap-AB kernel applies it
+    gelu = ("gelu_tanh", 64, o - 64)
+    assert _rel(gemm(m, plan, act, torch.float32, config=config, activation=gelu),
+                w4a4_gemm(m, plan, act, torch.float32, layout="swap", activation=gelu)) < 1e-4
     monkeypatch.setenv("DIROTQ_GEMM_LAYOUT", layout)
     assert torch.equal(kernels.kernel_forward(m, x), gemm(m, plan, act, torch.bfloat16))
 

@@ -146,6 +146,8 @@ def _compile_gluon_kernel(fn, consts: dict, types: dict, num_warps: int, arch: i
     from triton.compiler import compile as tcompile
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    if "ACT" in fn.arg_names:
+        consts = {"ACT": 0, **consts}  # no epilogue activation unless the variant names one
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and not n.endswith("_desc") and n not in no_divisibility}
@@ -182,6 +184,9 @@ GLUON_TMA_VARIANTS = [
     ("gluon-tma C gemm+lr+bias 256x128 ns6 nbu2 w8 scalar-unpack", dict(BT=256, BO=128, NS=6, NBU=2, R_BLK=32,
                                                                         INT_OUT=False, HAS_LR=True, HAS_BIAS=True,
                                                                         W_INT8=False, SIMD=False), 8),
+    # GELU (tanh form) in the epilogue: an MLP up-projection of a model with fused activations
+    ("gluon-tma C gemm+lr+bias+gelu 128x128 ns6 nbu2 w4", dict(BT=128, BO=128, NS=6, NBU=2, R_BLK=32, INT_OUT=False,
+                                                                HAS_LR=True, HAS_BIAS=True, W_INT8=False, ACT=2), 4),
 ]
 
 

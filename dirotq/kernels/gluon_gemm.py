@@ -31,6 +31,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
+from ..activations import KERNEL_CODES
 from .simd_unpack import ASM_HI_C, ASM_LO_C, simd_unpack_enabled
 
 BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
@@ -77,11 +78,13 @@ def _unpack_kq(p, k, SIMD: gl.constexpr):
 
 @gluon.jit
 def _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr,
-              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r,
+              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, act_lo, act_hi,
               BT: gl.constexpr, BO: gl.constexpr, R_BLK: gl.constexpr, INT_OUT: gl.constexpr, HAS_LR: gl.constexpr,
-              HAS_BIAS: gl.constexpr):
+              HAS_BIAS: gl.constexpr, ACT: gl.constexpr):
     """Store the tile [t0, t0 + BT) × [o0, o0 + BO): the int32 sums ``acc`` (INT_OUT), or
-    acc·s_x·s_w + c·upᵀ (a 16-bit wgmma over r in chunks of R_BLK) + bias in y's dtype."""
+    acc·s_x·s_w + c·upᵀ (a 16-bit wgmma over r in chunks of R_BLK) + bias in y's dtype, with GELU on
+    output columns [act_lo, act_hi) when ACT is 1 (erf form) or 2 (tanh form, as x·σ(2u); the Triton
+    GEMMs' ``_activation``)."""
     num_warps: gl.constexpr = gl.num_warps()
     out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     ot = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, out_l))
@@ -120,6 +123,14 @@ def _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_
         if HAS_BIAS:
             b = gl.load(bias_ptr + ao, mask=ao < o, other=0.0).to(gl.float32)
             accf = accf + b[None, :]
+        if ACT != 0:
+            if ACT == 1:
+                g = 0.5 * accf * (1.0 + gl.erf(accf * 0.7071067811865476))
+            else:
+                u = 0.7978845608028654 * (accf + 0.044715 * accf * accf * accf)
+                g = accf / (1.0 + gl.exp(-gl.maximum(2.0 * u, -80.0)))  # exp never overflows
+            on = (ao >= act_lo) & (ao < act_hi)
+            accf = gl.where(on[None, :], g, accf)
         gl.store(y_ptr + ot[:, None] * stride_yn + oo[None, :],
                  gl.convert_layout(accf.to(y_ptr.dtype.element_ty), out_l), mask=ymask)
 
@@ -127,9 +138,10 @@ def _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_
 @gluon.jit
 def gluon_gemm_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_ptr, stride_yn,
                       ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
-                      stride_ur, bias_ptr, n, o, r, G,
+                      stride_ur, bias_ptr, n, o, r, G, act_lo, act_hi,
                       BT: gl.constexpr, BO: gl.constexpr, NBUF: gl.constexpr, R_BLK: gl.constexpr,
-                      INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr):
+                      INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr,
+                      ACT: gl.constexpr = 0):
     """One (BT tokens, BO outputs) tile. acc int32 = Σ_g X_g·(k_w·q_w)_gᵀ, each 64-group two K = 32
     MMAs (the packed byte's low and high nibbles) issued asynchronously; then either the int32 sums
     (INT_OUT) or acc·s_x·s_w (+ c·upᵀ as a 16-bit wgmma, + bias) in y's dtype."""
@@ -173,8 +185,8 @@ def gluon_gemm_kernel(w_ptr, stride_wo, wk_ptr, stride_wko, q_ptr, stride_qn, y_
         acc = warpgroup_mma(x_hi.index(s), w_hi.index(s).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     _epilogue(acc, gl.program_id(0) * BT, gl.program_id(1) * BO, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr,
-              stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r,
-              BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
+              stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, act_lo, act_hi,
+              BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS, ACT)
 
 
 @gluon.jit
@@ -202,10 +214,10 @@ def _tma_issue(g, G, t0, o0, x_desc, w_desc, x_lo, x_hi, w_a, w_b, bars, NS: gl.
 @gluon.jit
 def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
                           ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
-                          stride_ur, bias_ptr, n, o, r, G,
+                          stride_ur, bias_ptr, n, o, r, G, act_lo, act_hi,
                           BT: gl.constexpr, BO: gl.constexpr, NS: gl.constexpr, NBU: gl.constexpr,
                           R_BLK: gl.constexpr, INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr,
-                          W_INT8: gl.constexpr, SIMD: gl.constexpr):
+                          W_INT8: gl.constexpr, SIMD: gl.constexpr, ACT: gl.constexpr = 0):
     """One (BT tokens, BO outputs) tile of symmetric format C, its operands brought by TMA.
 
     A ring of NS shared-memory stages, each filled by TMA for one 64-group (codes (BT, 2×32), packed
@@ -270,7 +282,8 @@ def gluon_tma_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
     for i in gl.static_range(NS):
         mbarrier.invalidate(bars.index(i))
     _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr,
-              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
+              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, act_lo, act_hi, BT, BO, R_BLK, INT_OUT, HAS_LR,
+              HAS_BIAS, ACT)
 
 
 # --- warp-specialized form of the TMA GEMM ------------------------------------------------------
@@ -329,10 +342,10 @@ def _ws_mma_partition(x_lo, x_hi, u_lo, u_hi, ready, empty, G, BT: gl.constexpr,
 @gluon.jit
 def gluon_ws_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
                          ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr, up_ptr, stride_uo,
-                         stride_ur, bias_ptr, n, o, r, G,
+                         stride_ur, bias_ptr, n, o, r, G, act_lo, act_hi,
                          BT: gl.constexpr, BO: gl.constexpr, NS: gl.constexpr, R_BLK: gl.constexpr,
                          INT_OUT: gl.constexpr, HAS_LR: gl.constexpr, HAS_BIAS: gl.constexpr, SIMD: gl.constexpr,
-                         UNPACK_REGS: gl.constexpr):
+                         UNPACK_REGS: gl.constexpr, ACT: gl.constexpr = 0):
     """``gluon_tma_gemm_kernel`` (packed weights) with warp specialization: a one-warp TMA partition, a
     four-warp unpack partition and the MMA warpgroup(s) run concurrently and hand each NS-deep stage
     on through three mbarriers (loaded → ready → empty), so the unpack of later groups overlaps the
@@ -360,7 +373,8 @@ def gluon_ws_gemm_kernel(x_desc, w_desc, wk_ptr, stride_wko, y_ptr, stride_yn,
                                 G, o0, NS, BO, SIMD)),
     ], [1, 4], [24, UNPACK_REGS])[0]
     _epilogue(acc, t0, o0, y_ptr, stride_yn, ws_ptr, stride_wso, xs_ptr, stride_xsn, c_ptr, stride_cn, stride_cr,
-              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, BT, BO, R_BLK, INT_OUT, HAS_LR, HAS_BIAS)
+              up_ptr, stride_uo, stride_ur, bias_ptr, n, o, r, act_lo, act_hi, BT, BO, R_BLK, INT_OUT, HAS_LR,
+              HAS_BIAS, ACT)
 
 
 def _check_covered(plan, act: dict, what: str = "the Gluon GEMM") -> None:
@@ -373,9 +387,10 @@ def _check_tma_covered(plan, act: dict) -> None:
         raise ValueError("the Gluon TMA GEMM covers symmetric format C only")
 
 
-def _epilogue_args(module, plan, act: dict, y, int_out: bool) -> tuple[list, dict]:
-    """What every Gluon GEMM passes its shared epilogue: the runtime arguments from ``y_ptr`` to ``G``
-    (the output, scales, the 16-bit branch's c and up, bias, sizes) and the epilogue's constexprs."""
+def _epilogue_args(module, plan, act: dict, y, int_out: bool, activation=None) -> tuple[list, dict]:
+    """What every Gluon GEMM passes its shared epilogue: the runtime arguments from ``y_ptr`` to
+    ``act_hi`` (the output, scales, the 16-bit branch's c and up, bias, sizes, the activation's
+    columns) and the epilogue's constexprs; ``activation``: ``(kind, start, stop)`` or None."""
     dummy = plan.dummy
     has_lr = not int_out and plan.has_down and plan.r > 0
     c = act["c"] if has_lr else dummy
@@ -385,8 +400,10 @@ def _epilogue_args(module, plan, act: dict, y, int_out: bool) -> tuple[list, dic
     args = [y, y.stride(0), ws, ws.stride(0), xs, xs.stride(0) if xs.dim() else 0,
             c, c.stride(0) if has_lr else 0, c.stride(1) if has_lr else 0,
             up, up.stride(0) if has_lr else 0, up.stride(1) if has_lr else 0,
-            module.bias if has_bias else dummy, act["codes"].shape[0], plan.o, plan.r if has_lr else 0, plan.groups]
-    return args, dict(R_BLK=32 if plan.r <= 32 else 64, INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias)
+            module.bias if has_bias else dummy, act["codes"].shape[0], plan.o, plan.r if has_lr else 0, plan.groups,
+            *(activation[1:] if activation is not None and not int_out else (0, 0))]
+    act_code = KERNEL_CODES[activation[0]] if activation is not None and not int_out else 0
+    return args, dict(R_BLK=32 if plan.r <= 32 else 64, INT_OUT=int_out, HAS_LR=has_lr, HAS_BIAS=has_bias, ACT=act_code)
 
 
 def _grid(act: dict, plan, bt: int, bo: int) -> tuple[int, int]:
@@ -413,11 +430,12 @@ def _output(plan, act: dict, dtype, launch):
     return y
 
 
-def _launch(module, plan, act: dict, y, nbuf: int, int_out: bool, config: dict | None = None) -> None:
+def _launch(module, plan, act: dict, y, nbuf: int, int_out: bool, config: dict | None = None,
+            activation=None) -> None:
     codes = act["codes"]
     cfg = {"BT": BT, "BO": BO, "num_warps": NUM_WARPS, "PREFETCH": PREFETCH, **(config or {})}
     wp, wr = module.weight_packed, module.weight_ratio
-    tail, epi = _epilogue_args(module, plan, act, y, int_out)
+    tail, epi = _epilogue_args(module, plan, act, y, int_out, activation)
     gluon_gemm_kernel[_grid(act, plan, cfg["BT"], cfg["BO"])](
         wp, wp.stride(0), wr, wr.stride(0), codes, codes.stride(0), *tail,
         BT=cfg["BT"], BO=cfg["BO"], NBUF=int(nbuf), PREFETCH=bool(cfg["PREFETCH"]), **epi,
@@ -434,12 +452,15 @@ def gluon_core_int32(module, plan, act: dict, nbuf: int = NBUF):
     return _output(plan, act, torch.int32, lambda y: _launch(module, plan, act, y, nbuf, int_out=True))
 
 
-def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config: dict | None = None):
+def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config: dict | None = None,
+                    activation=None):
     """y (n, o) = s_x[t]·s_w[o]·Σ codes·(k_w·q_w)ᵀ + c·upᵀ + bias for symmetric format C, in
     ``out_dtype``: the result of ``w4a4_gemm`` for the same ``act``. CUDA (Hopper) only.
-    ``config``: BT / BO / num_warps / PREFETCH overrides (BT = 256 wants num_warps = 8: two warpgroups)."""
+    ``config``: BT / BO / num_warps / PREFETCH overrides (BT = 256 wants num_warps = 8: two warpgroups).
+    ``activation``: ``(kind, start, stop)`` (``dirotq.activations``) in the epilogue."""
     _check_covered(plan, act)
-    return _output(plan, act, out_dtype, lambda y: _launch(module, plan, act, y, nbuf, int_out=False, config=config))
+    return _output(plan, act, out_dtype, lambda y: _launch(module, plan, act, y, nbuf, int_out=False, config=config,
+                                                           activation=activation))
 
 
 # TMA kernel: 128×128 tiles, one warpgroup, 6 stages kept 4 groups ahead, 2 unpack buffers (88 KB of
@@ -448,7 +469,7 @@ def gluon_w4a4_gemm(module, plan, act: dict, out_dtype, nbuf: int = NBUF, config
 TMA_CONFIG = dict(BT=128, BO=128, NS=6, NBU=2, num_warps=4)
 
 
-def _launch_tma(module, plan, act: dict, y, int_out: bool, config: dict | None = None) -> None:
+def _launch_tma(module, plan, act: dict, y, int_out: bool, config: dict | None = None, activation=None) -> None:
     cfg = {**TMA_CONFIG, **(config or {})}
     bt, bo = cfg["BT"], cfg["BO"]
     if cfg["NBU"] < 2 or cfg["NS"] <= cfg["NBU"]:
@@ -456,7 +477,7 @@ def _launch_tma(module, plan, act: dict, y, int_out: bool, config: dict | None =
     w_int8 = plan.w_int8
     x_desc, w_desc = _tma_descriptors(act["codes"], w_int8 if w_int8 is not None else module.weight_packed, bt, bo)
     wr = module.weight_ratio
-    tail, epi = _epilogue_args(module, plan, act, y, int_out)
+    tail, epi = _epilogue_args(module, plan, act, y, int_out, activation)
     gluon_tma_gemm_kernel[_grid(act, plan, bt, bo)](
         x_desc, w_desc, wr, wr.stride(0), *tail,
         BT=bt, BO=bo, NS=cfg["NS"], NBU=cfg["NBU"], W_INT8=w_int8 is not None,
@@ -471,12 +492,13 @@ def gluon_tma_core_int32(module, plan, act: dict, config: dict | None = None):
     return _output(plan, act, torch.int32, lambda y: _launch_tma(module, plan, act, y, int_out=True, config=config))
 
 
-def gluon_tma_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None):
+def gluon_tma_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None, activation=None):
     """:func:`gluon_w4a4_gemm` by the TMA kernel: what ``w4a4_gemm`` returns for
     ``DIROTQ_GEMM_LAYOUT=tma``. ``config``: BT / BO / NS / NBU / num_warps overrides of
     ``TMA_CONFIG`` (BT = 256 wants num_warps = 8)."""
     _check_tma_covered(plan, act)
-    return _output(plan, act, out_dtype, lambda y: _launch_tma(module, plan, act, y, int_out=False, config=config))
+    return _output(plan, act, out_dtype, lambda y: _launch_tma(module, plan, act, y, int_out=False, config=config,
+                                                               activation=activation))
 
 
 # warp-specialized TMA kernel: 128×128 with one MMA warpgroup, 4 stages; the registers per thread the
@@ -484,12 +506,12 @@ def gluon_tma_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None 
 WS_CONFIG = dict(BT=128, BO=128, NS=4, num_warps=4, maxnreg=168, UNPACK_REGS=80)
 
 
-def _launch_ws(module, plan, act: dict, y, int_out: bool, config: dict | None = None) -> None:
+def _launch_ws(module, plan, act: dict, y, int_out: bool, config: dict | None = None, activation=None) -> None:
     cfg = {**WS_CONFIG, **(config or {})}
     bt, bo = cfg["BT"], cfg["BO"]
     x_desc, w_desc = _tma_descriptors(act["codes"], module.weight_packed, bt, bo)
     wr = module.weight_ratio
-    tail, epi = _epilogue_args(module, plan, act, y, int_out)
+    tail, epi = _epilogue_args(module, plan, act, y, int_out, activation)
     gluon_ws_gemm_kernel[_grid(act, plan, bt, bo)](
         x_desc, w_desc, wr, wr.stride(0), *tail,
         BT=bt, BO=bo, NS=cfg["NS"], SIMD=bool(cfg.get("SIMD", simd_unpack_enabled(True))),
@@ -507,12 +529,13 @@ def gluon_ws_core_int32(module, plan, act: dict, config: dict | None = None):
     return _output(plan, act, torch.int32, lambda y: _launch_ws(module, plan, act, y, int_out=True, config=config))
 
 
-def gluon_ws_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None):
+def gluon_ws_w4a4_gemm(module, plan, act: dict, out_dtype, config: dict | None = None, activation=None):
     """:func:`gluon_w4a4_gemm` by the warp-specialized TMA kernel: what ``w4a4_gemm`` returns for
     ``DIROTQ_GEMM_LAYOUT=ws``. ``config``: BT / BO / NS / num_warps / maxnreg / UNPACK_REGS overrides of
     ``WS_CONFIG`` (BT = 256 wants num_warps = 8 and maxnreg = 128)."""
     _check_covered(plan, act, _WS)
-    return _output(plan, act, out_dtype, lambda y: _launch_ws(module, plan, act, y, int_out=False, config=config))
+    return _output(plan, act, out_dtype, lambda y: _launch_ws(module, plan, act, y, int_out=False, config=config,
+                                                              activation=activation))
 
 __all__ = ["gluon_gemm_kernel", "gluon_core_int32", "gluon_w4a4_gemm", "gluon_tma_gemm_kernel", "gluon_tma_core_int32",
            "gluon_tma_w4a4_gemm", "TMA_CONFIG", "gluon_ws_gemm_kernel", "gluon_ws_core_int32", "gluon_ws_w4a4_gemm",

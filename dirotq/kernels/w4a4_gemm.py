@@ -32,7 +32,7 @@ import os
 import triton
 import triton.language as tl
 
-from ..activations import ActivationSpec, apply_activation
+from ..activations import KERNEL_CODES, ActivationSpec, apply_activation
 from .act_quant import _dot_dtype, _fdot, _interpreting
 from .simd_unpack import ASM_HI_A, ASM_HI_C, ASM_LO_A, ASM_LO_C, _SIMD_OK, simd_unpack_enabled
 from .tuning import autotune_enabled
@@ -132,10 +132,6 @@ def _add_branch_and_bias(acc, offs_o, omask, offs_t, tmask, c_ptr, stride_cn, st
         else:
             acc += b[:, None]
     return acc
-
-
-# dirotq.activations kinds -> the ACT constexpr of the GEMMs (0: no activation in the epilogue)
-ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
 
 
 @triton.jit
@@ -482,9 +478,9 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
     sums). ``layout``: "swap", "token", "gluon", "tma" or "ws" (:func:`gemm_layout`; all but swap need
     n ≥ 128; gluon and ws cover symmetric format C with packed weights on a GPU, tma symmetric format C
     with packed or cached int8 weights; anything else runs the swap kernel). ``activation``:
-    ``(kind, start, stop)`` (``dirotq.activations``) on those output columns, in the Triton GEMMs'
-    epilogue before the output is rounded; K splits and the Gluon GEMMs apply it to their output
-    after the kernel (not fused). Ignored with ``debug_int``."""
+    ``(kind, start, stop)`` (``dirotq.activations``) on those output columns, in the GEMM's epilogue
+    before the output is rounded; with K splits the fp32 sum of the partials takes it after the
+    kernel. Ignored with ``debug_int``."""
     import torch
 
     n = act["codes"].shape[0]
@@ -497,17 +493,17 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         from .gluon_gemm import gluon_core_int32, gluon_w4a4_gemm
 
         return (gluon_core_int32(module, plan, act) if debug_int
-                else _activated(gluon_w4a4_gemm(module, plan, act, out_dtype), activation))
+                else gluon_w4a4_gemm(module, plan, act, out_dtype, activation=activation))
     if chosen == "ws" and _gluon_covers(plan, act):
         from .gluon_gemm import gluon_ws_core_int32, gluon_ws_w4a4_gemm
 
         return (gluon_ws_core_int32(module, plan, act) if debug_int
-                else _activated(gluon_ws_w4a4_gemm(module, plan, act, out_dtype), activation))
+                else gluon_ws_w4a4_gemm(module, plan, act, out_dtype, activation=activation))
     if chosen == "tma" and _tma_covers(plan, act):
         from .gluon_gemm import gluon_tma_core_int32, gluon_tma_w4a4_gemm
 
         return (gluon_tma_core_int32(module, plan, act) if debug_int
-                else _activated(gluon_tma_w4a4_gemm(module, plan, act, out_dtype), activation))
+                else gluon_tma_w4a4_gemm(module, plan, act, out_dtype, activation=activation))
     token_major = chosen == "token"
     split = 1 if token_major else (split_k(n, o, plan.groups) if split is None
                                    else max(1, min(int(split), plan.groups)))
@@ -541,7 +537,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
                 W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd),
                 ATOMIC=split > 1, ASYM=act.get("zero") is not None, GC=ZERO_TERM_GROUPS,
-                ACT=ACT_CODES[activation[0]] if activation is not None and split == 1 else 0)
+                ACT=KERNEL_CODES[activation[0]] if activation is not None and split == 1 else 0)
     if token_major:
         tm_args = args[:-4] + args[-3:]  # the same arguments without the K-split count
         tm_meta = {k: v for k, v in meta.items() if k != "ATOMIC"}
@@ -555,11 +551,6 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         y = apply_activation(y, activation)
     return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
 
-
-def _activated(y, activation: ActivationSpec):
-    """y (n, o) in its dtype with ``activation`` applied after the kernel (GEMMs without it in their
-    epilogue), in float32 and rounded back: what the unfused model does."""
-    return y if activation is None else apply_activation(y.float(), activation).to(y.dtype)
 
 
 ZERO_TERM_GROUPS = 32  # groups per int8 dot of the zero-point term (Hopper's int8 MMA takes K = 32)
