@@ -59,12 +59,19 @@ def test_a_copy_runs_its_own_layers():
     assert handle(layer) != handle(next(m for m in model.modules() if isinstance(m, QuantLinear)))
 
 
-def test_inductor_compiles_and_matches_eager(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_inductor_compiles_and_matches_eager(fused, monkeypatch):
+    """Inductor compiles a quantized transformer, also in the deployment form (shared inputs fused,
+    GELUs in their projections' epilogues: ``fuse_for_inference``), to the eager output."""
     import torch._inductor.config as inductor_config
+
+    from dirotq.fusion import fuse_for_inference
 
     # compile in this process: no pool of compile workers left running beside the later tests
     monkeypatch.setattr(inductor_config, "compile_threads", 1)
     model, example = _quantized("pixart", RTNConfig())
+    if fused:
+        assert fuse_for_inference(model)["activations"]["fused"]
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model(**example).sample
