@@ -32,7 +32,9 @@ Timing: one transformer forward (= one denoising step), eager (``do_bench`` medi
 CUDA graph (the deployment mode: no Python launch overhead). Memory: bytes of every parameter and
 buffer the transformer holds (packed weights, scales, multipliers, 16-bit branches, bases, signs,
 bias, the unquantized layers; a tensor subclass such as torchao's FP8 weight counted by its inner
-tensors), and the ``storage_bits`` accounting of the QuantLinear layers.
+tensors), and the ``storage_bits`` accounting of the QuantLinear layers. Breakdown: one eager step
+under the profiler, its GPU kernel time summed by part (attention, GEMMs, activation quantization,
+the rest), so the attention share says how much of the step an 8-bit attention could at most touch.
 
     python -m benchmarks.bench_e2e --model pixart [--formats exact int_ratio w4a16-int_ratio fp8-torchao] [--rank 32]
     python -m benchmarks.bench_e2e --model flux
@@ -51,6 +53,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -335,6 +338,43 @@ def time_step(model, kw, graphs: bool) -> dict:
     return out
 
 
+# kernel name -> part of the step (first match); "other": norms, modulation, RoPE, gates, copies …
+KERNEL_PARTS = (("attention", re.compile(r"flash|fmha|attention|sdpa|mha", re.I)),
+                ("activation quantization", re.compile(r"act_quant", re.I)),
+                ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|w4a16|gluon|_mm|matmul|addmm|linear", re.I)))
+
+
+def kernel_part(name: str) -> str:
+    return next((part for part, pattern in KERNEL_PARTS if pattern.search(name)), "other")
+
+
+def step_breakdown(model, kw) -> dict:
+    """Where one eager step's time goes, from one profiled step: per part (``KERNEL_PARTS``) the
+    summed GPU kernel time (ms) and its share of all kernel time; ``attention_share`` is what a
+    faster attention could at most remove. Without CUDA (``--dry-run``) the parts sum the profiled
+    CPU ops' self time instead (the code path, not a measurement)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]
+                                  + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        model(**kw, return_dict=False)
+        if cuda:
+            torch.cuda.synchronize()
+    parts = {part: 0.0 for part, _ in KERNEL_PARTS} | {"other": 0.0}
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:
+            parts[kernel_part(e.name)] += e.device_time / 1e3
+        elif not cuda and e.device_type == DeviceType.CPU:
+            parts[kernel_part(e.name)] += e.self_cpu_time_total / 1e3
+    total = sum(parts.values())
+    return {"clock": "gpu kernels" if cuda else "cpu ops (dry run)", "total_ms": round(total, 3),
+            "ms": {k: round(v, 3) for k, v in parts.items()},
+            "share": {k: round(v / total, 4) if total else 0.0 for k, v in parts.items()},
+            "attention_share": round(parts["attention"] / total, 4) if total else 0.0}
+
+
 def compiled_step(model, kw, mode: str) -> dict:
     """The step under ``torch.compile(model, mode=mode)``: compile (first call) seconds, graphs and
     graph breaks as dynamo counts them, and the compiled step's median time."""
@@ -399,6 +439,7 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
             res["targets"] = {k: kinds.count(k) for k in ("w4a4", "w4a16")}  # the adapter's kinds, every variant
         entry["memory"] = weight_bytes(model)
         entry.update(time_step(model, kw, graphs=not args.no_graphs and not dry))
+        entry["breakdown"] = step_breakdown(model, kw)
     except Exception as exc:
         if not fp8:
             raise

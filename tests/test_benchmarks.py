@@ -111,6 +111,17 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
 
 
+def test_kernel_names_fall_into_the_step_parts():
+    from benchmarks.bench_e2e import kernel_part
+
+    parts = {name: kernel_part(name) for name in (
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", "fmha_cutlassF_bf16_aligned_64x128",
+        "aten::_scaled_dot_product_flash_attention_for_cpu", "act_quant_kernel", "w4a4_gemm_kernel",
+        "gluon_tma_gemm_kernel", "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "sm90_xmma_gemm_bf16bf16_bf16f32",
+        "aten::addmm", "triton_poi_fused_add_mul_native_layer_norm_0", "aten::gelu")}
+    assert [p for p in parts.values()] == ["attention"] * 3 + ["activation quantization"] + ["gemm"] * 5 + ["other"] * 2
+
+
 def test_predicted_gain_is_the_ratio_of_summed_curve_errors():
     from benchmarks.bench_rank_plans import predicted_gain_db
 
@@ -217,6 +228,12 @@ def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
         assert c["graphs"] == 1 and c["graph_breaks"] == 0 and c["eager_ms"] > 0 and c["output_finite"]
         assert res["variants"][variant]["output_finite"]
     assert res["variants"]["int_ratio"]["backend"].startswith("triton")
+    # where the step's time goes, by part (CPU op time in the dry run: the code path)
+    for variant in ("bf16", "int_ratio"):
+        b = res["variants"][variant]["breakdown"]
+        assert b["total_ms"] > 0 and b["ms"]["attention"] > 0 and b["ms"]["gemm"] > 0
+        assert abs(sum(b["share"].values()) - 1) < 1e-3 and b["attention_share"] == b["share"]["attention"]
+    # (the interpreted Triton kernels are no profiler ops: on a GPU they are kernels, named as below)
     assert "compiled_speedup_vs_bf16_compiled" in res["variants"]["int_ratio"]
     # the default --pixart-cross-kv w4a16: 2 blocks × (ff.net.2, attn2.to_k, attn2.to_v) weight-only
     assert res["pixart_cross_kv"] == "w4a16" and res["targets"] == {"w4a4": 14, "w4a16": 6}
