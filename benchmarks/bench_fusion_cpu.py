@@ -1,11 +1,13 @@
-"""Shared-input fusion on the CPU reference path: one W4A4 image of the embedded model with q/k/v
-run as separate quantized layers and as one fused layer per attention (``dirotq.fusion``).
+"""Fusion on the CPU reference path: one W4A4 image of the embedded model with q/k/v run as
+separate quantized layers ("apart"), as one fused layer per attention ("fused",
+``fuse_shared_inputs``), and in the deployment form the explorer and ``generate`` run ("deployment",
+``fuse_for_inference``: also each MLP's GELU applied by its up-projection).
 
 The embedded tiny PixArt-Σ, calibrated as the evaluation does (cached), quantized with ``--method``
 at rank ``--rank`` in ``--scale-format``; then ``--runs`` 20-step generations of one prompt for each
-form, interleaved (so load on the shared cores hits both alike), after one warm-up each. Reports
+form, interleaved (so load on the shared cores hits all alike), after one warm-up each. Reports
 medians and minima, the number of quantized layers each form runs per transformer forward, and
-whether the two images are identical (they must be: the fused layer computes the same numbers).
+whether the images are identical (they must be: the fused forms compute the same numbers).
 
     python -m benchmarks.bench_fusion_cpu --out benchmarks/results/fusion_cpu.json
 """
@@ -24,7 +26,7 @@ import torch
 
 from dirotq.eval.protocol import Evaluator, make_config
 from dirotq.eval.report import device_description, emit_json, versions
-from dirotq.fusion import fuse_shared_inputs, fusion_stats
+from dirotq.fusion import fuse_for_inference, fuse_shared_inputs, fusion_stats
 from dirotq.generate import quantized_copy, swapped_transformer
 from dirotq.modules import QuantLinear
 
@@ -49,6 +51,9 @@ def main(argv=None) -> int:
     apart = quantized_copy(ev.pipe.transformer, config, ev.stats)
     fused = copy.deepcopy(apart)
     groups = fuse_shared_inputs(fused)["fused"]
+    deployment = copy.deepcopy(apart)
+    activations = fuse_for_inference(deployment)["activations"]["fused"]
+    forms = {"apart": apart, "fused": fused, "deployment": deployment}
     pipe = ev.pipe
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=a.steps, guidance_scale=4.5, **ev.pipe_kwargs)
@@ -59,10 +64,10 @@ def main(argv=None) -> int:
             image = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kw).images[0]
             return time.perf_counter() - t0, np.asarray(image)
 
-    images = {"apart": run(apart)[1], "fused": run(fused)[1]}  # warm-up
-    times: dict[str, list[float]] = {"apart": [], "fused": []}
+    images = {name: run(model)[1] for name, model in forms.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in forms}
     for _ in range(a.runs):
-        for name, model in (("apart", apart), ("fused", fused)):
+        for name, model in forms.items():
             t, img = run(model)
             times[name].append(t)
             if not np.array_equal(img, images[name]):
@@ -76,14 +81,15 @@ def main(argv=None) -> int:
            "steps": a.steps, "guidance_scale": 4.5, "pipe_kwargs": {k: v for k, v in ev.pipe_kwargs.items()
                                                                      if isinstance(v, (int, float, str, bool))},
            "model": ev.model_name, "backend": "reference (PyTorch, CPU)",
-           "quantized_layers_per_forward": {
-               "apart": sum(isinstance(m, QuantLinear) for m in apart.modules()),
-               "fused": sum(isinstance(m, QuantLinear) for m in fused.modules())},
+           "quantized_layers_per_forward": {name: sum(isinstance(m, QuantLinear) for m in model.modules())
+                                            for name, model in forms.items()},
            "fused_groups": len(groups), "fused_members": sum(map(len, groups.values())),
+           "activations_in_epilogue": len(activations),
            "seconds_per_image": {k: {"median": round(med[k], 4), "min": round(min(v), 4),
                                      "runs": [round(x, 4) for x in v]} for k, v in times.items()},
            "speedup_median": round(med["apart"] / med["fused"], 3),
-           "images_identical": bool(np.array_equal(images["apart"], images["fused"])),
+           "deployment_speedup_median": round(med["apart"] / med["deployment"], 3),
+           "images_identical": all(np.array_equal(images["apart"], img) for img in images.values()),
            "runs_per_model_after_warmup": {k: v["runs"] for k, v in fusion_stats(fused).items()},
            "device": device_description(), "versions": versions(), "threads": a.threads,
            "load_average_at_end": load_avg, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -143,6 +143,7 @@ def test_fusion_benchmark_runs_on_a_tiny_pipeline_and_finds_identical_images(tmp
                  "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["images_identical"] and res["fused_groups"] == 2 and res["fused_members"] == 6
+    assert res["activations_in_epilogue"] == 2 and res["seconds_per_image"]["deployment"]["median"] > 0
     assert res["quantized_layers_per_forward"]["fused"] == res["quantized_layers_per_forward"]["apart"] - 4
     assert res["seconds_per_image"]["fused"]["median"] > 0
 
