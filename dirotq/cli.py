@@ -809,9 +809,10 @@ def _run(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     finally:
         if "torch.distributed" in sys.modules:  # under torchrun: every rank leaves the group together
-            from .distributed import shutdown_distributed
+            from .distributed import exit_worker, shutdown_distributed
 
-            shutdown_distributed(clean=status == 0)
+            if shutdown_distributed(clean=status == 0) and isinstance(status, int):
+                exit_worker(status)  # (an exception on its way out keeps the normal exit and its traceback)
 
 
 __all__ = ["main", "build_parser", "VERBS", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "QUICK"]

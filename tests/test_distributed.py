@@ -203,6 +203,18 @@ def test_two_process_torchrun_calibration_and_quantization_equal_one_process(tin
     assert m1.keys() == m2.keys() and all(torch_equal(m1[k], m2[k]) for k in m1)
 
 
+def test_a_worker_exits_with_its_status_and_its_output_flushed():
+    """``exit_worker`` (the end of a torchrun worker after it left its group) skips the interpreter's
+    teardown but keeps what the command printed, buffered or not, and its exit status."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dirotq.distributed import exit_worker; sys.stdout.write('done'); "
+            "sys.stderr.write('note'); exit_worker(3)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "done", "note")
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
