@@ -48,6 +48,42 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return int(sum(sum(m.storage_bits().values()) for m in quant) / 8 + 2 * rest)
 
 
+def study_row(ev, label: str, cfg, reference: dict | None, vs: str, **fields) -> dict:
+    """One configuration's row of a layer-kind image study (this one and ``bench_ff_down``):
+    ``fields``, the config's tag, its image PSNR/SSIM against the float image (images cached under
+    ``label``), its checkpoint bytes against bf16, and under ``vs`` the paired difference to the
+    ``reference`` row of the same format (None: this row is the reference)."""
+    imgs, _ = ev.method_images(label, cfg)
+    fid = ev.fidelity(imgs)
+    q = quantized_copy(ev.pipe.transformer, cfg, ev.stats, adapter=ev.adapter)
+    row = {**fields, "tag": cfg.tag(), "psnr": fid["psnr"], "ssim": fid["ssim"],
+           "per_image_psnr": fid["per_image"]["psnr"], "checkpoint_bytes": checkpoint_bytes(q),
+           "bf16_bytes": 2 * sum(p.numel() for p in ev.pipe.transformer.parameters())}
+    row["checkpoint_vs_bf16"] = round(row["checkpoint_bytes"] / row["bf16_bytes"], 4)
+    if reference is not None:
+        row[vs] = paired_bootstrap_diff(row["per_image_psnr"], reference["per_image_psnr"], 2000)
+    return row
+
+
+def record_row(result: dict, row: dict, ev, out: Path, what: str, vs: str) -> None:
+    """Append ``row`` to ``result``, write ``out``.json (after every row: an interrupted study keeps
+    its rows) and print it, ``what`` naming the row."""
+    result["rows"].append(row)
+    result["meta"]["n_images"] = len(ev.items)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+    d = row.get(vs)
+    print(f"{row['format']:9s} {what} PSNR {row['psnr']['mean']:.2f}  bytes×{row['checkpoint_vs_bf16']:.3f}"
+          + (f"  Δ {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else ""), flush=True)
+
+
+def delta_cells(d: dict | None) -> str:
+    """The Markdown cells "Δ [CI] | wins" of a paired difference (the reference row: "reference | ")."""
+    if not d:
+        return "reference | "
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | {d['win_rate']:.0%}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_image_study_args(ap)
@@ -76,27 +112,11 @@ def main(argv=None) -> int:
                            judge=False, n_boot=2000, adapter=adapter)
             pipe = ev.pipe
             cfg = make_config(a.method, rank=a.rank, scale_format=fmt)
-            imgs, _ = ev.method_images(f"{a.method}-{fmt}-cross-kv-{label}", cfg)
-            fid = ev.fidelity(imgs)
-            q = quantized_copy(ev.pipe.transformer, cfg, ev.stats, adapter=ev.adapter)
-            row = {"format": fmt, "cross_kv": label, "tag": cfg.tag(), "psnr": fid["psnr"], "ssim": fid["ssim"],
-                   "per_image_psnr": fid["per_image"]["psnr"],
-                   "targets": {k: sum(s.kind == k for s in ev.targets.values()) for k in ("w4a4", "w4a16")},
-                   "checkpoint_bytes": checkpoint_bytes(q),
-                   "bf16_bytes": 2 * sum(p.numel() for p in ev.pipe.transformer.parameters())}
-            row["checkpoint_vs_bf16"] = round(row["checkpoint_bytes"] / row["bf16_bytes"], 4)
-            del q
-            if reference_row is None:
-                reference_row = row
-            else:
-                row["vs_16bit"] = paired_bootstrap_diff(row["per_image_psnr"], reference_row["per_image_psnr"], 2000)
-            result["rows"].append(row)
-            result["meta"]["n_images"] = len(ev.items)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Path(f"{out}.json").write_text(json.dumps(result, indent=1))
-            d = row.get("vs_16bit")
-            print(f"{fmt:9s} cross-KV {label:6s} PSNR {fid['psnr']['mean']:.2f}  bytes×{row['checkpoint_vs_bf16']:.3f}"
-                  + (f"  Δ {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else ""), flush=True)
+            targets = {k: sum(s.kind == k for s in ev.targets.values()) for k in ("w4a4", "w4a16")}
+            row = study_row(ev, f"{a.method}-{fmt}-cross-kv-{label}", cfg, reference_row, "vs_16bit", format=fmt,
+                            cross_kv=label, targets=targets)
+            reference_row = reference_row or row
+            record_row(result, row, ev, out, f"cross-KV {label:6s}", "vs_16bit")
     result["seconds"] = round(time.time() - t0, 1)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     Path(f"{out}.md").write_text(markdown(result))
@@ -110,11 +130,8 @@ def markdown(result: dict) -> str:
              f"format (95 % bootstrap CI, share of images that improve). {m['device']}, {m['date']}.", "",
              "| format | cross-attn K/V | PSNR (dB) | Δ vs 16-bit (dB) | wins | checkpoint / bf16 |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        d = r.get("vs_16bit")
-        delta = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else "reference"
-        wins = f"{d['win_rate']:.0%}" if d else ""
-        lines.append(f"| {r['format']} | {r['cross_kv']} | {r['psnr']['mean']:.2f} | {delta} | {wins} | "
-                     f"{r['checkpoint_vs_bf16']:.3f} |")
+        lines.append(f"| {r['format']} | {r['cross_kv']} | {r['psnr']['mean']:.2f} | "
+                     f"{delta_cells(r.get('vs_16bit'))} | {r['checkpoint_vs_bf16']:.3f} |")
     lines += ["", f"Command: `{m['command']}`", ""]
     return "\n".join(lines)
 

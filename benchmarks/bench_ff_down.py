@@ -29,11 +29,9 @@ from pathlib import Path
 import torch
 
 from benchmarks._bench_common import add_image_study_args
-from benchmarks.bench_cross_kv import checkpoint_bytes
-from dirotq.eval.metrics import paired_bootstrap_diff
+from benchmarks.bench_cross_kv import delta_cells, record_row, study_row
 from dirotq.eval.protocol import Evaluator, make_config
 from dirotq.eval.report import device_description, versions
-from dirotq.generate import quantized_copy
 from dirotq.models import get_adapter
 from dirotq.registry import DEFAULT_METHOD
 
@@ -82,26 +80,10 @@ def main(argv=None) -> int:
             if ff_rank is not None:
                 ranks.update({n: ff_rank for n in ev.targets if n.endswith(LAYER_TYPE)})
             cfg = make_config(a.method, rank=ranks, scale_format=fmt)
-            imgs, _ = ev.method_images(f"{a.method}-{fmt}-ff-down-{label}", cfg)
-            fid = ev.fidelity(imgs)
-            q = quantized_copy(ev.pipe.transformer, cfg, ev.stats, adapter=ev.adapter)
-            row = {"format": fmt, "ff_down": label, "kind": kind, "ff_down_rank": ff_rank, "tag": cfg.tag(),
-                   "psnr": fid["psnr"], "ssim": fid["ssim"], "per_image_psnr": fid["per_image"]["psnr"],
-                   "checkpoint_bytes": checkpoint_bytes(q),
-                   "bf16_bytes": 2 * sum(p.numel() for p in ev.pipe.transformer.parameters())}
-            row["checkpoint_vs_bf16"] = round(row["checkpoint_bytes"] / row["bf16_bytes"], 4)
-            del q
-            if reference_row is None:
-                reference_row = row
-            else:
-                row["vs_w4a16"] = paired_bootstrap_diff(row["per_image_psnr"], reference_row["per_image_psnr"], 2000)
-            result["rows"].append(row)
-            result["meta"]["n_images"] = len(ev.items)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Path(f"{out}.json").write_text(json.dumps(result, indent=1))
-            d = row.get("vs_w4a16")
-            print(f"{fmt:9s} ff.net.2 {label:22s} PSNR {fid['psnr']['mean']:.2f}  bytes×{row['checkpoint_vs_bf16']:.3f}"
-                  + (f"  Δ {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else ""), flush=True)
+            row = study_row(ev, f"{a.method}-{fmt}-ff-down-{label}", cfg, reference_row, "vs_w4a16", format=fmt,
+                            ff_down=label, kind=kind, ff_down_rank=ff_rank)
+            reference_row = reference_row or row
+            record_row(result, row, ev, out, f"ff.net.2 {label:22s}", "vs_w4a16")
     result["seconds"] = round(time.time() - t0, 1)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))
     Path(f"{out}.md").write_text(markdown(result))
@@ -117,11 +99,8 @@ def markdown(result: dict) -> str:
              f"GEMM epilogue could quantize tile by tile. {m['device']}, {m['date']}.", "",
              "| format | ff.net.2 | PSNR (dB) | Δ vs W4A16 (dB) | wins | checkpoint / bf16 |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        d = r.get("vs_w4a16")
-        delta = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d else "reference"
-        wins = f"{d['win_rate']:.0%}" if d else ""
-        lines.append(f"| {r['format']} | {r['ff_down']} | {r['psnr']['mean']:.2f} | {delta} | {wins} | "
-                     f"{r['checkpoint_vs_bf16']:.3f} |")
+        lines.append(f"| {r['format']} | {r['ff_down']} | {r['psnr']['mean']:.2f} | "
+                     f"{delta_cells(r.get('vs_w4a16'))} | {r['checkpoint_vs_bf16']:.3f} |")
     lines += ["", f"Command: `{m['command']}`", ""]
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from conftest import calibrated_tiny
 from test_compile import _compiled_graphs
+from test_fusion import _out, quantized  # noqa: F401 (quantized: the same module-scoped fixture)
 from dirotq import fusion, load_quantized, quantize_, save_quantized
 from dirotq.methods import DiRotQLRConfig, QuaRotConfig
 from dirotq.modules import QuantLinear
@@ -26,20 +27,6 @@ EXPECTED = {"pixart": {"transformer_blocks.0.ff.net.0": "transformer_blocks.0.ff
                         for i in range(2) for ff in ("ff", "ff_context")},
                      **{f"single_transformer_blocks.{i}.act_mlp": f"single_transformer_blocks.{i}.proj_mlp"
                         for i in range(2)}}}
-
-
-@pytest.fixture(scope="module", params=["pixart", "flux"])
-def quantized(request):
-    """(family, quantized tiny model, inputs): DiRotQ-LR r16, format C, calibrated."""
-    adapter, model, stats, example = calibrated_tiny(request.param)
-    quantize_(model, DiRotQLRConfig(rank=16, scale_format="int_ratio"), stats, adapter=adapter, measure_error=False,
-              progress=lambda *a: None)
-    return request.param, model, example
-
-
-def _out(model, example):
-    with torch.no_grad():
-        return model(**example, return_dict=False)[0]
 
 
 def _state(model):
