@@ -321,9 +321,7 @@ class ModelAdapter:
                 if not (proj_type.startswith(tp) and act_name.startswith(tp)):
                     continue
                 proj, act = proj_type[len(tp):], act_name[len(tp):]
-                if tp == "" and (":" in proj or ":" in act):
-                    continue  # a pair of another block container
-                try:
+                try:  # (a pair of another block container names no submodule of this one)
                     block.module.get_submodule(proj), block.module.get_submodule(act)
                 except AttributeError:
                     continue
