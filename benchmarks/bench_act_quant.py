@@ -7,8 +7,9 @@ d = 12288. This script times, per FLUX width and 4096 tokens (bf16, DiRotQ-LR r3
 
 - ``production``: ``quantize_activations`` as the layer runs it (autotuned), and ``copy``: a
   ``torch.clone`` of x (the memory floor's unit: read + write of 2 bytes per element);
-- per tile config (BT tokens × warps): format C's two launches, PASS 0 (transform, group abs-max)
-  and PASS 1 (transform again, row scale, two candidate multipliers, codes) apart;
+- per tile config (BT tokens × warps, and BT = 128 once more with a cap of 128 registers, which fits
+  two programs per SM): format C's two launches, PASS 0 (transform, group abs-max) and PASS 1
+  (transform again, row scale, two candidate multipliers, codes) apart;
 - both passes with PREFETCH (group g + 1's x tile loaded before group g's work: the same codes)
   at the best config;
 - stage ablations of PASS 1 at the best config (wrong codes, honest time): no Hadamard, no
@@ -45,10 +46,11 @@ from benchmarks._bench_common import bench, environment, make_quant_linear  # no
 
 WIDTHS = [("flux ff up / attn (d=3072)", 3072, 3072), ("flux ff down (d=12288)", 12288, 3072),
           ("flux single proj_out (d=15360)", 15360, 3072)]
-CONFIGS = [(16, 4), (32, 4), (64, 8), (128, 8)]  # (BT, num_warps)
+# (BT, num_warps, register cap or None): the cap of 128 fits two 8-warp programs per SM
+CONFIGS = [(16, 4, None), (32, 4, None), (64, 4, None), (64, 8, None), (128, 8, None), (128, 8, 128)]
 
 
-def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple[int, int]]) -> dict:
+def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple[int, int, int | None]]) -> dict:
     from dirotq.kernels.act_quant import act_quant_kernel, activation_launch, quantize_activations
     from dirotq.kernels.layout import get_plan
 
@@ -78,40 +80,40 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
     # one set of buffers per input, so the launches below only time the kernel
     launches = [activation_launch(m, plan, x) for x in xs]
 
-    def run(bt: int, warps: int, passes, **overrides):
+    def run(bt: int, warps: int, maxnreg: int | None, passes, **overrides):
         la = launches[it["i"]]
         it["i"] = (it["i"] + 1) % len(launches)
         meta = {**la["meta"], **overrides}
+        cap = {"maxnreg": maxnreg} if maxnreg else {}
         for p in passes:
             act_quant_kernel[(triton.cdiv(n, bt), la["g_blocks"])](*la["args"], BT=bt, PASS=p, **meta,
-                                                                   num_warps=warps, enable_fp_fusion=False)
+                                                                   num_warps=warps, enable_fp_fusion=False, **cap)
 
     for _ in launches:  # real group abs-maxes for PASS 1 to read (not uninitialised memory)
-        run(configs[0][0], configs[0][1], (0,))
+        run(*configs[0], (0,))
     best = None
-    for bt, warps in configs:
-        tag = f"bt{bt}w{warps}"
+    for bt, warps, cap in configs:
+        tag = f"bt{bt}w{warps}" + (f"r{cap}" if cap else "")
         try:
-            row[f"{tag}_pass0_ms"] = t0 = bench(lambda: run(bt, warps, (0,)))
-            row[f"{tag}_pass1_ms"] = t1 = bench(lambda: run(bt, warps, (1,)))
+            row[f"{tag}_pass0_ms"] = t0 = bench(lambda: run(bt, warps, cap, (0,)))
+            row[f"{tag}_pass1_ms"] = t1 = bench(lambda: run(bt, warps, cap, (1,)))
             if best is None or t0 + t1 < best[0]:
-                best = (t0 + t1, bt, warps)
+                best = (t0 + t1, bt, warps, cap, tag)
         except Exception as exc:  # a config that does not fit (registers, shared memory) is a result
             row[f"{tag}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if best is None:
         return row
-    _, bt, warps = best
-    row["best_config"] = f"bt{bt}w{warps}"
+    _, bt, warps, cap, row["best_config"] = best
     ablations = {"no_hadamard": dict(HAS_HAD=False), "no_projection": dict(PROJ=False),
                  "no_hadamard_no_projection": dict(HAS_HAD=False, PROJ=False),
                  "float64_rule": dict(SSE_FLOAT64=True)}
     for tag, ov in ablations.items():
-        row[f"pass1_{tag}_ms"] = bench(lambda: run(bt, warps, (1,), **ov))
+        row[f"pass1_{tag}_ms"] = bench(lambda: run(bt, warps, cap, (1,), **ov))
     # the next group's x tile loaded before this group's work (same codes; an autotuning choice)
-    row["pass0_prefetch_ms"] = bench(lambda: run(bt, warps, (0,), PREFETCH=True))
-    row["pass1_prefetch_ms"] = bench(lambda: run(bt, warps, (1,), PREFETCH=True))
-    row["format_a_pass_ms"] = bench(lambda: run(bt, warps, (0,), FMT_C=False))
-    row["format_a_pass_no_transform_ms"] = bench(lambda: run(bt, warps, (0,), FMT_C=False, HAS_HAD=False,
+    row["pass0_prefetch_ms"] = bench(lambda: run(bt, warps, cap, (0,), PREFETCH=True))
+    row["pass1_prefetch_ms"] = bench(lambda: run(bt, warps, cap, (1,), PREFETCH=True))
+    row["format_a_pass_ms"] = bench(lambda: run(bt, warps, cap, (0,), FMT_C=False))
+    row["format_a_pass_no_transform_ms"] = bench(lambda: run(bt, warps, cap, (0,), FMT_C=False, HAS_HAD=False,
                                                              PROJ=False))
     return row
 
@@ -155,7 +157,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     widths = [("dry", 128, 64)] if dry else [w for w in WIDTHS if w[1] in args.widths]
-    configs = [(16, 4)] if dry else CONFIGS
+    configs = [(16, 4, None)] if dry else CONFIGS
     for name, d, o in widths:
         print(name, flush=True)
         res["rows"].append(time_shape(name, d, o, 32 if dry else args.tokens, dry, configs))

@@ -165,6 +165,55 @@ def test_act_quant_and_gemm_match_reference(structure, d, o, r, n, fmt):
     assert _rel(y, m.reference_forward(x)) < 2e-3
 
 
+def _format_c_edge_rows(d: int) -> torch.Tensor:
+    """Rows that sit on format C's decision edges, in groups of 64: a zero row; a row below the
+    1e-12 scale floor; groups whose abs-max is exactly k/15 of the row's (k₀ on the ceil's edge),
+    slightly above and slightly below it; values on half-steps of the step (rounding ties); the
+    row maximum in every group (k₀ = 15); one huge outlier over noise (most groups at k = 1)."""
+    gen = torch.Generator().manual_seed(7)
+    groups = d // 64
+    rows = [torch.zeros(d), torch.full((d,), 3e-14) * torch.sign(torch.randn(d, generator=gen))]
+    for nudge in (1.0, 1.0 + 2e-7, 1.0 - 2e-7):
+        row = torch.randn(d, generator=gen).clamp(-1, 1)
+        for gi in range(groups):
+            k = 1 + gi % 15
+            grp = row[gi * 64:(gi + 1) * 64]
+            grp *= (k / 15) / grp.abs().max()
+            grp[0] = (k / 15) * nudge * (1 if gi % 2 else -1)
+        row[-1] = 1.0  # the row's abs-max: s = 1/105
+        rows.append(row)
+    half = torch.randint(-15, 16, (d,), generator=gen).float() * 0.5 / 105  # ties for k = 1 … 2
+    half[0] = 1.0
+    rows += [half, torch.ones(d) * torch.sign(torch.randn(d, generator=gen)),
+             torch.cat([torch.tensor([1e4]), torch.randn(d - 1, generator=gen) * 1e-2])]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_format_c_codes_on_the_decision_edges(symmetric):
+    """The kernel's format C codes, multipliers, scales and zero points equal the reference
+    quantizer's bit for bit on inputs built to sit on its edges: the kernel leaves out the clamp of
+    the covering multiplier's codes and the cap on squared errors, and writes codes through the
+    magic-number bits, each exact only by an argument about ranges (dirotq/kernels/act_quant.py)."""
+    d = 256
+    m = make_layer("rtn", "int_ratio", d=d, o=32, r=0)
+    m.act_symmetric = symmetric
+    x = _format_c_edge_rows(d)
+    if not symmetric:
+        x = x + 0.3 * x.abs().amax(-1, keepdim=True)  # shifted rows: zero points away from 8
+    plan = get_plan(m, x)
+    act = quantize_activations(m, plan, x, store_a=True)
+    assert torch.equal(act["a"], x)  # no transform: the edges reach the quantizer as built
+    qt = quantize(x, 4, 64, symmetric, "int_ratio")
+    k = qt.ratio.to(torch.int32)
+    assert set(k.unique().tolist()) > {1, 15}  # the edges are there: both ends of the multiplier
+    codes = (qt.q.int() if symmetric else qt.q.int() - 8) * k.repeat_interleave(64, -1)
+    assert torch.equal(act["codes"].int(), codes)
+    assert torch.equal(act["ratio"], qt.ratio) and torch.equal(act["scale"], qt.scale[:, 0])
+    if not symmetric:
+        assert torch.equal(act["zero"].int(), (qt.zero.int() - 8) * k)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("structure,r", [("dirotq-lr", 16), ("svdquant", 8)])
 def test_act_quant_several_groups_per_program(structure, r, fmt, monkeypatch):
@@ -673,6 +722,18 @@ def test_kernels_compile_for_sm90_without_spills():
             # format C's multiplier choice is float32 fixed point per value; float64 only compares the
             # two candidates once per row and group (172–294 float64 instructions before revision 4)
             assert row["f64_instructions"] <= 32, row
+            # codes are written through the magic-number bits, not float → int conversions (34 per
+            # BT = 128 tile before): what remains is the per-row multiplier and zero point
+            assert row["f32_to_int"] <= 8, row
+            if row.get("sass_loop_instructions") is not None:  # nvdisasm ships with Triton's CUDA backend
+                assert row["sass_instructions_per_value"] > 0, row
+    act = {r["variant"]: r for r in rows if r["variant"].startswith("act C lowrank+hadamard BT128 w8")}
+    # format C's second pass at the H200's tile issues about 42 SASS instructions per value (47 before the
+    # magic-number codes and the no-op clamps went); capped at 128 registers it fits two programs per SM
+    capped = act["act C lowrank+hadamard BT128 w8 maxnreg128"]
+    assert capped["registers"] <= 128 and capped["programs_per_sm"] >= 2 and capped["spill_bytes"] == 0, capped
+    if act["act C lowrank+hadamard BT128 w8"].get("sass_instructions_per_value") is not None:
+        assert act["act C lowrank+hadamard BT128 w8"]["sass_instructions_per_value"] < 45, act
         if row.get("spill_bytes") is not None:
             assert row["spill_bytes"] == 0, row
         if row["variant"].startswith("gemm"):

@@ -48,12 +48,24 @@ def _rne(v):
 
 
 @triton.jit
-def _codes(a, lo, step, ASYM: tl.constexpr):
+def _to_int8(v):
+    """int8 of the integer-valued float32 ``v`` (|v| < 2²²): v + 1.5·2²³ holds v in its low mantissa
+    bits as a two's-complement integer, so its low byte is the code. A float-to-integer conversion
+    runs at an eighth of the add rate on Hopper (16 per clock and SM, against 128); this is one add
+    and a byte select."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def _codes(a, lo, step, ASYM: tl.constexpr, COVERING: tl.constexpr = False):
     """Format C codes of the tile ``a`` (BT, GS) with per-row ``step``, from r = fl32(1/step) (one IEEE
     division per row): symmetric q = clamp(rne(a·r), −8, 7) and zero 0, or asymmetric
     u = clamp(rne(a·r) + z, 0, 15) with z = rne(−lo·r); and the errors in code units e = t − (q − z),
     t = a·r. The product must round before the magic-number rounding adds to it, so the kernel is
-    launched with ``enable_fp_fusion=False`` (no FMA)."""
+    launched with ``enable_fp_fusion=False`` (no FMA).
+    COVERING (symmetric only): ``step`` is k₀·s, the multiplier that covers the group's abs-max
+    (|a| ≤ 7·k₀·s up to rounding), so |t| < 7.5 and rne(t) ∈ [−7, 7]: the clamp changes nothing
+    and is left out."""
     r = tl.div_rn(tl.full(step.shape, 1.0, tl.float32), step)
     t = a * r[:, None]
     if ASYM:
@@ -62,7 +74,10 @@ def _codes(a, lo, step, ASYM: tl.constexpr):
         e = t - (q - z[:, None])
     else:
         z = tl.zeros_like(step)
-        q = tl.minimum(tl.maximum(_rne(t), -8.0), 7.0)
+        if COVERING:
+            q = _rne(t)
+        else:
+            q = tl.minimum(tl.maximum(_rne(t), -8.0), 7.0)
         e = t - q
     return q, z, e
 
@@ -98,9 +113,16 @@ def _sse_float64(a, q, z, step):
 
 @triton.jit
 def _sse_units(e, UNIT: tl.constexpr):
-    """Per row, Σ rne(min(e², 255)·UNIT) of the code-unit errors ``e`` (BT, GS): integers whose float32
-    sum is exact in any order (dirotq.quantizers.sse_units, UNIT = sse_unit(GS))."""
-    return tl.sum(_rne(tl.minimum(e * e, 255.0) * UNIT), axis=1)
+    """Per row, Σ rne(min(e², 255)·UNIT) / UNIT of format C's candidate errors ``e`` (BT, GS): the sum of
+    dirotq.quantizers.sse_units (UNIT = sse_unit(GS), a power of two) divided by UNIT, exactly.
+    Rounding v to a multiple of 1/UNIT by adding and subtracting 1.5·2²³/UNIT (v·UNIT < 2²²) is
+    rounding v·UNIT to an integer scaled by 1/UNIT, so the terms and every partial sum are the
+    reference's integers times the same power of two: exact in float32 in any order, one
+    multiplication per value fewer than scaling each term."""
+    magic: tl.constexpr = 12582912.0 / UNIT
+    # min(e², 255) is e² here: the two candidates' errors stay within 15.5 code steps (k₀/k₁ ≤ 2;
+    # quantizers.SSE_UNIT_CAP), so the reference's cap never acts
+    return tl.sum((e * e + magic) - magic, axis=1)
 
 
 @triton.jit
@@ -329,15 +351,17 @@ def act_quant_kernel(
                 tl.store(m_ptr + rows * stride_mn + g, amax, mask=rmask)
             else:
                 # of k₀ (the covering multiplier) and k₀ − 1, the one with the smaller k²·S_k, S_k the
-                # exact fixed-point sum of squared code-unit errors (dirotq.quantizers.int_ratio_codes);
-                # the products (< 2³²) compare in float64, once per row and group
+                # exact fixed-point sum of squared code-unit errors (dirotq.quantizers.int_ratio_codes),
+                # compared in float64 once per row and group
                 k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
                 k1 = tl.maximum(k0 - 1.0, 1.0)
-                q0, z0, e0 = _codes(a, lo, k0 * s_row, ASYM)
+                q0, z0, e0 = _codes(a, lo, k0 * s_row, ASYM, COVERING=True)
                 q1, z1, e1 = _codes(a, lo, k1 * s_row, ASYM)
                 if SSE_FLOAT64:
                     take1 = _sse_float64(a, q1, z1, k1 * s_row) < _sse_float64(a, q0, z0, k0 * s_row)
                 else:
+                    # the products (< 2³² units, exact in float64 also when scaled by 1/UNIT) compare
+                    # as the reference's k²·S_k do
                     w0 = (k0 * k0).to(tl.float64) * _sse_units(e0, SSE_UNIT).to(tl.float64)
                     w1 = (k1 * k1).to(tl.float64) * _sse_units(e1, SSE_UNIT).to(tl.float64)
                     take1 = w1 < w0
@@ -347,14 +371,14 @@ def act_quant_kernel(
                 if ASYM:  # stored as k·(u − 8) and k·(z − 8), both int8
                     q = q - 8.0
                     tl.store(z_ptr + rows * stride_zn + g, ((z - 8.0) * kf).to(tl.int8), mask=rmask)
-                tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], (q * kf[:, None]).to(tl.int8),
+                tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], _to_int8(q * kf[:, None]),
                          mask=omask)
                 tl.store(k_ptr + rows * stride_kn + g, kf.to(tl.int8), mask=rmask)
         else:
             sc = tl.maximum(tl.div_rn(amax, tl.full((BT,), 7.0, tl.float32)), 1e-12)
             q = _rne(tl.div_rn(a, sc[:, None]))
             q = tl.minimum(tl.maximum(q, -8.0), 7.0)
-            tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], q.to(tl.int8), mask=omask)
+            tl.store(q_ptr + rows[:, None] * stride_qn + gcols[None, :], _to_int8(q), mask=omask)
             tl.store(s_ptr + rows * stride_sn + g, sc, mask=rmask)
 
 
@@ -363,6 +387,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# 65,536 registers per SM / (256 threads · 128): two 8-warp programs per SM
+ACT_OCCUPANCY_REGS = 128
+
 _TUNED_ACT = None
 
 
@@ -370,10 +397,15 @@ def _tuned_act_kernel():
     """Few configs (token rows per program × warps); one tuning per token bucket."""
     global _TUNED_ACT
     if _TUNED_ACT is None:
-        cfgs = [triton.Config({"BT": bt, "PREFETCH": pf}, num_warps=w, num_stages=s)
-                for bt, w, s, pf in ((16, 4, 2, False), (16, 8, 2, False), (32, 4, 2, False), (32, 8, 2, False),
-                                     (64, 8, 2, False), (128, 8, 3, False),  # BT 128: the H200's fastest tile
-                                     (32, 4, 2, True), (128, 8, 3, True))]  # the next group's x loaded early
+        cfgs = [triton.Config({"BT": bt, "PREFETCH": pf}, num_warps=w, num_stages=s, maxnreg=mr)
+                for bt, w, s, pf, mr in ((16, 4, 2, False, None), (16, 8, 2, False, None), (32, 4, 2, False, None),
+                                         (32, 8, 2, False, None), (64, 8, 2, False, None),
+                                         (128, 8, 3, False, None),  # BT 128: the H200's fastest tile
+                                         (32, 4, 2, True, None), (128, 8, 3, True, None),  # next x tile early
+                                         # two programs per SM instead of one: format C's second pass at
+                                         # 128 registers (169 uncapped, no spills either way, aot_check)
+                                         (128, 8, 3, False, ACT_OCCUPANCY_REGS),
+                                         (64, 4, 2, False, None))]
         _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "ASYM", "PASS", "PROJ",
                                                 "HAS_ROT", "HAS_HAD", "C_IN_KERNEL"], cache_results=True)(act_quant_kernel)
     return _TUNED_ACT

@@ -84,6 +84,11 @@ def default_variants():
                         dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
                              FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
                              C_IN_KERNEL=False, RP=16, **{**ACT_RULE, "PREFETCH": pf}), dict(num_warps=8, num_stages=3)))
+        if fmt_c:  # format C's second pass capped at 128 registers: two 8-warp programs per SM, not one
+            out.append(("act C lowrank+hadamard BT128 w8 maxnreg128", "act",
+                        dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
+                             FMT_C=True, ASYM=False, PASS=1, STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
+                             C_IN_KERNEL=False, RP=16, **ACT_RULE), dict(num_warps=8, num_stages=3, maxnreg=128)))
         for asym in (False, True) if fmt_c else (False,):  # one launch per layer: c in the kernel, whole rows
             out.append((f"act {f} lowrank+hadamard one-launch r32{' asymmetric' if asym else ''} BT32", "act",
                         dict(BT=32, GS=64, BKD=64, RC=32, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
@@ -270,6 +275,41 @@ def probe_async_mma(arch: int = 90) -> dict:
     return out
 
 
+def _nvdisasm():
+    import triton.backends.nvidia as nv
+
+    p = os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm")
+    return p if os.path.exists(p) else None
+
+
+def sass_loop_instructions(cubin: bytes) -> int | None:
+    """SASS instructions in the kernel's largest loop body (the activation kernel's loop over its
+    groups, nested loops counted once), from ``nvdisasm``; None without nvdisasm or a loop. What the
+    SM issues per trip, after ptxas: the PTX count says less once the code is memory- or
+    issue-bound."""
+    tool = _nvdisasm()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    labels, body = {}, []
+    for line in text.splitlines():
+        m = re.match(r"\s*(\.L\w+):", line)
+        if m:
+            labels[m.group(1)] = len(body)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            body.append(m.group(1))
+    loops = [i - labels[m.group(1)] + 1 for i, ins in enumerate(body)
+             if (m := re.search(r"\bBRA\s+(?:`\()?(\.L\w+)", ins)) and labels.get(m.group(1), i + 1) <= i]
+    return max(loops) if loops else None
+
+
 def _ptxas():
     import triton.backends.nvidia as nv
 
@@ -297,7 +337,10 @@ def _ptx_facts(ptx: str, arch: int) -> dict:
            "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)),
            # float64 instructions (arithmetic and conversions): format C's multiplier choice once took
            # four conversions and a float64 square-and-add per value and candidate; now a few per row
-           "f64_instructions": len(re.findall(r"^\s*[a-z.]+\S*\.f64\b", ptx, re.M))}
+           "f64_instructions": len(re.findall(r"^\s*[a-z.]+\S*\.f64\b", ptx, re.M)),
+           # float → integer conversions (an eighth of the add rate on Hopper): the activation kernel
+           # writes its codes through the magic-number bits instead, one per row's k remains
+           "f32_to_int": len(re.findall(r"\bcvt\.r[nzmp]i\.[su]\d+\.f32\b", ptx))}
     ptxas = _ptxas()
     if ptxas:
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -330,14 +373,27 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
     if kind == "gemm" and consts.get("ATOMIC"):
         types["y_ptr"] = "*fp32"  # K splits add fp32 partials
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    # the launch specialises integers divisible by 16, as real widths are (d, d_q, G·64 …), not the token count
+    wide = {"d", "d_q", "r", "G", "N_KEY"} if kind == "act" else set()
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))}
+             if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in wide)}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     if kind == "act":  # as quantize_activations launches it
         options = {**options, "enable_fp_fusion": False}
     k = tcompile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
+    res = {"shared_bytes": k.metadata.shared, **_ptx_facts(k.asm["ptx"], arch)}
+    if kind == "act":
+        # per trip over one group, what each thread issues for its share of the (BT, 64) tile, and how
+        # many programs fit an SM by registers (65,536 per SM): the kernel is issue- and latency-bound
+        loop = sass_loop_instructions(k.asm["cubin"])
+        threads = 32 * options["num_warps"]
+        res["sass_loop_instructions"] = loop
+        res["sass_instructions_per_value"] = (round(loop * threads / (consts["BT"] * consts["GS"]), 1)
+                                              if loop else None)
+        if res.get("registers"):
+            res["programs_per_sm"] = 65536 // (res["registers"] * threads)
+    return res
 
 
 def main() -> int:
