@@ -47,7 +47,8 @@ from benchmarks._bench_common import bench, environment, make_quant_linear  # no
 WIDTHS = [("flux ff up / attn (d=3072)", 3072, 3072), ("flux ff down (d=12288)", 12288, 3072),
           ("flux single proj_out (d=15360)", 15360, 3072)]
 # (BT, num_warps, register cap or None): the cap of 128 fits two 8-warp programs per SM
-CONFIGS = [(16, 4, None), (32, 4, None), (64, 4, None), (64, 8, None), (128, 8, None), (128, 8, 128)]
+CONFIGS = [(16, 4, None), (32, 4, None), (64, 4, None), (64, 8, None), (128, 4, None), (128, 8, None), (128, 8, 128),
+           (256, 8, None)]
 
 
 def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple[int, int, int | None]]) -> dict:

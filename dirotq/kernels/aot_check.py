@@ -84,11 +84,15 @@ def default_variants():
                         dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
                              FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
                              C_IN_KERNEL=False, RP=16, **{**ACT_RULE, "PREFETCH": pf}), dict(num_warps=8, num_stages=3)))
-        if fmt_c:  # format C's second pass capped at 128 registers: two 8-warp programs per SM, not one
-            out.append(("act C lowrank+hadamard BT128 w8 maxnreg128", "act",
-                        dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
+        # format C's second pass capped at 128 registers (two 8-warp programs per SM, not one), and with
+        # 64 values per thread (BT 256 × 8 warps, BT 128 × 4): the autotuner's other large tiles
+        for name, bt, opts in (("BT128 w8 maxnreg128", 128, dict(num_warps=8, num_stages=3, maxnreg=128)),
+                               ("BT256 w8", 256, dict(num_warps=8, num_stages=3)),
+                               ("BT128 w4", 128, dict(num_warps=4, num_stages=3))) if fmt_c else ():
+            out.append((f"act C lowrank+hadamard {name}", "act",
+                        dict(BT=bt, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
                              FMT_C=True, ASYM=False, PASS=1, STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
-                             C_IN_KERNEL=False, RP=16, **ACT_RULE), dict(num_warps=8, num_stages=3, maxnreg=128)))
+                             C_IN_KERNEL=False, RP=16, **ACT_RULE), opts))
         for asym in (False, True) if fmt_c else (False,):  # one launch per layer: c in the kernel, whole rows
             out.append((f"act {f} lowrank+hadamard one-launch r32{' asymmetric' if asym else ''} BT32", "act",
                         dict(BT=32, GS=64, BKD=64, RC=32, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
