@@ -254,7 +254,7 @@ def act_quant_kernel(
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
     DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr, C_IN_KERNEL: tl.constexpr, RP: tl.constexpr,
     SSE_UNIT: tl.constexpr, SSE_FLOAT64: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    R_ONE_CHUNK: tl.constexpr = False,
+    R_ONE_CHUNK: tl.constexpr = False, ONE_CANDIDATE: tl.constexpr = False,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
     format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
@@ -263,7 +263,8 @@ def act_quant_kernel(
     C_IN_KERNEL (one launch): c = x_s · down (r ≤ RP) is computed here first and stored, so the
     layer needs no GEMM before the launch. SSE_FLOAT64 (benchmarks only, never the layer): format C's
     multipliers chosen by revision 3's float64 squared errors, to time what revision 4 saves; its
-    codes can differ from the reference in near-ties. PREFETCH (no dense rotation): group g + 1's x
+    codes can differ from the reference in near-ties. ONE_CANDIDATE (benchmarks only): k₀ without
+    the comparison against k₀ − 1 (other codes), to time what the choice costs. PREFETCH (no dense rotation): group g + 1's x
     tile (and, R_ONE_CHUNK: r ≤ RC, its down chunk; c once per program) is loaded before group g is
     transformed, so the load latency overlaps work (the same codes; an autotuning choice)."""
     pid_t = tl.program_id(0)
@@ -357,7 +358,9 @@ def act_quant_kernel(
                 k1 = tl.maximum(k0 - 1.0, 1.0)
                 q0, z0, e0 = _codes(a, lo, k0 * s_row, ASYM, COVERING=True)
                 q1, z1, e1 = _codes(a, lo, k1 * s_row, ASYM)
-                if SSE_FLOAT64:
+                if ONE_CANDIDATE:
+                    take1 = k0 < 0.0  # never: k₀, and the compiler drops the second candidate
+                elif SSE_FLOAT64:
                     take1 = _sse_float64(a, q1, z1, k1 * s_row) < _sse_float64(a, q0, z0, k0 * s_row)
                 else:
                     # the products (< 2³² units, exact in float64 also when scaled by 1/UNIT) compare

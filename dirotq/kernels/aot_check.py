@@ -37,7 +37,7 @@ PTR_TYPES = {
 
 # format C's multiplier rule as the layer launches it: fixed-point units of 64-wide groups
 # (quantizers.sse_unit(64)), not the float64 benchmark ablation
-ACT_RULE = dict(SSE_UNIT=1024.0, SSE_FLOAT64=False, PREFETCH=False, R_ONE_CHUNK=True)
+ACT_RULE = dict(SSE_UNIT=1024.0, SSE_FLOAT64=False, PREFETCH=False, R_ONE_CHUNK=True, ONE_CANDIDATE=False)
 
 
 def default_variants():
