@@ -14,7 +14,8 @@ d = 12288. This script times, per FLUX width and 4096 tokens (bf16, DiRotQ-LR r3
   at the best config;
 - stage ablations of PASS 1 at the best config (wrong codes, honest time): no Hadamard, no
   projection, neither; format C revision 3's float64 multiplier rule (what revision 4's fixed-point
-  rule saves); k₀ alone, without its comparison against k₀ − 1 (what the choice costs); format A's single pass (one division per element, no float64);
+  rule saves); k₀ alone, without its comparison against k₀ − 1 (what the choice costs); format A's
+  single pass (one division per element, no float64);
 - the cuBLAS c GEMM alone.
 
 Timing: ``triton.testing.do_bench`` medians, x rotated over 4 tensors (no L2 reuse between calls).

@@ -264,9 +264,10 @@ def act_quant_kernel(
     layer needs no GEMM before the launch. SSE_FLOAT64 (benchmarks only, never the layer): format C's
     multipliers chosen by revision 3's float64 squared errors, to time what revision 4 saves; its
     codes can differ from the reference in near-ties. ONE_CANDIDATE (benchmarks only): k₀ without
-    the comparison against k₀ − 1 (other codes), to time what the choice costs. PREFETCH (no dense rotation): group g + 1's x
-    tile (and, R_ONE_CHUNK: r ≤ RC, its down chunk; c once per program) is loaded before group g is
-    transformed, so the load latency overlaps work (the same codes; an autotuning choice)."""
+    the comparison against k₀ − 1 (other codes), to time what the choice costs. PREFETCH (no dense
+    rotation): group g + 1's x tile (and, R_ONE_CHUNK: r ≤ RC, its down chunk; c once per program) is
+    loaded before group g is transformed, so the load latency overlaps work (the same codes; an
+    autotuning choice)."""
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -406,11 +407,11 @@ def _tuned_act_kernel():
                                          (128, 8, 3, False, None),  # BT 128: the H200's fastest tile
                                          (32, 4, 2, True, None), (128, 8, 3, True, None),  # next x tile early
                                          # two programs per SM instead of one: format C's second pass at
-                                         # 128 registers (159 uncapped, no spills either way, aot_check)
+                                         # 128 registers (159 uncapped; aot_check, Triton 3.9: no spills)
                                          (128, 8, 3, False, ACT_OCCUPANCY_REGS),
                                          # 64 values per thread instead of 32: two independent chains per
-                                         # warp to hide latency, fewer instructions per value (37 against
-                                         # 42 in the second pass), 229–235 registers, no spills
+                                         # warp to hide latency, fewer instructions per value (39 against
+                                         # 42 in the second pass), 242–246 registers, no spills
                                          (128, 4, 3, False, None), (256, 8, 3, False, None))]
         _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "ASYM", "PASS", "PROJ",
                                                 "HAS_ROT", "HAS_HAD", "C_IN_KERNEL"], cache_results=True)(act_quant_kernel)
