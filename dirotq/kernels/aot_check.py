@@ -5,7 +5,8 @@ CPU-only session can still check that every kernel variant compiles for Hopper, 
 uses int8 ``wgmma`` with the weight as the register operand and cp.async pipelining, and how many
 registers / spill bytes each tile config needs, which operand of each int8 wgmma comes from registers,
 and which ``wgmma.wait_group`` depths the code uses (a probe line says whether Triton issues int8 and
-FP8 MMAs asynchronously at all). Integer arguments get the divisibility-by-16
+FP8 MMAs asynchronously at all); for the activation kernel, the SASS instructions per value of its
+loop over the groups (``nvdisasm``) and the programs per SM its registers allow. Integer arguments get the divisibility-by-16
 specialisation the JIT applies at launch for real shapes (strides d/2, G·64, o are multiples of 16).
 Must run in a process where ``TRITON_INTERPRET`` is unset (the interpreter replaces ``@triton.jit``).
 Prints one JSON line per variant; exit status 1 if any variant failed to compile.
