@@ -13,9 +13,10 @@ d = 12288. This script times, per FLUX width and 4096 tokens (bf16, DiRotQ-LR r3
 - both passes with PREFETCH (group g + 1's x tile loaded before group g's work: the same codes)
   at the best config;
 - stage ablations of PASS 1 at the best config (wrong codes, honest time): no Hadamard, no
-  projection, neither; format C revision 3's float64 multiplier rule (what revision 4's fixed-point
-  rule saves); k₀ alone, without its comparison against k₀ − 1 (what the choice costs); format A's
-  single pass (one division per element, no float64);
+  projection, neither; format C's multiplier rules: revision 4's comparison of the two candidates'
+  fixed-point squared errors (what revision 5's choice from the spread saves; asymmetric codes keep
+  it), revision 3's float64 one, and k₀ alone; format A's single pass (one division per element,
+  no float64);
 - the cuBLAS c GEMM alone.
 
 Timing: ``triton.testing.do_bench`` medians, x rotated over 4 tensors (no L2 reuse between calls).
@@ -108,7 +109,7 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
     _, bt, warps, cap, row["best_config"] = best
     ablations = {"no_hadamard": dict(HAS_HAD=False), "no_projection": dict(PROJ=False),
                  "no_hadamard_no_projection": dict(HAS_HAD=False, PROJ=False),
-                 "float64_rule": dict(SSE_FLOAT64=True), "one_candidate": dict(ONE_CANDIDATE=True)}
+                 "sse_rule": dict(K_RULE=1), "float64_rule": dict(K_RULE=2), "one_candidate": dict(K_RULE=3)}
     for tag, ov in ablations.items():
         row[f"pass1_{tag}_ms"] = bench(lambda: run(bt, warps, cap, (1,), **ov))
     # the next group's x tile loaded before this group's work (same codes; an autotuning choice)
@@ -122,7 +123,7 @@ def time_shape(name: str, d: int, o: int, n: int, dry: bool, configs: list[tuple
 
 def table(rows: list[dict]) -> str:
     head = ["layer", "copy", "production", "c GEMM", "best config", "pass 0", "pass 1", "pass 0 / 1 prefetch",
-            "pass 1, rev. 3 rule", "pass 1, k₀ only",
+            "pass 1, rev. 4 rule", "pass 1, rev. 3 rule", "pass 1, k₀ only",
             "pass 1 −H", "pass 1 −P", "pass 1 −H−P", "format A", "format A −H−P"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -135,7 +136,8 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([r["layer"], f("copy_ms"), f("production_ms"), f("c_gemm_ms"), b,
                                         f(f"{b}_pass0_ms"), f(f"{b}_pass1_ms"),
                                         f("pass0_prefetch_ms") + " / " + f("pass1_prefetch_ms"),
-                                        f("pass1_float64_rule_ms"), f("pass1_one_candidate_ms"),
+                                        f("pass1_sse_rule_ms"), f("pass1_float64_rule_ms"),
+                                        f("pass1_one_candidate_ms"),
                                         f("pass1_no_hadamard_ms"),
                                         f("pass1_no_projection_ms"), f("pass1_no_hadamard_no_projection_ms"),
                                         f("format_a_pass_ms"), f("format_a_pass_no_transform_ms")]) + " |")

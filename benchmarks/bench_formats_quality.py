@@ -12,8 +12,9 @@ kernels reproduce). Two parts:
    target layer (a few prompts × steps), layer output SQNR per method and format; and where format
    C's loss went: DiRotQ-LR r32's rotated tail (activations, then weights, the other side 16-bit)
    under each encoding: format A, format C's first rule (the covering multiplier, codes ±7), the
-   current rule (the better of two multipliers, codes [−8, 7]), its offline row-scale search, a
-   candidate rule that chooses k without per-value work, and asymmetric codes in both formats.
+   better of two multipliers by squared error (codes [−8, 7]; the weights' rule), its offline
+   row-scale search, the rule of symmetric activations (revision 5: k from the group's spread, no
+   work per value), and asymmetric codes in both formats.
 
     python -m benchmarks.bench_formats_quality [--out benchmarks/results/formats_quality.json] [--quick]
 """
@@ -189,42 +190,17 @@ def _int_ratio_first_rule(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(g / step), -7, 7) * step).reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
 
 
-def _int_ratio_step_down(x: torch.Tensor, symmetric: bool = True, grow: float = 1.25) -> torch.Tensor:
-    """A candidate rule for format C's activations that needs no per-value work to choose k: k₀ − 1
-    unless the group's spread overshoots k₀ − 1's range by a quarter or more (then k₀), where the
-    current rule compares the two candidates' squared errors value by value (18 of the activation
-    kernel's 42 instructions per value; docs/KERNELS.md)."""
-    from dirotq.quantizers import pad_to_groups
-
-    g = pad_to_groups(x.float(), 64)
-    g = g.reshape(*g.shape[:-1], -1, 64)
-    if symmetric:
-        lo, spread, levels = None, g.abs().amax(-1), 7.0
-    else:
-        lo = g.amin(-1).clamp(max=0)
-        spread, levels = g.amax(-1).clamp(min=0) - lo, 15.0
-    s = (spread.amax(-1, keepdim=True) / (levels * 15)).clamp(min=1e-12)
-    ratio = spread / (levels * s)
-    k0 = torch.ceil(ratio - 1e-6).clamp(1, 15)
-    k1 = (k0 - 1).clamp(min=1)
-    step = torch.where(ratio < grow * k1, k1, k0).mul(s).unsqueeze(-1)
-    if symmetric:
-        deq = torch.clamp(torch.round(g / step), -8, 7) * step
-    else:
-        z = torch.round(-lo.unsqueeze(-1) / step)
-        deq = (torch.clamp(torch.round(g / step) + z, 0, 15) - z) * step
-    return deq.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
-
-
 ENCODINGS = {
     "A: one scale per group": lambda t, w: fake_quantize(t, 4, 64, True, "exact"),
     "C, first rule: covering multiplier, codes ±7": lambda t, w: _int_ratio_first_rule(t),
-    "C: better of two multipliers, codes [-8, 7]": lambda t, w: fake_quantize(t, 4, 64, True, "int_ratio"),
+    "C: better of two multipliers by squared error, codes [-8, 7] (weights' rule)":
+        lambda t, w: fake_quantize(t, 4, 64, True, "int_ratio"),
     "C + row-scale search (weights, offline)": lambda t, w: fake_quantize(t, 4, 64, True, "int_ratio", row_search=True),
-    "C, candidate rule: step down unless the spread overshoots by 1/4": lambda t, w: _int_ratio_step_down(t),
+    "C: k₀ − 1 unless the spread overshoots by 1/4 (symmetric activations' rule, revision 5)":
+        lambda t, w: fake_quantize(t, 4, 64, True, "int_ratio", k_rule="spread"),
     "A, asymmetric": lambda t, w: fake_quantize(t, 4, 64, False, "exact"),
     "C, asymmetric": lambda t, w: fake_quantize(t, 4, 64, False, "int_ratio"),
-    "C, asymmetric, candidate rule": lambda t, w: _int_ratio_step_down(t, symmetric=False),
+    "C, asymmetric, spread rule (not used)": lambda t, w: fake_quantize(t, 4, 64, False, "int_ratio", k_rule="spread"),
 }
 
 

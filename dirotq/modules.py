@@ -17,7 +17,7 @@ from torch import nn
 from . import compile_ops
 from .activations import ActivationSpec, apply_activation, check_spec
 from .bases import hadamard
-from .quantizers import QuantizedTensor, fake_quantize, pack_int4, quantize, unpack_int4
+from .quantizers import QuantizedTensor, activation_k_rule, fake_quantize, pack_int4, quantize, unpack_int4
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -175,7 +175,9 @@ class QuantLinear(nn.Module):
     def quantize_input(self, a: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
             return a
-        return fake_quantize(a, self.act_bits, self.group_size, self.act_symmetric, self.scale_format)
+        # format C's multiplier rule for activations (what the activation kernel computes)
+        return fake_quantize(a, self.act_bits, self.group_size, self.act_symmetric, self.scale_format,
+                             k_rule=activation_k_rule(self.act_symmetric))
 
     def transform_input(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """x: (n, d) float32 -> (c (n, r) or None, a (n, d_q)), the two operands before quantization."""

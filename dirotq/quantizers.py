@@ -12,9 +12,9 @@ Scale formats
 - ``"exact"`` (format A): one 16-bit scale per group, scale = absmax / qmax.
 - ``"int_ratio"`` (format C): one 16-bit scale ``s`` per row and a 4-bit integer multiplier
   ``k ∈ 1..15`` per group; the group's step is ``k·s``. The row scale makes the row's largest group
-  need k = 15 (``s = rowmax / 105``). Each group takes whichever of two multipliers quantizes it with
-  the smaller squared error: the smallest k whose step covers the group's abs-max (no code saturates)
-  or that k − 1 (a finer step; the largest values may saturate). A value's code is
+  need k = 15 (``s = rowmax / 105``). Each group takes one of two multipliers (``k_rule`` below): the
+  smallest k whose step covers the group's abs-max (no code saturates) or that k − 1 (a finer step;
+  the largest values may saturate). A value's code is
   ``round(x · fl32(1 / step))``: one division per group, a multiplication per value (format A divides
   each value by its scale). Codes are in [−8, 7], so the int8
   operand ``k·q`` of the fast kernel has |k·q| ≤ 120 and one int32 accumulator serves the whole
@@ -23,9 +23,17 @@ Scale formats
   Offline (weights), ``row_search=True`` also tries a few smaller row scales per row and keeps the
   one with the least squared error; activations are quantized online with ``s = rowmax / 105``.
 
-The choice between the two multipliers compares k²·S_k, S_k the group's squared errors in code
-units as fixed-point integers (``sse_units``: 1/1024 of a step², summed exactly in float32 in any
-order), so the activation kernel, which sums a tile in its own order, makes exactly this choice.
+How a group chooses between the two multipliers (``k_rule``):
+- ``"sse"`` (weights, and asymmetric activations): compare k²·S_k, S_k the group's squared errors
+  in code units as fixed-point integers (``sse_units``: 1/1024 of a step², summed exactly in float32
+  in any order), so the activation kernel, which sums a tile in its own order, makes exactly this
+  choice;
+- ``"spread"`` (symmetric activations, revision 5): from the group's spread alone, with no work per
+  value: k₀ − 1 unless the spread overshoots k₀ − 1's range by a quarter or more
+  (ratio ≥ 1.25·(k₀ − 1), ratio = spread / (7·s)). On the embedded model's rotated activations it
+  keeps all but 0.04 dB of what the squared-error choice gains (layer SQNR), and it spares the
+  activation kernel 18 of its 42 instructions per value (docs/KERNELS.md).
+  ``activation_k_rule`` names the rule activations use.
 
 Rounding is half-to-even everywhere (``torch.round``), which is what the kernels' magic-number
 rounding gives.
@@ -43,8 +51,13 @@ INT_RATIO_MAX_MULTIPLIER = 15  # k is stored in 4 bits (1..15)
 # revision of format C's encoding rule (cache keys of images made with it): 1 = covering multiplier,
 # codes ±7; 2 = the better of k₀ and k₀ − 1, codes [−8, 7], offline row-scale search; 3 = codes from
 # a multiplication by the step's float32 reciprocal instead of a division; 4 = k₀ or k₀ − 1 chosen by
-# an exact float32 sum of squared errors in fixed-point code units (sse_units) instead of float64
-INT_RATIO_REVISION = 4
+# an exact float32 sum of squared errors in fixed-point code units (sse_units) instead of float64;
+# 5 = symmetric activations choose by the group's spread alone (k_rule "spread"; weights and
+# asymmetric activations keep revision 4's rule)
+INT_RATIO_REVISION = 5
+K_RULES = ("sse", "spread")
+# "spread": k₀ − 1 unless the spread reaches this many times k₀ − 1's range (exact in float32)
+INT_RATIO_STEP_DOWN_REACH = 1.25
 INT_RATIO_ROW_SEARCH = (1.0, 0.97, 0.94, 0.91, 0.88)  # row-scale factors tried offline (row_search)
 _TINY = 1e-12  # guards all-zero groups against 0/0
 
@@ -122,6 +135,19 @@ def _div_scalar(x: torch.Tensor, divisor: float) -> torch.Tensor:
     return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
 
 
+def activation_k_rule(symmetric: bool) -> str:
+    """Format C's multiplier rule for activations (quantized online, by the kernel on a GPU):
+    ``"spread"`` for symmetric codes, ``"sse"`` for asymmetric ones (where deciding from the spread
+    alone loses 0.46 dB of layer SQNR)."""
+    return "spread" if symmetric else "sse"
+
+
+def int_ratio_revision(act_symmetric: bool) -> int:
+    """The revision of format C's encoding that a model with these activations runs: 5 changed
+    only symmetric activations, so asymmetric ones are still revision 4 (image caches key on it)."""
+    return INT_RATIO_REVISION if act_symmetric else 4
+
+
 def quantize(
     x: torch.Tensor,
     bits: int = 4,
@@ -130,6 +156,7 @@ def quantize(
     scale_format: str = "exact",
     clip_ratio: float = 1.0,
     row_search: bool = False,
+    k_rule: str = "sse",
 ) -> QuantizedTensor:
     """Group-quantize ``x: (..., d)`` along its last dimension.
 
@@ -137,8 +164,12 @@ def quantize(
     range before rounding (values beyond it saturate), as some baselines do for weights.
     ``row_search`` (int_ratio only, for offline weights): try the row scales of
     ``INT_RATIO_ROW_SEARCH`` and keep, per row, the one with the least squared error.
+    ``k_rule`` (int_ratio only): how a group chooses its multiplier, ``"sse"`` or ``"spread"`` (the
+    module docstring; activations: ``activation_k_rule``).
     """
     _check(bits, group_size, scale_format)
+    if k_rule not in K_RULES:
+        raise ValueError(f"k_rule must be one of {K_RULES}, got {k_rule!r}")
     if row_search and scale_format != "int_ratio":
         raise ValueError("row_search applies to scale_format='int_ratio' only (format A has one scale per group)")
     d = x.shape[-1]
@@ -147,7 +178,7 @@ def quantize(
     qmin, qmax = qrange(bits, symmetric)
 
     if scale_format == "int_ratio":
-        return _quantize_int_ratio(groups, xp.shape, bits, group_size, d, symmetric, clip_ratio, row_search)
+        return _quantize_int_ratio(groups, xp.shape, bits, group_size, d, symmetric, clip_ratio, row_search, k_rule)
 
     if not symmetric:
         lo = (groups.amin(-1) * clip_ratio).clamp(max=0)
@@ -164,7 +195,7 @@ def quantize(
 
 
 def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4, symmetric: bool = True,
-                    spread: torch.Tensor | None = None, lo: torch.Tensor | None = None
+                    spread: torch.Tensor | None = None, lo: torch.Tensor | None = None, k_rule: str = "sse"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Format C codes of ``groups: (..., G, g)`` float32 under ``row_scale: (..., 1)``.
 
@@ -173,7 +204,8 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
     with the smaller squared error k²·S_k (k₀ on a tie), where S_k = Σ rne(min(e², 255)·u) over the
     group's errors in code units, e = t − (q − zero), t = x·fl32(1/(k·s)), u = ``sse_unit(g)`` (1024
     for g = 64; ``sse_units``): integers whose sum stays below 2²⁴, so it is exact in float32 in any
-    order and the kernel's choice is this one.
+    order and the kernel's choice is this one. ``k_rule="spread"``: k₀ − 1 if spread / (levels·s) <
+    1.25·(k₀ − 1), else k₀ (one candidate, no squared errors compared).
     ``spread``/``lo``: ``_group_spread(groups, symmetric)`` when already known.
     Returns ``(q (..., G, g) float, k (..., G) float, zero (..., G) or None, sse (..., G) float64)``,
     sse = s²·k²·S_k / u ≈ the group's squared error in x's units (the offline row search sums it).
@@ -181,9 +213,15 @@ def int_ratio_codes(groups: torch.Tensor, row_scale: torch.Tensor, bits: int = 4
     qmin, qmax = qrange(bits, symmetric)
     if spread is None:
         spread, lo = _group_spread(groups, symmetric)
-    k0 = torch.ceil(spread / (_int_ratio_levels(bits, symmetric) * row_scale) - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
+    ratio = spread / (_int_ratio_levels(bits, symmetric) * row_scale)
+    k0 = torch.ceil(ratio - 1e-6).clamp(1, INT_RATIO_MAX_MULTIPLIER)
+    k1 = (k0 - 1).clamp(min=1)
+    if k_rule == "spread":
+        candidates = (torch.where(ratio < INT_RATIO_STEP_DOWN_REACH * k1, k1, k0),)
+    else:
+        candidates = (k0, k1)
     best = None
-    for k in (k0, (k0 - 1).clamp(min=1)):
+    for k in candidates:
         step = k * row_scale
         # one IEEE division per group, then a multiplication per value: the kernel's rule (a divide
         # per value cost the activation kernel more than the rest of its arithmetic on the H200)
@@ -250,15 +288,16 @@ INT_RATIO_CHUNK_ELEMENTS = 1 << 22  # rows per block of at most ~4 M values: bou
 
 
 def _quantize_int_ratio(groups: torch.Tensor, shape: torch.Size, bits: int, group_size: int, d: int,
-                        symmetric: bool, clip_ratio: float, row_search: bool) -> QuantizedTensor:
+                        symmetric: bool, clip_ratio: float, row_search: bool, k_rule: str = "sse") -> QuantizedTensor:
     """Format C (see the module docstring); ``groups: (..., G, g)`` float32. Rows are independent,
     so they are encoded in blocks (the float64 error sums would otherwise need 2–3 float64 copies
     of the whole tensor: gigabytes for a FLUX weight or activation)."""
     lead = groups.shape[:-2]
     flat = groups.reshape(-1, *groups.shape[-2:])
     rows = max(1, INT_RATIO_CHUNK_ELEMENTS // max(1, flat.shape[1] * flat.shape[2]))
-    parts = [_int_ratio_rows(flat[i:i + rows], bits, symmetric, clip_ratio, row_search)
-             for i in range(0, flat.shape[0], rows)] or [_int_ratio_rows(flat, bits, symmetric, clip_ratio, row_search)]
+    parts = [_int_ratio_rows(flat[i:i + rows], bits, symmetric, clip_ratio, row_search, k_rule)
+             for i in range(0, flat.shape[0], rows)] or [_int_ratio_rows(flat, bits, symmetric, clip_ratio, row_search,
+                                                                         k_rule)]
     q, k, zero, row_scale = (torch.cat([p[j] for p in parts]) if parts[0][j] is not None else None for j in range(4))
     n_groups = groups.shape[-2]
     return QuantizedTensor(q.reshape(shape).to(torch.int8), row_scale.reshape(*lead, 1),
@@ -266,18 +305,18 @@ def _quantize_int_ratio(groups: torch.Tensor, shape: torch.Size, bits: int, grou
                            k.reshape(*lead, n_groups).to(torch.int8), bits, group_size, d, "int_ratio")
 
 
-def _int_ratio_rows(groups: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, row_search: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def _int_ratio_rows(groups: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, row_search: bool,
+                    k_rule: str = "sse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Format C of ``groups: (rows, G, g)``: ``(q (rows, G, g), k (rows, G), zero or None, row scale (rows, 1))``."""
     spread, lo = _group_spread(groups, symmetric, clip_ratio)
     row_max = spread.amax(-1, keepdim=True)
     row_scale = _div_scalar(row_max, _int_ratio_levels(bits, symmetric) * INT_RATIO_MAX_MULTIPLIER).clamp(min=_TINY)
-    q, k, zero, sse = int_ratio_codes(groups, row_scale, bits, symmetric, spread, lo)
+    q, k, zero, sse = int_ratio_codes(groups, row_scale, bits, symmetric, spread, lo, k_rule)
     if row_search:
         best = (q, k, zero, row_scale, sse.sum(-1, keepdim=True))
         for factor in INT_RATIO_ROW_SEARCH[1:]:
             s_try = (row_scale * factor).clamp(min=_TINY)
-            q2, k2, z2, sse2 = int_ratio_codes(groups, s_try, bits, symmetric, spread, lo)
+            q2, k2, z2, sse2 = int_ratio_codes(groups, s_try, bits, symmetric, spread, lo, k_rule)
             cand = (q2, k2, z2, s_try, sse2.sum(-1, keepdim=True))
             best = _keep_better(cand[4] < best[4], cand, best)
         q, k, zero, row_scale, _ = best
@@ -292,9 +331,10 @@ def fake_quantize(
     scale_format: str = "exact",
     clip_ratio: float = 1.0,
     row_search: bool = False,
+    k_rule: str = "sse",
 ) -> torch.Tensor:
     """Quantize then dequantize ``x: (..., d)``; same shape and dtype as ``x``."""
-    return quantize(x, bits, group_size, symmetric, scale_format, clip_ratio, row_search).dequantize(x.dtype)
+    return quantize(x, bits, group_size, symmetric, scale_format, clip_ratio, row_search, k_rule).dequantize(x.dtype)
 
 
 def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:

@@ -264,3 +264,47 @@ def test_format_c_picks_the_multiplier_with_less_squared_error():
     assert differ.float().mean() < 1e-3
     gap = (errs[0] - errs[1]).abs() / (k0 * s).double().pow(2)  # in code steps² of k₀
     assert (gap[differ] < 64 / 1024).all()
+
+
+def test_format_c_spread_rule_steps_down_unless_the_spread_overshoots():
+    """Revision 5's rule for symmetric activations: k₀ − 1 exactly when the group's spread stays
+    below 1.25·(k₀ − 1) steps of 7·s, with no per-value comparison; and it keeps nearly all of what
+    the squared-error comparison gains over the covering multiplier on Gaussian rows."""
+    from dirotq.quantizers import INT_RATIO_STEP_DOWN_REACH
+
+    torch.manual_seed(8)
+    x = torch.randn(300, 512) * torch.rand(300, 8).repeat_interleave(64, -1)
+    qt = quantize(x, 4, 64, scale_format="int_ratio", k_rule="spread")
+    ratio = x.reshape(300, 8, 64).abs().amax(-1) / (7 * qt.scale)
+    k0 = torch.ceil(ratio - 1e-6).clamp(1, 15)
+    k1 = (k0 - 1).clamp(min=1)
+    assert torch.equal(qt.ratio.float(), torch.where(ratio < INT_RATIO_STEP_DOWN_REACH * k1, k1, k0))
+    assert {1, 2, 3, 14} <= set(qt.ratio.unique().tolist()) and 15 not in qt.ratio  # k₀ = 15 always steps down
+    g = torch.randn(256, 1024)
+    covering = g.reshape(256, 16, 64)
+    s = (covering.abs().amax((-1, -2), keepdim=True).squeeze(-1) / 105).clamp(min=1e-12)
+    step = (torch.ceil(covering.abs().amax(-1) / (7 * s) - 1e-6).clamp(1, 15) * s).unsqueeze(-1)
+    first = quantization_error(g, (torch.clamp(torch.round(covering / step), -8, 7) * step).reshape(256, 1024))
+    sse = quantization_error(g, fake_quantize(g, scale_format="int_ratio"))["sqnr_db"]
+    spread = quantization_error(g, fake_quantize(g, scale_format="int_ratio", k_rule="spread"))["sqnr_db"]
+    assert sse - 0.1 < spread <= sse and spread > first["sqnr_db"] + 0.5
+    with pytest.raises(ValueError, match="k_rule"):
+        quantize(x, 4, 64, scale_format="int_ratio", k_rule="nearest")
+
+
+def test_layers_quantize_activations_with_the_activation_rule():
+    """A QuantLinear's activations follow format C's activation rule ("spread" when symmetric,
+    "sse" when asymmetric): what the activation kernel computes."""
+    from dirotq.modules import QuantLinear
+    from dirotq.quantizers import activation_k_rule
+
+    torch.manual_seed(9)
+    w = quantize(torch.randn(16, 128), 4, 64, True, "int_ratio")
+    m = QuantLinear(128, 16, method="rtn", weight=w, act_bits=4, scale_format="int_ratio")
+    a = torch.randn(40, 128) * torch.rand(40, 2).repeat_interleave(64, -1)
+    for symmetric, rule in ((True, "spread"), (False, "sse")):
+        m.act_symmetric = symmetric
+        assert activation_k_rule(symmetric) == rule
+        assert torch.equal(m.quantize_input(a), fake_quantize(a, 4, 64, symmetric, "int_ratio", k_rule=rule))
+    m.act_symmetric = True
+    assert not torch.equal(m.quantize_input(a), fake_quantize(a, 4, 64, True, "int_ratio", k_rule="sse"))

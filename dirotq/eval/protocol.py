@@ -213,9 +213,9 @@ class Evaluator:
             s.kind == "w4a16" and config.weights == "gptq" for s in self.targets.values())
         key = {**self.base_key, "config": config.to_dict()}
         if config.scale_format == "int_ratio":  # images of an earlier format C encoding are not reused
-            from ..quantizers import INT_RATIO_REVISION
+            from ..quantizers import int_ratio_revision
 
-            key["int_ratio_revision"] = INT_RATIO_REVISION
+            key["int_ratio_revision"] = int_ratio_revision(getattr(config, "act_symmetric", True))
         if uses_stats:
             key["calibration"] = {"prompts": config_hash(self.calib_prompts), "steps": self.calib_steps}
         # named by the recipe, not the caller's label: the sweep's r=32 reuses the main table's images

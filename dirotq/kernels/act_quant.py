@@ -15,10 +15,11 @@ GPU (a 16-token, d = 12288 input is 192 programs, not one walking the whole row)
 3. Scales and codes, bit-identical to ``dirotq.quantizers.quantize`` applied to the same a:
    format A ("exact"): scale = max(absmax/7, 1e-12) per (token, group), q = rne(a/scale) ∈ [−8, 7];
    format C ("int_ratio"): a first launch (PASS 0) stores each group's absmax, a second (PASS 1)
-   takes the row max of those, s = max(rowmax/105, 1e-12),
-   k₀ = clamp(ceil(absmax/(7s) − 1e-6), 1, 15) or k₀ − 1, whichever gives the smaller k²·S_k (S_k the
-   group's squared errors in code units as fixed-point integers, summed exactly in float32; k₀ on a
-   tie), q = clamp(rne(a·fl32(1/(k·s))), −8, 7) and the stored int8 is k·q (|k·q| ≤ 120). All
+   takes the row max of those, s = max(rowmax/105, 1e-12), k₀ = clamp(ceil(absmax/(7s) − 1e-6), 1, 15)
+   or k₀ − 1: symmetric codes take k₀ − 1 unless absmax/(7s) ≥ 1.25·(k₀ − 1) (``k_rule`` "spread",
+   nothing computed per value), asymmetric ones whichever gives the smaller k²·S_k (S_k the group's
+   squared errors in code units as fixed-point integers, summed exactly in float32; k₀ on a tie);
+   q = clamp(rne(a·fl32(1/(k·s))), −8, 7) and the stored int8 is k·q (|k·q| ≤ 120). All
    divisions are IEEE (``tl.div_rn``), rounding is half-to-even by the magic-number trick
    (x + 1.5·2²³ − 1.5·2²³ in fp32), no libdevice and no inline asm (the interpreter runs it); the
    kernel is compiled without FMA contraction (``enable_fp_fusion=False``), so a product rounds before
@@ -35,10 +36,13 @@ import os
 import triton
 import triton.language as tl
 
-from ..quantizers import sse_unit
+from ..quantizers import INT_RATIO_STEP_DOWN_REACH, activation_k_rule, sse_unit
 from .tuning import autotune_enabled
 
 RNE_MAGIC = 12582912.0  # 1.5 * 2**23
+STEP_DOWN_REACH = tl.constexpr(INT_RATIO_STEP_DOWN_REACH)  # format C's "spread" rule (1.25: exact in fp32)
+# the kernel's K_RULE per quantizers k_rule (2 and 3 are benchmark ablations: revision 3's float64 rule, k₀ alone)
+K_RULE_CODES = {"spread": 0, "sse": 1}
 
 
 @triton.jit
@@ -253,21 +257,20 @@ def act_quant_kernel(
     HAS_SMOOTH: tl.constexpr, PROJ: tl.constexpr, HAS_ROT: tl.constexpr,
     HAS_HAD: tl.constexpr, FMT_C: tl.constexpr, ASYM: tl.constexpr, PASS: tl.constexpr, STORE_A: tl.constexpr,
     DOT_DTYPE: tl.constexpr, GB_MAX: tl.constexpr, C_IN_KERNEL: tl.constexpr, RP: tl.constexpr,
-    SSE_UNIT: tl.constexpr, SSE_FLOAT64: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    R_ONE_CHUNK: tl.constexpr = False, ONE_CANDIDATE: tl.constexpr = False,
+    SSE_UNIT: tl.constexpr, K_RULE: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    R_ONE_CHUNK: tl.constexpr = False,
 ):
     """Program (i, j): tokens [i·BT, (i+1)·BT), groups [j·GPB, (j+1)·GPB). PASS 0: format A, or
     format C's pass 1 (FMT_C: only the per-group absmax to ``m_ptr``); PASS 1: format C's pass 2
     (row scale from the stored absmaxes, then codes); PASS 2 (one launch, the program owns whole
     rows: GPB = G): format C's row scale from a first sweep over the groups, then the codes.
     C_IN_KERNEL (one launch): c = x_s · down (r ≤ RP) is computed here first and stored, so the
-    layer needs no GEMM before the launch. SSE_FLOAT64 (benchmarks only, never the layer): format C's
-    multipliers chosen by revision 3's float64 squared errors, to time what revision 4 saves; its
-    codes can differ from the reference in near-ties. ONE_CANDIDATE (benchmarks only): k₀ without
-    the comparison against k₀ − 1 (other codes), to time what the choice costs. PREFETCH (no dense
-    rotation): group g + 1's x tile (and, R_ONE_CHUNK: r ≤ RC, its down chunk; c once per program) is
-    loaded before group g is transformed, so the load latency overlaps work (the same codes; an
-    autotuning choice)."""
+    layer needs no GEMM before the launch. K_RULE, format C's multiplier rule
+    (dirotq.quantizers, ``k_rule``): 0 "spread" (symmetric activations), 1 "sse" (asymmetric ones);
+    benchmarks only, never the layer: 2 revision 3's float64 squared errors (its codes can differ
+    from the reference in near-ties), 3 k₀ alone. PREFETCH (no dense rotation): group g + 1's x tile
+    (and, R_ONE_CHUNK: r ≤ RC, its down chunk; c once per program) is loaded before group g is
+    transformed, so the load latency overlaps work (the same codes; an autotuning choice)."""
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -352,26 +355,32 @@ def act_quant_kernel(
             if PASS == 0:
                 tl.store(m_ptr + rows * stride_mn + g, amax, mask=rmask)
             else:
-                # of k₀ (the covering multiplier) and k₀ − 1, the one with the smaller k²·S_k, S_k the
-                # exact fixed-point sum of squared code-unit errors (dirotq.quantizers.int_ratio_codes),
-                # compared in float64 once per row and group
-                k0 = tl.minimum(tl.maximum(tl.ceil(tl.div_rn(amax, base) - 1e-6), 1.0), 15.0)
+                # k₀, the covering multiplier, or k₀ − 1 (dirotq.quantizers.int_ratio_codes)
+                ratio = tl.div_rn(amax, base)
+                k0 = tl.minimum(tl.maximum(tl.ceil(ratio - 1e-6), 1.0), 15.0)
                 k1 = tl.maximum(k0 - 1.0, 1.0)
-                q0, z0, e0 = _codes(a, lo, k0 * s_row, ASYM, COVERING=True)
-                q1, z1, e1 = _codes(a, lo, k1 * s_row, ASYM)
-                if ONE_CANDIDATE:
-                    take1 = k0 < 0.0  # never: k₀, and the compiler drops the second candidate
-                elif SSE_FLOAT64:
-                    take1 = _sse_float64(a, q1, z1, k1 * s_row) < _sse_float64(a, q0, z0, k0 * s_row)
+                if K_RULE == 0 or K_RULE == 3:
+                    # "spread": from the group's spread alone, one candidate's codes per value
+                    if K_RULE == 0:
+                        kf = tl.where(ratio < STEP_DOWN_REACH * k1, k1, k0)
+                    else:
+                        kf = k0
+                    q, z, _ = _codes(a, lo, kf * s_row, ASYM)
                 else:
-                    # the products (< 2³² units, exact in float64 also when scaled by 1/UNIT) compare
-                    # as the reference's k²·S_k do
-                    w0 = (k0 * k0).to(tl.float64) * _sse_units(e0, SSE_UNIT).to(tl.float64)
-                    w1 = (k1 * k1).to(tl.float64) * _sse_units(e1, SSE_UNIT).to(tl.float64)
-                    take1 = w1 < w0
-                kf = tl.where(take1, k1, k0)
-                q = tl.where(take1[:, None], q1, q0)
-                z = tl.where(take1, z1, z0)
+                    # "sse": the one with the smaller k²·S_k, S_k the exact fixed-point sum of squared
+                    # code-unit errors; the products (< 2³² units, exact in float64 also when scaled
+                    # by 1/UNIT) compare in float64 once per row and group
+                    q0, z0, e0 = _codes(a, lo, k0 * s_row, ASYM, COVERING=True)
+                    q1, z1, e1 = _codes(a, lo, k1 * s_row, ASYM)
+                    if K_RULE == 2:
+                        take1 = _sse_float64(a, q1, z1, k1 * s_row) < _sse_float64(a, q0, z0, k0 * s_row)
+                    else:
+                        w0 = (k0 * k0).to(tl.float64) * _sse_units(e0, SSE_UNIT).to(tl.float64)
+                        w1 = (k1 * k1).to(tl.float64) * _sse_units(e1, SSE_UNIT).to(tl.float64)
+                        take1 = w1 < w0
+                    kf = tl.where(take1, k1, k0)
+                    q = tl.where(take1[:, None], q1, q0)
+                    z = tl.where(take1, z1, z0)
                 if ASYM:  # stored as k·(u − 8) and k·(z − 8), both int8
                     q = q - 8.0
                     tl.store(z_ptr + rows * stride_zn + g, ((z - 8.0) * kf).to(tl.int8), mask=rmask)
@@ -407,11 +416,12 @@ def _tuned_act_kernel():
                                          (128, 8, 3, False, None),  # BT 128: the H200's fastest tile
                                          (32, 4, 2, True, None), (128, 8, 3, True, None),  # next x tile early
                                          # two programs per SM instead of one: format C's second pass at
-                                         # 128 registers (159 uncapped; aot_check, Triton 3.9: no spills)
+                                         # 128 registers (145 uncapped; aot_check, Triton 3.9: 16 bytes
+                                         # spilled)
                                          (128, 8, 3, False, ACT_OCCUPANCY_REGS),
                                          # 64 values per thread instead of 32: two independent chains per
-                                         # warp to hide latency, fewer instructions per value (39 against
-                                         # 42 in the second pass), 242–246 registers, no spills
+                                         # warp to hide latency, fewer instructions per value (23 against
+                                         # 26 in the second pass), 248–252 registers, no spills
                                          (128, 4, 3, False, None), (256, 8, 3, False, None))]
         _TUNED_ACT = triton.autotune(cfgs, key=["N_KEY", "d", "d_q", "r", "GPB", "FMT_C", "ASYM", "PASS", "PROJ",
                                                 "HAS_ROT", "HAS_HAD", "C_IN_KERNEL"], cache_results=True)(act_quant_kernel)
@@ -511,6 +521,7 @@ def activation_launch(module, plan, x, store_a: bool = False, one_launch: bool |
                 HAS_ROT=plan.has_rotation, HAS_HAD=plan.has_hadamard, FMT_C=fmt_c, ASYM=plan.asym, STORE_A=store_a,
                 DOT_DTYPE=_dot_dtype(x.dtype), GB_MAX=_pow2_at_least(G, 1), C_IN_KERNEL=c_in_kernel,
                 RP=_pow2_at_least(plan.r) if c_in_kernel else 16, SSE_UNIT=sse_unit(g),
+                K_RULE=K_RULE_CODES[activation_k_rule(not plan.asym)],
                 R_ONE_CHUNK=plan.r <= min(64, _pow2_at_least(plan.r)))
     # format C: absmax per group, then the row scale and codes (one launch: both in each program)
     passes = ((2,) if one else (0, 1)) if fmt_c else (0,)

@@ -36,9 +36,10 @@ PTR_TYPES = {
 }
 
 
-# format C's multiplier rule as the layer launches it: fixed-point units of 64-wide groups
-# (quantizers.sse_unit(64)), not the float64 benchmark ablation
-ACT_RULE = dict(SSE_UNIT=1024.0, SSE_FLOAT64=False, PREFETCH=False, R_ONE_CHUNK=True, ONE_CANDIDATE=False)
+# the activation kernel's options as the layer launches it: fixed-point units of 64-wide groups
+# (quantizers.sse_unit(64)); format C's multiplier rule (K_RULE) follows the variant's ASYM in
+# compile_variant, as activation_launch chooses it
+ACT_RULE = dict(SSE_UNIT=1024.0, PREFETCH=False, R_ONE_CHUNK=True)
 
 
 def default_variants():
@@ -372,6 +373,11 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
           "w4a16": w4a16_kernel}[kind]
     if kind != "act":
         consts = {"ACT": 0, **consts}  # no epilogue activation unless the variant names one
+    else:
+        from .act_quant import K_RULE_CODES
+        from ..quantizers import activation_k_rule
+
+        consts = {"K_RULE": K_RULE_CODES[activation_k_rule(not consts["ASYM"])], **consts}
     types = dict(PTR_TYPES["gemm" if kind == "gemm_tm" else kind])
     if kind.startswith("gemm") and consts.get("W_INT8"):
         types["w_ptr"] = "*i8"
