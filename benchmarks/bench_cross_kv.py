@@ -84,6 +84,49 @@ def delta_cells(d: dict | None) -> str:
     return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | {d['win_rate']:.0%}"
 
 
+def study_result(script: str, a: argparse.Namespace, argv, **meta) -> dict:
+    """The result of a layer-kind image study before its rows: the method, rank and RTN weights of
+    ``a``, the study's own ``meta``, the device, versions, date and the command that ran it."""
+    return {"meta": {"method": a.method, "rank": a.rank, "weights": "rtn", **meta,
+                     "device": device_description(), "versions": versions(),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "command": " ".join([f"python -m benchmarks.{script}", *(sys.argv[1:] if argv is None else argv)])},
+            "rows": []}
+
+
+def study_evaluator(a: argparse.Namespace, pipe, adapter) -> Evaluator:
+    """The image protocol of a layer-kind study with ``adapter`` (None: the model's own), on ``pipe``
+    once the first row has loaded it (before: the ``--model`` folder)."""
+    return Evaluator(pipe if pipe is not None else a.model, limit=a.limit, seeds_per_prompt=a.seeds, seed=a.seed,
+                     num_inference_steps=a.steps, calib_limit=a.calib_limit, out_dir=a.work, judge=False,
+                     n_boot=2000, adapter=adapter)
+
+
+def finish_study(result: dict, out: Path, t0: float, markdown) -> int:
+    """Record the study's duration and write ``out``.json and ``out``.md (``markdown(result)``)."""
+    result["seconds"] = round(time.time() - t0, 1)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{out}.md").write_text(markdown(result))
+    return 0
+
+
+def study_table(result: dict, title: str, column: str, label_key: str, reference: str, vs: str, note: str = "") -> str:
+    """The Markdown report of a layer-kind study: one line per row (``label_key`` names the layer
+    kind's setting, shown under ``column``) with its PSNR, the paired difference ``vs`` to the
+    ``reference`` row of its format, and its checkpoint size against bf16."""
+    m = result["meta"]
+    lines = [f"# {title}", "",
+             (f"{m.get('n_images', '?')} images, PSNR vs the float image; Δ paired vs the {reference} row of the "
+              f"same format (95 % bootstrap CI, share of images that improve). {note}{m['device']}, {m['date']}."), "",
+             f"| format | {column} | PSNR (dB) | Δ vs {reference} (dB) | wins | checkpoint / bf16 |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['format']} | {r[label_key]} | {r['psnr']['mean']:.2f} | "
+                     f"{delta_cells(r.get(vs))} | {r['checkpoint_vs_bf16']:.3f} |")
+    lines += ["", f"Command: `{m['command']}`", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_image_study_args(ap)
@@ -95,21 +138,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     out = Path(a.out)
-    result: dict = {"meta": {"method": a.method, "rank": a.rank, "weights": "rtn", "layer_types": list(CROSS_KV),
-                             "device": device_description(), "versions": versions(),
-                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                             "command": " ".join(["python -m benchmarks.bench_cross_kv",
-                                                  *(sys.argv[1:] if argv is None else argv)])},
-                    "rows": []}
+    result = study_result("bench_cross_kv", a, argv, layer_types=list(CROSS_KV))
     pipe = None
     for fmt in [f for f in a.formats.split(",") if f]:
         reference_row = None
         for label, kind in KINDS.items():
             # the 16-bit row comes first and loads the pipeline the other rows reuse
             adapter = None if kind is None else type(get_adapter(pipe.transformer))({lt: kind for lt in CROSS_KV})
-            ev = Evaluator(pipe if pipe is not None else a.model, limit=a.limit, seeds_per_prompt=a.seeds,
-                           seed=a.seed, num_inference_steps=a.steps, calib_limit=a.calib_limit, out_dir=a.work,
-                           judge=False, n_boot=2000, adapter=adapter)
+            ev = study_evaluator(a, pipe, adapter)
             pipe = ev.pipe
             cfg = make_config(a.method, rank=a.rank, scale_format=fmt)
             targets = {k: sum(s.kind == k for s in ev.targets.values()) for k in ("w4a4", "w4a16")}
@@ -117,23 +153,13 @@ def main(argv=None) -> int:
                             cross_kv=label, targets=targets)
             reference_row = reference_row or row
             record_row(result, row, ev, out, f"cross-KV {label:6s}", "vs_16bit")
-    result["seconds"] = round(time.time() - t0, 1)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
-    Path(f"{out}.md").write_text(markdown(result))
-    return 0
+    return finish_study(result, out, t0, markdown)
 
 
 def markdown(result: dict) -> str:
     m = result["meta"]
-    lines = [f"# Cross-attention K/V of PixArt: 16-bit, W4A16 or W4A4 ({m['method']} r{m['rank']}, RTN weights)", "",
-             f"{m.get('n_images', '?')} images, PSNR vs the float image; Δ paired vs the 16-bit row of the same "
-             f"format (95 % bootstrap CI, share of images that improve). {m['device']}, {m['date']}.", "",
-             "| format | cross-attn K/V | PSNR (dB) | Δ vs 16-bit (dB) | wins | checkpoint / bf16 |", "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['format']} | {r['cross_kv']} | {r['psnr']['mean']:.2f} | "
-                     f"{delta_cells(r.get('vs_16bit'))} | {r['checkpoint_vs_bf16']:.3f} |")
-    lines += ["", f"Command: `{m['command']}`", ""]
-    return "\n".join(lines)
+    return study_table(result, f"Cross-attention K/V of PixArt: 16-bit, W4A16 or W4A4 ({m['method']} r{m['rank']}, RTN "
+                               "weights)", "cross-attn K/V", "cross_kv", "16-bit", "vs_16bit")
 
 
 if __name__ == "__main__":

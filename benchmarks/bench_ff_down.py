@@ -21,17 +21,14 @@ the calibration prompts.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from benchmarks._bench_common import add_image_study_args
-from benchmarks.bench_cross_kv import delta_cells, record_row, study_row
-from dirotq.eval.protocol import Evaluator, make_config
-from dirotq.eval.report import device_description, versions
+from benchmarks.bench_cross_kv import finish_study, record_row, study_evaluator, study_result, study_row, study_table
+from dirotq.eval.protocol import make_config
 from dirotq.models import get_adapter
 from dirotq.registry import DEFAULT_METHOD
 
@@ -57,21 +54,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     out = Path(a.out)
-    result: dict = {"meta": {"method": a.method, "rank": a.rank, "weights": "rtn", "layer_type": LAYER_TYPE,
-                             "device": device_description(), "versions": versions(),
-                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                             "command": " ".join(["python -m benchmarks.bench_ff_down",
-                                                  *(sys.argv[1:] if argv is None else argv)])},
-                    "rows": []}
+    result = study_result("bench_ff_down", a, argv, layer_type=LAYER_TYPE)
     pipe = None
     for fmt in [f for f in a.formats.split(",") if f]:
         reference_row = None
         for label, kind, ff_rank in variants(a.rank, fmt):
             # the W4A16 row comes first and loads the pipeline the other rows reuse
             adapter = None if pipe is None else type(get_adapter(pipe.transformer))({LAYER_TYPE: kind})
-            ev = Evaluator(pipe if pipe is not None else a.model, limit=a.limit, seeds_per_prompt=a.seeds,
-                           seed=a.seed, num_inference_steps=a.steps, calib_limit=a.calib_limit, out_dir=a.work,
-                           judge=False, n_boot=2000, adapter=adapter)
+            ev = study_evaluator(a, pipe, adapter)
             pipe = ev.pipe
             if ev.targets and all(s.kind != kind for n, s in ev.targets.items() if n.endswith(LAYER_TYPE)):
                 raise SystemExit(f"bench_ff_down: this model's {LAYER_TYPE} layers are not {kind} by default; "
@@ -84,25 +74,15 @@ def main(argv=None) -> int:
                             ff_down=label, kind=kind, ff_down_rank=ff_rank)
             reference_row = reference_row or row
             record_row(result, row, ev, out, f"ff.net.2 {label:22s}", "vs_w4a16")
-    result["seconds"] = round(time.time() - t0, 1)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=1))
-    Path(f"{out}.md").write_text(markdown(result))
-    return 0
+    return finish_study(result, out, t0, markdown)
 
 
 def markdown(result: dict) -> str:
     m = result["meta"]
-    lines = [f"# The MLP down-projection ({m['layer_type']}): W4A16 or W4A4 at ranks 0 / {m['rank']} / "
-             f"{2 * m['rank']} ({m['method']} r{m['rank']} elsewhere, RTN weights)", "",
-             f"{m.get('n_images', '?')} images, PSNR vs the float image; Δ paired vs the W4A16 row of the same "
-             f"format (95 % bootstrap CI, share of images that improve). Rank 0 is the form the up-projection's "
-             f"GEMM epilogue could quantize tile by tile. {m['device']}, {m['date']}.", "",
-             "| format | ff.net.2 | PSNR (dB) | Δ vs W4A16 (dB) | wins | checkpoint / bf16 |", "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['format']} | {r['ff_down']} | {r['psnr']['mean']:.2f} | "
-                     f"{delta_cells(r.get('vs_w4a16'))} | {r['checkpoint_vs_bf16']:.3f} |")
-    lines += ["", f"Command: `{m['command']}`", ""]
-    return "\n".join(lines)
+    return study_table(result, f"The MLP down-projection ({m['layer_type']}): W4A16 or W4A4 at ranks 0 / {m['rank']} / "
+                               f"{2 * m['rank']} ({m['method']} r{m['rank']} elsewhere, RTN weights)", "ff.net.2",
+                       "ff_down", "W4A16", "vs_w4a16",
+                       note="Rank 0 is the form the up-projection's GEMM epilogue could quantize tile by tile. ")
 
 
 if __name__ == "__main__":
