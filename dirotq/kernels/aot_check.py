@@ -6,8 +6,9 @@ uses int8 ``wgmma`` with the weight as the register operand and cp.async pipelin
 registers / spill bytes each tile config needs, which operand of each int8 wgmma comes from registers,
 and which ``wgmma.wait_group`` depths the code uses (a probe line says whether Triton issues int8 and
 FP8 MMAs asynchronously at all); for the activation kernel, the SASS instructions per value of its
-loop over the groups (``nvdisasm``) and the programs per SM its registers allow. Integer arguments get the divisibility-by-16
-specialisation the JIT applies at launch for real shapes (strides d/2, G·64, o are multiples of 16).
+loop over the groups (``nvdisasm``) and the programs per SM its registers allow. Integer arguments
+get the divisibility-by-16 specialisation the JIT applies at launch for real shapes (strides d/2,
+G·64, o are multiples of 16).
 Must run in a process where ``TRITON_INTERPRET`` is unset (the interpreter replaces ``@triton.jit``).
 Prints one JSON line per variant; exit status 1 if any variant failed to compile.
 """
@@ -80,21 +81,21 @@ def default_variants():
                         dict(BT=32, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=not rot, HAS_ROT=rot,
                              HAS_HAD=not rot, FMT_C=fmt_c, ASYM=asym, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf,
                              GB_MAX=256, C_IN_KERNEL=False, RP=16, **ACT_RULE), dict(num_warps=4)))
-        # the tile the H200 run of 2026-11-28 measured fastest for both passes (bench_act_quant)
-        for pf in (False, True):  # and with the next group's x tile loaded early (an autotuning choice)
-            out.append((f"act {f} lowrank+hadamard BT128 w8" + (" prefetch" if pf else ""), "act",
-                        dict(BT=128, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
-                             FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
-                             C_IN_KERNEL=False, RP=16, **{**ACT_RULE, "PREFETCH": pf}), dict(num_warps=8, num_stages=3)))
-        # format C's second pass capped at 128 registers (two 8-warp programs per SM, not one), and with
-        # 64 values per thread (BT 256 × 8 warps, BT 128 × 4): the autotuner's other large tiles
-        for name, bt, opts in (("BT128 w8 maxnreg128", 128, dict(num_warps=8, num_stages=3, maxnreg=128)),
-                               ("BT256 w8", 256, dict(num_warps=8, num_stages=3)),
-                               ("BT128 w4", 128, dict(num_warps=4, num_stages=3))) if fmt_c else ():
-            out.append((f"act C lowrank+hadamard {name}", "act",
+        # the tile the H200 run of 2026-11-28 measured fastest for both passes (bench_act_quant), also
+        # with the next group's x tile loaded early (an autotuning choice); for format C's second pass
+        # the autotuner's latency configs too: capped at 128 registers (two 8-warp programs per SM, not
+        # one), and 64 values per thread (BT 256 × 8 warps, BT 128 × 4)
+        tiles = [("BT128 w8", 128, False, dict(num_warps=8, num_stages=3)),
+                 ("BT128 w8 prefetch", 128, True, dict(num_warps=8, num_stages=3))]
+        if fmt_c:
+            tiles += [("BT128 w8 maxnreg128", 128, False, dict(num_warps=8, num_stages=3, maxnreg=128)),
+                      ("BT256 w8", 256, False, dict(num_warps=8, num_stages=3)),
+                      ("BT128 w4", 128, False, dict(num_warps=4, num_stages=3))]
+        for name, bt, pf, opts in tiles:
+            out.append((f"act {f} lowrank+hadamard {name}", "act",
                         dict(BT=bt, GS=64, BKD=64, RC=64, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
-                             FMT_C=True, ASYM=False, PASS=1, STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
-                             C_IN_KERNEL=False, RP=16, **ACT_RULE), opts))
+                             FMT_C=fmt_c, ASYM=False, PASS=int(fmt_c), STORE_A=False, DOT_DTYPE=bf, GB_MAX=256,
+                             C_IN_KERNEL=False, RP=16, **{**ACT_RULE, "PREFETCH": pf}), opts))
         for asym in (False, True) if fmt_c else (False,):  # one launch per layer: c in the kernel, whole rows
             out.append((f"act {f} lowrank+hadamard one-launch r32{' asymmetric' if asym else ''} BT32", "act",
                         dict(BT=32, GS=64, BKD=64, RC=32, HAS_SMOOTH=False, PROJ=True, HAS_ROT=False, HAS_HAD=True,
@@ -281,11 +282,12 @@ def probe_async_mma(arch: int = 90) -> dict:
     return out
 
 
-def _nvdisasm():
+def _bundled_tool(*names: str) -> str | None:
+    """The first of ``names`` that Triton's CUDA backend ships in its ``bin`` folder, or None."""
     import triton.backends.nvidia as nv
 
-    p = os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm")
-    return p if os.path.exists(p) else None
+    base = os.path.join(os.path.dirname(nv.__file__), "bin")
+    return next((p for p in (os.path.join(base, n) for n in names) if os.path.exists(p)), None)
 
 
 def sass_loop_instructions(cubin: bytes) -> int | None:
@@ -293,7 +295,7 @@ def sass_loop_instructions(cubin: bytes) -> int | None:
     groups, nested loops counted once), from ``nvdisasm``; None without nvdisasm or a loop. What the
     SM issues per trip, after ptxas: the PTX count says less once the code is memory- or
     issue-bound."""
-    tool = _nvdisasm()
+    tool = _bundled_tool("nvdisasm")
     if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -316,17 +318,6 @@ def sass_loop_instructions(cubin: bytes) -> int | None:
     return max(loops) if loops else None
 
 
-def _ptxas():
-    import triton.backends.nvidia as nv
-
-    base = os.path.join(os.path.dirname(nv.__file__), "bin")
-    for name in ("ptxas-blackwell", "ptxas"):  # the newer one reads the PTX version Triton emits
-        p = os.path.join(base, name)
-        if os.path.exists(p):
-            return p
-    return None
-
-
 def _ptx_facts(ptx: str, arch: int) -> dict:
     """What the PTX says: int8 wgmma count and operand sources, wait depths, cp.async, libdevice
     calls, the SIMD unpack, fp32 FMAs, float64 instructions, and (with ptxas) registers and spill
@@ -347,7 +338,7 @@ def _ptx_facts(ptx: str, arch: int) -> dict:
            # float → integer conversions (an eighth of the add rate on Hopper): the activation kernel
            # writes its codes through the magic-number bits instead, one per row's k remains
            "f32_to_int": len(re.findall(r"\bcvt\.r[nzmp]i\.[su]\d+\.f32\b", ptx))}
-    ptxas = _ptxas()
+    ptxas = _bundled_tool("ptxas-blackwell", "ptxas")  # the newer one reads the PTX version Triton emits
     if ptxas:
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(ptx)
