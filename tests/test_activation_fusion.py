@@ -13,7 +13,7 @@ from torch import nn
 from conftest import calibrated_tiny
 from test_compile import _compiled_graphs
 from test_fusion import _out, quantized  # noqa: F401 (quantized: the same module-scoped fixture)
-from dirotq import fusion, load_quantized, quantize_, save_quantized
+from dirotq import fusion, quantize_
 from dirotq.methods import DiRotQLRConfig, QuaRotConfig
 from dirotq.modules import QuantLinear
 
@@ -85,22 +85,6 @@ def test_shared_input_and_activation_fusion_compose_in_either_order(quantized):
     after = _state(second)
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
     assert all(type(m) is not QuantLinear or m.epilogue_activation is None for m in second.modules())
-
-
-def test_checkpoints_hold_the_unfused_form_and_load_fused(quantized, tmp_path):
-    _, model, example = quantized
-    model = copy.deepcopy(model)
-    save_quantized(model, tmp_path / "plain")
-    fusion.fuse_for_inference(model)
-    save_quantized(model, tmp_path / "from_fused")
-    assert fusion.has_fused_layers(model) and any(isinstance(m, fusion.ProjectionWithActivation)
-                                                  for m in model.modules())  # fused again after the save
-    assert (tmp_path / "plain" / "config.json").read_text() == (tmp_path / "from_fused" / "config.json").read_text()
-    loaded = load_quantized(tmp_path / "from_fused", fuse_shared_inputs=True, fuse_activations=True)
-    assert any(isinstance(m, fusion.ProjectionWithActivation) for m in loaded.modules())
-    assert torch.equal(_out(loaded, example), _out(model, example))
-    plain = load_quantized(tmp_path / "plain")
-    assert not fusion.has_fused_layers(plain) and torch.equal(_out(plain, example), _out(model, example))
 
 
 def test_what_cannot_be_fused_is_left_as_it_was_with_the_reason():

@@ -109,13 +109,20 @@ def test_only_members_that_agree_are_fused():
     assert torch.equal(_out(model, example), before)
 
 
-def test_checkpoints_hold_the_per_layer_form_and_load_either_way(quantized, tmp_path):
+@pytest.mark.parametrize("form", ["shared inputs", "inference"])
+def test_checkpoints_hold_the_per_layer_form_and_load_either_way(quantized, tmp_path, form):
+    """Saving a fused model (shared inputs, or also the GELUs in the up-projections' epilogues: the
+    inference form) writes the per-layer checkpoint, byte for byte, and it loads unfused or fused."""
     _, model, example = quantized
     model = copy.deepcopy(model)
     save_quantized(model, tmp_path / "plain")
-    fusion.fuse_shared_inputs(model)
+    fuse, load_kwargs = {"shared inputs": (fusion.fuse_shared_inputs, {"fuse_shared_inputs": True}),
+                         "inference": (fusion.fuse_for_inference,
+                                       {"fuse_shared_inputs": True, "fuse_activations": True})}[form]
+    fuse(model)
     save_quantized(model, tmp_path / "from_fused")
-    assert fusion.has_fused_layers(model)  # fused again after the save
+    activations_fused = any(isinstance(m, fusion.ProjectionWithActivation) for m in model.modules())
+    assert fusion.has_fused_layers(model) and activations_fused == (form == "inference")  # fused again after the save
     files = sorted(p.name for p in (tmp_path / "plain").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "from_fused").iterdir())
     # config.json carries the content hash of every tensor; safetensors' metadata order is not fixed
@@ -124,9 +131,12 @@ def test_checkpoints_hold_the_per_layer_form_and_load_either_way(quantized, tmp_
         if name.endswith(".safetensors"):
             a, b = load_file(tmp_path / "plain" / name), load_file(tmp_path / "from_fused" / name)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-    loaded = load_quantized(tmp_path / "from_fused", fuse_shared_inputs=True)
+    loaded = load_quantized(tmp_path / "from_fused", **load_kwargs)
     assert fusion.has_fused_layers(loaded)
+    assert any(isinstance(m, fusion.ProjectionWithActivation) for m in loaded.modules()) == (form == "inference")
     assert torch.equal(_out(loaded, example), _out(model, example))
+    plain = load_quantized(tmp_path / "plain")
+    assert not fusion.has_fused_layers(plain) and torch.equal(_out(plain, example), _out(model, example))
 
 
 def test_a_deep_copy_of_a_fused_model_runs_its_own_fused_layers(quantized):
