@@ -375,23 +375,48 @@ def step_breakdown(model, kw) -> dict:
             "attention_share": round(parts["attention"] / total, 4) if total else 0.0}
 
 
-def compiled_step(model, kw, mode: str) -> dict:
-    """The step under ``torch.compile(model, mode=mode)``: compile (first call) seconds, graphs and
-    graph breaks as dynamo counts them, and the compiled step's median time."""
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer's repeated blocks: every element of a ``ModuleList`` child (PixArt's
+    ``transformer_blocks``; FLUX's ``transformer_blocks`` and ``single_transformer_blocks``)."""
+    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
+    """The step under torch.compile with ``mode``: ``scope="model"`` compiles the whole transformer
+    (``torch.compile(model)``), ``"blocks"`` each repeated block in place (regional compilation, what
+    diffusers' ``compile_repeated_blocks`` does: identical blocks share one compiled graph, so compile
+    time is that of one block per block type; the layers outside the blocks stay eager). Reports the
+    compile (first call) seconds, graphs and graph breaks as dynamo counts them, and the compiled
+    step's median time."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, mode=mode)
+    if scope == "model":
+        compiled = torch.compile(model, mode=mode)
+    elif scope == "blocks":
+        blocks = repeated_blocks(model)
+        if not blocks:
+            raise ValueError(f"{type(model).__name__} has no repeated blocks (ModuleList children) to compile")
+        for block in blocks:
+            block.compile(mode=mode)
+        compiled = model
+    else:
+        raise ValueError(f"compile scope {scope!r}: expected 'model' or 'blocks'")
     t0 = time.time()
-    with torch.no_grad():
+    # past its recompile limit dynamo would run the code eagerly, silently: fail instead, so an
+    # eager step is never reported as a compiled one
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         compiled(**kw, return_dict=False)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    out = {"mode": mode, "compile_s": round(time.time() - t0, 1),
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    out = {"mode": mode, "scope": scope, "compile_s": round(time.time() - t0, 1),
            "graphs": int(counters["stats"]["unique_graphs"]),
            "graph_breaks": int(sum(counters["graph_break"].values()))}
     out.update({k: v for k, v in time_step(compiled, kw, graphs=False).items()})
+    if scope == "blocks":
+        for block in repeated_blocks(model):
+            block._compiled_call_impl = None  # the blocks' eager forward again
     torch._dynamo.reset()
     return out
 
@@ -447,7 +472,7 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
         return {"failed": f"{type(exc).__name__}: {str(exc)[:1000]}", **entry}
     if args.compile != "none":
         try:
-            entry["compiled"] = compiled_step(model, kw, args.compile)
+            entry["compiled"] = compiled_step(model, kw, args.compile, args.compile_scope)
         except Exception as exc:  # recorded: the eager numbers of this variant still stand
             torch._dynamo.reset()
             entry["compiled"] = {"mode": args.compile, "failed": f"{type(exc).__name__}: {str(exc)[:1000]}"}
@@ -475,6 +500,9 @@ def main() -> None:
     ap.add_argument("--compile", default="none",
                     choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                     help="also time each variant under torch.compile with this mode (default none)")
+    ap.add_argument("--compile-scope", choices=["model", "blocks"], default="model",
+                    help="what --compile compiles: the whole transformer, or each repeated block (regional "
+                         "compilation: one compile per block type, the layers outside the blocks eager)")
     args = ap.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():

@@ -11,7 +11,8 @@
 #   act       bench_act_quant: the activation kernel's passes, tile configs and stages (ACT_ARGS)
 #   e2e       bench_e2e PixArt-Σ then FLUX (E2E_MODELS; FLUX_ARGS, e.g. a shallower FLUX when time is short)
 #   compile   bench_e2e under torch.compile: BF16, W4A4 format C fused, torchao FP8, W4A16 (COMPILE_MODELS, default
-#             pixart; COMPILE_MODE, default "default"; FLUX_ARGS applies to FLUX here too)
+#             pixart; COMPILE_MODE, default "default"; COMPILE_SCOPE, default "blocks": each repeated block compiled,
+#             one compile per block type, or "model"; FLUX_ARGS applies to FLUX here too)
 #   kernels = tests explorer linear (about 4 min on an H100); all = kernels e2e (over one 10-minute device call)
 # e.g. bash benchmarks/device_checks.sh kernels;  bash benchmarks/device_checks.sh "tests act linear"
 # Through the device tool: run(command="bash benchmarks/device_checks.sh e2e", carry=[".whl"]).
@@ -45,7 +46,8 @@ run_cuda_tests() {  # SECONDS [K-FILTER [LABEL]]: the CUDA kernel tests, time-bo
     local log="/tmp/pytest_cuda${3:+_$3}.log"
     # fixed kernel configs (no autotuning) keep the correctness tests short; SIGINT on timeout makes
     # pytest still print its failure report
-    DIROTQ_NO_AUTOTUNE=1 timeout -s INT "$1" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
+    # -k: a kernel that hangs on the GPU ignores SIGINT; kill it 10 s later so the call goes on
+    DIROTQ_NO_AUTOTUNE=1 timeout -s INT -k 10 "$1" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
         --tb=short -p no:cacheprovider ${2:+-k "$2"} >"$log" 2>&1
     local rc=$?
     echo "pytest ${3:+$3 }exit $rc" >>"$log"
@@ -63,7 +65,7 @@ step_tests() {
 
 step_explorer() {
     echo "== explorer generate path (analysis.session on the GPU: backend line and PSNR)" | tee -a "$LOG"
-    timeout "${EXPLORER_S:-90}" python3 -m benchmarks.explorer_gpu_check --device cuda --out "$OUT/explorer_gpu.json" \
+    timeout -k 10 "${EXPLORER_S:-90}" python3 -m benchmarks.explorer_gpu_check --device cuda --out "$OUT/explorer_gpu.json" \
         >>"$LOG" 2>&1
     echo "explorer_gpu_check exit $?" | tee -a "$LOG"
 }
@@ -71,7 +73,7 @@ step_explorer() {
 step_linear() {
     echo "== bench_linear" | tee -a "$LOG"
     # shellcheck disable=SC2086  # LINEAR_ARGS is a word list
-    timeout "${LINEAR_HARD_S:-170}" python3 -m benchmarks.bench_linear --budget-s "${LINEAR_S:-120}" \
+    timeout -k 10 "${LINEAR_HARD_S:-170}" python3 -m benchmarks.bench_linear --budget-s "${LINEAR_S:-120}" \
         ${LINEAR_ARGS:---core --tokens 4096 16 1024} --out "$OUT/bench_linear.json" >>"$LOG" 2>&1
     echo "bench_linear exit $?" | tee -a "$LOG"
     python3 -m benchmarks.summarize_gpu --table="${LINEAR_TABLE:-both}" "$OUT/bench_linear.json"
@@ -90,7 +92,7 @@ step_tma() {
         variants=(C_dirotq-lr_r32_w8) extra=(--no-own-ceiling --no-tma)
     fi
     # the widest layers first; no new shape starts in the last 40 s of the box
-    timeout "${TMA_S:-150}" python3 -m benchmarks.bench_linear --tokens 4096 --models flux --no-first-gluon \
+    timeout -k 10 "${TMA_S:-150}" python3 -m benchmarks.bench_linear --tokens 4096 --models flux --no-first-gluon \
         --budget-s $(( ${TMA_S:-150} - 40 )) --layers ff_up single_proj_mlp+qkv_fused ff_down attn_to_q/k/v/out \
         --variants "${variants[@]}" "${extra[@]}" --out "$OUT/bench_linear_tma.json" >>"$LOG" 2>&1
     echo "bench_linear tma exit $?" | tee -a "$LOG"
@@ -102,7 +104,7 @@ step_tma() {
 step_act() {
     echo "== bench_act_quant" | tee -a "$LOG"
     # shellcheck disable=SC2086  # ACT_ARGS is a word list
-    timeout "${ACT_S:-150}" python3 -m benchmarks.bench_act_quant ${ACT_ARGS:-} --out "$OUT/bench_act_quant.json" \
+    timeout -k 10 "${ACT_S:-150}" python3 -m benchmarks.bench_act_quant ${ACT_ARGS:-} --out "$OUT/bench_act_quant.json" \
         >/tmp/act.log 2>&1
     echo "bench_act_quant exit $?" >>/tmp/act.log
     cat /tmp/act.log >>"$LOG"
@@ -122,7 +124,7 @@ step_e2e() {
         extra=()
         # shellcheck disable=SC2206  # FLUX_ARGS is a word list, e.g. "--flux-double-blocks 5 --flux-single-blocks 10"
         [[ $model == flux ]] && extra=(${FLUX_ARGS:-})
-        timeout "$limit" python3 -m benchmarks.bench_e2e --model "$model" --formats "${formats[@]}" "${extra[@]}" \
+        timeout -k 10 "$limit" python3 -m benchmarks.bench_e2e --model "$model" --formats "${formats[@]}" "${extra[@]}" \
             --out "$OUT/bench_e2e_$model.json" >>"$LOG" 2>&1
         echo "bench_e2e $model exit $?" | tee -a "$LOG"
     done
@@ -137,8 +139,9 @@ step_compile() {
         extra=()
         # shellcheck disable=SC2206  # FLUX_ARGS is a word list
         [[ $model == flux ]] && extra=(${FLUX_ARGS:-})
-        timeout "${COMPILE_S:-300}" python3 -m benchmarks.bench_e2e --model "$model" --no-graphs "${extra[@]}" \
+        timeout -k 10 "${COMPILE_S:-300}" python3 -m benchmarks.bench_e2e --model "$model" --no-graphs "${extra[@]}" \
             --formats int_ratio-fused fp8-torchao w4a16-int_ratio --compile "${COMPILE_MODE:-default}" \
+            --compile-scope "${COMPILE_SCOPE:-blocks}" \
             --out "$OUT/bench_e2e_${model}_compiled.json" >>"$LOG" 2>&1
         echo "bench_e2e $model compiled exit $?" | tee -a "$LOG"
         [[ -f "$OUT/bench_e2e_${model}_compiled.json" ]] \

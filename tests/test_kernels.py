@@ -205,14 +205,20 @@ def test_format_c_codes_on_the_decision_edges(symmetric):
     for symmetric codes, "sse" for asymmetric ones): the kernel leaves out the clamp of the
     covering multiplier's codes and the cap on squared errors, and writes codes through the
     magic-number bits, each exact only by an argument about ranges (dirotq/kernels/act_quant.py)."""
+    _check_format_c_edges(symmetric, "cpu")
+
+
+def _check_format_c_edges(symmetric: bool, device: str) -> None:
     d = 1024  # 16 groups a row: every multiplier's edge in one row
-    m = make_layer("rtn", "int_ratio", d=d, o=32, r=0)
+    m = make_layer("rtn", "int_ratio", d=d, o=32, r=0).to(device)
     m.act_symmetric = symmetric
     x = _format_c_edge_rows(d)
     if not symmetric:
         x = x + 0.3 * x.abs().amax(-1, keepdim=True)  # shifted rows: zero points away from 8
+    x = x.to(device)
     plan = get_plan(m, x)
-    act = quantize_activations(m, plan, x, store_a=True)
+    act = {k: v.cpu() for k, v in quantize_activations(m, plan, x, store_a=True).items() if v is not None}
+    x = x.cpu()  # the reference quantizer on the CPU: the one every path is checked against
     assert torch.equal(act["a"], x)  # no transform: the edges reach the quantizer as built
     qt = quantize_acts(x, 64, symmetric, "int_ratio")
     k = qt.ratio.to(torch.int32)
@@ -761,6 +767,16 @@ def test_kernels_compile_for_sm90_without_spills():
 
 # --- CUDA (real shapes) ---------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cuda_format_c_codes_on_the_decision_edges(symmetric):
+    """The edge rows of test_format_c_codes_on_the_decision_edges through the compiled kernel: the
+    magic-number codes and the spread rule's comparison must survive the GPU's instruction
+    selection (fused multiply-adds, fast reciprocals) bit for bit."""
+    _check_format_c_edges(symmetric, "cuda")
 
 
 @cuda
