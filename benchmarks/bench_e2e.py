@@ -390,6 +390,8 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
     step's median time."""
     from torch._dynamo.utils import counters
 
+    with torch.no_grad():
+        eager = model(**kw, return_dict=False)[0].float()
     torch._dynamo.reset()
     counters.clear()
     if scope == "model":
@@ -407,10 +409,12 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
     # past its recompile limit dynamo would run the code eagerly, silently: fail instead, so an
     # eager step is never reported as a compiled one
     with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        compiled(**kw, return_dict=False)
+        y = compiled(**kw, return_dict=False)[0].float()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     out = {"mode": mode, "scope": scope, "compile_s": round(time.time() - t0, 1),
+           # the compiled step computes the eager one's output (up to fused elementwise rounding)
+           "rel_err_vs_eager": round(float((y - eager).norm() / eager.norm().clamp_min(1e-30)), 6),
            "graphs": int(counters["stats"]["unique_graphs"]),
            "graph_breaks": int(sum(counters["graph_break"].values()))}
     out.update({k: v for k, v in time_step(compiled, kw, graphs=False).items()})

@@ -5,73 +5,81 @@ elsewhere). While ``torch.compile`` traces, the forward calls ``torch.ops.dirotq
 instead: the compiler sees one op with a known output shape (a fake implementation), so it neither
 traces into the kernels' host code (plan caches, autotuners, launches), which would break the graph,
 nor re-derives the reference arithmetic, and it fuses the elementwise work around the op (norms,
-modulation, gates). The op's implementation runs the eager forward of the layer it names.
+modulation, gates). The op's implementation runs the eager forward of the layer it is given.
 
-The layer is named by a handle (an int registered once per layer, held weakly): the op's tensor
-arguments are only the activations, so the weights stay buffers of the module and a compiled graph
-is as valid as the module is. Inference only: the op has no autograd formula (QuantLinear weights
-are not trained; a LoRA on top runs outside it).
+The layer reaches the op as its stored-weight buffer (``QuantLinear.stored_weight()``), a tensor
+argument, not as a constant of the graph: the compiler lifts a module's buffers to graph inputs, so
+one graph compiled for a transformer block serves every block of the same structure (regional
+compilation, diffusers' ``compile_repeated_blocks``), each call with its own block's layers. The op
+finds the layer that holds that buffer among the live layers (by device and address, rebuilt when a
+layer moved). A constant per layer would be baked into the shared graph and make every block run
+the first compiled block's weights. Inference only: the op has no autograd formula (QuantLinear
+weights are not trained; a LoRA on top runs outside it).
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from typing import Any
 
 import torch
 
-_LAYERS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
-_NEXT = itertools.count(1)
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every QuantLinear alive (register())
+_BY_KEY: dict[tuple[str, int], "weakref.ref[Any]"] = {}
 
 
-def handle(layer: Any) -> int:
-    """The layer's op handle (assigned on first use, stable for the layer's lifetime; a deep copy gets
-    its own). Called by the compiler at trace time: a constant of the graph."""
-    h = layer.__dict__.get("_compile_handle")
-    if h is None or _LAYERS.get(h) is not layer:
-        h = next(_NEXT)
-        _LAYERS[h] = layer
-        layer.__dict__["_compile_handle"] = h
-    return h
+def register(layer: Any) -> None:
+    """Make ``layer`` findable by the ops (QuantLinear calls this when built, copied or unpickled)."""
+    _LIVE.add(layer)
 
 
-# what torch.compiler.assume_constant_result(handle) does (the compiler calls it at trace time and
-# keeps the int), set by hand: that function imports torch._dynamo (and Triton), over a second at
-# `import dirotq`. tests/test_compile.py fails if a PyTorch release changes the marker.
-handle._dynamo_marked_constant = True  # type: ignore[attr-defined]
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.data_ptr()
 
 
-def _layer(layer: int, op: str) -> Any:
-    """The live layer registered under handle ``layer`` (a RuntimeError naming ``op`` if it is gone)."""
-    module = _LAYERS.get(layer)
-    if module is None:
-        raise RuntimeError(f"dirotq.{op}: layer handle {layer} is gone (the compiled graph outlived its model)")
-    return module
+def _layer(key: torch.Tensor, op: str) -> Any:
+    """The live layer whose stored weight is ``key`` (a RuntimeError naming ``op`` if none is)."""
+    k = _key(key)
+    ref = _BY_KEY.get(k)
+    layer = ref() if ref is not None else None
+    if layer is None or _key(layer.stored_weight()) != k:
+        # a layer moved (.to(), load_state_dict) or is new since the last look: index them again
+        _BY_KEY.clear()
+        for live in list(_LIVE):
+            w = live.stored_weight()
+            if w.device.type != "meta":
+                _BY_KEY[_key(w)] = weakref.ref(live)
+        ref = _BY_KEY.get(k)
+        layer = ref() if ref is not None else None
+    if layer is None:
+        raise RuntimeError(f"dirotq.{op}: no live QuantLinear holds this weight buffer ({tuple(key.shape)} "
+                           f"{key.dtype} on {key.device}): the compiled graph outlived its model, or the "
+                           "compiler copied the buffer")
+    return layer
 
 
 @torch.library.custom_op("dirotq::quant_linear", mutates_args=())
-def quant_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    """y = QuantLinear(x) for the layer registered under ``layer``; x: (..., d) -> (..., out_features)."""
-    return _layer(layer, "quant_linear").eager_forward(x)
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    """y = QuantLinear(x) for the layer whose stored weight is ``weight``; x: (..., d) -> (..., out_features)."""
+    return _layer(weight, "quant_linear").eager_forward(x)
 
 
 @quant_linear.register_fake
-def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.custom_op("dirotq::quant_linear_member", mutates_args=())
-def quant_linear_member(x: torch.Tensor, layer: int, member: int, start: int, stop: int) -> torch.Tensor:
-    """Columns ``[start, stop)`` of the fused shared-input layer registered under ``layer`` for input
-    x (dirotq/fusion.py): its members' calls on one input run the fused layer once. A copy, not a
+def quant_linear_member(x: torch.Tensor, weight: torch.Tensor, member: int, start: int, stop: int) -> torch.Tensor:
+    """Columns ``[start, stop)`` of the fused shared-input layer whose stored weight is ``weight``, for
+    input x (dirotq/fusion.py): its members' calls on one input run the fused layer once. A copy, not a
     view: a compiled graph may reuse an op's output memory, which must not be another member's."""
-    return _layer(layer, "quant_linear_member").shared_output(x, member)[..., start:stop].clone()
+    return _layer(weight, "quant_linear_member").shared_output(x, member)[..., start:stop].clone()
 
 
 @quant_linear_member.register_fake
-def _(x: torch.Tensor, layer: int, member: int, start: int, stop: int) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, member: int, start: int, stop: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], stop - start))
 
 
-__all__ = ["handle", "quant_linear", "quant_linear_member"]
+__all__ = ["quant_linear", "quant_linear_member", "register"]

@@ -77,7 +77,7 @@ class SharedInputSlice(nn.Module):
         fused = self.fused
         if torch.compiler.is_compiling():
             # one opaque op per member; at run time the op shares the fused output as eager does
-            return compile_ops.quant_linear_member(x, compile_ops.handle(fused), self.index, self.start, self.stop)
+            return compile_ops.quant_linear_member(x, fused.stored_weight(), self.index, self.start, self.stop)
         return fused.shared_output(x, self.index)[..., self.start:self.stop]
 
     def extra_repr(self) -> str:

@@ -98,6 +98,18 @@ class QuantLinear(nn.Module):
         # with_module: the hook gets the module as an argument; a closure over self would make every
         # layer a reference cycle, freed only by the garbage collector (late, for large layers)
         self._register_load_state_dict_pre_hook(_drop_dequantized, with_module=True)
+        compile_ops.register(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        compile_ops.register(self)  # a deep copy or an unpickled layer: its compiled op must find it
+
+    def stored_weight(self) -> torch.Tensor:
+        """The buffer holding the weight: ``weight_packed`` (INT4), ``weight_codes`` (INT8) or ``weight``
+        (16-bit). The layer's key in a compiled graph (dirotq/compile_ops.py)."""
+        if self.weight_bits == 16:
+            return self.weight
+        return self.weight_packed if self.weight_bits == 4 else self.weight_codes
 
     # --- weights ---------------------------------------------------------------------------------
     def quantized_weight(self) -> QuantizedTensor:
@@ -217,7 +229,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # one opaque op in a compiled graph (dirotq/compile_ops.py): no graph break on the kernels
-            return compile_ops.quant_linear(x, compile_ops.handle(self), self.out_features)
+            return compile_ops.quant_linear(x, self.stored_weight(), self.out_features)
         return self.eager_forward(x)
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
