@@ -258,6 +258,44 @@ def test_bench_e2e_dry_run_with_compile_runs_on_cpu(tmp_path):
     assert 0 < w4a16["memory_ratio_vs_bf16"] < 1
 
 
+def test_bench_e2e_compiles_block_by_block_on_cpu(tmp_path):
+    """``--compile-scope blocks`` (what the GPU script runs): every block compiled in place, identical
+    blocks sharing their graphs, the compiled step's output the eager one's."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "e2e.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_e2e", "--dry-run", "--model", "flux", "--formats",
+                        "int_ratio-fused", "--compile", "default", "--compile-scope", "blocks", "--no-graphs",
+                        "--out", str(out)],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for variant in ("bf16", "int_ratio-fused"):
+        c = res["variants"][variant]["compiled"]
+        assert c["scope"] == "blocks" and c["graph_breaks"] == 0 and c["output_finite"]
+        # FLUX's two block types, each at most once more for its first block's input strides
+        assert 2 <= c["graphs"] <= 4
+        assert c["rel_err_vs_eager"] < 1e-2
+
+
+def test_host_overhead_benchmark_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "host.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_host_overhead", "--calls", "20", "--out", str(out)],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["layer"]: row for row in json.loads(out.read_text())["rows"]}
+    # format C W4A4: the c GEMM on cuBLAS, two activation passes and the GEMM are Triton launches
+    assert rows["pixart attn (W4A4)"]["launches_per_call"] == 3
+    assert rows["pixart ff.net.2 (W4A16)"]["launches_per_call"] == 1
+    assert all(row["host_us_per_call"] > 0 for row in rows.values())
+
+
 @pytest.mark.parametrize("cross_kv", ["16bit", "w4a16"])
 def test_bench_e2e_variants_quantize_the_same_layers(cross_kv):
     """W4A4 format C and W4A16 format C replace the same layers (PixArt's cross-attention K/V only

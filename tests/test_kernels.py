@@ -1021,3 +1021,15 @@ def test_cuda_tiny_generation_psnr(fmt):
     mse = float((images["triton"] - images["reference"]).pow(2).mean())
     psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12)))
     assert psnr >= (40.0 if fmt == "exact" else 30.0)
+
+
+def test_host_integer_helpers_equal_triton_s():
+    """The plain-Python cdiv / next_power_of_2 the launchers use (Triton's are constexpr functions,
+    slow from host code) give Triton's integers."""
+    from dirotq.kernels.host_ints import cdiv, next_power_of_2
+
+    for n in [*range(1, 1100), 2**20 - 1, 2**20, 2**20 + 1, 4096 * 4608]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 64, 128, 1000):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+    assert cdiv(0, 16) == 0

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..quantizers import INT_RATIO_STEP_DOWN_REACH, activation_k_rule, sse_unit
+from .host_ints import cdiv, next_power_of_2
 from .tuning import autotune_enabled
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it leaves no fraction bits below 2**22
@@ -449,7 +450,7 @@ def _dot_dtype(dtype):
 
 
 def _pow2_at_least(v: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(v), 1)))
+    return max(lo, next_power_of_2(max(int(v), 1)))
 
 
 ONE_LAUNCH_MAX_RANK = 64  # c = x_s · down in registers: a (BT, r) fp32 tile
@@ -514,7 +515,7 @@ def activation_launch(module, plan, x, store_a: bool = False, one_launch: bool |
         zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         amax if amax is not None else dummy, amax.stride(0) if amax is not None else 0,
         a if a is not None else dummy, a.stride(0) if a is not None else 0,
-        n, plan.d, plan.d_q, plan.r, G, gpb, max(16, triton.next_power_of_2(n)),
+        n, plan.d, plan.d_q, plan.r, G, gpb, max(16, next_power_of_2(n)),
     ]
     meta = dict(GS=g, BKD=g, RC=min(64, _pow2_at_least(plan.r)),
                 HAS_SMOOTH=plan.has_smooth, PROJ=plan.project_out and plan.has_down,
@@ -525,7 +526,7 @@ def activation_launch(module, plan, x, store_a: bool = False, one_launch: bool |
                 R_ONE_CHUNK=plan.r <= min(64, _pow2_at_least(plan.r)))
     # format C: absmax per group, then the row scale and codes (one launch: both in each program)
     passes = ((2,) if one else (0, 1)) if fmt_c else (0,)
-    return {"out": out, "args": args, "meta": meta, "g_blocks": triton.cdiv(G, gpb), "passes": passes}
+    return {"out": out, "args": args, "meta": meta, "g_blocks": cdiv(G, gpb), "passes": passes}
 
 
 def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | None = None,
@@ -544,9 +545,9 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
     for pass_ in launch["passes"]:
         if block_t is not None or _interpreting() or not autotune_enabled(plan):
             bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
-            act_quant_kernel[(triton.cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4,
+            act_quant_kernel[(cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4,
                                                              enable_fp_fusion=False)
         else:
-            _tuned_act_kernel()[lambda m: (triton.cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta,
+            _tuned_act_kernel()[lambda m: (cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta,
                                                                                enable_fp_fusion=False)
     return launch["out"]

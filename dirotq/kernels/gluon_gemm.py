@@ -25,13 +25,13 @@ parameters, and the CUDA tests compare them with the Triton kernel.
 
 from __future__ import annotations
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
 from ..activations import KERNEL_CODES
+from .host_ints import cdiv
 from .simd_unpack import ASM_HI_C, ASM_LO_C, simd_unpack_enabled
 
 BT, BO, NBUF, NUM_WARPS = 128, 128, 2, 4  # compiled for sm_90a: 210 registers (224 with 3 buffers), no spills
@@ -407,7 +407,7 @@ def _epilogue_args(module, plan, act: dict, y, int_out: bool, activation=None) -
 
 
 def _grid(act: dict, plan, bt: int, bo: int) -> tuple[int, int]:
-    return triton.cdiv(act["codes"].shape[0], bt), triton.cdiv(plan.o, bo)
+    return cdiv(act["codes"].shape[0], bt), cdiv(plan.o, bo)
 
 
 def _tma_descriptors(codes, weights, bt: int, bo: int) -> tuple:

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import _dot_dtype, _fdot
+from .host_ints import cdiv, next_power_of_2
 from .tuning import autotune_enabled
 from ..activations import KERNEL_CODES, ActivationSpec
 from .w4a4_gemm import _activation, _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves, launch_tiled
@@ -110,9 +111,9 @@ def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None, activa
         y, y.stride(0),
         n, o, plan.d_q, plan.r, plan.groups, _n_key(n), *(activation[1:] if activation is not None else (0, 0)),
     )
-    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
+    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias, DOT_DTYPE=_dot_dtype(a.dtype),
                 ACT=KERNEL_CODES[activation[0]] if activation is not None else 0)
-    launch_tiled(w4a16_kernel, _tuned_kernel, lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]),), args,
+    launch_tiled(w4a16_kernel, _tuned_kernel, lambda m: (cdiv(o, m["BO"]) * cdiv(n, m["BT"]),), args,
                  meta, config, dict(BO=32, BT=16, GROUP_O=4), autotune_enabled(plan))
     return y

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..activations import KERNEL_CODES, ActivationSpec, apply_activation
 from .act_quant import _dot_dtype, _fdot, _interpreting
+from .host_ints import cdiv, next_power_of_2
 from .simd_unpack import ASM_HI_A, ASM_HI_C, ASM_LO_A, ASM_LO_C, _SIMD_OK, simd_unpack_enabled
 from .tuning import autotune_enabled
 
@@ -417,7 +418,7 @@ def _tuned_kernel():
 
 def _n_key(n: int) -> int:
     """Token-count bucket for autotuning (one tuning per power of two, ≥ 16)."""
-    return max(16, triton.next_power_of_2(max(n, 1)))
+    return max(16, next_power_of_2(max(n, 1)))
 
 
 def simd_self_check(module) -> bool:
@@ -449,8 +450,8 @@ def split_k(n: int, o: int, groups: int) -> int:
     each split keeps ≥ 2 groups."""
     if n > SPLIT_K_MAX_TOKENS or groups < 4:
         return 1
-    tiles = triton.cdiv(o, 64) * triton.cdiv(n, 16)
-    return max(1, min(groups // 2, triton.cdiv(SPLIT_K_TARGET_PROGRAMS, tiles)))
+    tiles = cdiv(o, 64) * cdiv(n, 16)
+    return max(1, min(groups // 2, cdiv(SPLIT_K_TARGET_PROGRAMS, tiles)))
 
 
 def launch_tiled(kernel, tuned, grid, args, meta: dict, config: dict | None, fixed: dict, autotune: bool) -> None:
@@ -532,7 +533,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         y, y.stride(0),
         n, o, plan.r, plan.groups, split, _n_key(n), *(activation[1:] if activation is not None else (0, 0)),
     )
-    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, triton.next_power_of_2(max(plan.r, 1)))),
+    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, next_power_of_2(max(plan.r, 1)))),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
                 W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd),
@@ -542,10 +543,10 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         tm_args = args[:-4] + args[-3:]  # the same arguments without the K-split count
         tm_meta = {k: v for k, v in meta.items() if k != "ATOMIC"}
         launch_tiled(w4a4_gemm_tm_kernel, _tuned_tm_kernel,
-                     lambda m: (triton.cdiv(n, m["BT"]) * triton.cdiv(o, m["BO"]),),
+                     lambda m: (cdiv(n, m["BT"]) * cdiv(o, m["BO"]),),
                      tm_args, tm_meta, config, dict(BT=64, BO=32, GROUP_T=4), autotune_enabled(plan))
         return y if debug_int or y.dtype == out_dtype else y.to(out_dtype)
-    launch_tiled(w4a4_gemm_kernel, _tuned_kernel, lambda m: (triton.cdiv(o, m["BO"]) * triton.cdiv(n, m["BT"]), split),
+    launch_tiled(w4a4_gemm_kernel, _tuned_kernel, lambda m: (cdiv(o, m["BO"]) * cdiv(n, m["BT"]), split),
                  args, meta, config, dict(BO=32, BT=16, GROUP_O=4), autotune_enabled(plan))
     if split > 1:  # the fp32 sum of the splits' partials: the activation after the last one
         y = apply_activation(y, activation)
@@ -610,7 +611,7 @@ def unpack_weights(module, simd: bool | None = None):
     G = wp.shape[1] * 2 // g
     out = torch.empty((o, G * g), dtype=torch.int8, device=wp.device)
     wr = getattr(module, "weight_ratio", None)
-    _unpack_kernel[(triton.cdiv(o, 16),)](wp, wp.stride(0), wr if wr is not None else out,
+    _unpack_kernel[(cdiv(o, 16),)](wp, wp.stride(0), wr if wr is not None else out,
                                           wr.stride(0) if wr is not None else 0, out, out.stride(0), o, G,
                                           BO=16, GS=g, FMT_C=wr is not None,
                                           SIMD=simd_unpack_enabled(wr is not None) if simd is None else bool(simd))
