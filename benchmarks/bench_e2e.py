@@ -425,6 +425,13 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
     return out
 
 
+def _phase(phases: dict, name: str, t0: float) -> None:
+    """Record a phase's wall seconds and print them at once: a run stopped by its time box still
+    shows in its log which phase it was in."""
+    phases[name] = round(time.time() - t0, 1)
+    print(f"  {name}: {phases[name]} s", flush=True)
+
+
 def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
     """Build the model, turn it into ``variant``, and measure memory and step time (plus the
     compiled step with ``--compile``): the variant's JSON entry."""
@@ -437,9 +444,15 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
         if reason:
             return {"skipped": reason}
     # torchao's rowwise FP8 takes bf16 weights only: the fp32 dry run builds this variant in bf16
+    t0 = time.time()
     model, kw, desc = build(args.model, args, dry, dtype=torch.bfloat16 if fp8 else None)
     res["setup"] = desc
-    entry: dict = {}
+    # wall seconds per phase (what a time box has to hold: kernel compiles and autotuning happen in the
+    # first eager calls, inside "eager")
+    phases: dict = {}
+    _phase(phases, "build", t0)
+    entry: dict = {"phase_s": phases}
+    t0 = time.time()
     try:
         if variant != "bf16":
             targets = bench_targets(model, args.pixart_cross_kv)
@@ -467,19 +480,26 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
             kinds = [spec.kind for spec in bench_targets(model, args.pixart_cross_kv).values()]
             res["targets"] = {k: kinds.count(k) for k in ("w4a4", "w4a16")}  # the adapter's kinds, every variant
         entry["memory"] = weight_bytes(model)
+        _phase(phases, "quantize", t0)
+        t0 = time.time()
         entry.update(time_step(model, kw, graphs=not args.no_graphs and not dry))
+        _phase(phases, "eager", t0)
+        t0 = time.time()
         entry["breakdown"] = step_breakdown(model, kw)
+        _phase(phases, "breakdown", t0)
     except Exception as exc:
         if not fp8:
             raise
         # an outside library's failure must not cost the run the variants after it
         return {"failed": f"{type(exc).__name__}: {str(exc)[:1000]}", **entry}
     if args.compile != "none":
+        t0 = time.time()
         try:
             entry["compiled"] = compiled_step(model, kw, args.compile, args.compile_scope)
         except Exception as exc:  # recorded: the eager numbers of this variant still stand
             torch._dynamo.reset()
             entry["compiled"] = {"mode": args.compile, "failed": f"{type(exc).__name__}: {str(exc)[:1000]}"}
+        _phase(phases, "compile_and_time", t0)
     if torch.cuda.is_available() and not dry:
         entry["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()

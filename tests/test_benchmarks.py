@@ -278,6 +278,10 @@ def test_bench_e2e_compiles_block_by_block_on_cpu(tmp_path):
         # FLUX's two block types, each at most once more for its first block's input strides
         assert 2 <= c["graphs"] <= 4
         assert c["rel_err_vs_eager"] < 1e-2
+        # where the variant's wall time went, phase by phase (what the GPU script's time boxes must hold)
+        phases = res["variants"][variant]["phase_s"]
+        assert list(phases) == ["build", "quantize", "eager", "breakdown", "compile_and_time"]
+        assert all(v >= 0 for v in phases.values())
 
 
 def test_host_overhead_benchmark_runs(tmp_path):

@@ -1033,3 +1033,17 @@ def test_host_integer_helpers_equal_triton_s():
         for b in (1, 3, 16, 64, 128, 1000):
             assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
     assert cdiv(0, 16) == 0
+
+
+def test_activation_tiles_pruned_by_token_bucket():
+    """Large token buckets try only the H200's competitive tiles (BT 64–128), small ones the tiles
+    that fit their rows; every bucket keeps at least one config."""
+    from dirotq.kernels.act_quant import _tuned_act_kernel, prune_act_configs
+
+    configs = _tuned_act_kernel().configs
+    for n in (16, 32, 64, 128, 512, 1024, 4096, 65536):
+        kept = prune_act_configs(configs, {"N_KEY": n})
+        tiles = {c.kwargs["BT"] for c in kept}
+        assert kept and all(c in configs for c in kept)
+        assert tiles == ({64, 128} if n >= 1024 else {bt for bt in (16, 32, 64) if bt <= max(16, n)})
+    assert len(prune_act_configs(configs, {"N_KEY": 4096})) < len(configs)
