@@ -143,3 +143,29 @@ def _assert_fake_matches(op, args, real: torch.Tensor) -> None:
 def test_the_op_names_a_missing_layer():
     with pytest.raises(RuntimeError, match="no live QuantLinear holds this weight buffer"):
         torch.ops.dirotq.quant_linear(torch.randn(2, 64), torch.zeros(8, 32, dtype=torch.uint8), 8)
+
+
+def test_a_fused_transformer_compiled_block_by_block_runs_each_blocks_layers():
+    """The deployment form (shared inputs fused, GELUs in epilogues) of a four-block PixArt, each
+    block compiled in place: the blocks after the first share one graph (the first differs in its
+    input's strides), and the output is the eager one, so each block ran its own fused layers."""
+    from torch._dynamo.utils import counters
+
+    from dirotq.fusion import fuse_for_inference
+
+    adapter = ADAPTERS["pixart"]
+    torch.manual_seed(0)
+    model = adapter.model_class()(**{**adapter.tiny_config(), "num_layers": 4}).eval()
+    quantize_(model, RTNConfig(), progress=lambda *a: None)
+    assert fuse_for_inference(model)["shared_inputs"]["fused"]
+    example = adapter.example_inputs(model, 1, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = model(**example).sample
+        torch._dynamo.reset()
+        counters.clear()
+        for block in model.transformer_blocks:
+            block.compile(backend="aot_eager", fullgraph=True)
+        out = model(**example).sample
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
