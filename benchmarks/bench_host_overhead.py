@@ -37,7 +37,7 @@ class _StubbedLaunches:
         self.count = 0
         self._saved = InterpretedFunction.__getitem__
 
-    def __enter__(self) -> "_StubbedLaunches":
+    def __enter__(self) -> _StubbedLaunches:
         def getitem(fn, grid):
             def launch(*args, **kwargs):
                 self.count += 1

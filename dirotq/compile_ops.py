@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every QuantLinear alive (register())
-_BY_KEY: dict[tuple[str, int], "weakref.ref[Any]"] = {}
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # every QuantLinear alive (register())
+_BY_KEY: dict[tuple[str, int], weakref.ref[Any]] = {}
 
 
 def register(layer: Any) -> None:
