@@ -9,6 +9,7 @@
 #             so this box is short), then bench_linear on FLUX's wide layers at 4096 tokens: Triton, Gluon and
 #             TMA GEMMs on packed and cached int8 weights, and our own int8 ceiling at 8192³ (TMA_S)
 #   act       bench_act_quant: the activation kernel's passes, tile configs and stages (ACT_ARGS)
+#   host      bench_host_overhead on the GPU: host time per layer call, real launchers, one token (HOST_S)
 #   e2e       bench_e2e PixArt-Σ then FLUX (E2E_MODELS; FLUX_ARGS, e.g. a shallower FLUX when time is short)
 #   compile   bench_e2e under torch.compile: BF16, W4A4 format C fused, torchao FP8, W4A16 (COMPILE_MODELS, default
 #             pixart; COMPILE_MODE, default "default"; COMPILE_SCOPE, default "blocks": each repeated block compiled,
@@ -111,6 +112,15 @@ step_act() {
     grep -E "^\||exit" /tmp/act.log
 }
 
+step_host() {
+    echo "== bench_host_overhead --device cuda" | tee -a "$LOG"
+    timeout -k 10 "${HOST_S:-60}" python3 -m benchmarks.bench_host_overhead --device cuda --calls 500 \
+        --out "$OUT/host_overhead_gpu.json" >>"$LOG" 2>&1
+    echo "bench_host_overhead exit $?" | tee -a "$LOG"
+    [[ -f "$OUT/host_overhead_gpu.json" ]] && python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))['rows']]" \
+        "$OUT/host_overhead_gpu.json"
+}
+
 step_e2e() {
     for model in ${E2E_MODELS:-pixart flux}; do
         echo "== bench_e2e $model" | tee -a "$LOG"
@@ -151,7 +161,7 @@ step_compile() {
 
 for step in $steps; do
     case "$step" in
-        tests|explorer|linear|tma|act|e2e|compile) "step_$step" ;;
-        *) echo "unknown step '$step' (tests explorer linear tma act e2e compile kernels all)"; exit 2 ;;
+        tests|explorer|linear|tma|act|host|e2e|compile) "step_$step" ;;
+        *) echo "unknown step '$step' (tests explorer linear tma act host e2e compile kernels all)"; exit 2 ;;
     esac
 done
