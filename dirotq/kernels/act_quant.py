@@ -436,6 +436,8 @@ def _tuned_act_kernel():
                 for bt, w, s, pf, mr in ((16, 4, 2, False, None), (32, 4, 2, False, None), (64, 4, 2, False, None),
                                          (128, 8, 3, False, None),  # BT 128: the H200's fastest tile
                                          (32, 4, 2, True, None), (128, 8, 3, True, None),  # next x tile early
+                                         # the H200's fastest second pass (25.2 µs against 31.0 at d = 3072)
+                                         (64, 4, 3, True, None),
                                          # two programs per SM instead of one: format C's second pass at
                                          # 128 registers (145 uncapped; aot_check, Triton 3.9: 16 bytes
                                          # spilled)

@@ -86,7 +86,9 @@ def default_variants():
         # the autotuner's latency configs too: capped at 128 registers (two 8-warp programs per SM, not
         # one), and 64 values per thread (BT 256 × 8 warps, BT 128 × 4)
         tiles = [("BT128 w8", 128, False, dict(num_warps=8, num_stages=3)),
-                 ("BT128 w8 prefetch", 128, True, dict(num_warps=8, num_stages=3))]
+                 ("BT128 w8 prefetch", 128, True, dict(num_warps=8, num_stages=3)),
+                 # the fastest second pass of the H200 run of revision 5 (2026-11-28, bench_act_quant)
+                 ("BT64 w4 prefetch", 64, True, dict(num_warps=4, num_stages=3))]
         if fmt_c:
             tiles += [("BT128 w8 maxnreg128", 128, False, dict(num_warps=8, num_stages=3, maxnreg=128)),
                       ("BT256 w8", 256, False, dict(num_warps=8, num_stages=3)),
