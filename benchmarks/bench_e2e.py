@@ -394,10 +394,10 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
         eager = model(**kw, return_dict=False)[0].float()
     torch._dynamo.reset()
     counters.clear()
+    blocks = repeated_blocks(model) if scope == "blocks" else []
     if scope == "model":
         compiled = torch.compile(model, mode=mode)
     elif scope == "blocks":
-        blocks = repeated_blocks(model)
         if not blocks:
             raise ValueError(f"{type(model).__name__} has no repeated blocks (ModuleList children) to compile")
         for block in blocks:
@@ -418,9 +418,8 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
            "graphs": int(counters["stats"]["unique_graphs"]),
            "graph_breaks": int(sum(counters["graph_break"].values()))}
     out.update({k: v for k, v in time_step(compiled, kw, graphs=False).items()})
-    if scope == "blocks":
-        for block in repeated_blocks(model):
-            block._compiled_call_impl = None  # the blocks' eager forward again
+    for block in blocks:
+        block._compiled_call_impl = None  # the blocks' eager forward again
     torch._dynamo.reset()
     return out
 

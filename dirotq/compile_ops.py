@@ -37,20 +37,25 @@ def _key(t: torch.Tensor) -> tuple[str, int]:
     return str(t.device), t.data_ptr()
 
 
+def _indexed(k: tuple[str, int]) -> Any:
+    """The layer indexed under ``k`` if it is alive and still holds that buffer, else None."""
+    ref = _BY_KEY.get(k)
+    layer = ref() if ref is not None else None
+    return layer if layer is not None and _key(layer.stored_weight()) == k else None
+
+
 def _layer(key: torch.Tensor, op: str) -> Any:
     """The live layer whose stored weight is ``key`` (a RuntimeError naming ``op`` if none is)."""
     k = _key(key)
-    ref = _BY_KEY.get(k)
-    layer = ref() if ref is not None else None
-    if layer is None or _key(layer.stored_weight()) != k:
+    layer = _indexed(k)
+    if layer is None:
         # a layer moved (.to(), load_state_dict) or is new since the last look: index them again
         _BY_KEY.clear()
         for live in list(_LIVE):
             w = live.stored_weight()
             if w.device.type != "meta":
                 _BY_KEY[_key(w)] = weakref.ref(live)
-        ref = _BY_KEY.get(k)
-        layer = ref() if ref is not None else None
+        layer = _indexed(k)
     if layer is None:
         raise RuntimeError(f"dirotq.{op}: no live QuantLinear holds this weight buffer ({tuple(key.shape)} "
                            f"{key.dtype} on {key.device}): the compiled graph outlived its model, or the "

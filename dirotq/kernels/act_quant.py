@@ -539,7 +539,7 @@ def activation_launch(module, plan, x, store_a: bool = False, one_launch: bool |
         zero if zero is not None else dummy, zero.stride(0) if zero is not None else 0,
         amax if amax is not None else dummy, amax.stride(0) if amax is not None else 0,
         a if a is not None else dummy, a.stride(0) if a is not None else 0,
-        n, plan.d, plan.d_q, plan.r, G, gpb, max(16, next_power_of_2(n)),
+        n, plan.d, plan.d_q, plan.r, G, gpb, _pow2_at_least(n),
     ]
     meta = dict(GS=g, BKD=g, RC=min(64, _pow2_at_least(plan.r)),
                 HAS_SMOOTH=plan.has_smooth, PROJ=plan.project_out and plan.has_down,
@@ -570,8 +570,8 @@ def quantize_activations(module, plan, x, store_a: bool = False, block_t: int | 
         if block_t is not None or _interpreting() or not autotune_enabled(plan):
             bt = block_t or (16 if (_interpreting() or n <= 2048) else 32)
             act_quant_kernel[(cdiv(n, bt), g_blocks)](*args, BT=bt, PASS=pass_, **meta, num_warps=4,
-                                                             enable_fp_fusion=False)
+                                                      enable_fp_fusion=False)
         else:
             _tuned_act_kernel()[lambda m: (cdiv(n, m["BT"]), g_blocks)](*args, PASS=pass_, **meta,
-                                                                               enable_fp_fusion=False)
+                                                                        enable_fp_fusion=False)
     return launch["out"]

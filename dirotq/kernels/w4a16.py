@@ -13,8 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .act_quant import _dot_dtype, _fdot
-from .host_ints import cdiv, next_power_of_2
+from .act_quant import _dot_dtype, _fdot, _pow2_at_least
+from .host_ints import cdiv
 from .tuning import autotune_enabled
 from ..activations import KERNEL_CODES, ActivationSpec
 from .w4a4_gemm import _activation, _add_branch_and_bias, _grouped_tile, _n_key, _prune, _unpack_halves, launch_tiled
@@ -111,7 +111,7 @@ def w4a16_gemm(module, plan, a, c, out_dtype, config: dict | None = None, activa
         y, y.stride(0),
         n, o, plan.d_q, plan.r, plan.groups, _n_key(n), *(activation[1:] if activation is not None else (0, 0)),
     )
-    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, next_power_of_2(max(plan.r, 1)))),
+    meta = dict(GS=plan.group_size, R_BLK=min(64, _pow2_at_least(plan.r)),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias, DOT_DTYPE=_dot_dtype(a.dtype),
                 ACT=KERNEL_CODES[activation[0]] if activation is not None else 0)
     launch_tiled(w4a16_kernel, _tuned_kernel, lambda m: (cdiv(o, m["BO"]) * cdiv(n, m["BT"]),), args,

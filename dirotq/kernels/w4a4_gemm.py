@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from ..activations import KERNEL_CODES, ActivationSpec, apply_activation
-from .act_quant import _dot_dtype, _fdot, _interpreting
-from .host_ints import cdiv, next_power_of_2
+from .act_quant import _dot_dtype, _fdot, _interpreting, _pow2_at_least
+from .host_ints import cdiv
 from .simd_unpack import ASM_HI_A, ASM_HI_C, ASM_LO_A, ASM_LO_C, _SIMD_OK, simd_unpack_enabled
 from .tuning import autotune_enabled
 
@@ -418,7 +418,7 @@ def _tuned_kernel():
 
 def _n_key(n: int) -> int:
     """Token-count bucket for autotuning (one tuning per power of two, ≥ 16)."""
-    return max(16, next_power_of_2(max(n, 1)))
+    return _pow2_at_least(n)
 
 
 def simd_self_check(module) -> bool:
@@ -533,7 +533,7 @@ def w4a4_gemm(module, plan, act: dict, out_dtype, debug_int: bool = False, confi
         y, y.stride(0),
         n, o, plan.r, plan.groups, split, _n_key(n), *(activation[1:] if activation is not None else (0, 0)),
     )
-    meta = dict(GS=plan.group_size, R_BLK=min(64, max(16, next_power_of_2(max(plan.r, 1)))),
+    meta = dict(GS=plan.group_size, R_BLK=min(64, _pow2_at_least(plan.r)),
                 FMT_C=fmt_c, HAS_LR=has_lr, HAS_BIAS=plan.has_bias and not debug_int, DEBUG_INT=debug_int,
                 DOT_DTYPE=_dot_dtype(c.dtype if has_lr else out_dtype if out_dtype != torch.int32 else torch.float32),
                 W_INT8=w_int8 is not None, SIMD=simd_unpack_enabled(fmt_c) if simd is None else bool(simd),
@@ -612,7 +612,7 @@ def unpack_weights(module, simd: bool | None = None):
     out = torch.empty((o, G * g), dtype=torch.int8, device=wp.device)
     wr = getattr(module, "weight_ratio", None)
     _unpack_kernel[(cdiv(o, 16),)](wp, wp.stride(0), wr if wr is not None else out,
-                                          wr.stride(0) if wr is not None else 0, out, out.stride(0), o, G,
-                                          BO=16, GS=g, FMT_C=wr is not None,
-                                          SIMD=simd_unpack_enabled(wr is not None) if simd is None else bool(simd))
+                                   wr.stride(0) if wr is not None else 0, out, out.stride(0), o, G,
+                                   BO=16, GS=g, FMT_C=wr is not None,
+                                   SIMD=simd_unpack_enabled(wr is not None) if simd is None else bool(simd))
     return out
