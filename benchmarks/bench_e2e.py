@@ -67,6 +67,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks._bench_common import (ROOT, bench, bench_graph, environment, environment_variables,  # noqa: E402
                                       make_quant_linear)
+from dirotq.compiling import compile_transformer, uncompile  # noqa: E402
 
 PIXART_SIGMA_1024 = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json
     activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72, attention_type="default",
@@ -375,17 +376,11 @@ def step_breakdown(model, kw) -> dict:
             "attention_share": round(parts["attention"] / total, 4) if total else 0.0}
 
 
-def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer's repeated blocks: every element of a ``ModuleList`` child (PixArt's
-    ``transformer_blocks``; FLUX's ``transformer_blocks`` and ``single_transformer_blocks``)."""
-    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
-
-
 def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
-    """The step under torch.compile with ``mode``: ``scope="model"`` compiles the whole transformer
-    (``torch.compile(model)``), ``"blocks"`` each repeated block in place (regional compilation, what
-    diffusers' ``compile_repeated_blocks`` does: identical blocks share one compiled graph, so compile
-    time is that of one block per block type; the layers outside the blocks stay eager). Reports the
+    """The step under torch.compile with ``mode``, compiled in place by ``dirotq.compiling``:
+    ``scope="model"`` the whole transformer, ``"blocks"`` each repeated block (regional compilation:
+    identical blocks share one compiled graph, so compile time is that of one block per block type;
+    the layers outside the blocks stay eager). Reports the
     compile (first call) seconds, graphs and graph breaks as dynamo counts them, and the compiled
     step's median time."""
     from torch._dynamo.utils import counters
@@ -394,22 +389,12 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
         eager = model(**kw, return_dict=False)[0].float()
     torch._dynamo.reset()
     counters.clear()
-    blocks = repeated_blocks(model) if scope == "blocks" else []
-    if scope == "model":
-        compiled = torch.compile(model, mode=mode)
-    elif scope == "blocks":
-        if not blocks:
-            raise ValueError(f"{type(model).__name__} has no repeated blocks (ModuleList children) to compile")
-        for block in blocks:
-            block.compile(mode=mode)
-        compiled = model
-    else:
-        raise ValueError(f"compile scope {scope!r}: expected 'model' or 'blocks'")
+    compiled_modules = compile_transformer(model, scope, mode)
     t0 = time.time()
     # past its recompile limit dynamo would run the code eagerly, silently: fail instead, so an
     # eager step is never reported as a compiled one
     with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        y = compiled(**kw, return_dict=False)[0].float()
+        y = model(**kw, return_dict=False)[0].float()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     out = {"mode": mode, "scope": scope, "compile_s": round(time.time() - t0, 1),
@@ -417,9 +402,8 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
            "rel_err_vs_eager": round(float((y - eager).norm() / eager.norm().clamp_min(1e-30)), 6),
            "graphs": int(counters["stats"]["unique_graphs"]),
            "graph_breaks": int(sum(counters["graph_break"].values()))}
-    out.update({k: v for k, v in time_step(compiled, kw, graphs=False).items()})
-    for block in blocks:
-        block._compiled_call_impl = None  # the blocks' eager forward again
+    out.update({k: v for k, v in time_step(model, kw, graphs=False).items()})
+    uncompile(compiled_modules)  # the eager forward again
     torch._dynamo.reset()
     return out
 

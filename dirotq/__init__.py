@@ -59,6 +59,7 @@ _LAZY = {  # heavier imports (diffusers via the adapters) happen on first use
     "LayerStats": ("calibration", "LayerStats"),
     "get_adapter": ("models", "get_adapter"),
     "target_report": ("models", "target_report"),
+    "compile_transformer": ("compiling", "compile_transformer"),
 }
 
 
@@ -77,7 +78,7 @@ __all__ = [
     "__version__", "DiRotQConfig", "DiRotQLRConfig", "RTNConfig", "W4A16Config", "SmoothQuantConfig",
     "QuaRotConfig", "SVDQuantConfig", "QuantConfig", "RankPlan", "QuantLinear", "calibrate",
     "calibrate_transformer", "CalibrationStats", "LayerStats", "quantize_", "quantize_model", "quantize_layer",
-    "layer_error", "save_quantized", "save_quantized_part", "finalize_checkpoint", "load_quantized", "recipe_name",
+    "layer_error", "compile_transformer", "save_quantized", "save_quantized_part", "finalize_checkpoint", "load_quantized", "recipe_name",
     "get_adapter", "target_report", "config_from_dict", "make_config", "fuse_shared_inputs", "unfuse_shared_inputs",
     "fuse_activations", "unfuse_activations", "fuse_for_inference",
 ]

@@ -284,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant(p)
     _add_calib(p)
     _add_sampling(p)
+    p.add_argument("--compile", choices=("blocks", "model"), default=None, metavar="SCOPE",
+                   help="torch.compile both transformers first: 'blocks' (each repeated block, compile time of one "
+                        "block per type) or 'model' (the whole transformer); the images are then timed compiled "
+                        "(default: eager)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"), default="default",
+                   help="torch.compile mode with --compile ('reduce-overhead' adds CUDA graphs on a GPU)")
     p.add_argument("--out", default="out/generate",
                    help="output folder (default out/generate); a rerun writes new files (-2, -3, … suffix), "
                         "never over an earlier run's")
@@ -595,8 +602,8 @@ def _free_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
 def cmd_generate(args) -> int:
     from .eval.protocol import DEFAULT_EVAL_PROMPTS, make_config, read_prompts
     from .fusion import fuse_for_inference
-    from .generate import (check_sampling, generate_pair, quantized_copy, side_by_side, truncation_warning,
-                           unknown_words)
+    from .generate import (check_sampling, compile_pair, generate_pair, quantized_copy, side_by_side,
+                           truncation_warning, unknown_words)
 
     check_sampling(args.steps, args.seed, args.guidance)  # before minutes of loading and calibrating
     ev = _evaluator(args, out="out/eval")
@@ -620,6 +627,11 @@ def cmd_generate(args) -> int:
         qt = quantized_copy(ev.pipe.transformer, config, ev.stats, adapter=ev.adapter)
         fuse_for_inference(qt)  # one GEMM per shared input, GELU in the epilogue: the same image, fewer passes
         label = config.tag()
+    compiled = None
+    if args.compile:
+        print(f"compiling both transformers ({args.compile}, mode {args.compile_mode}) …", flush=True)
+        compiled = compile_pair(ev.pipe, qt, prompt, args.seed, scope=args.compile, mode=args.compile_mode,
+                                guidance_scale=args.guidance, **ev.pipe_kwargs)
     ref, quant, t = generate_pair(ev.pipe, qt, prompt, args.seed, num_inference_steps=args.steps,
                                   guidance_scale=args.guidance, **ev.pipe_kwargs)
     out = Path(args.out)
@@ -634,12 +646,16 @@ def cmd_generate(args) -> int:
     import json
 
     (out / f"{stem}.json").write_text(json.dumps({"prompt": prompt, "seed": args.seed, "quantized": label,
-                                                  "psnr_db": p_db, "ssim": s_val, **t,
+                                                  "psnr_db": p_db, "ssim": s_val, **t, "compile": compiled,
                                                   "warnings": [*([f"unknown words {bad}"] if bad else []),
                                                                *([cut] if cut else [])]}, indent=1))
     print(f"prompt: {prompt!r}, seed {args.seed}")
     print(f"reference ({t['reference_dtype']}): {t['reference_s']:.2f} s; W4A4 ({label}): {t['quantized_s']:.2f} s")
     print(f"backend: {t['backend']}")
+    if compiled:
+        for side in ("reference", "quantized"):
+            c = compiled[side]
+            print(f"compiled {side}: {c['graphs']} graphs, {c['graph_breaks']} graph breaks, warm-up {c['seconds']:.1f} s")
     print(f"PSNR {p_db:.2f} dB, SSIM {s_val:.3f} vs the reference")
     print(f"images: {out / (stem + '_side_by_side.png')}")
     return 0

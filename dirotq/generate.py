@@ -7,6 +7,8 @@ protocol's sampling step, docs/EVALUATION.md; the app reuses these functions).
 - :func:`quantized_copy`: a deep copy of a transformer, quantized in place with ``quantize_``.
 - :func:`generate_pair`: the reference image and the quantized image of one prompt and seed, with
   timings and the backend that ran the quantized layers.
+- :func:`compile_pair`: both transformers compiled in place (``dirotq/compiling.py``) and run once,
+  so that a timed :func:`generate_pair` after it times compiled code.
 - :func:`check_sampling`, :func:`unknown_words`, :func:`truncation_warning`: the checks the app and
   the CLI run on their inputs before any model runs (one rule for both).
 
@@ -209,6 +211,41 @@ def generate_pair(pipe, qtransformer, prompt: str, seed: int, *, num_inference_s
     return ref, quant, timings
 
 
+def compile_pair(pipe, qtransformer, prompt: str, seed: int, *, scope: str = "blocks", mode: str = "default",
+                 warm_steps: int = 2, guidance_scale: float = DEFAULT_GUIDANCE, reference_transformer=None,
+                 backend: str = "inductor", **kw) -> dict:
+    """Compile the reference transformer (``pipe.transformer`` or ``reference_transformer``) and
+    ``qtransformer`` in place and generate ``prompt`` once with each (``warm_steps`` steps: the
+    compilation happens there, and a second step catches a recompilation), so that the images drawn
+    after it run compiled code at their steady speed. ``backend``: torch.compile's (tests use
+    ``"eager"``, which checks the tracing without inductor's code generation).
+
+    Returns ``{"scope", "mode", "reference": …, "quantized": …}``, each side's warm-up seconds,
+    graphs compiled and graph breaks (``compiling.CompileCounter``). Raises ``RuntimeError`` when
+    dynamo hits its recompilation limit (it would otherwise run those blocks eagerly, silently).
+    """
+    import torch._dynamo
+
+    from .compiling import CompileCounter, compile_transformer
+
+    if warm_steps < 1:
+        raise ValueError(f"warm_steps must be ≥ 1, got {warm_steps}")
+    report: dict[str, Any] = {"scope": scope, "mode": mode}
+    for side, transformer in (("reference", reference_transformer or pipe.transformer),
+                              ("quantized", qtransformer)):
+        compile_transformer(transformer, scope, mode, backend=backend)
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), CompileCounter() as counter:
+                generate(pipe, [prompt], [seed], num_inference_steps=warm_steps, guidance_scale=guidance_scale,
+                         transformer=transformer, **kw)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise RuntimeError(f"torch.compile ({scope}) recompiled the {side} transformer more often than "
+                               f"torch._dynamo.config.recompile_limit allows: its blocks differ too much (a rank "
+                               f"plan with many shapes); raise that limit or compile scope 'model'") from e
+        report[side] = counter.report()
+    return report
+
+
 def side_by_side(images: Sequence, labels: Sequence[str] | None = None, pad: int = 4):
     """One PIL image: ``images`` left to right (same height), with optional captions underneath."""
     from PIL import Image, ImageDraw
@@ -228,6 +265,6 @@ def side_by_side(images: Sequence, labels: Sequence[str] | None = None, pad: int
     return canvas
 
 
-__all__ = ["generate", "quantized_copy", "generate_pair", "side_by_side", "swapped_transformer",
+__all__ = ["generate", "quantized_copy", "generate_pair", "compile_pair", "side_by_side", "swapped_transformer",
            "check_sampling", "unknown_words", "text_length", "truncation_warning",
            "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]

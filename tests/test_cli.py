@@ -389,3 +389,62 @@ def test_calibrate_fills_the_cache_the_other_verbs_read(env, capsys, monkeypatch
 
     monkeypatch.setattr("dirotq.calibration._Recorder", no_second_calibration)
     assert main(["quantize", *common, "--method", "dirotq", "--rank", "8", "--out", str(work / "ckpt")]) == 0
+
+
+def test_generate_compiled_draws_the_eager_images_and_reports_the_compilation(env, capsys, monkeypatch):
+    """``generate --compile blocks``: both transformers compiled block by block without a graph break,
+    images equal to the eager ones up to inductor's rounding (and the flipped 4-bit codes it causes)."""
+    from torch._inductor import config as inductor_config
+
+    from dirotq.eval.metrics import psnr
+
+    root, model, common = env
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no pool of compile workers left running
+    ckpt = root / "ckpt" / "dirotq-w4a4-g64-r16-tiny-pixart"
+    if not ckpt.is_dir():
+        pytest.skip("needs the checkpoint written by test_quantize_writes_a_checkpoint_named_by_the_recipe")
+    base = ["generate", *common, "--prompt", PROMPTS[0], "--seed", "4", "--checkpoint", str(ckpt)]
+    assert main([*base, "--out", str(root / "gen-eager")]) == 0
+    assert main([*base, "--compile", "blocks", "--out", str(root / "gen-compiled")]) == 0
+    out = capsys.readouterr().out
+    assert "compiled quantized:" in out and "0 graph breaks" in out
+    info = json.loads(next((root / "gen-compiled").glob("*.json")).read_text())
+    assert info["compile"]["scope"] == "blocks"
+    for side in ("reference", "quantized"):
+        assert info["compile"][side]["graphs"] >= 1 and info["compile"][side]["graph_breaks"] == 0
+    from PIL import Image
+
+    for suffix, floor in (("_reference.png", 40.0), ("_w4a4.png", 25.0)):
+        eager = Image.open(next((root / "gen-eager").glob(f"*{suffix}")))
+        compiled = Image.open(next((root / "gen-compiled").glob(f"*{suffix}")))
+        assert psnr(eager, compiled) > floor, suffix
+
+
+def test_compile_pair_fails_loudly_at_the_recompile_limit(monkeypatch):
+    """Blocks whose layers differ in shape recompile; past dynamo's limit it would run them eagerly
+    without a word, so compile_pair raises instead (and names the way out)."""
+    import torch._dynamo
+
+    from dirotq.compiling import compile_transformer, uncompile
+    from dirotq.generate import compile_pair
+    from tests.tiny_pipelines import build_tiny_pixart_pipeline
+
+    pipe = build_tiny_pixart_pipeline(seed=0)
+    with pytest.raises(ValueError, match="compile scope 'layers'"):
+        compile_transformer(pipe.transformer, "layers")
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        compile_transformer(pipe.transformer, "blocks", "fast")
+    # the first block's attention a different width than the second's: two shapes, limit one
+    blocks = list(pipe.transformer.transformer_blocks)
+    torch.manual_seed(0)
+    blocks[1].attn1.to_q = torch.nn.Linear(blocks[1].attn1.to_q.in_features, blocks[1].attn1.to_q.out_features,
+                                           bias=False)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(RuntimeError, match="recompile_limit"):
+            compile_pair(pipe, pipe.transformer, PROMPTS[0], 0, guidance_scale=4.5, backend="eager")
+    finally:
+        uncompile(blocks)
+        torch._dynamo.reset()
