@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 SCOPES = ("blocks", "model")
@@ -83,7 +82,7 @@ class CompileCounter:
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
         self.graphs = int(self._counters["stats"]["unique_graphs"]) - self._graphs0
         now = dict(self._counters["graph_break"])
