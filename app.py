@@ -449,20 +449,21 @@ def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, scale_
               + table)
     else:
         worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
-        table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {'—' if r['kind'] == 'w4a16' else r['rank']} | "
+        table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {'—' if r['kind'] != 'w4a4' else r['rank']} | "
                           f"{_fmt(r['sqnr_db'], ' dB')} | {r['rel_mse']:.2e} |" for r in worst)
         md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n"
               "|---|---|---|---|---|\n" + table)
-    n16 = sum(r["kind"] == "w4a16" for r in rows)
-    if n16:
-        md += (f"\n\n{n16} W4A16 layers (weight-only: 16-bit activations, so no 16-bit rank and not in the Rank "
-               "plan): their error is the 4-bit weights' alone, and a rank plan cannot lower it")
+    weight_only = {k: sum(r["kind"] == k for r in rows) for k in ("w4a16", "w8a16")}
+    if any(weight_only.values()):
+        counts = " and ".join(f"{n} {k.upper()}" for k, n in weight_only.items() if n)
+        md += (f"\n\n{counts} layers (weight-only: 16-bit activations, so no 16-bit rank and not in the Rank "
+               "plan): their error is the weights' alone, and a rank plan cannot lower it")
     return _ok(f"{len(rows)} layers quantized with {method} ({FORMAT_LABELS[fmt]}) in {dt:.1f} s"), fig, md
 
 
 def _kind_cell(kind: str) -> str:
     """The kind column of a layer list: W4A16 layers say that no rank applies to them."""
-    return "W4A16, weight-only: not rank-able" if kind == "w4a16" else kind.upper()
+    return f"{kind.upper()}, weight-only: not rank-able" if kind != "w4a4" else kind.upper()
 
 
 # ------------------------------------------------------------------------------- rank plan

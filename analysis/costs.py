@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from dirotq.config import QuantConfig
+from dirotq.config import WEIGHT_ONLY_KINDS, QuantConfig, weight_only_bits
 from dirotq.registry import get_method, make_config
 
 
@@ -21,9 +21,12 @@ def _pad(n: int, g: int) -> int:
     return int(math.ceil(n / g) * g) if n else 0
 
 
-def _w4(o: int, k: int, g: int) -> dict[str, float]:
-    """Bits of a 4-bit weight (o, k): packed codes over the padded width + one fp16 scale per group."""
-    return {"weight": 4.0 * o * _pad(k, g), "scales": 16.0 * o * math.ceil(k / g) if k else 0.0}
+def _w4(o: int, k: int, g: int, bits: int = 4) -> dict[str, float]:
+    """Bits of a ``bits``-bit weight (o, k) (4 or 8): codes over the padded width + one fp16 scale
+    per group; 16 bits: the weight itself."""
+    if bits == 16:
+        return {"weight": 16.0 * o * k}
+    return {"weight": float(bits) * o * _pad(k, g), "scales": 16.0 * o * math.ceil(k / g) if k else 0.0}
 
 
 def layer_cost(d: int, o: int, method: str, rank: int = 0, *, config: QuantConfig | None = None, bias: bool = True,
@@ -32,23 +35,23 @@ def layer_cost(d: int, o: int, method: str, rank: int = 0, *, config: QuantConfi
     quantized layer under ``method`` (its default config unless ``config`` is given), plus the
     W4A4 (RTN) and BF16 references.
 
-    ``kind="w4a16"`` targets run weight-only whatever the method (their rank is ignored); unranked
-    methods ignore ``rank``.
+    ``kind="w4a16"`` / ``"w8a16"`` targets run weight-only whatever the method (their rank is
+    ignored; W8A16 with 8-bit weights); unranked methods ignore ``rank``.
     """
     spec = get_method(method)
     config = config if config is not None else make_config(method)
     g = config.group_size
-    r = int(rank) if spec.ranked and kind == "w4a4" else 0
+    r = int(rank) if spec.ranked and kind not in WEIGHT_ONLY_KINDS else 0
     if not 0 <= r <= d:
         raise ValueError(f"rank {r} out of range [0, {d}]")
-    if kind == "w4a16":
+    if kind in WEIGHT_ONLY_KINDS:
         method = "w4a16"
         spec = get_method(method)
-        config = make_config(method, {"group_size": g})
+        config = make_config(method, {"group_size": g, "weight_bits": weight_only_bits(kind, config.weight_bits)})
     extra = spec.cost(d, o, r, config)
     bits = dict(extra.extra_bits)
     k4 = d if extra.quantized_width is None else extra.quantized_width
-    bits.update(_w4(o, k4, g))
+    bits.update(_w4(o, k4, g, config.weight_bits))
     if bias:
         bits["bias"] = 16.0 * o
     base = _w4(o, d, g)

@@ -230,7 +230,7 @@ class ExplorerSession:
         s = self.layer_spec(name)
         shared = [n.rsplit(".", 1)[-1] for n, t in self.targets.items() if t.group == s.group and n != name]
         note = f", shares its input with {', '.join(shared)}" if shared else ""
-        kind = "W4A16 by default (weight-only)" if s.kind == "w4a16" else "W4A4"
+        kind = f"{s.kind.upper()} by default (weight-only)" if s.kind != "w4a4" else "W4A4"
         text = f"`{name}`: {s.in_features} → {s.out_features}, {kind}{note}"
         if self.stats is not None:
             st = self.stats.for_layer(name)

@@ -33,8 +33,13 @@ MODELS = {"FLUX.1-dev": ("FluxTransformer2DModel", FLUX_DEV),
 RANK = 32
 # extra rows per model: the default method with adapter overrides. PixArt keeps its cross-attention K/V
 # 16-bit by default (they read the caption tokens, computed once per prompt); as W4A16 they move the
-# checkpoint towards the issue's ≤ 0.30× bf16 (bench_e2e's --pixart-cross-kv w4a16, its default)
-OVERRIDE_ROWS = {"PixArt-Sigma-XL-2-1024-MS": [{"attn2.to_k": "w4a16", "attn2.to_v": "w4a16"}]}
+# checkpoint towards the issue's ≤ 0.30× bf16 (bench_e2e's --pixart-cross-kv w4a16, its default); the
+# conditioning linears outside the blocks (timestep/caption embedders, adaLN) as W4A16 too
+# ("conditioning": the adapter's weight_only_outside list) bring PixArt-Σ and FLUX.1-dev to their targets
+CROSS_KV_W4A16 = {"attn2.to_k": "w4a16", "attn2.to_v": "w4a16"}
+OVERRIDE_ROWS = {"PixArt-Sigma-XL-2-1024-MS": [CROSS_KV_W4A16, {**CROSS_KV_W4A16, "conditioning": "w8a16"},
+                                               {**CROSS_KV_W4A16, "conditioning": "w4a16"}],
+                 "FLUX.1-dev": [{"conditioning": "w8a16"}, {"conditioning": "w4a16"}]}
 
 
 def meta_model(class_name: str, config: dict) -> torch.nn.Module:
@@ -52,10 +57,11 @@ def checkpoint_bytes(model: torch.nn.Module, method: str, rank: int,
     """Bytes of a checkpoint of ``model`` quantized with ``method`` at one shared ``rank``:
     quantized targets (cost model) + every other parameter at 2 bytes (bf16). ``overrides``: the
     adapter's layer-type overrides (e.g. PixArt's cross-attention K/V as ``"w4a16"``: weight-only
-    INT4 codes + scales + bias, as the cost model counts every W4A16 target)."""
+    INT4 codes + scales + bias, as the cost model counts every weight-only target; ``"conditioning"``:
+    the family's conditioning linears outside the blocks, e.g. as ``"w8a16"``, 8-bit weights)."""
     adapter = get_adapter(model)
     if overrides:
-        adapter = type(adapter)({**adapter.overrides, **overrides})
+        adapter = type(adapter)({**adapter.overrides, **adapter.expand_conditioning(model, overrides)})
     targets = adapter.targets(model)
     cost = plan_cost(targets, {n: rank for n in targets}, method)["total"]
     target_params = {f"{n}.{p}" for n in targets for p in ("weight", "bias")}

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .config import KINDS
 from .registry import DEFAULT_METHOD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,7 +120,7 @@ def _rank_arg(args):
     return args.rank
 
 
-LAYER_KINDS = {"w4a4": "w4a4", "w4a16": "w4a16", "16bit": None}
+LAYER_KINDS = {"w4a4": "w4a4", "w4a16": "w4a16", "w8a16": "w8a16", "16bit": None}
 
 
 def _layer_kind(text: str) -> tuple[str, str | None]:
@@ -143,10 +144,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="text tokens per prompt (default: the pipeline's, capped at the tokenizer's maximum)")
     p.add_argument("--layer-kind", type=_layer_kind, action="append", default=None, metavar="TYPE=KIND",
-                   help="quantize a layer type otherwise than the model family's default: KIND is w4a4, w4a16 or "
-                        "16bit (repeatable; e.g. PixArt's cross-attention K/V, 16-bit by default: "
-                        "--layer-kind attn2.to_k=w4a4 --layer-kind attn2.to_v=w4a4). Give the same to "
-                        "calibrate, quantize, generate and evaluate")
+                   help="quantize a layer type otherwise than the model family's default: KIND is w4a4, w4a16, "
+                        "w8a16 (8-bit weights) or 16bit (repeatable; e.g. PixArt's cross-attention K/V, 16-bit by default: "
+                        "--layer-kind attn2.to_k=w4a4 --layer-kind attn2.to_v=w4a4); a linear outside the blocks by "
+                        "its full name (adaln_single.linear=w4a16), or all the family's conditioning linears as "
+                        "conditioning=w4a16. Give the same to calibrate, quantize, generate and evaluate")
 
 
 def _add_sampling(p: argparse.ArgumentParser, steps_help: str = "denoising steps (default 20)") -> None:
@@ -384,17 +386,24 @@ def _adapter(args, transformer):
     from torch import nn
 
     from .models import get_adapter
+    from .models.base import CONDITIONING
 
     base = get_adapter(transformer)
     overrides = dict(getattr(args, "layer_kind", None) or [])
     if not overrides:
         return base
+    outside = base.outside_layers(transformer)
+    try:
+        overrides = base.expand_conditioning(transformer, overrides)
+    except ValueError as e:
+        raise BadInput(f"--layer-kind {CONDITIONING}=…: {e}") from None
     known = {f"{b.type_prefix}{n}" for b in base.blocks(transformer) for n, m in b.module.named_modules()
              if isinstance(m, nn.Linear)}
-    unknown = sorted(set(overrides) - known)
+    unknown = sorted(set(overrides) - known - set(outside))
     if unknown:
         raise BadInput(f"--layer-kind: {', '.join(unknown)} is not a layer type of this model; its layer types: "
-                       f"{', '.join(sorted(known))}")
+                       f"{', '.join(sorted(known))}; outside the blocks: {', '.join(outside)} "
+                       f"(or {CONDITIONING} for the conditioning ones)")
     return type(base)({**base.overrides, **overrides})
 
 
@@ -545,7 +554,7 @@ def cmd_quantize(args) -> int:
         reports = _gather_reports(report, info)
         if not info.is_main:
             return 0
-        report = {"summary": {k: sum(r["summary"].get(k, 0) for r in reports) for k in ("layers", "w4a4", "w4a16")}}
+        report = {"summary": {k: sum(r["summary"].get(k, 0) for r in reports) for k in ("layers", *KINDS)}}
     else:
         report = quantize_(transformer, config, stats, adapter=adapter, targets=layers, linalg=linalg)
         save_quantized(transformer, path, max_shard_size=args.max_shard_size)
@@ -558,7 +567,8 @@ def cmd_quantize(args) -> int:
                  if allocation.get("processes", 1) > 1 else ""))
     s = report["summary"]
     err = f", mean layer rel. MSE {s['mean_rel_mse']:.4g}" if "mean_rel_mse" in s else ""
-    print(f"quantized {s['layers']} layers ({s['w4a4']} W4A4, {s['w4a16']} W4A16) with {config.tag()}{err}")
+    kinds = ", ".join(f"{s.get(k, 0)} {k.upper()}" for k in KINDS if k != "w8a16" or s.get(k))
+    print(f"quantized {s['layers']} layers ({kinds}) with {config.tag()}{err}")
     print(f"checkpoint: {path}")
     return 0
 

@@ -17,6 +17,15 @@ from typing import Any, ClassVar, Mapping, Union
 from .quantizers import SCALE_FORMATS
 
 DEFAULT_KEY = "_default"
+# target kinds whose activations stay 16-bit (no rank), by the bits their weights get from a 4-bit config
+WEIGHT_ONLY_KINDS = {"w4a16": 4, "w8a16": 8}
+KINDS = ("w4a4", *WEIGHT_ONLY_KINDS)  # what a quantization target can be (TargetSpec.kind)
+
+
+def weight_only_bits(kind: str, config_bits: int) -> int:
+    """Weight bits of a weight-only target of ``kind`` under a config with ``config_bits``-bit weights:
+    W4A16 follows the config (8 or 16 in studies); W8A16 keeps 8 bits unless the config keeps 16."""
+    return 8 if kind == "w8a16" and config_bits != 16 else config_bits
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,8 @@ class RankPlan:
     def resolve(self, targets: Mapping[str, Any]) -> dict[str, int]:
         """The rank of every target, checked against the model: the one place a rank is validated.
 
-        targets: name -> spec with ``in_features`` and ``kind`` ("w4a4" | "w4a16"; a TargetSpec).
+        targets: name -> spec with ``in_features`` and ``kind`` ("w4a4" or weight-only "w4a16" /
+        "w8a16"; a TargetSpec).
         A named layer that is not a target, a layer named for a W4A16 target (it has no 16-bit
         branch) or a rank above the layer's input width is an error naming the layer. W4A16
         targets resolve to rank 0. Returns ``{name: rank}`` for every target.
@@ -66,13 +76,13 @@ class RankPlan:
             sample = ", ".join(sorted(targets)[:3])
             raise ValueError(f"rank plan names layers this model does not have: {unknown[:5]} "
                              f"(is it a plan for another model? this one has e.g. {sample})")
-        weight_only = [n for n in self.ranks if n in targets and getattr(targets[n], "kind", "w4a4") == "w4a16"]
+        weight_only = [n for n in self.ranks if n in targets and getattr(targets[n], "kind", "w4a4") in WEIGHT_ONLY_KINDS]
         if weight_only:
             raise ValueError(f"rank plan names weight-only (W4A16) layers, which have no 16-bit rank: "
                              f"{weight_only[:5]}")
         out = {}
         for name, spec in targets.items():
-            if getattr(spec, "kind", "w4a4") == "w4a16":
+            if getattr(spec, "kind", "w4a4") in WEIGHT_ONLY_KINDS:
                 out[name] = 0
                 continue
             d = spec.in_features

@@ -351,7 +351,9 @@ def quantize_sharded(transformer: Any, config: Any, stats: Any, folder: str | os
     targets = adapter.targets(transformer)
     mine = owned_targets(targets, info, layers)
     log.info("rank %d quantizes %d of %d targets", info.rank, len(mine), len(targets) if layers is None else len(layers))
-    report: dict = {"layers": {}, "summary": {"layers": 0, "w4a4": 0, "w4a16": 0}}
+    from .config import KINDS
+
+    report: dict = {"layers": {}, "summary": {"layers": 0, **{k: 0 for k in KINDS}}}
     if mine:
         report = quantize_(transformer, config, stats, adapter=adapter, targets=mine, **quantize_kw)
     everyone = gather_objects(mine, info)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .config import DEFAULT_KEY, QuantConfig, RankPlan
+from .config import DEFAULT_KEY, KINDS, WEIGHT_ONLY_KINDS, QuantConfig, RankPlan
 from .methods.common import BasisCache, GPTQBatcher, LinalgSettings, compute_device, deferred_gptq, use_linalg
 from .methods.w4a16 import weight_only_config
 from .modules import QuantLinear
@@ -53,7 +53,7 @@ def quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: 
 
     stats: the layer's ``LayerStats`` (second moment (d, d), abs_max (d,), …) or None for methods
     that need none; rank: 16-bit rank (default: the config's rank plan for ``spec.name``);
-    spec: the ``TargetSpec`` (name for messages, kind "w4a16" -> weight-only, head_dim);
+    spec: the ``TargetSpec`` (name for messages, kind "w4a16" / "w8a16" -> weight-only, head_dim);
     cache: eigendecomposition cache (default: a module-level LRU keyed by the stats object, so
     error-vs-rank sweeps over one layer pay for eigh once); linalg: where and in which precision
     the linear algebra runs (default: the layer's device, float64; ``LinalgSettings``).
@@ -73,8 +73,8 @@ def _quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, rank: in
         raise TypeError(f"quantize_layer takes an nn.Linear, got {type(linear).__name__}")
     name = getattr(spec, "name", None) or "layer"
     kind = getattr(spec, "kind", "w4a4")
-    if kind == "w4a16":  # weight-only under any method: no 16-bit branch
-        config, r = weight_only_config(config), 0
+    if kind in WEIGHT_ONLY_KINDS:  # weight-only under any method: no 16-bit branch
+        config, r = weight_only_config(config, kind), 0
     else:
         if rank is None:
             rank = config.rank_plan().ranks.get(name, config.rank_plan().ranks.get(DEFAULT_KEY, 0))
@@ -350,7 +350,8 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
             mod = model.get_submodule(name)
             if not isinstance(mod, nn.Linear):
                 raise TypeError(f"target {name!r} is a {type(mod).__name__}, not an nn.Linear (already quantized?)")
-        if stats is None and any(needs_stats(weight_only_config(config) if s.kind == "w4a16" else config)
+        if stats is None and any(needs_stats(weight_only_config(config, s.kind) if s.kind in WEIGHT_ONLY_KINDS
+                                             else config)
                                  for s in specs.values()):
             raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics: "
                              "stats = dirotq.calibrate(pipe, prompts), then quantize_(model, config, stats)")
@@ -441,8 +442,7 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
     layers = {n: layers[n] for n in specs}  # report in the model's layer order
     set_quantization_record(model, config, layers)
     errs = [v["rel_mse"] for v in layers.values() if "rel_mse" in v]
-    summary = {"layers": len(layers), "w4a4": sum(v["kind"] == "w4a4" for v in layers.values()),
-               "w4a16": sum(v["kind"] == "w4a16" for v in layers.values())}
+    summary = {"layers": len(layers), **{k: sum(v["kind"] == k for v in layers.values()) for k in KINDS}}
     if errs:
         summary["mean_rel_mse"] = sum(errs) / len(errs)
         summary["max_rel_mse"] = max(errs)

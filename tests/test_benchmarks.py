@@ -189,6 +189,35 @@ def test_cross_kv_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     assert "| exact | W4A16 |" in Path(f"{out}.md").read_text()
 
 
+def test_conditioning_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
+    """bench_conditioning on a tiny random PixArt pipeline: the conditioning linears outside the blocks
+    as W4A16 (RTN, GPTQ) and W8A16, alone, split and with the cross-attention K/V; the layers become
+    targets of the row's kind, 8-bit weights store more than 4-bit, paired differences."""
+    import json
+
+    from benchmarks.bench_conditioning import main
+    from tests.tiny_pipelines import build_tiny_pixart_pipeline
+
+    build_tiny_pixart_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out" / "cond"
+    assert main(["--model", str(tmp_path / "pipe"), "--limit", "2", "--steps", "2", "--calib-limit", "2",
+                 "--formats", "exact", "--rank", "16", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(Path(f"{out}.json").read_text())["rows"]}
+    assert list(rows) == ["default", "conditioning W4A16", "conditioning W4A16, GPTQ", "conditioning W8A16",
+                          "timestep + adaLN W4A16", "text projection W4A16", "cross-attn K/V W4A16",
+                          "cross-attn K/V W4A16 + conditioning W8A16", "cross-attn K/V W4A16 + conditioning W4A16, GPTQ"]
+    base = rows["default"]["targets"]
+    assert rows["conditioning W4A16"]["targets"]["w4a16"] == base["w4a16"] + 5  # timestep ×2, adaLN, caption ×2
+    assert rows["conditioning W8A16"]["targets"]["w8a16"] == 5
+    assert rows["conditioning W4A16, GPTQ"]["conditioning_config"]["weights"] == "gptq"
+    b = {k: r["checkpoint_bytes"] for k, r in rows.items()}
+    assert b["conditioning W4A16"] == b["conditioning W4A16, GPTQ"] < b["conditioning W8A16"] < b["default"]
+    # GPTQ moves the weights: not the RTN row's images
+    assert rows["conditioning W4A16, GPTQ"]["per_image_psnr"] != rows["conditioning W4A16"]["per_image_psnr"]
+    assert all("vs_default" in r for k, r in rows.items() if k != "default")
+    assert "| exact | conditioning W8A16 |" in Path(f"{out}.md").read_text()
+
+
 def test_ff_down_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     """bench_ff_down on a tiny random PixArt pipeline: ff.net.2 as W4A16 (the reference row), then W4A4
     at rank 0, r and 2r: the ranks reach the layers (the checkpoint grows with them), paired differences."""

@@ -179,12 +179,44 @@ def test_layer_kind_quantizes_pixarts_cross_attention_kv_through_every_verb(env,
     assert "12× W4A4" in backend and "(4 of them fused from 10 layers that share an input)" in backend
 
 
+def test_layer_kind_conditioning_quantizes_the_linears_outside_the_blocks(env, capsys, monkeypatch):
+    """--layer-kind conditioning=w8a16: PixArt's timestep embedder, adaLN-single and caption projection
+    (16-bit by default) become weight-only targets with 8-bit weights, are quantized, and load back as
+    such; one of them can still be set apart by name (here 4-bit weights)."""
+    root, model, common = env
+    monkeypatch.chdir(root)
+    kinds = ["--layer-kind", "conditioning=w8a16", "--layer-kind", "caption_projection.linear_2=w4a16"]
+    assert main(["quantize", "--model", str(model), "--dry-run", *kinds, "--out", str(root / "cond")]) == 0
+    assert "14 W4A4 targets, 3 W4A16, 4 W8A16" in capsys.readouterr().out  # 2 ff.net.2 + 1; 4 conditioning
+    assert main(["quantize", *common, "--rank", "16", "--allocate", "fixed", *kinds, "--out", str(root / "cond")]) == 0
+    assert "(14 W4A4, 3 W4A16, 4 W8A16)" in capsys.readouterr().out
+    from dirotq.checkpoint import load_quantized
+    from dirotq.modules import QuantLinear
+
+    (path,) = (root / "cond").iterdir()
+    assert path.name.endswith("-caption_projection.linear_2=w4a16-conditioning=w8a16")
+    q = load_quantized(path)
+    for name in ("adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_1", "caption_projection.linear_1"):
+        layer = q.get_submodule(name)
+        assert isinstance(layer, QuantLinear) and layer.act_bits is None and layer.weight_bits == 8, name
+    layer = q.get_submodule("caption_projection.linear_2")
+    assert isinstance(layer, QuantLinear) and layer.weight_bits == 4
+    assert not isinstance(q.get_submodule("proj_out"), QuantLinear)
+    # a rank plan cannot name a weight-only layer
+    plan = root / "cond-plan.json"
+    plan.write_text(json.dumps({"_default": 8, "adaln_single.linear": 8}))
+    assert main(["quantize", "--model", str(model), "--dry-run", *kinds, "--rank-plan", str(plan)]) == 2
+    assert "weight-only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["quantize", "--model", "/no/such/model", "--dry-run"], "does not exist"),
     (["quantize", "--rank", "65", "--dry-run"], "exceeds"),
     (["quantize", "--rank-plan", "{plan}", "--dry-run"], "not valid JSON"),
     (["quantize", "--rank-plan", "{missing}", "--dry-run"], "not found"),
     (["quantize", "--layer-kind", "attn3.to_k=w4a4", "--dry-run"], "attn3.to_k is not a layer type of this model"),
+    # the names outside the blocks an override may use are listed
+    (["quantize", "--layer-kind", "adaln.linear=w4a16", "--dry-run"], "outside the blocks: proj_out"),
 ])
 def test_bad_input_is_one_line_and_exit_2(env, capsys, argv, message):
     root, model, _ = env
@@ -206,7 +238,7 @@ def test_malformed_flags_exit_2(capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         main(["quantize", "--layer-kind", "attn2.to_k=int8", "--dry-run"])
-    assert e.value.code == 2 and "KIND one of w4a4, w4a16, 16bit" in capsys.readouterr().err
+    assert e.value.code == 2 and "KIND one of w4a4, w4a16, w8a16, 16bit" in capsys.readouterr().err
 
 
 def test_missing_model_in_a_subprocess_is_one_line_no_traceback(env):

@@ -125,6 +125,55 @@ def test_overrides_change_kinds(tiny):
         PixArtAdapter({"ff.net.2": "w8a8"})
 
 
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_conditioning_linears_outside_the_blocks_become_w4a16_targets_by_override(tiny, family, tmp_path):
+    """The conditioning linears outside the blocks stay 16-bit by default; the alias
+    ``conditioning`` (or a full name) makes them W4A16 targets outside every block, and a model
+    quantized so runs, stores and loads them like any other target."""
+    from dirotq.checkpoint import load_quantized, save_quantized
+    from dirotq.methods import DiRotQLRConfig
+    from dirotq.models.base import CONDITIONING, OUTSIDE_BLOCKS
+    from dirotq.modules import QuantLinear
+    from dirotq.quantize import quantize_
+
+    model = tiny[family]
+    base = ADAPTERS[family]
+    conditioning = base.expand_conditioning(model, {CONDITIONING: "w4a16"})
+    expected = {"pixart": {"adaln_single.linear", "caption_projection.linear_1", "caption_projection.linear_2",
+                           "adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_2"},
+                "flux": {"context_embedder", "norm_out.linear", *(f"time_text_embed.{e}_embedder.linear_{i}"
+                                                                  for e in ("timestep", "guidance", "text") for i in (1, 2))}}
+    assert set(conditioning) == expected[family] and set(conditioning.values()) == {"w4a16"}
+    assert not set(conditioning) & set(base.targets(model))  # 16-bit by default
+    # an explicit name wins over the alias; the final projection is not a conditioning linear
+    assert "proj_out" in base.outside_layers(model) and "proj_out" not in conditioning
+    first = min(conditioning)
+    assert base.expand_conditioning(model, {CONDITIONING: "w4a16", first: None})[first] is None
+    adapter = type(base)(conditioning)
+    targets = adapter.targets(model)
+    outside = {n: s for n, s in targets.items() if s.block == OUTSIDE_BLOCKS}
+    assert set(outside) == set(conditioning)
+    assert all(s.kind == "w4a16" and s.layer_type == n and s.group == n for n, s in outside.items())
+    assert not set(conditioning) & set(adapter.kept_16bit(model))
+    assert sum(s.kind == "w4a4" for s in targets.values()) == COUNTS[family][0]  # the blocks unchanged
+    assert "kept 16-bit by adapter override" in type(base)({first: None}).kept_16bit(model)[first]
+    assert type(base)({first: "w8a16"}).targets(model)[first].kind == "w8a16"
+    q = ADAPTERS[family].build_tiny(0)
+    example = adapter.example_inputs(q, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = q(**example, return_dict=False)[0]
+    quantize_(q, DiRotQLRConfig(rank=8), None, adapter=adapter, targets=list(outside), measure_error=False,
+              progress=lambda *a: None)
+    assert all(isinstance(q.get_submodule(n), QuantLinear) and q.get_submodule(n).act_bits is None for n in outside)
+    with torch.no_grad():
+        y = q(**example, return_dict=False)[0]
+    err = float((y - ref).norm() / ref.norm())
+    assert 0 < err < 0.2, err  # INT4 weights change the output, a little
+    save_quantized(q, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "ckpt")(**example, return_dict=False)[0], y)
+
+
 class _Unknown(nn.Module):
     def __init__(self):
         super().__init__()

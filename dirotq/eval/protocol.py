@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..config import QuantConfig, RankPlan, as_rank_plan
+from ..config import WEIGHT_ONLY_KINDS, QuantConfig, RankPlan, as_rank_plan
 from ..generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, quantized_copy
 from ..pipelines import call_kwargs
 from ..registry import is_ranked, method_names, needs_stats, preset_names
@@ -210,7 +210,7 @@ class Evaluator:
     def method_images(self, label: str, config: QuantConfig, bar=None) -> tuple[ImageSet, dict | None]:
         """Images of ``config`` (quantizing only if some are missing) and its ``quantize_`` report."""
         uses_stats = needs_stats(config) or any(
-            s.kind == "w4a16" and config.weights == "gptq" for s in self.targets.values())
+            s.kind in WEIGHT_ONLY_KINDS and config.weights == "gptq" for s in self.targets.values())
         key = {**self.base_key, "config": config.to_dict()}
         if config.scale_format == "int_ratio":  # images of an earlier format C encoding are not reused
             from ..quantizers import int_ratio_revision

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import QuantConfig, weight_only_bits
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
 from .common import check_width, make_quant_linear, quantize_weight, stats_hessian, weight_and_bias
@@ -22,12 +22,14 @@ class W4A16Config(QuantConfig):
     act_bits: int | None = None
 
 
-def weight_only_config(config: QuantConfig) -> W4A16Config:
-    """The W4A16 config with ``config``'s weight settings (bits, group, scale format, RTN/GPTQ):
-    what a ``kind="w4a16"`` target gets under any method."""
+def weight_only_config(config: QuantConfig, kind: str = "w4a16") -> W4A16Config:
+    """The weight-only config with ``config``'s weight settings (group, scale format, RTN/GPTQ) and the
+    weight bits of ``kind`` (``dirotq.config.weight_only_bits``): what a ``kind="w4a16"`` or
+    ``"w8a16"`` target gets under any method."""
+    bits = weight_only_bits(kind, config.weight_bits)
     if isinstance(config, W4A16Config):
-        return config
-    return W4A16Config(weight_bits=config.weight_bits, group_size=config.group_size,
+        return config if config.weight_bits == bits else replace(config, weight_bits=bits)
+    return W4A16Config(weight_bits=bits, group_size=config.group_size,
                        scale_format=config.scale_format, weights=config.weights, gptq_damping=config.gptq_damping,
                        gptq_block=config.gptq_block, gptq_act_order=config.gptq_act_order)
 

@@ -46,10 +46,11 @@ def target_report(model: nn.Module, adapter: ModelAdapter | None = None) -> str:
     targets, kept = adapter._walk(model)
     n44 = sum(s.kind == "w4a4" for s in targets.values())
     n416 = sum(s.kind == "w4a16" for s in targets.values())
+    n816 = sum(s.kind == "w8a16" for s in targets.values())
     unknown = [n for n, r in kept.items() if r.startswith("outside the transformer blocks")]
     if adapter.family == "generic":
         unknown = list(targets) + unknown
-    parts = [f"{n44} W4A4 targets", f"{n416} W4A16", f"{len(kept)} kept 16-bit"]
+    parts = [f"{n44} W4A4 targets", f"{n416} W4A16", *([f"{n816} W8A16"] if n816 else []), f"{len(kept)} kept 16-bit"]
     if unknown:
         shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
         parts.append(f"{len(unknown)} unknown names ({shown})")

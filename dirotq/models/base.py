@@ -3,7 +3,8 @@
 The algorithm code never knows a model family. An adapter answers, for one diffusers transformer
 class, the model plumbing questions:
 
-- which ``nn.Linear`` layers are targets and in which format (``"w4a4"`` or ``"w4a16"``),
+- which ``nn.Linear`` layers are targets and in which format (``"w4a4"``, or weight-only ``"w4a16"`` /
+  ``"w8a16"``),
 - which linears stay 16-bit and why (embedders, adaLN modulation, final projection, …),
 - which targets read the *same* input tensor (q/k/v of one attention, …): they share one
   calibration and one rotation T (docs/DESIGN.md §5: "Layers whose input is shared … share one
@@ -24,7 +25,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-KINDS = ("w4a4", "w4a16")
+from ..config import KINDS  # W4A4, and weight-only W4A16 / W8A16 (also imported from here)
+
+CONDITIONING = "conditioning"  # overrides alias: the family's weight_only_outside linears (expand_conditioning)
+OUTSIDE_BLOCKS = -1  # TargetSpec.block of a target outside the transformer blocks (an overridden embedder)
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,12 @@ class TargetSpec:
     """One quantization target (an ``nn.Linear`` inside a transformer block).
 
     - ``name``: ``named_modules()`` name, e.g. ``"transformer_blocks.3.attn1.to_q"``.
-    - ``kind``: ``"w4a4"`` (weights and activations INT4) or ``"w4a16"`` (weight-only).
+    - ``kind``: ``"w4a4"`` (weights and activations INT4), ``"w4a16"`` (weight-only, the config's
+      weight bits) or ``"w8a16"`` (weight-only, 8-bit weights).
     - ``group``: shared-input key; all targets reading the same tensor carry the name of the group's
       first member (in layer order); a layer with its own input carries its own name.
-    - ``block``: block index in execution order (FLUX: double blocks first, then single blocks).
+    - ``block``: block index in execution order (FLUX: double blocks first, then single blocks);
+      ``OUTSIDE_BLOCKS`` (−1) for a linear outside the blocks made a target by an override.
     - ``layer_type``: name with the block prefix stripped (``"attn1.to_q"``, ``"ff.net.2"``,
       ``"single:proj_mlp"`` for FLUX single-stream blocks).
     - ``in_features`` / ``out_features``: W is ``(out_features, in_features)``.
@@ -133,10 +139,14 @@ class ModelAdapter:
     # is applied to that projection's output and nothing else reads it, beyond diffusers' ``GELU``
     # modules (which hold their projection as ``proj`` and are found without being listed)
     epilogue_activations: tuple[tuple[str, str], ...] = ()
+    # linears outside the blocks that may run weight-only (W4A16) at little cost: they read a few
+    # conditioning tokens per image (``outside_weight_only``); 16-bit unless overridden by full name
+    weight_only_outside: tuple[str, ...] = ()
 
     def __init__(self, overrides: dict[str, str | None] | None = None):
         """``overrides``: layer type -> kind, or ``None`` to keep it 16-bit, replacing the family
-        default, e.g. ``PixArtAdapter({"ff.net.2": "w4a4", "attn2.to_k": "w4a4"})``."""
+        default, e.g. ``PixArtAdapter({"ff.net.2": "w4a4", "attn2.to_k": "w4a4"})``; a linear outside
+        the blocks by its full name (``{"adaln_single.linear": "w4a16"}``, see ``outside_layers``)."""
         self.overrides = dict(overrides or {})
         for lt, k in self.overrides.items():
             if k is not None and k not in KINDS:
@@ -266,9 +276,43 @@ class ModelAdapter:
             for n in names:
                 targets[n] = dataclasses.replace(targets[n], group=names[0])
         for name, m in model.named_modules():
-            if isinstance(m, nn.Linear) and name not in in_blocks:
-                kept[name] = self._outside_reason(name)
+            if not isinstance(m, nn.Linear) or name in in_blocks:
+                continue
+            # a linear outside the blocks is overridden by its full name; its "layer type" is that name
+            kind = self.overrides.get(name)
+            if kind is None:
+                kept[name] = "kept 16-bit by adapter override" if name in self.overrides else self._outside_reason(name)
+                continue
+            targets[name] = TargetSpec(name=name, kind=kind, group=name, block=OUTSIDE_BLOCKS, layer_type=name,
+                                       in_features=m.in_features, out_features=m.out_features)
         return targets, kept
+
+    def outside_layers(self, model: nn.Module) -> list[str]:
+        """The linears outside the transformer blocks (embedders, adaLN, final projection), by full name:
+        the names an override can turn into targets (16-bit by default)."""
+        in_blocks = {f"{b.prefix}.{n}" for b in self.blocks(model) for n, m in b.module.named_modules()
+                     if isinstance(m, nn.Linear)}
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in in_blocks]
+
+    def outside_weight_only(self, model: nn.Module) -> dict[str, str]:
+        """Overrides that make every listed ``weight_only_outside`` linear of ``model`` a W4A16 target:
+        the conditioning layers that run on a few tokens per image (timestep, pooled text, caption
+        projection), whose 16-bit weights are a few percent of a W4A4 checkpoint."""
+        present = set(self.outside_layers(model))
+        return {n: "w4a16" for n in self.weight_only_outside if n in present}
+
+    def expand_conditioning(self, model: nn.Module, overrides: dict[str, str | None]) -> dict[str, str | None]:
+        """``overrides`` with the alias ``CONDITIONING`` replaced by the family's conditioning linears
+        present in ``model`` (``weight_only_outside``), each with the alias's kind; names given
+        explicitly win. ``ValueError`` when the family lists none."""
+        if CONDITIONING not in overrides:
+            return dict(overrides)
+        rest = {k: v for k, v in overrides.items() if k != CONDITIONING}
+        names = list(self.outside_weight_only(model))
+        if not names:
+            raise ValueError(f"the {self.family} adapter lists no conditioning linears outside the blocks of this "
+                             "model; name them one by one")
+        return {**{n: overrides[CONDITIONING] for n in names}, **rest}
 
     def _outside_reason(self, name: str) -> str:
         """Why a linear outside the blocks stays 16-bit (embedders, adaLN-single, final proj)."""

@@ -13,7 +13,8 @@ All modulation linears of all blocks read the same silu(temb): one model-wide sh
 
 Targets: all block linears; the modulation linears are W4A16 (they are 6·d×d / 3·d×d each, a large
 share of the weights, but act on one token per sample). Kept 16-bit: x_embedder, context_embedder,
-time_text_embed, norm_out.linear, proj_out.
+time_text_embed, norm_out.linear, proj_out; all but x_embedder and proj_out can run W4A16
+(``outside_weight_only``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class FluxAdapter(ModelAdapter):
     block_containers = (("transformer_blocks", ""), ("single_transformer_blocks", "single:"))
     extra_groups = (("single:proj_mlp", "single:attn.to_q", "single:attn.to_k", "single:attn.to_v"),)
     model_wide_groups = (("norm1.linear", "norm1_context.linear", "single:norm.linear"),)
+    # the conditioning linears (timestep / guidance / pooled-text embedders and the final adaLN on one
+    # token per image, the context embedder on the 512 text tokens): 63.7 M parameters at FLUX.1-dev
+    # size; x_embedder and proj_out (image tokens, 0.4 M) stay 16-bit
+    weight_only_outside = tuple(f"time_text_embed.{e}_embedder.linear_{i}" for e in ("timestep", "guidance", "text")
+                                for i in (1, 2)) + ("context_embedder", "norm_out.linear")
     # single blocks: act_mlp(proj_mlp(x)) is only concatenated with the attention output afterwards
     epilogue_activations = (("single:proj_mlp", "single:act_mlp"),)
 
