@@ -160,7 +160,7 @@ def measure_ceilings() -> dict:
 
 
 def make_quant_linear(w: torch.Tensor, bias: torch.Tensor | None, structure: str, fmt: str, rank: int,
-                      act_bits: int | None = 4, seed: int = 0):
+                      act_bits: int | None = 4, seed: int = 0, weight_bits: int = 4):
     """A QuantLinear of ``structure`` from the float weight ``w (o, d)`` on its device, built with the
     same math as the methods (dirotq-lr: orthonormal V_r, W_res = W(I − V V ᵀ), block Hadamard;
     rtn: plain RTN) but with a random orthonormal basis: speed does not depend on the basis values,
@@ -190,7 +190,7 @@ def make_quant_linear(w: torch.Tensor, bias: torch.Tensor | None, structure: str
         fields["hadamard_signs"] = signs
     else:
         raise ValueError(structure)
-    q = quantize(wq, 4, 64, True, fmt)
+    q = quantize(wq, weight_bits, 64, True, fmt)
     m = QuantLinear(d, o, method=structure, weight=q, act_bits=act_bits, scale_format=fmt, bias=bias,
                     dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, **fields)
     return m.to(dev)

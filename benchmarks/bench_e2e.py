@@ -115,6 +115,7 @@ DEFAULT_FORMATS = ["exact", "int_ratio", "int_ratio-fused", "int_ratio-fused-tma
 # embedded model: benchmarks/results/cross_kv_tiny_pixart.md)
 PIXART_CROSS_KV = ("16bit", "w4a16", "w4a4")
 PIXART_CROSS_KV_DEFAULT = "w4a16"
+CONDITIONING_KINDS = ("16bit", "w8a16", "w4a16")  # the conditioning linears outside the blocks (--conditioning)
 
 
 def published_config(cls, config: dict) -> tuple[dict, list[str]]:
@@ -202,27 +203,36 @@ def _to(kw, dev, dt):
     return out
 
 
-def bench_targets(model, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT) -> dict:
+def bench_targets(model, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT, conditioning: str = "16bit") -> dict:
     """The adapter's targets (name -> TargetSpec), PixArt's cross-attention K/V added as W4A16 when
-    ``pixart_cross_kv == "w4a16"`` (the adapter keeps them 16-bit unless overridden). Every variant
-    quantizes this one set, so BF16, FP8 and INT4 differ only in how the same layers are stored."""
+    ``pixart_cross_kv == "w4a16"`` (the adapter keeps them 16-bit unless overridden), the conditioning
+    linears outside the blocks with ``conditioning`` = "w8a16" / "w4a16". Every variant quantizes this
+    one set, so BF16, FP8 and INT4 differ only in how the same layers are stored."""
     from dirotq.models import get_adapter
+    from dirotq.models.base import CONDITIONING
 
     if pixart_cross_kv not in PIXART_CROSS_KV:
         raise ValueError(f"pixart_cross_kv {pixart_cross_kv!r} not in {PIXART_CROSS_KV}")
+    if conditioning not in CONDITIONING_KINDS:
+        raise ValueError(f"conditioning {conditioning!r} not in {CONDITIONING_KINDS}")
     adapter = get_adapter(model)
+    overrides = dict(adapter.overrides)
     if adapter.family == "pixart" and pixart_cross_kv != "16bit":
-        adapter = type(adapter)({**adapter.overrides, "attn2.to_k": pixart_cross_kv, "attn2.to_v": pixart_cross_kv})
-    return adapter.targets(model)
+        overrides.update({"attn2.to_k": pixart_cross_kv, "attn2.to_v": pixart_cross_kv})
+    if conditioning != "16bit":
+        overrides.update(adapter.expand_conditioning(model, {CONDITIONING: conditioning}))
+    return type(adapter)(overrides).targets(model)
 
 
 @torch.no_grad()
-def quantize_model(model, variant: str, rank: int, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT) -> dict:
+def quantize_model(model, variant: str, rank: int, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT,
+                   conditioning: str = "16bit") -> dict:
     """Replace every bench target by a QuantLinear of ``variant`` (``QUANT_VARIANTS``) in place;
-    returns counts by what the layers became (``w4a4``: 4-bit activations, ``w4a16``: weight-only)."""
+    returns counts by what the layers became (``w4a4``: 4-bit activations, ``w4a16`` / ``w8a16``:
+    weight-only with 4- / 8-bit weights)."""
     structure_a4, fmt, act_bits = QUANT_VARIANTS[variant]
-    counts = {"w4a4": 0, "w4a16": 0}
-    for name, spec in bench_targets(model, pixart_cross_kv).items():
+    counts = {"w4a4": 0, "w4a16": 0, "w8a16": 0}
+    for name, spec in bench_targets(model, pixart_cross_kv, conditioning).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         lin = getattr(parent, child)
@@ -231,16 +241,17 @@ def quantize_model(model, variant: str, rank: int, pixart_cross_kv: str = PIXART
         # layers, which have no activation outliers to spread) are plain RTN
         structure = structure_a4 if act is not None and lin.in_features % 64 == 0 else "rtn"
         q = make_quant_linear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), structure, fmt,
-                              0 if structure == "rtn" else min(rank, lin.in_features), act_bits=act)
+                              0 if structure == "rtn" else min(rank, lin.in_features), act_bits=act,
+                              weight_bits=8 if spec.kind == "w8a16" else 4)
         # float buffers (branch, bias, signs) are already in the model dtype; no .to(dtype) here, which
         # would also cast the fp16 weight scales to bf16
         setattr(parent, child, q)
-        counts["w4a16" if act is None else "w4a4"] += 1
+        counts["w4a4" if act is not None else "w8a16" if spec.kind == "w8a16" else "w4a16"] += 1
         del lin
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return counts
+    return {k: n for k, n in counts.items() if k != "w8a16" or n}  # W8A16 listed only where chosen
 
 
 def _fp8_config():
@@ -438,7 +449,7 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
     t0 = time.time()
     try:
         if variant != "bf16":
-            targets = bench_targets(model, args.pixart_cross_kv)
+            targets = bench_targets(model, args.pixart_cross_kv, args.conditioning)
             if fp8:
                 import torchao
 
@@ -449,7 +460,7 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
                 structure, fmt, act_bits = QUANT_VARIANTS[variant]
                 entry["quant"] = {"structure_w4a4_targets": structure, "scale_format": fmt,
                                   "act_bits_w4a4_targets": act_bits}
-                entry["layers"] = quantize_model(model, variant, args.rank, args.pixart_cross_kv)
+                entry["layers"] = quantize_model(model, variant, args.rank, args.pixart_cross_kv, args.conditioning)
                 if variant in FUSED_VARIANTS:
                     from dirotq.fusion import fuse_for_inference
 
@@ -460,8 +471,9 @@ def run_variant(variant: str, args, dry: bool, res: dict) -> dict:
                 entry["backend"] = backend_description(model)
         else:
             entry["backend"] = "torch bf16"
-            kinds = [spec.kind for spec in bench_targets(model, args.pixart_cross_kv).values()]
-            res["targets"] = {k: kinds.count(k) for k in ("w4a4", "w4a16")}  # the adapter's kinds, every variant
+            kinds = [spec.kind for spec in bench_targets(model, args.pixart_cross_kv, args.conditioning).values()]
+            # the adapter's kinds, every variant
+            res["targets"] = {k: kinds.count(k) for k in ("w4a4", "w4a16", "w8a16") if k != "w8a16" or k in kinds}
         entry["memory"] = weight_bytes(model)
         _phase(phases, "quantize", t0)
         t0 = time.time()
@@ -499,6 +511,10 @@ def main() -> None:
     ap.add_argument("--pixart-cross-kv", choices=PIXART_CROSS_KV, default=PIXART_CROSS_KV_DEFAULT,
                     help="PixArt attn2.to_k / to_v: kept 16-bit (the adapter's default) or W4A16 in every "
                          f"variant (default {PIXART_CROSS_KV_DEFAULT}: the weight-memory target needs it)")
+    ap.add_argument("--conditioning", choices=CONDITIONING_KINDS, default="16bit",
+                    help="the conditioning linears outside the blocks (timestep/text embedders, adaLN, caption "
+                         "projection): kept 16-bit (default, the adapters' choice) or weight-only in every variant "
+                         "(w8a16: at most 0.2 dB on the embedded model, docs/EVALUATION.md)")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--flux-double-blocks", type=int, default=None)
     ap.add_argument("--flux-single-blocks", type=int, default=None)
@@ -518,6 +534,7 @@ def main() -> None:
     env = environment()
     res: dict = {"benchmark": "bench_e2e", "model": args.model, "environment": env, "dry_run": dry,
                  "rank": args.rank, "pixart_cross_kv": args.pixart_cross_kv if args.model == "pixart" else None,
+                 "conditioning": args.conditioning,
                  "variants": {}}
     t0 = time.time()
     gpu = (env.get("gpu") or "cpu-dry-run").replace(" ", "_")

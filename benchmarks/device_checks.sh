@@ -10,7 +10,8 @@
 #             TMA GEMMs on packed and cached int8 weights, and our own int8 ceiling at 8192³ (TMA_S)
 #   act       bench_act_quant: the activation kernel's passes, tile configs and stages (ACT_ARGS)
 #   host      bench_host_overhead on the GPU: host time per layer call, real launchers, one token (HOST_S)
-#   e2e       bench_e2e PixArt-Σ then FLUX (E2E_MODELS; FLUX_ARGS, e.g. a shallower FLUX when time is short)
+#   e2e       bench_e2e PixArt-Σ then FLUX (E2E_MODELS; FLUX_ARGS, e.g. a shallower FLUX when time is short;
+#             CONDITIONING, default w8a16: the conditioning linears outside the blocks at 8-bit weights, 16bit as before)
 #   compile   bench_e2e under torch.compile: BF16, W4A4 format C fused, torchao FP8, W4A16 (COMPILE_MODELS, default
 #             pixart; COMPILE_MODE, default "default"; COMPILE_SCOPE, default "blocks": each repeated block compiled,
 #             one compile per block type, or "model"; FLUX_ARGS applies to FLUX here too)
@@ -135,7 +136,7 @@ step_e2e() {
         # shellcheck disable=SC2206  # FLUX_ARGS is a word list, e.g. "--flux-double-blocks 5 --flux-single-blocks 10"
         [[ $model == flux ]] && extra=(${FLUX_ARGS:-})
         timeout -k 10 "$limit" python3 -m benchmarks.bench_e2e --model "$model" --formats "${formats[@]}" "${extra[@]}" \
-            --out "$OUT/bench_e2e_$model.json" >>"$LOG" 2>&1
+            --conditioning "${CONDITIONING:-w8a16}" --out "$OUT/bench_e2e_$model.json" >>"$LOG" 2>&1
         echo "bench_e2e $model exit $?" | tee -a "$LOG"
     done
     for model in ${E2E_MODELS:-pixart flux}; do
@@ -151,7 +152,7 @@ step_compile() {
         [[ $model == flux ]] && extra=(${FLUX_ARGS:-})
         timeout -k 10 "${COMPILE_S:-300}" python3 -m benchmarks.bench_e2e --model "$model" --no-graphs "${extra[@]}" \
             --formats int_ratio-fused fp8-torchao w4a16-int_ratio --compile "${COMPILE_MODE:-default}" \
-            --compile-scope "${COMPILE_SCOPE:-blocks}" \
+            --compile-scope "${COMPILE_SCOPE:-blocks}" --conditioning "${CONDITIONING:-w8a16}" \
             --out "$OUT/bench_e2e_${model}_compiled.json" >>"$LOG" 2>&1
         echo "bench_e2e $model compiled exit $?" | tee -a "$LOG"
         [[ -f "$OUT/bench_e2e_${model}_compiled.json" ]] \

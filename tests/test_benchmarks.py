@@ -454,3 +454,25 @@ def test_bench_linear_dry_run_runs_on_cpu(tmp_path):
     # the TMA-fed GEMM's columns (on the CPU its layout falls back to the swap kernel: the path, not the kernel)
     assert "C_dirotq-lr_r32_tma_gemm_ms" in text and "C_dirotq-lr_r32_w8_tma_gemm_ms" in text
     assert "_error" not in text
+
+
+def test_bench_e2e_conditioning_linears_as_w8a16():
+    """--conditioning w8a16: the conditioning linears outside the blocks become 8-bit weight-only
+    layers in every quantized variant, counted apart; the step still runs (reference path for them)."""
+    pytest.importorskip("diffusers")
+    from benchmarks import bench_e2e
+    from dirotq.models import ADAPTERS
+    from dirotq.modules import QuantLinear
+
+    model = ADAPTERS["pixart"].build_tiny(0)
+    example = ADAPTERS["pixart"].example_inputs(model, 2, torch.Generator().manual_seed(0))
+    counts = bench_e2e.quantize_model(model, "int_ratio", 32, "w4a16", "w8a16")
+    assert counts == {"w4a4": 14, "w4a16": 6, "w8a16": 5}
+    for name in ("adaln_single.linear", "caption_projection.linear_1"):
+        q = model.get_submodule(name)
+        assert isinstance(q, QuantLinear) and q.weight_bits == 8 and q.act_bits is None
+    assert isinstance(model.proj_out, torch.nn.Linear)
+    with torch.no_grad():
+        assert torch.isfinite(model(**example, return_dict=False)[0]).all()
+    with pytest.raises(ValueError, match="conditioning"):
+        bench_e2e.bench_targets(model, "w4a16", "w2a16")
