@@ -1,7 +1,8 @@
 """Memory and compute cost of a rank plan, summed from each method's own cost function.
 
 Per layer W: (o, d), rank r, group g, counted exactly as ``QuantLinear.storage_bits`` stores it:
-4-bit codes over the padded quantized width, one 16-bit scale per group, plus what the method adds
+4-bit codes over the padded quantized width, their scales (one 16-bit scale per group in format A; one
+per row and a 4-bit ratio per group in format C), plus what the method adds
 (``MethodSpec.cost`` in the method's file under dirotq/methods/: its extra 16-bit tensors, the
 width of its 4-bit GEMM and its extra 16-bit FLOPs per token), bias at 16 bits. "Extra" is against
 the plain W4A4 baseline (RTN: codes + scales + bias). Nothing here needs the model: only widths,
@@ -21,12 +22,15 @@ def _pad(n: int, g: int) -> int:
     return int(math.ceil(n / g) * g) if n else 0
 
 
-def _w4(o: int, k: int, g: int, bits: int = 4) -> dict[str, float]:
-    """Bits of a ``bits``-bit weight (o, k) (4 or 8): codes over the padded width + one fp16 scale
-    per group; 16 bits: the weight itself."""
+def _w4(o: int, k: int, g: int, bits: int = 4, scale_format: str = "exact") -> dict[str, float]:
+    """Bits of a ``bits``-bit weight (o, k) (4 or 8): codes over the padded width + its scales, one
+    fp16 per group (format A, "exact") or one fp16 per row and a 4-bit ratio per group (format C,
+    "int_ratio"), as ``QuantLinear.storage_bits`` counts them; 16 bits: the weight itself."""
     if bits == 16:
         return {"weight": 16.0 * o * k}
-    return {"weight": float(bits) * o * _pad(k, g), "scales": 16.0 * o * math.ceil(k / g) if k else 0.0}
+    groups = math.ceil(k / g) if k else 0
+    scales = (16.0 * o + 4.0 * o * groups) if scale_format == "int_ratio" else 16.0 * o * groups
+    return {"weight": float(bits) * o * _pad(k, g), "scales": scales if k else 0.0}
 
 
 def layer_cost(d: int, o: int, method: str, rank: int = 0, *, config: QuantConfig | None = None, bias: bool = True,
@@ -47,14 +51,16 @@ def layer_cost(d: int, o: int, method: str, rank: int = 0, *, config: QuantConfi
     if kind in WEIGHT_ONLY_KINDS:
         method = "w4a16"
         spec = get_method(method)
-        config = make_config(method, {"group_size": g, "weight_bits": weight_only_bits(kind, config.weight_bits)})
+        config = make_config(method, {"group_size": g, "weight_bits": weight_only_bits(kind, config.weight_bits),
+                                      "scale_format": config.scale_format})
     extra = spec.cost(d, o, r, config)
     bits = dict(extra.extra_bits)
     k4 = d if extra.quantized_width is None else extra.quantized_width
-    bits.update(_w4(o, k4, g, config.weight_bits))
+    fmt = config.scale_format
+    bits.update(_w4(o, k4, g, config.weight_bits, fmt))
     if bias:
         bits["bias"] = 16.0 * o
-    base = _w4(o, d, g)
+    base = _w4(o, d, g, 4, fmt)  # the plain W4A4 layer in the same scale format: "extra" is the method's own
     base_bits = base["weight"] + base["scales"] + (16.0 * o if bias else 0.0)
     total = sum(bits.values())
     extra16 = extra.params16

@@ -23,7 +23,7 @@ import torch
 from analysis.costs import plan_cost
 from benchmarks.bench_e2e import FLUX_DEV, PIXART_SIGMA_1024, published_config
 from dirotq.models import get_adapter
-from dirotq.registry import DEFAULT_METHOD, method_names
+from dirotq.registry import DEFAULT_METHOD, make_config, method_names
 
 OUT = Path(__file__).resolve().parent / "results" / "checkpoint_size.json"
 
@@ -53,17 +53,22 @@ def meta_model(class_name: str, config: dict) -> torch.nn.Module:
 
 
 def checkpoint_bytes(model: torch.nn.Module, method: str, rank: int,
-                     overrides: dict[str, str | None] | None = None) -> dict:
+                     overrides: dict[str, str | None] | None = None, scale_format: str = "exact") -> dict:
     """Bytes of a checkpoint of ``model`` quantized with ``method`` at one shared ``rank``:
     quantized targets (cost model) + every other parameter at 2 bytes (bf16). ``overrides``: the
     adapter's layer-type overrides (e.g. PixArt's cross-attention K/V as ``"w4a16"``: weight-only
     INT4 codes + scales + bias, as the cost model counts every weight-only target; ``"conditioning"``:
-    the family's conditioning linears outside the blocks, e.g. as ``"w8a16"``, 8-bit weights)."""
+    the family's conditioning linears outside the blocks, e.g. as ``"w8a16"``, 8-bit weights).
+    ``scale_format``: "exact" (format A: a 16-bit scale per group) or "int_ratio" (format C, what the
+    GPU kernels run: a 16-bit scale per row and a ratio per group, counted at 4 bits as
+    ``QuantLinear.storage_bits`` does; today's checkpoints and GPU buffers hold it as int8, 4 bits more
+    per group of 64)."""
     adapter = get_adapter(model)
     if overrides:
         adapter = type(adapter)({**adapter.overrides, **adapter.expand_conditioning(model, overrides)})
     targets = adapter.targets(model)
-    cost = plan_cost(targets, {n: rank for n in targets}, method)["total"]
+    config = make_config(method, scale_format=scale_format)
+    cost = plan_cost(targets, {n: rank for n in targets}, method, config=config)["total"]
     target_params = {f"{n}.{p}" for n in targets for p in ("weight", "bias")}
     params = list(model.named_parameters())
     rest = sum(p.numel() for n, p in params if n not in target_params)
@@ -74,6 +79,8 @@ def checkpoint_bytes(model: torch.nn.Module, method: str, rank: int,
            "extra_vs_w4a4_bytes": cost["extra_bytes"], "layers": cost["layers"]}
     if overrides:
         row["overrides"] = dict(overrides)
+    if scale_format != "exact":
+        row["scale_format"] = scale_format
     return row
 
 
@@ -94,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = [checkpoint_bytes(model, m, a.rank) for m in method_names() if m != "w4a16"]
         rows.append(checkpoint_bytes(model, "w4a16", 0))
         rows += [checkpoint_bytes(model, DEFAULT_METHOD, a.rank, o) for o in OVERRIDE_ROWS.get(name, [])]
+        # the same in format C, the GPU kernels' format
+        rows += [checkpoint_bytes(model, DEFAULT_METHOD, a.rank, o, "int_ratio")
+                 for o in [None, *OVERRIDE_ROWS.get(name, [])]]
         result["models"][name] = {"class": cls, "config": cfg, "params": params, "bf16_bytes": 2 * params,
                                   "bf16_gib": 2 * params / 2**30, "methods": rows}
         print(f"{name}: {params / 1e9:.2f} B params, bf16 {2 * params / 2**30:.1f} GiB")
         for r in rows:
             tag = " + " + ", ".join(f"{k} {v}" for k, v in r["overrides"].items()) if "overrides" in r else ""
+            tag += ", format C" if r.get("scale_format") == "int_ratio" else ""
             print(f"  {r['method']:<12} r{r['rank']:<3} {r['total_gib']:7.3f} GiB  {r['ratio_vs_bf16']:.3f}× bf16{tag}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")

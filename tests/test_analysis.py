@@ -110,13 +110,18 @@ def test_all_layers_figure_bars_are_the_rows():
     assert bars["ff.net.0.proj"] == [0.1 * 0.1] * 3 and fig.layout.yaxis2.type == "log"
 
 
+@pytest.mark.parametrize("fmt", ["exact", "int_ratio"])
 @pytest.mark.parametrize("method,rank", [("rtn", 0), ("smoothquant", 0), ("quarot", 0), ("svdquant", 16),
                                          ("dirotq", 16), ("dirotq", 0), ("dirotq-lr", 16), ("w4a16", 0)])
-def test_layer_cost_matches_module_storage(method, rank):
+def test_layer_cost_matches_module_storage(method, rank, fmt):
+    """Format A stores a scale per group, format C one per row and a ratio per group: the cost model
+    counts each as the module stores it."""
+    from dataclasses import replace
+
     lin, st = planted(d=128, o=96)
-    cfg = S.method_config(method, {}, rank)
+    cfg = replace(S.method_config(method, {}, rank), scale_format=fmt)
     q = get_method(method).handler(lin, st, cfg, rank=rank)
-    got = costs.layer_cost(128, 96, method, rank)
+    got = costs.layer_cost(128, 96, method, rank, config=cfg)
     want = q.storage_bits()
     assert got["bits"] == pytest.approx(want), (got["bits"], want)
     assert got["total_bits"] == pytest.approx(sum(want.values()))
