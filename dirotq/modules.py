@@ -249,7 +249,9 @@ class QuantLinear(nn.Module):
     # --- bookkeeping -----------------------------------------------------------------------------
     def storage_bits(self) -> dict[str, float]:
         """Bits held by this layer, by part: 4-bit codes, 16-bit scales and every 16-bit tensor
-        (branch, smoothing, rotation, bias) counted at 16 bits; compare with 16·o·d for BF16."""
+        (branch, smoothing, rotation, bias) counted at 16 bits; compare with 16·o·d for BF16. Format
+        C's per-group ratio (1…15) counts 4 bits, what it needs; the buffer and today's checkpoints
+        hold it as int8, 4 bits more per group of 64 weights."""
         parts: dict[str, float] = {}
         if self.weight_bits == 16:
             parts["weight"] = 16.0 * self.weight.numel()
