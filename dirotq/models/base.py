@@ -139,8 +139,9 @@ class ModelAdapter:
     # is applied to that projection's output and nothing else reads it, beyond diffusers' ``GELU``
     # modules (which hold their projection as ``proj`` and are found without being listed)
     epilogue_activations: tuple[tuple[str, str], ...] = ()
-    # linears outside the blocks that may run weight-only (W4A16) at little cost: they read a few
-    # conditioning tokens per image (``outside_weight_only``); 16-bit unless overridden by full name
+    # the conditioning linears outside the blocks, which may run weight-only (W8A16 / W4A16) at no time
+    # cost: they read a few conditioning tokens per image (``conditioning_layers``, the alias
+    # ``CONDITIONING``); 16-bit unless overridden
     weight_only_outside: tuple[str, ...] = ()
 
     def __init__(self, overrides: dict[str, str | None] | None = None):
@@ -294,12 +295,12 @@ class ModelAdapter:
                      if isinstance(m, nn.Linear)}
         return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in in_blocks]
 
-    def outside_weight_only(self, model: nn.Module) -> dict[str, str]:
-        """Overrides that make every listed ``weight_only_outside`` linear of ``model`` a W4A16 target:
-        the conditioning layers that run on a few tokens per image (timestep, pooled text, caption
+    def conditioning_layers(self, model: nn.Module) -> list[str]:
+        """The family's conditioning linears (``weight_only_outside``) that ``model`` has: the layers
+        outside the blocks that run on a few tokens per image (timestep, pooled text, caption
         projection), whose 16-bit weights are a few percent of a W4A4 checkpoint."""
         present = set(self.outside_layers(model))
-        return {n: "w4a16" for n in self.weight_only_outside if n in present}
+        return [n for n in self.weight_only_outside if n in present]
 
     def expand_conditioning(self, model: nn.Module, overrides: dict[str, str | None]) -> dict[str, str | None]:
         """``overrides`` with the alias ``CONDITIONING`` replaced by the family's conditioning linears
@@ -308,7 +309,7 @@ class ModelAdapter:
         if CONDITIONING not in overrides:
             return dict(overrides)
         rest = {k: v for k, v in overrides.items() if k != CONDITIONING}
-        names = list(self.outside_weight_only(model))
+        names = self.conditioning_layers(model)
         if not names:
             raise ValueError(f"the {self.family} adapter lists no conditioning linears outside the blocks of this "
                              "model; name them one by one")

@@ -14,7 +14,7 @@ All modulation linears of all blocks read the same silu(temb): one model-wide sh
 Targets: all block linears; the modulation linears are W4A16 (they are 6·d×d / 3·d×d each, a large
 share of the weights, but act on one token per sample). Kept 16-bit: x_embedder, context_embedder,
 time_text_embed, norm_out.linear, proj_out; all but x_embedder and proj_out can run W4A16
-(``outside_weight_only``).
+(``conditioning_layers``).
 """
 
 from __future__ import annotations

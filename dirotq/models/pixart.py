@@ -9,7 +9,7 @@ Full-size PixArt-Σ: 28 blocks, width 1152 (16 heads × 72), ff 4608, caption 40
 Defaults (paper): attn2.to_k / attn2.to_v stay 16-bit (they read text tokens that are the same at
 every step, computed once per prompt); ff.net.2 runs W4A16 (its input has the heaviest outliers);
 adaln_single, caption_projection, pos_embed, proj_out stay 16-bit (outside the blocks); the
-conditioning ones can run W4A16 (``outside_weight_only``).
+conditioning ones can run weight-only (``conditioning_layers``).
 """
 
 from __future__ import annotations
