@@ -125,7 +125,7 @@ def test_overrides_change_kinds(tiny):
         PixArtAdapter({"ff.net.2": "w8a8"})
 
 
-@pytest.mark.parametrize("family", ["pixart", "flux"])
+@pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "sana"])
 def test_conditioning_linears_outside_the_blocks_become_w4a16_targets_by_override(tiny, family, tmp_path):
     """The conditioning linears outside the blocks stay 16-bit by default; the alias
     ``conditioning`` (or a full name) makes them W4A16 targets outside every block, and a model
@@ -142,7 +142,11 @@ def test_conditioning_linears_outside_the_blocks_become_w4a16_targets_by_overrid
     expected = {"pixart": {"adaln_single.linear", "caption_projection.linear_1", "caption_projection.linear_2",
                            "adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_2"},
                 "flux": {"context_embedder", "norm_out.linear", *(f"time_text_embed.{e}_embedder.linear_{i}"
-                                                                  for e in ("timestep", "guidance", "text") for i in (1, 2))}}
+                                                                  for e in ("timestep", "guidance", "text") for i in (1, 2))},
+                "sd3": {"context_embedder", "norm_out.linear", *(f"time_text_embed.{e}_embedder.linear_{i}"
+                                                                 for e in ("timestep", "text") for i in (1, 2))},
+                "sana": {"time_embed.linear", "caption_projection.linear_1", "caption_projection.linear_2",
+                         "time_embed.emb.timestep_embedder.linear_1", "time_embed.emb.timestep_embedder.linear_2"}}
     assert set(conditioning) == expected[family] and set(conditioning.values()) == {"w4a16"}
     assert not set(conditioning) & set(base.targets(model))  # 16-bit by default
     # an explicit name wins over the alias; the final projection is not a conditioning linear
@@ -172,6 +176,16 @@ def test_conditioning_linears_outside_the_blocks_become_w4a16_targets_by_overrid
     save_quantized(q, tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "ckpt")(**example, return_dict=False)[0], y)
+
+
+def test_conditioning_alias_names_the_family_when_it_has_none(tiny):
+    """DiT's conditioning (adaLN, class and timestep embedders) lives inside its blocks: the alias has
+    nothing to expand and says so instead of quantizing nothing."""
+    from dirotq.models.base import CONDITIONING
+
+    with pytest.raises(ValueError, match="dit adapter lists no conditioning linears"):
+        ADAPTERS["dit"].expand_conditioning(tiny["dit"], {CONDITIONING: "w8a16"})
+    assert ADAPTERS["dit"].expand_conditioning(tiny["dit"], {"proj_out_1": "w8a16"}) == {"proj_out_1": "w8a16"}
 
 
 class _Unknown(nn.Module):

@@ -25,6 +25,10 @@ from .base import ModelAdapter
 class SanaAdapter(ModelAdapter):
     family = "sana"
     model_classes = ("SanaTransformer2DModel",)
+    # conditioning linears outside the blocks (timestep embedder, the shared adaLN linear, the caption
+    # projection): 16-bit unless ``--layer-kind conditioning=…``
+    weight_only_outside = ("time_embed.emb.timestep_embedder.linear_1", "time_embed.emb.timestep_embedder.linear_2",
+                           "time_embed.linear", "caption_projection.linear_1", "caption_projection.linear_2")
     block_containers = (("transformer_blocks", ""),)
     # every block's cross-attention K/V read the same projected caption tokens: one group
     model_wide_groups = (("attn2.to_k", "attn2.to_v"),)

@@ -21,6 +21,11 @@ from .base import ModelAdapter
 class SD3Adapter(ModelAdapter):
     family = "sd3"
     model_classes = ("SD3Transformer2DModel",)
+    # conditioning linears outside the blocks (timestep and pooled-text embedders, the context embedder
+    # on the text tokens, the final adaLN): 16-bit unless ``--layer-kind conditioning=…``
+    weight_only_outside = ("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+                           "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+                           "context_embedder", "norm_out.linear")
     block_containers = (("transformer_blocks", ""),)
 
     def _kind_of(self, layer_type: str) -> tuple[str | None, str]:
