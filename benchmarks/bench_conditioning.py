@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._bench_common import add_image_study_args
 from benchmarks.bench_cross_kv import (
     CROSS_KV,
-    checkpoint_bytes,
+    add_layer_study_args,
     finish_study,
+    image_row,
     record_row,
     study_evaluator,
     study_result,
@@ -44,7 +44,6 @@ from dirotq.config import KINDS
 from dirotq.eval.protocol import make_config
 from dirotq.models import get_adapter
 from dirotq.models.base import CONDITIONING, OUTSIDE_BLOCKS
-from dirotq.registry import DEFAULT_METHOD
 
 
 def variants(adapter, model) -> dict[str, tuple[dict[str, str], dict | None]]:
@@ -78,7 +77,6 @@ def conditioning_row(ev, label: str, cfg, conditioning: list[str], weights: dict
     conditioning layers are quantized one by one (``quantize_layer``), then ``quantize_`` does the rest.
     Images cached under a key of both configs."""
     from dirotq.eval.images import config_hash, ensure_images
-    from dirotq.eval.metrics import paired_bootstrap_diff
     from dirotq.generate import quantized_copy
     from dirotq.methods import W4A16Config
     from dirotq.quantize import quantize_layer
@@ -98,31 +96,18 @@ def conditioning_row(ev, label: str, cfg, conditioning: list[str], weights: dict
         return model
 
     folder = ev.out / "images" / f"conditioning-{config_hash(key)}"
-    state: dict = {}
-
-    def built():
-        state["model"] = build()
-        return state["model"]
-
-    imgs = ensure_images(ev.pipe, ev.items, folder, label, transformer_fn=built, gen_kw=ev.gen_kw,
+    built: dict = {}  # the model, built once: for missing images and for the checkpoint bytes
+    imgs = ensure_images(ev.pipe, ev.items, folder, label,
+                         transformer_fn=lambda: built.setdefault("model", build()), gen_kw=ev.gen_kw,
                          batch_size=ev.batch_size, counter=ev.generated)
-    fid = ev.fidelity(imgs)
-    model = state.get("model") or build()
-    row = {**fields, "tag": cfg.tag(), "conditioning_config": wcfg.to_dict(), "psnr": fid["psnr"],
-           "ssim": fid["ssim"], "per_image_psnr": fid["per_image"]["psnr"], "checkpoint_bytes": checkpoint_bytes(model),
-           "bf16_bytes": 2 * sum(p.numel() for p in ev.pipe.transformer.parameters())}
-    row["checkpoint_vs_bf16"] = round(row["checkpoint_bytes"] / row["bf16_bytes"], 4)
-    row["vs_default"] = paired_bootstrap_diff(row["per_image_psnr"], reference["per_image_psnr"], 2000)
-    return row
+    model = built.get("model") or build()
+    return image_row(ev, imgs, model, reference, "vs_default", **fields, tag=cfg.tag(),
+                     conditioning_config=wcfg.to_dict())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_image_study_args(ap)
-    ap.add_argument("--method", default=DEFAULT_METHOD)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--formats", default="int_ratio,exact")
-    ap.add_argument("--out", default="benchmarks/results/conditioning_tiny_pixart")
+    add_layer_study_args(ap, "benchmarks/results/conditioning_tiny_pixart")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()

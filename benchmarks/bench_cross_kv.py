@@ -48,21 +48,37 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return int(sum(sum(m.storage_bits().values()) for m in quant) / 8 + 2 * rest)
 
 
-def study_row(ev, label: str, cfg, reference: dict | None, vs: str, **fields) -> dict:
-    """One configuration's row of a layer-kind image study (this one and ``bench_ff_down``):
-    ``fields``, the config's tag, its image PSNR/SSIM against the float image (images cached under
-    ``label``), its checkpoint bytes against bf16, and under ``vs`` the paired difference to the
+def add_layer_study_args(ap: argparse.ArgumentParser, out: str, formats: str = "int_ratio,exact",
+                         formats_help: str | None = None) -> None:
+    """The options of a layer-kind image study (this one, ``bench_ff_down``, ``bench_conditioning``):
+    the image protocol's, plus the method and rank of the other layers, the formats and the output prefix."""
+    add_image_study_args(ap)
+    ap.add_argument("--method", default=DEFAULT_METHOD)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--formats", default=formats, help=formats_help)
+    ap.add_argument("--out", default=out)
+
+
+def image_row(ev, imgs, model, reference: dict | None, vs: str, **fields) -> dict:
+    """A study row from its images and quantized ``model``: ``fields``, image PSNR/SSIM against the
+    float image, checkpoint bytes against bf16, and under ``vs`` the paired difference to the
     ``reference`` row of the same format (None: this row is the reference)."""
-    imgs, _ = ev.method_images(label, cfg)
     fid = ev.fidelity(imgs)
-    q = quantized_copy(ev.pipe.transformer, cfg, ev.stats, adapter=ev.adapter)
-    row = {**fields, "tag": cfg.tag(), "psnr": fid["psnr"], "ssim": fid["ssim"],
-           "per_image_psnr": fid["per_image"]["psnr"], "checkpoint_bytes": checkpoint_bytes(q),
+    row = {**fields, "psnr": fid["psnr"], "ssim": fid["ssim"], "per_image_psnr": fid["per_image"]["psnr"],
+           "checkpoint_bytes": checkpoint_bytes(model),
            "bf16_bytes": 2 * sum(p.numel() for p in ev.pipe.transformer.parameters())}
     row["checkpoint_vs_bf16"] = round(row["checkpoint_bytes"] / row["bf16_bytes"], 4)
     if reference is not None:
         row[vs] = paired_bootstrap_diff(row["per_image_psnr"], reference["per_image_psnr"], 2000)
     return row
+
+
+def study_row(ev, label: str, cfg, reference: dict | None, vs: str, **fields) -> dict:
+    """One configuration's row of a layer-kind image study (``image_row``; images cached under
+    ``label``), with the config's tag."""
+    imgs, _ = ev.method_images(label, cfg)
+    q = quantized_copy(ev.pipe.transformer, cfg, ev.stats, adapter=ev.adapter)
+    return image_row(ev, imgs, q, reference, vs, **fields, tag=cfg.tag())
 
 
 def record_row(result: dict, row: dict, ev, out: Path, what: str, vs: str) -> None:
@@ -129,11 +145,7 @@ def study_table(result: dict, title: str, column: str, label_key: str, reference
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_image_study_args(ap)
-    ap.add_argument("--method", default=DEFAULT_METHOD)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--formats", default="int_ratio,exact")
-    ap.add_argument("--out", default="benchmarks/results/cross_kv_tiny_pixart")
+    add_layer_study_args(ap, "benchmarks/results/cross_kv_tiny_pixart")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()

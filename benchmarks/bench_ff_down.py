@@ -26,11 +26,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._bench_common import add_image_study_args
-from benchmarks.bench_cross_kv import finish_study, record_row, study_evaluator, study_result, study_row, study_table
+from benchmarks.bench_cross_kv import (
+    add_layer_study_args,
+    finish_study,
+    record_row,
+    study_evaluator,
+    study_result,
+    study_row,
+    study_table,
+)
 from dirotq.eval.protocol import make_config
 from dirotq.models import get_adapter
-from dirotq.registry import DEFAULT_METHOD
 
 LAYER_TYPE = "ff.net.2"
 
@@ -45,11 +51,8 @@ def variants(rank: int, fmt: str) -> list[tuple[str, str, int | None]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_image_study_args(ap)
-    ap.add_argument("--method", default=DEFAULT_METHOD)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--formats", default="exact", help="format A is the one a tile-local epilogue can produce")
-    ap.add_argument("--out", default="benchmarks/results/ff_down_tiny_pixart")
+    add_layer_study_args(ap, "benchmarks/results/ff_down_tiny_pixart", "exact",
+                         "format A is the one a tile-local epilogue can produce")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()

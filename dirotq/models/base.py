@@ -235,7 +235,6 @@ class ModelAdapter:
     def _walk(self, model: nn.Module) -> tuple[dict[str, TargetSpec], dict[str, str]]:
         targets: dict[str, TargetSpec] = {}
         kept: dict[str, str] = {}
-        in_blocks: set[str] = set()
         for block in self.blocks(model):
             linears = [
                 (f"{block.prefix}.{n}", f"{block.type_prefix}{n}", m)
@@ -244,7 +243,6 @@ class ModelAdapter:
             ]
             kinds = {}
             for full, ltype, m in linears:
-                in_blocks.add(full)
                 if ltype in self.overrides:
                     kind = self.overrides[ltype]
                     reason = "kept 16-bit by adapter override"
@@ -276,10 +274,9 @@ class ModelAdapter:
             names = [n for n, spec in targets.items() if spec.layer_type in members]
             for n in names:
                 targets[n] = dataclasses.replace(targets[n], group=names[0])
-        for name, m in model.named_modules():
-            if not isinstance(m, nn.Linear) or name in in_blocks:
-                continue
+        for name in self.outside_layers(model):
             # a linear outside the blocks is overridden by its full name; its "layer type" is that name
+            m = model.get_submodule(name)
             kind = self.overrides.get(name)
             if kind is None:
                 kept[name] = "kept 16-bit by adapter override" if name in self.overrides else self._outside_reason(name)
