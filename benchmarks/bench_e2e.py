@@ -67,7 +67,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks._bench_common import (ROOT, bench, bench_graph, environment, environment_variables,  # noqa: E402
                                       make_quant_linear)
-from dirotq.compiling import compile_transformer, uncompile  # noqa: E402
+from dirotq.compiling import CompileCounter, compile_transformer, uncompile  # noqa: E402
 
 PIXART_SIGMA_1024 = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json
     activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72, attention_type="default",
@@ -394,25 +394,21 @@ def compiled_step(model, kw, mode: str, scope: str = "model") -> dict:
     the layers outside the blocks stay eager). Reports the
     compile (first call) seconds, graphs and graph breaks as dynamo counts them, and the compiled
     step's median time."""
-    from torch._dynamo.utils import counters
-
     with torch.no_grad():
         eager = model(**kw, return_dict=False)[0].float()
     torch._dynamo.reset()
-    counters.clear()
     compiled_modules = compile_transformer(model, scope, mode)
-    t0 = time.time()
     # past its recompile limit dynamo would run the code eagerly, silently: fail instead, so an
     # eager step is never reported as a compiled one
-    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), \
+            CompileCounter() as counted:
         y = model(**kw, return_dict=False)[0].float()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    out = {"mode": mode, "scope": scope, "compile_s": round(time.time() - t0, 1),
+    out = {"mode": mode, "scope": scope, "compile_s": round(counted.seconds, 1),
            # the compiled step computes the eager one's output (up to fused elementwise rounding)
            "rel_err_vs_eager": round(float((y - eager).norm() / eager.norm().clamp_min(1e-30)), 6),
-           "graphs": int(counters["stats"]["unique_graphs"]),
-           "graph_breaks": int(sum(counters["graph_break"].values()))}
+           "graphs": counted.graphs, "graph_breaks": sum(counted.graph_breaks.values())}
     out.update({k: v for k, v in time_step(model, kw, graphs=False).items()})
     uncompile(compiled_modules)  # the eager forward again
     torch._dynamo.reset()
