@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .compiling import MODES as COMPILE_MODES
+from .compiling import SCOPES as COMPILE_SCOPES
 from .config import KINDS
 from .registry import DEFAULT_METHOD
 
@@ -147,8 +149,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="quantize a layer type otherwise than the model family's default: KIND is w4a4, w4a16, "
                         "w8a16 (8-bit weights) or 16bit (repeatable; e.g. PixArt's cross-attention K/V, 16-bit by default: "
                         "--layer-kind attn2.to_k=w4a4 --layer-kind attn2.to_v=w4a4); a linear outside the blocks by "
-                        "its full name (adaln_single.linear=w4a16), or all the family's conditioning linears as "
-                        "conditioning=w4a16. Give the same to calibrate, quantize, generate and evaluate")
+                        "its full name (adaln_single.linear=w8a16), or all the family's conditioning linears as "
+                        "conditioning=w8a16. Give the same to calibrate, quantize, generate and evaluate")
 
 
 def _add_sampling(p: argparse.ArgumentParser, steps_help: str = "denoising steps (default 20)") -> None:
@@ -286,12 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant(p)
     _add_calib(p)
     _add_sampling(p)
-    p.add_argument("--compile", choices=("blocks", "model"), default=None, metavar="SCOPE",
+    p.add_argument("--compile", choices=COMPILE_SCOPES, default=None, metavar="SCOPE",
                    help="torch.compile both transformers first: 'blocks' (each repeated block, compile time of one "
                         "block per type) or 'model' (the whole transformer); the images are then timed compiled "
                         "(default: eager)")
-    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
-                                              "max-autotune-no-cudagraphs"), default="default",
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode with --compile ('reduce-overhead' adds CUDA graphs on a GPU)")
     p.add_argument("--out", default="out/generate",
                    help="output folder (default out/generate); a rerun writes new files (-2, -3, … suffix), "
