@@ -144,11 +144,16 @@ class QuantLinear(nn.Module):
         self._dequantized = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        """W_q as real numbers, (o, d_q) float32 (cached: the weights never change after creation)."""
-        if self._dequantized is None or self._dequantized.device != self._device():
-            w = self.weight.float() if self.weight_bits == 16 else self.quantized_weight().dequantize()
-            self._dequantized = w
-        return self._dequantized
+        """W_q as real numbers, (o, d_q) float32. Kept on the layer on the CPU, where the reference
+        path is the forward (the explorer's, every step); rebuilt per call elsewhere, where the
+        reference path is a fallback and a float32 copy of every layer would hold twice the 16-bit
+        model's weights, the memory the quantization was for."""
+        device = self._device()
+        if self._dequantized is not None and self._dequantized.device == device:
+            return self._dequantized
+        w = self.weight.float() if self.weight_bits == 16 else self.quantized_weight().dequantize()
+        self._dequantized = w if keeps_dequantized_weight(device) else None
+        return w
 
     @property
     def epilogue_activation(self) -> ActivationSpec:
@@ -277,6 +282,12 @@ class QuantLinear(nn.Module):
                 f"g{self.group_size} r={self.rank} {self.scale_format}{then}")
 
 
+def keeps_dequantized_weight(device: torch.device) -> bool:
+    """Whether a layer on ``device`` keeps its float32 dequantized weight between reference forwards:
+    on the CPU only (see ``QuantLinear.dequantized_weight``)."""
+    return torch.device(device).type == "cpu"
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int, scale_format: str) -> QuantizedTensor | torch.Tensor:
     """RTN weight quantization in the module's storage format (bits 16: the weight itself)."""
     if bits == 16:
@@ -308,7 +319,7 @@ def layer_backend(module: Any, device: torch.device | str | None = None) -> tupl
     wants = choice == "triton" or (choice == "auto" and device.type == "cuda")
     reason = unsupported_reason(module)
     used = "triton" if wants and kernels_available(device) and not reason else "reference"
-    acts = "W4A16" if module.act_bits is None else f"W{module.weight_bits}A{module.act_bits}"
+    acts = f"W{module.weight_bits}A{module.act_bits or 16}"
     if used == "reference":
         kind = f"{acts} {_FORMAT_NAMES.get(module.scale_format, module.scale_format)}"
         if wants and reason:

@@ -9,10 +9,10 @@ package never pulls it in and ``TRITON_INTERPRET=1`` can still be set first by a
 
 Covered: INT4 weights (packed) with symmetric INT4 activations in format A ("exact") or C
 ("int_ratio"), asymmetric ones in format C, for every method structure (smoothing, 16-bit low-rank
-branch with or without project-out, dense rotation, block Hadamard), and weight-only W4A16 layers
-(``act_bits=None``). Everything else (asymmetric activations in format A as in the ``paper``
-preset, ``weights_in_original_basis``, 8/16-bit weights, mixed scale formats) runs the reference
-path after a one-time warning.
+branch with or without project-out, dense rotation, block Hadamard), and weight-only W4A16 and
+W8A16 layers (``act_bits=None``). Everything else (asymmetric activations in format A as in the
+``paper`` preset, ``weights_in_original_basis``, 16-bit weights, 8-bit weights with quantized
+activations, mixed scale formats) runs the reference path after a one-time warning.
 """
 
 from __future__ import annotations

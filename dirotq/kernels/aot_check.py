@@ -115,6 +115,9 @@ def default_variants():
         out.append((f"w4a16 {f} 64x16 w4 s4", "w4a16",
                     dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,
                          DOT_DTYPE=bf), dict(num_warps=4, num_stages=4)))
+        out.append((f"w8a16 {f} 64x16 w4 s4", "w4a16",  # the same kernel on INT8 codes
+                    dict(BO=64, BT=16, GS=64, R_BLK=16, GROUP_O=8, FMT_C=fmt_c, HAS_LR=False, HAS_BIAS=True,
+                         DOT_DTYPE=bf, W8=True), dict(num_warps=4, num_stages=4)))
     return out
 
 
@@ -372,7 +375,7 @@ def compile_variant(kind: str, consts: dict, options: dict, arch: int = 90) -> d
 
         consts = {"K_RULE": K_RULE_CODES[activation_k_rule(not consts["ASYM"])], **consts}
     types = dict(PTR_TYPES["gemm" if kind == "gemm_tm" else kind])
-    if kind.startswith("gemm") and consts.get("W_INT8"):
+    if (kind.startswith("gemm") and consts.get("W_INT8")) or (kind == "w4a16" and consts.get("W8")):
         types["w_ptr"] = "*i8"
     if kind == "gemm" and consts.get("ATOMIC"):
         types["y_ptr"] = "*fp32"  # K splits add fp32 partials

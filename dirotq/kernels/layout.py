@@ -24,7 +24,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass
 class KernelPlan:
-    kind: str  # "w4a4" | "w4a16" | "reference"
+    kind: str  # "w4a4" | "w4a16" (weight-only, INT4 or INT8 weights) | "reference"
     reason: str = ""  # why "reference" (the one-time warning)
     fmt: str = "exact"  # "exact" (A) or "int_ratio" (C)
     asym: bool = False  # asymmetric activation codes (format C only): zero points, corrected in the GEMM epilogue
@@ -33,6 +33,7 @@ class KernelPlan:
     o: int = 0
     r: int = 0
     group_size: int = 64
+    weight_bits: int = 4  # 4 (packed) or 8 (int8 codes; weight-only layers)
     groups: int = 0  # G = ceil(d_q / g)
     has_smooth: bool = False
     has_down: bool = False
@@ -58,8 +59,10 @@ def _weight_format(module: Any) -> str:
 def unsupported_reason(module: Any) -> str:
     """Why the kernels cannot run this layer ("" when they can); the caller falls back to the
     reference path with a one-time warning."""
-    if module.weight_bits != 4:
-        return f"{module.weight_bits}-bit weights (kernels take packed INT4 weights)"
+    if module.weight_bits == 8 and module.act_bits is not None:
+        return "8-bit weights with quantized activations (the kernels run W4A4, W4A16 and W8A16)"
+    if module.weight_bits not in (4, 8):
+        return f"{module.weight_bits}-bit weights (kernels take INT4 or INT8 weights)"
     if getattr(module, "weights_in_original_basis", False):
         return "weights_in_original_basis (the paper's rotate-back form has no kernel)"
     if module.act_bits is not None:
@@ -125,7 +128,8 @@ def build_plan(module: Any, device: torch.device) -> KernelPlan:
         kind="w4a4" if module.act_bits is not None else "w4a16",
         fmt=_weight_format(module), asym=module.act_bits is not None and not module.act_symmetric,
         d=module.in_features, d_q=d_q, o=module.out_features,
-        r=0 if module.down is None else module.down.shape[1], group_size=g, groups=-(-d_q // g),
+        r=0 if module.down is None else module.down.shape[1], group_size=g, weight_bits=module.weight_bits,
+        groups=-(-d_q // g),
         has_smooth=module.smooth is not None, has_down=module.down is not None and module.down.shape[1] > 0,
         project_out=bool(module.project_out), has_rotation=module.rotation is not None,
         has_hadamard=module.hadamard_signs is not None, has_bias=module.bias is not None,
