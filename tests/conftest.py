@@ -26,14 +26,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def calibrated_tiny(family: str = "pixart", *, batches: int = 2, sample_tokens: int = 64):
+def calibrated_tiny(family: str = "pixart", *, batches: int = 2, sample_tokens: int = 64,
+                    layer_kinds: dict[str, str | None] | None = None):
     """(adapter, tiny random model of ``family``, its calibration statistics over ``batches`` random
-    batches, test inputs from another seed): the starting point of the whole-model tests."""
+    batches, test inputs from another seed): the starting point of the whole-model tests.
+    ``layer_kinds``: target-kind overrides (as ``--layer-kind``; the alias "conditioning" allowed),
+    applied to the adapter before calibration."""
     from dirotq.calibration import calibrate_transformer
     from dirotq.models import ADAPTERS
 
     adapter = ADAPTERS[family]
     model = adapter.build_tiny(0)
+    if layer_kinds:
+        adapter = type(adapter)({**adapter.overrides, **adapter.expand_conditioning(model, layer_kinds)})
     g = torch.Generator().manual_seed(0)
     stats = calibrate_transformer(model, [adapter.example_inputs(model, 2, g) for _ in range(batches)],
                                   adapter=adapter, sample_tokens=sample_tokens)
