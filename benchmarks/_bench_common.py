@@ -160,11 +160,12 @@ def measure_ceilings() -> dict:
 
 
 def make_quant_linear(w: torch.Tensor, bias: torch.Tensor | None, structure: str, fmt: str, rank: int,
-                      act_bits: int | None = 4, seed: int = 0, weight_bits: int = 4):
+                      act_bits: int | None = 4, seed: int = 0, weight_bits: int = 4, dtype: torch.dtype | None = None):
     """A QuantLinear of ``structure`` from the float weight ``w (o, d)`` on its device, built with the
     same math as the methods (dirotq-lr: orthonormal V_r, W_res = W(I − V V ᵀ), block Hadamard;
     rtn: plain RTN) but with a random orthonormal basis: speed does not depend on the basis values,
-    and random-weight models have no calibration statistics to take a PCA of."""
+    and random-weight models have no calibration statistics to take a PCA of. ``dtype``: of its
+    16-bit tensors (default bf16 on a GPU, float32 on the CPU)."""
     from dirotq.bases import hadamard
     from dirotq.modules import QuantLinear
     from dirotq.quantizers import quantize
@@ -192,5 +193,5 @@ def make_quant_linear(w: torch.Tensor, bias: torch.Tensor | None, structure: str
         raise ValueError(structure)
     q = quantize(wq, weight_bits, 64, True, fmt)
     m = QuantLinear(d, o, method=structure, weight=q, act_bits=act_bits, scale_format=fmt, bias=bias,
-                    dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, **fields)
+                    dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32), **fields)
     return m.to(dev)

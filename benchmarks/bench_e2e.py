@@ -226,10 +226,11 @@ def bench_targets(model, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT, conditi
 
 @torch.no_grad()
 def quantize_model(model, variant: str, rank: int, pixart_cross_kv: str = PIXART_CROSS_KV_DEFAULT,
-                   conditioning: str = "16bit") -> dict:
+                   conditioning: str = "16bit", dtype: torch.dtype | None = None) -> dict:
     """Replace every bench target by a QuantLinear of ``variant`` (``QUANT_VARIANTS``) in place;
     returns counts by what the layers became (``w4a4``: 4-bit activations, ``w4a16`` / ``w8a16``:
-    weight-only with 4- / 8-bit weights)."""
+    weight-only with 4- / 8-bit weights). ``dtype``: of the layers' 16-bit tensors (default
+    ``make_quant_linear``'s: bf16 on a GPU, float32 on the CPU)."""
     structure_a4, fmt, act_bits = QUANT_VARIANTS[variant]
     counts = {"w4a4": 0, "w4a16": 0, "w8a16": 0}
     for name, spec in bench_targets(model, pixart_cross_kv, conditioning).items():
@@ -242,7 +243,7 @@ def quantize_model(model, variant: str, rank: int, pixart_cross_kv: str = PIXART
         structure = structure_a4 if act is not None and lin.in_features % 64 == 0 else "rtn"
         q = make_quant_linear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), structure, fmt,
                               0 if structure == "rtn" else min(rank, lin.in_features), act_bits=act,
-                              weight_bits=8 if spec.kind == "w8a16" else 4)
+                              weight_bits=8 if spec.kind == "w8a16" else 4, dtype=dtype)
         # float buffers (branch, bias, signs) are already in the model dtype; no .to(dtype) here, which
         # would also cast the fp16 weight scales to bf16
         setattr(parent, child, q)

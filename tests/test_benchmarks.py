@@ -458,7 +458,7 @@ def test_bench_linear_dry_run_runs_on_cpu(tmp_path):
 
 def test_bench_e2e_conditioning_linears_as_w8a16():
     """--conditioning w8a16: the conditioning linears outside the blocks become 8-bit weight-only
-    layers in every quantized variant, counted apart; the step still runs (reference path for them)."""
+    layers in every quantized variant, counted apart; the step still runs (here on the reference path)."""
     pytest.importorskip("diffusers")
     from benchmarks import bench_e2e
     from dirotq.models import ADAPTERS
@@ -476,3 +476,36 @@ def test_bench_e2e_conditioning_linears_as_w8a16():
         assert torch.isfinite(model(**example, return_dict=False)[0]).all()
     with pytest.raises(ValueError, match="conditioning"):
         bench_e2e.bench_targets(model, "w4a16", "w2a16")
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int_ratio", "int_ratio-fused"])
+def test_weight_memory_by_part_extrapolates_to_the_byte(variant):
+    """bench_weight_memory's sum (bytes outside the blocks + depth × a block's bytes) of a one-block-
+    per-kind build equals the bytes of the deeper model counted whole, quantized and fused or not."""
+    pytest.importorskip("diffusers")
+    from benchmarks import bench_e2e
+    from benchmarks.bench_weight_memory import bytes_by_part, full_depth_bytes
+    from dirotq.fusion import fuse_for_inference
+    from dirotq.models import ADAPTERS
+
+    def convert(model):
+        if variant != "bf16":
+            bench_e2e.quantize_model(model, variant, 16, "w4a16", "w8a16")
+        if variant in bench_e2e.FUSED_VARIANTS:
+            assert fuse_for_inference(model)["shared_inputs"]["fused"]
+        return model
+
+    deep = convert(ADAPTERS["flux"].build_tiny(0))
+    depth = {"transformer_blocks": len(deep.transformer_blocks),
+             "single_transformer_blocks": len(deep.single_transformer_blocks)}
+    assert min(depth.values()) >= 2
+    parts = bytes_by_part(deep)
+    assert set(parts["blocks"]) == set(depth) and all(len(v) == depth[k] for k, v in parts["blocks"].items())
+    assert full_depth_bytes(parts, depth) == bench_e2e.weight_bytes(deep)["bytes"]
+    shallow = ADAPTERS["flux"].build_tiny(0)
+    shallow.transformer_blocks = shallow.transformer_blocks[:1]
+    shallow.single_transformer_blocks = shallow.single_transformer_blocks[:1]
+    assert full_depth_bytes(bytes_by_part(convert(shallow)), depth) == bench_e2e.weight_bytes(deep)["bytes"]
+    uneven = {"outside": 10, "blocks": {"transformer_blocks": [4, 5]}}
+    with pytest.raises(ValueError, match="differ in bytes"):
+        full_depth_bytes(uneven, {"transformer_blocks": 19})
