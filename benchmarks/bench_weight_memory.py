@@ -32,8 +32,15 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.bench_e2e import (FLUX_DEV, FUSED_VARIANTS, PIXART_CROSS_KV_DEFAULT, PIXART_SIGMA_1024, build,
-                                  quantize_model, tensor_bytes)
+from benchmarks.bench_e2e import (
+    FLUX_DEV,
+    FUSED_VARIANTS,
+    PIXART_CROSS_KV_DEFAULT,
+    PIXART_SIGMA_1024,
+    build,
+    quantize_model,
+    tensor_bytes,
+)
 
 OUT = Path(__file__).resolve().parent / "results" / "weight_memory.json"
 RANK = 32

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks as one prepared script for a lent GPU machine (docs/KERNELS.md, "Running the GPU checks").
 # The argument names steps, or groups of them, run in the order given:
-#   tests     CUDA kernel tests (pytest -m cuda; PYTEST_K selects with pytest's -k)
+#   tests     CUDA kernel and CUDA-graph tests (pytest -m cuda; PYTEST_K selects with pytest's -k)
 #   explorer  the explorer's Generate path on the GPU (benchmarks/explorer_gpu_check.py)
 #   linear    bench_linear (LINEAR_ARGS: its shape/variant selection; default the core variants at 4096, 16, 1024
 #             tokens) and its tables
@@ -49,7 +49,7 @@ run_cuda_tests() {  # SECONDS [K-FILTER [LABEL]]: the CUDA kernel tests, time-bo
     # fixed kernel configs (no autotuning) keep the correctness tests short; SIGINT on timeout makes
     # pytest still print its failure report
     # -k: a kernel that hangs on the GPU ignores SIGINT; kill it 10 s later so the call goes on
-    DIROTQ_NO_AUTOTUNE=1 timeout -s INT -k 10 "$1" python3 -m pytest tests/test_kernels.py -m cuda -q -rfE \
+    DIROTQ_NO_AUTOTUNE=1 timeout -s INT -k 10 "$1" python3 -m pytest tests/test_kernels.py tests/test_cuda_graphs.py -m cuda -q -rfE \
         --tb=short -p no:cacheprovider ${2:+-k "$2"} >"$log" 2>&1
     local rc=$?
     echo "pytest ${3:+$3 }exit $rc" >>"$log"

@@ -60,6 +60,7 @@ _LAZY = {  # heavier imports (diffusers via the adapters) happen on first use
     "get_adapter": ("models", "get_adapter"),
     "target_report": ("models", "target_report"),
     "compile_transformer": ("compiling", "compile_transformer"),
+    "graph_transformer": ("cuda_graphs", "graph_transformer"),
 }
 
 
@@ -78,7 +79,7 @@ __all__ = [
     "__version__", "DiRotQConfig", "DiRotQLRConfig", "RTNConfig", "W4A16Config", "SmoothQuantConfig",
     "QuaRotConfig", "SVDQuantConfig", "QuantConfig", "RankPlan", "QuantLinear", "calibrate",
     "calibrate_transformer", "CalibrationStats", "LayerStats", "quantize_", "quantize_model", "quantize_layer",
-    "layer_error", "compile_transformer", "save_quantized", "save_quantized_part", "finalize_checkpoint", "load_quantized", "recipe_name",
+    "layer_error", "compile_transformer", "graph_transformer", "save_quantized", "save_quantized_part", "finalize_checkpoint", "load_quantized", "recipe_name",
     "get_adapter", "target_report", "config_from_dict", "make_config", "fuse_shared_inputs", "unfuse_shared_inputs",
     "fuse_activations", "unfuse_activations", "fuse_for_inference",
 ]

@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: eager)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode with --compile ('reduce-overhead' adds CUDA graphs on a GPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay both transformers' steps from CUDA graphs (GPU only; no compilation, the eager "
+                        "kernels without their host time); the images are then timed replaying")
     p.add_argument("--out", default="out/generate",
                    help="output folder (default out/generate); a rerun writes new files (-2, -3, … suffix), "
                         "never over an earlier run's")
@@ -613,10 +616,19 @@ def _free_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
 def cmd_generate(args) -> int:
     from .eval.protocol import DEFAULT_EVAL_PROMPTS, make_config, read_prompts
     from .fusion import fuse_for_inference
-    from .generate import (check_sampling, compile_pair, generate_pair, quantized_copy, side_by_side,
+    from .generate import (check_sampling, compile_pair, generate_pair, graph_pair, quantized_copy, side_by_side,
                            truncation_warning, unknown_words)
 
     check_sampling(args.steps, args.seed, args.guidance)  # before minutes of loading and calibrating
+    if getattr(args, "cuda_graphs", False):
+        import torch
+
+        if args.compile:
+            raise BadInput("--cuda-graphs and --compile: choose one (--compile-mode reduce-overhead captures CUDA "
+                           "graphs of the compiled code)")
+        if not str(args.device).startswith("cuda") or not torch.cuda.is_available():
+            raise BadInput(f"--cuda-graphs needs a CUDA GPU (--device cuda); this run uses {args.device!r}"
+                           + ("" if torch.cuda.is_available() else " and no CUDA device is available"))
     ev = _evaluator(args, out="out/eval")
     prompt = args.prompt or read_prompts(DEFAULT_EVAL_PROMPTS, 1)[0]
     bad = unknown_words(getattr(ev.pipe, "tokenizer", None), prompt)
@@ -643,6 +655,10 @@ def cmd_generate(args) -> int:
         print(f"compiling both transformers ({args.compile}, mode {args.compile_mode}) …", flush=True)
         compiled = compile_pair(ev.pipe, qt, prompt, args.seed, scope=args.compile, mode=args.compile_mode,
                                 guidance_scale=args.guidance, **ev.pipe_kwargs)
+    graphed = None
+    if getattr(args, "cuda_graphs", False):
+        print("capturing both transformers' steps in CUDA graphs …", flush=True)
+        graphed = graph_pair(ev.pipe, qt, prompt, args.seed, guidance_scale=args.guidance, **ev.pipe_kwargs)
     ref, quant, t = generate_pair(ev.pipe, qt, prompt, args.seed, num_inference_steps=args.steps,
                                   guidance_scale=args.guidance, **ev.pipe_kwargs)
     out = Path(args.out)
@@ -658,6 +674,7 @@ def cmd_generate(args) -> int:
 
     (out / f"{stem}.json").write_text(json.dumps({"prompt": prompt, "seed": args.seed, "quantized": label,
                                                   "psnr_db": p_db, "ssim": s_val, **t, "compile": compiled,
+                                                  "cuda_graphs": graphed,
                                                   "warnings": [*([f"unknown words {bad}"] if bad else []),
                                                                *([cut] if cut else [])]}, indent=1))
     print(f"prompt: {prompt!r}, seed {args.seed}")
@@ -667,6 +684,13 @@ def cmd_generate(args) -> int:
         for side in ("reference", "quantized"):
             c = compiled[side]
             print(f"compiled {side}: {c['graphs']} graphs, {c['graph_breaks']} graph breaks, warm-up {c['seconds']:.1f} s")
+    if graphed:
+        from .cuda_graphs import graph_stats
+
+        for side, transformer in (("reference", ev.pipe.transformer), ("quantized", qt)):
+            g = graph_stats(transformer)
+            print(f"CUDA graphs {side}: {g['captures']} captured, {g['replays']} replays, warm-up "
+                  f"{graphed[side]['seconds']:.1f} s" + (f", {len(g['failed'])} not capturable (eager)" if g["failed"] else ""))
     print(f"PSNR {p_db:.2f} dB, SSIM {s_val:.3f} vs the reference")
     print(f"images: {out / (stem + '_side_by_side.png')}")
     return 0

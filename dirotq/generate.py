@@ -246,6 +246,35 @@ def compile_pair(pipe, qtransformer, prompt: str, seed: int, *, scope: str = "bl
     return report
 
 
+def graph_pair(pipe, qtransformer, prompt: str, seed: int, *, warm_steps: int = 2,
+               guidance_scale: float = DEFAULT_GUIDANCE, reference_transformer=None, **kw) -> dict:
+    """Wrap the reference transformer (``pipe.transformer`` or ``reference_transformer``) and
+    ``qtransformer`` in place so that their calls replay CUDA graphs (``dirotq.cuda_graphs``), and
+    generate ``prompt`` once with each (``warm_steps`` steps: the kernels compile and the graphs are
+    captured there), so that the images drawn after it run at replay speed.
+
+    Returns ``{"reference": …, "quantized": …}``: each side's warm-up seconds and its graph counts
+    (``cuda_graphs.graph_stats``). ``ValueError`` when a transformer is not on a CUDA device."""
+    import time
+
+    from .cuda_graphs import graph_stats, graph_transformer
+
+    if warm_steps < 1:
+        raise ValueError(f"warm_steps must be ≥ 1, got {warm_steps}")
+    report: dict[str, Any] = {}
+    for side, transformer in (("reference", reference_transformer or pipe.transformer),
+                              ("quantized", qtransformer)):
+        device = next(iter(transformer.parameters()), next(iter(transformer.buffers()), None))
+        if device is None or not device.is_cuda:
+            raise ValueError(f"CUDA graphs need the {side} transformer on a CUDA device")
+        graph_transformer(transformer)
+        t0 = time.perf_counter()
+        generate(pipe, [prompt], [seed], num_inference_steps=warm_steps, guidance_scale=guidance_scale,
+                 transformer=transformer, **kw)
+        report[side] = {"seconds": time.perf_counter() - t0, **graph_stats(transformer)}
+    return report
+
+
 def side_by_side(images: Sequence, labels: Sequence[str] | None = None, pad: int = 4):
     """One PIL image: ``images`` left to right (same height), with optional captions underneath."""
     from PIL import Image, ImageDraw
@@ -265,6 +294,6 @@ def side_by_side(images: Sequence, labels: Sequence[str] | None = None, pad: int
     return canvas
 
 
-__all__ = ["generate", "quantized_copy", "generate_pair", "compile_pair", "side_by_side", "swapped_transformer",
+__all__ = ["generate", "quantized_copy", "generate_pair", "compile_pair", "graph_pair", "side_by_side", "swapped_transformer",
            "check_sampling", "unknown_words", "text_length", "truncation_warning",
            "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]

@@ -241,6 +241,17 @@ def test_malformed_flags_exit_2(capsys):
     assert e.value.code == 2 and "KIND one of w4a4, w4a16, w8a16, 16bit" in capsys.readouterr().err
 
 
+def test_generate_cuda_graphs_refuses_what_cannot_run(capsys):
+    """--cuda-graphs is for a GPU and instead of --compile: a clear error before any loading."""
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["generate", "--cuda-graphs", "--quick"]) == 2
+        assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["generate", "--cuda-graphs", "--compile", "blocks", "--device", "cuda"]) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
 def test_missing_model_in_a_subprocess_is_one_line_no_traceback(env):
     root, _, _ = env
     repo = Path(__file__).resolve().parent.parent
