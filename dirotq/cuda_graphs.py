@@ -16,7 +16,10 @@ calls with the key copy their tensors into those copies, replay, and return a co
 outputs (a replay overwrites them). Graphs of all keys share one memory pool.
 
 Limits: CUDA only (elsewhere the forward runs eagerly, as without the wrapper) and inference only
-(a call with gradients enabled runs eagerly). A forward whose Python control flow reads tensor
+(a call with gradients enabled runs eagerly). A replay runs no Python, so forward hooks would not
+see it: while any module of the model has a forward hook or pre-hook (calibration records
+activations that way), or a global one is registered, calls run eagerly. A deep copy of a wrapped
+model is wrapped too, with no graphs (the copy's tensors are new). A forward whose Python control flow reads tensor
 values (``.item()``, a data-dependent shape) cannot be captured: capture then fails, and that key
 runs eagerly from then on, after a one-time warning. The graphs read the weights where they were at
 capture: after moving or changing the model's tensors (``.to()``, loading weights, a LoRA), call
@@ -25,6 +28,7 @@ capture: after moving or changing the model's tensors (``.to()``, loading weight
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -105,9 +109,22 @@ class GraphedForward:
         self.stats = GraphStats()
         self.pool = None
 
+    def __deepcopy__(self, memo: dict) -> GraphedForward:
+        module = copy.deepcopy(self.forward.__self__, memo)  # the model's copy (already being made)
+        return GraphedForward(module, self.warmup)
+
+    def observed(self) -> bool:
+        """Whether a hook watches the forward (a replay would skip it)."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.forward.__self__.modules())
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = _tensor_leaves(args, kwargs)
-        if torch.is_grad_enabled() or not tensors or not all(t.is_cuda for t in tensors):
+        if (torch.is_grad_enabled() or not tensors or not all(t.is_cuda for t in tensors)
+                or self.observed()):
             self.stats.eager += 1
             return self.forward(*args, **kwargs)
         key = call_key(args, kwargs)

@@ -58,6 +58,35 @@ def test_wrapper_is_transparent_on_the_cpu():
         graph_transformer(model, warmup=0)
 
 
+def test_hooks_and_deep_copies():
+    """A forward hook (how calibration records activations) makes calls eager, since a replay would
+    skip it; a deep copy of a wrapped model is wrapped, bound to the copy, with no graphs."""
+    import copy
+
+    from dirotq.cuda_graphs import GraphedForward
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    graph_transformer(model)
+    graphed = model.forward
+    assert isinstance(graphed, GraphedForward) and not graphed.observed()
+    handle = model[0].register_forward_hook(lambda *a: None)
+    assert graphed.observed()
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
+    try:
+        assert graphed.observed()
+    finally:
+        handle.remove()
+    assert not graphed.observed()
+    twin = copy.deepcopy(model)
+    assert isinstance(twin.forward, GraphedForward) and twin.forward is not graphed
+    assert twin.forward.forward.__self__ is twin and twin.forward.graphs == {}
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+    assert graph_stats(twin)["eager"] == 1
+
+
 def _close_or_equal(a: torch.Tensor, b: torch.Tensor, deterministic: bool) -> None:
     if deterministic:
         assert torch.equal(a, b)
