@@ -22,8 +22,10 @@ activations that way), or a global one is registered, calls run eagerly. A deep 
 model is wrapped too, with no graphs (the copy's tensors are new). A forward whose Python control flow reads tensor
 values (``.item()``, a data-dependent shape) cannot be captured: capture then fails, and that key
 runs eagerly from then on, after a one-time warning. The graphs read the weights where they were at
-capture: after moving or changing the model's tensors (``.to()``, loading weights, a LoRA), call
-``reset_graphs(model)``.
+capture, so each call first checks the model's layout: its modules and the storage of every
+parameter and buffer. When that changed since the capture (``.to()``, a layer swapped, a LoRA
+added), the graphs are dropped and captured again; weights overwritten in place (``load_state_dict``)
+need nothing, the graphs read them where they are. ``reset_graphs(model)`` drops them by hand.
 """
 
 from __future__ import annotations
@@ -108,6 +110,17 @@ class GraphedForward:
         self.graphs: dict[tuple, _Captured | None] = {}  # None: capture failed, run eagerly
         self.stats = GraphStats()
         self.pool = None
+        self.layout: tuple | None = None  # model_layout() when the graphs were captured
+
+    def model_layout(self) -> tuple:
+        """What the graphs depend on besides the inputs: every module (with the kernel plan a
+        quantized layer keeps, whose tensors its kernels read), and where every parameter and buffer
+        lives (identity, storage address, shape, dtype)."""
+        model = self.forward.__self__
+        modules = tuple((id(m), id(getattr(m, "_kernel_plan", None))) for m in model.modules())
+        tensors = tuple((id(t), t.data_ptr(), tuple(t.shape), t.dtype)
+                        for t in (*model.parameters(), *model.buffers()) if t is not None)
+        return modules, tensors
 
     def __deepcopy__(self, memo: dict) -> GraphedForward:
         module = copy.deepcopy(self.forward.__self__, memo)  # the model's copy (already being made)
@@ -127,6 +140,13 @@ class GraphedForward:
                 or self.observed()):
             self.stats.eager += 1
             return self.forward(*args, **kwargs)
+        layout = self.model_layout()
+        if layout != self.layout:
+            if self.graphs:
+                log.info("the model's modules or tensors moved since the CUDA graphs were captured: capturing again")
+            self.graphs.clear()
+            self.pool = None
+            self.layout = layout
         key = call_key(args, kwargs)
         if key not in self.graphs:
             return self._capture(key, args, kwargs, tensors)
@@ -198,6 +218,7 @@ def reset_graphs(model: nn.Module) -> None:
     graphed = _graphed(model)
     graphed.graphs.clear()
     graphed.pool = None
+    graphed.layout = None
 
 
 def _graphed(model: nn.Module) -> GraphedForward:

@@ -87,6 +87,28 @@ def test_hooks_and_deep_copies():
     assert graph_stats(twin)["eager"] == 1
 
 
+def test_model_layout_notices_moves_swaps_and_new_kernel_plans():
+    """What decides that the graphs must be captured again: a module swapped, a tensor moved or
+    re-allocated, a quantized layer's kernel plan rebuilt; not weights overwritten in place."""
+    from dirotq.cuda_graphs import GraphedForward
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    graph_transformer(model)
+    graphed: GraphedForward = model.forward
+    layout = graphed.model_layout()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(4, 4))  # in place: the graphs read the new values
+    assert graphed.model_layout() == layout
+    model[0].weight.data = torch.randn(4, 4)  # a new storage
+    assert graphed.model_layout() != layout
+    layout = graphed.model_layout()
+    model[1] = torch.nn.ReLU()
+    assert graphed.model_layout() != layout
+    layout = graphed.model_layout()
+    model[0]._kernel_plan = object()  # a quantized layer's kernels planned again (new tensors)
+    assert graphed.model_layout() != layout
+
+
 def _close_or_equal(a: torch.Tensor, b: torch.Tensor, deterministic: bool) -> None:
     if deterministic:
         assert torch.equal(a, b)
