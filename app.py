@@ -778,13 +778,17 @@ CSS = """
 """
 
 
-def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str | None = None) -> gr.Blocks:
-    """The Blocks app for ``model`` (default: the embedded tiny model). Loads the model once per process."""
+def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str | None = None,
+               cuda_graphs: bool = False) -> gr.Blocks:
+    """The Blocks app for ``model`` (default: the embedded tiny model). Loads the model once per process.
+    ``cuda_graphs``: Generate replays the transformers' steps from CUDA graphs (GPU only)."""
     from dirotq.pipelines import DEFAULT_MODEL
 
     model = str(model or DEFAULT_MODEL)
     _SESSION_KW.clear()
     _SESSION_KW["device"] = device
+    if cuda_graphs:
+        _SESSION_KW["cuda_graphs"] = True
     if cache_dir is not None:
         _SESSION_KW["cache_dir"] = cache_dir
     s = session(model)
@@ -984,14 +988,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--cache-dir", default=None, help="statistics/curves cache (default .cache/explorer)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="GPU: Generate replays both transformers' steps from CUDA graphs (the eager kernels without "
+                         "their per-layer host time; dirotq.cuda_graphs)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: half the cores; small GEMMs on a shared box run faster on one)")
     args = ap.parse_args(argv)
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        print(f"app.py: --cuda-graphs needs --device cuda (this run: {args.device})", flush=True)
+        return 2
     import torch
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     try:
-        demo = build_demo(args.model, device=args.device, cache_dir=args.cache_dir)
+        demo = build_demo(args.model, device=args.device, cache_dir=args.cache_dir, cuda_graphs=args.cuda_graphs)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"app.py: cannot open the model: {e}", flush=True)
         return 2

@@ -117,8 +117,10 @@ class ExplorerSession:
     def __init__(self, model: str | None = None, *, pipe: Any = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
                  prompts: list[str] | None = None, calib: CalibSettings = CalibSettings(),
-                 base: Mapping[str, Any] | None = None, model_id: str | None = None):
+                 base: Mapping[str, Any] | None = None, model_id: str | None = None, cuda_graphs: bool = False):
         self.model = str(model or DEFAULT_MODEL)
+        # Generate replays both transformers' steps from CUDA graphs (dirotq.cuda_graphs; GPU only)
+        self.cuda_graphs = bool(cuda_graphs)
         if pipe is None:
             pipe = load_pipeline(self.model, device=device, dtype=dtype)
         self.pipe = pipe
@@ -640,6 +642,13 @@ class ExplorerSession:
 
         prompt, seed, steps, guidance = self.check_inputs(prompt, seed, steps, guidance)
         qmodel, _ = self.quantized(method, ranks, progress, scale_format)
+        if self.cuda_graphs:
+            from dirotq.cuda_graphs import graph_transformer
+
+            # idempotent; off CUDA the wrapper runs eagerly; a layer swapped or a hook added later makes
+            # it capture again or run eagerly
+            graph_transformer(self.transformer)
+            graph_transformer(qmodel)
         with self.lock:
             ref, quant, timings = generate_pair(self.pipe, qmodel, prompt, seed, num_inference_steps=steps,
                                                 guidance_scale=float(guidance), **self.pipe_kwargs)

@@ -2,7 +2,7 @@
 # The GPU checks as one prepared script for a lent GPU machine (docs/KERNELS.md, "Running the GPU checks").
 # The argument names steps, or groups of them, run in the order given:
 #   tests     CUDA kernel and CUDA-graph tests (pytest -m cuda; PYTEST_K selects with pytest's -k)
-#   explorer  the explorer's Generate path on the GPU (benchmarks/explorer_gpu_check.py)
+#   explorer  the explorer's Generate path on the GPU, eager then with CUDA graphs (benchmarks/explorer_gpu_check.py)
 #   linear    bench_linear (LINEAR_ARGS: its shape/variant selection; default the core variants at 4096, 16, 1024
 #             tokens) and its tables
 #   tma       the TMA-fed Gluon GEMMs (plain and warp-specialized): their CUDA tests first (TMA_TEST_S: a barrier that never completes hangs,
@@ -66,9 +66,11 @@ step_tests() {
 }
 
 step_explorer() {
-    echo "== explorer generate path (analysis.session on the GPU: backend line and PSNR)" | tee -a "$LOG"
+    echo "== explorer generate path (analysis.session on the GPU: backend line and PSNR; then with CUDA graphs)" \
+        | tee -a "$LOG"
+    # EXPLORER_GRAPHS=0 leaves out the two generations with --cuda-graphs (the JSON is written after every stage)
     timeout -k 10 "${EXPLORER_S:-90}" python3 -m benchmarks.explorer_gpu_check --device cuda --out "$OUT/explorer_gpu.json" \
-        >>"$LOG" 2>&1
+        $([[ ${EXPLORER_GRAPHS:-1} == 1 ]] && echo --cuda-graphs) >>"$LOG" 2>&1
     echo "explorer_gpu_check exit $?" | tee -a "$LOG"
 }
 

@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--calib-prompts", type=int, default=None, help="calibration prompts (default: the explorer's)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="then generate twice more with the explorer's --cuda-graphs (dirotq.cuda_graphs): capture, "
+                         "replay; records their timings, graph counts and the PSNR against the eager images")
     ap.add_argument("--out", default="out/explorer_gpu_check.json")
     a = ap.parse_args(argv)
     from analysis.session import CalibSettings, ExplorerSession
@@ -82,7 +85,22 @@ def main(argv=None) -> int:
         out_gen["reference"].save(out.with_name(out.stem + "_reference.png"))
         out_gen["quantized"].save(out.with_name(out.stem + "_w4a4.png"))
         save("generated")
-    print(json.dumps({k: res[k] for k in ("device", "backend", "metrics", "calibrate_s", "generate_s")}, default=str))
+        if a.cuda_graphs:
+            from dirotq.cuda_graphs import graph_stats
+            from dirotq.eval.metrics import psnr
+
+            s.cuda_graphs = True
+            runs = []
+            for _ in range(2):  # the first captures (its first step eager), the second replays every step
+                t0 = time.perf_counter()
+                g = s.generate(a.prompt, 0, a.steps, 4.5, a.method, plan, scale_format=a.scale_format)
+                runs.append({"generate_s": round(time.perf_counter() - t0, 2), "timings": g["timings"]})
+            res["cuda_graphs"] = {"runs": runs, "reference": graph_stats(s.transformer), "quantized": graph_stats(qmodel),
+                                  "psnr_vs_eager_db": {side: psnr(out_gen[side], g[side])
+                                                       for side in ("reference", "quantized")}}
+            save("generated with CUDA graphs")
+    print(json.dumps({k: res[k] for k in ("device", "backend", "metrics", "calibrate_s", "generate_s", "cuda_graphs")
+                      if k in res}, default=str))
     return 0
 
 

@@ -10,10 +10,11 @@ the eager kernels, so the images are the eager ones bit for bit).
 ``graph_transformer(model)`` wraps ``model.forward`` in place (``ungraph_transformer`` undoes it).
 The tensors among a call's arguments (nested in tuples, lists and dicts) and its other arguments
 form a key: their shapes, dtypes and devices, and the other values. The first call with a new key
-runs eagerly ``warmup`` times on a side stream (the kernels build their plans, compile and
-autotune there), then captures one call into a graph that reads static copies of the inputs. Later
-calls with the key copy their tensors into those copies, replay, and return a copy of the graph's
-outputs (a replay overwrites them). Graphs of all keys share one memory pool.
+runs eagerly (the kernels build their plans, compile and autotune there); the second runs
+``warmup`` times on a side stream, then captures one call into a graph that reads static copies of
+the inputs. Later calls with the key copy their tensors into those copies, replay, and return a
+copy of the graph's outputs (a replay overwrites them). Graphs of all keys share one memory pool.
+So a 20-step image runs its first step eagerly and replays from the second.
 
 Limits: CUDA only (elsewhere the forward runs eagerly, as without the wrapper) and inference only
 (a call with gradients enabled runs eagerly). A replay runs no Python, so forward hooks would not
@@ -102,12 +103,13 @@ def _clone_output(out: Any) -> Any:
 class GraphedForward:
     """The replacement of a module's ``forward`` (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, warmup: int = 2) -> None:
+    def __init__(self, module: nn.Module, warmup: int = 1) -> None:
         if warmup < 1:
-            raise ValueError(f"warmup must be ≥ 1 (the kernels compile and autotune there), got {warmup}")
+            raise ValueError(f"warmup must be ≥ 1 (a call on the capture's side stream first), got {warmup}")
         self.forward = module.forward  # the bound eager forward
         self.warmup = warmup
         self.graphs: dict[tuple, _Captured | None] = {}  # None: capture failed, run eagerly
+        self.seen: set[tuple] = set()  # keys called once (eagerly) under the current layout
         self.stats = GraphStats()
         self.pool = None
         self.layout: tuple | None = None  # model_layout() when the graphs were captured
@@ -145,10 +147,15 @@ class GraphedForward:
             if self.graphs:
                 log.info("the model's modules or tensors moved since the CUDA graphs were captured: capturing again")
             self.graphs.clear()
+            self.seen.clear()
             self.pool = None
             self.layout = layout
         key = call_key(args, kwargs)
         if key not in self.graphs:
+            if key not in self.seen:  # a key's first call: eager (the kernels compile and autotune in it),
+                self.seen.add(key)  # so a model changed between every call never pays for a capture
+                self.stats.eager += 1
+                return self.forward(*args, **kwargs)
             return self._capture(key, args, kwargs, tensors)
         captured = self.graphs[key]
         if captured is None:
@@ -165,7 +172,7 @@ class GraphedForward:
         s_args, s_kwargs = _replace_tensors(args, kwargs, static_inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # plans, compilation and autotuning happen here, outside the capture
+        with torch.cuda.stream(side):  # the allocator's and libraries' lazy setup for this stream, not captured
             for _ in range(self.warmup):
                 out = self.forward(*s_args, **s_kwargs)
                 self.stats.eager += 1
@@ -192,7 +199,7 @@ class GraphedForward:
         return _clone_output(static_output)
 
 
-def graph_transformer(model: nn.Module, warmup: int = 2) -> nn.Module:
+def graph_transformer(model: nn.Module, warmup: int = 1) -> nn.Module:
     """Wrap ``model.forward`` so that its calls on CUDA replay CUDA graphs (module docstring); in
     place, returns ``model``. Calling it again on a wrapped model changes nothing."""
     if isinstance(getattr(model, _ATTR, None), GraphedForward):
@@ -217,6 +224,7 @@ def reset_graphs(model: nn.Module) -> None:
     next call of each key captures again."""
     graphed = _graphed(model)
     graphed.graphs.clear()
+    graphed.seen.clear()
     graphed.pool = None
     graphed.layout = None
 

@@ -159,9 +159,14 @@ def test_explorer_device_check_runs_the_generate_path_on_cpu(tmp_path):
     build_tiny_pixart_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "explorer.json"
     assert main(["--device", "cpu", "--model", str(tmp_path / "pipe"), "--steps", "2", "--calib-prompts", "2",
-                 "--prompt", "a red circle on the left", "--out", str(out)]) == 0
+                 "--prompt", "a red circle on the left", "--out", str(out), "--cuda-graphs"]) == 0
     res = json.loads(out.read_text())
-    assert res["last_stage"] == "generated" and res["backend"].startswith("reference:") and not res["triton"]
+    assert res["last_stage"] == "generated with CUDA graphs"
+    assert res["backend"].startswith("reference:") and not res["triton"]
+    # off CUDA the graph wrapper runs every step eagerly: the images are the eager ones
+    graphs = res["cuda_graphs"]
+    assert graphs["quantized"]["captures"] == 0 and graphs["quantized"]["eager"] == 2 * 2  # 2 images × 2 steps
+    assert graphs["psnr_vs_eager_db"]["quantized"] > 100 and len(graphs["runs"]) == 2
     assert "fused from" in res["backend"] and res["metrics"]["psnr_db"] > 0
     assert (tmp_path / "explorer_w4a4.png").is_file()
 
