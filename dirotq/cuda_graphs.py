@@ -181,7 +181,9 @@ class GraphedForward:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: another thread's CUDA calls (the explorer serves requests on several) neither
+            # break this capture nor are refused during it
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 static_output = self.forward(*s_args, **s_kwargs)
         except Exception as exc:  # noqa: BLE001 - any capture failure (a sync, a tensor read on the host) means eager
             reason = f"{type(exc).__name__}: {str(exc)[:300]}"
