@@ -348,7 +348,26 @@ def time_step(model, kw, graphs: bool) -> dict:
         out["eager_ms"] = bench(step, rep_ms=1000, warmup_ms=100)
         if graphs:
             out["cuda_graph_ms"] = bench_graph(step, calls=1, replays=10)
+            out.update(graph_wrapper_step(model, step))
     return out
+
+
+def graph_wrapper_step(model, step) -> dict:
+    """The step through ``dirotq.cuda_graphs.graph_transformer`` (what ``generate --cuda-graphs`` and
+    the explorer's ``--cuda-graphs`` run): replays timed with their host work (the layout check,
+    the input copies, the output copy), next to ``cuda_graph_ms``'s bare replay."""
+    from dirotq.cuda_graphs import graph_stats, graph_transformer, ungraph_transformer
+
+    graph_transformer(model)
+    try:
+        step()  # eager: the key's first call
+        step()  # captured
+        ms = bench(step, rep_ms=1000, warmup_ms=100)
+        return {"graph_wrapper_ms": ms, "graph_wrapper": graph_stats(model)}
+    except Exception as exc:  # recorded: the other numbers of this variant stand
+        return {"graph_wrapper_failed": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    finally:
+        ungraph_transformer(model)
 
 
 # kernel name -> part of the step (first match); "other": norms, modulation, RoPE, gates, copies …

@@ -78,11 +78,12 @@ def speed_table(res: dict) -> str:
 
 
 def e2e_table(res: dict) -> str:
-    lines = ["| variant | eager ms | CUDA-graph ms | × bf16 (graph) | compiled ms | × bf16 compiled | weight GB | "
-             "× bf16 memory | attention % | act. quant. % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | eager ms | CUDA-graph ms | graph_transformer ms | × bf16 (graph) | compiled ms | "
+             "× bf16 compiled | weight GB | × bf16 memory | attention % | act. quant. % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in res["variants"].items():
         if "skipped" in e or "failed" in e:  # e.g. FP8 without torchao or an FP8 GPU: the reason, not a number
-            lines.append(f"| {name} | {e.get('skipped') or e.get('failed')} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {name} | {e.get('skipped') or e.get('failed')} |  |  |  |  |  |  |  |  |  |")
             continue
         c = e.get("compiled") or {}
         mem = e.get("memory", {}).get("bytes")
@@ -90,6 +91,7 @@ def e2e_table(res: dict) -> str:
         pct = {k: _f(100 * v, 1) if k in share else "–" for k, v in
                (("attention", share.get("attention", 0)), ("activation quantization", share.get("activation quantization", 0)))}
         lines.append(f"| {name} | {_f(e.get('eager_ms'), 1)} | {_f(e.get('cuda_graph_ms'), 1)} | "
+                     f"{_f(e.get('graph_wrapper_ms'), 1) if 'graph_wrapper_ms' in e else '–'} | "
                      f"{_f(e.get('graph_speedup_vs_bf16'), 3)} | {_f(c.get('eager_ms'), 1) if 'eager_ms' in c else c.get('failed', '–')} | "
                      f"{_f(e.get('compiled_speedup_vs_bf16_compiled'), 3)} | {_f(mem / 1e9 if mem else None, 2)} | "
                      f"{_f(e.get('memory_ratio_vs_bf16'), 3)} | {pct['attention']} | {pct['activation quantization']} |")
