@@ -169,10 +169,14 @@ def test_cuda_graph_pair_draws_the_eager_images():
     qt = quantized_copy(pipe.transformer, dirotq.DiRotQLRConfig(rank=16, scale_format="int_ratio"), stats)
     kw = {"guidance_scale": 4.5, "max_sequence_length": 16, "use_resolution_binning": False}
     eager = generate_pair(pipe, qt, prompt, 3, num_inference_steps=4, **kw)
+    again = generate_pair(pipe, qt, prompt, 3, num_inference_steps=4, **kw)
     report = graph_pair(pipe, qt, prompt, 3, **kw)
     graphed = generate_pair(pipe, qt, prompt, 3, num_inference_steps=4, **kw)
     for side in ("reference", "quantized"):
         assert report[side]["captures"] >= 1 and report[side]["failed"] == [], report
-    for e, g in zip(eager[:2], graphed[:2]):
-        diff = np.abs(np.asarray(e, dtype=np.float32) - np.asarray(g, dtype=np.float32))
-        assert diff.max() <= 2.0, diff.max()  # the same kernels; K-split atomics may round a pixel differently
+    for e, a, g in zip(eager[:2], again[:2], graphed[:2]):
+        e, a, g = (np.asarray(im, dtype=np.float64) / 255 for im in (e, a, g))
+        if np.array_equal(e, a):  # deterministic kernels: the replayed image is the eager one exactly
+            assert np.array_equal(g, e)
+        else:  # 32 tokens take K-split atomics, whose fp32 sums differ from run to run, eager or replayed
+            assert 10 * np.log10(1 / max(float(((g - e) ** 2).mean()), 1e-12)) >= 30
