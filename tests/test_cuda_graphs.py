@@ -112,8 +112,9 @@ def test_model_layout_notices_moves_swaps_and_new_kernel_plans():
 def _close_or_equal(a: torch.Tensor, b: torch.Tensor, deterministic: bool) -> None:
     if deterministic:
         assert torch.equal(a, b)
-    else:  # K-split atomics add fp32 partials in any order: eager differs from itself by as much
-        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+    else:  # K-split atomics add fp32 partials in any order: eager differs from itself as much, and a
+        # 4-bit code flipped by the last bit moves the output by up to a few percent (docs/EVALUATION.md)
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 5e-2
 
 
 @pytest.mark.cuda
