@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import re
@@ -110,6 +111,7 @@ def measure(model_name: str, variant: str, conditioning: str, depth: dict[str, i
     return {"parts": parts, "layers": layers, "seconds": round(time.time() - t0, 1)}
 
 
+@functools.cache  # one meta-device build per (model, conditioning), not per variant
 def cost_model_ratio(model_name: str, conditioning: str) -> float:
     """The format C ratio ``bench_checkpoint_size`` computes for the same target set (cost model)."""
     from benchmarks.bench_checkpoint_size import CROSS_KV_W4A16, checkpoint_bytes, meta_model

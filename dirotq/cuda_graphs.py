@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -64,7 +64,7 @@ class GraphStats:
     failed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"captures": self.captures, "replays": self.replays, "eager": self.eager, "failed": list(self.failed)}
+        return asdict(self)
 
 
 def call_key(args: tuple, kwargs: dict) -> tuple:
@@ -157,15 +157,17 @@ class GraphedForward:
         """Whether a hook watches the forward (a replay would skip it)."""
         return _global_hooks() or self._walk()[1]
 
+    def _eager(self, args: tuple, kwargs: dict) -> Any:
+        self.stats.eager += 1
+        return self.forward(*args, **kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = _tensor_leaves(args, kwargs)
         if torch.is_grad_enabled() or not tensors or not all(t.is_cuda for t in tensors) or _global_hooks():
-            self.stats.eager += 1
-            return self.forward(*args, **kwargs)
+            return self._eager(args, kwargs)
         layout, hooked = self._walk()
         if hooked:
-            self.stats.eager += 1
-            return self.forward(*args, **kwargs)
+            return self._eager(args, kwargs)
         if layout != self.layout:
             if self.graphs:
                 log.info("the model's modules or tensors moved since the CUDA graphs were captured: capturing again")
@@ -177,13 +179,11 @@ class GraphedForward:
         if key not in self.graphs:
             if key not in self.seen:  # a key's first call: eager (the kernels compile and autotune in it),
                 self.seen.add(key)  # so a model changed between every call never pays for a capture
-                self.stats.eager += 1
-                return self.forward(*args, **kwargs)
+                return self._eager(args, kwargs)
             return self._capture(key, args, kwargs, tensors)
         captured = self.graphs[key]
         if captured is None:
-            self.stats.eager += 1
-            return self.forward(*args, **kwargs)
+            return self._eager(args, kwargs)
         for static, t in zip(captured.static_inputs, tensors):
             static.copy_(t)
         captured.graph.replay()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import math
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -255,8 +256,6 @@ def graph_pair(pipe, qtransformer, prompt: str, seed: int, *, warm_steps: int = 
 
     Returns ``{"reference": …, "quantized": …}``: each side's warm-up seconds and its graph counts
     (``cuda_graphs.graph_stats``). ``ValueError`` when a transformer is not on a CUDA device."""
-    import time
-
     from .cuda_graphs import graph_stats, graph_transformer
 
     if warm_steps < 1:
@@ -264,8 +263,8 @@ def graph_pair(pipe, qtransformer, prompt: str, seed: int, *, warm_steps: int = 
     report: dict[str, Any] = {}
     for side, transformer in (("reference", reference_transformer or pipe.transformer),
                               ("quantized", qtransformer)):
-        device = next(iter(transformer.parameters()), next(iter(transformer.buffers()), None))
-        if device is None or not device.is_cuda:
+        first = next(itertools.chain(transformer.parameters(), transformer.buffers()), None)
+        if first is None or not first.is_cuda:
             raise ValueError(f"CUDA graphs need the {side} transformer on a CUDA device")
         graph_transformer(transformer)
         t0 = time.perf_counter()
