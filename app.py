@@ -456,14 +456,14 @@ def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, scale_
     weight_only = {k: sum(r["kind"] == k for r in rows) for k in ("w4a16", "w8a16")}
     if any(weight_only.values()):
         counts = " and ".join(f"{n} {k.upper()}" for k, n in weight_only.items() if n)
-        md += (f"\n\n{counts} layers (weight-only: 16-bit activations, so no 16-bit rank and not in the Rank "
-               "plan): their error is the weights' alone, and a rank plan cannot lower it")
+        md += (f"\n\n{counts} layers (weight-only: 16-bit activations, not in the Rank plan tab): their error is "
+               "the weights' alone; `python -m dirotq quantize --weight-only-ranks` can give them a 16-bit branch")
     return _ok(f"{len(rows)} layers quantized with {method} ({FORMAT_LABELS[fmt]}) in {dt:.1f} s"), fig, md
 
 
 def _kind_cell(kind: str) -> str:
-    """The kind column of a layer list: W4A16 layers say that no rank applies to them."""
-    return f"{kind.upper()}, weight-only: not rank-able" if kind != "w4a4" else kind.upper()
+    """The kind column of a layer list: W4A16 layers say that the Rank plan tab leaves them out."""
+    return f"{kind.upper()}, weight-only: not in the plan" if kind != "w4a4" else kind.upper()
 
 
 # ------------------------------------------------------------------------------- rank plan

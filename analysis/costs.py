@@ -11,10 +11,12 @@ ranks and the method's config.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
 from dirotq.config import WEIGHT_ONLY_KINDS, QuantConfig, weight_only_bits
+from dirotq.methods import BRANCH_METHODS, weight_only_branch_config
 from dirotq.registry import get_method, make_config
 
 
@@ -39,21 +41,29 @@ def layer_cost(d: int, o: int, method: str, rank: int = 0, *, config: QuantConfi
     quantized layer under ``method`` (its default config unless ``config`` is given), plus the
     W4A4 (RTN) and BF16 references.
 
-    ``kind="w4a16"`` / ``"w8a16"`` targets run weight-only whatever the method (their rank is
-    ignored; W8A16 with 8-bit weights); unranked methods ignore ``rank``.
+    ``kind="w4a16"`` / ``"w8a16"`` targets run weight-only whatever the method (W8A16 with 8-bit
+    weights); a rank on one is its 16-bit branch under the PCA methods (DiRotQ-LR's form,
+    ``weight_only_branch_config``) and is ignored under the others. Unranked methods ignore ``rank``.
     """
     spec = get_method(method)
     config = config if config is not None else make_config(method)
     g = config.group_size
-    r = int(rank) if spec.ranked and kind not in WEIGHT_ONLY_KINDS else 0
+    weight_only = kind in WEIGHT_ONLY_KINDS
+    r = int(rank) if spec.ranked and (not weight_only or config.method in BRANCH_METHODS) else 0
     if not 0 <= r <= d:
         raise ValueError(f"rank {r} out of range [0, {d}]")
-    if kind in WEIGHT_ONLY_KINDS:
+    if weight_only and r:
+        config = weight_only_branch_config(config, kind, r)
+        method = config.method
+        spec = get_method(method)
+    elif weight_only:
         method = "w4a16"
         spec = get_method(method)
         config = make_config(method, {"group_size": g, "weight_bits": weight_only_bits(kind, config.weight_bits),
                                       "scale_format": config.scale_format})
     extra = spec.cost(d, o, r, config)
+    if weight_only:  # the branch adds no activation quantization: the GEMM's input stays 16-bit
+        extra = dataclasses.replace(extra, activations_16bit=True)
     bits = dict(extra.extra_bits)
     k4 = d if extra.quantized_width is None else extra.quantized_width
     fmt = config.scale_format

@@ -480,8 +480,14 @@ class ExplorerSession:
         return {"curves": curves, "current": current}
 
     def validate_plan(self, ranks: Mapping[str, Any]) -> dict[str, int]:
-        """Check a ``{layer: rank}`` plan against this model; returns it with ints (w4a4 targets only)."""
-
+        """Check a ``{layer: rank}`` plan against this model; returns it with ints (w4a4 targets only).
+        The tab plans the W4A4 layers: a plan that names weight-only ones is refused (the library
+        gives them a 16-bit branch; ``quantize --weight-only-ranks`` allocates one)."""
+        weight_only = [n for n in ranks if n in self.targets and self.targets[n].kind != "w4a4"]
+        if weight_only:
+            raise ValueError(f"the plan names weight-only layers {weight_only[:5]}: the Rank plan tab plans the "
+                             "W4A4 layers; a 16-bit branch on a weight-only layer is set with `python -m dirotq "
+                             "quantize --weight-only-ranks` or a --rank-plan file")
         resolved = RankPlan(dict(ranks)).resolve(self.targets)
         return {n: resolved[n] for n in self.w4a4_targets()}
 
@@ -575,7 +581,7 @@ class ExplorerSession:
         ``sensitivity`` (measured once per method, ``self.sensitivity``) the W4A4 rows also get
         ``gain`` (how much of the layer's error reaches the model output) and ``output_error``
         (gain × the layer's relative error at its rank: its predicted share of the model-output error);
-        W4A16 rows get NaN there (they are not rank-able). ``scale_format`` as in ``config``; the
+        W4A16 rows get NaN there (the Rank plan tab leaves them out). ``scale_format`` as in ``config``; the
         sensitivities are the shared format's (a ratio of output to layer error, alike in both)."""
         _, report = self.quantized(method, ranks, progress, scale_format)
         sens = self.sensitivity(method, progress) if sensitivity else {}

@@ -68,7 +68,8 @@ def checkpoint_bytes(model: torch.nn.Module, method: str, rank: int,
         adapter = type(adapter)({**adapter.overrides, **adapter.expand_conditioning(model, overrides)})
     targets = adapter.targets(model)
     config = make_config(method, scale_format=scale_format)
-    cost = plan_cost(targets, {n: rank for n in targets}, method, config=config)["total"]
+    # the uniform rank of `quantize --rank`: W4A4 targets only (a weight-only target has a branch only when named)
+    cost = plan_cost(targets, {n: rank for n, s in targets.items() if s.kind == "w4a4"}, method, config=config)["total"]
     target_params = {f"{n}.{p}" for n in targets for p in ("weight", "bias")}
     params = list(model.named_parameters())
     rest = sum(p.numel() for n, p in params if n not in target_params)

@@ -37,8 +37,9 @@ import torch
 from analysis import plans
 from analysis.stats import spectrum
 from benchmarks._bench_common import add_image_study_args
-from dirotq.allocate import (layer_error_curves, layer_params16, layer_sensitivity, record_transformer_calls,
-                             sensitivity_curves)
+from dirotq.allocate import (allocate_like_uniform, layer_error_curves, layer_params16, layer_sensitivity,
+                             record_transformer_calls, sensitivity_curves, shared_input_units)
+from dirotq.methods import BRANCH_METHODS
 from dirotq.eval.metrics import paired_bootstrap_diff
 from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, Evaluator, make_config, read_prompts
 from dirotq.eval.report import device_description, versions
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/rank_plans_tiny_pixart")
     ap.add_argument("--no-extras", action="store_true", help="skip the format / asymmetric rows")
     ap.add_argument("--html", action="store_true", help="also draw OUT.html")
+    ap.add_argument("--weight-only-ranks", action="store_true",
+                    help="also the output-error allocations (tied and per layer) in which the weight-only layers "
+                         "compete for the budget with a 16-bit branch each (dirotq, dirotq-lr)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t_start = time.time()
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
     calls = record_transformer_calls(ev.pipe, sens_prompts, num_inference_steps=10, steps=range(0, 10, 2), seed=1,
                                      pipe_kwargs=ev.pipe_kwargs)
     targets = {n: s for n, s in ev.targets.items() if s.kind == "w4a4"}
+    weight_only = {n: s for n, s in ev.targets.items() if s.kind != "w4a4"}
     spectra = {}
     out = Path(a.out)
     result = {"meta": {"model": ev.model_name, "n_images": len(ev.items), "eval_seed_base": a.seed,
@@ -117,8 +122,15 @@ def main(argv=None) -> int:
             result.setdefault("curves_seconds", {})[method] = round(time.time() - t0, 1)
             result.setdefault("sensitivity", {})[method] = sens
             prepared[method] = {"out": sensitivity_curves(layer_curves, sens), "layer": layer_curves, "cfg0": cfg0,
-                                "cost": lambda name, r, cfg0=cfg0: layer_params16(targets[name], cfg0, int(r)),
+                                "cost": lambda name, r, cfg0=cfg0: layer_params16(ev.targets[name], cfg0, int(r)),
                                 "fixed": {}}
+            if a.weight_only_ranks and method in BRANCH_METHODS and weight_only:
+                wo_sens = layer_sensitivity(model, calls, stats, cfg0, targets=weight_only, weight_only=True)
+                wo_curves = layer_error_curves(model, stats, lambda r: make_config(method, rank=r), targets=weight_only,
+                                               weight_only=True)
+                result["sensitivity"][method].update(wo_sens)
+                prepared[method]["out_weight_only"] = {**prepared[method]["out"],
+                                                       **sensitivity_curves(wo_curves, wo_sens)}
         return prepared[method]
 
     def fixed_row(method: str, budget: int) -> dict:
@@ -136,6 +148,12 @@ def main(argv=None) -> int:
         if policy in ("output error", "output error, tied"):
             plan = plans.fill_plan(policy, budget, targets, output_curves=lambda: p["out"], config=p["cfg0"])
             predicted = predicted_gain_db(p["out"], plans.fixed_plan(targets, budget), plan)
+        elif policy.endswith("+ weight-only ranks"):  # the same budget, the weight-only layers' branches compete
+            curves = p["out_weight_only"]
+            tie = shared_input_units(ev.targets) if policy.startswith("output error, tied") else None
+            plan = allocate_like_uniform(curves, ev.targets, p["cfg0"], budget, tie=tie)
+            predicted = predicted_gain_db(curves, {**plans.fixed_plan(targets, budget), **{n: 0 for n in weight_only}},
+                                          plan)
         elif policy == "16-bit budget":
             plan = plans.fill_plan(policy, limit / 1e3, targets, cost=cost, layer_curve=p["layer"].get)
         elif policy == "energy":
@@ -157,6 +175,11 @@ def main(argv=None) -> int:
     for method in methods:  # one rank per shared-input group, so every group can run fused: its cost on images
         for budget in budgets:
             policy_row(method, budget, "output error, tied")
+    if a.weight_only_ranks:
+        for method in [m for m in methods if m in BRANCH_METHODS]:
+            for budget in budgets:
+                for policy in ("output error, tied + weight-only ranks", "output error + weight-only ranks"):
+                    policy_row(method, budget, policy)
     if not a.no_extras and 32 in budgets:
         for method in [m for m in methods if m in ("dirotq-lr", "dirotq")]:
             fixed = fixed_row(method, 32)

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .config import DEFAULT_KEY, QuantConfig, RankPlan
+from .config import DEFAULT_KEY, WEIGHT_ONLY_KINDS, QuantConfig, RankPlan
+from .methods.dirotq_lr import BRANCH_METHODS, weight_only_branch_config
 from .quantize import quantize_layer
 from .registry import spec_for
 
@@ -210,21 +211,28 @@ def output_error_curves(transformer: nn.Module, calls: Sequence[Call], stats: An
     return curves
 
 
+def _measured(targets: Mapping[str, Any], weight_only: bool) -> list[str]:
+    """The targets an allocation measures: the W4A4 ones, and the weight-only ones if asked."""
+    return [n for n, s in targets.items() if getattr(s, "kind", "w4a4") == "w4a4"
+            or (weight_only and getattr(s, "kind", "w4a4") in WEIGHT_ONLY_KINDS)]
+
+
 def layer_sensitivity(transformer: nn.Module, calls: Sequence[Call], stats: Any, config: QuantConfig, *,
-                      targets: Mapping[str, Any], rank: int = 0,
+                      targets: Mapping[str, Any], rank: int = 0, weight_only: bool = False,
                       progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """How much of each W4A4 target's error reaches the model output.
 
     For every target: ``output`` = the transformer output's relative error on ``calls`` with only
     that layer quantized by ``config`` at ``rank``; ``layer`` = the layer's own relative output error
     on its held-out tokens (``stats.for_layer(name).sample``); ``gain`` = output / layer. The model
-    is left unchanged. Returns ``{layer: {"output", "layer", "gain"}}``.
+    is left unchanged. weight_only: also the weight-only targets (quantized as they run at rank 0:
+    weight-only). Returns ``{layer: {"output", "layer", "gain"}}``.
     """
     from .quantize import layer_error
 
     calls = merge_calls(calls)
     reference = _output(transformer, calls)
-    names = [n for n, s in targets.items() if getattr(s, "kind", "w4a4") == "w4a4"]
+    names = _measured(targets, weight_only)
     out: dict[str, dict[str, float]] = {}
     for i, name in enumerate(names):
         spec = targets[name]
@@ -256,7 +264,12 @@ def sensitivity_curves(layer_curves: Mapping[str, Mapping[int, float]],
 # -------------------------------------------------------------------------------- allocation
 def layer_params16(spec: Any, config: QuantConfig, rank: int) -> float:
     """Extra 16-bit parameters of target ``spec`` at ``rank`` under ``config``'s method (its cost
-    function; 1-bit Hadamard signs are not 16-bit parameters)."""
+    function; 1-bit Hadamard signs are not 16-bit parameters). A weight-only target's rank is its
+    16-bit branch (``weight_only_branch_config``): (d + o) per rank, nothing at rank 0."""
+    if getattr(spec, "kind", "w4a4") in WEIGHT_ONLY_KINDS:
+        if not rank:
+            return 0.0
+        config = weight_only_branch_config(config, spec.kind, rank, getattr(spec, "name", None))
     return spec_for(config).cost(spec.in_features, spec.out_features, rank, config).params16
 
 
@@ -299,8 +312,11 @@ def shared_input_units(targets: Mapping[str, Any]) -> dict[str, str]:
 def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Mapping[str, Any],
                           config: QuantConfig, rank: int, *, tie: Mapping[str, str] | None = None) -> dict[str, int]:
     """``allocate`` under the 16-bit parameter budget of a uniform ``rank`` (each layer capped at its
-    width), with the method's own cost. W4A4 targets only.
+    width), with the method's own cost.
 
+    The budget is what the fixed plan ``rank`` spends: the uniform rank on the W4A4 targets of
+    ``curves``. Weight-only targets in ``curves`` compete for it with their 16-bit branches
+    ((d + o) per rank, ``layer_params16``); the fixed plan gives them none.
     tie: layer -> unit (``shared_input_units``): the layers of a unit get one rank, chosen on their
     summed curves and costs, so a fused shared-input group keeps one activation side."""
     names = [n for n in curves if n in targets]
@@ -308,7 +324,8 @@ def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Ma
     def cost(name: str, r: int) -> float:
         return layer_params16(targets[name], config, r)
 
-    budget = sum(cost(n, min(rank, targets[n].in_features)) - cost(n, 0) for n in names)
+    budget = sum(cost(n, min(rank, targets[n].in_features)) - cost(n, 0) for n in names
+                 if getattr(targets[n], "kind", "w4a4") == "w4a4")
     if not tie:
         return allocate({n: curves[n] for n in names}, cost, budget)
     units: dict[str, list[str]] = {}
@@ -322,12 +339,14 @@ def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Ma
 
 def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Callable[[int], QuantConfig], *,
                        targets: Mapping[str, Any], ranks: Callable[[int], Sequence[int]] = candidate_ranks,
-                       progress: Progress | None = None) -> dict[str, dict[int, float]]:
+                       weight_only: bool = False, progress: Progress | None = None) -> dict[str, dict[int, float]]:
     """``{layer: {rank: the layer's own relative output error}}`` on its held-out tokens
-    (``stats.for_layer(name).sample``), W4A4 targets only: one quantization per layer and rank."""
+    (``stats.for_layer(name).sample``): one quantization per layer and rank. W4A4 targets, and with
+    ``weight_only`` the weight-only ones too (rank r > 0: their 16-bit branch,
+    ``weight_only_branch_config``)."""
     from .quantize import layer_error, reference_output
 
-    names = [n for n, s in targets.items() if getattr(s, "kind", "w4a4") == "w4a4"]
+    names = _measured(targets, weight_only)
     curves: dict[str, dict[int, float]] = {}
     for i, name in enumerate(names):
         spec, st = targets[name], stats.for_layer(name)
@@ -344,7 +363,7 @@ def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Call
 def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, prompts: Sequence[str], *,
                       adapter: Any = None, num_inference_steps: int = 10, seed: int = 0,
                       pipe_kwargs: Mapping[str, Any] | None = None, layers: Sequence[str] | None = None,
-                      dist: Any = None, tie_shared_inputs: bool = False,
+                      dist: Any = None, tie_shared_inputs: bool = False, weight_only_ranks: bool = False,
                       progress: Progress | None = None) -> tuple[RankPlan, dict]:
     """The rank plan that spends the 16-bit budget of a uniform ``rank`` where the model output
     gains most, for ``config``'s method, from sensitivities measured on ``prompts`` (use prompts
@@ -357,6 +376,8 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     all-gathered, and every process runs the same greedy on all of them: the plan of one process.
     tie_shared_inputs: one rank per shared-input group of a block (``shared_input_units``), so
     ``dirotq.fusion`` can run each group as one layer.
+    weight_only_ranks: the weight-only targets (e.g. PixArt's ``ff.net.2``) compete for the same
+    budget with a 16-bit branch each (``weight_only_branch_config``; dirotq / dirotq-lr only).
     """
     from .distributed import DistInfo, gather_objects, owned_targets
     from .models import get_adapter
@@ -367,7 +388,10 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     dist = dist or DistInfo()
     mine = set(owned_targets(all_targets, dist, layers))
     wanted = set(layers) if layers is not None else set(all_targets)
-    targets = {n: s for n, s in all_targets.items() if s.kind == "w4a4" and n in wanted}
+    if weight_only_ranks and config.method not in BRANCH_METHODS:
+        raise ValueError(f"weight-only ranks need a PCA method ({', '.join(BRANCH_METHODS)}), not {config.method!r}")
+    kinds = ("w4a4", *WEIGHT_ONLY_KINDS) if weight_only_ranks else ("w4a4",)
+    targets = {n: s for n, s in all_targets.items() if s.kind in kinds and n in wanted}
     measured = {n: s for n, s in targets.items() if n in mine}
 
     def config_at(r: int) -> QuantConfig:
@@ -377,9 +401,9 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     say(0.0, "recording the transformer inputs of the sensitivity prompts")
     calls = record_transformer_calls(pipe, prompts, num_inference_steps=num_inference_steps,
                                      steps=range(0, num_inference_steps, 2), seed=seed, pipe_kwargs=pipe_kwargs)
-    sens = layer_sensitivity(transformer, calls, stats, config_at(0), targets=measured,
+    sens = layer_sensitivity(transformer, calls, stats, config_at(0), targets=measured, weight_only=weight_only_ranks,
                              progress=lambda f, m: say(0.05 + 0.6 * f, m))
-    layer = layer_error_curves(transformer, stats, config_at, targets=measured,
+    layer = layer_error_curves(transformer, stats, config_at, targets=measured, weight_only=weight_only_ranks,
                                progress=lambda f, m: say(0.65 + 0.35 * f, m))
     if dist.distributed:  # JSON-able: the curves' int ranks become strings on the way
         parts = gather_objects({"sens": sens, "layer": {n: {str(r): e for r, e in c.items()} for n, c in layer.items()}},
@@ -392,12 +416,13 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
                                   tie=shared_input_units(targets) if tie_shared_inputs else None)
     cost = {n: layer_params16(targets[n], config, r) - layer_params16(targets[n], config, 0) for n, r in ranks.items()}
     budget = sum(layer_params16(s, config, min(rank, s.in_features)) - layer_params16(s, config, 0)
-                 for s in targets.values())
+                 for s in targets.values() if s.kind == "w4a4")
     say(1.0, "rank plan by output error")
     report = {"policy": "output error", "uniform_rank": rank, "budget_params16": budget,
               "spent_params16": sum(cost.values()), "ranks": ranks,
               "gain": {n: v["gain"] for n, v in sens.items()}, "sensitivity_prompts": len(prompts),
-              "processes": dist.world_size if dist.distributed else 1, "tied_shared_inputs": tie_shared_inputs}
+              "processes": dist.world_size if dist.distributed else 1, "tied_shared_inputs": tie_shared_inputs,
+              "weight_only_ranks": weight_only_ranks}
     return as_plan(ranks), report
 
 

@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics do not use), one rank per shared-input group (q/k/v …), so every group can "
                         "run fused (one quantized input, one GEMM); 'output' the same per layer; 'fixed' gives "
                         "every layer --rank. A --rank-plan is used as is")
+    p.add_argument("--weight-only-ranks", action="store_true",
+                   help="with --allocate output / output-tied (dirotq, dirotq-lr): the weight-only layers (PixArt's "
+                        "ff.net.2, FLUX's modulation …) compete for the same 16-bit budget with a low-rank 16-bit "
+                        "branch each (their activations stay 16-bit; (d + o) parameters per rank); the fixed "
+                        "plan gives them none")
     p.add_argument("--eigensolver", choices=("eigh", "top"), default="eigh",
                    help="PCA bases: 'eigh' (default) decomposes every second moment fully; 'top' finds only the "
                         "top-r directions by subspace iteration (what dirotq-lr's PCA basis needs: O(d²·r) instead "
@@ -497,7 +502,7 @@ def cmd_quantize(args) -> int:
     from .models import target_report
     from .registry import get_method
     from .pipelines import load_transformer
-    from .quantize import LinalgSettings, quantize_
+    from .quantize import LinalgSettings, check_weight_only_ranks, quantize_
 
     rank = _rank_arg(args)
     config = make_config(args.method, rank=rank, weights=args.weights, scale_format=args.scale_format)
@@ -507,14 +512,27 @@ def cmd_quantize(args) -> int:
         adapter = _adapter(args, transformer)
         targets = adapter.targets(transformer)
         resolved = config.rank_plan().resolve(targets)
+        check_weight_only_ranks(config, targets, resolved)
         print(target_report(transformer, adapter))
         ranks = sorted({resolved[n] for n, s in targets.items() if s.kind == "w4a4"})
         print(f"recipe: {config.tag()} -> {Path(args.out) / name}")
         print(f"16-bit ranks of the W4A4 targets: {ranks}")
+        branches = {n: resolved[n] for n, s in targets.items() if s.kind != "w4a4" and resolved[n]}
+        if branches:
+            print(f"16-bit branches of weight-only targets: {branches}")
         return 0
     info = _dist(args)
     output_allocation = (args.allocate in ("output", "output-tied") and get_method(config.method).ranked
                          and isinstance(rank, int) and rank > 0)
+    if args.weight_only_ranks:
+        from .methods import BRANCH_METHODS
+
+        if not output_allocation:
+            raise BadInput("--weight-only-ranks needs --allocate output or output-tied with a ranked method and "
+                           "--rank > 0")
+        if config.method not in BRANCH_METHODS:
+            raise BadInput(f"--weight-only-ranks needs a PCA method ({', '.join(BRANCH_METHODS)}): {config.method} "
+                           "gives weight-only layers no 16-bit branch")
     ev = None
     if args.stats:
         from .calibration import CalibrationStats
@@ -544,6 +562,7 @@ def cmd_quantize(args) -> int:
         plan, allocation = output_error_plan(ev.pipe, stats, config, rank, sens_prompts, seed=1,
                                              pipe_kwargs=ev.pipe_kwargs, layers=layers, dist=info, adapter=adapter,
                                              tie_shared_inputs=args.allocate == "output-tied",
+                                             weight_only_ranks=args.weight_only_ranks,
                                              progress=_bar_progress("allocate ranks"))
         config = dataclasses.replace(config, rank=plan)
     path = Path(args.out) / name

@@ -67,22 +67,21 @@ class RankPlan:
 
         targets: name -> spec with ``in_features`` and ``kind`` ("w4a4" or weight-only "w4a16" /
         "w8a16"; a TargetSpec).
-        A named layer that is not a target, a layer named for a W4A16 target (it has no 16-bit
-        branch) or a rank above the layer's input width is an error naming the layer. W4A16
-        targets resolve to rank 0. Returns ``{name: rank}`` for every target.
+        ``_default`` applies to the W4A4 targets only: a weight-only target has rank 0 (no 16-bit
+        branch) unless the plan names it, which gives it a 16-bit low-rank branch of that rank beside
+        its 16-bit activations (``dirotq.methods.weight_only_branch_config``; PCA methods only).
+        A named layer that is not a target or a rank above the layer's input width is an error
+        naming the layer. Returns ``{name: rank}`` for every target.
         """
         unknown = [n for n in self.ranks if n != DEFAULT_KEY and n not in targets]
         if unknown:
             sample = ", ".join(sorted(targets)[:3])
             raise ValueError(f"rank plan names layers this model does not have: {unknown[:5]} "
                              f"(is it a plan for another model? this one has e.g. {sample})")
-        weight_only = [n for n in self.ranks if n in targets and getattr(targets[n], "kind", "w4a4") in WEIGHT_ONLY_KINDS]
-        if weight_only:
-            raise ValueError(f"rank plan names weight-only (W4A16) layers, which have no 16-bit rank: "
-                             f"{weight_only[:5]}")
         out = {}
         for name, spec in targets.items():
-            if getattr(spec, "kind", "w4a4") in WEIGHT_ONLY_KINDS:
+            weight_only = getattr(spec, "kind", "w4a4") in WEIGHT_ONLY_KINDS
+            if weight_only and name not in self.ranks:
                 out[name] = 0
                 continue
             d = spec.in_features

@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import DEFAULT_KEY, KINDS, WEIGHT_ONLY_KINDS, QuantConfig, RankPlan
 from .methods.common import BasisCache, GPTQBatcher, LinalgSettings, compute_device, deferred_gptq, use_linalg
+from .methods.dirotq_lr import weight_only_branch_config
 from .methods.w4a16 import weight_only_config
 from .modules import QuantLinear
 from .registry import needs_stats, spec_for
@@ -73,8 +74,9 @@ def _quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, rank: in
         raise TypeError(f"quantize_layer takes an nn.Linear, got {type(linear).__name__}")
     name = getattr(spec, "name", None) or "layer"
     kind = getattr(spec, "kind", "w4a4")
-    if kind in WEIGHT_ONLY_KINDS:  # weight-only under any method: no 16-bit branch
-        config, r = weight_only_config(config, kind), 0
+    if kind in WEIGHT_ONLY_KINDS:  # weight-only under any method; a branch only where a rank names it
+        r = _weight_only_rank(config, rank, name, linear.in_features)
+        config = weight_only_branch_config(config, kind, r, name) if r else weight_only_config(config, kind)
     else:
         if rank is None:
             rank = config.rank_plan().ranks.get(name, config.rank_plan().ranks.get(DEFAULT_KEY, 0))
@@ -162,6 +164,38 @@ def _build(linear: nn.Linear, stats: Any, config: QuantConfig, rank: int, spec: 
         if device.type == "cpu":
             release_freed_memory()
     return concat_rows(parts), ((err, ref) if error_sample is not None else None)
+
+
+def check_weight_only_ranks(config: QuantConfig, targets: Mapping[str, Any], ranks: Mapping[str, int]) -> None:
+    """A rank on a weight-only target (its 16-bit branch) needs a PCA method: a ``ValueError``
+    naming the layers otherwise, before any work."""
+    named = [n for n, s in targets.items() if s.kind in WEIGHT_ONLY_KINDS and ranks.get(n, 0)]
+    if named:
+        from .methods.dirotq_lr import BRANCH_METHODS
+
+        if config.method not in BRANCH_METHODS:
+            raise ValueError(f"the rank plan gives weight-only layers {named[:3]} a 16-bit branch, which needs a PCA "
+                             f"method ({', '.join(BRANCH_METHODS)}); {config.method!r} has none")
+
+
+def _config_of(config: QuantConfig, spec: Any, rank: int) -> QuantConfig:
+    """The config a target of ``spec.kind`` at resolved ``rank`` is quantized with."""
+    if spec.kind not in WEIGHT_ONLY_KINDS:
+        return config
+    return weight_only_branch_config(config, spec.kind, rank, spec.name) if rank else weight_only_config(config, spec.kind)
+
+
+def _weight_only_rank(config: QuantConfig, rank: int | str | None, name: str, width: int) -> int:
+    """The 16-bit rank of a weight-only target: ``rank`` when given, else its own entry in the
+    config's rank plan (``_default`` is for the W4A4 targets), else 0."""
+    if rank is None:
+        ranks = config.rank_plan().ranks
+        rank = ranks.get(name, 0) if name in ranks else 0
+    if rank == "paper":
+        raise ValueError(f"rank 'paper' of {name!r}: a weight-only layer's branch takes an explicit rank")
+    if not 0 <= int(rank) <= width:
+        raise ValueError(f"rank {rank} for {name!r} exceeds its input width {width}")
+    return int(rank)
 
 
 class _Target:
@@ -345,14 +379,13 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
         adapter = get_adapter(model)
     specs = _select_targets(adapter.targets(model), targets)
     ranks = config.rank_plan().resolve(adapter.targets(model))
+    check_weight_only_ranks(config, specs, ranks)
     if not skip_validation:
         for name, spec in specs.items():
             mod = model.get_submodule(name)
             if not isinstance(mod, nn.Linear):
                 raise TypeError(f"target {name!r} is a {type(mod).__name__}, not an nn.Linear (already quantized?)")
-        if stats is None and any(needs_stats(weight_only_config(config, s.kind) if s.kind in WEIGHT_ONLY_KINDS
-                                             else config)
-                                 for s in specs.values()):
+        if stats is None and any(needs_stats(_config_of(config, s, ranks[n])) for n, s in specs.items()):
             raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics: "
                              "stats = dirotq.calibrate(pipe, prompts), then quantize_(model, config, stats)")
     # one entry per input group, in order of the group's first target: its statistics are read once

@@ -144,3 +144,46 @@ def test_tied_allocation_gives_each_shared_input_group_one_rank_within_the_budge
 
     fixed = plans.plan_params16(plans.fixed_plan(targets, 16), cost)
     assert plans.plan_params16(tied, cost) <= fixed + 1e-9 and plans.plan_params16(untied, cost) <= fixed + 1e-9
+
+
+def test_weight_only_layers_compete_for_the_uniform_budget_with_their_branches():
+    """Weight-only targets in the curves may take a 16-bit branch ((d + o) per rank), paid from the
+    budget the fixed plan spends on the W4A4 targets; the fixed plan gives them none."""
+    targets = {"a": TargetSpec("a", "w4a4", "a", 0, "a", 64, 64), "b": TargetSpec("b", "w4a4", "b", 0, "b", 64, 64),
+               "down": TargetSpec("down", "w4a16", "down", 0, "down", 256, 64)}
+    for method in ("dirotq", "dirotq-lr"):
+        cfg = make_config(method, rank=0)
+        assert layer_params16(targets["down"], cfg, 0) == 0 and layer_params16(targets["down"], cfg, 8) == (256 + 64) * 8
+        w4a4_only = {n: {r: 1.0 / (1 + r) for r in candidate_ranks(64)} for n in ("a", "b")}
+        budget = sum(layer_params16(targets[n], cfg, 32) for n in ("a", "b"))
+        # the weight-only layer moves the output most: it takes a branch, within the same budget
+        curves = {**w4a4_only, "down": {r: 50.0 / (1 + r) for r in candidate_ranks(256)}}
+        plan = allocate_like_uniform(curves, targets, cfg, 32)
+        spent = sum(layer_params16(targets[n], cfg, r) for n, r in plan.items())
+        assert plan["down"] > 0 and 0 < spent <= budget
+        assert allocate_like_uniform(w4a4_only, targets, cfg, 32) == {"a": 32, "b": 32}  # equal curves: fixed
+    with pytest.raises(ValueError, match="PCA method"):
+        layer_params16(targets["down"], make_config("svdquant", rank=0), 8)
+
+
+def test_output_error_plan_with_weight_only_ranks(tiny_pipe):
+    from dirotq.allocate import output_error_plan
+
+    pipe, stats = tiny_pipe
+    all_targets = get_adapter(pipe.transformer).targets(pipe.transformer)
+    weight_only = [n for n, s in all_targets.items() if s.kind != "w4a4"]
+    assert weight_only
+    cfg = make_config("dirotq", rank=8)
+    plain_plan, plain = output_error_plan(pipe, stats, cfg, 8, ["a red circle"], num_inference_steps=4)
+    plan, report = output_error_plan(pipe, stats, cfg, 8, ["a red circle"], num_inference_steps=4,
+                                     weight_only_ranks=True)
+    assert report["weight_only_ranks"] and set(weight_only) <= set(report["ranks"]) <= set(all_targets)
+    assert set(weight_only) <= set(report["gain"])
+    assert report["budget_params16"] == plain["budget_params16"]  # the fixed plan's budget either way
+    assert 0 < report["spent_params16"] <= report["budget_params16"]
+    resolved = plan.resolve(all_targets)
+    assert all(resolved[n] == report["ranks"][n] for n in report["ranks"])
+    assert all(plain_plan.resolve(all_targets)[n] == 0 for n in weight_only)
+    with pytest.raises(ValueError, match="PCA method"):
+        output_error_plan(pipe, stats, make_config("svdquant", rank=8), 8, ["a red circle"], num_inference_steps=4,
+                          weight_only_ranks=True)

@@ -177,11 +177,11 @@ def test_weight_only_cost_follows_the_weight_bits(bits):
 
     lin = torch.nn.Linear(100, 48)  # a padded width: codes over 128 columns
     q = quantize_layer(lin, None, W4A16Config(weight_bits=bits))
-    for method in ("w4a16", "dirotq-lr"):  # a W4A16 target under any method
-        cost = costs.layer_cost(100, 48, method, 8, config=W4A16Config(weight_bits=bits), kind="w4a16")
+    for method in ("w4a16", "dirotq-lr"):  # a W4A16 target under any method (rank 0: no branch)
+        cost = costs.layer_cost(100, 48, method, 0, config=W4A16Config(weight_bits=bits), kind="w4a16")
         assert cost["bits"] == pytest.approx(q.storage_bits()), method
     # a W8A16 target under a 4-bit config: 8-bit weights (16 under an activation-only study's config)
     q8 = quantize_layer(lin, None, W4A16Config(weight_bits=16 if bits == 16 else 8))
-    cost = costs.layer_cost(100, 48, "dirotq-lr", 8, config=make_config("dirotq-lr", weight_bits=4 if bits != 16 else 16),
+    cost = costs.layer_cost(100, 48, "dirotq-lr", 0, config=make_config("dirotq-lr", weight_bits=4 if bits != 16 else 16),
                             kind="w8a16")
     assert cost["bits"] == pytest.approx(q8.storage_bits()) and cost["rank"] == 0

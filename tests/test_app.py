@@ -307,16 +307,16 @@ def test_import_says_what_it_set_and_refuses_a_plan_that_sets_nothing(sess, cali
     assert dict(zip(df["layer"], df["rank"]))[q] == 12 and set(df["rank"]) == {4, 12}
     st = app.on_import(MODEL, json.dumps({q: 12}), "dirotq")[0]
     assert f"the other {n - 1} at rank 0 (the plan has no _default)" in st
-    # a W4A16 layer has no 16-bit branch: RankPlan.resolve's message, the plan is refused
+    # the tab plans the W4A4 layers: a plan naming a W4A16 layer is refused, saying where a branch is set
     st = app.on_import(MODEL, json.dumps({"_default": 8, _w4a16(sess)[0]: 8}), "dirotq")[0]
-    assert st.startswith("⚠") and "weight-only (W4A16) layers, which have no 16-bit rank" in st
+    assert st.startswith("⚠") and "Rank plan tab plans the W4A4 layers" in st
 
 
 def test_plan_table_refuses_a_row_renamed_to_a_w4a16_or_a_listed_layer(sess, calibrated):
     df = plan(sess, 8)
     df.loc[0, "layer"] = _w4a16(sess)[0]
     st = app.on_plan_edit(MODEL, df, "dirotq")[0]
-    assert st.startswith("⚠") and "weight-only (W4A16) layers, which have no 16-bit rank" in st
+    assert st.startswith("⚠") and "Rank plan tab plans the W4A4 layers" in st
     df = plan(sess, 8)
     df.loc[0, "layer"] = df.loc[1, "layer"]  # the first layer would silently lose its rank
     st = app.on_plan_edit(MODEL, df, "dirotq")[0]
@@ -331,7 +331,7 @@ def test_all_layers_marks_w4a16_layers_as_weight_only(sess, calibrated):
     lines = md.splitlines()
     for name in _w4a16(sess):
         row = next(line for line in lines if f"`{name}`" in line)
-        assert "| W4A16, weight-only: not rank-able | — |" in row, row
+        assert "| W4A16, weight-only: not in the plan | — |" in row, row
     assert f"{len(_w4a16(sess))} W4A16 layers (weight-only" in md
 
 

@@ -93,7 +93,7 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     out = tmp_path / "out" / "rp"
     assert main(["--model", str(tmp_path / "pipe"), "--limit", "2", "--steps", "2", "--calib-limit", "4",
                  "--budgets", "8,32", "--methods", "dirotq-lr,svdquant", "--policy-methods", "dirotq-lr",
-                 "--work", str(tmp_path / "work"), "--out", str(out), "--html"]) == 0
+                 "--work", str(tmp_path / "work"), "--out", str(out), "--html", "--weight-only-ranks"]) == 0
     res = json.loads(Path(f"{out}.json").read_text())
     rows = {(r["method"], r["budget_rank"], r["policy"]): r for r in res["rows"]}
     for budget in (8, 32):
@@ -109,6 +109,14 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
                    "output error, format C", "output error, format C, asymmetric activations"):
         assert ("dirotq-lr", 32, policy) in rows
     assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
+    # --weight-only-ranks: the same budget, the weight-only ff.net.2 may hold a branch (PCA methods only)
+    for budget in (8, 32):
+        fixed = rows[("dirotq-lr", budget, "fixed")]
+        for policy in ("output error, tied + weight-only ranks", "output error + weight-only ranks"):
+            r = rows[("dirotq-lr", budget, policy)]
+            assert r["params16"] <= fixed["params16"] + 1e-6 and "vs_fixed" in r and "ff.net.2" in " ".join(r["plan"])
+        assert ("svdquant", budget, "output error + weight-only ranks") not in rows
+    assert any("ff.net.2" in n for n in res["sensitivity"]["dirotq-lr"])
 
 
 def test_kernel_names_fall_into_the_step_parts():

@@ -202,11 +202,14 @@ def test_layer_kind_conditioning_quantizes_the_linears_outside_the_blocks(env, c
     layer = q.get_submodule("caption_projection.linear_2")
     assert isinstance(layer, QuantLinear) and layer.weight_bits == 4
     assert not isinstance(q.get_submodule("proj_out"), QuantLinear)
-    # a rank plan cannot name a weight-only layer
+    # a rank plan that names a weight-only layer gives it a 16-bit branch: a PCA method's, not RTN's
     plan = root / "cond-plan.json"
     plan.write_text(json.dumps({"_default": 8, "adaln_single.linear": 8}))
-    assert main(["quantize", "--model", str(model), "--dry-run", *kinds, "--rank-plan", str(plan)]) == 2
-    assert "weight-only" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(model), "--dry-run", *kinds, "--rank-plan", str(plan)]) == 0
+    assert "16-bit branches of weight-only targets: {'adaln_single.linear': 8}" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(model), "--dry-run", *kinds, "--method", "svdquant",
+                 "--rank-plan", str(plan)]) == 2
+    assert "needs a PCA method" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -52,8 +52,11 @@ def test_rank_plan_is_resolved_against_a_model_once():
         RankPlan({"_default": 100}).resolve(targets)
     with pytest.raises(ValueError, match="another model"):
         RankPlan({"zzz": 4}).resolve(targets)
-    with pytest.raises(ValueError, match="weight-only"):  # a W4A16 layer has no 16-bit branch to size
-        RankPlan({"ff": 8}).resolve(targets)
+    # _default sizes the W4A4 layers; a weight-only layer gets a 16-bit branch only where it is named
+    assert RankPlan({"_default": 8, "ff": 16}).resolve(targets) == {"a": 8, "b": 8, "ff": 16}
+    assert RankPlan({"ff": 0}).resolve(targets) == {"a": 0, "b": 0, "ff": 0}
+    with pytest.raises(ValueError, match="exceeds its input width 256"):
+        RankPlan({"ff": 512}).resolve(targets)
     with pytest.raises(ValueError, match="not valid JSON"):
         RankPlan.from_json("{nope")
     with pytest.raises(FileNotFoundError):

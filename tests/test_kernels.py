@@ -521,10 +521,15 @@ def test_w4a16_matches_reference(fmt, monkeypatch):
     assert modules.backend_description(m).startswith("reference: 1× W4A16")
 
 
-def test_w4a16_with_branch():
-    m = make_layer("svdquant", "exact", act_bits=None)
-    x = make_input(5, 128)
-    assert _rel(kernels.kernel_forward(m, x), m.reference_forward(x)) < 1e-5
+@pytest.mark.parametrize("structure", ["svdquant", "dirotq-lr"])
+def test_w4a16_with_branch(structure):
+    """16-bit activations with a low-rank branch: SVDQuant's, and DiRotQ-LR's (project-out and
+    Hadamard before the weight-only GEMM), the branch a rank plan gives a weight-only layer."""
+    for fmt in FORMATS:
+        m = make_layer(structure, fmt, act_bits=None)
+        x = make_input(5, 128)
+        assert get_plan(m, x).kind == "w4a16"
+        assert _rel(kernels.kernel_forward(m, x), m.reference_forward(x)) < 1e-5
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -258,3 +258,52 @@ def test_package_exports_the_public_api():
     assert dirotq.__version__ == "0.1.0"
     assert calibrate is calibrate_impl and get_adapter is get_adapter_impl
     assert all(hasattr(dirotq, n) for n in dirotq.__all__)
+
+
+@pytest.mark.parametrize("config", [DiRotQConfig(rank=8), DiRotQLRConfig(rank=8)], ids=["dirotq", "dirotq-lr"])
+def test_a_weight_only_layer_named_in_the_plan_gets_a_16bit_branch(tiny, config, tmp_path):
+    """A rank plan that names a weight-only target gives it DiRotQ-LR's 16-bit low-rank branch with
+    16-bit activations (``_default`` leaves it alone): its error falls, its activations stay 16-bit,
+    the cost model counts (d + o) per rank, and the checkpoint loads back to the same outputs."""
+    from analysis.costs import layer_cost
+    from dirotq import load_quantized, save_quantized
+
+    adapter, model, stats, test, _ = tiny
+    ff2 = "transformer_blocks.0.ff.net.2"
+    spec = adapter.targets(model)[ff2]
+    assert spec.kind == "w4a16"
+    plain = copy.deepcopy(model)
+    rep0 = quantize_(plain, config, stats, progress=quiet)
+    assert rep0["layers"][ff2]["rank"] == 0
+    branched = copy.deepcopy(model)
+    rep = quantize_(branched, dataclasses.replace(config, rank=RankPlan({"_default": 8, ff2: 32})), stats,
+                    progress=quiet)
+    layer = branched.get_submodule(ff2)
+    assert rep["layers"][ff2]["rank"] == 32 and layer.rank == 32 and layer.act_bits is None
+    assert layer.meta["method"] == "dirotq-lr" and layer.meta["kind"] == "w4a16"
+    assert rep["layers"][ff2]["rel_mse"] < rep0["layers"][ff2]["rel_mse"] / 2, (rep["layers"][ff2], rep0["layers"][ff2])
+    # every other layer is the plain plan's, byte for byte
+    other = "transformer_blocks.1.ff.net.2"
+    assert torch.equal(branched.get_submodule(other).weight_packed, plain.get_submodule(other).weight_packed)
+    d, o = spec.in_features, spec.out_features
+    cost = layer_cost(d, o, config.method, 32, config=config, kind="w4a16")
+    assert cost["extra_params16"] == (d + o) * 32 and cost["activations_16bit"] and cost["method"] == "dirotq-lr"
+    assert layer_cost(d, o, "svdquant", 32, kind="w4a16")["extra_params16"] == 0  # no branch outside the PCA methods
+    assert layer.storage_bits()["down"] == 16 * d * 32 and layer.storage_bits()["up"] == 16 * o * 32
+    save_quantized(branched, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    again = loaded.get_submodule(ff2)
+    assert again.rank == 32 and again.act_bits is None
+    with torch.no_grad():
+        assert torch.equal(loaded(**test).sample, branched(**test).sample)
+
+
+def test_a_weight_only_branch_needs_a_pca_method(tiny):
+    _, model, stats, _, _ = tiny
+    before = snapshot(model)
+    m = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="needs a PCA method"):
+        quantize_(m, SVDQuantConfig(rank=RankPlan({"_default": 8, "transformer_blocks.0.ff.net.2": 8})), stats,
+                  progress=quiet)
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    assert_unmodified(model, before)

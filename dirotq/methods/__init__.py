@@ -13,7 +13,7 @@ them, in the order menus and tables list them.
 from __future__ import annotations
 
 from .dirotq import DiRotQConfig
-from .dirotq_lr import DiRotQLRConfig
+from .dirotq_lr import BRANCH_METHODS, DiRotQLRConfig, weight_only_branch_config
 from .svdquant import SVDQuantConfig
 from .quarot import QuaRotConfig
 from .smoothquant import SmoothQuantConfig
@@ -21,4 +21,4 @@ from .rtn import RTNConfig
 from .w4a16 import W4A16Config, weight_only_config
 
 __all__ = ["DiRotQConfig", "DiRotQLRConfig", "SVDQuantConfig", "QuaRotConfig", "SmoothQuantConfig", "RTNConfig",
-           "W4A16Config", "weight_only_config"]
+           "W4A16Config", "weight_only_config", "weight_only_branch_config", "BRANCH_METHODS"]

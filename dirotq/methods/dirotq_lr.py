@@ -21,14 +21,14 @@ Rank 0 is exactly QuaRot with ``hadamard="block"`` and the same seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..bases import hsvd_lowrank, random_signs, weight_svd
-from ..config import RankedConfig
+from ..config import DEFAULT_KEY, QuantConfig, RankedConfig, RankPlan, weight_only_bits
 from ..modules import QuantLinear
 from ..registry import MethodCost, MethodSpec, register_method
 from .common import (HESSIAN_DTYPE, apply_block_hadamard, block_hadamard_hessian, cached, check_block_hadamard,
@@ -56,6 +56,34 @@ class DiRotQLRConfig(RankedConfig):
             raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
         if self.hsvd_lambda <= 0:
             raise ValueError(f"hsvd_lambda must be > 0, got {self.hsvd_lambda}")
+
+
+# the methods whose weight-only layers may carry a 16-bit branch: they have the activation statistics
+# its basis needs. Full-rotation DiRotQ gives them DiRotQ-LR's form: its own would rotate the input by a
+# d × d matrix, which costs more 16-bit parameters than the branch (1 M for a 1024-wide input)
+BRANCH_METHODS = ("dirotq", "dirotq-lr")
+
+
+def weight_only_branch_config(config: QuantConfig, kind: str, rank: int, name: str | None = None) -> DiRotQLRConfig:
+    """The config of a weight-only target (``kind`` "w4a16" / "w8a16") given a 16-bit branch of
+    ``rank`` under ``config``: DiRotQ-LR with 16-bit activations (``act_bits=None``), so
+
+        y = c (W V_r)ᵀ + (x − c V_rᵀ) M · Q_w(W (I − V_rV_rᵀ) M)ᵀ + b,    c = x V_r,
+
+    the weight bits of ``kind`` and ``config``'s weight settings (group, scale format, RTN/GPTQ).
+    It costs (d + o)·r 16-bit parameters and keeps the weight error off the input's top-r PCA
+    directions. Only for the PCA methods (``BRANCH_METHODS``); a clear error otherwise."""
+    if config.method not in BRANCH_METHODS:
+        where = f" for {name!r}" if name else ""
+        raise ValueError(f"a rank{where} on a weight-only layer needs a PCA method ({', '.join(BRANCH_METHODS)}): "
+                         f"{config.method!r} gives weight-only layers no 16-bit branch")
+    bits = weight_only_bits(kind, config.weight_bits)
+    plan = RankPlan({DEFAULT_KEY: int(rank)})
+    if isinstance(config, DiRotQLRConfig):
+        return replace(config, act_bits=None, weight_bits=bits, rank=plan)
+    return DiRotQLRConfig(weight_bits=bits, act_bits=None, group_size=config.group_size,
+                          scale_format=config.scale_format, weights=config.weights, gptq_damping=config.gptq_damping,
+                          gptq_block=config.gptq_block, gptq_act_order=config.gptq_act_order, rank=plan)
 
 
 def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *, rank: int, spec: Any = None,
