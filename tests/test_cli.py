@@ -127,6 +127,27 @@ def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
     assert [r.split(",")[:3] for r in rows_c] == [r.split(",")[:3] for r in rows]
 
 
+def test_quantize_weight_only_ranks(env, capsys, monkeypatch):
+    """--weight-only-ranks: the allocator may give the weight-only ff.net.2 a 16-bit branch within the
+    fixed plan's budget; a method without one, or no allocation, is refused before any work."""
+    root, model, common = env
+    monkeypatch.chdir(root)
+    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--weight-only-ranks",
+                 "--out", str(root / "wo")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("ranks by model-output sensitivity"))
+    assert "weight-only layers given a 16-bit branch" in line
+    (path,) = (root / "wo").iterdir()
+    targets = json.loads((path / "config.json").read_text())["quantization_config"]["targets"]
+    wo = {n: t for n, t in targets.items() if t["kind"] == "w4a16"}
+    assert wo and all(t["act_bits"] is None for t in wo.values())
+    assert all(t["method"] == ("dirotq-lr" if t["rank"] else "w4a16") for t in wo.values()), wo
+    for bad, message in ((["--method", "svdquant"], "needs a PCA method"), (["--allocate", "fixed"], "needs --allocate")):
+        assert main(["quantize", *common, "--rank", "16", "--weight-only-ranks", *bad, "--out", str(root / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (root / "x").exists()
+
+
 def test_quantize_eigensolver_top_reaches_the_linear_algebra(env, capsys, monkeypatch):
     """``--eigensolver top`` (FLUX-size models): the top-r solver builds the PCA bases, and on the
     tiny model's narrow layers it gives the checkpoint eigh gives."""
