@@ -130,7 +130,7 @@ def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
 def test_quantize_weight_only_ranks(env, capsys, monkeypatch):
     """--weight-only-ranks: the allocator may give the weight-only ff.net.2 a 16-bit branch within the
     fixed plan's budget; a method without one, or no allocation, is refused before any work."""
-    root, model, common = env
+    root, _, common = env
     monkeypatch.chdir(root)
     assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--weight-only-ranks",
                  "--out", str(root / "wo")]) == 0
