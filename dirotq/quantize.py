@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import DEFAULT_KEY, KINDS, WEIGHT_ONLY_KINDS, QuantConfig, RankPlan
 from .methods.common import BasisCache, GPTQBatcher, LinalgSettings, compute_device, deferred_gptq, use_linalg
-from .methods.dirotq_lr import weight_only_branch_config
+from .methods.dirotq_lr import BRANCH_METHODS, weight_only_branch_config
 from .methods.w4a16 import weight_only_config
 from .modules import QuantLinear
 from .registry import needs_stats, spec_for
@@ -170,12 +170,9 @@ def check_weight_only_ranks(config: QuantConfig, targets: Mapping[str, Any], ran
     """A rank on a weight-only target (its 16-bit branch) needs a PCA method: a ``ValueError``
     naming the layers otherwise, before any work."""
     named = [n for n, s in targets.items() if s.kind in WEIGHT_ONLY_KINDS and ranks.get(n, 0)]
-    if named:
-        from .methods.dirotq_lr import BRANCH_METHODS
-
-        if config.method not in BRANCH_METHODS:
-            raise ValueError(f"the rank plan gives weight-only layers {named[:3]} a 16-bit branch, which needs a PCA "
-                             f"method ({', '.join(BRANCH_METHODS)}); {config.method!r} has none")
+    if named and config.method not in BRANCH_METHODS:
+        raise ValueError(f"the rank plan gives weight-only layers {named[:3]} a 16-bit branch, which needs a PCA "
+                         f"method ({', '.join(BRANCH_METHODS)}); {config.method!r} has none")
 
 
 def _config_of(config: QuantConfig, spec: Any, rank: int) -> QuantConfig:
@@ -187,15 +184,12 @@ def _config_of(config: QuantConfig, spec: Any, rank: int) -> QuantConfig:
 
 def _weight_only_rank(config: QuantConfig, rank: int | str | None, name: str, width: int) -> int:
     """The 16-bit rank of a weight-only target: ``rank`` when given, else its own entry in the
-    config's rank plan (``_default`` is for the W4A4 targets), else 0."""
-    if rank is None:
-        ranks = config.rank_plan().ranks
-        rank = ranks.get(name, 0) if name in ranks else 0
-    if rank == "paper":
-        raise ValueError(f"rank 'paper' of {name!r}: a weight-only layer's branch takes an explicit rank")
-    if not 0 <= int(rank) <= width:
-        raise ValueError(f"rank {rank} for {name!r} exceeds its input width {width}")
-    return int(rank)
+    config's rank plan (``_default`` is for the W4A4 targets), else 0; "paper" as for any layer."""
+    plan = config.rank_plan() if rank is None else RankPlan({name: rank})
+    r = plan.rank_for(name, width) if name in plan.ranks else 0
+    if r > width:
+        raise ValueError(f"rank {r} for {name!r} exceeds its input width {width}")
+    return r
 
 
 class _Target:

@@ -55,6 +55,7 @@ def test_rank_plan_is_resolved_against_a_model_once():
     # _default sizes the W4A4 layers; a weight-only layer gets a 16-bit branch only where it is named
     assert RankPlan({"_default": 8, "ff": 16}).resolve(targets) == {"a": 8, "b": 8, "ff": 16}
     assert RankPlan({"ff": 0}).resolve(targets) == {"a": 0, "b": 0, "ff": 0}
+    assert RankPlan({"_default": "paper", "ff": "paper"}).resolve(targets)["ff"] == 64  # d/8 rounded up to 64
     with pytest.raises(ValueError, match="exceeds its input width 256"):
         RankPlan({"ff": 512}).resolve(targets)
     with pytest.raises(ValueError, match="not valid JSON"):
