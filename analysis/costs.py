@@ -15,8 +15,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from dirotq.config import WEIGHT_ONLY_KINDS, QuantConfig, weight_only_bits
-from dirotq.methods import BRANCH_METHODS, weight_only_branch_config
+from dirotq.config import WEIGHT_ONLY_KINDS, QuantConfig
+from dirotq.methods import BRANCH_METHODS, weight_only_target_config
 from dirotq.registry import get_method, make_config
 
 
@@ -52,15 +52,10 @@ def layer_cost(d: int, o: int, method: str, rank: int = 0, *, config: QuantConfi
     r = int(rank) if spec.ranked and (not weight_only or config.method in BRANCH_METHODS) else 0
     if not 0 <= r <= d:
         raise ValueError(f"rank {r} out of range [0, {d}]")
-    if weight_only and r:
-        config = weight_only_branch_config(config, kind, r)
+    if weight_only:
+        config = weight_only_target_config(config, kind, r)
         method = config.method
         spec = get_method(method)
-    elif weight_only:
-        method = "w4a16"
-        spec = get_method(method)
-        config = make_config(method, {"group_size": g, "weight_bits": weight_only_bits(kind, config.weight_bits),
-                                      "scale_format": config.scale_format})
     extra = spec.cost(d, o, r, config)
     if weight_only:  # the branch adds no activation quantization: the GEMM's input stays 16-bit
         extra = dataclasses.replace(extra, activations_16bit=True)

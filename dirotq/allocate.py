@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_KEY, WEIGHT_ONLY_KINDS, QuantConfig, RankPlan
-from .methods.dirotq_lr import BRANCH_METHODS, weight_only_branch_config
+from .methods.dirotq_lr import BRANCH_METHODS
+from .methods.w4a16 import weight_only_target_config
 from .quantize import quantize_layer
 from .registry import spec_for
 
@@ -267,9 +268,7 @@ def layer_params16(spec: Any, config: QuantConfig, rank: int) -> float:
     function; 1-bit Hadamard signs are not 16-bit parameters). A weight-only target's rank is its
     16-bit branch (``weight_only_branch_config``): (d + o) per rank, nothing at rank 0."""
     if getattr(spec, "kind", "w4a4") in WEIGHT_ONLY_KINDS:
-        if not rank:
-            return 0.0
-        config = weight_only_branch_config(config, spec.kind, rank, getattr(spec, "name", None))
+        config = weight_only_target_config(config, spec.kind, rank, getattr(spec, "name", None))
     return spec_for(config).cost(spec.in_features, spec.out_features, rank, config).params16
 
 
@@ -309,6 +308,13 @@ def shared_input_units(targets: Mapping[str, Any]) -> dict[str, str]:
     return {n: f"{s.group}@{s.block}" for n, s in targets.items()}
 
 
+def uniform_budget(targets: Mapping[str, Any], config: QuantConfig, rank: int) -> float:
+    """Extra 16-bit parameters the fixed plan ``rank`` spends: the uniform rank (capped at each
+    width) on the W4A4 ``targets``; weight-only targets get no branch from it."""
+    return sum(layer_params16(s, config, min(rank, s.in_features)) - layer_params16(s, config, 0)
+               for s in targets.values() if getattr(s, "kind", "w4a4") == "w4a4")
+
+
 def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Mapping[str, Any],
                           config: QuantConfig, rank: int, *, tie: Mapping[str, str] | None = None) -> dict[str, int]:
     """``allocate`` under the 16-bit parameter budget of a uniform ``rank`` (each layer capped at its
@@ -324,8 +330,7 @@ def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Ma
     def cost(name: str, r: int) -> float:
         return layer_params16(targets[name], config, r)
 
-    budget = sum(cost(n, min(rank, targets[n].in_features)) - cost(n, 0) for n in names
-                 if getattr(targets[n], "kind", "w4a4") == "w4a4")
+    budget = uniform_budget({n: targets[n] for n in names}, config, rank)
     if not tie:
         return allocate({n: curves[n] for n in names}, cost, budget)
     units: dict[str, list[str]] = {}
@@ -415,14 +420,14 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
     ranks = allocate_like_uniform(sensitivity_curves(layer, sens), targets, config, rank,
                                   tie=shared_input_units(targets) if tie_shared_inputs else None)
     cost = {n: layer_params16(targets[n], config, r) - layer_params16(targets[n], config, 0) for n, r in ranks.items()}
-    budget = sum(layer_params16(s, config, min(rank, s.in_features)) - layer_params16(s, config, 0)
-                 for s in targets.values() if s.kind == "w4a4")
+    budget = uniform_budget(targets, config, rank)
     say(1.0, "rank plan by output error")
     report = {"policy": "output error", "uniform_rank": rank, "budget_params16": budget,
               "spent_params16": sum(cost.values()), "ranks": ranks,
               "gain": {n: v["gain"] for n, v in sens.items()}, "sensitivity_prompts": len(prompts),
               "processes": dist.world_size if dist.distributed else 1, "tied_shared_inputs": tie_shared_inputs,
-              "weight_only_ranks": weight_only_ranks}
+              "weight_only_ranks": weight_only_ranks,
+              "weight_only_branches": sorted(n for n, r in ranks.items() if r and targets[n].kind != "w4a4")}
     return as_plan(ranks), report
 
 
@@ -432,6 +437,7 @@ def as_plan(ranks: Mapping[str, int]) -> RankPlan:
 
 
 __all__ = ["record_transformer_calls", "merge_calls", "output_error", "candidate_ranks", "output_error_curves",
-           "layer_sensitivity", "sensitivity_curves", "layer_params16", "allocate", "allocate_like_uniform", "as_plan",
+           "layer_sensitivity", "sensitivity_curves", "layer_params16", "uniform_budget", "allocate",
+           "allocate_like_uniform", "as_plan",
            "shared_input_units",
            "layer_error_curves", "output_error_plan"]

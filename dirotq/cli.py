@@ -582,15 +582,14 @@ def cmd_quantize(args) -> int:
         report = quantize_(transformer, config, stats, adapter=adapter, targets=layers, linalg=linalg)
         save_quantized(transformer, path, max_shard_size=args.max_shard_size)
     if allocation is not None:
-        targets_kind = {n: t.kind for n, t in adapter.targets(transformer).items()}
         print(f"ranks by model-output sensitivity{' (one per shared-input group)' if args.allocate == 'output-tied' else ''}"
               f" at the 16-bit budget of rank {rank}: "
               f"{allocation['spent_params16'] / 1e3:,.1f} k of {allocation['budget_params16'] / 1e3:,.1f} k extra "
               f"16-bit parameters; ranks {min(allocation['ranks'].values())}–{max(allocation['ranks'].values())}"
               + (f"; sensitivities measured by {allocation['processes']} processes"
                  if allocation.get("processes", 1) > 1 else "")
-              + (f"; {sum(1 for n, r in allocation['ranks'].items() if r and targets_kind.get(n) != 'w4a4')} "
-                 "weight-only layers given a 16-bit branch" if allocation.get("weight_only_ranks") else ""))
+              + (f"; {len(allocation['weight_only_branches'])} weight-only layers given a 16-bit branch"
+                 if allocation.get("weight_only_ranks") else ""))
     s = report["summary"]
     err = f", mean layer rel. MSE {s['mean_rel_mse']:.4g}" if "mean_rel_mse" in s else ""
     kinds = ", ".join(f"{s.get(k, 0)} {k.upper()}" for k in KINDS if k != "w8a16" or s.get(k))

@@ -172,6 +172,12 @@ class QuantConfig:
         """Methods without a 16-bit branch have rank 0 everywhere."""
         return RankPlan({DEFAULT_KEY: 0})
 
+    def weight_settings(self) -> dict[str, Any]:
+        """How the weights are quantized (group, scale format, RTN/GPTQ and its settings): what a
+        weight-only target inherits from the model's config, whatever its method."""
+        return {k: getattr(self, k) for k in ("group_size", "scale_format", "weights", "gptq_damping", "gptq_block",
+                                              "gptq_act_order")}
+
     def to_dict(self) -> dict:
         data = {"method": self.method}
         for f in fields(self):

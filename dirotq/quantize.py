@@ -34,8 +34,8 @@ from torch import nn
 
 from .config import DEFAULT_KEY, KINDS, WEIGHT_ONLY_KINDS, QuantConfig, RankPlan
 from .methods.common import BasisCache, GPTQBatcher, LinalgSettings, compute_device, deferred_gptq, use_linalg
-from .methods.dirotq_lr import BRANCH_METHODS, weight_only_branch_config
-from .methods.w4a16 import weight_only_config
+from .methods.dirotq_lr import BRANCH_METHODS
+from .methods.w4a16 import weight_only_target_config
 from .modules import QuantLinear
 from .registry import needs_stats, spec_for
 
@@ -76,7 +76,7 @@ def _quantize_layer(linear: nn.Linear, stats: Any, config: QuantConfig, rank: in
     kind = getattr(spec, "kind", "w4a4")
     if kind in WEIGHT_ONLY_KINDS:  # weight-only under any method; a branch only where a rank names it
         r = _weight_only_rank(config, rank, name, linear.in_features)
-        config = weight_only_branch_config(config, kind, r, name) if r else weight_only_config(config, kind)
+        config = weight_only_target_config(config, kind, r, name)
     else:
         if rank is None:
             rank = config.rank_plan().ranks.get(name, config.rank_plan().ranks.get(DEFAULT_KEY, 0))
@@ -173,13 +173,6 @@ def check_weight_only_ranks(config: QuantConfig, targets: Mapping[str, Any], ran
     if named and config.method not in BRANCH_METHODS:
         raise ValueError(f"the rank plan gives weight-only layers {named[:3]} a 16-bit branch, which needs a PCA "
                          f"method ({', '.join(BRANCH_METHODS)}); {config.method!r} has none")
-
-
-def _config_of(config: QuantConfig, spec: Any, rank: int) -> QuantConfig:
-    """The config a target of ``spec.kind`` at resolved ``rank`` is quantized with."""
-    if spec.kind not in WEIGHT_ONLY_KINDS:
-        return config
-    return weight_only_branch_config(config, spec.kind, rank, spec.name) if rank else weight_only_config(config, spec.kind)
 
 
 def _weight_only_rank(config: QuantConfig, rank: int | str | None, name: str, width: int) -> int:
@@ -379,7 +372,8 @@ def quantize_(model: nn.Module, config: QuantConfig, stats: Any = None, *, adapt
             mod = model.get_submodule(name)
             if not isinstance(mod, nn.Linear):
                 raise TypeError(f"target {name!r} is a {type(mod).__name__}, not an nn.Linear (already quantized?)")
-        if stats is None and any(needs_stats(_config_of(config, s, ranks[n])) for n, s in specs.items()):
+        if stats is None and any(needs_stats(weight_only_target_config(config, s.kind, ranks[n], n)
+                                             if s.kind in WEIGHT_ONLY_KINDS else config) for n, s in specs.items()):
             raise ValueError(f"method {config.method!r} with {config.weights} weights needs calibration statistics: "
                              "stats = dirotq.calibrate(pipe, prompts), then quantize_(model, config, stats)")
     # one entry per input group, in order of the group's first target: its statistics are read once

@@ -18,7 +18,8 @@ from .svdquant import SVDQuantConfig
 from .quarot import QuaRotConfig
 from .smoothquant import SmoothQuantConfig
 from .rtn import RTNConfig
-from .w4a16 import W4A16Config, weight_only_config
+from .w4a16 import W4A16Config, weight_only_config, weight_only_target_config
 
 __all__ = ["DiRotQConfig", "DiRotQLRConfig", "SVDQuantConfig", "QuaRotConfig", "SmoothQuantConfig", "RTNConfig",
-           "W4A16Config", "weight_only_config", "weight_only_branch_config", "BRANCH_METHODS"]
+           "W4A16Config", "weight_only_config", "weight_only_branch_config", "weight_only_target_config",
+           "BRANCH_METHODS"]

@@ -81,9 +81,7 @@ def weight_only_branch_config(config: QuantConfig, kind: str, rank: int, name: s
     plan = RankPlan({DEFAULT_KEY: int(rank)})
     if isinstance(config, DiRotQLRConfig):
         return replace(config, act_bits=None, weight_bits=bits, rank=plan)
-    return DiRotQLRConfig(weight_bits=bits, act_bits=None, group_size=config.group_size,
-                          scale_format=config.scale_format, weights=config.weights, gptq_damping=config.gptq_damping,
-                          gptq_block=config.gptq_block, gptq_act_order=config.gptq_act_order, rank=plan)
+    return DiRotQLRConfig(weight_bits=bits, act_bits=None, rank=plan, **config.weight_settings())
 
 
 def quantize_dirotq_lr(linear: nn.Linear, stats: Any, config: DiRotQLRConfig, *, rank: int, spec: Any = None,

@@ -29,9 +29,18 @@ def weight_only_config(config: QuantConfig, kind: str = "w4a16") -> W4A16Config:
     bits = weight_only_bits(kind, config.weight_bits)
     if isinstance(config, W4A16Config):
         return config if config.weight_bits == bits else replace(config, weight_bits=bits)
-    return W4A16Config(weight_bits=bits, group_size=config.group_size,
-                       scale_format=config.scale_format, weights=config.weights, gptq_damping=config.gptq_damping,
-                       gptq_block=config.gptq_block, gptq_act_order=config.gptq_act_order)
+    return W4A16Config(weight_bits=bits, **config.weight_settings())
+
+
+def weight_only_target_config(config: QuantConfig, kind: str, rank: int = 0, name: str | None = None) -> QuantConfig:
+    """The config a weight-only target of ``kind`` is quantized with under ``config``: weight-only
+    (``weight_only_config``) at rank 0, DiRotQ-LR's 16-bit branch above (``weight_only_branch_config``,
+    PCA methods only)."""
+    if rank:
+        from .dirotq_lr import weight_only_branch_config
+
+        return weight_only_branch_config(config, kind, rank, name)
+    return weight_only_config(config, kind)
 
 
 def quantize_w4a16(linear: nn.Linear, stats: Any, config: QuantConfig, *, rank: int = 0, spec: Any = None,
