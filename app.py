@@ -36,7 +36,7 @@ from dirotq.registry import DEFAULT_METHOD  # noqa: E402
 
 PAPER = "arXiv:2605.16732"
 OUTLIER_EXTRA = ["smoothquant", "hadamard"]
-PLAN_COLUMNS = ["layer", "d_in", "d_out", "rank", "energy kept %"]
+PLAN_COLUMNS = ["layer", "kind", "d_in", "d_out", "rank", "energy kept %"]
 METHOD_CHOICES = [(figures.label(m), m) for m in methods()]
 _SESSION_KW: dict = {}  # device / cache_dir / dtype, set by build_demo
 
@@ -331,12 +331,17 @@ def on_tab(tab, model, block, ltype, rank, extra_views, metric, old_tab=None, se
 
 
 # ---------------------------------------------------------------------------- calibration
+def _plan_kind(kind: str) -> str:
+    """The plan table's kind cell: a weight-only layer's rank is a 16-bit branch beside its 4-bit weight."""
+    return "W4A4" if kind == "w4a4" else f"{kind.upper()}: rank = 16-bit branch"
+
+
 def _plan_df(s, ranks: dict) -> pd.DataFrame:
     rows = []
-    for n, spec in s.w4a4_targets().items():
+    for n, spec in s.plan_targets().items():
         r = int(ranks.get(n, 0))
         e = 100 * s.energy(n, r) if s.calibrated else float("nan")
-        rows.append([n, spec.in_features, spec.out_features, r, round(e, 1)])
+        rows.append([n, _plan_kind(spec.kind), spec.in_features, spec.out_features, r, round(e, 1)])
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 
@@ -358,7 +363,7 @@ def _ranks_from_df(s, df) -> dict[str, int]:
         if str(name) in ranks:  # a row renamed to another row's layer: one of the two ranks would be lost
             raise ValueError(f"layer {name} is in the table twice")
         ranks[str(name)] = int(rf)
-    # RankPlan.resolve: the one range check of a plan (unknown names, W4A16 layers, ranks above the width)
+    # RankPlan.resolve: the one range check of a plan (unknown names, ranks above the width)
     return s.validate_plan(ranks)
 
 
@@ -435,12 +440,13 @@ def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, scale_
     rows = s.all_layer_errors(method, ranks, progress=lambda f, m: p(f, desc=m), sensitivity=bool(with_sensitivity),
                               scale_format=fmt)
     dt = time.perf_counter() - t
+    note = s.ignored_note(ranks, method)
     fig = figures.all_layers_figure(rows, metric,
                                     f"{figures.label(method)}, {FORMAT_LABELS[fmt]}: per-layer output error")
     if with_sensitivity:
-        w4a4 = [r for r in rows if r["kind"] == "w4a4"]
-        worst = sorted(w4a4, key=lambda r: -r["output_error"])[:5]
-        total = sum(r["output_error"] for r in w4a4) or 1.0
+        measured = [r for r in rows if math.isfinite(r["output_error"])]
+        worst = sorted(measured, key=lambda r: -r["output_error"])[:5]
+        total = sum(r["output_error"] for r in measured) or 1.0
         table = "\n".join(f"| `{r['name']}` | {r['rank']} | {_fmt(r['sqnr_db'], ' dB')} | {r['gain']:.3g} | "
                           f"{r['output_error']:.2e} ({100 * r['output_error'] / total:.0f} %) |" for r in worst)
         md = ("**the 5 layers that move the model output most** (predicted: sensitivity × layer error; the "
@@ -449,21 +455,23 @@ def on_all_layers(model, method, plan_df, metric, with_sensitivity=False, scale_
               + table)
     else:
         worst = sorted(rows, key=lambda r: r["sqnr_db"])[:5]
-        table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {'—' if r['kind'] != 'w4a4' else r['rank']} | "
+        table = "\n".join(f"| `{r['name']}` | {_kind_cell(r['kind'])} | {r['rank']} | "
                           f"{_fmt(r['sqnr_db'], ' dB')} | {r['rel_mse']:.2e} |" for r in worst)
         md = ("**worst 5 layers** (lowest SQNR)\n\n| layer | kind | rank | SQNR | relative MSE |\n"
               "|---|---|---|---|---|\n" + table)
     weight_only = {k: sum(r["kind"] == k for r in rows) for k in ("w4a16", "w8a16")}
     if any(weight_only.values()):
         counts = " and ".join(f"{n} {k.upper()}" for k, n in weight_only.items() if n)
-        md += (f"\n\n{counts} layers (weight-only: 16-bit activations, not in the Rank plan tab): their error is "
-               "the weights' alone; `python -m dirotq quantize --weight-only-ranks` can give them a 16-bit branch")
-    return _ok(f"{len(rows)} layers quantized with {method} ({FORMAT_LABELS[fmt]}) in {dt:.1f} s"), fig, md
+        branch = ("a rank in the Rank plan tab gives one a 16-bit branch (DiRotQ, DiRotQ-LR)" if s.has_branches(method)
+                  else f"{method} gives them no 16-bit branch")
+        md += (f"\n\n{counts} layers (weight-only: 16-bit activations): their error is the weights' alone; {branch}")
+    status = _ok(f"{len(rows)} layers quantized with {method} ({FORMAT_LABELS[fmt]}) in {dt:.1f} s")
+    return (status + f" · ⚠ {note}" if note else status), fig, md
 
 
 def _kind_cell(kind: str) -> str:
-    """The kind column of a layer list: W4A16 layers say that the Rank plan tab leaves them out."""
-    return f"{kind.upper()}, weight-only: not in the plan" if kind != "w4a4" else kind.upper()
+    """The kind column of a layer list: weight-only layers say so (their rank is a 16-bit branch)."""
+    return f"{kind.upper()} (weight-only)" if kind != "w4a4" else kind.upper()
 
 
 # ------------------------------------------------------------------------------- rank plan
@@ -545,7 +553,8 @@ def on_plan_edit(model, plan_df, method):
     s = session(model)
     ranks = _ranks_from_df(s, plan_df)
     df, text, fig, js = _plan_outputs(s, ranks, method)
-    return "", text, fig, js, df
+    note = s.ignored_note(ranks, method)  # e.g. SVDQuant chosen with ff.net.2 branches in the table
+    return (f"⚠ {note}" if note else ""), text, fig, js, df
 
 
 @safe(3)
@@ -571,7 +580,8 @@ def on_import(model, file_or_text, method):
         with open(path) as f:
             text = f.read()
     rep = s.plan_from_json(text)  # what it set, what it ignored; refuses a plan that sets nothing
-    return (_ok(rep["message"]),) + _plan_outputs(s, rep["ranks"], method)
+    note = s.ignored_note(rep["ranks"], method)
+    return (_ok(rep["message"]) + (f" · ⚠ {note}" if note else ""),) + _plan_outputs(s, rep["ranks"], method)
 
 
 @safe(3)
@@ -625,7 +635,8 @@ def on_generate(model, prompt, seed, steps, guidance, method, plan_df, scale_for
     elif "judge_unavailable" in m:
         lines.append(f"**judge** unavailable: {m['judge_unavailable']}")
     diff = Image.fromarray(out["difference"])
-    status = " · ".join([_ok(f"generated with {method}")] + [f"⚠ {w}" for w in out["warnings"]])
+    note = s.ignored_note(ranks, method)
+    status = " · ".join([_ok(f"generated with {method}")] + [f"⚠ {w}" for w in out["warnings"] + ([note] if note else [])])
     return status, _show(out["reference"]), _show(out["quantized"]), _show(diff), "\n\n".join(lines)
 
 
@@ -710,18 +721,22 @@ error) times its error at its rank.
 **Use it.** A layer's own error is not what the image sees: on the embedded model the attention
 q/k/v have the worst layer SQNR, yet the feed-forward input projections move the output 20–40×
 more. Tick *sensitivity* to see which layers matter; the *output error* policy of the Rank plan tab
-spends rank by exactly that product. W4A16 layers (weight-only, e.g. PixArt's ff.net.2) are
-listed with rank 0.""",
-    "plan": """**Rank plan.** One 16-bit rank per W4A4 layer. Fill it by a policy — *output error, tied* (the
-default; value = a rank r: its 16-bit budget is spent where the *model output* gains most per extra
-parameter, from each layer's measured sensitivity — how much of its error reaches the output — with
-one rank for the layers that read one input, such as q/k/v, so they can run as one fused layer; the
-first fill per method runs the model, about a minute on CPU), *output error* (the same per layer),
-*fixed* (value = rank), *energy*
+spends rank by exactly that product. W4A16 layers (weight-only, e.g. PixArt's ff.net.2) show their
+rank too: under DiRotQ and DiRotQ-LR a rank there is a 16-bit branch beside the 4-bit weight.""",
+    "plan": """**Rank plan.** One 16-bit rank per layer. A W4A4 layer's rank keeps its input's top-r directions
+16-bit. A weight-only layer (W4A16, e.g. PixArt's ff.net.2) keeps 16-bit activations anyway, so its rank
+is a 16-bit branch beside its 4-bit weight: W·V_r on the input's top-r PCA directions, (d + o)·r
+parameters (DiRotQ and DiRotQ-LR only; the other methods leave these ranks unused). Fill the plan by a
+policy — *output error, tied* (the default; value = a rank r: the fixed plan's 16-bit budget, r on every
+W4A4 layer, is spent where the *model output* gains most per extra parameter, from each layer's
+measured sensitivity — how much of its error reaches the output — with one rank for the layers that
+read one input, such as q/k/v, so they can run as one fused layer; under DiRotQ and DiRotQ-LR the
+weight-only layers' branches compete for the same budget; the first fill per method runs the model,
+about a minute on CPU), *output error* (the same per layer), *fixed* (value = rank), *energy*
 (fraction of energy to keep, e.g. 0.9), *error budget* (largest layer relative MSE, e.g. 0.01),
 *16-bit budget* (thousands of extra 16-bit parameters, spent where the *layer* error drops most) —
-then edit any cell. On images, only the *output error* policies beat a fixed rank at the same cost
-(DiRotQ-LR tied: +0.9 dB at r = 16, +1.3 dB at r = 32; full DiRotQ tied: +0.3 and +0.6 dB); the three
+then edit any cell. On images (240 of them), the default beats a fixed rank at the same cost by
++1.2 dB (r = 16) and +1.6 dB (r = 32) for DiRotQ-LR and by +0.2 and +0.7 dB for full DiRotQ; the three
 layer-error policies lose 0.2–1.3 dB: a layer's own error does not say how much it moves the image.
 The first plot below predicts each policy's output error at every budget; the second (embedded
 model) shows the image PSNR measured for each policy, with this plan's cost as a dashed line. The cost is against plain W4A4:
@@ -877,7 +892,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                     value_nb = gr.Number(32, label=POLICY_VALUE[DEFAULT_POLICY][0])
                                     fill_btn = gr.Button("Fill", elem_id="fill-btn")
                                 plan_df = gr.Dataframe(init_plan, headers=PLAN_COLUMNS, interactive=True,
-                                                       datatype=["str", "number", "number", "number", "number"],
+                                                       datatype=["str", "str", "number", "number", "number", "number"],
                                                        label="per-layer ranks (edit the rank column)",
                                                        elem_id="plan-table", max_height=320)
                                 cost_md = gr.Markdown("")

@@ -560,6 +560,8 @@ def budget_figure(curves: Mapping[str, Sequence[tuple[float, float]]], current: 
 
 POLICY_STYLE = {"fixed": ("#7f7f7f", "circle"), "output error": ("#d62728", "diamond"),
                 "output error, tied": ("#ff7f0e", "diamond-open"),
+                "output error, W4A4 layers only": ("#e377c2", "diamond"),
+                "output error, tied, W4A4 layers only": ("#bcbd22", "diamond-open"),
                 "energy": ("#2ca02c", "square"), "error budget": ("#9467bd", "triangle-up"),
                 "16-bit budget": ("#1f77b4", "x")}
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from dirotq.calibration import CalibrationStats, calibrate, model_fingerprint
-from dirotq.config import DEFAULT_KEY, RankPlan
+from dirotq.config import DEFAULT_KEY, WEIGHT_ONLY_KINDS, RankPlan
 from dirotq.eval.judge import DEFAULT_JUDGE_PATH, load_judge
 from dirotq.eval.protocol import DEFAULT_CALIB_PROMPTS, read_prompts
 from dirotq.fusion import fuse_for_inference
@@ -32,7 +32,9 @@ from dirotq.generate import check_sampling, generate_pair, truncation_warning, u
 from dirotq.models import get_adapter, target_report
 from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
 from dirotq.quantize import layer_error, quantize_, quantize_layer
-from dirotq.allocate import layer_params16, layer_sensitivity, record_transformer_calls, sensitivity_curves
+from dirotq.allocate import (candidate_ranks, layer_error_curves, layer_params16, layer_sensitivity,
+                             record_transformer_calls, sensitivity_curves)
+from dirotq.methods import BRANCH_METHODS
 from dirotq.registry import get_method, method_names
 
 from . import plans
@@ -42,6 +44,7 @@ from .stats import (difference_image, energy_at, error_curves, image_report, int
                     method_config, outlier_views, spectrum)
 
 Progress = Callable[[float, str], Any]
+W4A4_ONLY = "output error, tied, W4A4 layers only"  # the budget plot's reference: no weight-only branches
 MAX_STEPS = 100  # Generate's step limit: an interactive view, where a longer schedule only makes users wait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,7 +379,7 @@ class ExplorerSession:
             except json.JSONDecodeError:
                 return
             for key, cur in list(data.items()):
-                if key.startswith("sensitivity|"):
+                if key.startswith(("sensitivity", "branch|")):  # not error-vs-rank curves
                     continue
                 for c in cur["curves"].values():  # inf was saved as null
                     c["sqnr_db"] = [float("inf") if v is None else v for v in c["sqnr_db"]]
@@ -386,18 +389,65 @@ class ExplorerSession:
     def w4a4_targets(self) -> dict:
         return {n: s for n, s in self.targets.items() if s.kind == "w4a4"}
 
+    def weight_only_targets(self) -> dict:
+        """The targets that run weight-only (PixArt's ff.net.2, …): a rank on one is a 16-bit branch
+        (DiRotQ-LR's form, its activations stay 16-bit) under the PCA methods, nothing under the others."""
+        return {n: s for n, s in self.targets.items() if s.kind in WEIGHT_ONLY_KINDS}
+
+    def plan_targets(self) -> dict:
+        """The rows of the Rank plan tab: the W4A4 targets, then the weight-only ones."""
+        return {**self.w4a4_targets(), **self.weight_only_targets()}
+
+    @staticmethod
+    def has_branches(method: str) -> bool:
+        """Whether ``method`` gives weight-only layers a 16-bit branch for their rank."""
+        return method in BRANCH_METHODS
+
+    def ignored_branches(self, ranks: Mapping[str, int] | None, method: str) -> list[str]:
+        """Weight-only layers with a rank that ``method`` does not use (it has no branch for them)."""
+        if ranks is None or self.has_branches(method):
+            return []
+        return [n for n in self.weight_only_targets() if int(ranks.get(n, 0))]
+
+    def ignored_note(self, ranks: Mapping[str, int] | None, method: str) -> str | None:
+        """One line for the UI when ``method`` leaves the plan's weight-only ranks unused, else None."""
+        ignored = self.ignored_branches(ranks, method)
+        if not ignored:
+            return None
+        more = f" and {len(ignored) - 2} more" if len(ignored) > 2 else ""
+        return (f"{method} gives weight-only layers no 16-bit branch: the ranks of {', '.join(ignored[:2])}{more} are "
+                f"not used (the branch needs {' or '.join(BRANCH_METHODS)})")
+
     def default_plan(self, rank: int = 32) -> dict[str, int]:
-        return plans.fixed_plan(self.w4a4_targets(), rank)
+        """The fixed plan: ``rank`` on every W4A4 target, no branch on the weight-only ones."""
+        return {**plans.fixed_plan(self.w4a4_targets(), rank), **{n: 0 for n in self.weight_only_targets()}}
 
     def plan_cost_fn(self, method: str):
-        """(layer, rank) -> extra 16-bit parameters of ``method`` (its own cost function)."""
+        """(layer, rank) -> extra 16-bit parameters of ``method`` (its own cost function; a weight-only
+        layer's branch under the PCA methods, nothing under the others)."""
         cfg = self.config(method)
-        return lambda name, r: layer_params16(self.targets[name], cfg, int(r))
+        branches = self.has_branches(method)
+
+        def cost(name: str, r: int) -> float:
+            spec = self.targets[name]
+            if spec.kind != "w4a4" and not branches:
+                return 0.0
+            return layer_params16(spec, cfg, int(r))
+
+        return cost
+
+    def allocated_targets(self, method: str) -> dict:
+        """The layers the output-error policies give ranks to under ``method``: the W4A4 targets, and
+        the weight-only ones too when the method can give them a branch (the same budget: the fixed
+        plan's, which gives them none)."""
+        return self.plan_targets() if self.has_branches(method) else self.w4a4_targets()
 
     def fill_plan(self, policy: str, value: float, method: str = "dirotq",
                   progress: Progress | None = None) -> dict[str, int]:
-        """Per-layer ranks of the W4A4 targets by ``policy`` (``analysis.plans.fill_plan``) for
-        ``method``: its costs, its held-out layer-error curves, its output-error curves."""
+        """Per-layer ranks of the plan's rows by ``policy`` (``analysis.plans.fill_plan``) for
+        ``method``: its costs, its held-out layer-error curves, its output-error curves. The
+        output-error policies also give the weight-only layers a branch where it pays more than a
+        W4A4 layer's rank (PCA methods); the other policies plan the W4A4 layers only."""
         if policy != "fixed":
             self.require_stats()
 
@@ -406,15 +456,19 @@ class ExplorerSession:
             m = method if method in cur["curves"] else "dirotq"  # unranked methods: the DiRotQ curve
             return dict(zip(cur["ranks"], cur["curves"][m]["rel_mse"]))
 
-        return plans.fill_plan(policy, value, self.w4a4_targets(), cost=self.plan_cost_fn(method),
+        output_policy = policy in ("output error", "output error, tied")
+        targets = self.allocated_targets(method) if output_policy else self.w4a4_targets()
+        plan = plans.fill_plan(policy, value, targets, cost=self.plan_cost_fn(method),
                                eigenvalues=lambda n: self.spectrum(n)["eigenvalues"], layer_curve=layer_curve,
                                output_curves=lambda: self.output_curves(method, progress), config=self.config(method))
+        return {**{n: 0 for n in self.plan_targets()}, **plan}
 
-    def sensitivity(self, method: str, progress: Progress | None = None) -> dict[str, dict[str, float]]:
-        """How much of each W4A4 layer's error reaches the model output under ``method`` at rank 0
-        (``dirotq.allocate.layer_sensitivity``), on the transformer inputs of the held-out
-        calibration prompts at every other denoising step; once per method (memory and disk cache)."""
-        key = f"sensitivity|{method}|{_hash(self.base)}"
+    def _sensitivity_key(self, method: str, weight_only: bool = False) -> str:
+        return f"sensitivity{'-weight-only' if weight_only else ''}|{method}|{_hash(self.base)}"
+
+    def _measure_sensitivity(self, method: str, targets: Mapping[str, Any], weight_only: bool,
+                             progress: Progress | None) -> dict:
+        key = self._sensitivity_key(method, weight_only)
         with self.compute_lock:
             if key in self._curves_disk:
                 return self._curves_disk[key]
@@ -428,20 +482,52 @@ class ExplorerSession:
                                                        steps=range(0, c.num_inference_steps, 2),
                                                        pipe_kwargs=self.pipe_kwargs)
             sens = layer_sensitivity(self.transformer, self._calls, stats, self.config(method),
-                                     targets=self.w4a4_targets(), progress=progress)
+                                     targets=targets, weight_only=weight_only, progress=progress)
         with self.compute_lock:
             self._curves_disk[key] = sens
         self._save_curves()
         return sens
 
+    def sensitivity(self, method: str, progress: Progress | None = None) -> dict[str, dict[str, float]]:
+        """How much of each layer's error reaches the model output under ``method`` at rank 0
+        (``dirotq.allocate.layer_sensitivity``), on the transformer inputs of the held-out
+        calibration prompts at every other denoising step; once per method (memory and disk cache).
+        The W4A4 targets, and the weight-only ones (quantized weight-only) under the PCA methods."""
+        sens = dict(self._measure_sensitivity(method, self.w4a4_targets(), False, progress))
+        if self.has_branches(method) and self.weight_only_targets():
+            sens.update(self._measure_sensitivity(method, self.weight_only_targets(), True, progress))
+        return sens
+
     def has_sensitivity(self, method: str) -> bool:
         """Whether ``sensitivity(method)`` is measured already (it runs the model: ~1 min on CPU)."""
+        keys = [self._sensitivity_key(method)]
+        if self.has_branches(method) and self.weight_only_targets():
+            keys.append(self._sensitivity_key(method, True))
         with self.compute_lock:
-            return f"sensitivity|{method}|{_hash(self.base)}" in self._curves_disk
+            return all(k in self._curves_disk for k in keys)
+
+    def branch_curve(self, name: str, method: str) -> dict[int, float]:
+        """Held-out relative error of weight-only layer ``name`` against the rank of its 16-bit branch
+        under ``method`` (a PCA method), at ``dirotq.allocate.candidate_ranks``; memory and disk cache."""
+        if not self.has_branches(method):
+            raise ValueError(f"{method} gives weight-only layers no 16-bit branch")
+        key = f"branch|{method}|{name}|{_hash(self.base)}"
+        with self.compute_lock:
+            if key in self._curves_disk:
+                return {int(r): e for r, e in self._curves_disk[key].items()}
+        cfg = self.config(method)
+        curve = layer_error_curves(self.transformer, self.require_stats(),
+                                   lambda r: replace(cfg, rank=RankPlan({DEFAULT_KEY: r})),
+                                   targets={name: self.layer_spec(name)}, ranks=candidate_ranks, weight_only=True,
+                                   linear=self.linear)[name]
+        with self.compute_lock:
+            self._curves_disk[key] = {str(r): e for r, e in curve.items()}
+        return curve
 
     def output_curves(self, method: str, progress: Progress | None = None) -> dict[str, dict[int, float]]:
         """``{layer: {rank: predicted model-output error}}`` of a ranked ``method``: each layer's
-        held-out error curve times its sensitivity (``dirotq.allocate.sensitivity_curves``)."""
+        held-out error curve times its sensitivity (``dirotq.allocate.sensitivity_curves``); the
+        weight-only layers' branch curves too under the PCA methods."""
         if not get_method(method).ranked:
             raise ValueError(f"{method} has no 16-bit rank to allocate")
         sens = self.sensitivity(method, progress)
@@ -449,57 +535,67 @@ class ExplorerSession:
         for n in self.w4a4_targets():
             cur = self.curves(n)
             layer[n] = dict(zip(cur["ranks"], cur["curves"][method]["rel_mse"]))
+        if self.has_branches(method):
+            for n in self.weight_only_targets():
+                layer[n] = self.branch_curve(n, method)
+            self._save_curves()
         return sensitivity_curves(layer, sens)
 
     def budget_curves(self, method: str, ranks: Mapping[str, int] | None = None,
                       budgets: tuple[int, ...] = (0, 8, 16, 32, 64, 128)) -> dict:
         """Predicted output error against the extra 16-bit parameters of plans by "fixed", "output
         error, tied", "output error" and "energy" at the budgets of uniform ranks ``budgets`` (and of
-        ``ranks``, the plan in the table). Needs the method's sensitivities (``sensitivity``): call after
-        an "output error" fill.
+        ``ranks``, the plan in the table). Under the PCA methods the output-error policies give
+        weight-only layers branches too, and "output error, tied, W4A4 layers only" shows what that
+        adds. Needs the method's sensitivities (``sensitivity``): call after an "output error" fill.
         Returns ``{"curves": {policy: [(params, error), ...]}, "current": (params, error) | None}``."""
         out_curves = self.output_curves(method)
-        targets, cost, cfg = self.w4a4_targets(), self.plan_cost_fn(method), self.config(method)
+        w4a4, cost, cfg = self.w4a4_targets(), self.plan_cost_fn(method), self.config(method)
+        allocated = self.allocated_targets(method)
+        rest = {n: 0 for n in allocated if n not in w4a4}  # weight-only layers at rank 0: their error stays
 
         def point(plan):
             return plans.plan_params16(plan, cost), plans.predicted_output_error(plan, out_curves)
 
-        curves: dict[str, list] = {"fixed": [], "output error, tied": [], "output error": [], "energy": []}
+        policies = ["fixed", "output error, tied", "output error", "energy"]
+        if rest:
+            policies.insert(3, W4A4_ONLY)
+        curves: dict[str, list] = {p: [] for p in policies}
         for r in budgets:
-            fixed = plans.fixed_plan(targets, r)
-            curves["fixed"].append(point(fixed))
+            fixed = plans.fixed_plan(w4a4, r)
+            curves["fixed"].append(point({**fixed, **rest}))
             for policy in ("output error, tied", "output error"):
-                curves[policy].append(point(plans.fill_plan(policy, r, targets, config=cfg,
+                curves[policy].append(point(plans.fill_plan(policy, r, allocated, config=cfg,
                                                             output_curves=lambda: out_curves)))
+            if rest:
+                w4a4_curves = {n: c for n, c in out_curves.items() if n in w4a4}
+                curves[W4A4_ONLY].append(point({**plans.fill_plan("output error, tied", r, w4a4, config=cfg,
+                                                                  output_curves=lambda: w4a4_curves), **rest}))
             limit = plans.plan_params16(fixed, cost)
             energy = plans.match_budget(
-                lambda f: plans.fill_plan("energy", f, targets, eigenvalues=lambda n: self.spectrum(n)["eigenvalues"]),
+                lambda f: plans.fill_plan("energy", f, w4a4, eigenvalues=lambda n: self.spectrum(n)["eigenvalues"]),
                 cost, limit, 0.0, 1.0, increasing=True)
-            curves["energy"].append(point(energy))
-        current = point({n: int(ranks.get(n, 0)) for n in targets}) if ranks is not None else None
+            curves["energy"].append(point({**energy, **rest}))
+        current = point({n: int(ranks.get(n, 0)) for n in allocated}) if ranks is not None else None
         return {"curves": curves, "current": current}
 
     def validate_plan(self, ranks: Mapping[str, Any]) -> dict[str, int]:
-        """Check a ``{layer: rank}`` plan against this model; returns it with ints (w4a4 targets only).
-        The tab plans the W4A4 layers: a plan that names weight-only ones is refused (the library
-        gives them a 16-bit branch; ``quantize --weight-only-ranks`` allocates one)."""
-        weight_only = [n for n in ranks if n in self.targets and self.targets[n].kind != "w4a4"]
-        if weight_only:
-            raise ValueError(f"the plan names weight-only layers {weight_only[:5]}: the Rank plan tab plans the "
-                             "W4A4 layers; a 16-bit branch on a weight-only layer is set with `python -m dirotq "
-                             "quantize --weight-only-ranks` or a --rank-plan file")
+        """Check a ``{layer: rank}`` plan against this model (``RankPlan.resolve``: unknown names,
+        ranks above a layer's width); returns every plan row's rank as an int. ``"_default"`` sets
+        the W4A4 layers only: a weight-only layer's rank (its 16-bit branch) is set by name."""
         resolved = RankPlan(dict(ranks)).resolve(self.targets)
-        return {n: resolved[n] for n in self.w4a4_targets()}
+        return {n: resolved[n] for n in self.plan_targets()}
 
     def import_plan(self, ranks: Mapping[str, Any]) -> dict:
         """What an imported ``{layer: rank}`` plan does to this model, checked by ``RankPlan.resolve``.
 
-        Returns ``{"ranks": {W4A4 target: rank}, "named": [...], "from_default": [...], "zero": [...],
-        "unknown": [...], "message": one line}``: the W4A4 targets the plan names, those that take its
-        ``"_default"``, those left at rank 0 (no ``"_default"``), and the names this model does not
-        have (left out, so a plan from a sibling model still sets the layers both share). A plan that
-        sets no layer (``{}``, or only unknown names) is a ``ValueError``; so are W4A16 names and
-        ranks above a layer's width (resolve's messages).
+        Returns ``{"ranks": {plan row: rank}, "named": [...], "from_default": [...], "zero": [...],
+        "unknown": [...], "branches": [...], "message": one line}``: the W4A4 targets the plan names,
+        those that take its ``"_default"``, those left at rank 0 (no ``"_default"``), the names this
+        model does not have (left out, so a plan from a sibling model still sets the layers both
+        share), and the weight-only layers it gives a 16-bit branch. A plan that sets no layer (``{}``,
+        or only unknown names) is a ``ValueError``; so are ranks above a layer's width (resolve's
+        messages).
         """
         plan = RankPlan(dict(ranks))  # types: names are strings, ranks ints ≥ 0 or "paper"
         unknown = [n for n in plan.ranks if n != DEFAULT_KEY and n not in self.targets]
@@ -513,20 +609,24 @@ class ExplorerSession:
             raise ValueError('nothing imported: the plan sets no layer (it is empty); a plan is '
                              '{"layer name": rank, …} with "_default": rank for the layers it does not name')
         resolved = self.validate_plan(known)
-        named = [n for n in resolved if n in known]
-        rest = [n for n in resolved if n not in known]
+        w4a4 = self.w4a4_targets()
+        named = [n for n in w4a4 if n in known]
+        rest = [n for n in w4a4 if n not in known]
+        branches = [n for n in self.weight_only_targets() if resolved[n]]
         default = known.get(DEFAULT_KEY)
-        parts = [f"{len(named)} of {len(resolved)} W4A4 layers set by name"]
+        parts = [f"{len(named)} of {len(w4a4)} W4A4 layers set by name"]
         if rest:
             parts.append(f"the other {len(rest)} from _default = {default}" if default is not None
                          else f"the other {len(rest)} at rank 0 (the plan has no _default)")
+        if branches:
+            parts.append(f"{len(branches)} weight-only layer{'s' if len(branches) > 1 else ''} with a 16-bit branch")
         msg = "imported a plan: " + ", ".join(parts)
         if unknown:
             more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
             msg += (f"; ignored {len(unknown)} name{'s' if len(unknown) > 1 else ''} this model does not have: "
                     f"{unknown[:3]}{more}")
         return {"ranks": resolved, "named": named, "from_default": rest if default is not None else [],
-                "zero": rest if default is None else [], "unknown": unknown, "message": msg}
+                "zero": rest if default is None else [], "unknown": unknown, "branches": branches, "message": msg}
 
     def plan_from_json(self, text: str) -> dict:
         """``import_plan`` of a ``RankPlan`` JSON text (ValueError when it is not one)."""
@@ -548,7 +648,9 @@ class ExplorerSession:
             base.update(scale_format=fmt, **({"act_symmetric": False} if asym == "asym" else {}))
         cfg = method_config(method, base)
         if ranks is not None and hasattr(cfg, "rank"):
-            cfg = replace(cfg, rank=RankPlan({DEFAULT_KEY: 0, **{k: int(v) for k, v in ranks.items()}}))
+            ignored = set(self.ignored_branches(ranks, method))  # no branch under this method: not used
+            cfg = replace(cfg, rank=RankPlan({DEFAULT_KEY: 0, **{k: int(v) for k, v in ranks.items()
+                                                                 if k not in ignored}}))
         return cfg
 
     def quantized(self, method: str, ranks: Mapping[str, int] | None = None,
@@ -581,7 +683,8 @@ class ExplorerSession:
         ``sensitivity`` (measured once per method, ``self.sensitivity``) the W4A4 rows also get
         ``gain`` (how much of the layer's error reaches the model output) and ``output_error``
         (gain × the layer's relative error at its rank: its predicted share of the model-output error);
-        W4A16 rows get NaN there (the Rank plan tab leaves them out). ``scale_format`` as in ``config``; the
+        weight-only rows get them under the PCA methods (whose plans can give them a branch), NaN
+        under the others. ``scale_format`` as in ``config``; the
         sensitivities are the shared format's (a ratio of output to layer error, alike in both)."""
         _, report = self.quantized(method, ranks, progress, scale_format)
         sens = self.sensitivity(method, progress) if sensitivity else {}
@@ -691,5 +794,5 @@ def timed(fn: Callable, *a: Any, **kw: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-__all__ = ["ExplorerSession", "CalibSettings", "get_session", "register_session", "default_prompts", "methods",
+__all__ = ["ExplorerSession", "W4A4_ONLY", "CalibSettings", "get_session", "register_session", "default_prompts", "methods",
            "POLICIES", "DEFAULT_POLICY", "BUILTIN_PROMPTS"]

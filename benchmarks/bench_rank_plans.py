@@ -12,7 +12,12 @@ The reference policies (energy, 16-bit budget, error budget) read the activation
 layer error curves of the PCA methods; they run for ``--policy-methods`` (DiRotQ-LR and DiRotQ by
 default). SVDQuant is compared with its fixed rank and the output-error allocator on its own curves.
 Every method also gets the output-error allocator with one rank per shared-input group of a block
-("output error, tied": the plans under which q/k/v and the other shared-input layers can run fused).
+("output error, tied", the default of ``quantize`` and the explorer: the plans under which q/k/v and
+the other shared-input layers can run fused). Under the PCA methods (DiRotQ, DiRotQ-LR) the
+output-error allocations also give the weight-only layers (PixArt's ff.net.2) a 16-bit branch where it
+pays more than a W4A4 layer's rank, from the same budget, as the tool does;
+``--w4a4-only-rows`` adds the same allocations over the W4A4 layers alone ("…, W4A4 layers only"),
+to show what the branches add.
 
 Extra rows at R = 32 quantify what the fast kernel format and asymmetric activation codes change:
 format C ("int_ratio") against format A ("exact"), and asymmetric activation codes (a zero point
@@ -55,9 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/rank_plans_tiny_pixart")
     ap.add_argument("--no-extras", action="store_true", help="skip the format / asymmetric rows")
     ap.add_argument("--html", action="store_true", help="also draw OUT.html")
-    ap.add_argument("--weight-only-ranks", action="store_true",
-                    help="also the output-error allocations (tied and per layer) in which the weight-only layers "
-                         "compete for the budget with a 16-bit branch each (dirotq, dirotq-lr)")
+    ap.add_argument("--w4a4-only-rows", action="store_true",
+                    help="also the output-error allocations (tied and per layer) of dirotq / dirotq-lr over the W4A4 "
+                         "layers alone, without the weight-only layers' 16-bit branches")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t_start = time.time()
@@ -124,7 +129,7 @@ def main(argv=None) -> int:
             prepared[method] = {"out": sensitivity_curves(layer_curves, sens), "layer": layer_curves, "cfg0": cfg0,
                                 "cost": lambda name, r, cfg0=cfg0: layer_params16(ev.targets[name], cfg0, int(r)),
                                 "fixed": {}}
-            if a.weight_only_ranks and method in BRANCH_METHODS and weight_only:
+            if method in BRANCH_METHODS and weight_only:
                 wo_sens = layer_sensitivity(model, calls, stats, cfg0, targets=weight_only, weight_only=True)
                 wo_curves = layer_error_curves(model, stats, lambda r: make_config(method, rank=r), targets=weight_only,
                                                weight_only=True)
@@ -145,15 +150,14 @@ def main(argv=None) -> int:
         fixed, cost = fixed_row(method, budget), p["cost"]
         limit = plans.plan_params16(plans.fixed_plan(targets, budget), cost)
         predicted = None
-        if policy in ("output error", "output error, tied"):
-            plan = plans.fill_plan(policy, budget, targets, output_curves=lambda: p["out"], config=p["cfg0"])
-            predicted = predicted_gain_db(p["out"], plans.fixed_plan(targets, budget), plan)
-        elif policy.endswith("+ weight-only ranks"):  # the same budget, the weight-only layers' branches compete
-            curves = p["out_weight_only"]
+        if policy.startswith("output error"):
+            # the tool's allocation: under the PCA methods the weight-only layers' branches compete for the
+            # same budget, unless the row is the W4A4-only reference
+            curves = p["out"] if policy.endswith(W4A4_ONLY) else p.get("out_weight_only", p["out"])
             tie = shared_input_units(ev.targets) if policy.startswith("output error, tied") else None
             plan = allocate_like_uniform(curves, ev.targets, p["cfg0"], budget, tie=tie)
-            predicted = predicted_gain_db(curves, {**plans.fixed_plan(targets, budget), **{n: 0 for n in weight_only}},
-                                          plan)
+            predicted = predicted_gain_db(curves, {**plans.fixed_plan(targets, budget),
+                                                   **{n: 0 for n in curves if n not in targets}}, plan)
         elif policy == "16-bit budget":
             plan = plans.fill_plan(policy, limit / 1e3, targets, cost=cost, layer_curve=p["layer"].get)
         elif policy == "energy":
@@ -169,17 +173,17 @@ def main(argv=None) -> int:
 
     # most important first, so an interrupted run still answers the main question: the default
     # allocator against a fixed rank, then the other policies, then the format rows
+    for method in methods:  # the default: one rank per shared-input group, so every group can run fused
+        for budget in budgets:
+            policy_row(method, budget, "output error, tied")
     for method in methods:
         for budget in budgets:
             policy_row(method, budget, "output error")
-    for method in methods:  # one rank per shared-input group, so every group can run fused: its cost on images
-        for budget in budgets:
-            policy_row(method, budget, "output error, tied")
-    if a.weight_only_ranks:
-        for method in [m for m in methods if m in BRANCH_METHODS]:
+    if a.w4a4_only_rows:
+        for method in [m for m in methods if m in BRANCH_METHODS and weight_only]:
             for budget in budgets:
-                for policy in ("output error, tied + weight-only ranks", "output error + weight-only ranks"):
-                    policy_row(method, budget, policy)
+                for policy in ("output error, tied", "output error"):
+                    policy_row(method, budget, f"{policy}, {W4A4_ONLY}")
     if not a.no_extras and 32 in budgets:
         for method in [m for m in methods if m in ("dirotq-lr", "dirotq")]:
             fixed = fixed_row(method, 32)
@@ -196,12 +200,13 @@ def main(argv=None) -> int:
                 evaluate(f"{method}-{what}32", method, 32, f"fixed, {what}", make_config(method, rank=32, **overrides),
                          plans.fixed_plan(targets, 32), cost, fixed)
             if method == "dirotq-lr":  # what a GPU deployment would run: the default plan in the kernel format
-                plan = plans.fill_plan("output error", 32, targets, output_curves=lambda: prepare(method)["out"],
-                                       config=prepare(method)["cfg0"])
+                p = prepare(method)
+                plan = allocate_like_uniform(p.get("out_weight_only", p["out"]), ev.targets, p["cfg0"], 32,
+                                             tie=shared_input_units(ev.targets))
                 for what, overrides in (("format C", dict(scale_format="int_ratio")),
                                         ("format C, asymmetric activations",
                                          dict(scale_format="int_ratio", act_symmetric=False))):
-                    evaluate(f"{method}-oe-{what}32", method, 32, f"output error, {what}",
+                    evaluate(f"{method}-oe-tied-{what}32", method, 32, f"output error, tied, {what}",
                              make_config(method, rank={"_default": 0, **plan}, **overrides), plan, cost, fixed)
     policy_methods = [m for m in a.policy_methods.split(",") if m in methods]
     for budget in sorted(budgets, reverse=True):
@@ -217,6 +222,9 @@ def main(argv=None) -> int:
         write_html(rank_plans_figure(result), f"{out}.html")
     print(f"wrote {out}.json, {out}.md")
     return 0
+
+
+W4A4_ONLY = "W4A4 layers only"  # the output-error rows without the weight-only layers' branches
 
 
 def predicted_gain_db(curves: dict, fixed: dict, plan: dict) -> float:

@@ -344,21 +344,23 @@ def allocate_like_uniform(curves: Mapping[str, Mapping[int, float]], targets: Ma
 
 def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Callable[[int], QuantConfig], *,
                        targets: Mapping[str, Any], ranks: Callable[[int], Sequence[int]] = candidate_ranks,
-                       weight_only: bool = False, progress: Progress | None = None) -> dict[str, dict[int, float]]:
+                       weight_only: bool = False, linear: Callable[[str], nn.Module] | None = None,
+                       progress: Progress | None = None) -> dict[str, dict[int, float]]:
     """``{layer: {rank: the layer's own relative output error}}`` on its held-out tokens
     (``stats.for_layer(name).sample``): one quantization per layer and rank. W4A4 targets, and with
     ``weight_only`` the weight-only ones too (rank r > 0: their 16-bit branch,
-    ``weight_only_branch_config``)."""
+    ``weight_only_branch_config``). linear(name): the float layer to quantize (default: the
+    transformer's own; the explorer passes a CPU copy when the model runs on a GPU)."""
     from .quantize import layer_error, reference_output
 
     names = _measured(targets, weight_only)
     curves: dict[str, dict[int, float]] = {}
     for i, name in enumerate(names):
         spec, st = targets[name], stats.for_layer(name)
-        linear = transformer.get_submodule(name)
-        x = st.sample.to(dtype=linear.weight.dtype)
-        y = reference_output(linear, x)
-        curves[name] = {r: layer_error(linear, quantize_layer(linear, st, config_for_rank(r), rank=r, spec=spec), x,
+        linear_ = transformer.get_submodule(name) if linear is None else linear(name)
+        x = st.sample.to(dtype=linear_.weight.dtype)
+        y = reference_output(linear_, x)
+        curves[name] = {r: layer_error(linear_, quantize_layer(linear_, st, config_for_rank(r), rank=r, spec=spec), x,
                                        y)["rel_mse"] for r in ranks(spec.in_features)}
         if progress is not None:
             progress((i + 1) / len(names), f"layer error vs rank: {name}")

@@ -272,11 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics do not use), one rank per shared-input group (q/k/v …), so every group can "
                         "run fused (one quantized input, one GEMM); 'output' the same per layer; 'fixed' gives "
                         "every layer --rank. A --rank-plan is used as is")
-    p.add_argument("--weight-only-ranks", action="store_true",
-                   help="with --allocate output / output-tied (dirotq, dirotq-lr): the weight-only layers (PixArt's "
-                        "ff.net.2, FLUX's modulation …) compete for the same 16-bit budget with a low-rank 16-bit "
-                        "branch each (their activations stay 16-bit; (d + o) parameters per rank); the fixed "
-                        "plan gives them none")
+    p.add_argument("--weight-only-ranks", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --allocate output / output-tied and a PCA method (dirotq, dirotq-lr; on by default "
+                        "there): the weight-only layers (PixArt's ff.net.2, FLUX's modulation …) compete for the "
+                        "same 16-bit budget with a low-rank 16-bit branch each (their activations stay 16-bit; "
+                        "(d + o) parameters per rank); the fixed plan gives them none. --no-weight-only-ranks "
+                        "plans the W4A4 layers only")
     p.add_argument("--eigensolver", choices=("eigh", "top"), default="eigh",
                    help="PCA bases: 'eigh' (default) decomposes every second moment fully; 'top' finds only the "
                         "top-r directions by subspace iteration (what dirotq-lr's PCA basis needs: O(d²·r) instead "
@@ -524,9 +525,12 @@ def cmd_quantize(args) -> int:
     info = _dist(args)
     output_allocation = (args.allocate in ("output", "output-tied") and get_method(config.method).ranked
                          and isinstance(rank, int) and rank > 0)
-    if args.weight_only_ranks:
-        from .methods import BRANCH_METHODS
+    from .methods import BRANCH_METHODS
 
+    weight_only_ranks = args.weight_only_ranks
+    if weight_only_ranks is None:  # the default: branches wherever the allocation can give them
+        weight_only_ranks = output_allocation and config.method in BRANCH_METHODS
+    elif weight_only_ranks:
         if not output_allocation:
             raise BadInput("--weight-only-ranks needs --allocate output or output-tied with a ranked method and "
                            "--rank > 0")
@@ -562,7 +566,7 @@ def cmd_quantize(args) -> int:
         plan, allocation = output_error_plan(ev.pipe, stats, config, rank, sens_prompts, seed=1,
                                              pipe_kwargs=ev.pipe_kwargs, layers=layers, dist=info, adapter=adapter,
                                              tie_shared_inputs=args.allocate == "output-tied",
-                                             weight_only_ranks=args.weight_only_ranks,
+                                             weight_only_ranks=weight_only_ranks,
                                              progress=_bar_progress("allocate ranks"))
         config = dataclasses.replace(config, rank=plan)
     path = Path(args.out) / name

@@ -17,7 +17,7 @@ import torch
 
 import app
 from analysis import plans
-from analysis.session import CalibSettings, ExplorerSession, register_session
+from analysis.session import W4A4_ONLY, CalibSettings, ExplorerSession, register_session
 from tiny_pipelines import build_tiny_pixart_pipeline
 
 MODEL = "tiny-random-app-test"
@@ -73,7 +73,12 @@ def test_calibrate_draws_figures_holding_the_statistics(sess, calibrated):
     np.testing.assert_array_equal(np.asarray(f_spec.data[0].y), sp["eigenvalues"])
     assert "energy kept" in energy and f"{100 * sp['explained'][16]:.1f} %" in energy
     assert list(f_err.data[0].x) == sess.curves(name)["ranks"]
-    assert len(df) == len(sess.w4a4_targets())
+    # the W4A4 layers, then the weight-only ones, whose rank is a 16-bit branch (none in the fixed plan)
+    assert list(df["layer"]) == list(sess.w4a4_targets()) + _w4a16(sess)
+    kinds = dict(zip(df["layer"], df["kind"]))
+    assert {kinds[n] for n in sess.w4a4_targets()} == {"W4A4"}
+    assert {kinds[n] for n in _w4a16(sess)} == {"W4A16: rank = 16-bit branch"}
+    assert all(dict(zip(df["layer"], df["rank"]))[n] == 0 for n in _w4a16(sess))
 
 
 def test_restart_loads_statistics_without_running_the_model(sess, calibrated):
@@ -145,12 +150,12 @@ def test_bad_inputs_give_messages_not_crashes(sess, calibrated):
 
 def test_fill_policies_and_cost(sess, calibrated):
     st, df, cost_md, cost_fig, js = app.on_fill(MODEL, "fixed", 8, "dirotq")
-    assert st.startswith("✓") and set(df["rank"]) == {8}
-    assert json.loads(js) == {n: 8 for n in sess.w4a4_targets()}
+    assert st.startswith("✓") and set(df["rank"]) == {8, 0}
+    assert json.loads(js) == {**{n: 8 for n in sess.w4a4_targets()}, **{n: 0 for n in _w4a16(sess)}}
     assert "×" in cost_md and len(cost_fig.data) == 2
     _, df_e, *_ = app.on_fill(MODEL, "energy", 0.9, "dirotq")
-    for _, row in df_e.iterrows():
-        assert row["energy kept %"] >= 90.0 - 1e-6
+    for _, row in df_e.iterrows():  # the reference policies plan the W4A4 layers: no branches
+        assert row["energy kept %"] >= 90.0 - 1e-6 if row["kind"] == "W4A4" else row["rank"] == 0
     _, df_b, *_ = app.on_fill(MODEL, "16-bit budget", 2, "dirotq")
     extra = sum(int(r) * sess.targets[n].out_features for n, r in zip(df_b["layer"], df_b["rank"]))
     assert 0 < extra <= 2000
@@ -174,15 +179,19 @@ def test_output_error_policy_spends_the_budget_of_a_uniform_rank(sess, calibrate
         uniform = sum(cost(n, min(8, s.in_features)) - cost(n, 0) for n, s in sess.w4a4_targets().items())
         assert 0 < spent <= uniform and len(set(ranks.values())) > 1  # same budget, spent unevenly
         sens = sess.sensitivity(method)
-        assert set(sens) == set(sess.w4a4_targets()) and all(v["gain"] >= 0 for v in sens.values())
+        # the PCA methods' plans can give the weight-only layers a branch: their sensitivities too
+        assert set(sens) == set(sess.plan_targets()) and all(v["gain"] >= 0 for v in sens.values())
         fig = app.on_budget(MODEL, method, df)
         names = [t.name for t in fig.data]
-        assert names == ["fixed", "output error, tied", "output error", "energy", "this plan"]
+        assert names == ["fixed", "output error, tied", "output error", W4A4_ONLY, "energy", "this plan"]
         # the allocation's own objective: at every budget it predicts no more output error than fixed,
         # tied (one rank per shared-input group, as the fixed plan has) or not
         fixed, tied, alloc = fig.data[0], fig.data[1], fig.data[2]
         assert all(a <= f * (1 + 1e-9) for a, f in zip(alloc.y, fixed.y))
         assert all(t <= f * (1 + 1e-9) for t, f in zip(tied.y, fixed.y))
+        # every curve's budgets are the fixed plan's: no point spends more
+        for tr in fig.data[1:4]:
+            assert all(x <= f + 1e-6 for x, f in zip(tr.x, sorted(fixed.x)))
         # the default policy fills q/k/v of each attention with one rank
         _, df_t, *_ = app.on_fill(MODEL, "output error, tied", 8, method)
         tied_ranks = dict(zip(df_t["layer"], df_t["rank"]))
@@ -222,17 +231,18 @@ def test_all_layers_with_sensitivity_ranks_layers_by_what_reaches_the_output(ses
     st, fig, md = app.on_all_layers(MODEL, "dirotq-lr", plan(sess, 8), "sqnr_db", True, progress=None)
     assert st.startswith("✓"), st
     rows = sess.all_layer_errors("dirotq-lr", sess.default_plan(8), sensitivity=True)
-    w4a4 = [r for r in rows if r["kind"] == "w4a4"]
     sens = sess.sensitivity("dirotq-lr")
-    for r in w4a4:
+    # every layer, the weight-only ones included: a DiRotQ-LR plan can give those a branch
+    assert {r["name"] for r in rows} == set(sens) == set(sess.targets)
+    for r in rows:
         assert r["gain"] == sens[r["name"]]["gain"] and r["output_error"] == r["gain"] * r["rel_mse"]
-    top = max(w4a4, key=lambda r: r["output_error"])
-    assert md.index(top["name"]) < min(md.index(r["name"]) for r in w4a4 if r["name"] in md and r is not top)
+    top = max(rows, key=lambda r: r["output_error"])
+    assert md.index(top["name"]) < min(md.index(r["name"]) for r in rows if r["name"] in md and r is not top)
     assert "sensitivity" in md
     bars = {}
     for tr in fig.data[1:]:
         bars.update(dict(zip(tr.x, tr.y)))
-    assert sorted(v for v in bars.values() if v == v) == sorted(r["output_error"] for r in w4a4)
+    assert sorted(v for v in bars.values() if v == v) == sorted(r["output_error"] for r in rows)
     assert fig.layout.yaxis2.type == "log"
 
 
@@ -304,19 +314,30 @@ def test_import_says_what_it_set_and_refuses_a_plan_that_sets_nothing(sess, cali
     assert st.startswith("✓"), st
     assert f"1 of {n} W4A4 layers set by name, the other {n - 1} from _default = 4" in st
     assert f"ignored 1 name this model does not have: ['{foreign}']" in st
-    assert dict(zip(df["layer"], df["rank"]))[q] == 12 and set(df["rank"]) == {4, 12}
+    w4a4 = df[df["kind"] == "W4A4"]
+    assert dict(zip(df["layer"], df["rank"]))[q] == 12 and set(w4a4["rank"]) == {4, 12}
+    assert set(df[df["kind"] != "W4A4"]["rank"]) == {0}  # _default does not give weight-only layers a branch
     st = app.on_import(MODEL, json.dumps({q: 12}), "dirotq")[0]
     assert f"the other {n - 1} at rank 0 (the plan has no _default)" in st
-    # the tab plans the W4A4 layers: a plan naming a W4A16 layer is refused, saying where a branch is set
-    st = app.on_import(MODEL, json.dumps({"_default": 8, _w4a16(sess)[0]: 8}), "dirotq")[0]
-    assert st.startswith("⚠") and "Rank plan tab plans the W4A4 layers" in st
+    # a weight-only layer's rank is its 16-bit branch: set by name, never by _default
+    wo = _w4a16(sess)[0]
+    st, df, *_ = app.on_import(MODEL, json.dumps({"_default": 8, wo: 16}), "dirotq")
+    assert st.startswith("✓") and "1 weight-only layer with a 16-bit branch" in st, st
+    ranks = dict(zip(df["layer"], df["rank"]))
+    assert ranks[wo] == 16 and all(ranks[n] == 0 for n in _w4a16(sess)[1:])
+    # a method without a branch says it leaves them unused; the plan itself is kept
+    st, df_svd, *_ = app.on_import(MODEL, json.dumps({"_default": 8, wo: 16}), "svdquant")
+    assert st.startswith("✓") and "svdquant gives weight-only layers no 16-bit branch" in st and wo in st, st
+    assert dict(zip(df_svd["layer"], df_svd["rank"]))[wo] == 16
+    st = app.on_import(MODEL, json.dumps({wo: 9999}), "dirotq")[0]
+    assert st.startswith("⚠") and "exceeds its input width" in st
 
 
-def test_plan_table_refuses_a_row_renamed_to_a_w4a16_or_a_listed_layer(sess, calibrated):
+def test_plan_table_refuses_a_row_renamed_to_a_listed_layer(sess, calibrated):
     df = plan(sess, 8)
-    df.loc[0, "layer"] = _w4a16(sess)[0]
+    df.loc[0, "layer"] = _w4a16(sess)[0]  # the weight-only layers have rows of their own
     st = app.on_plan_edit(MODEL, df, "dirotq")[0]
-    assert st.startswith("⚠") and "Rank plan tab plans the W4A4 layers" in st
+    assert st.startswith("⚠") and f"{_w4a16(sess)[0]} is in the table twice" in st
     df = plan(sess, 8)
     df.loc[0, "layer"] = df.loc[1, "layer"]  # the first layer would silently lose its rank
     st = app.on_plan_edit(MODEL, df, "dirotq")[0]
@@ -331,8 +352,51 @@ def test_all_layers_marks_w4a16_layers_as_weight_only(sess, calibrated):
     lines = md.splitlines()
     for name in _w4a16(sess):
         row = next(line for line in lines if f"`{name}`" in line)
-        assert "| W4A16, weight-only: not in the plan | — |" in row, row
-    assert f"{len(_w4a16(sess))} W4A16 layers (weight-only" in md
+        assert "| W4A16 (weight-only) | 0 |" in row, row
+    assert f"{len(_w4a16(sess))} W4A16 layers (weight-only" in md and "gives one a 16-bit branch" in md
+    md_svd = app.on_all_layers(MODEL, "svdquant", app._plan_df(sess, full), "sqnr_db", progress=None)[2]
+    assert "svdquant gives them no 16-bit branch" in md_svd
+
+
+def test_a_weight_only_rank_is_a_branch_under_the_pca_methods_and_unused_under_the_others(sess, calibrated):
+    wo = _w4a16(sess)[0]
+    ranks = {**sess.default_plan(8), wo: 16}
+    # the branch: its held-out error falls with rank, and the quantized model runs it
+    curve = sess.branch_curve(wo, "dirotq-lr")
+    assert curve[16] < curve[0] and curve[0] > 0
+    _, report = sess.quantized("dirotq-lr", ranks)
+    assert report["layers"][wo]["rank"] == 16
+    assert report["layers"][wo]["rel_mse"] < sess.quantized("dirotq-lr", sess.default_plan(8))[1]["layers"][wo]["rel_mse"]
+    cost = sess.plan_cost(ranks, "dirotq-lr")["total"]["extra_params16"]
+    base = sess.plan_cost(sess.default_plan(8), "dirotq-lr")["total"]["extra_params16"]
+    d, o = sess.targets[wo].in_features, sess.targets[wo].out_features
+    assert cost - base == (d + o) * 16  # DiRotQ-LR's branch: V_r (d × r) and W·V_r (o × r)
+    with pytest.raises(ValueError, match="no 16-bit branch"):
+        sess.branch_curve(wo, "svdquant")
+    # SVDQuant has no branch: the plan's weight-only rank is not used, and Generate says so
+    assert sess.plan_cost(ranks, "svdquant") == sess.plan_cost(sess.default_plan(8), "svdquant")
+    df = app._plan_df(sess, ranks)
+    st = app.on_generate(MODEL, "a red circle on the left", 3, 3, 4.5, "svdquant", df, progress=None)[0]
+    assert st.startswith("✓") and "svdquant gives weight-only layers no 16-bit branch" in st, st
+    assert app.on_plan_edit(MODEL, df, "svdquant")[0].startswith("⚠ svdquant gives weight-only layers")
+    assert app.on_plan_edit(MODEL, df, "dirotq-lr")[0] == ""
+
+
+def test_output_error_fill_spends_on_weight_only_branches_only_for_the_pca_methods(sess, calibrated):
+    wo = set(_w4a16(sess))
+    lr = sess.fill_plan("output error", 32, "dirotq-lr")
+    svd = sess.fill_plan("output error", 32, "svdquant")
+    assert set(lr) == set(svd) == set(sess.plan_targets())
+    assert all(svd[n] == 0 for n in wo)
+    # the branches compete for the fixed plan's budget: what DiRotQ-LR spends stays within it
+    cost = sess.plan_cost_fn("dirotq-lr")
+    uniform = sum(cost(n, min(32, s.in_features)) - cost(n, 0) for n, s in sess.w4a4_targets().items())
+    assert sum(cost(n, r) - cost(n, 0) for n, r in lr.items()) <= uniform
+    # the fill follows the predicted output error: a branch is given where its curve says it pays most
+    out = sess.output_curves("dirotq-lr")
+    assert wo <= set(out) and all(out[n][0] >= out[n][max(out[n])] for n in wo)
+    # the reference policies plan the W4A4 layers only
+    assert all(sess.fill_plan("energy", 0.9, "dirotq-lr")[n] == 0 for n in wo)
 
 
 def test_generate_checks_its_numbers_first_and_keeps_the_images(sess, calibrated, monkeypatch):

@@ -93,7 +93,7 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
     out = tmp_path / "out" / "rp"
     assert main(["--model", str(tmp_path / "pipe"), "--limit", "2", "--steps", "2", "--calib-limit", "4",
                  "--budgets", "8,32", "--methods", "dirotq-lr,svdquant", "--policy-methods", "dirotq-lr",
-                 "--work", str(tmp_path / "work"), "--out", str(out), "--html", "--weight-only-ranks"]) == 0
+                 "--work", str(tmp_path / "work"), "--out", str(out), "--html", "--w4a4-only-rows"]) == 0
     res = json.loads(Path(f"{out}.json").read_text())
     rows = {(r["method"], r["budget_rank"], r["policy"]): r for r in res["rows"]}
     for budget in (8, 32):
@@ -106,17 +106,22 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
         assert "predicted_gain_db" not in fixed
         assert math.isfinite(rows[("dirotq-lr", budget, "output error")]["predicted_gain_db"])
     for policy in ("fixed, format C", "fixed, asymmetric activations", "fixed, format C, asymmetric activations",
-                   "output error, format C", "output error, format C, asymmetric activations"):
+                   "output error, tied, format C", "output error, tied, format C, asymmetric activations"):
         assert ("dirotq-lr", 32, policy) in rows
     assert res["sensitivity"]["dirotq-lr"] and Path(f"{out}.md").is_file() and Path(f"{out}.html").is_file()
-    # --weight-only-ranks: the same budget, the weight-only ff.net.2 may hold a branch (PCA methods only)
+    # the output-error rows are the tool's allocation: under DiRotQ-LR the weight-only ff.net.2 may hold a
+    # branch from the same budget; SVDQuant's plans have none; --w4a4-only-rows adds the W4A4-only reference
+    wo = [n for n in res["sensitivity"]["dirotq-lr"] if "ff.net.2" in n]
+    assert wo and not any("ff.net.2" in n for n in res["sensitivity"]["svdquant"])
     for budget in (8, 32):
         fixed = rows[("dirotq-lr", budget, "fixed")]
-        for policy in ("output error, tied + weight-only ranks", "output error + weight-only ranks"):
-            r = rows[("dirotq-lr", budget, policy)]
-            assert r["params16"] <= fixed["params16"] + 1e-6 and "vs_fixed" in r and "ff.net.2" in " ".join(r["plan"])
-        assert ("svdquant", budget, "output error + weight-only ranks") not in rows
-    assert any("ff.net.2" in n for n in res["sensitivity"]["dirotq-lr"])
+        for policy in ("output error, tied", "output error"):
+            assert set(wo) <= set(rows[("dirotq-lr", budget, policy)]["plan"])
+            assert not any("ff.net.2" in n for n in rows[("svdquant", budget, policy)]["plan"])
+            ref = rows[("dirotq-lr", budget, f"{policy}, W4A4 layers only")]
+            assert ref["params16"] <= fixed["params16"] + 1e-6 and "vs_fixed" in ref
+            assert not any("ff.net.2" in n for n in ref["plan"])
+        assert ("svdquant", budget, "output error, W4A4 layers only") not in rows
 
 
 def test_kernel_names_fall_into_the_step_parts():

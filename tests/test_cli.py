@@ -128,12 +128,12 @@ def test_calibrate_evaluate_and_report(env, capsys, monkeypatch):
 
 
 def test_quantize_weight_only_ranks(env, capsys, monkeypatch):
-    """--weight-only-ranks: the allocator may give the weight-only ff.net.2 a 16-bit branch within the
-    fixed plan's budget; a method without one, or no allocation, is refused before any work."""
+    """By default (PCA methods, output allocation) the allocator may give the weight-only ff.net.2 a
+    16-bit branch within the fixed plan's budget; --no-weight-only-ranks plans the W4A4 layers only;
+    an explicit --weight-only-ranks without a branch method or an allocation is refused before any work."""
     root, _, common = env
     monkeypatch.chdir(root)
-    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--weight-only-ranks",
-                 "--out", str(root / "wo")]) == 0
+    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--out", str(root / "wo")]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("ranks by model-output sensitivity"))
     assert "weight-only layers given a 16-bit branch" in line
@@ -142,6 +142,13 @@ def test_quantize_weight_only_ranks(env, capsys, monkeypatch):
     wo = {n: t for n, t in targets.items() if t["kind"] == "w4a16"}
     assert wo and all(t["act_bits"] is None for t in wo.values())
     assert all(t["method"] == ("dirotq-lr" if t["rank"] else "w4a16") for t in wo.values()), wo
+    assert main(["quantize", *common, "--method", "dirotq-lr", "--rank", "16", "--no-weight-only-ranks",
+                 "--out", str(root / "w4a4only")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ranks by model-output sensitivity"))
+    assert "weight-only" not in line
+    (path,) = (root / "w4a4only").iterdir()
+    targets = json.loads((path / "config.json").read_text())["quantization_config"]["targets"]
+    assert all(t["method"] == "w4a16" and not t["rank"] for t in targets.values() if t["kind"] == "w4a16")
     for bad, message in ((["--method", "svdquant"], "needs a PCA method"), (["--allocate", "fixed"], "needs --allocate")):
         assert main(["quantize", *common, "--rank", "16", "--weight-only-ranks", *bad, "--out", str(root / "x")]) == 2
         assert message in capsys.readouterr().err
