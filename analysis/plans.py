@@ -9,7 +9,9 @@ against the model. Policies, best first (measured on images: docs/EVALUATION.md,
   images it is as good as or better than the untied plan, and it is the one that runs fused.
 - "output error": spend the 16-bit budget of a uniform rank where the *model output* gains most per
   extra 16-bit parameter (``dirotq.allocate``: each layer's output error measured with only that
-  layer quantized): a layer's own error does not say how much it moves the image.
+  layer quantized): a layer's own error does not say how much it moves the image. Weight-only
+  targets among ``targets`` (with output curves for their 16-bit branch) compete for the same budget,
+  which is the uniform rank's on the W4A4 targets; the explorer passes them under the PCA methods.
 - "fixed": one rank everywhere (the reference every policy must beat at equal cost);
 - "energy": the smallest rank keeping a fraction of each layer's input energy;
 - "error budget": the smallest rank whose held-out *layer* error is below a threshold;

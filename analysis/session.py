@@ -561,6 +561,7 @@ class ExplorerSession:
         if rest:
             policies.insert(3, W4A4_ONLY)
         curves: dict[str, list] = {p: [] for p in policies}
+        w4a4_curves = {n: c for n, c in out_curves.items() if n in w4a4}
         for r in budgets:
             fixed = plans.fixed_plan(w4a4, r)
             curves["fixed"].append(point({**fixed, **rest}))
@@ -568,7 +569,6 @@ class ExplorerSession:
                 curves[policy].append(point(plans.fill_plan(policy, r, allocated, config=cfg,
                                                             output_curves=lambda: out_curves)))
             if rest:
-                w4a4_curves = {n: c for n, c in out_curves.items() if n in w4a4}
                 curves[W4A4_ONLY].append(point({**plans.fill_plan("output error, tied", r, w4a4, config=cfg,
                                                                   output_curves=lambda: w4a4_curves), **rest}))
             limit = plans.plan_params16(fixed, cost)

@@ -169,7 +169,12 @@ def main(argv=None) -> int:
             plan = plans.match_budget(lambda e: plans.fill_plan("error budget", e, targets, layer_curve=p["layer"].get),
                                       cost, limit, 1e-6, 1.0, increasing=False)
         cfg = make_config(method, rank={"_default": 0, **plan})
-        evaluate(f"{method}-{policy}{budget}", method, budget, policy, cfg, plan, cost, fixed, predicted)
+        row = evaluate(f"{method}-{policy}{budget}", method, budget, policy, cfg, plan, cost, fixed, predicted)
+        if policy.endswith(W4A4_ONLY):  # what the branches add: the tool's plan against this one, paired
+            tool = next(r for r in result["rows"] if (r["method"], r["budget_rank"], r["policy"])
+                        == (method, budget, policy.removesuffix(f", {W4A4_ONLY}")))
+            row["branches_gain"] = paired_bootstrap_diff(tool["per_image_psnr"], row["per_image_psnr"], 2000)
+            save()
 
     # most important first, so an interrupted run still answers the main question: the default
     # allocator against a fixed rank, then the other policies, then the format rows
@@ -258,6 +263,15 @@ def markdown(result: dict) -> str:
         pred = f"{r['predicted_gain_db']:+.2f}" if "predicted_gain_db" in r else "–"
         lines.append(f"| {r['method']} | {r['budget_rank']} | {r['policy']} | {params} | "
                      f"{p['mean']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] | {delta} | {pred} |")
+    gains = [r for r in result["rows"] if "branches_gain" in r]
+    if gains:
+        lines += ["", "What the weight-only layers' 16-bit branches add: the tool's plan (DiRotQ, DiRotQ-LR: the "
+                  "branches compete for the budget) minus the same allocation over the W4A4 layers only, paired (dB):",
+                  "", "| method | R | policy | Δ (dB) |", "|---|---|---|---|"]
+        for r in gains:
+            d = r["branches_gain"]
+            lines.append(f"| {r['method']} | {r['budget_rank']} | {r['policy'].removesuffix(f', {W4A4_ONLY}')} | "
+                         f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] |")
     return "\n".join(lines) + "\n"
 
 

@@ -120,8 +120,9 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
             assert not any("ff.net.2" in n for n in rows[("svdquant", budget, policy)]["plan"])
             ref = rows[("dirotq-lr", budget, f"{policy}, W4A4 layers only")]
             assert ref["params16"] <= fixed["params16"] + 1e-6 and "vs_fixed" in ref
-            assert not any("ff.net.2" in n for n in ref["plan"])
+            assert not any("ff.net.2" in n for n in ref["plan"]) and "branches_gain" in ref
         assert ("svdquant", budget, "output error, W4A4 layers only") not in rows
+    assert "What the weight-only layers' 16-bit branches add" in Path(f"{out}.md").read_text()
 
 
 def test_kernel_names_fall_into_the_step_parts():

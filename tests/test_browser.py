@@ -324,8 +324,8 @@ def test_browser_every_control_redraws_the_selected_layer(browser_or_skip, serve
 
     # a rank edited in the plan table recomputes that row's "energy kept %"
     page.get_by_role("tab", name="Rank plan").click()
-    rank_cell = page.locator("#plan-table [data-testid='cell-0-3']")
-    energy_cell = page.locator("#plan-table [data-testid='cell-0-4']")
+    rank_cell = page.locator("#plan-table [data-testid='cell-0-4']")
+    energy_cell = page.locator("#plan-table [data-testid='cell-0-5']")
     rank_cell.wait_for(timeout=10_000)
     before = float(energy_cell.inner_text().split()[0])
     assert int(rank_cell.inner_text().split()[0]) < 100
