@@ -36,7 +36,9 @@ from dirotq.registry import DEFAULT_METHOD  # noqa: E402
 
 PAPER = "arXiv:2605.16732"
 OUTLIER_EXTRA = ["smoothquant", "hadamard"]
-PLAN_COLUMNS = ["layer", "kind", "d_in", "d_out", "rank", "energy kept %"]
+PLAN_COLUMNS = ["layer", "d_in", "d_out", "rank", "energy %", "kind"]
+# the layer names are long: the rank column must stay in view without a horizontal scroll
+PLAN_COLUMN_WIDTHS = ["48%", "8%", "10%", "8%", "14%", "12%"]
 METHOD_CHOICES = [(figures.label(m), m) for m in methods()]
 _SESSION_KW: dict = {}  # device / cache_dir / dtype, set by build_demo
 
@@ -332,8 +334,8 @@ def on_tab(tab, model, block, ltype, rank, extra_views, metric, old_tab=None, se
 
 # ---------------------------------------------------------------------------- calibration
 def _plan_kind(kind: str) -> str:
-    """The plan table's kind cell: a weight-only layer's rank is a 16-bit branch beside its 4-bit weight."""
-    return "W4A4" if kind == "w4a4" else f"{kind.upper()}: rank = 16-bit branch"
+    """The plan table's kind cell (its label says that a weight-only layer's rank is a 16-bit branch)."""
+    return kind.upper()
 
 
 def _plan_df(s, ranks: dict) -> pd.DataFrame:
@@ -341,7 +343,7 @@ def _plan_df(s, ranks: dict) -> pd.DataFrame:
     for n, spec in s.plan_targets().items():
         r = int(ranks.get(n, 0))
         e = 100 * s.energy(n, r) if s.calibrated else float("nan")
-        rows.append([n, _plan_kind(spec.kind), spec.in_features, spec.out_features, r, round(e, 1)])
+        rows.append([n, spec.in_features, spec.out_features, r, round(e, 1), _plan_kind(spec.kind)])
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 
@@ -548,7 +550,7 @@ def on_policy(policy):
 
 @safe(5)
 def on_plan_edit(model, plan_df, method):
-    """A cell was edited (or the method changed): recompute the cost, and the table's "energy kept %"
+    """A cell was edited (or the method changed): recompute the cost, and the table's "energy %"
     column for the edited ranks (5th output; the method's change event leaves the table alone)."""
     s = session(model)
     ranks = _ranks_from_df(s, plan_df)
@@ -659,7 +661,7 @@ def on_load_model(path, current):
 
 def _plan_df_uncalibrated(s):
     df = _plan_df(s, s.default_plan())
-    df["energy kept %"] = float("nan")
+    df["energy %"] = float("nan")
     return df
 
 
@@ -892,8 +894,11 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                     value_nb = gr.Number(32, label=POLICY_VALUE[DEFAULT_POLICY][0])
                                     fill_btn = gr.Button("Fill", elem_id="fill-btn")
                                 plan_df = gr.Dataframe(init_plan, headers=PLAN_COLUMNS, interactive=True,
-                                                       datatype=["str", "str", "number", "number", "number", "number"],
-                                                       label="per-layer ranks (edit the rank column)",
+                                                       datatype=["str", "number", "number", "number", "number", "str"],
+                                                       column_widths=PLAN_COLUMN_WIDTHS,
+                                                       label="per-layer ranks (edit the rank column; energy %: the input "
+                                                             "energy the rank keeps; a W4A16 layer's rank is a 16-bit "
+                                                             "branch beside its 4-bit weight)",
                                                        elem_id="plan-table", max_height=320)
                                 cost_md = gr.Markdown("")
                                 cost_plot = gr.Plot(figures.empty_figure("cost appears after a fill or an edit"))

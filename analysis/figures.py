@@ -550,7 +550,9 @@ def budget_figure(curves: Mapping[str, Sequence[tuple[float, float]]], current: 
     if current is not None:
         data.append(go.Scatter(x=[current[0]], y=[current[1]], name="this plan", mode="markers",
                                marker=dict(symbol="star", size=16, color="black")))
-    layout = dict(_LAYOUT, height=360, margin=dict(l=70, r=20, t=60, b=50),
+    # up to six traces: the legend goes under the plot, where it can wrap without covering the title
+    layout = dict(_LAYOUT, height=440, margin=dict(l=70, r=20, t=50, b=130),
+                  legend=dict(orientation="h", yanchor="top", y=-0.3, xanchor="center", x=0.5),
                   title=dict(text=f"{label(method)}: predicted output error vs 16-bit budget" if method else
                              "predicted output error vs 16-bit budget"),
                   xaxis=dict(title=dict(text="extra 16-bit parameters"), **_AXIS),

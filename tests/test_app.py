@@ -77,7 +77,7 @@ def test_calibrate_draws_figures_holding_the_statistics(sess, calibrated):
     assert list(df["layer"]) == list(sess.w4a4_targets()) + _w4a16(sess)
     kinds = dict(zip(df["layer"], df["kind"]))
     assert {kinds[n] for n in sess.w4a4_targets()} == {"W4A4"}
-    assert {kinds[n] for n in _w4a16(sess)} == {"W4A16: rank = 16-bit branch"}
+    assert {kinds[n] for n in _w4a16(sess)} == {"W4A16"}
     assert all(dict(zip(df["layer"], df["rank"]))[n] == 0 for n in _w4a16(sess))
 
 
@@ -155,7 +155,7 @@ def test_fill_policies_and_cost(sess, calibrated):
     assert "×" in cost_md and len(cost_fig.data) == 2
     _, df_e, *_ = app.on_fill(MODEL, "energy", 0.9, "dirotq")
     for _, row in df_e.iterrows():  # the reference policies plan the W4A4 layers: no branches
-        assert row["energy kept %"] >= 90.0 - 1e-6 if row["kind"] == "W4A4" else row["rank"] == 0
+        assert row["energy %"] >= 90.0 - 1e-6 if row["kind"] == "W4A4" else row["rank"] == 0
     _, df_b, *_ = app.on_fill(MODEL, "16-bit budget", 2, "dirotq")
     extra = sum(int(r) * sess.targets[n].out_features for n, r in zip(df_b["layer"], df_b["rank"]))
     assert 0 < extra <= 2000

@@ -322,10 +322,10 @@ def test_browser_every_control_redraws_the_selected_layer(browser_or_skip, serve
     _wait_for(lambda: _rank_in_title(spectrum()) == 300, "the spectrum of ff.net.2 at r = 300")
     assert num.input_value() == "300"
 
-    # a rank edited in the plan table recomputes that row's "energy kept %"
+    # a rank edited in the plan table recomputes that row's "energy %"
     page.get_by_role("tab", name="Rank plan").click()
-    rank_cell = page.locator("#plan-table [data-testid='cell-0-4']")
-    energy_cell = page.locator("#plan-table [data-testid='cell-0-5']")
+    rank_cell = page.locator("#plan-table [data-testid='cell-0-3']")
+    energy_cell = page.locator("#plan-table [data-testid='cell-0-4']")
     rank_cell.wait_for(timeout=10_000)
     before = float(energy_cell.inner_text().split()[0])
     assert int(rank_cell.inner_text().split()[0]) < 100

@@ -292,8 +292,8 @@ def test_plan_edit_recomputes_the_energy_column(sess):
     name = df.loc[0, "layer"]
     df.loc[0, "rank"] = 40
     out = app.on_plan_edit(MODEL, df, "dirotq")
-    assert out[4].loc[0, "energy kept %"] == round(100 * sess.energy(name, 40), 1)
-    assert out[4].loc[0, "energy kept %"] > df.loc[0, "energy kept %"]
+    assert out[4].loc[0, "energy %"] == round(100 * sess.energy(name, 40), 1)
+    assert out[4].loc[0, "energy %"] > df.loc[0, "energy %"]
 
 
 def test_a_view_that_cannot_be_drawn_refuses_the_rank_too(sess):
