@@ -32,7 +32,7 @@ from dirotq.generate import check_sampling, generate_pair, truncation_warning, u
 from dirotq.models import get_adapter, target_report
 from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
 from dirotq.quantize import layer_error, quantize_, quantize_layer
-from dirotq.allocate import (candidate_ranks, layer_error_curves, layer_params16, layer_sensitivity,
+from dirotq.allocate import (BRANCH_SMALL_RANKS, candidate_ranks, layer_error_curves, layer_params16, layer_sensitivity,
                              record_transformer_calls, sensitivity_curves)
 from dirotq.methods import BRANCH_METHODS
 from dirotq.registry import get_method, method_names
@@ -508,10 +508,11 @@ class ExplorerSession:
 
     def branch_curve(self, name: str, method: str) -> dict[int, float]:
         """Held-out relative error of weight-only layer ``name`` against the rank of its 16-bit branch
-        under ``method`` (a PCA method), at ``dirotq.allocate.candidate_ranks``; memory and disk cache."""
+        under ``method`` (a PCA method), at ``dirotq.allocate.candidate_ranks`` and the small ranks
+        ``BRANCH_SMALL_RANKS``; memory and disk cache."""
         if not self.has_branches(method):
             raise ValueError(f"{method} gives weight-only layers no 16-bit branch")
-        key = f"branch|{method}|{name}|{_hash(self.base)}"
+        key = f"branch|{method}|{name}|{_hash(self.base)}|{_hash(BRANCH_SMALL_RANKS)}"
         with self.compute_lock:
             if key in self._curves_disk:
                 return {int(r): e for r, e in self._curves_disk[key].items()}

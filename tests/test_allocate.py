@@ -187,3 +187,20 @@ def test_output_error_plan_with_weight_only_ranks(tiny_pipe):
     with pytest.raises(ValueError, match="PCA method"):
         output_error_plan(pipe, stats, make_config("svdquant", rank=8), 8, ["a red circle"], num_inference_steps=4,
                           weight_only_ranks=True)
+
+
+def test_a_weight_only_branch_is_offered_small_ranks_where_its_curve_bends_most(tiny_pipe):
+    """A weight-only layer's branch curve starts at rank 1 (its input's first directions carry the
+    most: a rank-1 branch is an eighth of rank 8's cost); W4A4 layers keep the coarse grid."""
+    from dirotq.allocate import BRANCH_SMALL_RANKS, layer_error_curves
+
+    pipe, stats = tiny_pipe
+    targets = get_adapter(pipe.transformer).targets(pipe.transformer)
+    wo = next(n for n, s in targets.items() if s.kind != "w4a4")
+    w4a4 = next(n for n, s in targets.items() if s.kind == "w4a4")
+    curves = layer_error_curves(pipe.transformer, stats, lambda r: make_config("dirotq-lr", rank=r),
+                                targets={n: targets[n] for n in (wo, w4a4)}, weight_only=True)
+    assert sorted(curves[wo]) == sorted({*BRANCH_SMALL_RANKS, *candidate_ranks(targets[wo].in_features)})
+    assert sorted(curves[w4a4]) == candidate_ranks(targets[w4a4].in_features)
+    # each small rank is a real branch: its error differs from the weight-only layer's (rank 0)
+    assert all(0 < curves[wo][r] != curves[wo][0] for r in BRANCH_SMALL_RANKS)
