@@ -738,7 +738,7 @@ about a minute on CPU), *output error* (the same per layer), *fixed* (value = ra
 (fraction of energy to keep, e.g. 0.9), *error budget* (largest layer relative MSE, e.g. 0.01),
 *16-bit budget* (thousands of extra 16-bit parameters, spent where the *layer* error drops most) —
 then edit any cell. On images (240 of them), the default beats a fixed rank at the same cost by
-+1.2 dB (r = 16) and +1.6 dB (r = 32) for DiRotQ-LR and by +0.2 and +0.7 dB for full DiRotQ; the three
++1.2 dB (r = 16) and +1.6 dB (r = 32) for DiRotQ-LR and by +0.4 and +0.7 dB for full DiRotQ; the three
 layer-error policies lose 0.2–1.3 dB: a layer's own error does not say how much it moves the image.
 The first plot below predicts each policy's output error at every budget; the second (embedded
 model) shows the image PSNR measured for each policy, with this plan's cost as a dashed line. The cost is against plain W4A4:
