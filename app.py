@@ -333,17 +333,13 @@ def on_tab(tab, model, block, ltype, rank, extra_views, metric, old_tab=None, se
 
 
 # ---------------------------------------------------------------------------- calibration
-def _plan_kind(kind: str) -> str:
-    """The plan table's kind cell (its label says that a weight-only layer's rank is a 16-bit branch)."""
-    return kind.upper()
-
-
 def _plan_df(s, ranks: dict) -> pd.DataFrame:
     rows = []
     for n, spec in s.plan_targets().items():
         r = int(ranks.get(n, 0))
         e = 100 * s.energy(n, r) if s.calibrated else float("nan")
-        rows.append([n, spec.in_features, spec.out_features, r, round(e, 1), _plan_kind(spec.kind)])
+        # the kind column: the table's label says that a W4A16 layer's rank is a 16-bit branch
+        rows.append([n, spec.in_features, spec.out_features, r, round(e, 1), spec.kind.upper()])
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 

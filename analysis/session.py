@@ -32,7 +32,7 @@ from dirotq.generate import check_sampling, generate_pair, truncation_warning, u
 from dirotq.models import get_adapter, target_report
 from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
 from dirotq.quantize import layer_error, quantize_, quantize_layer
-from dirotq.allocate import (BRANCH_SMALL_RANKS, candidate_ranks, layer_error_curves, layer_params16, layer_sensitivity,
+from dirotq.allocate import (BRANCH_SMALL_RANKS, layer_error_curves, layer_params16, layer_sensitivity,
                              record_transformer_calls, sensitivity_curves)
 from dirotq.methods import BRANCH_METHODS
 from dirotq.registry import get_method, method_names
@@ -506,21 +506,23 @@ class ExplorerSession:
         with self.compute_lock:
             return all(k in self._curves_disk for k in keys)
 
+    def _branch_key(self, name: str, method: str) -> str:
+        return f"branch|{method}|{name}|{_hash(self.base)}|{_hash(BRANCH_SMALL_RANKS)}"
+
     def branch_curve(self, name: str, method: str) -> dict[int, float]:
         """Held-out relative error of weight-only layer ``name`` against the rank of its 16-bit branch
         under ``method`` (a PCA method), at ``dirotq.allocate.candidate_ranks`` and the small ranks
         ``BRANCH_SMALL_RANKS``; memory and disk cache."""
         if not self.has_branches(method):
             raise ValueError(f"{method} gives weight-only layers no 16-bit branch")
-        key = f"branch|{method}|{name}|{_hash(self.base)}|{_hash(BRANCH_SMALL_RANKS)}"
+        key = self._branch_key(name, method)
         with self.compute_lock:
             if key in self._curves_disk:
                 return {int(r): e for r, e in self._curves_disk[key].items()}
         cfg = self.config(method)
         curve = layer_error_curves(self.transformer, self.require_stats(),
                                    lambda r: replace(cfg, rank=RankPlan({DEFAULT_KEY: r})),
-                                   targets={name: self.layer_spec(name)}, ranks=candidate_ranks, weight_only=True,
-                                   linear=self.linear)[name]
+                                   targets={name: self.layer_spec(name)}, weight_only=True, linear=self.linear)[name]
         with self.compute_lock:
             self._curves_disk[key] = {str(r): e for r, e in curve.items()}
         return curve
@@ -537,9 +539,12 @@ class ExplorerSession:
             cur = self.curves(n)
             layer[n] = dict(zip(cur["ranks"], cur["curves"][method]["rel_mse"]))
         if self.has_branches(method):
+            with self.compute_lock:
+                new = any(self._branch_key(n, method) not in self._curves_disk for n in self.weight_only_targets())
             for n in self.weight_only_targets():
                 layer[n] = self.branch_curve(n, method)
-            self._save_curves()
+            if new:  # on disk once; every budget redraw after a plan edit comes here
+                self._save_curves()
         return sensitivity_curves(layer, sens)
 
     def budget_curves(self, method: str, ranks: Mapping[str, int] | None = None,

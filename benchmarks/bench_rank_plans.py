@@ -145,17 +145,22 @@ def main(argv=None) -> int:
                                           make_config(method, rank=budget), plans.fixed_plan(targets, budget), p["cost"])
         return p["fixed"][budget]
 
+    def output_plan(method: str, budget: int, policy: str) -> tuple[dict, dict]:
+        """(output curves, plan) of an output-error ``policy`` row: the tool's allocation, in which under
+        the PCA methods the weight-only layers' branches compete for the same budget, unless the row is
+        the W4A4-only reference; "…, tied…" gives each shared-input group one rank."""
+        p = prepare(method)
+        curves = p["out"] if policy.endswith(W4A4_ONLY) else p.get("out_weight_only", p["out"])
+        tie = shared_input_units(ev.targets) if policy.startswith("output error, tied") else None
+        return curves, allocate_like_uniform(curves, ev.targets, p["cfg0"], budget, tie=tie)
+
     def policy_row(method: str, budget: int, policy: str) -> None:
         p = prepare(method)
         fixed, cost = fixed_row(method, budget), p["cost"]
         limit = plans.plan_params16(plans.fixed_plan(targets, budget), cost)
         predicted = None
         if policy.startswith("output error"):
-            # the tool's allocation: under the PCA methods the weight-only layers' branches compete for the
-            # same budget, unless the row is the W4A4-only reference
-            curves = p["out"] if policy.endswith(W4A4_ONLY) else p.get("out_weight_only", p["out"])
-            tie = shared_input_units(ev.targets) if policy.startswith("output error, tied") else None
-            plan = allocate_like_uniform(curves, ev.targets, p["cfg0"], budget, tie=tie)
+            curves, plan = output_plan(method, budget, policy)
             predicted = predicted_gain_db(curves, {**plans.fixed_plan(targets, budget),
                                                    **{n: 0 for n in curves if n not in targets}}, plan)
         elif policy == "16-bit budget":
@@ -205,9 +210,7 @@ def main(argv=None) -> int:
                 evaluate(f"{method}-{what}32", method, 32, f"fixed, {what}", make_config(method, rank=32, **overrides),
                          plans.fixed_plan(targets, 32), cost, fixed)
             if method == "dirotq-lr":  # what a GPU deployment would run: the default plan in the kernel format
-                p = prepare(method)
-                plan = allocate_like_uniform(p.get("out_weight_only", p["out"]), ev.targets, p["cfg0"], 32,
-                                             tie=shared_input_units(ev.targets))
+                _, plan = output_plan(method, 32, "output error, tied")
                 for what, overrides in (("format C", dict(scale_format="int_ratio")),
                                         ("format C, asymmetric activations",
                                          dict(scale_format="int_ratio", act_symmetric=False))):
