@@ -32,7 +32,7 @@ from dirotq.generate import check_sampling, generate_pair, truncation_warning, u
 from dirotq.models import get_adapter, target_report
 from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
 from dirotq.quantize import layer_error, quantize_, quantize_layer
-from dirotq.allocate import (BRANCH_SMALL_RANKS, layer_error_curves, layer_params16, layer_sensitivity,
+from dirotq.allocate import (RANK_GRID, layer_error_curves, layer_params16, layer_sensitivity,
                              record_transformer_calls, sensitivity_curves)
 from dirotq.methods import BRANCH_METHODS
 from dirotq.registry import get_method, method_names
@@ -41,7 +41,7 @@ from . import plans
 from .costs import plan_cost
 from .plans import DEFAULT_POLICY, POLICIES
 from .stats import (difference_image, energy_at, error_curves, image_report, interp_curve,
-                    method_config, outlier_views, spectrum)
+                    method_config, outlier_views, rank_grid, spectrum)
 
 Progress = Callable[[float, str], Any]
 W4A4_ONLY = "output error, tied, W4A4 layers only"  # the budget plot's reference: no weight-only branches
@@ -265,7 +265,7 @@ class ExplorerSession:
         return memo[key]
 
     def _curve_key(self, name: str) -> str:
-        return f"{name}|{_hash(self.base)}"
+        return f"{name}|{_hash(self.base)}|{_hash(rank_grid(self.layer_spec(name).in_features))}"
 
     def curves(self, name: str, progress: Progress | None = None) -> dict:
         """Error vs rank of layer ``name`` (computed once; memory + disk cache). A layer being swept
@@ -464,7 +464,9 @@ class ExplorerSession:
         return {**{n: 0 for n in self.plan_targets()}, **plan}
 
     def _sensitivity_key(self, method: str, weight_only: bool = False) -> str:
-        return f"sensitivity{'-weight-only' if weight_only else ''}|{method}|{_hash(self.base)}"
+        # "sampler": measured on what the sampler steps with (``SamplerView``); older caches measured
+        # the raw transformer output and are not reused
+        return f"sensitivity{'-weight-only' if weight_only else ''}|{method}|{_hash(self.base)}|sampler"
 
     def _measure_sensitivity(self, method: str, targets: Mapping[str, Any], weight_only: bool,
                              progress: Progress | None) -> dict:
@@ -506,45 +508,48 @@ class ExplorerSession:
         with self.compute_lock:
             return all(k in self._curves_disk for k in keys)
 
-    def _branch_key(self, name: str, method: str) -> str:
-        return f"branch|{method}|{name}|{_hash(self.base)}|{_hash(BRANCH_SMALL_RANKS)}"
+    def _allocation_key(self, name: str, method: str) -> str:
+        return f"allocation|{method}|{name}|{_hash(self.base)}|{_hash(RANK_GRID)}"
 
-    def branch_curve(self, name: str, method: str) -> dict[int, float]:
-        """Held-out relative error of weight-only layer ``name`` against the rank of its 16-bit branch
-        under ``method`` (a PCA method), at ``dirotq.allocate.candidate_ranks`` and the small ranks
-        ``BRANCH_SMALL_RANKS``; memory and disk cache."""
-        if not self.has_branches(method):
+    def allocation_curve(self, name: str, method: str) -> dict[int, float]:
+        """Held-out relative error of layer ``name`` under ranked ``method`` at the ranks an allocation
+        may choose (``dirotq.allocate.candidate_ranks``: the grid ``quantize --allocate`` uses, finer
+        than the plotted curves at small ranks); for a weight-only layer (PCA methods only) the rank
+        is its 16-bit branch. Memory and disk cache."""
+        spec = self.layer_spec(name)
+        weight_only = spec.kind != "w4a4"
+        if weight_only and not self.has_branches(method):
             raise ValueError(f"{method} gives weight-only layers no 16-bit branch")
-        key = self._branch_key(name, method)
+        key = self._allocation_key(name, method)
         with self.compute_lock:
             if key in self._curves_disk:
                 return {int(r): e for r, e in self._curves_disk[key].items()}
         cfg = self.config(method)
         curve = layer_error_curves(self.transformer, self.require_stats(),
                                    lambda r: replace(cfg, rank=RankPlan({DEFAULT_KEY: r})),
-                                   targets={name: self.layer_spec(name)}, weight_only=True, linear=self.linear)[name]
+                                   targets={name: spec}, weight_only=weight_only, linear=self.linear)[name]
         with self.compute_lock:
             self._curves_disk[key] = {str(r): e for r, e in curve.items()}
         return curve
 
     def output_curves(self, method: str, progress: Progress | None = None) -> dict[str, dict[int, float]]:
-        """``{layer: {rank: predicted model-output error}}`` of a ranked ``method``: each layer's
-        held-out error curve times its sensitivity (``dirotq.allocate.sensitivity_curves``); the
-        weight-only layers' branch curves too under the PCA methods."""
+        """``{layer: {rank: predicted model-output error}}`` of a ranked ``method``: each allocated
+        layer's held-out error curve (``allocation_curve``) times its sensitivity
+        (``dirotq.allocate.sensitivity_curves``); the weight-only layers' branch curves too under the
+        PCA methods."""
         if not get_method(method).ranked:
             raise ValueError(f"{method} has no 16-bit rank to allocate")
         sens = self.sensitivity(method, progress)
+        names = list(self.allocated_targets(method))
+        with self.compute_lock:
+            new = [n for n in names if self._allocation_key(n, method) not in self._curves_disk]
         layer = {}
-        for n in self.w4a4_targets():
-            cur = self.curves(n)
-            layer[n] = dict(zip(cur["ranks"], cur["curves"][method]["rel_mse"]))
-        if self.has_branches(method):
-            with self.compute_lock:
-                new = any(self._branch_key(n, method) not in self._curves_disk for n in self.weight_only_targets())
-            for n in self.weight_only_targets():
-                layer[n] = self.branch_curve(n, method)
-            if new:  # on disk once; every budget redraw after a plan edit comes here
-                self._save_curves()
+        for i, n in enumerate(names):
+            layer[n] = self.allocation_curve(n, method)
+            if progress is not None and n in new:
+                progress((i + 1) / len(names), f"error vs rank: {n}")
+        if new:  # on disk once; every budget redraw after a plan edit comes here
+            self._save_curves()
         return sensitivity_curves(layer, sens)
 
     def budget_curves(self, method: str, ranks: Mapping[str, int] | None = None,

@@ -300,15 +300,16 @@ def cost_axis(method: str, ranks: Iterable[int], d: int, o: int, axis: str = "ra
 
 # ------------------------------------------------------------------------------ layer error
 def rank_grid(d: int) -> list[int]:
-    """Ranks 0..d for an error-vs-rank curve: 0, powers of two from 8 (dense at small r, where the
-    curve bends), the paper's d/8 rank, d/4, d/2, 3d/4 (multiples of 8) and d itself (exactly the
-    16-bit layer for DiRotQ). 7–16 points: each costs one quantization per method."""
+    """Ranks 0..d for an error-vs-rank curve: 0, powers of two from 1 (dense at small r, where the
+    curve bends most: one direction can remove half of a layer's error, and rank plans use ranks 1,
+    2 and 4), the paper's d/8 rank, d/4, d/2, 3d/4 (multiples of 8) and d itself (exactly the
+    16-bit layer for DiRotQ). 10–19 points: each costs one quantization per method."""
     cand = {0, d}
     if d >= 8:
         cand.add(paper_rank(d))
         for f in (0.25, 0.5, 0.75):
             cand.add(int(round(f * d / 8)) * 8)
-    r = 8 if d > 16 else 1
+    r = 1
     while r < d:
         cand.add(r)
         r *= 2

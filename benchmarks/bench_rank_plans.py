@@ -42,7 +42,7 @@ import torch
 from analysis import plans
 from analysis.stats import spectrum
 from benchmarks._bench_common import add_image_study_args
-from dirotq.allocate import (allocate_like_uniform, layer_error_curves, layer_params16, layer_sensitivity,
+from dirotq.allocate import (view_note, allocate_like_uniform, layer_error_curves, layer_params16, layer_sensitivity,
                              record_transformer_calls, sensitivity_curves, shared_input_units)
 from dirotq.methods import BRANCH_METHODS
 from dirotq.eval.metrics import paired_bootstrap_diff
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/rank_plans_tiny_pixart")
     ap.add_argument("--no-extras", action="store_true", help="skip the format / asymmetric rows")
     ap.add_argument("--html", action="store_true", help="also draw OUT.html")
+    ap.add_argument("--tied-only", action="store_true",
+                    help="of the output-error allocations, only the default (tied): e.g. to confirm it on other seeds")
     ap.add_argument("--w4a4-only-rows", action="store_true",
                     help="also the output-error allocations (tied and per layer) of dirotq / dirotq-lr over the W4A4 "
                          "layers alone, without the weight-only layers' 16-bit branches")
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     result = {"meta": {"model": ev.model_name, "n_images": len(ev.items), "eval_seed_base": a.seed,
                        "num_inference_steps": a.steps, "calibration_prompts": a.calib_limit,
                        "sensitivity_prompts": len(sens_prompts), "sensitivity_steps": "0, 2, 4, 6, 8 of 10",
+                       "sensitivity_on": view_note(calls.view),
                        "budgets": budgets, "methods": methods, "weights": "rtn",
                        "device": device_description(), "versions": versions(),
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -186,13 +189,13 @@ def main(argv=None) -> int:
     for method in methods:  # the default: one rank per shared-input group, so every group can run fused
         for budget in budgets:
             policy_row(method, budget, "output error, tied")
-    for method in methods:
+    for method in methods if not a.tied_only else ():
         for budget in budgets:
             policy_row(method, budget, "output error")
     if a.w4a4_only_rows:
         for method in [m for m in methods if m in BRANCH_METHODS and weight_only]:
             for budget in budgets:
-                for policy in ("output error, tied", "output error"):
+                for policy in ("output error, tied",) + (() if a.tied_only else ("output error",)):
                     policy_row(method, budget, f"{policy}, {W4A4_ONLY}")
     if not a.no_extras and 32 in budgets:
         for method in [m for m in methods if m in ("dirotq-lr", "dirotq")]:
@@ -252,10 +255,11 @@ def markdown(result: dict) -> str:
              f"prompt and seed, mean [95 % bootstrap CI]; Δ = paired difference against the fixed plan of the same "
              f"method and budget. Each plan spends at most the extra 16-bit parameters of a uniform rank R (the "
              f"method's own cost). Statistics: {meta['calibration_prompts']} calibration prompts; layer "
-             f"sensitivities: {meta['sensitivity_prompts']} other calibration prompts, steps {meta['sensitivity_steps']}.",
+             f"sensitivities: {meta['sensitivity_prompts']} other calibration prompts, steps {meta['sensitivity_steps']}, "
+             f"error of {meta.get('sensitivity_on', 'the transformer output')}.",
              f"Device: {meta['device']}. Date: {meta['date']}. Command: `{meta['command']}`.", "",
              "Predicted: the allocator's own estimate of its gain, the sensitivity-weighted sum of layer errors "
-             "(the transformer output's error) under the fixed plan over that under its plan, in dB.", "",
+             "(the error where the sensitivities were measured) under the fixed plan over that under its plan, in dB.", "",
              "| method | R | policy | extra 16-bit params | PSNR (dB) | Δ vs fixed (dB) | predicted (dB) |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -7,9 +7,11 @@ make images worse than a fixed rank. This module measures each layer's effect on
 directly and spends a 16-bit budget where the output gains most:
 
 1. ``record_transformer_calls``: the transformer's inputs while the 16-bit pipeline denoises a few
-   calibration prompts (kept in memory: a few MB for the embedded model);
-2. ``layer_sensitivity``: for every W4A4 target, the transformer output's relative error when only
-   that layer is quantized (rank 0; the other layers 16-bit), divided by that layer's own relative
+   calibration prompts (kept in memory: a few MB for the embedded model), and how the pipeline
+   turns a transformer output into what its sampler steps with (``SamplerView``: PixArt drops the
+   learned-variance channels and mixes the two halves of the guidance batch);
+2. ``layer_sensitivity``: for every W4A4 target, the relative error of what the sampler steps with
+   when only that layer is quantized (rank 0; the other layers 16-bit), divided by that layer's own relative
    output error on its held-out tokens: how much of a layer's error reaches the model output. One
    quantized forward pass per layer; ``output_error_curves`` measures the output error at every
    rank instead (a forward pass per layer and rank: for checks and small models);
@@ -43,43 +45,146 @@ Call = tuple[tuple, dict]
 
 
 # ------------------------------------------------------------------------------------ inputs
+@dataclasses.dataclass(frozen=True)
+class SamplerView:
+    """What the sampler steps with, as a function of the transformer's output: the part of the
+    output a layer's error can reach the image through.
+
+    call_batch: samples per recorded call (classifier-free guidance: 2 × prompts); keep: the
+    leading channels (dim 1) the pipeline passes on (PixArt: the first half; the rest is a learned
+    variance it discards), None = all; guidance: g of ``uncond + g·(cond − uncond)`` over the two
+    halves of each call's batch, None = no guidance batch.
+    """
+
+    call_batch: int
+    keep: int | None = None
+    guidance: float | None = None
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        """out: (n·call_batch, C, …), n recorded calls merged -> (n·call_batch [/2], keep, …)."""
+        if self.keep is not None:
+            out = out[:, :self.keep]
+        if self.guidance is None:
+            return out
+        parts = []
+        for chunk in out.split(self.call_batch, dim=0):
+            uncond, cond = chunk.chunk(2, dim=0)
+            parts.append(uncond + self.guidance * (cond - uncond))
+        return torch.cat(parts, dim=0)
+
+
+class Recording(list):
+    """The recorded transformer calls (a list of ``(args, kwargs)``) and their ``view``: the
+    ``SamplerView`` fitted to what the pipeline passed its sampler, or None where no simple view
+    reproduces it (then the raw transformer output is used)."""
+
+    view: SamplerView | None = None
+
+
+def fit_sampler_view(outputs: Sequence[torch.Tensor], sampled: Sequence[torch.Tensor],
+                     tol: float = 1e-3) -> SamplerView | None:
+    """The ``SamplerView`` that maps each transformer output to what the sampler stepped with, fitted
+    on recorded pairs, or None if none does (to relative error ``tol``).
+
+    outputs: per call, the transformer output (B, C, …); sampled: per call, the scheduler's
+    model_output (B or B/2, C or fewer, …). Guidance g is the least-squares fit of
+    ``sampled − uncond = g·(cond − uncond)`` over all calls (uncond the first half, as diffusers
+    orders the guidance batch), so no pipeline argument needs to be known.
+    """
+    if not outputs or len(outputs) != len(sampled):
+        return None
+    y0, m0 = outputs[0], sampled[0]
+    b = y0.shape[0]
+    if any(y.shape != y0.shape for y in outputs) or any(m.shape != m0.shape for m in sampled):
+        return None
+    if y0.dim() != m0.dim() or y0.shape[2:] != m0.shape[2:] or m0.shape[0] not in (b, b // 2):
+        return None
+    keep = m0.shape[1] if m0.shape[1] != y0.shape[1] else None
+    if keep is not None and keep > y0.shape[1]:
+        return None
+    kept = [(y[:, :keep] if keep is not None else y).double() for y in outputs]
+    target = [m.double() for m in sampled]
+    guidance = None
+    if m0.shape[0] != b:
+        if b % 2:
+            return None
+        num = den = 0.0
+        for y, m in zip(kept, target):
+            u, c = y.chunk(2, dim=0)
+            num += float(((m - u) * (c - u)).sum())
+            den += float((c - u).pow(2).sum())
+        if den == 0:
+            return None
+        guidance = num / den
+    view = SamplerView(call_batch=b, keep=keep, guidance=guidance)
+    err = sum(float((view(y.double()) - m).pow(2).sum()) for y, m in zip(outputs, target))
+    ref = sum(float(m.pow(2).sum()) for m in target)
+    return view if ref > 0 and err <= tol ** 2 * ref else None
+
+
 def record_transformer_calls(pipe: Any, prompts: Sequence[str], *, num_inference_steps: int = 10,
                              steps: Iterable[int] | None = None, seed: int = 0,
-                             pipe_kwargs: Mapping[str, Any] | None = None) -> list[Call]:
+                             pipe_kwargs: Mapping[str, Any] | None = None) -> Recording:
     """(args, kwargs) of every transformer forward while ``pipe`` denoises ``prompts`` (one batch,
     prompt j with generator seed ``seed + j``), at denoising steps ``steps`` (default: all), with
-    tensors detached and cloned. Classifier-free guidance doubles the batch inside each call."""
+    tensors detached and cloned. Classifier-free guidance doubles the batch inside each call.
+    The result's ``view`` (``fit_sampler_view``) says what of each output the sampler used."""
     from .pipelines import call_kwargs
 
     if not prompts:
         raise ValueError("record_transformer_calls needs at least one prompt")
     keep = set(range(num_inference_steps)) if steps is None else {int(s) for s in steps}
-    calls: list[Call] = []
+    calls = Recording()
+    outputs: list[torch.Tensor] = []
+    sampled: list[torch.Tensor] = []
     state = {"step": 0}
 
     def grab(module, args, kwargs):
         if state["step"] in keep:
             calls.append((_detached(args), _detached(kwargs)))
 
+    def grab_output(module, args, kwargs, out):
+        if state["step"] in keep:
+            outputs.append(_first(out).detach().float().cpu())
+
     sched = pipe.scheduler
     orig_step = sched.step
 
     def counting_step(*a, **kw):
+        if state["step"] in keep:
+            sampled.append(_first(a[0] if a else kw["model_output"]).detach().float().cpu())
         out = orig_step(*a, **kw)
         state["step"] += 1
         return out
 
-    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    sched.step = counting_step  # an instance attribute shadows the method; deleted below
+    handles = [pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True),
+               pipe.transformer.register_forward_hook(grab_output, with_kwargs=True)]
+    own_step = sched.__dict__.get("step")  # a wrapper someone set on the instance: put back below
+    sched.step = counting_step  # an instance attribute shadows the method
     try:
         gens = [torch.Generator(device="cpu").manual_seed(seed + j) for j in range(len(prompts))]
         with torch.no_grad():
             pipe(prompt=list(prompts), num_inference_steps=num_inference_steps, generator=gens,
                  output_type="latent", **call_kwargs(pipe, pipe_kwargs))
     finally:
-        handle.remove()
-        del sched.step
+        for h in handles:
+            h.remove()
+        if own_step is None:
+            del sched.step
+        else:
+            sched.step = own_step
+    # one transformer call per sampler step is the case a view can describe (not e.g. Heun's two)
+    calls.view = fit_sampler_view(outputs, sampled) if len(outputs) == len(sampled) else None
     return calls
+
+
+def _first(out: Any) -> torch.Tensor:
+    """The tensor of a module output or a ``return_dict`` output (its first field)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out[0] if hasattr(out, "__getitem__") else out.sample
 
 
 def _detached(obj: Any) -> Any:
@@ -151,12 +256,14 @@ def _cat(objs: Sequence[Any]) -> Any:
     return first
 
 
-def _output(transformer: nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
+def _output(transformer: nn.Module, calls: Sequence[Call], view: SamplerView | None = None) -> list[torch.Tensor]:
+    """The transformer's outputs on ``calls`` (float64), seen through ``view`` if given."""
     outs = []
     with torch.no_grad():
         for args, kwargs in calls:
             out = transformer(*args, **{**kwargs, "return_dict": False})
-            outs.append((out[0] if isinstance(out, (tuple, list)) else out).double())
+            out = (out[0] if isinstance(out, (tuple, list)) else out).double()
+            outs.append(view(out) if view is not None else out)
     return outs
 
 
@@ -168,27 +275,16 @@ def output_error(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tens
 
 
 # ------------------------------------------------------------------------------------ curves
-# A weight-only layer's input (PixArt's ff.net.2 reads the GELU output) has a few dominant
-# directions: a branch of rank 1 removes 17-71 % of the layer's error on the embedded model, at an
-# eighth of rank 8's cost, so its candidates start at 1
-BRANCH_SMALL_RANKS = (1, 2, 4)
+# Error-vs-rank curves bend hardest below rank 8: on the embedded model one direction removes half
+# of cross-attention q's error (its input, the normalized image tokens, has a dominant direction) and
+# a rank-1 branch 17-71 % of the weight-only ff.net.2's, at an eighth of rank 8's cost; then steps of
+# 8 up to 32, then coarser
+RANK_GRID = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def candidate_ranks(d: int) -> list[int]:
-    """Ranks an allocation may choose for a layer of input width ``d``: fine steps where curves
-    bend (multiples of 8 up to 32), then coarser; capped at d."""
-    grid = [0, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-    return [r for r in grid if r <= d]
-
-
-def _ranks_of(spec: Any, ranks: Callable[[int], Sequence[int]]) -> list[int]:
-    """The candidate ranks of target ``spec``: ``ranks(d)``, and for a weight-only target's branch
-    also ``BRANCH_SMALL_RANKS``."""
-    d = spec.in_features
-    out = set(ranks(d))
-    if getattr(spec, "kind", "w4a4") in WEIGHT_ONLY_KINDS:
-        out |= {r for r in BRANCH_SMALL_RANKS if r <= d}
-    return sorted(out)
+    """Ranks an allocation may choose for a layer of input width ``d``: ``RANK_GRID`` capped at d."""
+    return [r for r in RANK_GRID if r <= d]
 
 
 def output_error_curves(transformer: nn.Module, calls: Sequence[Call], stats: Any,
@@ -200,9 +296,11 @@ def output_error_curves(transformer: nn.Module, calls: Sequence[Call], stats: An
     transformer: the float model (left unchanged); calls: ``record_transformer_calls``; stats:
     calibration statistics (``for_layer``); config_for_rank(r): the method's config at rank r;
     targets: name -> TargetSpec (W4A4 targets only are measured); ranks(d): the candidate ranks.
+    The error is that of what the sampler steps with where the recording has a ``view``.
     """
+    view = getattr(calls, "view", None)
     calls = merge_calls(calls)
-    reference = _output(transformer, calls)
+    reference = _output(transformer, calls, view)
     names = [n for n, s in targets.items() if getattr(s, "kind", "w4a4") == "w4a4"]
     jobs = sum(len(ranks(targets[n].in_features)) for n in names)
     done = 0
@@ -218,7 +316,7 @@ def output_error_curves(transformer: nn.Module, calls: Sequence[Call], stats: An
             q.to(device=linear.weight.device)
             setattr(parent, attr, q)
             try:
-                curve[r] = output_error(reference, _output(transformer, calls))
+                curve[r] = output_error(reference, _output(transformer, calls, view))
             finally:
                 setattr(parent, attr, linear)
             done += 1
@@ -239,16 +337,23 @@ def layer_sensitivity(transformer: nn.Module, calls: Sequence[Call], stats: Any,
                       progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """How much of each W4A4 target's error reaches the model output.
 
-    For every target: ``output`` = the transformer output's relative error on ``calls`` with only
+    For every target: ``output`` = the relative error on ``calls`` of what the sampler steps with
+    (the recording's ``view``; the raw transformer output for a plain list of calls) with only
     that layer quantized by ``config`` at ``rank``; ``layer`` = the layer's own relative output error
     on its held-out tokens (``stats.for_layer(name).sample``); ``gain`` = output / layer. The model
     is left unchanged. weight_only: also the weight-only targets (quantized as they run at rank 0:
     weight-only). Returns ``{layer: {"output", "layer", "gain"}}``.
+
+    Why the view: PixArt's transformer also returns a learned variance that the pipeline discards,
+    and guidance amplifies the conditional-minus-unconditional difference 4.5×; an error that only
+    reaches the discarded half must not buy rank, and one in the difference counts 4.5× (the image
+    study in docs/EVALUATION.md measures what this changes).
     """
     from .quantize import layer_error
 
+    view = getattr(calls, "view", None)
     calls = merge_calls(calls)
-    reference = _output(transformer, calls)
+    reference = _output(transformer, calls, view)
     names = _measured(targets, weight_only)
     out: dict[str, dict[str, float]] = {}
     for i, name in enumerate(names):
@@ -262,7 +367,7 @@ def layer_sensitivity(transformer: nn.Module, calls: Sequence[Call], stats: Any,
         own = layer_error(linear, q, st.sample)["rel_mse"]
         setattr(parent, attr, q)
         try:
-            seen = output_error(reference, _output(transformer, calls))
+            seen = output_error(reference, _output(transformer, calls, view))
         finally:
             setattr(parent, attr, linear)
         out[name] = {"output": seen, "layer": own, "gain": seen / own if own > 0 else 0.0}
@@ -377,7 +482,7 @@ def layer_error_curves(transformer: nn.Module, stats: Any, config_for_rank: Call
         x = st.sample.to(dtype=linear_.weight.dtype)
         y = reference_output(linear_, x)
         curves[name] = {r: layer_error(linear_, quantize_layer(linear_, st, config_for_rank(r), rank=r, spec=spec), x,
-                                       y)["rel_mse"] for r in _ranks_of(spec, ranks)}
+                                       y)["rel_mse"] for r in ranks(spec.in_features)}
         if progress is not None:
             progress((i + 1) / len(names), f"layer error vs rank: {name}")
     return curves
@@ -445,8 +550,19 @@ def output_error_plan(pipe: Any, stats: Any, config: QuantConfig, rank: int, pro
               "gain": {n: v["gain"] for n, v in sens.items()}, "sensitivity_prompts": len(prompts),
               "processes": dist.world_size if dist.distributed else 1, "tied_shared_inputs": tie_shared_inputs,
               "weight_only_ranks": weight_only_ranks,
+              "sensitivity_on": view_note(calls.view),
               "weight_only_branches": sorted(n for n, r in ranks.items() if r and targets[n].kind != "w4a4")}
     return as_plan(ranks), report
+
+
+def view_note(view: SamplerView | None) -> str:
+    """One line for reports: where the sensitivities were measured."""
+    if view is None:
+        return "the transformer output (no sampler view fitted)"
+    parts = [f"first {view.keep} channels" if view.keep is not None else "all channels"]
+    if view.guidance is not None:
+        parts.append(f"guidance {view.guidance:.3g}")
+    return f"what the sampler steps with ({', '.join(parts)})"
 
 
 def as_plan(ranks: Mapping[str, int]) -> RankPlan:
@@ -454,8 +570,7 @@ def as_plan(ranks: Mapping[str, int]) -> RankPlan:
     return RankPlan({DEFAULT_KEY: 0, **{n: int(r) for n, r in ranks.items()}})
 
 
-__all__ = ["record_transformer_calls", "merge_calls", "output_error", "candidate_ranks", "BRANCH_SMALL_RANKS", "output_error_curves",
+__all__ = ["record_transformer_calls", "Recording", "SamplerView", "fit_sampler_view", "view_note", "merge_calls",
+           "output_error", "candidate_ranks", "RANK_GRID", "output_error_curves",
            "layer_sensitivity", "sensitivity_curves", "layer_params16", "uniform_budget", "allocate",
-           "allocate_like_uniform", "as_plan",
-           "shared_input_units",
-           "layer_error_curves", "output_error_plan"]
+           "allocate_like_uniform", "as_plan", "shared_input_units", "layer_error_curves", "output_error_plan"]

@@ -66,6 +66,59 @@ def test_recorded_calls_reproduce_the_transformer_outputs(tiny_pipe):
     assert output_error([again.double()], [again.double()]) == 0.0
 
 
+def test_the_recording_knows_what_the_sampler_steps_with(tiny_pipe):
+    """The tiny PixArt returns a learned variance beside the noise and runs guidance in one batch:
+    the fitted view keeps the noise channels and mixes the halves with the pipeline's guidance, and
+    through it the recorded outputs give exactly what the scheduler received."""
+    from dirotq.allocate import SamplerView
+
+    pipe, _ = tiny_pipe
+    seen = []
+    orig = pipe.scheduler.step
+
+    def spy(*a, **kw):
+        seen.append(a[0].detach().double().clone())
+        return orig(*a, **kw)
+
+    pipe.scheduler.step = spy
+    try:
+        calls = record_transformer_calls(pipe, ["a red circle", "a green star"], num_inference_steps=3,
+                                         pipe_kwargs={"guidance_scale": 3.0})
+    finally:
+        del pipe.scheduler.step
+    latent = pipe.transformer.config.in_channels
+    assert pipe.transformer.config.out_channels == 2 * latent  # the premise: a learned variance
+    view = calls.view
+    assert view.call_batch == 4 and view.keep == latent and view.guidance == pytest.approx(3.0, rel=1e-6)
+    with torch.no_grad():
+        for (args, kwargs), sampled in zip(calls, seen):
+            out = pipe.transformer(*args, **{**kwargs, "return_dict": False})[0].double()
+            assert torch.allclose(view(out), sampled, rtol=1e-5, atol=1e-6)
+    # merged calls: the view mixes each recorded call's own halves
+    two = torch.cat([torch.full((4, 2 * latent, 2, 2), float(i)) for i in range(2)])
+    two[1::4] += 1.0  # the second sample of each call's unconditional half
+    mixed = view(two)
+    assert mixed.shape == (4, latent, 2, 2) and torch.equal(mixed[:2], torch.tensor([0.0, 1 - 3.0]).view(2, 1, 1, 1)
+                                                            .expand(2, latent, 2, 2))
+    assert SamplerView(call_batch=4)(two) is two
+
+
+def test_a_sampler_view_is_fitted_only_where_it_reproduces_the_sampler_input():
+    from dirotq.allocate import fit_sampler_view
+
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(4, 6, 3, 3, generator=g) for _ in range(3)]
+    same = fit_sampler_view(outs, [o.clone() for o in outs])  # FLUX-like: the output is what is stepped with
+    assert same is not None and same.keep is None and same.guidance is None
+    # PixArt-like: half the channels, then uncond + g·(cond − uncond) with the unconditional half first
+    guided = [o[:2, :3] + 7.5 * (o[2:, :3] - o[:2, :3]) for o in outs]
+    fitted = fit_sampler_view(outs, guided)
+    assert fitted.keep == 3 and fitted.guidance == pytest.approx(7.5)
+    assert fit_sampler_view(outs, [torch.tanh(x) for x in guided]) is None  # not a guidance mix
+    assert fit_sampler_view(outs, [o[:, :, :2] for o in outs]) is None  # a spatial crop is no view
+    assert fit_sampler_view(outs, outs[:2]) is None and fit_sampler_view([], []) is None
+
+
 def test_output_error_curves_fall_with_rank_and_leave_the_model_unchanged(tiny_pipe):
     pipe, stats = tiny_pipe
     model = pipe.transformer
@@ -73,12 +126,16 @@ def test_output_error_curves_fall_with_rank_and_leave_the_model_unchanged(tiny_p
     targets = {n: s for n, s in get_adapter(model).targets(model).items() if s.kind == "w4a4"}
     some = dict(list(targets.items())[:3])
     calls = record_transformer_calls(pipe, ["a red circle"], num_inference_steps=3)
-    curves = output_error_curves(model, calls, stats, lambda r: make_config("dirotq", rank=r), targets=some)
-    assert set(curves) == set(some)
-    for name, curve in curves.items():
-        d = some[name].in_features
-        assert set(curve) == set(candidate_ranks(d)) and curve[0] > 0
-        assert curve[d] < 1e-6 * curve[0]  # rank d: that layer is exactly its 16-bit self
+    # on the raw transformer output (a plain list of calls) and on what the sampler steps with
+    for recorded, exact in ((list(calls), 1e-6), (calls, 1e-4)):
+        curves = output_error_curves(model, recorded, stats, lambda r: make_config("dirotq", rank=r), targets=some)
+        assert set(curves) == set(some)
+        for name, curve in curves.items():
+            d = some[name].in_features
+            assert set(curve) == set(candidate_ranks(d)) and curve[0] > 0
+            # rank d: that layer is exactly its 16-bit self, up to float32 rounding (which guidance
+            # amplifies 4.5× in the sampler's view)
+            assert curve[d] < exact * curve[0]
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
@@ -109,6 +166,8 @@ def test_output_error_plan_spends_the_uniform_budget_on_the_sensitive_layers(tin
     resolved = plan.resolve(get_adapter(pipe.transformer).targets(pipe.transformer))
     assert {n: resolved[n] for n in targets} == report["ranks"]
     assert 0 < report["spent_params16"] <= report["budget_params16"]
+    # measured where the image is made: the noise channels, guidance applied (the pipeline's 4.5)
+    assert report["sensitivity_on"] == "what the sampler steps with (first 4 channels, guidance 4.5)"
     # the layers that move the output most per parameter hold more rank than the least sensitive ones
     gain = report["gain"]
     top = max(targets, key=lambda n: gain[n] / (targets[n].in_features + targets[n].out_features))
@@ -189,18 +248,22 @@ def test_output_error_plan_with_weight_only_ranks(tiny_pipe):
                           weight_only_ranks=True)
 
 
-def test_a_weight_only_branch_is_offered_small_ranks_where_its_curve_bends_most(tiny_pipe):
-    """A weight-only layer's branch curve starts at rank 1 (its input's first directions carry the
-    most: a rank-1 branch is an eighth of rank 8's cost); W4A4 layers keep the coarse grid."""
-    from dirotq.allocate import BRANCH_SMALL_RANKS, layer_error_curves
+def test_every_layer_is_offered_ranks_1_2_4_where_its_curve_bends_most(tiny_pipe):
+    """The allocation grid starts at rank 1 for W4A4 layers and weight-only branches alike (one
+    direction is an eighth of rank 8's cost), and each small rank is a real point of the curve."""
+    from dirotq.allocate import RANK_GRID, layer_error_curves
 
+    assert RANK_GRID[:5] == (0, 1, 2, 4, 8) and candidate_ranks(24) == [0, 1, 2, 4, 8, 16, 24]
     pipe, stats = tiny_pipe
     targets = get_adapter(pipe.transformer).targets(pipe.transformer)
     wo = next(n for n, s in targets.items() if s.kind != "w4a4")
     w4a4 = next(n for n, s in targets.items() if s.kind == "w4a4")
-    curves = layer_error_curves(pipe.transformer, stats, lambda r: make_config("dirotq-lr", rank=r),
-                                targets={n: targets[n] for n in (wo, w4a4)}, weight_only=True)
-    assert sorted(curves[wo]) == sorted({*BRANCH_SMALL_RANKS, *candidate_ranks(targets[wo].in_features)})
-    assert sorted(curves[w4a4]) == candidate_ranks(targets[w4a4].in_features)
-    # each small rank is a real branch: its error differs from the weight-only layer's (rank 0)
-    assert all(0 < curves[wo][r] != curves[wo][0] for r in BRANCH_SMALL_RANKS)
+    for method in ("dirotq-lr", "dirotq"):
+        curves = layer_error_curves(pipe.transformer, stats, lambda r, m=method: make_config(m, rank=r),
+                                    targets={n: targets[n] for n in (wo, w4a4)}, weight_only=True)
+        for n in (wo, w4a4):
+            assert sorted(curves[n]) == candidate_ranks(targets[n].in_features)
+            # each small rank changes the layer's error (a branch / a 16-bit head really runs) and
+            # rank 8 keeps more than rank 1
+            assert all(0 < curves[n][r] != curves[n][0] for r in (1, 2, 4)), (method, n, curves[n])
+            assert curves[n][8] < curves[n][1]

@@ -90,6 +90,7 @@ def test_rank_grid_spans_zero_to_d():
     for d in (16, 64, 256, 1152):
         g = S.rank_grid(d)
         assert g[0] == 0 and g[-1] == d and g == sorted(set(g)) and len(g) <= 24
+        assert {1, 2, 4, 8} <= set(g)  # where curves bend most, and ranks plans use
 
 
 def test_all_layers_figure_bars_are_the_rows():

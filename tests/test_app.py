@@ -18,6 +18,7 @@ import torch
 import app
 from analysis import plans
 from analysis.session import W4A4_ONLY, CalibSettings, ExplorerSession, register_session
+from dirotq.allocate import candidate_ranks
 from tiny_pipelines import build_tiny_pixart_pipeline
 
 MODEL = "tiny-random-app-test"
@@ -362,8 +363,8 @@ def test_a_weight_only_rank_is_a_branch_under_the_pca_methods_and_unused_under_t
     wo = _w4a16(sess)[0]
     ranks = {**sess.default_plan(8), wo: 16}
     # the branch: its held-out error falls with rank, and the quantized model runs it
-    curve = sess.branch_curve(wo, "dirotq-lr")
-    assert curve[16] < curve[0] and curve[0] > 0
+    curve = sess.allocation_curve(wo, "dirotq-lr")
+    assert curve[16] < curve[0] and curve[0] > 0 and sorted(curve) == candidate_ranks(sess.targets[wo].in_features)
     _, report = sess.quantized("dirotq-lr", ranks)
     assert report["layers"][wo]["rank"] == 16
     assert report["layers"][wo]["rel_mse"] < sess.quantized("dirotq-lr", sess.default_plan(8))[1]["layers"][wo]["rel_mse"]
@@ -372,7 +373,7 @@ def test_a_weight_only_rank_is_a_branch_under_the_pca_methods_and_unused_under_t
     d, o = sess.targets[wo].in_features, sess.targets[wo].out_features
     assert cost - base == (d + o) * 16  # DiRotQ-LR's branch: V_r (d × r) and W·V_r (o × r)
     with pytest.raises(ValueError, match="no 16-bit branch"):
-        sess.branch_curve(wo, "svdquant")
+        sess.allocation_curve(wo, "svdquant")
     # SVDQuant has no branch: the plan's weight-only rank is not used, and Generate says so
     assert sess.plan_cost(ranks, "svdquant") == sess.plan_cost(sess.default_plan(8), "svdquant")
     df = app._plan_df(sess, ranks)
@@ -395,6 +396,12 @@ def test_output_error_fill_spends_on_weight_only_branches_only_for_the_pca_metho
     # the fill follows the predicted output error: a branch is given where its curve says it pays most
     out = sess.output_curves("dirotq-lr")
     assert wo <= set(out) and all(out[n][0] >= out[n][max(out[n])] for n in wo)
+    # on the grid `quantize --allocate` uses, so the tab's plan is the one the CLI builds from the
+    # same measurements: the library's allocation over these curves gives exactly this fill
+    assert all(sorted(c) == candidate_ranks(sess.targets[n].in_features) for n, c in out.items())
+    from dirotq.allocate import allocate_like_uniform
+
+    assert lr == allocate_like_uniform(out, sess.targets, sess.config("dirotq-lr"), 32)
     # the reference policies plan the W4A4 layers only
     assert all(sess.fill_plan("energy", 0.9, "dirotq-lr")[n] == 0 for n in wo)
 

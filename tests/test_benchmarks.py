@@ -123,6 +123,13 @@ def test_rank_plan_study_runs_end_to_end_on_a_tiny_pipeline(tmp_path):
             assert not any("ff.net.2" in n for n in ref["plan"]) and "branches_gain" in ref
         assert ("svdquant", budget, "output error, W4A4 layers only") not in rows
     assert "What the weight-only layers' 16-bit branches add" in Path(f"{out}.md").read_text()
+    assert res["meta"]["sensitivity_on"].startswith("what the sampler steps with")
+    # --tied-only: the default allocation against the fixed rank, nothing else (a confirmation run)
+    assert main(["--model", str(tmp_path / "pipe"), "--limit", "2", "--steps", "2", "--calib-limit", "4",
+                 "--budgets", "8", "--methods", "dirotq-lr", "--policy-methods", "none", "--no-extras", "--tied-only",
+                 "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    tied = json.loads(Path(f"{out}.json").read_text())["rows"]
+    assert [r["policy"] for r in tied] == ["fixed", "output error, tied"]
 
 
 def test_kernel_names_fall_into_the_step_parts():
