@@ -727,15 +727,16 @@ is a 16-bit branch beside its 4-bit weight: W·V_r on the input's top-r PCA dire
 parameters (DiRotQ and DiRotQ-LR only; the other methods leave these ranks unused). Fill the plan by a
 policy — *output error, tied* (the default; value = a rank r: the fixed plan's 16-bit budget, r on every
 W4A4 layer, is spent where the *model output* gains most per extra parameter, from each layer's
-measured sensitivity — how much of its error reaches the output — with one rank for the layers that
+measured sensitivity — how much of its error reaches what the sampler steps with, the guided noise
+prediction — on ranks from 1 up, with one rank for the layers that
 read one input, such as q/k/v, so they can run as one fused layer; under DiRotQ and DiRotQ-LR the
 weight-only layers' branches compete for the same budget; the first fill per method runs the model,
-about 20 s on 2 CPU cores for the embedded model), *output error* (the same per layer), *fixed* (value = rank), *energy*
+about 25 s on 2 CPU cores for the embedded model), *output error* (the same per layer), *fixed* (value = rank), *energy*
 (fraction of energy to keep, e.g. 0.9), *error budget* (largest layer relative MSE, e.g. 0.01),
 *16-bit budget* (thousands of extra 16-bit parameters, spent where the *layer* error drops most) —
 then edit any cell. On images (240 of them), the default beats a fixed rank at the same cost by
-+1.2 dB (r = 16) and +1.6 dB (r = 32) for DiRotQ-LR and by +0.4 and +0.7 dB for full DiRotQ; the three
-layer-error policies lose 0.2–1.3 dB: a layer's own error does not say how much it moves the image.
++1.1 dB (r = 16) and +1.8 dB (r = 32) for DiRotQ-LR and by +0.9 and +0.8 dB for full DiRotQ; the three
+layer-error policies lose 0.3–1.8 dB: a layer's own error does not say how much it moves the image.
 The first plot below predicts each policy's output error at every budget; the second (embedded
 model) shows the image PSNR measured for each policy, with this plan's cost as a dashed line. The cost is against plain W4A4:
 DiRotQ's full rotation costs a d×d 16-bit matrix per layer whatever r is (an online d×d GEMM);
@@ -876,7 +877,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                 with gr.Row():
                                     all_btn = gr.Button("Compute for this method and rank plan", elem_id="all-btn")
                                     sens_cb = gr.Checkbox(False, label="with each layer's sensitivity (what reaches the "
-                                                          "model output; measured once per method, ~20 s on 2 CPU cores)",
+                                                          "model output; measured once per method, ~25 s on 2 CPU cores)",
                                                           elem_id="all-sens")
                                 all_plot = gr.Plot(figures.empty_figure("press the button above"), elem_id="plot-all",
                                                    show_label=False)

@@ -593,7 +593,8 @@ def cmd_quantize(args) -> int:
               + (f"; sensitivities measured by {allocation['processes']} processes"
                  if allocation.get("processes", 1) > 1 else "")
               + (f"; {len(allocation['weight_only_branches'])} weight-only layers given a 16-bit branch"
-                 if allocation.get("weight_only_ranks") else ""))
+                 if allocation.get("weight_only_ranks") else "")
+              + f"; error measured on {allocation['sensitivity_on']}")
     s = report["summary"]
     err = f", mean layer rel. MSE {s['mean_rel_mse']:.4g}" if "mean_rel_mse" in s else ""
     kinds = ", ".join(f"{s.get(k, 0)} {k.upper()}" for k in KINDS if k != "w8a16" or s.get(k))

@@ -50,6 +50,7 @@ def test_quantize_writes_a_checkpoint_named_by_the_recipe(env, capsys, monkeypat
     # the default spends rank 16's 16-bit budget by model-output sensitivity, one rank per shared-input
     # group: ranks differ between layers
     assert "ranks by model-output sensitivity (one per shared-input group) at the 16-bit budget of rank 16" in out
+    assert "; error measured on what the sampler steps with (first 4 channels, guidance 4.5)" in out
     ranks = {t["rank"] for t in qc["targets"].values() if t.get("kind", "w4a4") == "w4a4"}
     assert len(ranks) > 1
     assert main(["quantize", *common, "--method", "dirotq", "--rank", "16", "--allocate", "fixed",
