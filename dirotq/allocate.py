@@ -179,12 +179,8 @@ def record_transformer_calls(pipe: Any, prompts: Sequence[str], *, num_inference
 
 
 def _first(out: Any) -> torch.Tensor:
-    """The tensor of a module output or a ``return_dict`` output (its first field)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out[0] if hasattr(out, "__getitem__") else out.sample
+    """The tensor of a module output: itself, or the first field of a tuple or ``return_dict`` output."""
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def _detached(obj: Any) -> Any:
@@ -261,8 +257,7 @@ def _output(transformer: nn.Module, calls: Sequence[Call], view: SamplerView | N
     outs = []
     with torch.no_grad():
         for args, kwargs in calls:
-            out = transformer(*args, **{**kwargs, "return_dict": False})
-            out = (out[0] if isinstance(out, (tuple, list)) else out).double()
+            out = _first(transformer(*args, **{**kwargs, "return_dict": False})).double()
             outs.append(view(out) if view is not None else out)
     return outs
 
