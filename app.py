@@ -731,7 +731,7 @@ measured sensitivity — how much of its error reaches what the sampler steps wi
 prediction — on ranks from 1 up, with one rank for the layers that
 read one input, such as q/k/v, so they can run as one fused layer; under DiRotQ and DiRotQ-LR the
 weight-only layers' branches compete for the same budget; the first fill per method runs the model,
-about 25 s on 2 CPU cores for the embedded model), *output error* (the same per layer), *fixed* (value = rank), *energy*
+15–35 s on 2 CPU cores for the embedded model, the less once the background curve sweep is done), *output error* (the same per layer), *fixed* (value = rank), *energy*
 (fraction of energy to keep, e.g. 0.9), *error budget* (largest layer relative MSE, e.g. 0.01),
 *16-bit budget* (thousands of extra 16-bit parameters, spent where the *layer* error drops most) —
 then edit any cell. On images (240 of them), the default beats a fixed rank at the same cost by
@@ -877,7 +877,7 @@ def build_demo(model: str | None = None, *, device: str = "cpu", cache_dir: str 
                                 with gr.Row():
                                     all_btn = gr.Button("Compute for this method and rank plan", elem_id="all-btn")
                                     sens_cb = gr.Checkbox(False, label="with each layer's sensitivity (what reaches the "
-                                                          "model output; measured once per method, ~25 s on 2 CPU cores)",
+                                                          "model output; measured once per method, ~15 s on 2 CPU cores)",
                                                           elem_id="all-sens")
                                 all_plot = gr.Plot(figures.empty_figure("press the button above"), elem_id="plot-all",
                                                    show_label=False)

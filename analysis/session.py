@@ -32,7 +32,7 @@ from dirotq.generate import check_sampling, generate_pair, truncation_warning, u
 from dirotq.models import get_adapter, target_report
 from dirotq.pipelines import DEFAULT_MODEL, call_kwargs, load_pipeline
 from dirotq.quantize import layer_error, quantize_, quantize_layer
-from dirotq.allocate import (RANK_GRID, layer_error_curves, layer_params16, layer_sensitivity,
+from dirotq.allocate import (RANK_GRID, candidate_ranks, layer_error_curves, layer_params16, layer_sensitivity,
                              record_transformer_calls, sensitivity_curves)
 from dirotq.methods import BRANCH_METHODS
 from dirotq.registry import get_method, method_names
@@ -508,26 +508,30 @@ class ExplorerSession:
         with self.compute_lock:
             return all(k in self._curves_disk for k in keys)
 
-    def _allocation_key(self, name: str, method: str) -> str:
-        return f"allocation|{method}|{name}|{_hash(self.base)}|{_hash(RANK_GRID)}"
+    def _branch_key(self, name: str, method: str) -> str:
+        return f"branch|{method}|{name}|{_hash(self.base)}|{_hash(RANK_GRID)}"
 
     def allocation_curve(self, name: str, method: str) -> dict[int, float]:
         """Held-out relative error of layer ``name`` under ranked ``method`` at the ranks an allocation
-        may choose (``dirotq.allocate.candidate_ranks``: the grid ``quantize --allocate`` uses, finer
-        than the plotted curves at small ranks); for a weight-only layer (PCA methods only) the rank
-        is its 16-bit branch. Memory and disk cache."""
+        may choose (``dirotq.allocate.candidate_ranks``, the grid ``quantize --allocate`` uses): for a
+        W4A4 layer read from its error-vs-rank curve (``curves``, whose grid holds these ranks); for a
+        weight-only layer (PCA methods only) the rank is its 16-bit branch, measured here (memory and
+        disk cache)."""
         spec = self.layer_spec(name)
-        weight_only = spec.kind != "w4a4"
-        if weight_only and not self.has_branches(method):
+        grid = candidate_ranks(spec.in_features)
+        if spec.kind == "w4a4":
+            cur = self.curves(name)
+            return {r: e for r, e in zip(cur["ranks"], cur["curves"][method]["rel_mse"]) if r in grid}
+        if not self.has_branches(method):
             raise ValueError(f"{method} gives weight-only layers no 16-bit branch")
-        key = self._allocation_key(name, method)
+        key = self._branch_key(name, method)
         with self.compute_lock:
             if key in self._curves_disk:
                 return {int(r): e for r, e in self._curves_disk[key].items()}
         cfg = self.config(method)
         curve = layer_error_curves(self.transformer, self.require_stats(),
                                    lambda r: replace(cfg, rank=RankPlan({DEFAULT_KEY: r})),
-                                   targets={name: spec}, weight_only=weight_only, linear=self.linear)[name]
+                                   targets={name: spec}, weight_only=True, linear=self.linear)[name]
         with self.compute_lock:
             self._curves_disk[key] = {str(r): e for r, e in curve.items()}
         return curve
@@ -542,7 +546,8 @@ class ExplorerSession:
         sens = self.sensitivity(method, progress)
         names = list(self.allocated_targets(method))
         with self.compute_lock:
-            new = [n for n in names if self._allocation_key(n, method) not in self._curves_disk]
+            new = [n for n in names if (self._curve_key(n) if self.targets[n].kind == "w4a4"
+                                        else self._branch_key(n, method)) not in self._curves_disk]
         layer = {}
         for i, n in enumerate(names):
             layer[n] = self.allocation_curve(n, method)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dirotq.allocate import candidate_ranks
 from dirotq.bases import explained_variance, paper_rank, random_hadamard
 from dirotq.config import QuantConfig
 from dirotq.quantize import layer_error, quantize_layer, reference_output
@@ -302,9 +303,11 @@ def cost_axis(method: str, ranks: Iterable[int], d: int, o: int, axis: str = "ra
 def rank_grid(d: int) -> list[int]:
     """Ranks 0..d for an error-vs-rank curve: 0, powers of two from 1 (dense at small r, where the
     curve bends most: one direction can remove half of a layer's error, and rank plans use ranks 1,
-    2 and 4), the paper's d/8 rank, d/4, d/2, 3d/4 (multiples of 8) and d itself (exactly the
-    16-bit layer for DiRotQ). 10–19 points: each costs one quantization per method."""
-    cand = {0, d}
+    2 and 4), the paper's d/8 rank, d/4, d/2, 3d/4 (multiples of 8), d itself (exactly the
+    16-bit layer for DiRotQ) and every rank an allocation may choose (``dirotq.allocate.
+    candidate_ranks``), so the explorer's rank plans read these curves. 12–22 points: each costs one
+    quantization per method."""
+    cand = {0, d, *candidate_ranks(d)}
     if d >= 8:
         cand.add(paper_rank(d))
         for f in (0.25, 0.5, 0.75):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from analysis import costs, figures, stats as S
+from dirotq.allocate import candidate_ranks
 from dirotq.calibration import LayerStats
 from dirotq.methods import DiRotQConfig
 from dirotq.quantize import layer_error
@@ -91,6 +92,7 @@ def test_rank_grid_spans_zero_to_d():
         g = S.rank_grid(d)
         assert g[0] == 0 and g[-1] == d and g == sorted(set(g)) and len(g) <= 24
         assert {1, 2, 4, 8} <= set(g)  # where curves bend most, and ranks plans use
+        assert set(candidate_ranks(d)) <= set(g)  # the explorer's plans read these curves
 
 
 def test_all_layers_figure_bars_are_the_rows():
